@@ -1,0 +1,29 @@
+# deem — the two commands in README.md, plus build and bench.
+# Every target sets up the project-local libtorch first (scripts/setup.sh is idempotent).
+SHELL := /bin/bash
+ENV := source scripts/env.sh &&
+CARGO_TEST_FLAGS ?=
+
+.PHONY: setup build run test bench fmt clippy
+
+setup:
+	@bash scripts/setup.sh
+
+build: setup
+	$(ENV) cargo build --release --bin deem
+
+run: build
+	./target/release/deem info
+	./target/release/deem topology check --topology topologies/cpu.toml --config configs/tiny.toml
+
+test: setup
+	$(ENV) cargo test --workspace $(CARGO_TEST_FLAGS)
+
+bench: setup
+	@echo "no benchmarks yet: they arrive with the model and pipeline issues"
+
+fmt:
+	cargo fmt --all
+
+clippy: setup
+	$(ENV) cargo clippy --workspace --all-targets -- -D warnings

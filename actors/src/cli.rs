@@ -1,0 +1,214 @@
+//! The `deem` command line. Every flag can also come from a `DEEM_*` environment variable (shown in
+//! `--help`); config keys come from `DEEM_<SECTION>__<KEY>` variables and `--set` (see `settings`).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::settings::{self, BaseFile, Layers, LoadedConfig};
+use crate::telemetry::{self, LogFormat};
+use crate::topology::{self, Topology};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "deem",
+    version,
+    about = "Train and serve DEEM-style multimodal models across devices"
+)]
+pub struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `deem_actors=debug,warn`.
+    #[arg(long, global = true, env = "DEEM_LOG", default_value = "info")]
+    pub log: String,
+    /// Log line format on stderr.
+    #[arg(
+        long,
+        global = true,
+        env = "DEEM_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Versions, libtorch, CUDA devices and threads.
+    Info,
+    /// Check a topology against a config and print the placement.
+    #[command(subcommand)]
+    Topology(TopologyCommand),
+    /// Inspect the layered configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopologyCommand {
+    /// Validate the topology and print actors, devices, layer ranges, parameters and parameter memory.
+    Check {
+        #[command(flatten)]
+        topology: TopologyArgs,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the resolved configuration (file < DEEM_* variables < --set) as TOML.
+    Show {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArgs {
+    /// Config file (TOML); the embedded configs/tiny.toml when omitted.
+    #[arg(long, env = "DEEM_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Override one key, e.g. `--set train.lr=1e-4` (repeatable; wins over file and environment).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TopologyArgs {
+    /// Topology file (TOML); the embedded topologies/cpu.toml when omitted.
+    #[arg(long, env = "DEEM_TOPOLOGY")]
+    pub topology: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    pub fn load(&self) -> Result<LoadedConfig, settings::ConfigError> {
+        let base = match &self.config {
+            Some(p) => BaseFile::Path(p),
+            None => BaseFile::Embedded {
+                name: settings::EMBEDDED_TINY_NAME,
+                text: settings::EMBEDDED_TINY,
+            },
+        };
+        settings::load(&Layers {
+            base,
+            env: settings::process_env(),
+            overrides: self.overrides.clone(),
+        })
+    }
+}
+
+impl TopologyArgs {
+    pub fn load(
+        &self,
+        cfg: &LoadedConfig,
+        cuda_devices: usize,
+    ) -> Result<Topology, topology::TopologyError> {
+        match &self.topology {
+            Some(p) => Topology::load(p, &cfg.config, cuda_devices),
+            None => Topology::parse(
+                topology::EMBEDDED_CPU,
+                topology::EMBEDDED_CPU_NAME,
+                &cfg.config,
+                cuda_devices,
+            ),
+        }
+    }
+}
+
+/// `deem info` text.
+pub fn info_text() -> String {
+    let cuda = deem::device::cuda_device_count();
+    let cuda_line = if cuda == 0 {
+        "not available (0 devices)".to_string()
+    } else {
+        let cudnn = if tch::Cuda::cudnn_is_available() {
+            format!(", cuDNN {}", tch::utils::version_cudnn())
+        } else {
+            String::new()
+        };
+        format!(
+            "{cuda} device(s): {}{cudnn}",
+            (0..cuda)
+                .map(|i| format!("cuda:{i}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        )
+    };
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mut s = String::new();
+    s.push_str(&format!("deem {}\n", deem::VERSION));
+    s.push_str(&format!("  tch crate         {}\n", deem::TCH_VERSION));
+    s.push_str(&format!(
+        "  libtorch          {} ({})\n",
+        deem::LIBTORCH_VERSION.unwrap_or("unknown"),
+        deem::LIBTORCH_LIB_DIR.unwrap_or("location unknown")
+    ));
+    s.push_str(&format!("  CUDA              {cuda_line}\n"));
+    s.push_str(&format!(
+        "  threads           intra-op {}, inter-op {} ({cores} cores available)\n",
+        tch::get_num_threads(),
+        tch::get_num_interop_threads()
+    ));
+    s.push_str(&format!(
+        "  MKL / oneDNN / OpenMP  {} / {} / {}\n",
+        yes(tch::utils::has_mkl()),
+        yes(tch::utils::has_mkldnn()),
+        yes(tch::utils::has_openmp())
+    ));
+    s
+}
+
+/// `deem topology check` text for a validated topology.
+pub fn topology_report(topo: &Topology, cfg: &LoadedConfig) -> String {
+    let mut s = String::new();
+    let desc = topo
+        .description
+        .as_deref()
+        .map(|d| format!(" — {d}"))
+        .unwrap_or_default();
+    s.push_str(&format!(
+        "topology  {}{desc}  [{}]\n",
+        topo.name, topo.origin
+    ));
+    s.push_str(&format!(
+        "config    {}, dtype {}, {} LLM layers  [{}]\n\n",
+        cfg.config.model.name,
+        cfg.config.model.dtype,
+        cfg.config.llm.num_hidden_layers,
+        cfg.base_origin
+    ));
+    s.push_str(&topo.table());
+    let devices: Vec<String> = topo.devices().iter().map(ToString::to_string).collect();
+    s.push_str(&format!(
+        "\nok: {} actors on {} device(s) ({})\n",
+        topo.actors.len(),
+        devices.len(),
+        devices.join(", ")
+    ));
+    s
+}
+
+/// Runs a parsed command line; the binary is a thin wrapper around this.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    telemetry::init(&cli.log, cli.log_format)?;
+    match cli.command {
+        Command::Info => print!("{}", info_text()),
+        Command::Topology(TopologyCommand::Check { topology, config }) => {
+            let cfg = config.load()?;
+            let topo = topology.load(&cfg, deem::device::cuda_device_count())?;
+            tracing::debug!(actors = topo.actors.len(), "topology valid");
+            print!("{}", topology_report(&topo, &cfg));
+        }
+        Command::Config(ConfigCommand::Show { config }) => {
+            let cfg = config.load()?;
+            print!(
+                "# resolved from {} (+ DEEM_* variables and --set flags)\n{}",
+                cfg.base_origin,
+                settings::to_toml(&cfg.config)
+            );
+        }
+    }
+    Ok(())
+}

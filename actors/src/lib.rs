@@ -1,0 +1,10 @@
+//! deem-actors — the deem runtime: topologies that place the vision encoder, LLM shards and diffusion
+//! decoder on devices, layered configuration, observability (tracing, Prometheus metrics, the HTTP
+//! endpoint) and the `deem` command line. Model math lives in the `deem` crate, which never imports this.
+
+pub mod cli;
+pub mod http;
+pub mod metrics;
+pub mod settings;
+pub mod telemetry;
+pub mod topology;

@@ -1,0 +1,235 @@
+//! Every Prometheus metric deem exports, declared in this one module with its help text. Names follow
+//! `deem_<subsystem>_<thing>_<unit>`; counters get their `_total` suffix from the encoder. Process metrics
+//! use the conventional `process_*` names so stock dashboards work.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::registry::Registry;
+
+/// Labels of `deem_build_info`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: String,
+    pub libtorch: String,
+    pub cuda_devices: String,
+}
+
+/// Labels of `deem_http_requests_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// The route pattern (few values), not the raw URI.
+    pub route: String,
+    pub status: String,
+}
+
+/// The registry and handles to every metric in it.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub build_info: Family<BuildLabels, Gauge>,
+    pub http_requests: Family<HttpLabels, Counter>,
+}
+
+/// The content type of [`Metrics::encode`]'s output.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of [`to_classic_text`]'s output (Prometheus text format 0.0.4).
+pub const CLASSIC_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Rewrites OpenMetrics text into the classic Prometheus text format, for scrapers and tools that do not
+/// negotiate OpenMetrics (curl, older Prometheus, `promtool check metrics`): counter families are named
+/// with their `_total` sample name, `info` becomes `gauge`, and `# UNIT` / `# EOF` lines are dropped.
+pub fn to_classic_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let name = if counters.contains(name) {
+                    format!("{name}_total")
+                } else {
+                    name.to_string()
+                };
+                let tail = if *prefix == "# TYPE " && tail == "info" {
+                    "gauge"
+                } else {
+                    tail
+                };
+                out.push_str(&format!("{prefix}{name} {tail}\n"));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::default();
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        registry.register(
+            "deem_build_info",
+            "Build of this deem process: crate version, libtorch version and visible CUDA devices (always 1)",
+            build_info.clone(),
+        );
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "deem_http_requests",
+            "HTTP requests served by deem's endpoints, by route and status code",
+            http_requests.clone(),
+        );
+        registry.register_collector(Box::new(ProcessCollector));
+        build_info
+            .get_or_create(&BuildLabels {
+                version: deem::VERSION.to_string(),
+                libtorch: deem::LIBTORCH_VERSION.unwrap_or("unknown").to_string(),
+                cuda_devices: deem::device::cuda_device_count().to_string(),
+            })
+            .set(1);
+        Arc::new(Metrics {
+            registry,
+            build_info,
+            http_requests,
+        })
+    }
+
+    /// The OpenMetrics text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// `process_*` metrics read from /proc on each scrape (Linux; absent elsewhere).
+#[derive(Debug)]
+struct ProcessCollector;
+
+struct ProcStat {
+    cpu_seconds: f64,
+    start_time_seconds: f64,
+    threads: i64,
+    virtual_bytes: i64,
+    resident_bytes: i64,
+}
+
+fn read_proc_stat() -> Option<ProcStat> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name, which may itself contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|s| s.parse::<f64>().ok());
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as f64;
+    let boot_time = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("btime ")
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })?;
+    // Indices are the stat(5) field numbers minus 3: utime 14, stime 15, threads 20, starttime 22,
+    // vsize 23, rss 24.
+    Some(ProcStat {
+        cpu_seconds: (num(11)? + num(12)?) / ticks,
+        threads: num(17)? as i64,
+        start_time_seconds: boot_time + num(19)? / ticks,
+        virtual_bytes: num(20)? as i64,
+        resident_bytes: (num(21)? * page) as i64,
+    })
+}
+
+fn open_fds() -> Option<i64> {
+    Some(std::fs::read_dir("/proc/self/fd").ok()?.count() as i64)
+}
+
+fn max_fds() -> Option<i64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+impl prometheus_client::collector::Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        fn gauge<
+            N: prometheus_client::encoding::EncodeGaugeValue + std::fmt::Debug + Send + Sync,
+        >(
+            encoder: &mut DescriptorEncoder,
+            name: &str,
+            help: &str,
+            value: N,
+        ) -> Result<(), std::fmt::Error> {
+            let g = ConstGauge::new(value);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
+        }
+        if let Some(s) = read_proc_stat() {
+            let c = ConstCounter::new(s.cpu_seconds);
+            c.encode(encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds",
+                None,
+                c.metric_type(),
+            )?)?;
+            gauge(
+                &mut encoder,
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                s.resident_bytes,
+            )?;
+            gauge(
+                &mut encoder,
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                s.virtual_bytes,
+            )?;
+            gauge(
+                &mut encoder,
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds",
+                s.start_time_seconds,
+            )?;
+            gauge(
+                &mut encoder,
+                "process_threads",
+                "Number of OS threads in the process",
+                s.threads,
+            )?;
+        }
+        if let Some(n) = open_fds() {
+            gauge(
+                &mut encoder,
+                "process_open_fds",
+                "Number of open file descriptors",
+                n,
+            )?;
+        }
+        if let Some(n) = max_fds() {
+            gauge(
+                &mut encoder,
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                n,
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs what deem needs to build and run, idempotently:
+# a project-local virtualenv (.venv) holding torch==2.13.0 from PyPI, the libtorch that tch 0.26 links.
+# It skips every step whose result is already present. Python >= 3.9 with venv and pip is required.
+set -euo pipefail
+
+TORCH_VERSION="2.13.0"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+PY="${PYTHON:-python3}"
+
+die() { echo "deem setup: error: $*" >&2; exit 1; }
+say() { echo "deem setup: $*" >&2; }
+
+for arg in "$@"; do
+    case "$arg" in
+        -h|--help) sed -n '2,4p' "$0"; exit 0 ;;
+        *) die "unknown argument '$arg' (setup.sh takes none)" ;;
+    esac
+done
+
+command -v cargo >/dev/null 2>&1 || die "cargo was not found on PATH; install Rust (https://rustup.rs) first"
+
+if [ ! -x "$VENV/bin/python" ]; then
+    command -v "$PY" >/dev/null 2>&1 \
+        || die "'$PY' was not found on PATH; install Python 3 (>= 3.9) with venv and pip, or set PYTHON=/path/to/python3"
+    "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 9) else 1)' \
+        || die "'$PY' is $("$PY" --version 2>&1); deem needs Python >= 3.9 (set PYTHON=/path/to/python3)"
+    "$PY" -c 'import venv, ensurepip' 2>/dev/null \
+        || die "'$PY' lacks the venv/ensurepip modules; install them (Debian: apt-get install python3-venv)"
+    say "creating virtualenv $VENV"
+    "$PY" -m venv "$VENV" || { rm -rf "$VENV"; die "'$PY -m venv' failed"; }
+fi
+"$VENV/bin/python" -m pip --version >/dev/null 2>&1 \
+    || die "pip is not available in $VENV; remove $VENV and install pip for '$PY' (Debian: apt-get install python3-pip)"
+
+have_torch="$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)"
+if [ "$have_torch" != "$TORCH_VERSION" ]; then
+    say "installing torch==$TORCH_VERSION into $VENV (about 5 GB, a few minutes)"
+    "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off "torch==$TORCH_VERSION" \
+        || die "pip could not install torch==$TORCH_VERSION (is PyPI reachable?)"
+else
+    say "torch $TORCH_VERSION already in $VENV"
+fi
+
+say "ready: run 'source scripts/env.sh' before hand-run cargo commands"

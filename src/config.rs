@@ -1,0 +1,591 @@
+//! The typed DEEM configuration: model sizes of the four parts (ConvNeXt encoder, Q-Former resampler,
+//! LLaMA decoder, Stable-Diffusion UNet + VAE with DEEM's NIP condition) and the training recipe.
+//!
+//! Field names follow the reference configs where one exists (HF `LlamaConfig`, diffusers
+//! `UNet2DConditionModel` / `AutoencoderKL`, `Blip2QFormerConfig`), so values can be copied across.
+//! Sizes come from `../shared/REFERENCE.md` (paper Table 12 and the reference code).
+//!
+//! Reading the layered TOML/env/CLI sources lives in the runtime; this module only owns the types and
+//! [`DeemConfig::validate`], which reports every semantic problem with its key path.
+
+use serde::{Deserialize, Serialize};
+
+/// Whole-model configuration, one TOML file under `configs/`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeemConfig {
+    pub model: ModelMeta,
+    pub vision: VisionConfig,
+    pub resampler: ResamplerConfig,
+    pub llm: LlmConfig,
+    pub diffusion: DiffusionConfig,
+    pub train: TrainConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelMeta {
+    /// A short name shown in tables and metrics labels (`tiny`, `deem-7b`).
+    pub name: String,
+    /// Parameter and compute dtype.
+    pub dtype: DType,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DType {
+    pub fn size_bytes(self) -> u64 {
+        match self {
+            DType::F32 => 4,
+            DType::Bf16 | DType::F16 => 2,
+        }
+    }
+
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            DType::F32 => tch::Kind::Float,
+            DType::Bf16 => tch::Kind::BFloat16,
+            DType::F16 => tch::Kind::Half,
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::Bf16 => "bf16",
+            DType::F16 => "f16",
+        })
+    }
+}
+
+/// open_clip/timm ConvNeXt trunk plus DEEM's multi-scale adapters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VisionConfig {
+    /// Input resolution in pixels (256 in stage I, 448 in SFT).
+    pub image_size: i64,
+    pub in_channels: i64,
+    /// Stem patchify kernel and stride (4 for ConvNeXt).
+    pub patch_size: i64,
+    /// Blocks per stage (`convnext_base`: [3, 3, 27, 3]).
+    pub depths: Vec<i64>,
+    /// Channels per stage (`convnext_base`: [128, 256, 512, 1024]).
+    pub dims: Vec<i64>,
+    /// open_clip head projection width (`convnext_base_w`: 640).
+    pub embed_dim: i64,
+    /// Common width the per-stage adapters map to (1024 for base).
+    pub adapter_width: i64,
+}
+
+/// Q-Former-style Perceiver Resampler (HF `Blip2QFormerModel` names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResamplerConfig {
+    /// Learnable queries = visual tokens per image (77).
+    pub num_query_tokens: i64,
+    pub hidden_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub intermediate_size: i64,
+    /// Cross-attention to the image tokens every k-th layer (2).
+    pub cross_attention_frequency: i64,
+    /// Width of the image tokens it attends to (the vision adapter width).
+    pub encoder_hidden_size: i64,
+    pub layer_norm_eps: f64,
+}
+
+/// LLaMA/Vicuna decoder, HF `LlamaConfig` names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmConfig {
+    /// Vocabulary of the base checkpoint (32000 for Vicuna); DEEM's special tokens are appended.
+    pub vocab_size: i64,
+    /// Tokens DEEM appends: `<|startofimage|> <|sniffer|> <ref> </ref> <box> </box>`.
+    pub num_new_tokens: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub num_key_value_heads: i64,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub max_position_embeddings: i64,
+    pub tie_word_embeddings: bool,
+}
+
+/// Stable-Diffusion image decoder and DEEM's NIP condition path.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiffusionConfig {
+    /// Output image size in pixels (512 for SD 2.1-base).
+    pub image_size: i64,
+    pub unet: UNetConfig,
+    pub vae: VaeConfig,
+    pub scheduler: SchedulerConfig,
+    pub condition: ConditionConfig,
+}
+
+/// diffusers `UNet2DConditionModel` config fields that determine the weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UNetConfig {
+    pub in_channels: i64,
+    pub out_channels: i64,
+    pub block_out_channels: Vec<i64>,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    pub layers_per_block: i64,
+    /// diffusers' historical name: for SD 2.x this list is the number of heads per block.
+    pub attention_head_dim: Vec<i64>,
+    pub cross_attention_dim: i64,
+    pub use_linear_projection: bool,
+    pub norm_num_groups: i64,
+    pub transformer_layers_per_block: i64,
+}
+
+/// diffusers `AutoencoderKL` config fields that determine the weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaeConfig {
+    pub in_channels: i64,
+    pub out_channels: i64,
+    pub latent_channels: i64,
+    pub block_out_channels: Vec<i64>,
+    pub layers_per_block: i64,
+    pub norm_num_groups: i64,
+    pub scaling_factor: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerConfig {
+    pub num_train_timesteps: i64,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: BetaSchedule,
+    pub prediction_type: PredictionType,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BetaSchedule {
+    Linear,
+    ScaledLinear,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PredictionType {
+    Epsilon,
+    VPrediction,
+}
+
+/// NIP condition: LLM hidden states → projection → 1-D sin-cos positions → perceiver → UNet context.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConditionConfig {
+    /// Context tokens the UNet sees (77).
+    pub num_queries: i64,
+    /// Perceiver width (= `unet.cross_attention_dim`, 1024).
+    pub width: i64,
+    pub num_heads: i64,
+    pub num_layers: i64,
+    /// Probability that the learned null condition replaces the condition in training (0.1).
+    pub null_condition_prob: f64,
+}
+
+/// Training recipe (paper Table 12).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub stage: Stage,
+    pub seed: u64,
+    pub steps: u64,
+    pub warmup_steps: u64,
+    /// Sequences per optimizer step, split into `microbatches` pipeline microbatches.
+    pub batch_size: u64,
+    pub microbatches: u64,
+    pub context_length: i64,
+    /// Learning rate of the parts without a group of their own.
+    pub lr: f64,
+    /// Learning rate of the encoder and image-decoder parts (stage I: 2e-5).
+    pub encoder_lr: f64,
+    /// Learning rate of the LLM when it is trainable (stages II/III).
+    pub llm_lr: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Global gradient-norm clipping threshold.
+    pub max_grad_norm: f64,
+    /// λ for the NIP loss (5).
+    pub nip_loss_weight: f64,
+    /// λ for the CSR loss (5).
+    pub csr_loss_weight: f64,
+    pub schedule: PipelineSchedule,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stage {
+    I,
+    II,
+    III,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PipelineSchedule {
+    Gpipe,
+    #[serde(rename = "1f1b")]
+    OneFOneB,
+}
+
+/// One semantic problem in a configuration: the dotted key, and what was expected there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigIssue {
+    pub key: String,
+    pub message: String,
+}
+
+struct Checker(Vec<ConfigIssue>);
+
+impl Checker {
+    fn check(&mut self, ok: bool, key: &str, message: impl FnOnce() -> String) {
+        if !ok {
+            self.0.push(ConfigIssue {
+                key: key.to_string(),
+                message: message(),
+            });
+        }
+    }
+
+    fn positive(&mut self, key: &str, value: i64) {
+        self.check(value > 0, key, || {
+            format!("expected a positive integer, found {value}")
+        });
+    }
+
+    fn positive_f(&mut self, key: &str, value: f64) {
+        self.check(value > 0.0 && value.is_finite(), key, || {
+            format!("expected a positive number, found {value}")
+        });
+    }
+
+    fn non_negative_f(&mut self, key: &str, value: f64) {
+        self.check(value >= 0.0 && value.is_finite(), key, || {
+            format!("expected a number >= 0, found {value}")
+        });
+    }
+
+    fn divides(&mut self, key: &str, value: i64, whole_key: &str, whole: i64) {
+        if value > 0 {
+            self.check(whole % value == 0, key, || {
+                format!("expected a divisor of {whole_key} ({whole}), found {value}")
+            });
+        }
+    }
+
+    fn len(&mut self, key: &str, len: usize, want_key: &str, want: usize) {
+        self.check(len == want, key, || {
+            format!("expected {want} entries (one per {want_key}), found {len}")
+        });
+    }
+
+    fn all_positive(&mut self, key: &str, values: &[i64]) {
+        self.check(
+            !values.is_empty() && values.iter().all(|&v| v > 0),
+            key,
+            || format!("expected a non-empty list of positive integers, found {values:?}"),
+        );
+    }
+}
+
+impl DeemConfig {
+    /// Every semantic problem of the configuration, in file order; empty when it is valid.
+    pub fn validate(&self) -> Vec<ConfigIssue> {
+        let mut c = Checker(Vec::new());
+        c.check(!self.model.name.trim().is_empty(), "model.name", || {
+            "expected a non-empty name".to_string()
+        });
+
+        let v = &self.vision;
+        c.positive("vision.image_size", v.image_size);
+        c.positive("vision.in_channels", v.in_channels);
+        c.positive("vision.patch_size", v.patch_size);
+        c.all_positive("vision.depths", &v.depths);
+        c.all_positive("vision.dims", &v.dims);
+        c.len(
+            "vision.dims",
+            v.dims.len(),
+            "vision.depths entry",
+            v.depths.len(),
+        );
+        c.positive("vision.embed_dim", v.embed_dim);
+        c.positive("vision.adapter_width", v.adapter_width);
+        if v.patch_size > 0 && !v.depths.is_empty() {
+            // The stem divides by patch_size, every later stage by 2.
+            let stride = v.patch_size << (v.depths.len() - 1);
+            c.check(v.image_size % stride == 0, "vision.image_size", || {
+                format!(
+                    "expected a multiple of {stride} (vision.patch_size × 2^(stages−1)), found {}",
+                    v.image_size
+                )
+            });
+        }
+
+        let r = &self.resampler;
+        c.positive("resampler.num_query_tokens", r.num_query_tokens);
+        c.positive("resampler.hidden_size", r.hidden_size);
+        c.positive("resampler.num_hidden_layers", r.num_hidden_layers);
+        c.positive("resampler.num_attention_heads", r.num_attention_heads);
+        c.divides(
+            "resampler.num_attention_heads",
+            r.num_attention_heads,
+            "resampler.hidden_size",
+            r.hidden_size,
+        );
+        c.positive("resampler.intermediate_size", r.intermediate_size);
+        c.positive(
+            "resampler.cross_attention_frequency",
+            r.cross_attention_frequency,
+        );
+        c.check(
+            r.encoder_hidden_size == v.adapter_width,
+            "resampler.encoder_hidden_size",
+            || {
+                format!(
+                    "expected vision.adapter_width ({}), the width of the image tokens, found {}",
+                    v.adapter_width, r.encoder_hidden_size
+                )
+            },
+        );
+        c.positive_f("resampler.layer_norm_eps", r.layer_norm_eps);
+
+        let l = &self.llm;
+        c.positive("llm.vocab_size", l.vocab_size);
+        c.check(l.num_new_tokens >= 0, "llm.num_new_tokens", || {
+            format!("expected an integer >= 0, found {}", l.num_new_tokens)
+        });
+        c.positive("llm.hidden_size", l.hidden_size);
+        c.positive("llm.intermediate_size", l.intermediate_size);
+        c.positive("llm.num_hidden_layers", l.num_hidden_layers);
+        c.positive("llm.num_attention_heads", l.num_attention_heads);
+        c.divides(
+            "llm.num_attention_heads",
+            l.num_attention_heads,
+            "llm.hidden_size",
+            l.hidden_size,
+        );
+        c.positive("llm.num_key_value_heads", l.num_key_value_heads);
+        c.divides(
+            "llm.num_key_value_heads",
+            l.num_key_value_heads,
+            "llm.num_attention_heads",
+            l.num_attention_heads,
+        );
+        if l.num_attention_heads > 0 && l.hidden_size % l.num_attention_heads == 0 {
+            let head_dim = l.hidden_size / l.num_attention_heads;
+            c.check(head_dim % 2 == 0, "llm.num_attention_heads", || {
+                format!("expected an even head dimension for RoPE, found llm.hidden_size / heads = {head_dim}")
+            });
+        }
+        c.positive_f("llm.rms_norm_eps", l.rms_norm_eps);
+        c.positive_f("llm.rope_theta", l.rope_theta);
+        c.positive("llm.max_position_embeddings", l.max_position_embeddings);
+
+        let d = &self.diffusion;
+        c.positive("diffusion.image_size", d.image_size);
+        let u = &d.unet;
+        c.positive("diffusion.unet.in_channels", u.in_channels);
+        c.positive("diffusion.unet.out_channels", u.out_channels);
+        c.all_positive("diffusion.unet.block_out_channels", &u.block_out_channels);
+        let blocks = u.block_out_channels.len();
+        c.len(
+            "diffusion.unet.down_block_types",
+            u.down_block_types.len(),
+            "block_out_channels entry",
+            blocks,
+        );
+        c.len(
+            "diffusion.unet.up_block_types",
+            u.up_block_types.len(),
+            "block_out_channels entry",
+            blocks,
+        );
+        c.len(
+            "diffusion.unet.attention_head_dim",
+            u.attention_head_dim.len(),
+            "block_out_channels entry",
+            blocks,
+        );
+        c.all_positive("diffusion.unet.attention_head_dim", &u.attention_head_dim);
+        for (i, t) in u.down_block_types.iter().enumerate() {
+            c.check(
+                DOWN_BLOCKS.contains(&t.as_str()),
+                &format!("diffusion.unet.down_block_types[{i}]"),
+                || format!("expected one of {DOWN_BLOCKS:?}, found {t:?}"),
+            );
+        }
+        for (i, t) in u.up_block_types.iter().enumerate() {
+            c.check(
+                UP_BLOCKS.contains(&t.as_str()),
+                &format!("diffusion.unet.up_block_types[{i}]"),
+                || format!("expected one of {UP_BLOCKS:?}, found {t:?}"),
+            );
+        }
+        c.positive("diffusion.unet.layers_per_block", u.layers_per_block);
+        c.positive("diffusion.unet.cross_attention_dim", u.cross_attention_dim);
+        c.positive("diffusion.unet.norm_num_groups", u.norm_num_groups);
+        for &ch in &u.block_out_channels {
+            c.divides(
+                "diffusion.unet.norm_num_groups",
+                u.norm_num_groups,
+                "every diffusion.unet.block_out_channels entry",
+                ch,
+            );
+        }
+        c.positive(
+            "diffusion.unet.transformer_layers_per_block",
+            u.transformer_layers_per_block,
+        );
+
+        let a = &d.vae;
+        c.positive("diffusion.vae.in_channels", a.in_channels);
+        c.positive("diffusion.vae.out_channels", a.out_channels);
+        c.positive("diffusion.vae.latent_channels", a.latent_channels);
+        c.check(
+            a.latent_channels == u.in_channels,
+            "diffusion.vae.latent_channels",
+            || {
+                format!(
+                "expected diffusion.unet.in_channels ({}), the UNet denoises VAE latents, found {}",
+                u.in_channels, a.latent_channels
+            )
+            },
+        );
+        c.all_positive("diffusion.vae.block_out_channels", &a.block_out_channels);
+        c.positive("diffusion.vae.layers_per_block", a.layers_per_block);
+        c.positive("diffusion.vae.norm_num_groups", a.norm_num_groups);
+        for &ch in &a.block_out_channels {
+            c.divides(
+                "diffusion.vae.norm_num_groups",
+                a.norm_num_groups,
+                "every diffusion.vae.block_out_channels entry",
+                ch,
+            );
+        }
+        c.positive_f("diffusion.vae.scaling_factor", a.scaling_factor);
+        if !a.block_out_channels.is_empty() {
+            let stride = 1i64 << (a.block_out_channels.len() - 1);
+            c.check(d.image_size % stride == 0, "diffusion.image_size", || {
+                format!(
+                    "expected a multiple of {stride} (the VAE downsampling factor), found {}",
+                    d.image_size
+                )
+            });
+        }
+
+        let s = &d.scheduler;
+        c.positive(
+            "diffusion.scheduler.num_train_timesteps",
+            s.num_train_timesteps,
+        );
+        c.positive_f("diffusion.scheduler.beta_start", s.beta_start);
+        c.check(
+            s.beta_end > s.beta_start && s.beta_end < 1.0,
+            "diffusion.scheduler.beta_end",
+            || {
+                format!(
+                    "expected beta_start ({}) < beta_end < 1, found {}",
+                    s.beta_start, s.beta_end
+                )
+            },
+        );
+
+        let k = &d.condition;
+        c.positive("diffusion.condition.num_queries", k.num_queries);
+        c.check(k.width == u.cross_attention_dim, "diffusion.condition.width", || {
+            format!(
+                "expected diffusion.unet.cross_attention_dim ({}), the UNet context width, found {}",
+                u.cross_attention_dim, k.width
+            )
+        });
+        c.positive("diffusion.condition.num_heads", k.num_heads);
+        c.divides(
+            "diffusion.condition.num_heads",
+            k.num_heads,
+            "diffusion.condition.width",
+            k.width,
+        );
+        c.positive("diffusion.condition.num_layers", k.num_layers);
+        c.check(
+            (0.0..=1.0).contains(&k.null_condition_prob),
+            "diffusion.condition.null_condition_prob",
+            || {
+                format!(
+                    "expected a probability in [0, 1], found {}",
+                    k.null_condition_prob
+                )
+            },
+        );
+
+        let t = &self.train;
+        c.positive("train.batch_size", t.batch_size as i64);
+        c.positive("train.microbatches", t.microbatches as i64);
+        if t.microbatches > 0 {
+            c.check(
+                t.batch_size % t.microbatches == 0,
+                "train.microbatches",
+                || {
+                    format!(
+                        "expected a divisor of train.batch_size ({}), found {}",
+                        t.batch_size, t.microbatches
+                    )
+                },
+            );
+        }
+        c.check(t.warmup_steps <= t.steps, "train.warmup_steps", || {
+            format!(
+                "expected at most train.steps ({}), found {}",
+                t.steps, t.warmup_steps
+            )
+        });
+        c.positive("train.context_length", t.context_length);
+        c.check(
+            t.context_length <= l.max_position_embeddings,
+            "train.context_length",
+            || {
+                format!(
+                    "expected at most llm.max_position_embeddings ({}), found {}",
+                    l.max_position_embeddings, t.context_length
+                )
+            },
+        );
+        c.positive_f("train.lr", t.lr);
+        c.positive_f("train.encoder_lr", t.encoder_lr);
+        c.positive_f("train.llm_lr", t.llm_lr);
+        for (i, b) in t.betas.iter().enumerate() {
+            c.check((0.0..1.0).contains(b), &format!("train.betas[{i}]"), || {
+                format!("expected a number in [0, 1), found {b}")
+            });
+        }
+        c.positive_f("train.eps", t.eps);
+        c.non_negative_f("train.weight_decay", t.weight_decay);
+        c.positive_f("train.max_grad_norm", t.max_grad_norm);
+        c.non_negative_f("train.nip_loss_weight", t.nip_loss_weight);
+        c.non_negative_f("train.csr_loss_weight", t.csr_loss_weight);
+        c.0
+    }
+}
+
+/// diffusers down-block classes whose weights deem knows.
+pub const DOWN_BLOCKS: [&str; 2] = ["CrossAttnDownBlock2D", "DownBlock2D"];
+/// diffusers up-block classes whose weights deem knows.
+pub const UP_BLOCKS: [&str; 2] = ["CrossAttnUpBlock2D", "UpBlock2D"];

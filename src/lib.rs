@@ -1,0 +1,25 @@
+//! deem — the DEEM model library: pure tch compute, no actors, no async.
+//!
+//! DEEM ("Diffusion Models Serve as the EyEs of Large Language Models for Image Perception") joins a
+//! ConvNeXt encoder, a Perceiver Resampler, a LLaMA decoder and a Stable-Diffusion UNet. This crate holds
+//! the typed configuration, the parameter accounting and (in later modules) the layers themselves; the
+//! runtime crate `deem-actors` places them on devices.
+
+pub mod config;
+pub mod device;
+pub mod params;
+
+pub use config::DeemConfig;
+pub use device::DeviceSpec;
+
+/// Version of this crate, for `deem info` and `deem_build_info`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The libtorch directory this build links against (set by the build script from torch-sys).
+pub const LIBTORCH_LIB_DIR: Option<&str> = option_env!("DEEM_LIBTORCH_LIB");
+
+/// The PyTorch version of that libtorch (read from its `version.py` at build time).
+pub const LIBTORCH_VERSION: Option<&str> = option_env!("DEEM_LIBTORCH_VERSION");
+
+/// The tch crate series this library is built on (it requires exactly PyTorch 2.13.0).
+pub const TCH_VERSION: &str = "0.26";

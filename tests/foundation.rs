@@ -1,0 +1,918 @@
+//! End-to-end tests of the foundation: layered configuration (file < env < CLI) and its error messages,
+//! topology validation and its error messages, the placement table, the `/metrics` + `/health`
+//! endpoint (scraped and parsed as Prometheus text), and the `deem` binary itself.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use deem_actors::settings::{self, BaseFile, ConfigError, Layers, LoadedConfig};
+use deem_actors::topology::{Component, Topology};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn tiny_text() -> String {
+    std::fs::read_to_string(root().join("configs/tiny.toml")).unwrap()
+}
+
+/// A scratch directory unique to one test.
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("deem-foundation-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Writes tiny.toml with `edit` applied (a plain text replacement) and returns its path.
+fn tiny_with(dir: &Path, from: &str, to: &str) -> PathBuf {
+    let text = tiny_text();
+    assert!(text.contains(from), "tiny.toml has no {from:?}");
+    let p = dir.join("cfg.toml");
+    std::fs::write(&p, text.replacen(from, to, 1)).unwrap();
+    p
+}
+
+fn load(path: &Path, env: &[(&str, &str)], sets: &[&str]) -> Result<LoadedConfig, ConfigError> {
+    settings::load(&Layers {
+        base: BaseFile::Path(path),
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        overrides: sets.iter().map(|s| s.to_string()).collect(),
+    })
+}
+
+fn load_err(path: &Path, env: &[(&str, &str)], sets: &[&str]) -> String {
+    load(path, env, sets)
+        .expect_err("config should be rejected")
+        .to_string()
+}
+
+fn embedded_tiny() -> LoadedConfig {
+    settings::load(&Layers {
+        base: BaseFile::Embedded {
+            name: settings::EMBEDDED_TINY_NAME,
+            text: settings::EMBEDDED_TINY,
+        },
+        env: vec![],
+        overrides: vec![],
+    })
+    .unwrap()
+}
+
+fn preset(name: &str) -> LoadedConfig {
+    load(&root().join("configs").join(name), &[], &[]).unwrap()
+}
+
+// ---------------------------------------------------------------- configuration layering
+
+#[test]
+fn layering_order_is_file_then_env_then_cli() {
+    let dir = scratch("layering");
+    let p = tiny_with(&dir, "lr = 1e-3", "lr = 0.001");
+    let file = p.display().to_string();
+
+    let only_file = load(&p, &[], &[]).unwrap();
+    assert_eq!(only_file.config.train.lr, 0.001);
+    assert_eq!(only_file.origin_of("train.lr"), file);
+
+    let env = [
+        ("DEEM_TRAIN__LR", "0.002"),
+        ("DEEM_LLM__NUM_HIDDEN_LAYERS", "6"),
+    ];
+    let with_env = load(&p, &env, &[]).unwrap();
+    assert_eq!(with_env.config.train.lr, 0.002);
+    assert_eq!(with_env.config.llm.num_hidden_layers, 6);
+    assert_eq!(
+        with_env.origin_of("train.lr"),
+        "environment variable DEEM_TRAIN__LR"
+    );
+
+    let with_cli = load(
+        &p,
+        &env,
+        &[
+            "train.lr=0.003",
+            "train.betas=[0.8, 0.9]",
+            "model.name=\"x\"",
+        ],
+    )
+    .unwrap();
+    assert_eq!(with_cli.config.train.lr, 0.003);
+    assert_eq!(with_cli.config.train.betas, [0.8, 0.9]);
+    assert_eq!(with_cli.config.model.name, "x");
+    assert_eq!(
+        with_cli.config.llm.num_hidden_layers, 6,
+        "env still applies where the CLI is silent"
+    );
+    assert_eq!(with_cli.origin_of("train.lr"), "--set train.lr");
+    // Untouched keys keep the file's value and origin.
+    assert_eq!(with_cli.config.train.steps, 200);
+    assert_eq!(with_cli.origin_of("train.steps"), file);
+}
+
+#[test]
+fn env_vars_without_double_underscore_are_cli_flags_not_config_keys() {
+    let dir = scratch("cli-env");
+    let p = tiny_with(&dir, "seed = 0", "seed = 0");
+    let cfg = load(
+        &p,
+        &[
+            ("DEEM_CONFIG", "elsewhere.toml"),
+            ("DEEM_LOG", "debug"),
+            ("OTHER__X", "1"),
+        ],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(cfg.config.train.seed, 0);
+}
+
+#[test]
+fn unquoted_strings_and_nested_keys_work_on_the_command_line() {
+    let dir = scratch("nested");
+    let p = tiny_with(&dir, "seed = 0", "seed = 0");
+    let cfg = load(
+        &p,
+        &[],
+        &[
+            "diffusion.scheduler.prediction_type=v_prediction",
+            "train.schedule=gpipe",
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.config.diffusion.scheduler.prediction_type,
+        deem::config::PredictionType::VPrediction
+    );
+    assert_eq!(
+        cfg.config.train.schedule,
+        deem::config::PipelineSchedule::Gpipe
+    );
+}
+
+#[test]
+fn shipped_configs_are_valid_and_the_embedded_default_is_tiny() {
+    let tiny = preset("tiny.toml");
+    assert_eq!(tiny.config, embedded_tiny().config);
+    let big = preset("deem-7b.toml");
+    assert_eq!(big.config.resampler.num_query_tokens, 77);
+    assert_eq!(big.config.llm.num_hidden_layers, 32);
+    assert_eq!(big.config.diffusion.unet.cross_attention_dim, 1024);
+    assert_eq!(
+        (
+            big.config.train.nip_loss_weight,
+            big.config.train.csr_loss_weight
+        ),
+        (5.0, 5.0)
+    );
+    assert_eq!(big.config.train.context_length, 2048);
+}
+
+// ---------------------------------------------------------------- configuration errors
+
+#[test]
+fn unknown_key_in_file_names_file_key_and_expected_keys() {
+    let dir = scratch("unknown");
+    let p = tiny_with(&dir, "lr = 1e-3", "lr = 1e-3\nlrr = 2");
+    assert_eq!(
+        load_err(&p, &[], &[]),
+        format!(
+            "{}: train.lrr: unknown field `lrr`, expected one of `stage`, `seed`, `steps`, `warmup_steps`, \
+             `batch_size`, `microbatches`, `context_length`, `lr`, `encoder_lr`, `llm_lr`, `betas`, `eps`, \
+             `weight_decay`, `max_grad_norm`, `nip_loss_weight`, `csr_loss_weight`, `schedule`",
+            p.display()
+        )
+    );
+}
+
+#[test]
+fn unknown_section_from_cli_names_the_flag() {
+    let dir = scratch("unknown-cli");
+    let p = tiny_with(&dir, "seed = 0", "seed = 0");
+    assert_eq!(
+        load_err(&p, &[], &["trian.lr=1"]),
+        "--set trian.lr: trian: unknown field `trian`, expected one of `model`, `vision`, `resampler`, `llm`, \
+         `diffusion`, `train`"
+    );
+}
+
+#[test]
+fn wrong_type_names_origin_key_and_expectation() {
+    let dir = scratch("type");
+    let p = tiny_with(&dir, "steps = 200", "steps = \"many\"");
+    assert_eq!(
+        load_err(&p, &[], &[]),
+        format!(
+            "{}: train.steps: invalid type: string \"many\", expected u64",
+            p.display()
+        )
+    );
+    let ok = tiny_with(&dir, "seed = 0", "seed = 0");
+    assert_eq!(
+        load_err(&ok, &[("DEEM_TRAIN__STEPS", "many")], &[]),
+        "environment variable DEEM_TRAIN__STEPS: train.steps: invalid type: string \"many\", expected u64"
+    );
+    assert_eq!(
+        load_err(&ok, &[], &["train.stage=IV"]),
+        "--set train.stage: train.stage: unknown variant `IV`, expected one of `I`, `II`, `III`"
+    );
+}
+
+#[test]
+fn missing_key_names_the_full_path() {
+    let dir = scratch("missing");
+    let p = tiny_with(&dir, "seed = 0\n", "");
+    assert_eq!(
+        load_err(&p, &[], &[]),
+        format!(
+            "{}: train.seed: missing; every key must be set",
+            p.display()
+        )
+    );
+}
+
+#[test]
+fn semantic_errors_are_all_reported_with_their_origins() {
+    let dir = scratch("semantic");
+    let p = tiny_with(
+        &dir,
+        "num_attention_heads = 4\nnum_key_value_heads = 2",
+        "num_attention_heads = 3\nnum_key_value_heads = 2",
+    );
+    assert_eq!(
+        load_err(&p, &[], &["train.microbatches=3", "diffusion.condition.width=32"]),
+        format!(
+            "{f}: llm.num_attention_heads: expected a divisor of llm.hidden_size (64), found 3\n\
+             {f}: llm.num_key_value_heads: expected a divisor of llm.num_attention_heads (3), found 2\n\
+             --set diffusion.condition.width: diffusion.condition.width: expected diffusion.unet.cross_attention_dim (64), the UNet context width, found 32\n\
+             --set train.microbatches: train.microbatches: expected a divisor of train.batch_size (4), found 3",
+            f = p.display()
+        )
+    );
+}
+
+#[test]
+fn bad_sources_are_named() {
+    let dir = scratch("sources");
+    let missing = dir.join("nope.toml");
+    let err = load_err(&missing, &[], &[]);
+    assert!(
+        err.starts_with(&format!(
+            "{}: cannot read the config file: ",
+            missing.display()
+        )),
+        "{err}"
+    );
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[model\nname = 1").unwrap();
+    let err = load_err(&bad, &[], &[]);
+    assert!(
+        err.starts_with(&format!("{}: invalid TOML: ", bad.display())),
+        "{err}"
+    );
+    assert!(
+        err.contains("line 1"),
+        "the TOML error names the line: {err}"
+    );
+
+    let ok = tiny_with(&dir, "seed = 0", "seed = 0");
+    assert_eq!(
+        load_err(&ok, &[], &["train.lr"]),
+        "--set train.lr: expected KEY=VALUE, e.g. --set train.lr=1e-4"
+    );
+    assert_eq!(
+        load_err(&ok, &[], &["Train.LR=1"]),
+        "--set Train.LR: expected a dotted key of lowercase names, e.g. train.lr or diffusion.unet.layers_per_block"
+    );
+    assert_eq!(
+        load_err(&ok, &[("DEEM_TRAIN____LR", "1")], &[]),
+        "environment variable DEEM_TRAIN____LR: expected DEEM_<SECTION>__<KEY> with letters, digits and single underscores in each part"
+    );
+}
+
+// ---------------------------------------------------------------- topologies
+
+const HEAD: &str = "name = \"t\"\n";
+
+fn actor(name: &str, component: &str, device: &str, layers: Option<(i64, i64)>) -> String {
+    let layers = layers
+        .map(|(a, b)| format!("layers = [{a}, {b}]\n"))
+        .unwrap_or_default();
+    format!("\n[[actor]]\nname = \"{name}\"\ncomponent = \"{component}\"\ndevice = \"{device}\"\n{layers}")
+}
+
+fn four(vision: &str, l0: Option<(i64, i64)>, l1: Option<(i64, i64)>, diffusion: &str) -> String {
+    format!(
+        "{HEAD}{}{}{}{}",
+        actor("vision", "vision", vision, None),
+        actor("llm0", "llm", "cpu", l0),
+        actor("llm1", "llm", "cpu", l1),
+        actor("diffusion", "diffusion", diffusion, None)
+    )
+}
+
+fn topo_err(text: &str, cuda: usize) -> String {
+    Topology::parse(text, "t.toml", &embedded_tiny().config, cuda)
+        .expect_err("topology should be rejected")
+        .to_string()
+}
+
+fn topo_ok(text: &str, cuda: usize) -> Topology {
+    Topology::parse(text, "t.toml", &embedded_tiny().config, cuda).unwrap()
+}
+
+#[test]
+fn even_split_and_explicit_ranges_place_every_layer_once() {
+    let t = topo_ok(&four("cpu", None, None, "cpu"), 0);
+    let ranges: Vec<_> = t.actors.iter().filter_map(|a| a.layers.clone()).collect();
+    assert_eq!(ranges, vec![0..2, 2..4]);
+    let t = topo_ok(&four("cpu", Some((0, 1)), Some((1, 4)), "cpu"), 0);
+    let ranges: Vec<_> = t.actors.iter().filter_map(|a| a.layers.clone()).collect();
+    assert_eq!(ranges, vec![0..1, 1..4]);
+    // Three shards over four layers: the first gets the extra one.
+    let three = format!(
+        "{HEAD}{}{}{}{}{}",
+        actor("v", "vision", "cpu", None),
+        actor("a", "llm", "cpu", None),
+        actor("b", "llm", "cpu", None),
+        actor("c", "llm", "cpu", None),
+        actor("d", "diffusion", "cpu", None)
+    );
+    let t = topo_ok(&three, 0);
+    let ranges: Vec<_> = t.actors.iter().filter_map(|a| a.layers.clone()).collect();
+    assert_eq!(ranges, vec![0..2, 2..3, 3..4]);
+}
+
+#[test]
+fn shard_parameters_add_up_to_the_whole_llm() {
+    let cfg = embedded_tiny().config;
+    let t = topo_ok(&four("cpu", Some((0, 1)), Some((1, 4)), "cpu"), 0);
+    let llm: i64 = t
+        .actors
+        .iter()
+        .filter(|a| a.component == Component::Llm)
+        .map(|a| a.params)
+        .sum();
+    assert_eq!(llm, deem::params::ComponentParams::of(&cfg).llm);
+    for a in &t.actors {
+        assert_eq!(
+            a.param_bytes,
+            a.params as u64 * 4,
+            "f32 is 4 bytes per parameter"
+        );
+    }
+}
+
+#[test]
+fn layer_gap_overlap_start_and_end_errors() {
+    assert_eq!(
+        topo_err(&four("cpu", Some((0, 1)), Some((2, 4)), "cpu"), 0),
+        "t.toml: actor[2].layers: [2, 4) starts at layer 2, but the previous shard actor[1] (\"llm0\") ends at \
+         layer 1; shards must cover every layer exactly once, in order"
+    );
+    assert_eq!(
+        topo_err(&four("cpu", Some((0, 3)), Some((2, 4)), "cpu"), 0),
+        "t.toml: actor[2].layers: [2, 4) starts at layer 2, but the previous shard actor[1] (\"llm0\") ends at \
+         layer 3; shards must cover every layer exactly once, in order"
+    );
+    assert_eq!(
+        topo_err(&four("cpu", Some((1, 2)), Some((2, 4)), "cpu"), 0),
+        "t.toml: actor[1].layers: the first llm shard must start at layer 0, found [1, 2)"
+    );
+    assert_eq!(
+        topo_err(&four("cpu", Some((0, 2)), Some((2, 3)), "cpu"), 0),
+        "t.toml: actor[2].layers: the last llm shard ends at layer 3, but the model has 4 layers \
+         (llm.num_hidden_layers); shards must cover every layer exactly once"
+    );
+    assert_eq!(
+        topo_err(&four("cpu", Some((0, 2)), Some((2, 6)), "cpu"), 0),
+        "t.toml: actor[2].layers: the last llm shard ends at layer 6, but the model has 4 layers \
+         (llm.num_hidden_layers); shards must cover every layer exactly once"
+    );
+    assert_eq!(
+        topo_err(&four("cpu", Some((0, 2)), Some((2, 2)), "cpu"), 0),
+        "t.toml: actor[2].layers: [2, 2) is empty; expected [start, end) with 0 <= start < end\n\
+         t.toml: actor[2].layers: the last llm shard ends at layer 2, but the model has 4 layers \
+         (llm.num_hidden_layers); shards must cover every layer exactly once"
+    );
+    assert_eq!(
+        topo_err(&four("cpu", Some((0, 2)), None, "cpu"), 0),
+        "t.toml: actor[2].layers: missing; either every llm shard gives its layers or none does (then the \
+         layers are split evenly)"
+    );
+}
+
+#[test]
+fn too_many_even_shards() {
+    let mut t = HEAD.to_string()
+        + &actor("v", "vision", "cpu", None)
+        + &actor("d", "diffusion", "cpu", None);
+    for i in 0..5 {
+        t += &actor(&format!("l{i}"), "llm", "cpu", None);
+    }
+    assert_eq!(
+        topo_err(&t, 0),
+        "t.toml: 5 llm shards but the model has 4 layers (llm.num_hidden_layers); place at most one shard per layer"
+    );
+}
+
+#[test]
+fn components_placed_exactly_once() {
+    let twice = four("cpu", None, None, "cpu") + &actor("vision2", "vision", "cpu", None);
+    assert_eq!(
+        topo_err(&twice, 0),
+        "t.toml: component vision is placed 2 times (actor[0] (\"vision\"), actor[4] (\"vision2\")); place it exactly once"
+    );
+    let none = format!(
+        "{HEAD}{}{}",
+        actor("vision", "vision", "cpu", None),
+        actor("l", "llm", "cpu", None)
+    );
+    assert_eq!(
+        topo_err(&none, 0),
+        "t.toml: component diffusion is not placed; add an [[actor]] with component = \"diffusion\""
+    );
+    assert_eq!(
+        topo_err(HEAD, 0),
+        "t.toml: no [[actor]] entries; expected one per component (vision, llm, diffusion)"
+    );
+    let dup = four("cpu", None, None, "cpu").replace("name = \"llm1\"", "name = \"llm0\"");
+    assert_eq!(
+        topo_err(&dup, 0),
+        "t.toml: actor[2].name: \"llm0\" is used by actor[1] too; actor names must be unique"
+    );
+    let layered_vision = four("cpu", None, None, "cpu").replacen(
+        "component = \"vision\"\n",
+        "component = \"vision\"\nlayers = [0, 1]\n",
+        1,
+    );
+    assert_eq!(
+        topo_err(&layered_vision, 0),
+        "t.toml: actor[0].layers: only llm shards have a layer range; remove it from this vision actor"
+    );
+}
+
+#[test]
+fn cuda_devices_must_exist_and_cpu_is_suggested() {
+    assert_eq!(
+        topo_err(&four("cuda:0", None, None, "cpu"), 0),
+        "t.toml: actor[0].device: \"cuda:0\" is not available: this machine has no CUDA devices; use device = \"cpu\""
+    );
+    assert_eq!(
+        topo_err(&four("cuda:1", None, None, "cuda:2"), 2),
+        "t.toml: actor[3].device: \"cuda:2\" is out of range: this machine has 2 CUDA device(s) (cuda:0..cuda:1); \
+         use one of them or device = \"cpu\""
+    );
+    assert_eq!(
+        topo_err(&four("gpu0", None, None, "cpu"), 0),
+        "t.toml: actor[0].device: expected \"cpu\" or \"cuda:N\", found \"gpu0\""
+    );
+    let t = topo_ok(&four("cuda:1", None, None, "cuda:0"), 2);
+    assert_eq!(
+        t.devices(),
+        vec![
+            deem::DeviceSpec::Cpu,
+            deem::DeviceSpec::Cuda(0),
+            deem::DeviceSpec::Cuda(1)
+        ]
+    );
+}
+
+#[test]
+fn malformed_topology_files_are_named() {
+    assert_eq!(
+        topo_err(&four("cpu", None, None, "cpu").replace("component = \"diffusion\"", "component = \"unet\""), 0),
+        "t.toml: actor[3].component: unknown variant `unet`, expected one of `vision`, `llm`, `diffusion`"
+    );
+    assert_eq!(
+        topo_err(&four("cpu", None, None, "cpu").replacen("device = \"cpu\"", "device = \"cpu\"\nnode = 1", 1), 0),
+        "t.toml: actor[0].node: unknown field `node`, expected one of `name`, `component`, `device`, `layers`"
+    );
+    let err = topo_err("name = \n", 0);
+    assert!(err.starts_with("t.toml: invalid TOML: "), "{err}");
+    assert_eq!(
+        topo_err("[[actor]]\nname = \"v\"\n", 0),
+        "t.toml: actor[0].component: missing; every key must be set"
+    );
+    assert_eq!(
+        topo_err(&four("cpu", None, None, "cpu").replace(HEAD, ""), 0),
+        "t.toml: name: missing; every key must be set"
+    );
+}
+
+#[test]
+fn shipped_topologies_fit_their_configs() {
+    let tiny = preset("tiny.toml");
+    let big = preset("deem-7b.toml");
+    let dir = root().join("topologies");
+    let cpu = Topology::load(&dir.join("cpu.toml"), &tiny.config, 0).unwrap();
+    assert_eq!(cpu.actors.len(), 4);
+    assert_eq!(cpu.devices(), vec![deem::DeviceSpec::Cpu]);
+    Topology::load(&dir.join("cpu.toml"), &big.config, 0).unwrap();
+    let g4 = Topology::load(&dir.join("gpu-4.toml"), &big.config, 4).unwrap();
+    assert_eq!(g4.devices().len(), 4);
+    assert_eq!(g4.actors[1].layers, Some(0..16));
+    let g8 = Topology::load(&dir.join("gpu-8.toml"), &big.config, 8).unwrap();
+    assert_eq!(g8.devices().len(), 8);
+    assert_eq!(
+        g8.actors
+            .iter()
+            .filter(|a| a.component == Component::Llm)
+            .count(),
+        6
+    );
+    // gpu-8's explicit ranges are DEEM-7B's 32 layers, not tiny's 4.
+    let err = Topology::load(&dir.join("gpu-8.toml"), &tiny.config, 8)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("the last llm shard ends at layer 32, but the model has 4 layers"),
+        "{err}"
+    );
+}
+
+#[test]
+fn placement_table_lists_every_actor_and_the_total() {
+    let cfg = preset("deem-7b.toml");
+    let t = Topology::load(&root().join("topologies/gpu-4.toml"), &cfg.config, 4).unwrap();
+    let table = t.table();
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 2 + 4 + 1, "{table}");
+    assert!(
+        lines[0].starts_with("actor") && lines[0].ends_with("param memory"),
+        "{table}"
+    );
+    assert!(
+        lines[3].contains("llm0") && lines[3].contains("cuda:1") && lines[3].contains("[0, 16)"),
+        "{table}"
+    );
+    // 3.37 B bf16 parameters are 6.28 GiB.
+    assert!(
+        lines[3].contains("3.37 B") && lines[3].contains("6.28 GiB"),
+        "{table}"
+    );
+    assert!(lines[6].starts_with("total"), "{table}");
+}
+
+// ---------------------------------------------------------------- metrics endpoint
+
+fn scrape_text(body: &str) -> prometheus_parse::Scrape {
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_serves_parseable_prometheus_text() {
+    let metrics = deem_actors::metrics::Metrics::new();
+    let server = deem_actors::http::Server::start(
+        "127.0.0.1:0".parse().unwrap(),
+        deem_actors::http::router(metrics),
+    )
+    .await
+    .unwrap();
+    let base = format!("http://{}", server.addr);
+    let client = reqwest::Client::new();
+
+    let health = client.get(format!("{base}/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let body: serde_json::Value = serde_json::from_str(&health.text().await.unwrap()).unwrap();
+    assert_eq!(body["status"], "ok");
+    assert_eq!(
+        client
+            .get(format!("{base}/nope"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+
+    // Prometheus negotiates OpenMetrics; everything else gets the classic text format.
+    let resp = client
+        .get(format!("{base}/metrics"))
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["content-type"].to_str().unwrap(),
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let open = resp.text().await.unwrap();
+    assert!(
+        open.ends_with("# EOF\n"),
+        "OpenMetrics ends with # EOF: {open}"
+    );
+    assert!(
+        open.contains("# TYPE deem_http_requests counter\n"),
+        "{open}"
+    );
+
+    let resp = client.get(format!("{base}/metrics")).send().await.unwrap();
+    assert_eq!(
+        resp.headers()["content-type"].to_str().unwrap(),
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let body = resp.text().await.unwrap();
+    assert!(!body.contains("# EOF"), "{body}");
+    assert!(
+        body.contains("# TYPE deem_http_requests_total counter\n"),
+        "{body}"
+    );
+    assert!(
+        body.contains("# TYPE process_cpu_seconds_total counter\n"),
+        "{body}"
+    );
+
+    // Every sample line is well-formed, and every family has HELP and TYPE.
+    let sample = regex_lite_sample();
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        assert!(sample(line), "malformed sample line {line:?}");
+    }
+    let scrape = scrape_text(&body);
+    for s in &scrape.samples {
+        let family = ["_total", "_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| s.metric.strip_suffix(suffix))
+            .unwrap_or(&s.metric);
+        assert!(
+            scrape.docs.contains_key(family) || scrape.docs.contains_key(&s.metric),
+            "{} has no HELP",
+            s.metric
+        );
+        assert!(
+            s.metric.starts_with("deem_") || s.metric.starts_with("process_"),
+            "{} is not namespaced",
+            s.metric
+        );
+    }
+
+    let build = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "deem_build_info")
+        .expect("deem_build_info");
+    assert_eq!(build.value, prometheus_parse::Value::Gauge(1.0));
+    assert_eq!(build.labels.get("version"), Some(deem::VERSION));
+    assert_eq!(build.labels.get("libtorch"), deem::LIBTORCH_VERSION);
+    assert_eq!(
+        build.labels.get("cuda_devices"),
+        Some(deem::device::cuda_device_count().to_string().as_str())
+    );
+
+    for name in [
+        "process_resident_memory_bytes",
+        "process_start_time_seconds",
+        "process_open_fds",
+        "process_threads",
+    ] {
+        let s = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name)
+            .unwrap_or_else(|| panic!("{name} missing"));
+        match s.value {
+            prometheus_parse::Value::Gauge(v) => assert!(v > 0.0, "{name} = {v}"),
+            ref v => panic!("{name} is not a gauge: {v:?}"),
+        }
+    }
+    assert!(scrape
+        .samples
+        .iter()
+        .any(|s| s.metric == "process_cpu_seconds_total"));
+
+    // The requests above were counted, by route and status.
+    let count = |route: &str, status: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric == "deem_http_requests_total"
+                    && s.labels.get("route") == Some(route)
+                    && s.labels.get("status") == Some(status)
+            })
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) => v,
+                ref v => panic!("not a counter: {v:?}"),
+            })
+    };
+    assert_eq!(count("/health", "200"), Some(1.0));
+    assert_eq!(count("unmatched", "404"), Some(1.0));
+    assert_eq!(
+        count("/metrics", "200"),
+        Some(1.0),
+        "the OpenMetrics scrape before this one"
+    );
+
+    promtool_check(&body);
+    server.stop().await.unwrap();
+}
+
+/// `name{labels} value` with an optional timestamp, as the exposition formats allow.
+fn regex_lite_sample() -> impl Fn(&str) -> bool {
+    |line: &str| {
+        let (name_labels, rest) = match line.rfind('}') {
+            Some(i) => (&line[..=i], line[i + 1..].trim()),
+            None => match line.split_once(' ') {
+                Some((n, r)) => (n, r.trim()),
+                None => return false,
+            },
+        };
+        let name = name_labels.split('{').next().unwrap_or("");
+        let name_ok = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+            && !name.starts_with(|c: char| c.is_ascii_digit());
+        let value_ok = rest
+            .split_whitespace()
+            .next()
+            .is_some_and(|v| v.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&v));
+        name_ok && value_ok
+    }
+}
+
+/// Lints the exposition with the real Prometheus `promtool` where it is installed (CI installs it).
+fn promtool_check(body: &str) {
+    use std::io::Write;
+    let Ok(mut child) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("promtool not installed: skipping the Prometheus lint (CI installs it)");
+        return;
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ---------------------------------------------------------------- the binary
+
+fn deem(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_deem"));
+    cmd.args(args).current_dir(root());
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("DEEM_")) {
+        cmd.env_remove(k);
+    }
+    cmd.envs(env.iter().copied());
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn binary_info_reports_libtorch_and_devices() {
+    let (ok, out, err) = deem(&["info"], &[]);
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with(&format!("deem {}\n", deem::VERSION)),
+        "{out}"
+    );
+    assert!(out.contains("libtorch          2.13.0"), "{out}");
+    assert!(out.contains("CUDA"), "{out}");
+    assert!(out.contains("threads           intra-op"), "{out}");
+}
+
+#[test]
+fn binary_topology_check_defaults_flags_and_env() {
+    let (ok, out, err) = deem(&["topology", "check"], &[]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("[topologies/cpu.toml (embedded default)]"),
+        "{out}"
+    );
+    assert!(out.contains("ok: 4 actors on 1 device(s) (cpu)"), "{out}");
+
+    // Flags, the DEEM_CONFIG / DEEM_TOPOLOGY variables and config-key variables reach the check.
+    let (ok, out, err) = deem(
+        &["topology", "check", "--set", "llm.num_hidden_layers=6"],
+        &[
+            ("DEEM_CONFIG", "configs/tiny.toml"),
+            ("DEEM_TOPOLOGY", "topologies/cpu.toml"),
+            ("DEEM_MODEL__NAME", "renamed"),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("config    renamed, dtype f32, 6 LLM layers  [configs/tiny.toml]"),
+        "{out}"
+    );
+    assert!(out.contains("[0, 3)") && out.contains("[3, 6)"), "{out}");
+}
+
+#[test]
+fn binary_reports_errors_on_stderr_with_failure_status() {
+    let (ok, out, err) = deem(
+        &["topology", "check", "--topology", "topologies/gpu-4.toml"],
+        &[],
+    );
+    assert!(!ok);
+    assert!(out.is_empty(), "{out}");
+    if deem::device::cuda_device_count() == 0 {
+        assert!(
+            err.contains(
+                "error: topologies/gpu-4.toml: actor[0].device: \"cuda:0\" is not available: this machine has no \
+                 CUDA devices; use device = \"cpu\""
+            ),
+            "{err}"
+        );
+    }
+    let (ok, _, err) = deem(&["config", "show", "--set", "train.lr=-1"], &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("error: --set train.lr: train.lr: expected a positive number, found -1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn binary_config_show_round_trips() {
+    let (ok, out, err) = deem(&["config", "show", "--set", "train.steps=70"], &[]);
+    assert!(ok, "{err}");
+    let shown: deem::DeemConfig = toml::from_str(&out).unwrap();
+    let mut want = embedded_tiny().config;
+    want.train.steps = 70;
+    assert_eq!(shown, want);
+}
+
+// ---------------------------------------------------------------- monitoring files
+
+#[test]
+fn monitoring_config_and_rules_pass_promtool() {
+    let dir = root().join("monitoring");
+    let Ok(out) = Command::new("promtool")
+        .arg("check")
+        .arg("config")
+        .arg(dir.join("prometheus.yml"))
+        .output()
+    else {
+        eprintln!("promtool not installed: skipping (CI installs it)");
+        return;
+    };
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("promtool")
+        .arg("check")
+        .arg("rules")
+        .arg(dir.join("alerts.yml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every metric the rules use is one deem exports (or Prometheus' own `up`).
+    let rules = std::fs::read_to_string(dir.join("alerts.yml")).unwrap();
+    let metrics = deem_actors::metrics::Metrics::new();
+    // A labelled family appears once it has a sample.
+    let labels = deem_actors::metrics::HttpLabels {
+        route: "/metrics".into(),
+        status: "200".into(),
+    };
+    metrics.http_requests.get_or_create(&labels).inc();
+    let exported = deem_actors::metrics::to_classic_text(&metrics.encode());
+    for metric in [
+        "process_start_time_seconds",
+        "process_open_fds",
+        "process_max_fds",
+        "deem_http_requests_total",
+    ] {
+        assert!(rules.contains(metric));
+        assert!(
+            exported.contains(&format!("# TYPE {metric} ")),
+            "{metric} is not exported"
+        );
+    }
+}
