@@ -5,8 +5,10 @@
 //! the typed configuration, the parameter accounting and (in later modules) the layers themselves; the
 //! runtime crate `deem-actors` places them on devices.
 
+pub mod checkpoint;
 pub mod config;
 pub mod device;
+pub mod llama;
 pub mod params;
 
 pub use config::DeemConfig;

@@ -916,3 +916,29 @@ fn monitoring_config_and_rules_pass_promtool() {
         );
     }
 }
+
+#[test]
+fn binary_plans_gpu_topologies_with_assumed_devices() {
+    let args = [
+        "topology",
+        "check",
+        "--topology",
+        "topologies/gpu-8.toml",
+        "--config",
+        "configs/deem-7b.toml",
+    ];
+    let (ok, out, err) = deem(&[&args[..], &["--assume-cuda-devices", "8"]].concat(), &[]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("ok: 8 actors on 8 device(s) (cuda:0, cuda:1, cuda:2, cuda:3, cuda:4, cuda:5, cuda:6, cuda:7)"),
+        "{out}"
+    );
+    let (ok, _, err) = deem(&[&args[..], &["--assume-cuda-devices", "4"]].concat(), &[]);
+    assert!(!ok);
+    assert!(
+        err.contains(
+            "actor[5].device: \"cuda:5\" is out of range: this machine has 4 CUDA device(s)"
+        ),
+        "{err}"
+    );
+}

@@ -52,6 +52,9 @@ pub enum TopologyCommand {
         topology: TopologyArgs,
         #[command(flatten)]
         config: ConfigArgs,
+        /// Check as if this machine had N CUDA devices (plan a GPU topology from a laptop).
+        #[arg(long, value_name = "N")]
+        assume_cuda_devices: Option<usize>,
     },
 }
 
@@ -195,9 +198,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     telemetry::init(&cli.log, cli.log_format)?;
     match cli.command {
         Command::Info => print!("{}", info_text()),
-        Command::Topology(TopologyCommand::Check { topology, config }) => {
+        Command::Topology(TopologyCommand::Check {
+            topology,
+            config,
+            assume_cuda_devices,
+        }) => {
             let cfg = config.load()?;
-            let topo = topology.load(&cfg, deem::device::cuda_device_count())?;
+            let cuda = assume_cuda_devices.unwrap_or_else(deem::device::cuda_device_count);
+            let topo = topology.load(&cfg, cuda)?;
             tracing::debug!(actors = topo.actors.len(), "topology valid");
             print!("{}", topology_report(&topo, &cfg));
         }

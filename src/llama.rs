@@ -1,0 +1,609 @@
+//! LLaMA / Vicuna decoder with HF `LlamaForCausalLM` parameter names (transformers
+//! `models/llama/modeling_llama.py`): RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU
+//! MLP, an explicit KV cache. A [`LlamaShard`] builds only layers `[a, b)`, plus the embedding when it is
+//! the first shard and the final norm and heads when it is the last, so pipeline actors own slices.
+//!
+//! DEEM's additions live beside the HF names so a plain HF checkpoint loads unchanged: the rows of the
+//! appended special tokens (`model.embed_tokens_new`), their head (`lm_head_new`, trainable while the
+//! original `lm_head` stays frozen) and the learnable start-of-image vector (`model.soi_embedding`).
+
+use std::ops::Range;
+use std::path::Path;
+
+use serde::Deserialize;
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LlamaError {
+    #[error("{path}: {message}")]
+    Config { path: String, message: String },
+    #[error("layer range [{start}, {end}) does not fit a model with {layers} layers; expected 0 <= start < end <= {layers}")]
+    Range { start: i64, end: i64, layers: i64 },
+}
+
+/// HF `config.json` of a LLaMA-family model (fields deem uses; others are ignored, as transformers does).
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfLlamaConfig {
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    #[serde(default)]
+    pub num_key_value_heads: Option<i64>,
+    #[serde(default)]
+    pub head_dim: Option<i64>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// transformers 4.x: `rope_theta` and `rope_scaling` at the top level.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// transformers 5.x: `rope_parameters: {rope_theta, rope_type, …}`.
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: i64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default)]
+    pub hidden_act: Option<String>,
+}
+
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_max_pos() -> i64 {
+    2048
+}
+
+/// Validated runtime configuration of the decoder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub vocab_size: i64,
+    /// DEEM's appended special tokens (0 for a plain LLaMA).
+    pub num_new_tokens: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub num_key_value_heads: i64,
+    pub head_dim: i64,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub max_position_embeddings: i64,
+    pub tie_word_embeddings: bool,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+}
+
+impl LlamaConfig {
+    /// Reads an HF `config.json`, rejecting what this implementation does not compute.
+    pub fn from_hf_file(path: &Path, num_new_tokens: i64) -> Result<Self, LlamaError> {
+        let p = path.display().to_string();
+        let err = |message: String| LlamaError::Config {
+            path: p.clone(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let hf: HfLlamaConfig = serde_json::from_str(&text)
+            .map_err(|e| err(format!("not a LLaMA config.json: {e}")))?;
+        Self::from_hf(&hf, num_new_tokens).map_err(err)
+    }
+
+    pub fn from_hf(hf: &HfLlamaConfig, num_new_tokens: i64) -> Result<Self, String> {
+        if let Some(act) = hf.hidden_act.as_deref() {
+            if act != "silu" {
+                return Err(format!("hidden_act: expected \"silu\", found {act:?}"));
+            }
+        }
+        if let Some(s) = &hf.rope_scaling {
+            if !s.is_null() {
+                return Err(format!(
+                    "rope_scaling: expected null (scaled RoPE is not supported yet), found {s}"
+                ));
+            }
+        }
+        let mut rope_theta = hf.rope_theta.unwrap_or(10000.0);
+        if let Some(params) = &hf.rope_parameters {
+            let rope_type = params
+                .get("rope_type")
+                .and_then(|t| t.as_str())
+                .unwrap_or("default");
+            if rope_type != "default" {
+                return Err(format!(
+                    "rope_parameters.rope_type: expected \"default\" (scaled RoPE is not supported yet), found {rope_type:?}"
+                ));
+            }
+            if let Some(t) = params.get("rope_theta").and_then(|t| t.as_f64()) {
+                rope_theta = t;
+            }
+        }
+        let kv = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
+        if hf.num_attention_heads <= 0 || kv <= 0 || hf.num_attention_heads % kv != 0 {
+            return Err(format!(
+                "num_key_value_heads: expected a positive divisor of num_attention_heads ({}), found {kv}",
+                hf.num_attention_heads
+            ));
+        }
+        let head_dim = hf
+            .head_dim
+            .unwrap_or(hf.hidden_size / hf.num_attention_heads);
+        if head_dim <= 0 || head_dim % 2 != 0 {
+            return Err(format!(
+                "head_dim: expected a positive even number, found {head_dim}"
+            ));
+        }
+        Ok(LlamaConfig {
+            vocab_size: hf.vocab_size,
+            num_new_tokens,
+            hidden_size: hf.hidden_size,
+            intermediate_size: hf.intermediate_size,
+            num_hidden_layers: hf.num_hidden_layers,
+            num_attention_heads: hf.num_attention_heads,
+            num_key_value_heads: kv,
+            head_dim,
+            rms_norm_eps: hf.rms_norm_eps,
+            rope_theta,
+            max_position_embeddings: hf.max_position_embeddings,
+            tie_word_embeddings: hf.tie_word_embeddings,
+            attention_bias: hf.attention_bias,
+            mlp_bias: hf.mlp_bias,
+        })
+    }
+}
+
+impl From<&crate::config::LlmConfig> for LlamaConfig {
+    fn from(l: &crate::config::LlmConfig) -> Self {
+        LlamaConfig {
+            vocab_size: l.vocab_size,
+            num_new_tokens: l.num_new_tokens,
+            hidden_size: l.hidden_size,
+            intermediate_size: l.intermediate_size,
+            num_hidden_layers: l.num_hidden_layers,
+            num_attention_heads: l.num_attention_heads,
+            num_key_value_heads: l.num_key_value_heads,
+            head_dim: l.hidden_size / l.num_attention_heads,
+            rms_norm_eps: l.rms_norm_eps,
+            rope_theta: l.rope_theta,
+            max_position_embeddings: l.max_position_embeddings,
+            tie_word_embeddings: l.tie_word_embeddings,
+            attention_bias: false,
+            mlp_bias: false,
+        }
+    }
+}
+
+/// RMSNorm computed in f32 and cast back, as HF does.
+#[derive(Debug)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(p: nn::Path, size: i64, eps: f64) -> Self {
+        RmsNorm {
+            weight: p.ones("weight", &[size]),
+            eps,
+        }
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let h = x.to_kind(Kind::Float);
+        let var = h.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        let h = h * (var + self.eps).rsqrt();
+        &self.weight * h.to_kind(kind)
+    }
+}
+
+fn linear(p: nn::Path, i: i64, o: i64, bias: bool) -> nn::Linear {
+    nn::linear(
+        p,
+        i,
+        o,
+        nn::LinearConfig {
+            bias,
+            ..Default::default()
+        },
+    )
+}
+
+/// Rotary embedding tables for positions `[0, max)`.
+#[derive(Debug)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &LlamaConfig, device: tch::Device) -> Self {
+        let d = cfg.head_dim;
+        let inv_freq = Tensor::arange_start_step(0, d, 2, (Kind::Int64, device))
+            .to_kind(Kind::Float)
+            / d as f64;
+        let inv_freq = (inv_freq * cfg.rope_theta.ln()).exp().reciprocal();
+        let pos = Tensor::arange(cfg.max_position_embeddings, (Kind::Float, device));
+        let freqs = pos.outer(&inv_freq); // [P, D/2]
+        let emb = Tensor::cat(&[&freqs, &freqs], -1); // [P, D]
+        Rope {
+            cos: emb.cos(),
+            sin: emb.sin(),
+        }
+    }
+
+    /// Rotates `x` [B, H, T, D] at positions `[start, start + T)`.
+    fn apply(&self, x: &Tensor, start: i64) -> Tensor {
+        let t = x.size()[2];
+        let cos = self.cos.narrow(0, start, t).to_kind(x.kind());
+        let sin = self.sin.narrow(0, start, t).to_kind(x.kind());
+        let half = x.size()[3] / 2;
+        let rotated = Tensor::cat(&[&-x.narrow(3, half, half), &x.narrow(3, 0, half)], -1);
+        x * cos + rotated * sin
+    }
+}
+
+#[derive(Debug)]
+struct Attention {
+    q_proj: nn::Linear,
+    k_proj: nn::Linear,
+    v_proj: nn::Linear,
+    o_proj: nn::Linear,
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    fn new(p: nn::Path, cfg: &LlamaConfig) -> Self {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let b = cfg.attention_bias;
+        Attention {
+            q_proj: linear(&p / "q_proj", h, cfg.num_attention_heads * d, b),
+            k_proj: linear(&p / "k_proj", h, cfg.num_key_value_heads * d, b),
+            v_proj: linear(&p / "v_proj", h, cfg.num_key_value_heads * d, b),
+            o_proj: linear(&p / "o_proj", cfg.num_attention_heads * d, h, b),
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: d,
+        }
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        start: i64,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Tensor {
+        let (b, t, _) = x.size3().expect("hidden states are [B, T, C]");
+        let split = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2); // [B, n, T, D]
+        let q = rope.apply(&split(self.q_proj.forward(x), self.heads), start);
+        let mut k = rope.apply(&split(self.k_proj.forward(x), self.kv_heads), start);
+        let mut v = split(self.v_proj.forward(x), self.kv_heads);
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2);
+                v = Tensor::cat(&[pv, &v], 2);
+            }
+            *slot = Some((k.shallow_clone(), v.shallow_clone()));
+        }
+        let total = k.size()[2];
+        let groups = self.heads / self.kv_heads;
+        let (k, v) = if groups > 1 {
+            (
+                k.repeat_interleave_self_int(groups, 1, None),
+                v.repeat_interleave_self_int(groups, 1, None),
+            )
+        } else {
+            (k, v)
+        };
+        // Causal mask for T new queries after `total - t` cached positions: [T, total].
+        let past = total - t;
+        let mask =
+            Tensor::full([t, total], f64::NEG_INFINITY, (Kind::Float, x.device())).triu(past + 1);
+        let scores = q.matmul(&k.transpose(-2, -1)).to_kind(Kind::Float)
+            / (self.head_dim as f64).sqrt()
+            + mask;
+        let probs = scores.softmax(-1, Kind::Float).to_kind(q.kind());
+        let out =
+            probs
+                .matmul(&v)
+                .transpose(1, 2)
+                .contiguous()
+                .view([b, t, self.heads * self.head_dim]);
+        self.o_proj.forward(&out)
+    }
+}
+
+#[derive(Debug)]
+struct Mlp {
+    gate_proj: nn::Linear,
+    up_proj: nn::Linear,
+    down_proj: nn::Linear,
+}
+
+impl Mlp {
+    fn new(p: nn::Path, cfg: &LlamaConfig) -> Self {
+        let (h, i, b) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Mlp {
+            gate_proj: linear(&p / "gate_proj", h, i, b),
+            up_proj: linear(&p / "up_proj", h, i, b),
+            down_proj: linear(&p / "down_proj", i, h, b),
+        }
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.down_proj
+            .forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
+    }
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    fn new(p: nn::Path, cfg: &LlamaConfig) -> Self {
+        DecoderLayer {
+            self_attn: Attention::new(&p / "self_attn", cfg),
+            mlp: Mlp::new(&p / "mlp", cfg),
+            input_layernorm: RmsNorm::new(
+                &p / "input_layernorm",
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            ),
+            post_attention_layernorm: RmsNorm::new(
+                &p / "post_attention_layernorm",
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            ),
+        }
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        start: i64,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Tensor {
+        let h = x + self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x), rope, start, cache);
+        &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h))
+    }
+}
+
+/// The KV cache of one shard for one batch of sequences: per layer `[B, kv_heads, T, head_dim]` keys and
+/// values. Owned by whoever owns the sequences.
+#[derive(Debug)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        KvCache {
+            layers: (0..num_layers).map(|_| None).collect(),
+        }
+    }
+
+    /// Positions already cached.
+    pub fn len(&self) -> i64 {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.size()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Embedding rows: the base vocabulary (HF `model.embed_tokens`) and DEEM's appended tokens.
+#[derive(Debug)]
+struct Embedding {
+    base: Tensor,
+    new: Option<Tensor>,
+    soi: Tensor,
+}
+
+/// Where a checkpoint may keep the decoder: plain HF names, a multimodal wrapper's `language_model.`,
+/// and DEEM's whole-model `mm_decoder.`; the HF name is the module's own.
+const MODEL_PREFIXES: [&str; 3] = ["model.", "language_model.model.", "mm_decoder."];
+const HEAD_PREFIXES: [&str; 3] = ["lm_head", "language_model.lm_head", "mm_decoder.lm_head"];
+
+/// LLaMA layers `[start, end)`, with the embedding if `start == 0` and norm + heads if `end == layers`.
+#[derive(Debug)]
+pub struct LlamaShard {
+    pub cfg: LlamaConfig,
+    pub range: Range<i64>,
+    embed: Option<Embedding>,
+    layers: Vec<DecoderLayer>,
+    norm: Option<RmsNorm>,
+    lm_head: Option<Tensor>,
+    lm_head_new: Option<Tensor>,
+    rope: Rope,
+}
+
+impl LlamaShard {
+    /// Builds the shard's modules under `root` (the VarStore root: names are `model.…`, `lm_head`).
+    pub fn new(root: &nn::Path, cfg: &LlamaConfig, range: Range<i64>) -> Result<Self, LlamaError> {
+        if range.start < 0 || range.start >= range.end || range.end > cfg.num_hidden_layers {
+            return Err(LlamaError::Range {
+                start: range.start,
+                end: range.end,
+                layers: cfg.num_hidden_layers,
+            });
+        }
+        let model = root / "model";
+        let (h, v, n) = (cfg.hidden_size, cfg.vocab_size, cfg.num_new_tokens);
+        let init = nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        let embed = (range.start == 0).then(|| Embedding {
+            base: (&model / "embed_tokens").var("weight", &[v, h], init),
+            new: (n > 0).then(|| (&model / "embed_tokens_new").var("weight", &[n, h], init)),
+            soi: model.zeros("soi_embedding", &[h]),
+        });
+        let layers = range
+            .clone()
+            .map(|i| DecoderLayer::new(&model / "layers" / i, cfg))
+            .collect();
+        let last = range.end == cfg.num_hidden_layers;
+        let norm = last.then(|| RmsNorm::new(&model / "norm", h, cfg.rms_norm_eps));
+        let lm_head = (last && !cfg.tie_word_embeddings)
+            .then(|| (root / "lm_head").var("weight", &[v, h], init));
+        let lm_head_new =
+            (last && n > 0).then(|| (root / "lm_head_new").var("weight", &[n, h], init));
+        let rope = Rope::new(cfg, root.device());
+        Ok(LlamaShard {
+            cfg: cfg.clone(),
+            range,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            lm_head_new,
+            rope,
+        })
+    }
+
+    pub fn is_first(&self) -> bool {
+        self.range.start == 0
+    }
+
+    pub fn is_last(&self) -> bool {
+        self.range.end == self.cfg.num_hidden_layers
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Token embeddings [B, T, C] of ids [B, T]; ids at or above `vocab_size` are DEEM's new tokens.
+    /// First shard only.
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        let e = self
+            .embed
+            .as_ref()
+            .expect("embed() is called on the first shard only");
+        match &e.new {
+            None => Tensor::embedding(&e.base, ids, -1, false, false),
+            Some(new) => Tensor::embedding(&Tensor::cat(&[&e.base, new], 0), ids, -1, false, false),
+        }
+    }
+
+    /// The learnable vector added to the embedding of `<|startofimage|>` (first shard only).
+    pub fn soi_embedding(&self) -> Option<&Tensor> {
+        self.embed.as_ref().map(|e| &e.soi)
+    }
+
+    /// Runs this shard's layers on hidden states [B, T, C] at positions `[start, start + T)`, appending
+    /// to `cache` when given.
+    pub fn forward_layers(
+        &self,
+        hidden: &Tensor,
+        start: i64,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        let mut h = hidden.shallow_clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            h = layer.forward(&h, &self.rope, start, slot);
+        }
+        h
+    }
+
+    /// Final norm (last shard only).
+    pub fn norm(&self, hidden: &Tensor) -> Tensor {
+        self.norm
+            .as_ref()
+            .expect("norm() is called on the last shard only")
+            .forward(hidden)
+    }
+
+    /// Logits [B, T, vocab + new tokens] of already normed hidden states (last shard only).
+    pub fn logits(&self, normed: &Tensor) -> Tensor {
+        let head = match (&self.lm_head, &self.embed) {
+            (Some(w), _) => w.shallow_clone(),
+            (None, Some(e)) => e.base.shallow_clone(),
+            (None, None) => panic!("tied embeddings need the embedding on the last shard"),
+        };
+        let base = normed.matmul(&head.tr());
+        match &self.lm_head_new {
+            Some(new) => Tensor::cat(&[base, normed.matmul(&new.tr())], -1),
+            None => base,
+        }
+    }
+
+    /// Whole-model convenience: ids → logits, for a shard that is both first and last.
+    pub fn forward_ids(&self, ids: &Tensor, start: i64, cache: Option<&mut KvCache>) -> Tensor {
+        let h = self.forward_layers(&self.embed(ids), start, cache);
+        self.logits(&self.norm(&h))
+    }
+
+    /// Checkpoint loading rules for this shard: other shards' layers and HF buffers are skipped, DEEM's
+    /// additions may be absent from a plain HF checkpoint, and DEEM whole-model names map onto HF names.
+    pub fn load_spec(&self) -> crate::checkpoint::LoadSpec {
+        let mut ignore = Vec::new();
+        for p in MODEL_PREFIXES {
+            ignore.extend(
+                (0..self.cfg.num_hidden_layers)
+                    .filter(|i| !self.range.contains(i))
+                    .map(|i| format!("{p}layers.{i}.")),
+            );
+            ignore.push(format!("{p}rotary_emb."));
+            if !self.is_first() {
+                ignore.extend([format!("{p}embed_tokens"), format!("{p}soi_embedding")]);
+            }
+            if !self.is_last() {
+                ignore.push(format!("{p}norm."));
+            }
+        }
+        if !self.is_last() {
+            ignore.extend(HEAD_PREFIXES.map(String::from));
+        }
+        crate::checkpoint::LoadSpec {
+            component: format!("llm shard [{}, {})", self.range.start, self.range.end),
+            prefix_map: MODEL_PREFIXES[1..]
+                .iter()
+                .map(|p| ("model.".to_string(), p.to_string()))
+                .chain(
+                    HEAD_PREFIXES[1..]
+                        .iter()
+                        .map(|p| ("lm_head".to_string(), p.to_string())),
+                )
+                .collect(),
+            namespace: MODEL_PREFIXES
+                .iter()
+                .chain(&HEAD_PREFIXES)
+                .map(|p| p.to_string())
+                .collect(),
+            ignore,
+            optional: vec![
+                "model.embed_tokens_new.".into(),
+                "lm_head_new.".into(),
+                "model.soi_embedding".into(),
+            ],
+        }
+    }
+}

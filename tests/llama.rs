@@ -1,0 +1,388 @@
+//! LLaMA parity with HF transformers 5.24.0 (fixtures from tests/fixtures/generate.py), pipeline shards,
+//! the KV cache, sharded and DEEM-prefixed checkpoints, and the checkpoint loader's error reports.
+
+use std::path::{Path, PathBuf};
+
+use deem::checkpoint::{self, Checkpoint};
+use deem::llama::{LlamaConfig, LlamaShard};
+use tch::{nn, Device, Kind, Tensor};
+
+/// fp32 parity bound against the reference library (the issue's stated tolerance).
+const TOL: f64 = 1e-4;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("deem-llama-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn read(path: &Path, name: &str) -> Tensor {
+    Checkpoint::open(path)
+        .unwrap()
+        .tensor(name)
+        .unwrap()
+        .unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a - b).abs().max().double_value(&[])
+}
+
+fn config(dir: &Path, new_tokens: i64) -> LlamaConfig {
+    LlamaConfig::from_hf_file(&dir.join("config.json"), new_tokens).unwrap()
+}
+
+/// Builds the shard `[a, b)` and loads it from `ckpt`.
+fn shard(
+    cfg: &LlamaConfig,
+    range: std::ops::Range<i64>,
+    ckpt: &Path,
+) -> (nn::VarStore, LlamaShard) {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let s = LlamaShard::new(&vs.root(), cfg, range).unwrap();
+    Checkpoint::open(ckpt)
+        .unwrap()
+        .load_into(&vs, &s.load_spec())
+        .unwrap();
+    (vs, s)
+}
+
+fn whole_model_parity(name: &str) -> f64 {
+    let dir = fixture(name);
+    let cfg = config(&dir, 0);
+    let (_vs, m) = shard(&cfg, 0..cfg.num_hidden_layers, &dir);
+    let ids = read(&dir.join("inputs.safetensors"), "input_ids");
+    let logits = tch::no_grad(|| m.forward_ids(&ids, 0, None));
+    let d = max_diff(&logits, &read(&dir.join("expected.safetensors"), "logits"));
+    eprintln!("{name}: max |logits - transformers| = {d:.3e}");
+    d
+}
+
+#[test]
+fn logits_match_transformers_mha() {
+    assert!(whole_model_parity("llama_mha") < TOL);
+}
+
+#[test]
+fn logits_match_transformers_gqa() {
+    assert!(whole_model_parity("llama_gqa") < TOL);
+}
+
+#[test]
+fn transformers_5_rope_parameters_are_read() {
+    // llama_gqa's config.json has only `rope_parameters: {rope_theta: 500000}`.
+    assert_eq!(config(&fixture("llama_gqa"), 0).rope_theta, 500000.0);
+    assert_eq!(config(&fixture("llama_gqa"), 0).num_key_value_heads, 2);
+}
+
+#[test]
+fn two_shards_chained_equal_the_whole_model() {
+    let dir = fixture("llama_gqa");
+    let cfg = config(&dir, 0);
+    let ids = read(&dir.join("inputs.safetensors"), "input_ids");
+    let (_a, first) = shard(&cfg, 0..1, &dir);
+    let (_b, last) = shard(&cfg, 1..4, &dir);
+    let (_w, whole) = shard(&cfg, 0..4, &dir);
+    let (piped, full) = tch::no_grad(|| {
+        let h = first.forward_layers(&first.embed(&ids), 0, None);
+        let h = last.forward_layers(&h, 0, None);
+        (
+            last.logits(&last.norm(&h)),
+            whole.forward_ids(&ids, 0, None),
+        )
+    });
+    assert_eq!(
+        max_diff(&piped, &full),
+        0.0,
+        "the same ops on the same weights are bit-identical"
+    );
+}
+
+#[test]
+fn a_shard_owns_only_its_layers() {
+    let dir = fixture("llama_gqa");
+    let cfg = config(&dir, 0);
+    let (vs, _) = shard(&cfg, 1..3, &dir);
+    let mut names: Vec<String> = vs.variables().into_keys().collect();
+    names.sort();
+    assert!(
+        names
+            .iter()
+            .all(|n| n.starts_with("model.layers.1.") || n.starts_with("model.layers.2.")),
+        "{names:?}"
+    );
+    assert_eq!(names.len(), 2 * 9);
+}
+
+#[test]
+fn kv_cache_decode_equals_full_recompute() {
+    let dir = fixture("llama_gqa");
+    let cfg = config(&dir, 0);
+    let (_vs, m) = shard(&cfg, 0..4, &dir);
+    let ids = read(&dir.join("inputs.safetensors"), "input_ids");
+    let (full, decoded) = tch::no_grad(|| {
+        let full = m.forward_ids(&ids, 0, None);
+        let mut cache = m.new_cache();
+        let mut steps = vec![m.forward_ids(&ids.narrow(1, 0, 6), 0, Some(&mut cache))];
+        for t in 6..9 {
+            assert_eq!(cache.len(), t);
+            steps.push(m.forward_ids(&ids.narrow(1, t, 1), t, Some(&mut cache)));
+        }
+        (full, Tensor::cat(&steps, 1))
+    });
+    let d_self = max_diff(&decoded, &full);
+    let d_ref = max_diff(
+        &decoded,
+        &read(&dir.join("expected.safetensors"), "decoded_logits"),
+    );
+    eprintln!("kv-cache decode: vs full recompute {d_self:.3e}, vs transformers cached decode {d_ref:.3e}");
+    assert!(d_self < TOL && d_ref < TOL);
+}
+
+#[test]
+fn sharded_checkpoint_with_index_loads() {
+    let cfg = config(&fixture("llama_gqa"), 0);
+    let sharded = fixture("llama_gqa_sharded");
+    let (_vs, m) = shard(&cfg, 0..4, &sharded);
+    let ids = read(&fixture("llama_gqa/inputs.safetensors"), "input_ids");
+    let logits = tch::no_grad(|| m.forward_ids(&ids, 0, None));
+    assert!(
+        max_diff(
+            &logits,
+            &read(&fixture("llama_gqa/expected.safetensors"), "logits")
+        ) < TOL
+    );
+    // The last shard opens only what it needs, from the index.
+    let (_vs, _) = shard(&cfg, 2..4, &sharded.join("model.safetensors.index.json"));
+}
+
+/// Rewrites the GQA checkpoint with `rename` applied to every key and `kind` as the dtype on disk.
+fn rewrite(name: &str, rename: impl Fn(&str) -> Option<String>, kind: Kind) -> PathBuf {
+    let src = Checkpoint::open(&fixture("llama_gqa/model.safetensors")).unwrap();
+    let tensors: Vec<(String, Tensor)> = src
+        .names()
+        .filter_map(|n| rename(n).map(|m| (m, src.tensor(n).unwrap().unwrap().to_kind(kind))))
+        .collect();
+    let out = scratch(name).join("model.safetensors");
+    checkpoint::save(&out, &tensors).unwrap();
+    out
+}
+
+#[test]
+fn deem_whole_model_names_load_through_the_prefix_map() {
+    let path = rewrite(
+        "deem-prefix",
+        |n| {
+            Some(
+                n.replace("model.", "mm_decoder.")
+                    .replace("lm_head", "mm_decoder.lm_head"),
+            )
+        },
+        Kind::Float,
+    );
+    let cfg = config(&fixture("llama_gqa"), 0);
+    let (_vs, m) = shard(&cfg, 0..4, &path);
+    let ids = read(&fixture("llama_gqa/inputs.safetensors"), "input_ids");
+    let logits = tch::no_grad(|| m.forward_ids(&ids, 0, None));
+    assert!(
+        max_diff(
+            &logits,
+            &read(&fixture("llama_gqa/expected.safetensors"), "logits")
+        ) < TOL
+    );
+}
+
+#[test]
+fn half_precision_files_convert_to_the_compute_dtype() {
+    for kind in [Kind::BFloat16, Kind::Half] {
+        let path = rewrite("half", |n| Some(n.to_string()), kind);
+        let cfg = config(&fixture("llama_gqa"), 0);
+        let (vs, m) = shard(&cfg, 0..4, &path);
+        assert!(vs.variables().values().all(|v| v.kind() == Kind::Float));
+        let ids = read(&fixture("llama_gqa/inputs.safetensors"), "input_ids");
+        let logits = tch::no_grad(|| m.forward_ids(&ids, 0, None));
+        // Weights rounded to 8 (bf16) or 11 (f16) mantissa bits: the logits move by about that much.
+        let d = max_diff(
+            &logits,
+            &read(&fixture("llama_gqa/expected.safetensors"), "logits"),
+        );
+        eprintln!("{kind:?} weights: max |logits - f32 reference| = {d:.3e}");
+        assert!(d < 5e-2, "{kind:?}: {d}");
+        assert!(
+            d > 0.0,
+            "rounding must be visible, or the file was not {kind:?}"
+        );
+    }
+}
+
+#[test]
+fn deem_new_tokens_extend_a_plain_hf_checkpoint() {
+    let dir = fixture("llama_gqa");
+    let (_vs, plain) = shard(&config(&dir, 0), 0..4, &dir);
+    let (_vs2, deem) = shard(&config(&dir, 6), 0..4, &dir);
+    let ids = read(&dir.join("inputs.safetensors"), "input_ids");
+    let (a, b) = tch::no_grad(|| {
+        (
+            plain.forward_ids(&ids, 0, None),
+            deem.forward_ids(&ids, 0, None),
+        )
+    });
+    assert_eq!(b.size(), vec![2, 9, 128 + 6]);
+    assert_eq!(max_diff(&a, &b.narrow(2, 0, 128)), 0.0);
+    // New ids embed through the new rows.
+    let new_ids = Tensor::from_slice(&[128i64, 133]).view([1, 2]);
+    let e = tch::no_grad(|| deem.embed(&new_ids));
+    assert_eq!(e.size(), vec![1, 2, 32]);
+}
+
+// ------------------------------------------------------------------ bad checkpoints
+
+fn load_err(path: &Path, range: std::ops::Range<i64>) -> String {
+    let cfg = config(&fixture("llama_gqa"), 0);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let s = LlamaShard::new(&vs.root(), &cfg, range).unwrap();
+    match Checkpoint::open(path) {
+        Err(e) => e.to_string(),
+        Ok(c) => c
+            .load_into(&vs, &s.load_spec())
+            .expect_err("load should fail")
+            .to_string(),
+    }
+}
+
+#[test]
+fn missing_unexpected_and_misshapen_keys_are_listed_together() {
+    let path = rewrite(
+        "mismatch",
+        |n| match n {
+            "model.layers.1.mlp.up_proj.weight" => None,
+            "model.layers.0.self_attn.o_proj.weight" => {
+                Some("model.layers.0.self_attn.out_proj.weight".into())
+            }
+            n => Some(n.to_string()),
+        },
+        Kind::Float,
+    );
+    let with_bad_shape = {
+        let c = Checkpoint::open(&path).unwrap();
+        let mut t: Vec<(String, Tensor)> = c
+            .names()
+            .map(|n| (n.to_string(), c.tensor(n).unwrap().unwrap()))
+            .collect();
+        for (n, v) in t.iter_mut() {
+            if n == "model.norm.weight" {
+                *v = Tensor::ones([31], (Kind::Float, Device::Cpu));
+            }
+        }
+        checkpoint::save(&path, &t).unwrap();
+        path
+    };
+    assert_eq!(
+        load_err(&with_bad_shape, 0..4),
+        format!(
+            "{}: the checkpoint does not fit the llm shard [0, 4) module:\n  \
+             missing keys (2): model.layers.0.self_attn.o_proj.weight, model.layers.1.mlp.up_proj.weight\n  \
+             unexpected keys (1): model.layers.0.self_attn.out_proj.weight\n  \
+             wrong shape: model.norm.weight is [31] in the file, the module expects [32]",
+            with_bad_shape.display()
+        )
+    );
+    // A shard that does not own the broken layers loads the same file cleanly… except for the norm it owns.
+    assert_eq!(
+        load_err(&with_bad_shape, 2..4),
+        format!(
+            "{}: the checkpoint does not fit the llm shard [2, 4) module:\n  \
+             wrong shape: model.norm.weight is [31] in the file, the module expects [32]",
+            with_bad_shape.display()
+        )
+    );
+}
+
+#[test]
+fn truncated_files_are_reported_as_corrupt() {
+    let dir = scratch("truncated");
+    let bytes = std::fs::read(fixture("llama_gqa/model.safetensors")).unwrap();
+    let path = dir.join("model.safetensors");
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_err(&path, 0..4);
+    assert!(
+        err.starts_with(&format!(
+            "{}: not a valid safetensors file (",
+            path.display()
+        )) && err.ends_with("); is it truncated or still downloading?"),
+        "{err}"
+    );
+}
+
+#[test]
+fn pickle_checkpoints_get_conversion_advice() {
+    let dir = scratch("pickle");
+    let path = dir.join("pytorch_model.bin");
+    std::fs::write(&path, b"PK\x03\x04 a torch.save zip archive").unwrap();
+    let expected = format!(
+        "{}: a PyTorch pickle checkpoint; deem reads safetensors only (pickles can run code). Convert it once with \
+         Python: `from safetensors.torch import save_file; import torch; save_file(torch.load('pytorch_model.bin', \
+         map_location='cpu', weights_only=True), 'pytorch_model.safetensors')`, or for a transformers/diffusers \
+         model directory `Model.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`",
+        path.display()
+    );
+    assert_eq!(load_err(&path, 0..4), expected);
+    // A directory holding only the pickle gives the same advice.
+    assert_eq!(load_err(&dir, 0..4), expected);
+}
+
+#[test]
+fn an_index_naming_a_missing_file_is_reported() {
+    let dir = scratch("index");
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        r#"{"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        load_err(&dir, 0..4),
+        format!(
+            "{}: the index names model-00002-of-00002.safetensors for lm_head.weight, but that file is missing",
+            dir.join("model.safetensors.index.json").display()
+        )
+    );
+}
+
+#[test]
+fn unsupported_configs_are_rejected_with_the_field() {
+    let dir = scratch("cfg");
+    let p = dir.join("config.json");
+    let base = std::fs::read_to_string(fixture("llama_gqa/config.json")).unwrap();
+    std::fs::write(
+        &p,
+        base.replace("\"rope_type\": \"default\"", "\"rope_type\": \"yarn\""),
+    )
+    .unwrap();
+    assert_eq!(
+        LlamaConfig::from_hf_file(&p, 0).unwrap_err().to_string(),
+        format!(
+            "{}: rope_parameters.rope_type: expected \"default\" (scaled RoPE is not supported yet), found \"yarn\"",
+            p.display()
+        )
+    );
+    std::fs::write(
+        &p,
+        base.replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3"),
+    )
+    .unwrap();
+    assert_eq!(
+        LlamaConfig::from_hf_file(&p, 0).unwrap_err().to_string(),
+        format!(
+            "{}: num_key_value_heads: expected a positive divisor of num_attention_heads (4), found 3",
+            p.display()
+        )
+    );
+}
