@@ -10,6 +10,8 @@ pub mod config;
 pub mod device;
 pub mod llama;
 pub mod params;
+pub mod resampler;
+pub mod vision;
 
 pub use config::DeemConfig;
 pub use device::DeviceSpec;

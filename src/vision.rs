@@ -1,0 +1,272 @@
+//! The vision encoder: timm `ConvNeXt` (timm `models/convnext.py`) under open_clip's names
+//! (`visual.trunk.…`, `visual.head.proj`), plus DEEM's multi-scale adapters — one linear per stage to a
+//! common width (`adapter_c2` … `adapter_c5`) and one on the projected pooled feature (`adapter_cls`).
+//!
+//! Outputs: the token sequence `[B, 1 + H₃·W₃, width]` (the pooled "cls" token followed by the third
+//! stage's map; 257 tokens at 256 px) and the four multi-scale maps `[B, width, Hₛ, Wₛ]`.
+
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+use crate::config::VisionConfig;
+
+/// CLIP's normalisation constants (open_clip `OPENAI_DATASET_MEAN` / `_STD`).
+pub const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+pub const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+const LN_EPS: f64 = 1e-6;
+
+/// LayerNorm over the channels of an NCHW map (timm `LayerNorm2d`).
+#[derive(Debug)]
+struct LayerNorm2d(nn::LayerNorm);
+
+impl LayerNorm2d {
+    fn new(p: nn::Path, c: i64) -> Self {
+        LayerNorm2d(nn::layer_norm(
+            p,
+            vec![c],
+            nn::LayerNormConfig {
+                eps: LN_EPS,
+                ..Default::default()
+            },
+        ))
+    }
+}
+
+impl Module for LayerNorm2d {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.0
+            .forward(&x.permute([0, 2, 3, 1]))
+            .permute([0, 3, 1, 2])
+    }
+}
+
+#[derive(Debug)]
+struct Block {
+    conv_dw: nn::Conv2D,
+    norm: nn::LayerNorm,
+    fc1: nn::Linear,
+    fc2: nn::Linear,
+    gamma: Tensor,
+}
+
+impl Block {
+    fn new(p: nn::Path, d: i64) -> Self {
+        let conv = nn::ConvConfig {
+            padding: 3,
+            groups: d,
+            ..Default::default()
+        };
+        Block {
+            conv_dw: nn::conv2d(&p / "conv_dw", d, d, 7, conv),
+            norm: nn::layer_norm(
+                &p / "norm",
+                vec![d],
+                nn::LayerNormConfig {
+                    eps: LN_EPS,
+                    ..Default::default()
+                },
+            ),
+            fc1: nn::linear(&p / "mlp" / "fc1", d, 4 * d, Default::default()),
+            fc2: nn::linear(&p / "mlp" / "fc2", 4 * d, d, Default::default()),
+            gamma: p.var("gamma", &[d], nn::Init::Const(1e-6)),
+        }
+    }
+}
+
+impl Module for Block {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        // conv_dw → NHWC → norm → mlp (exact GELU) → layer scale → NCHW, plus the shortcut.
+        let h = self.conv_dw.forward(x).permute([0, 2, 3, 1]);
+        let h = self
+            .fc2
+            .forward(&self.fc1.forward(&self.norm.forward(&h)).gelu("none"));
+        x + (h * &self.gamma).permute([0, 3, 1, 2])
+    }
+}
+
+#[derive(Debug)]
+struct Stage {
+    downsample: Option<(LayerNorm2d, nn::Conv2D)>,
+    blocks: Vec<Block>,
+}
+
+/// ConvNeXt trunk + open_clip head projection + DEEM adapters.
+#[derive(Debug)]
+pub struct VisionEncoder {
+    stem_conv: nn::Conv2D,
+    stem_norm: LayerNorm2d,
+    stages: Vec<Stage>,
+    head_norm: LayerNorm2d,
+    head_proj: Tensor,
+    adapters: Vec<nn::Linear>,
+    adapter_cls: nn::Linear,
+    /// Index of the stage whose map forms the token sequence (the third).
+    token_stage: usize,
+}
+
+/// What the encoder computes for a batch of images.
+#[derive(Debug)]
+pub struct VisionOutput {
+    /// `[B, 1 + H·W, width]`: the pooled token, then the token stage's map in row-major order.
+    pub tokens: Tensor,
+    /// Per stage `[B, width, Hₛ, Wₛ]`, finest first.
+    pub multiscale: Vec<Tensor>,
+}
+
+impl VisionEncoder {
+    /// Builds under `p` (conventionally `root / "visual"`).
+    pub fn new(p: &nn::Path, cfg: &VisionConfig) -> Self {
+        let t = p / "trunk";
+        let stem = nn::ConvConfig {
+            stride: cfg.patch_size,
+            ..Default::default()
+        };
+        let stem_conv = nn::conv2d(
+            &t / "stem" / 0,
+            cfg.in_channels,
+            cfg.dims[0],
+            cfg.patch_size,
+            stem,
+        );
+        let stem_norm = LayerNorm2d::new(&t / "stem" / 1, cfg.dims[0]);
+        let stages = (0..cfg.dims.len())
+            .map(|s| {
+                let sp = &t / "stages" / s;
+                let d = cfg.dims[s];
+                let downsample = (s > 0).then(|| {
+                    let prev = cfg.dims[s - 1];
+                    let conv = nn::ConvConfig {
+                        stride: 2,
+                        ..Default::default()
+                    };
+                    (
+                        LayerNorm2d::new(&sp / "downsample" / 0, prev),
+                        nn::conv2d(&sp / "downsample" / 1, prev, d, 2, conv),
+                    )
+                });
+                let blocks = (0..cfg.depths[s])
+                    .map(|b| Block::new(&sp / "blocks" / b, d))
+                    .collect();
+                Stage { downsample, blocks }
+            })
+            .collect();
+        let last = *cfg.dims.last().expect("validated: at least one stage");
+        let head_norm = LayerNorm2d::new(&t / "head" / "norm", last);
+        let head_proj = (p / "head" / "proj").var(
+            "weight",
+            &[cfg.embed_dim, last],
+            nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+        );
+        let adapters = cfg
+            .dims
+            .iter()
+            .enumerate()
+            .map(|(s, &d)| {
+                nn::linear(
+                    p / format!("adapter_c{}", s + 2),
+                    d,
+                    cfg.adapter_width,
+                    Default::default(),
+                )
+            })
+            .collect();
+        let adapter_cls = nn::linear(
+            p / "adapter_cls",
+            cfg.embed_dim,
+            cfg.adapter_width,
+            Default::default(),
+        );
+        VisionEncoder {
+            stem_conv,
+            stem_norm,
+            stages,
+            head_norm,
+            head_proj,
+            adapters,
+            adapter_cls,
+            token_stage: 2.min(cfg.dims.len() - 1),
+        }
+    }
+
+    /// Encodes CLIP-normalised images `[B, 3, S, S]`.
+    pub fn forward(&self, pixels: &Tensor) -> VisionOutput {
+        let mut x = self.stem_norm.forward(&self.stem_conv.forward(pixels));
+        let mut maps = Vec::with_capacity(self.stages.len());
+        for stage in &self.stages {
+            if let Some((norm, conv)) = &stage.downsample {
+                x = conv.forward(&norm.forward(&x));
+            }
+            for b in &stage.blocks {
+                x = b.forward(&x);
+            }
+            maps.push(x.shallow_clone());
+        }
+        // timm head: global average pool → LayerNorm2d → flatten; open_clip: bias-free projection.
+        let pooled = self
+            .head_norm
+            .forward(&x.mean_dim(&[2i64, 3][..], true, x.kind()))
+            .flatten(1, -1);
+        let cls = self
+            .adapter_cls
+            .forward(&pooled.matmul(&self.head_proj.tr())); // [B, width]
+        let multiscale: Vec<Tensor> = maps
+            .iter()
+            .zip(&self.adapters)
+            .map(|(m, a)| a.forward(&m.permute([0, 2, 3, 1])).permute([0, 3, 1, 2]))
+            .collect();
+        let grid = multiscale[self.token_stage].flatten(2, -1).transpose(1, 2); // [B, H·W, width]
+        let tokens = Tensor::cat(&[&cls.unsqueeze(1), &grid], 1);
+        VisionOutput { tokens, multiscale }
+    }
+
+    /// Checkpoint rules: open_clip files name the trunk `visual.trunk.…`; a DEEM whole-model checkpoint
+    /// nests the encoder under `visual_tokenizer.encoder.`. open_clip's text tower and logit scale are not
+    /// the encoder's and are skipped.
+    pub fn load_spec() -> crate::checkpoint::LoadSpec {
+        crate::checkpoint::LoadSpec {
+            component: "vision encoder".into(),
+            prefix_map: vec![("visual.".into(), "visual_tokenizer.encoder.".into())],
+            namespace: vec!["visual.".into(), "visual_tokenizer.encoder.".into()],
+            ignore: vec![],
+            // A plain open_clip checkpoint has no DEEM adapters: they start from their initialisation.
+            optional: vec!["visual.adapter_".into()],
+        }
+    }
+}
+
+/// Loads an image file and turns it into a CLIP-normalised `[3, size, size]` tensor: resize the shorter
+/// side to `size` (bicubic), centre-crop, scale to [0, 1], normalise.
+pub fn preprocess_file(path: &std::path::Path, size: u32) -> Result<Tensor, String> {
+    let img = image::open(path)
+        .map_err(|e| format!("{}: cannot decode the image: {e}", path.display()))?;
+    Ok(preprocess(&img.to_rgb8(), size))
+}
+
+/// [`preprocess_file`] for an already decoded image.
+pub fn preprocess(img: &image::RgbImage, size: u32) -> Tensor {
+    let (w, h) = img.dimensions();
+    let scale = size as f64 / w.min(h) as f64;
+    let (nw, nh) = (
+        ((w as f64 * scale).round() as u32).max(size),
+        ((h as f64 * scale).round() as u32).max(size),
+    );
+    let resized = image::imageops::resize(img, nw, nh, image::imageops::FilterType::CatmullRom);
+    let (x0, y0) = ((nw - size) / 2, (nh - size) / 2);
+    let crop = image::imageops::crop_imm(&resized, x0, y0, size, size).to_image();
+    let data = crop.into_raw();
+    let t = Tensor::from_slice(&data)
+        .view([size as i64, size as i64, 3])
+        .permute([2, 0, 1])
+        .to_kind(Kind::Float)
+        / 255.0;
+    let mean = Tensor::from_slice(&CLIP_MEAN)
+        .to_kind(Kind::Float)
+        .view([3, 1, 1]);
+    let std = Tensor::from_slice(&CLIP_STD)
+        .to_kind(Kind::Float)
+        .view([3, 1, 1]);
+    (t - mean) / std
+}
