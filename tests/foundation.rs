@@ -942,3 +942,167 @@ fn binary_plans_gpu_topologies_with_assumed_devices() {
         "{err}"
     );
 }
+
+// ---------------------------------------------------------------- deem forward
+
+fn fixture(name: &str) -> PathBuf {
+    root().join("tests/fixtures").join(name)
+}
+
+fn max_abs_diff(out: &Path, expected: &Path, names: &[&str]) -> f64 {
+    let a = deem::checkpoint::Checkpoint::open(out).unwrap();
+    let b = deem::checkpoint::Checkpoint::open(expected).unwrap();
+    names
+        .iter()
+        .map(|n| {
+            let (x, y) = (
+                a.tensor(n).unwrap().expect(n),
+                b.tensor(n).unwrap().expect(n),
+            );
+            assert_eq!(x.size(), y.size(), "{n}");
+            (x - y).abs().max().double_value(&[])
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Config flags that size the vision/resampler like tests/fixtures/generate.py does.
+const FIXTURE_SIZES: [&str; 20] = [
+    "--set",
+    "vision.depths=[1,1,2,1]",
+    "--set",
+    "vision.dims=[8,16,24,32]",
+    "--set",
+    "vision.embed_dim=24",
+    "--set",
+    "vision.adapter_width=24",
+    "--set",
+    "resampler.encoder_hidden_size=24",
+    "--set",
+    "resampler.hidden_size=16",
+    "--set",
+    "resampler.num_hidden_layers=3",
+    "--set",
+    "resampler.num_attention_heads=2",
+    "--set",
+    "resampler.intermediate_size=32",
+    "--set",
+    "llm.hidden_size=32",
+];
+
+#[test]
+fn binary_forward_reproduces_the_reference_outputs() {
+    let dir = scratch("forward");
+    let cases: [(&str, &str, &[&str]); 4] = [
+        ("llm", "llama_gqa", &["logits"]),
+        ("llm", "llama_gqa_sharded", &["logits"]),
+        (
+            "vision",
+            "vision",
+            &[
+                "tokens",
+                "multiscale_0",
+                "multiscale_1",
+                "multiscale_2",
+                "multiscale_3",
+            ],
+        ),
+        (
+            "resampler",
+            "resampler",
+            &["visual_tokens", "csr_condition"],
+        ),
+    ];
+    for (component, fx, names) in cases {
+        let out = dir.join(format!("{fx}.safetensors"));
+        // The sharded llama has no inputs of its own: it is the GQA model.
+        let data = if fx == "llama_gqa_sharded" {
+            fixture("llama_gqa")
+        } else {
+            fixture(fx)
+        };
+        let ck = fixture(fx);
+        let mut args = vec![
+            "forward".to_string(),
+            component.to_string(),
+            "--checkpoint".into(),
+            ck.display().to_string(),
+            "--inputs".into(),
+            data.join("inputs.safetensors").display().to_string(),
+            "--output".into(),
+            out.display().to_string(),
+            "--set".into(),
+            "diffusion.unet.cross_attention_dim=20".into(),
+            "--set".into(),
+            "diffusion.condition.width=20".into(),
+        ];
+        args.extend(FIXTURE_SIZES.iter().map(|s| s.to_string()));
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, stdout, err) = deem(&argv, &[]);
+        assert!(ok, "{component} {fx}: {err}");
+        assert!(
+            stdout.starts_with(&format!("wrote {}", out.display())),
+            "{stdout}"
+        );
+        let d = max_abs_diff(&out, &data.join("expected.safetensors"), names);
+        eprintln!("deem forward {component} ({fx}): max |diff| = {d:.3e}");
+        assert!(d < 1e-4, "{component} {fx}: {d}");
+    }
+}
+
+#[test]
+fn binary_forward_names_bad_inputs() {
+    let dir = scratch("forward-bad");
+    let ck = fixture("llama_gqa");
+    let bad = dir.join("bad.safetensors");
+    deem::checkpoint::save(
+        &bad,
+        &[(
+            "input_ids".into(),
+            tch::Tensor::from_slice(&[1i64, 500]).view([1, 2]),
+        )],
+    )
+    .unwrap();
+    let run = |inputs: &Path| {
+        deem(
+            &[
+                "forward",
+                "llm",
+                "--checkpoint",
+                ck.to_str().unwrap(),
+                "--inputs",
+                inputs.to_str().unwrap(),
+                "--output",
+                dir.join("o.safetensors").to_str().unwrap(),
+            ],
+            &[],
+        )
+    };
+    let (ok, _, err) = run(&bad);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!(
+            "{}: `input_ids` range over [1, 500]; expected ids in [0, 128)",
+            bad.display()
+        )),
+        "{err}"
+    );
+    let other = dir.join("other.safetensors");
+    deem::checkpoint::save(
+        &other,
+        &[("ids".into(), tch::Tensor::from_slice(&[1i64]).view([1, 1]))],
+    )
+    .unwrap();
+    let (ok, _, err) = run(&other);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!(
+            "{}: no tensor `input_ids` (int64 [B, T]); the file holds [\"ids\"]",
+            other.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        !dir.join("o.safetensors").exists(),
+        "no output is written on failure"
+    );
+}

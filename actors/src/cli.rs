@@ -42,6 +42,31 @@ pub enum Command {
     /// Inspect the layered configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Run one component from a checkpoint on inputs from a safetensors file; write its outputs.
+    Forward(ForwardArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ForwardArgs {
+    /// `llm` (input_ids → logits), `vision` (pixel_values → tokens, multiscale_0..3) or `resampler`
+    /// (image_tokens → visual_tokens, csr_condition).
+    #[arg(value_enum)]
+    pub component: crate::forward::Component,
+    /// Checkpoint file or directory (HF `save_pretrained` output, open_clip's safetensors, sharded index).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Safetensors file with the inputs.
+    #[arg(long)]
+    pub inputs: PathBuf,
+    /// Safetensors file to write the outputs to.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Device to run on: `cpu` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Vision and resampler sizes come from the config (the llm reads the checkpoint's config.json).
+    #[command(flatten)]
+    pub config: ConfigArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -208,6 +233,28 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let topo = topology.load(&cfg, cuda)?;
             tracing::debug!(actors = topo.actors.len(), "topology valid");
             print!("{}", topology_report(&topo, &cfg));
+        }
+        Command::Forward(args) => {
+            let cfg = args.config.load()?;
+            let device: deem::DeviceSpec = args
+                .device
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+            if let deem::DeviceSpec::Cuda(n) = device {
+                let have = deem::device::cuda_device_count();
+                if n >= have {
+                    anyhow::bail!("--device: \"{device}\" is not available ({have} CUDA device(s)); use --device cpu");
+                }
+            }
+            let job = crate::forward::ForwardJob {
+                component: args.component,
+                checkpoint: args.checkpoint,
+                inputs: args.inputs,
+                output: args.output,
+                device,
+            };
+            let written = crate::forward::run_to_file(&job, &cfg)?;
+            println!("wrote {}: {}", job.output.display(), written.join(", "));
         }
         Command::Config(ConfigCommand::Show { config }) => {
             let cfg = config.load()?;

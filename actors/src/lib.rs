@@ -3,6 +3,7 @@
 //! endpoint) and the `deem` command line. Model math lives in the `deem` crate, which never imports this.
 
 pub mod cli;
+pub mod forward;
 pub mod http;
 pub mod metrics;
 pub mod settings;

@@ -1,0 +1,189 @@
+//! `deem forward`: runs one component from a checkpoint on inputs read from a safetensors file and
+//! writes its outputs to another — the way to check converted weights against the reference library.
+//!
+//! | component | inputs | outputs |
+//! |---|---|---|
+//! | `llm` | `input_ids` int64 [B, T] | `logits` [B, T, vocab (+ new tokens)] |
+//! | `vision` | `pixel_values` [B, 3, S, S] | `tokens`, `multiscale_0` … `multiscale_3` |
+//! | `resampler` | `image_tokens` [B, N, C] | `visual_tokens`, `csr_condition` |
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use deem::checkpoint::{self, Checkpoint};
+use deem::llama::{LlamaConfig, LlamaShard};
+use deem::resampler::Resampler;
+use deem::vision::VisionEncoder;
+use deem::DeviceSpec;
+use tch::{nn, Kind, Tensor};
+
+use crate::settings::LoadedConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Component {
+    Llm,
+    Vision,
+    Resampler,
+}
+
+/// One `deem forward` invocation.
+#[derive(Debug, Clone)]
+pub struct ForwardJob {
+    pub component: Component,
+    pub checkpoint: PathBuf,
+    pub inputs: PathBuf,
+    pub output: PathBuf,
+    pub device: DeviceSpec,
+}
+
+fn input(inputs: &Checkpoint, name: &str, file: &Path, expect: &str) -> anyhow::Result<Tensor> {
+    match inputs.tensor(name)? {
+        Some(t) => Ok(t),
+        None => {
+            let have: Vec<&str> = inputs.names().collect();
+            bail!(
+                "{}: no tensor `{name}` ({expect}); the file holds {have:?}",
+                file.display()
+            )
+        }
+    }
+}
+
+fn check_rank(t: &Tensor, name: &str, file: &Path, rank: usize, what: &str) -> anyhow::Result<()> {
+    if t.dim() != rank {
+        bail!(
+            "{}: `{name}` has shape {:?}; expected {what}",
+            file.display(),
+            t.size()
+        );
+    }
+    Ok(())
+}
+
+/// Rows of DEEM's appended token embedding in a checkpoint (0 for a plain HF one).
+fn new_token_rows(ck: &Checkpoint) -> i64 {
+    [
+        "model.embed_tokens_new.weight",
+        "mm_decoder.embed_tokens_new.weight",
+        "lm_head_new.weight",
+    ]
+    .iter()
+    .find_map(|k| ck.shape(k))
+    .map_or(0, |s| s[0])
+}
+
+fn config_json(dir: &Path) -> anyhow::Result<PathBuf> {
+    let p = if dir.is_dir() {
+        dir.join("config.json")
+    } else {
+        dir.with_file_name("config.json")
+    };
+    if !p.exists() {
+        bail!(
+            "{}: missing; the llm checkpoint directory needs the HF config.json beside its weights",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// Runs the job in f32; `cfg` supplies the vision/resampler sizes (the llm reads its HF config.json).
+pub fn run(job: &ForwardJob, cfg: &LoadedConfig) -> anyhow::Result<Vec<(String, Tensor)>> {
+    let device: tch::Device = job.device.into();
+    let ck = Checkpoint::open(&job.checkpoint)?;
+    let inputs = Checkpoint::open(&job.inputs).with_context(|| "reading the inputs")?;
+    let vs = nn::VarStore::new(device);
+    let out = match job.component {
+        Component::Llm => {
+            let llama_cfg =
+                LlamaConfig::from_hf_file(&config_json(&job.checkpoint)?, new_token_rows(&ck))?;
+            let model = LlamaShard::new(&vs.root(), &llama_cfg, 0..llama_cfg.num_hidden_layers)?;
+            ck.load_into(&vs, &model.load_spec())?;
+            let ids = input(&inputs, "input_ids", &job.inputs, "int64 [B, T]")?;
+            check_rank(&ids, "input_ids", &job.inputs, 2, "[B, T]")?;
+            let limit = llama_cfg.vocab_size + llama_cfg.num_new_tokens;
+            let (lo, hi) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
+            if lo < 0 || hi >= limit {
+                bail!(
+                    "{}: `input_ids` range over [{lo}, {hi}]; expected ids in [0, {limit})",
+                    job.inputs.display()
+                );
+            }
+            let logits = tch::no_grad(|| {
+                model.forward_ids(&ids.to_kind(Kind::Int64).to_device(device), 0, None)
+            });
+            vec![("logits".to_string(), logits)]
+        }
+        Component::Vision => {
+            let v = &cfg.config.vision;
+            let enc = VisionEncoder::new(&(vs.root() / "visual"), v);
+            ck.load_into(&vs, &VisionEncoder::load_spec())?;
+            let px = input(&inputs, "pixel_values", &job.inputs, "float [B, 3, S, S]")?;
+            check_rank(
+                &px,
+                "pixel_values",
+                &job.inputs,
+                4,
+                &format!("[B, {}, S, S]", v.in_channels),
+            )?;
+            if px.size()[1] != v.in_channels {
+                bail!(
+                    "{}: `pixel_values` has {} channels; expected {}",
+                    job.inputs.display(),
+                    px.size()[1],
+                    v.in_channels
+                );
+            }
+            let o = tch::no_grad(|| enc.forward(&px.to_kind(Kind::Float).to_device(device)));
+            let mut named = vec![("tokens".to_string(), o.tokens)];
+            named.extend(
+                o.multiscale
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, m)| (format!("multiscale_{i}"), m)),
+            );
+            named
+        }
+        Component::Resampler => {
+            let c = &cfg.config;
+            let r = Resampler::new(
+                &(vs.root() / "visual_tokenizer"),
+                &c.resampler,
+                c.llm.hidden_size,
+                c.diffusion.unet.cross_attention_dim,
+            );
+            ck.load_into(&vs, &Resampler::load_spec())?;
+            let t = input(&inputs, "image_tokens", &job.inputs, "float [B, N, C]")?;
+            check_rank(&t, "image_tokens", &job.inputs, 3, "[B, N, C]")?;
+            let (n, width) = (t.size()[1], t.size()[2]);
+            let side = ((n - 1) as f64).sqrt().round() as i64;
+            if width != c.resampler.encoder_hidden_size || n < 2 || side * side != n - 1 {
+                bail!(
+                    "{}: `image_tokens` has shape {:?}; expected [B, 1 + k², {}] (a pooled token and a square grid)",
+                    job.inputs.display(),
+                    t.size(),
+                    c.resampler.encoder_hidden_size
+                );
+            }
+            let o = tch::no_grad(|| r.forward(&t.to_kind(Kind::Float).to_device(device), None));
+            vec![
+                ("visual_tokens".to_string(), o.visual_tokens),
+                ("csr_condition".to_string(), o.csr_condition),
+            ]
+        }
+    };
+    Ok(out
+        .into_iter()
+        .map(|(n, t)| (n, t.to_device(tch::Device::Cpu).contiguous()))
+        .collect())
+}
+
+/// Runs the job and writes the outputs (atomically).
+pub fn run_to_file(job: &ForwardJob, cfg: &LoadedConfig) -> anyhow::Result<Vec<String>> {
+    let outputs = run(job, cfg)?;
+    checkpoint::save(&job.output, &outputs)?;
+    Ok(outputs
+        .iter()
+        .map(|(n, t)| format!("{n} {:?}", t.size()))
+        .collect())
+}
