@@ -11,6 +11,8 @@ pub mod device;
 pub mod llama;
 pub mod params;
 pub mod resampler;
+pub mod sequence;
+pub mod tokenizer;
 pub mod vision;
 
 pub use config::DeemConfig;

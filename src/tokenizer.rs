@@ -1,0 +1,127 @@
+//! The text tokenizer: a `tokenizer.json` (HF `tokenizers` format, as LLaMA/Vicuna checkpoints ship it)
+//! with DEEM's six special tokens appended after the base vocabulary, so they take the ids
+//! `vocab_size .. vocab_size + 6` that the LLM's new embedding rows and `lm_head_new` cover.
+
+use std::path::Path;
+
+use tokenizers::{AddedToken, Tokenizer};
+
+/// DEEM's special tokens, in id order after the base vocabulary.
+pub const SPECIAL_TOKENS: [&str; 6] = [
+    "<|startofimage|>",
+    "<|sniffer|>",
+    "<ref>",
+    "</ref>",
+    "<box>",
+    "</box>",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("{path}: cannot load the tokenizer: {message}")]
+    Load { path: String, message: String },
+    #[error("{path}: {token} has id {found}, but the LLM expects it at {expected} (llm.vocab_size {vocab} + {index}); the tokenizer and the checkpoint disagree on the vocabulary")]
+    SpecialId {
+        path: String,
+        token: &'static str,
+        found: u32,
+        expected: u32,
+        vocab: u32,
+        index: u32,
+    },
+    #[error("tokenizer: {0}")]
+    Encode(String),
+}
+
+/// A tokenizer with DEEM's special tokens at known ids.
+pub struct DeemTokenizer {
+    inner: Tokenizer,
+    /// Size of the base vocabulary: the first special token's id.
+    pub base_vocab: u32,
+    special: [u32; 6],
+}
+
+impl DeemTokenizer {
+    /// Loads `tokenizer.json`, appends the special tokens it lacks, and checks that they sit right after
+    /// `vocab_size` (the LLM's base vocabulary; the tokenizer's own size when `None`).
+    pub fn from_file(path: &Path, vocab_size: Option<u32>) -> Result<Self, TokenizerError> {
+        let p = path.display().to_string();
+        let mut inner = Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
+            path: p.clone(),
+            message: e.to_string(),
+        })?;
+        let own = SPECIAL_TOKENS
+            .iter()
+            .filter_map(|t| inner.token_to_id(t))
+            .min();
+        let base =
+            vocab_size.unwrap_or_else(|| own.unwrap_or_else(|| inner.get_vocab_size(true) as u32));
+        let missing: Vec<AddedToken> = SPECIAL_TOKENS
+            .iter()
+            .filter(|t| inner.token_to_id(t).is_none())
+            .map(|t| AddedToken::from(*t, true))
+            .collect();
+        inner.add_special_tokens(&missing);
+        let mut special = [0u32; 6];
+        for (i, t) in SPECIAL_TOKENS.iter().enumerate() {
+            let found = inner.token_to_id(t).unwrap_or(u32::MAX);
+            let expected = base + i as u32;
+            if found != expected {
+                return Err(TokenizerError::SpecialId {
+                    path: p,
+                    token: t,
+                    found,
+                    expected,
+                    vocab: base,
+                    index: i as u32,
+                });
+            }
+            special[i] = found;
+        }
+        Ok(DeemTokenizer {
+            inner,
+            base_vocab: base,
+            special,
+        })
+    }
+
+    /// Token ids of `text`, with the tokenizer's own template (BOS for LLaMA) when `add_special`.
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, TokenizerError> {
+        let enc = self
+            .inner
+            .encode(text, add_special)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))
+    }
+
+    /// Id of a token string, if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn soi_id(&self) -> u32 {
+        self.special[0]
+    }
+
+    pub fn sniffer_id(&self) -> u32 {
+        self.special[1]
+    }
+
+    /// The ids of `<|startofimage|>`, `<|sniffer|>`, `<ref>`, `</ref>`, `<box>`, `</box>`.
+    pub fn special_ids(&self) -> [u32; 6] {
+        self.special
+    }
+
+    /// An image's place in the sequence: `<|startofimage|>` and `tokens_per_image` placeholders.
+    pub fn image_placeholder(&self, tokens_per_image: usize) -> Vec<u32> {
+        std::iter::once(self.soi_id())
+            .chain(std::iter::repeat_n(self.sniffer_id(), tokens_per_image))
+            .collect()
+    }
+}
