@@ -10,6 +10,7 @@ pub mod config;
 pub mod device;
 pub mod llama;
 pub mod params;
+pub mod region;
 pub mod resampler;
 pub mod sequence;
 pub mod tokenizer;

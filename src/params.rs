@@ -66,6 +66,12 @@ pub fn resampler(r: &ResamplerConfig, llm_width: i64, unet_context: i64) -> i64 
         + linear(h, unet_context, true)
 }
 
+/// DEEM's mask-aware extractor: one pooled-feature linear per stage and the 112×112 mask-shape MLP.
+pub fn mask_extractor(v: &VisionConfig) -> i64 {
+    let (w, side) = (v.adapter_width, crate::region::MASK_SHAPE_SIDE);
+    v.dims.len() as i64 * linear(w, w, true) + linear(side * side, w, true) + 2 * linear(w, w, true)
+}
+
 /// Parameters of one LLaMA decoder layer.
 pub fn llm_layer(l: &LlmConfig) -> i64 {
     let h = l.hidden_size;
@@ -219,7 +225,7 @@ pub fn condition(k: &ConditionConfig, llm_width: i64) -> i64 {
 /// Parameter counts of the three placeable components.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ComponentParams {
-    /// Encoder, adapters and resampler (the vision actor's modules).
+    /// Encoder, adapters, resampler and mask extractor (the vision actor's modules).
     pub vision: i64,
     /// All LLM layers with embedding and heads.
     pub llm: i64,
@@ -233,7 +239,8 @@ impl ComponentParams {
         let d = &cfg.diffusion;
         ComponentParams {
             vision: vision(&cfg.vision)
-                + resampler(&cfg.resampler, l.hidden_size, d.unet.cross_attention_dim),
+                + resampler(&cfg.resampler, l.hidden_size, d.unet.cross_attention_dim)
+                + mask_extractor(&cfg.vision),
             llm: llm_shard(l, 0, l.num_hidden_layers),
             diffusion: unet(&d.unet) + vae(&d.vae) + condition(&d.condition, l.hidden_size),
         }
@@ -300,6 +307,38 @@ mod tests {
     #[test]
     fn convnext_matches_timm() {
         assert_eq!(convnext_trunk(&deem_7b().vision), 87_566_464);
+    }
+
+    fn count(vs: &tch::nn::VarStore) -> i64 {
+        vs.variables().values().map(|t| t.numel() as i64).sum()
+    }
+
+    #[test]
+    fn formulas_count_the_modules_deem_builds() {
+        let cfg = tiny();
+        let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+        let (l, d) = (&cfg.llm, &cfg.diffusion);
+        crate::vision::VisionEncoder::new(&(vs.root() / "visual"), &cfg.vision);
+        assert_eq!(count(&vs), vision(&cfg.vision));
+        let vt = vs.root() / "visual_tokenizer";
+        crate::resampler::Resampler::new(
+            &vt,
+            &cfg.resampler,
+            l.hidden_size,
+            d.unet.cross_attention_dim,
+        );
+        crate::region::MaskExtractor::new(&vt, cfg.vision.dims.len(), cfg.vision.adapter_width);
+        assert_eq!(count(&vs), ComponentParams::of(&cfg).vision);
+        let llama = crate::llama::LlamaConfig::from(l);
+        for range in [0..1, 1..3, 3..4, 0..4] {
+            let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+            crate::llama::LlamaShard::new(&vs.root(), &llama, range.clone()).unwrap();
+            assert_eq!(
+                count(&vs),
+                llm_shard(l, range.start, range.end),
+                "{range:?}"
+            );
+        }
     }
 
     #[test]

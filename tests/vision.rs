@@ -195,3 +195,98 @@ fn preprocessing_reports_undecodable_files() {
         "{err}"
     );
 }
+
+fn loaded_encoder(vs: &nn::VarStore) -> VisionEncoder {
+    let enc = VisionEncoder::new(&(vs.root() / "visual"), &vision_cfg());
+    Checkpoint::open(&fixture("vision"))
+        .unwrap()
+        .load_into(vs, &VisionEncoder::load_spec())
+        .unwrap();
+    enc
+}
+
+#[test]
+fn mask_extractor_with_an_all_ones_mask_is_the_plain_encoder_and_mean_pools() {
+    use deem::region::MaskExtractor;
+    let vs = nn::VarStore::new(Device::Cpu);
+    let enc = loaded_encoder(&vs);
+    let ext = MaskExtractor::new(&(vs.root() / "visual_tokenizer"), 4, 24);
+    let px = read(&fixture("vision/inputs.safetensors"), "pixel_values");
+    let (v, m) = tch::no_grad(|| {
+        let v = enc.forward(&px);
+        let m = ext.forward(
+            &v,
+            &Tensor::ones([2, 1, 64, 64], (Kind::Float, Device::Cpu)),
+        );
+        (v, m)
+    });
+    assert_eq!(max_diff(&m.tokens, &v.tokens), 0.0);
+    for (a, b) in m.multiscale.iter().zip(&v.multiscale) {
+        assert_eq!(max_diff(a, b), 0.0);
+    }
+    assert_eq!(m.region_tokens.size(), vec![2, 5, 24]);
+    // The defined reference: pooled token s = mask_pool.s(mean of map s); shape token = MLP(ones).
+    let vars = vs.variables();
+    let lin = |name: &str, x: &Tensor| {
+        x.matmul(&vars[&format!("{name}.weight")].tr()) + &vars[&format!("{name}.bias")]
+    };
+    tch::no_grad(|| {
+        for s in 0..4 {
+            let mean = v.multiscale[s].mean_dim(&[2i64, 3][..], false, Kind::Float);
+            let want = lin(&format!("visual_tokenizer.mask_pool.{s}"), &mean);
+            assert!(
+                max_diff(&m.region_tokens.select(1, s as i64), &want) < 1e-5,
+                "scale {s}"
+            );
+        }
+        let ones = Tensor::ones([2, 112 * 112], (Kind::Float, Device::Cpu));
+        let h = lin("visual_tokenizer.mask_shape.fc1", &ones).gelu("none");
+        let h = lin("visual_tokenizer.mask_shape.fc2", &h).gelu("none");
+        let want = lin("visual_tokenizer.mask_shape.fc3", &h);
+        assert!(max_diff(&m.region_tokens.select(1, 4), &want) < 1e-5);
+    });
+}
+
+#[test]
+fn a_half_mask_zeroes_the_other_half_and_an_empty_mask_stays_finite() {
+    use deem::region::MaskExtractor;
+    let vs = nn::VarStore::new(Device::Cpu);
+    let enc = loaded_encoder(&vs);
+    let ext = MaskExtractor::new(&(vs.root() / "visual_tokenizer"), 4, 24);
+    let px = read(&fixture("vision/inputs.safetensors"), "pixel_values");
+    let left = Tensor::cat(
+        &[
+            Tensor::ones([2, 1, 64, 32], (Kind::Float, Device::Cpu)),
+            Tensor::zeros([2, 1, 64, 32], (Kind::Float, Device::Cpu)),
+        ],
+        3,
+    );
+    let (v, m, empty) = tch::no_grad(|| {
+        let v = enc.forward(&px);
+        let m = ext.forward(&v, &left);
+        let empty = ext.forward(
+            &v,
+            &Tensor::zeros([2, 1, 64, 64], (Kind::Float, Device::Cpu)),
+        );
+        (v, m, empty)
+    });
+    // Stage 2 map is 4×4: columns 0-1 kept, 2-3 zeroed.
+    let s2 = &m.multiscale[2];
+    assert_eq!(
+        max_diff(&s2.narrow(3, 0, 2), &v.multiscale[2].narrow(3, 0, 2)),
+        0.0
+    );
+    assert_eq!(s2.narrow(3, 2, 2).abs().max().double_value(&[]), 0.0);
+    assert!(bool::try_from(empty.region_tokens.isfinite().all()).unwrap());
+    // Region tokens flow into the resampler as a prefix.
+    let rs = nn::VarStore::new(Device::Cpu);
+    let r = Resampler::new(&(rs.root() / "visual_tokenizer"), &resampler_cfg(), 32, 20);
+    let (plain, with_region) = tch::no_grad(|| {
+        (
+            r.forward(&m.tokens, None),
+            r.forward(&m.tokens, Some(&m.region_tokens)),
+        )
+    });
+    assert_eq!(with_region.visual_tokens.size(), vec![2, 77, 32]);
+    assert!(max_diff(&plain.visual_tokens, &with_region.visual_tokens) > 1e-4);
+}
