@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+pub mod diffusion;
 pub mod llama;
 pub mod params;
 pub mod region;

@@ -1,0 +1,151 @@
+//! UNet, VAE and scheduler parity with diffusers 0.42.1 (fixtures from tests/fixtures/generate.py).
+
+use std::path::{Path, PathBuf};
+
+use deem::checkpoint::Checkpoint;
+use deem::config::{BetaSchedule, PredictionType, SchedulerConfig};
+use deem::diffusion::{self, AutoencoderKL, Ddim, Ddpm, UNet2DCondition};
+use tch::{nn, Device, Tensor};
+
+/// fp32 parity bound against diffusers.
+const TOL: f64 = 1e-4;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn read(path: &Path, name: &str) -> Tensor {
+    Checkpoint::open(path)
+        .unwrap()
+        .tensor(name)
+        .unwrap()
+        .unwrap_or_else(|| panic!("{name} not in {path:?}"))
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a - b).abs().max().double_value(&[])
+}
+
+pub fn sd_scheduler() -> SchedulerConfig {
+    SchedulerConfig {
+        num_train_timesteps: 1000,
+        beta_start: 0.00085,
+        beta_end: 0.012,
+        beta_schedule: BetaSchedule::ScaledLinear,
+        prediction_type: PredictionType::Epsilon,
+    }
+}
+
+fn unet(vs: &nn::VarStore) -> UNet2DCondition {
+    let cfg = diffusion::unet_config_from_diffusers(&fixture("unet/config.json")).unwrap();
+    let u = UNet2DCondition::new(&(vs.root() / "unet"), &cfg);
+    Checkpoint::open(&fixture("unet"))
+        .unwrap()
+        .load_into(vs, &UNet2DCondition::load_spec())
+        .unwrap();
+    u
+}
+
+#[test]
+fn unet_noise_prediction_matches_diffusers() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let u = unet(&vs);
+    let inp = fixture("unet/inputs.safetensors");
+    let pred = tch::no_grad(|| {
+        u.forward(
+            &read(&inp, "sample"),
+            &read(&inp, "timestep"),
+            &read(&inp, "encoder_hidden_states"),
+        )
+    });
+    let d = max_diff(
+        &pred,
+        &read(&fixture("unet/expected.safetensors"), "noise_pred"),
+    );
+    eprintln!("unet: max |noise_pred - diffusers| = {d:.3e}");
+    assert!(d < TOL);
+}
+
+#[test]
+fn ddpm_noise_and_velocity_match_diffusers() {
+    let ddpm = Ddpm::new(&sd_scheduler());
+    let inp = fixture("unet/ddpm_inputs.safetensors");
+    let (x0, noise, t) = (read(&inp, "x0"), read(&inp, "noise"), read(&inp, "t"));
+    let exp = fixture("unet/expected.safetensors");
+    let d1 = max_diff(&ddpm.add_noise(&x0, &noise, &t), &read(&exp, "noisy"));
+    let d2 = max_diff(&ddpm.velocity(&x0, &noise, &t), &read(&exp, "velocity"));
+    eprintln!("ddpm: add_noise {d1:.3e}, velocity {d2:.3e}");
+    assert!(d1 < 1e-6 && d2 < 1e-6);
+}
+
+#[test]
+fn ddim_ten_steps_match_diffusers_with_and_without_guidance() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let u = unet(&vs);
+    let inp = fixture("unet/inputs.safetensors");
+    let exp = fixture("unet/expected.safetensors");
+    let ddim = Ddim::new(&sd_scheduler(), 10);
+    let want_t: Vec<i64> = Vec::try_from(read(&exp, "ddim_timesteps")).unwrap();
+    assert_eq!(ddim.timesteps, want_t);
+    let (noise, ctx, uncond) = (
+        read(&inp, "sample"),
+        read(&inp, "encoder_hidden_states"),
+        read(&inp, "uncond_hidden_states"),
+    );
+    let plain = tch::no_grad(|| ddim.sample(&noise, 1.0, |x, t| u.forward(x, t, &ctx)));
+    let doubled = Tensor::cat(&[&uncond, &ctx], 0);
+    let guided = tch::no_grad(|| ddim.sample(&noise, 3.0, |x, t| u.forward(x, t, &doubled)));
+    let d1 = max_diff(&plain, &read(&exp, "ddim"));
+    let d2 = max_diff(&guided, &read(&exp, "ddim_cfg"));
+    eprintln!("ddim 10 steps: {d1:.3e}, with guidance 3: {d2:.3e}");
+    assert!(d1 < TOL && d2 < TOL);
+}
+
+#[test]
+fn vae_encode_mean_and_decode_match_diffusers() {
+    let cfg = diffusion::vae_config_from_diffusers(&fixture("vae/config.json")).unwrap();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let vae = AutoencoderKL::new(&(vs.root() / "vae"), &cfg);
+    Checkpoint::open(&fixture("vae"))
+        .unwrap()
+        .load_into(&vs, &AutoencoderKL::load_spec())
+        .unwrap();
+    let inp = fixture("vae/inputs.safetensors");
+    let exp = fixture("vae/expected.safetensors");
+    let (mean, decoded) = tch::no_grad(|| {
+        (
+            vae.encode(&read(&inp, "pixel_values")).0,
+            vae.decode(&read(&inp, "latents")),
+        )
+    });
+    let d1 = max_diff(&mean, &read(&exp, "latent_mean"));
+    let d2 = max_diff(&decoded, &read(&exp, "pixel_values"));
+    eprintln!("vae: encode mean {d1:.3e}, decode {d2:.3e}");
+    assert!(d1 < TOL && d2 < TOL);
+}
+
+#[test]
+fn unsupported_unet_options_are_named() {
+    let dir = std::env::temp_dir().join(format!("deem-unet-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("config.json");
+    let base = std::fs::read_to_string(fixture("unet/config.json")).unwrap();
+    std::fs::write(
+        &p,
+        base.replace(
+            "\"class_embed_type\": null",
+            "\"class_embed_type\": \"timestep\"",
+        ),
+    )
+    .unwrap();
+    assert_eq!(
+        diffusion::unet_config_from_diffusers(&p).unwrap_err(),
+        format!(
+            "{}: class_embed_type: deem supports null only, found \"timestep\"",
+            p.display()
+        )
+    );
+}
