@@ -119,6 +119,10 @@ pub struct LlmConfig {
     pub rope_theta: f64,
     pub max_position_embeddings: i64,
     pub tie_word_embeddings: bool,
+    /// Beginning-of-sequence id (1 for LLaMA/Vicuna): NIP contexts start at the nearest BOS.
+    pub bos_token_id: i64,
+    /// Padding id; padded targets carry no loss.
+    pub pad_token_id: i64,
 }
 
 /// Stable-Diffusion image decoder and DEEM's NIP condition path.
@@ -399,6 +403,17 @@ impl DeemConfig {
         c.positive_f("llm.rms_norm_eps", l.rms_norm_eps);
         c.positive_f("llm.rope_theta", l.rope_theta);
         c.positive("llm.max_position_embeddings", l.max_position_embeddings);
+        for (key, id) in [
+            ("llm.bos_token_id", l.bos_token_id),
+            ("llm.pad_token_id", l.pad_token_id),
+        ] {
+            c.check((0..l.vocab_size).contains(&id), key, || {
+                format!(
+                    "expected an id in [0, llm.vocab_size = {}), found {id}",
+                    l.vocab_size
+                )
+            });
+        }
 
         let d = &self.diffusion;
         c.positive("diffusion.image_size", d.image_size);

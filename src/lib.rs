@@ -7,14 +7,18 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod device;
 pub mod diffusion;
 pub mod llama;
+pub mod model;
 pub mod params;
 pub mod region;
 pub mod resampler;
+pub mod rng;
 pub mod sequence;
 pub mod tokenizer;
+pub mod train;
 pub mod vision;
 
 pub use config::DeemConfig;

@@ -1,0 +1,344 @@
+//! The DEEM model on one device (paper §3, `../shared/REFERENCE.md` "Losses"): encoder → resampler →
+//! visual tokens spliced into the LLM sequence → text logits (NTP); the LLM's hidden states of each
+//! image's context → NIP condition → UNet (NIP); the resampler's `proj_i` output → the same UNet (CSR).
+//!
+//! Each piece is a method, so the pipelined runtime can run them on different actors and still compute
+//! exactly what [`Deem::losses`] computes here.
+
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+use crate::config::{DeemConfig, Stage};
+use crate::diffusion::condition::{gather_contexts, NipCondition};
+use crate::diffusion::{AutoencoderKL, Ddpm, UNet2DCondition};
+use crate::llama::{LlamaConfig, LlamaShard};
+use crate::resampler::Resampler;
+use crate::rng::{ints, Purpose, Stream};
+use crate::sequence::{splice_images, SequenceError};
+use crate::vision::{VisionEncoder, CLIP_MEAN, CLIP_STD};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Llama(#[from] crate::llama::LlamaError),
+    #[error("batch: {0}")]
+    Sequence(#[from] SequenceError),
+    #[error("batch: {0}")]
+    Batch(String),
+}
+
+/// A training batch: token ids with image placeholders, and the images in order of appearance.
+#[derive(Debug)]
+pub struct Batch {
+    /// `[B, T]` int64; each image is `<|startofimage|>` + `num_query_tokens` × `<|sniffer|>`.
+    pub input_ids: Tensor,
+    /// `[N, 3, H, W]` in [0, 1], one per `<|startofimage|>`, row by row.
+    pub pixels: Tensor,
+}
+
+impl Batch {
+    /// Number of images in each row (its `<|startofimage|>` count).
+    pub fn images_per_row(&self, soi_id: i64) -> Vec<i64> {
+        Vec::try_from(
+            self.input_ids
+                .eq(soi_id)
+                .sum_dim_intlist(&[1i64][..], false, Kind::Int64),
+        )
+        .unwrap_or_default()
+    }
+
+    /// Splits the rows into `m` microbatches (each image goes with its row).
+    pub fn split(&self, m: i64, soi_id: i64) -> Vec<Batch> {
+        let b = self.input_ids.size()[0];
+        let per = self.images_per_row(soi_id);
+        let rows = b / m;
+        let mut img = 0i64;
+        (0..m)
+            .map(|i| {
+                let n: i64 = per[(i * rows) as usize..((i + 1) * rows) as usize]
+                    .iter()
+                    .sum();
+                let mb = Batch {
+                    input_ids: self.input_ids.narrow(0, i * rows, rows),
+                    pixels: self.pixels.narrow(0, img, n),
+                };
+                img += n;
+                mb
+            })
+            .collect()
+    }
+}
+
+/// Loss parts of one (micro)batch; absent parts are 0.
+#[derive(Debug)]
+pub struct Losses {
+    pub total: Tensor,
+    pub ntp: Tensor,
+    pub nip: Tensor,
+    pub csr: Tensor,
+}
+
+/// Token ids the model treats specially.
+#[derive(Debug, Clone, Copy)]
+pub struct SpecialIds {
+    pub bos: i64,
+    pub pad: i64,
+    pub soi: i64,
+    pub sniffer: i64,
+}
+
+/// The whole model in one VarStore with reference key names.
+#[derive(Debug)]
+pub struct Deem {
+    pub cfg: DeemConfig,
+    pub ids: SpecialIds,
+    pub vision: VisionEncoder,
+    pub resampler: Resampler,
+    pub llm: LlamaShard,
+    pub condition: NipCondition,
+    pub unet: UNet2DCondition,
+    pub vae: AutoencoderKL,
+    pub ddpm: Ddpm,
+}
+
+fn resize(x: &Tensor, size: i64) -> Tensor {
+    if x.size()[2] == size && x.size()[3] == size {
+        x.shallow_clone()
+    } else {
+        x.upsample_bilinear2d([size, size], false, None, None)
+    }
+}
+
+fn mse(a: &Tensor, b: &Tensor) -> Tensor {
+    (a - b).square().mean(Kind::Float)
+}
+
+impl Deem {
+    pub fn new(root: &nn::Path, cfg: &DeemConfig) -> Result<Self, ModelError> {
+        let l = &cfg.llm;
+        let d = &cfg.diffusion;
+        let llama = LlamaConfig::from(l);
+        Ok(Deem {
+            cfg: cfg.clone(),
+            ids: SpecialIds {
+                bos: l.bos_token_id,
+                pad: l.pad_token_id,
+                soi: l.vocab_size,
+                sniffer: l.vocab_size + 1,
+            },
+            vision: VisionEncoder::new(&(root / "visual"), &cfg.vision),
+            resampler: Resampler::new(
+                &(root / "visual_tokenizer"),
+                &cfg.resampler,
+                l.hidden_size,
+                d.unet.cross_attention_dim,
+            ),
+            llm: LlamaShard::new(root, &llama, 0..l.num_hidden_layers)?,
+            condition: NipCondition::new(&(root / "nip_condition"), &d.condition, l.hidden_size),
+            unet: UNet2DCondition::new(&(root / "unet"), &d.unet),
+            vae: AutoencoderKL::new(&(root / "vae"), &d.vae),
+            ddpm: Ddpm::new(&d.scheduler),
+        })
+    }
+
+    /// CLIP-normalised encoder input at the encoder's resolution, from [0, 1] pixels.
+    pub fn clip_pixels(&self, pixels: &Tensor) -> Tensor {
+        let x = resize(pixels, self.cfg.vision.image_size);
+        let mean = Tensor::from_slice(&CLIP_MEAN)
+            .to_kind(x.kind())
+            .to_device(x.device())
+            .view([1, 3, 1, 1]);
+        let std = Tensor::from_slice(&CLIP_STD)
+            .to_kind(x.kind())
+            .to_device(x.device())
+            .view([1, 3, 1, 1]);
+        (x - mean) / std
+    }
+
+    /// Scaled VAE latents (the frozen VAE's posterior mean) of [0, 1] pixels at the output resolution.
+    pub fn latents(&self, pixels: &Tensor) -> Tensor {
+        tch::no_grad(|| {
+            let x = resize(pixels, self.cfg.diffusion.image_size) * 2.0 - 1.0;
+            self.vae.encode(&x).0 * self.vae.scaling_factor
+        })
+    }
+
+    /// The diffusion loss of `cond` on `latents` at timesteps `t` with `noise`.
+    pub fn diffusion_loss(
+        &self,
+        latents: &Tensor,
+        noise: &Tensor,
+        t: &Tensor,
+        cond: &Tensor,
+    ) -> Tensor {
+        let noisy = self.ddpm.add_noise(latents, noise, t);
+        mse(
+            &self.unet.forward(&noisy, t, cond),
+            &self.ddpm.target(latents, noise, t),
+        )
+    }
+
+    /// NTP loss on logits `[B, T, V]`: cross-entropy of each next id, with pad, image placeholders, BOS
+    /// targets and the BOS→SoI transition masked; SoI itself is a target (the model learns when to draw).
+    pub fn ntp_loss(&self, logits: &Tensor, ids: &Tensor) -> Tensor {
+        let t = ids.size()[1];
+        let inputs = ids.narrow(1, 0, t - 1);
+        let targets = ids.narrow(1, 1, t - 1);
+        let s = self.ids;
+        let masked = targets
+            .eq(s.pad)
+            .logical_or(&targets.eq(s.sniffer))
+            .logical_or(&targets.eq(s.bos))
+            .logical_or(&targets.eq(s.soi).logical_and(&inputs.eq(s.bos)));
+        let keep = masked.logical_not().to_kind(Kind::Float).reshape([-1]);
+        let lp = logits
+            .narrow(1, 0, t - 1)
+            .reshape([-1, logits.size()[2]])
+            .to_kind(Kind::Float)
+            .log_softmax(-1, Kind::Float);
+        let nll = -lp
+            .gather(1, &targets.reshape([-1, 1]), false)
+            .squeeze_dim(1);
+        (nll * &keep).sum(Kind::Float) / keep.sum(Kind::Float).clamp_min(1.0)
+    }
+
+    /// All losses of one microbatch. Random draws come from streams keyed by `(seed, step, microbatch)`.
+    pub fn losses(
+        &self,
+        batch: &Batch,
+        seed: u64,
+        step: u64,
+        microbatch: u64,
+    ) -> Result<Losses, ModelError> {
+        let stage = self.cfg.train.stage;
+        let device = batch.input_ids.device();
+        let zero = || Tensor::zeros([], (Kind::Float, device));
+        let ids = &batch.input_ids;
+        let n_images = batch.pixels.size()[0];
+
+        // 1. Vision → resampler: visual tokens and the CSR condition.
+        let (visual, csr_cond) = if n_images > 0 {
+            let v = self.vision.forward(&self.clip_pixels(&batch.pixels));
+            let r = self.resampler.forward(&v.tokens, None);
+            (Some(r.visual_tokens), Some(r.csr_condition))
+        } else {
+            (None, None)
+        };
+
+        // 2. LLM over the spliced sequence.
+        let mut embeds = self.llm.embed(ids);
+        if let Some(vis) = &visual {
+            let soi = self.llm.soi_embedding().expect("whole-model shard");
+            embeds = splice_images(&embeds, ids, vis, soi, self.ids.soi, self.ids.sniffer)?;
+        } else if ids.eq(self.ids.soi).any().int64_value(&[]) != 0 {
+            return Err(ModelError::Batch(
+                "the sequence has <|startofimage|> tokens but no images were given".into(),
+            ));
+        }
+        let hidden = self.llm.norm(&self.llm.forward_layers(&embeds, 0, None));
+        let ntp = self.ntp_loss(&self.llm.logits(&hidden), ids);
+
+        // 3. NIP: the image after each SoI, drawn from its LLM context.
+        let mut nip = zero();
+        if stage == Stage::I && n_images > 0 {
+            if let Some((ctx, mask, index)) = self.nip_inputs(&hidden, ids) {
+                let k = index.len();
+                let mut cond = self.condition.forward(&ctx, &mask);
+                let drop = Stream::new(seed, step, microbatch, Purpose::NullCondition)
+                    .bernoulli(k, self.cfg.diffusion.condition.null_condition_prob);
+                let drop_t = Tensor::from_slice(&drop)
+                    .to_device(device)
+                    .view([k as i64, 1, 1]);
+                cond = cond.where_self(&drop_t.logical_not(), &self.condition.null(k as i64));
+                let latents = self.latents(
+                    &batch
+                        .pixels
+                        .index_select(0, &ints(&index).to_device(device)),
+                );
+                let noise = Stream::new(seed, step, microbatch, Purpose::NipNoise)
+                    .normal(&latents.size())
+                    .to_device(device);
+                let n_t = self.cfg.diffusion.scheduler.num_train_timesteps as u64;
+                let t =
+                    ints(&Stream::new(seed, step, microbatch, Purpose::NipTimesteps).below(k, n_t))
+                        .to_device(device);
+                nip = self.diffusion_loss(&latents, &noise, &t, &cond);
+            }
+        }
+
+        // 4. CSR: every input image reconstructed from its own encoder embedding, t in [200, 800).
+        let mut csr = zero();
+        if matches!(stage, Stage::I | Stage::II) {
+            if let Some(cond) = &csr_cond {
+                let latents = self.latents(&batch.pixels);
+                let noise = Stream::new(seed, step, microbatch, Purpose::CsrNoise)
+                    .normal(&latents.size())
+                    .to_device(device);
+                let t = ints(&csr_timesteps(
+                    &mut Stream::new(seed, step, microbatch, Purpose::CsrTimesteps),
+                    n_images as usize,
+                ))
+                .to_device(device);
+                csr = self.diffusion_loss(&latents, &noise, &t, cond);
+            }
+        }
+
+        let tr = &self.cfg.train;
+        let total = match stage {
+            Stage::I => &ntp + &nip * tr.nip_loss_weight + &csr * tr.csr_loss_weight,
+            Stage::II => &ntp + &csr * tr.csr_loss_weight,
+            Stage::III => ntp.shallow_clone(),
+        };
+        Ok(Losses {
+            total,
+            ntp,
+            nip,
+            csr,
+        })
+    }
+
+    /// The NIP contexts and the index (in order of appearance) of each image they draw; images whose
+    /// context is only `[BOS, SoI]` are skipped.
+    pub fn nip_inputs(&self, hidden: &Tensor, ids: &Tensor) -> Option<(Tensor, Tensor, Vec<i64>)> {
+        let (ctx, mask, positions) = gather_contexts(hidden, ids, self.ids.bos, self.ids.soi)?;
+        let all: Vec<(i64, i64)> = {
+            let b = ids.size()[0];
+            let t = ids.size()[1];
+            let flat: Vec<i64> =
+                Vec::try_from(ids.to_device(tch::Device::Cpu).reshape([-1])).ok()?;
+            (0..b)
+                .flat_map(|r| (0..t).map(move |i| (r, i)))
+                .filter(|&(r, i)| flat[(r * t + i) as usize] == self.ids.soi)
+                .collect()
+        };
+        let index = positions
+            .iter()
+            .filter_map(|p| all.iter().position(|q| q == p).map(|i| i as i64))
+            .collect();
+        Some((ctx, mask, index))
+    }
+
+    /// Visual tokens of images for the sequence (no gradient bookkeeping beyond tch's).
+    pub fn visual_tokens(&self, pixels: &Tensor) -> Tensor {
+        let v = self.vision.forward(&self.clip_pixels(pixels));
+        self.resampler.forward(&v.tokens, None).visual_tokens
+    }
+}
+
+/// CSR timesteps: `round((u − 500)·0.6 + 500)` for `u` uniform in [0, 1000), i.e. in [200, 799].
+pub fn csr_timesteps(s: &mut Stream, n: usize) -> Vec<i64> {
+    (0..n)
+        .map(|_| {
+            ((s.uniform() * 1000.0 - 500.0) * 0.6 + 500.0)
+                .round()
+                .clamp(200.0, 799.0) as i64
+        })
+        .collect()
+}
+
+impl Module for Deem {
+    /// Text logits for ids without images (for quick checks).
+    fn forward(&self, ids: &Tensor) -> Tensor {
+        self.llm.forward_ids(ids, 0, None)
+    }
+}
