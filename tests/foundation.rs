@@ -1106,3 +1106,143 @@ fn binary_forward_names_bad_inputs() {
         "no output is written on failure"
     );
 }
+
+#[test]
+fn binary_forward_runs_the_diffusion_components() {
+    let dir = scratch("forward-diffusion");
+    let forward = |component: &str, ck: &Path, inputs: &Path, extra: &[&str]| {
+        let out = dir.join(format!("{component}-{}.safetensors", extra.len()));
+        let mut args = vec!["forward", component, "--checkpoint", ck.to_str().unwrap()];
+        args.extend([
+            "--inputs",
+            inputs.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ]);
+        args.extend(extra);
+        let (ok, _, err) = deem(&args, &[]);
+        assert!(ok, "{component}: {err}");
+        out
+    };
+    let unet = fixture("unet");
+    let exp = unet.join("expected.safetensors");
+    let out = forward("unet", &unet, &unet.join("inputs.safetensors"), &[]);
+    assert!(max_abs_diff(&out, &exp, &["noise_pred"]) < 1e-4);
+
+    // The sampler reads `noise`: rename the fixture's initial sample.
+    let src = deem::checkpoint::Checkpoint::open(&unet.join("inputs.safetensors")).unwrap();
+    let get = |n: &str| src.tensor(n).unwrap().unwrap();
+    let sample_in = dir.join("sample-in.safetensors");
+    deem::checkpoint::save(
+        &sample_in,
+        &[
+            ("noise".into(), get("sample")),
+            ("encoder_hidden_states".into(), get("encoder_hidden_states")),
+            ("uncond_hidden_states".into(), get("uncond_hidden_states")),
+        ],
+    )
+    .unwrap();
+    let rename = |out: &Path, to: &str| {
+        let t = deem::checkpoint::Checkpoint::open(out)
+            .unwrap()
+            .tensor("latents")
+            .unwrap()
+            .unwrap();
+        let p = dir.join(format!("{to}.safetensors"));
+        deem::checkpoint::save(&p, &[(to.to_string(), t)]).unwrap();
+        p
+    };
+    let plain = forward("sample", &unet, &sample_in, &["--steps", "10"]);
+    assert!(max_abs_diff(&rename(&plain, "ddim"), &exp, &["ddim"]) < 1e-4);
+    let guided = forward(
+        "sample",
+        &unet,
+        &sample_in,
+        &["--steps", "10", "--guidance", "3"],
+    );
+    assert!(max_abs_diff(&rename(&guided, "ddim_cfg"), &exp, &["ddim_cfg"]) < 1e-4);
+
+    let vae = fixture("vae");
+    let enc = forward("vae-encode", &vae, &vae.join("inputs.safetensors"), &[]);
+    assert!(max_abs_diff(&enc, &vae.join("expected.safetensors"), &["latent_mean"]) < 1e-4);
+    let dec = forward("vae-decode", &vae, &vae.join("inputs.safetensors"), &[]);
+    assert!(max_abs_diff(&dec, &vae.join("expected.safetensors"), &["pixel_values"]) < 1e-4);
+}
+
+#[test]
+fn binary_trains_with_the_reference_trainer() {
+    let dir = scratch("train");
+    let (ok, out, err) = deem(
+        &[
+            "train",
+            "--single-process",
+            "--steps",
+            "3",
+            "--quiet",
+            "--run-dir",
+            dir.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    assert!(out.starts_with("trained 3 steps: loss "), "{out}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("losses.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["step"], i as u64);
+        for part in ["ntp", "nip", "csr"] {
+            assert!(
+                l[part].as_f64().unwrap() > 0.0,
+                "stage I has every loss: {l}"
+            );
+        }
+        let total = l["ntp"].as_f64().unwrap()
+            + 5.0 * (l["nip"].as_f64().unwrap() + l["csr"].as_f64().unwrap());
+        assert!((l["total"].as_f64().unwrap() - total).abs() < 1e-3, "{l}");
+    }
+    let weights = deem::checkpoint::Checkpoint::open(&dir.join("model.safetensors")).unwrap();
+    for key in [
+        "visual.trunk.stem.0.weight",
+        "visual_tokenizer.proj_i.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "unet.conv_in.weight",
+        "nip_condition.null_condition",
+    ] {
+        assert!(weights.contains(key), "{key}");
+    }
+    let (ok, _, err) = deem(&["train", "--run-dir", dir.to_str().unwrap()], &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("pipelined training across the actors of a topology is not built yet"),
+        "{err}"
+    );
+}
+
+#[test]
+fn training_exports_its_metrics() {
+    let dir = scratch("train-metrics");
+    let cfg = embedded_tiny();
+    let metrics = deem_actors::metrics::Metrics::new();
+    let job = deem_actors::train_cmd::TrainJob {
+        run_dir: dir,
+        steps: Some(2),
+        device: deem::DeviceSpec::Cpu,
+        progress: false,
+    };
+    let reports = deem_actors::train_cmd::run(&job, &cfg, &metrics).unwrap();
+    let text = deem_actors::metrics::to_classic_text(&metrics.encode());
+    assert!(text.contains("deem_train_steps_total 2\n"), "{text}");
+    assert!(text.contains("deem_train_step_seconds_count 2\n"), "{text}");
+    let scrape = scrape_text(&text);
+    let loss = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "deem_train_loss" && s.labels.get("part") == Some("total"))
+        .expect("deem_train_loss{part=total}");
+    assert_eq!(loss.value, prometheus_parse::Value::Gauge(reports[1].total));
+    promtool_check(&text);
+}

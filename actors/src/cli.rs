@@ -44,12 +44,41 @@ pub enum Command {
     Config(ConfigCommand),
     /// Run one component from a checkpoint on inputs from a safetensors file; write its outputs.
     Forward(ForwardArgs),
+    /// Train DEEM (today: the single-process reference trainer on the built-in synthetic batches).
+    Train(TrainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Run the reference trainer in this process on one device. The pipelined trainer over the actors
+    /// of a topology is not built yet, so this flag is required.
+    #[arg(long)]
+    pub single_process: bool,
+    /// Directory for losses.jsonl and model.safetensors.
+    #[arg(long, env = "DEEM_RUN_DIR", default_value = "runs/latest")]
+    pub run_dir: PathBuf,
+    /// Optimizer steps (default: train.steps from the config).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Device: `cpu` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Serve /metrics and /health on this address while training (e.g. 127.0.0.1:9464).
+    #[arg(long, env = "DEEM_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub config: ConfigArgs,
 }
 
 #[derive(Debug, Args)]
 pub struct ForwardArgs {
-    /// `llm` (input_ids → logits), `vision` (pixel_values → tokens, multiscale_0..3) or `resampler`
-    /// (image_tokens → visual_tokens, csr_condition).
+    /// `llm` (input_ids → logits), `vision` (pixel_values → tokens, multiscale_0..3), `resampler`
+    /// (image_tokens → visual_tokens, csr_condition), `unet` (sample, timestep, encoder_hidden_states →
+    /// noise_pred), `vae-encode` (pixel_values → latent_mean), `vae-decode` (latents → pixel_values) or
+    /// `sample` (noise, encoder_hidden_states [, uncond_hidden_states] → latents, DDIM).
     #[arg(value_enum)]
     pub component: crate::forward::Component,
     /// Checkpoint file or directory (HF `save_pretrained` output, open_clip's safetensors, sharded index).
@@ -64,6 +93,12 @@ pub struct ForwardArgs {
     /// Device to run on: `cpu` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// `sample`: DDIM steps.
+    #[arg(long, default_value_t = 30)]
+    pub steps: i64,
+    /// `sample`: classifier-free guidance scale (1 = none; above 1 needs `uncond_hidden_states`).
+    #[arg(long, default_value_t = 1.0)]
+    pub guidance: f64,
     /// Vision and resampler sizes come from the config (the llm reads the checkpoint's config.json).
     #[command(flatten)]
     pub config: ConfigArgs,
@@ -218,6 +253,20 @@ pub fn topology_report(topo: &Topology, cfg: &LoadedConfig) -> String {
     s
 }
 
+/// A `--device` value that this machine has.
+fn parse_device(s: &str) -> anyhow::Result<deem::DeviceSpec> {
+    let device: deem::DeviceSpec = s.parse().map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+    if let deem::DeviceSpec::Cuda(n) = device {
+        let have = deem::device::cuda_device_count();
+        if n >= have {
+            anyhow::bail!(
+                "--device: \"{device}\" is not available ({have} CUDA device(s)); use --device cpu"
+            );
+        }
+    }
+    Ok(device)
+}
+
 /// Runs a parsed command line; the binary is a thin wrapper around this.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     telemetry::init(&cli.log, cli.log_format)?;
@@ -236,25 +285,58 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Forward(args) => {
             let cfg = args.config.load()?;
-            let device: deem::DeviceSpec = args
-                .device
-                .parse()
-                .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
-            if let deem::DeviceSpec::Cuda(n) = device {
-                let have = deem::device::cuda_device_count();
-                if n >= have {
-                    anyhow::bail!("--device: \"{device}\" is not available ({have} CUDA device(s)); use --device cpu");
-                }
-            }
+            let device = parse_device(&args.device)?;
             let job = crate::forward::ForwardJob {
                 component: args.component,
                 checkpoint: args.checkpoint,
                 inputs: args.inputs,
                 output: args.output,
                 device,
+                steps: args.steps,
+                guidance: args.guidance,
             };
             let written = crate::forward::run_to_file(&job, &cfg)?;
             println!("wrote {}: {}", job.output.display(), written.join(", "));
+        }
+        Command::Train(args) => {
+            if !args.single_process {
+                anyhow::bail!(
+                    "pipelined training across the actors of a topology is not built yet; run the reference \
+                     trainer with --single-process"
+                );
+            }
+            let cfg = args.config.load()?;
+            let job = crate::train_cmd::TrainJob {
+                run_dir: args.run_dir,
+                steps: args.steps,
+                device: parse_device(&args.device)?,
+                progress: !args.quiet,
+            };
+            let metrics = crate::metrics::Metrics::new();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            let server = match args.metrics_addr {
+                Some(addr) => Some(runtime.block_on(crate::http::Server::start(
+                    addr,
+                    crate::http::router(metrics.clone()),
+                ))?),
+                None => None,
+            };
+            let reports = crate::train_cmd::run(&job, &cfg, &metrics)?;
+            if let Some(s) = server {
+                runtime.block_on(s.stop())?;
+            }
+            if let (Some(first), Some(last)) = (reports.first(), reports.last()) {
+                println!(
+                    "trained {} steps: loss {:.4} → {:.4}; wrote {}",
+                    reports.len(),
+                    first.total,
+                    last.total,
+                    job.run_dir.display()
+                );
+            }
         }
         Command::Config(ConfigCommand::Show { config }) => {
             let cfg = config.load()?;

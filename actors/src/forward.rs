@@ -6,11 +6,16 @@
 //! | `llm` | `input_ids` int64 [B, T] | `logits` [B, T, vocab (+ new tokens)] |
 //! | `vision` | `pixel_values` [B, 3, S, S] | `tokens`, `multiscale_0` … `multiscale_3` |
 //! | `resampler` | `image_tokens` [B, N, C] | `visual_tokens`, `csr_condition` |
+//! | `unet` | `sample`, `timestep` [B], `encoder_hidden_states` | `noise_pred` |
+//! | `vae-encode` | `pixel_values` in [−1, 1] | `latent_mean` |
+//! | `vae-decode` | `latents` (unscaled) | `pixel_values` |
+//! | `sample` | `noise`, `encoder_hidden_states` (+ `uncond_hidden_states` for guidance) | `latents` |
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use deem::checkpoint::{self, Checkpoint};
+use deem::diffusion::{self, AutoencoderKL, Ddim, UNet2DCondition};
 use deem::llama::{LlamaConfig, LlamaShard};
 use deem::resampler::Resampler;
 use deem::vision::VisionEncoder;
@@ -24,6 +29,10 @@ pub enum Component {
     Llm,
     Vision,
     Resampler,
+    Unet,
+    VaeEncode,
+    VaeDecode,
+    Sample,
 }
 
 /// One `deem forward` invocation.
@@ -34,6 +43,9 @@ pub struct ForwardJob {
     pub inputs: PathBuf,
     pub output: PathBuf,
     pub device: DeviceSpec,
+    /// DDIM steps and guidance scale for `sample`.
+    pub steps: i64,
+    pub guidance: f64,
 }
 
 fn input(inputs: &Checkpoint, name: &str, file: &Path, expect: &str) -> anyhow::Result<Tensor> {
@@ -79,12 +91,29 @@ fn config_json(dir: &Path) -> anyhow::Result<PathBuf> {
         dir.with_file_name("config.json")
     };
     if !p.exists() {
-        bail!(
-            "{}: missing; the llm checkpoint directory needs the HF config.json beside its weights",
-            p.display()
-        );
+        bail!("{}: missing; the checkpoint needs the config.json its library saves beside the weights", p.display());
     }
     Ok(p)
+}
+
+fn load_unet(
+    job: &ForwardJob,
+    ck: &Checkpoint,
+    vs: &nn::VarStore,
+) -> anyhow::Result<UNet2DCondition> {
+    let cfg = diffusion::unet_config_from_diffusers(&config_json(&job.checkpoint)?)
+        .map_err(anyhow::Error::msg)?;
+    let unet = UNet2DCondition::new(&(vs.root() / "unet"), &cfg);
+    ck.load_into(vs, &UNet2DCondition::load_spec())?;
+    Ok(unet)
+}
+
+fn load_vae(job: &ForwardJob, ck: &Checkpoint, vs: &nn::VarStore) -> anyhow::Result<AutoencoderKL> {
+    let cfg = diffusion::vae_config_from_diffusers(&config_json(&job.checkpoint)?)
+        .map_err(anyhow::Error::msg)?;
+    let vae = AutoencoderKL::new(&(vs.root() / "vae"), &cfg);
+    ck.load_into(vs, &AutoencoderKL::load_spec())?;
+    Ok(vae)
 }
 
 /// Runs the job in f32; `cfg` supplies the vision/resampler sizes (the llm reads its HF config.json).
@@ -170,6 +199,65 @@ pub fn run(job: &ForwardJob, cfg: &LoadedConfig) -> anyhow::Result<Vec<(String, 
                 ("visual_tokens".to_string(), o.visual_tokens),
                 ("csr_condition".to_string(), o.csr_condition),
             ]
+        }
+        Component::Unet => {
+            let unet = load_unet(job, &ck, &vs)?;
+            let f = |n: &str, what: &str| {
+                input(&inputs, n, &job.inputs, what).map(|t| t.to_device(device))
+            };
+            let sample = f("sample", "float [B, C, H, W]")?;
+            let t = f("timestep", "int64 [B] or a scalar")?;
+            let ctx = f("encoder_hidden_states", "float [B, M, cross_attention_dim]")?;
+            check_rank(&sample, "sample", &job.inputs, 4, "[B, C, H, W]")?;
+            let pred = tch::no_grad(|| {
+                unet.forward(&sample.to_kind(Kind::Float), &t, &ctx.to_kind(Kind::Float))
+            });
+            vec![("noise_pred".to_string(), pred)]
+        }
+        Component::VaeEncode => {
+            let vae = load_vae(job, &ck, &vs)?;
+            let px = input(
+                &inputs,
+                "pixel_values",
+                &job.inputs,
+                "float [B, 3, H, W] in [-1, 1]",
+            )?;
+            check_rank(&px, "pixel_values", &job.inputs, 4, "[B, 3, H, W]")?;
+            let mean = tch::no_grad(|| vae.encode(&px.to_kind(Kind::Float).to_device(device)).0);
+            vec![("latent_mean".to_string(), mean)]
+        }
+        Component::VaeDecode => {
+            let vae = load_vae(job, &ck, &vs)?;
+            let lat = input(
+                &inputs,
+                "latents",
+                &job.inputs,
+                "float [B, C, h, w] (unscaled)",
+            )?;
+            check_rank(&lat, "latents", &job.inputs, 4, "[B, C, h, w]")?;
+            let px = tch::no_grad(|| vae.decode(&lat.to_kind(Kind::Float).to_device(device)));
+            vec![("pixel_values".to_string(), px)]
+        }
+        Component::Sample => {
+            let unet = load_unet(job, &ck, &vs)?;
+            let f = |n: &str, what: &str| {
+                input(&inputs, n, &job.inputs, what)
+                    .map(|t| t.to_kind(Kind::Float).to_device(device))
+            };
+            let noise = f("noise", "float [B, C, H, W]")?;
+            let ctx = f("encoder_hidden_states", "float [B, M, cross_attention_dim]")?;
+            let ddim = Ddim::new(&cfg.config.diffusion.scheduler, job.steps);
+            let latents = if job.guidance > 1.0 {
+                let uncond = f(
+                    "uncond_hidden_states",
+                    "float [B, M, C], needed for --guidance above 1",
+                )?;
+                let both = Tensor::cat(&[&uncond, &ctx], 0);
+                tch::no_grad(|| ddim.sample(&noise, job.guidance, |x, t| unet.forward(x, t, &both)))
+            } else {
+                tch::no_grad(|| ddim.sample(&noise, 1.0, |x, t| unet.forward(x, t, &ctx)))
+            };
+            vec![("latents".to_string(), latents)]
         }
     };
     Ok(out

@@ -9,3 +9,4 @@ pub mod metrics;
 pub mod settings;
 pub mod telemetry;
 pub mod topology;
+pub mod train_cmd;

@@ -8,6 +8,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetri
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 /// Labels of `deem_build_info`.
@@ -26,12 +27,25 @@ pub struct HttpLabels {
     pub status: String,
 }
 
+/// Labels of `deem_train_loss`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LossLabels {
+    /// `total`, `ntp`, `nip` or `csr`.
+    pub part: String,
+}
+
 /// The registry and handles to every metric in it.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     pub build_info: Family<BuildLabels, Gauge>,
     pub http_requests: Family<HttpLabels, Counter>,
+    pub train_steps: Counter,
+    pub train_loss: Family<LossLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub train_step_seconds: Histogram,
+    pub train_samples_per_second: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub train_grad_norm: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub train_learning_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 /// The content type of [`Metrics::encode`]'s output.
@@ -95,6 +109,42 @@ impl Metrics {
             "HTTP requests served by deem's endpoints, by route and status code",
             http_requests.clone(),
         );
+        let train_steps = Counter::default();
+        registry.register(
+            "deem_train_steps",
+            "Optimizer steps completed",
+            train_steps.clone(),
+        );
+        let train_loss = Family::<LossLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "deem_train_loss",
+            "Loss of the last optimizer step by part (total = NTP + λ·NIP + λ·CSR per stage); dimensionless",
+            train_loss.clone(),
+        );
+        let train_step_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 14));
+        registry.register(
+            "deem_train_step_seconds",
+            "Wall time of one optimizer step (all microbatches, clip and update)",
+            train_step_seconds.clone(),
+        );
+        let train_samples_per_second = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "deem_train_samples_per_second",
+            "Training throughput over the last step, in sequences per second",
+            train_samples_per_second.clone(),
+        );
+        let train_grad_norm = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "deem_train_grad_norm",
+            "Global gradient norm of the last step before clipping; dimensionless",
+            train_grad_norm.clone(),
+        );
+        let train_learning_rate = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "deem_train_learning_rate",
+            "Learning rate of the train.lr group at the last step (after warm-up and cosine decay)",
+            train_learning_rate.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector));
         build_info
             .get_or_create(&BuildLabels {
@@ -107,6 +157,12 @@ impl Metrics {
             registry,
             build_info,
             http_requests,
+            train_steps,
+            train_loss,
+            train_step_seconds,
+            train_samples_per_second,
+            train_grad_norm,
+            train_learning_rate,
         })
     }
 
