@@ -1186,7 +1186,7 @@ fn binary_trains_with_the_reference_trainer() {
     );
     assert!(ok, "{err}");
     assert!(out.starts_with("trained 3 steps: loss "), "{out}");
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("losses.jsonl"))
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("steps.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

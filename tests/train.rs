@@ -88,6 +88,61 @@ fn csr_loss_is_the_diffusion_loss_of_the_encoders_own_condition() {
 }
 
 #[test]
+fn nip_loss_is_the_diffusion_loss_of_the_llm_context_condition() {
+    let mut cfg = tiny(Stage::I);
+    cfg.diffusion.condition.null_condition_prob = 0.5;
+    let t = Trainer::new(&cfg, Device::Cpu).unwrap();
+    let m = &t.model;
+    let batch = SyntheticBatches::new(&cfg, 4).batch(0);
+    let l = tch::no_grad(|| m.losses(&batch, 13, 2, 0).unwrap());
+    let want = tch::no_grad(|| {
+        let visual = m.visual_tokens(&batch.pixels);
+        let embeds = deem::sequence::splice_images(
+            &m.llm.embed(&batch.input_ids),
+            &batch.input_ids,
+            &visual,
+            m.llm.soi_embedding().unwrap(),
+            m.ids.soi,
+            m.ids.sniffer,
+        )
+        .unwrap();
+        let hidden = m.llm.norm(&m.llm.forward_layers(&embeds, 0, None));
+        let (ctx, mask, index) = m.nip_inputs(&hidden, &batch.input_ids).unwrap();
+        // Every row has two images, both with text before them: all are drawn.
+        assert_eq!(index, (0..batch.pixels.size()[0]).collect::<Vec<_>>());
+        let k = index.len();
+        let drop = Stream::new(13, 2, 0, Purpose::NullCondition).bernoulli(k, 0.5);
+        assert!(
+            drop.iter().any(|&d| d) && drop.iter().any(|&d| !d),
+            "p = 0.5 drops some: {drop:?}"
+        );
+        let cond = m.condition.forward(&ctx, &mask);
+        let rows: Vec<Tensor> = (0..k)
+            .map(|i| {
+                if drop[i] {
+                    m.condition.null_condition.get(0)
+                } else {
+                    cond.get(i as i64)
+                }
+            })
+            .collect();
+        let cond = Tensor::stack(&rows, 0);
+        let lat = m.latents(&batch.pixels);
+        let noise = Stream::new(13, 2, 0, Purpose::NipNoise).normal(&lat.size());
+        let tt = ints(&Stream::new(13, 2, 0, Purpose::NipTimesteps).below(k, 1000));
+        let pred = m
+            .unet
+            .forward(&m.ddpm.add_noise(&lat, &noise, &tt), &tt, &cond);
+        (pred - noise).square().mean(Kind::Float).double_value(&[])
+    });
+    assert!(
+        (l.nip.double_value(&[]) - want).abs() < 1e-6,
+        "{} vs {want}",
+        l.nip.double_value(&[])
+    );
+}
+
+#[test]
 fn nip_contexts_run_back_to_the_nearest_bos_and_skip_bare_images() {
     let cfg = tiny(Stage::I);
     let t = Trainer::new(&cfg, Device::Cpu).unwrap();

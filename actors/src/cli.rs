@@ -54,7 +54,7 @@ pub struct TrainArgs {
     /// of a topology is not built yet, so this flag is required.
     #[arg(long)]
     pub single_process: bool,
-    /// Directory for losses.jsonl and model.safetensors.
+    /// Directory for steps.jsonl (one JSON line per step) and model.safetensors.
     #[arg(long, env = "DEEM_RUN_DIR", default_value = "runs/latest")]
     pub run_dir: PathBuf,
     /// Optimizer steps (default: train.steps from the config).

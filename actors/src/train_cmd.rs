@@ -1,6 +1,6 @@
 //! `deem train --single-process`: the reference trainer (`deem::train::Trainer`) on one device, over the
 //! built-in synthetic batches, with a progress bar, Prometheus metrics and a run directory holding the
-//! per-step losses (`losses.jsonl`) and the final weights (`model.safetensors`, reference key names).
+//! per-step report (`steps.jsonl`) and the final weights (`model.safetensors`, reference key names).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -52,7 +52,7 @@ pub fn run(
         .with_context(|| format!("{}: cannot create the run directory", job.run_dir.display()))?;
     let mut trainer = Trainer::new(c, job.device.into())?;
     let data = SyntheticBatches::new(c, c.train.seed);
-    let losses_path = job.run_dir.join("losses.jsonl");
+    let losses_path = job.run_dir.join("steps.jsonl");
     let mut log = std::io::BufWriter::new(
         std::fs::File::create(&losses_path)
             .with_context(|| format!("{}: cannot create", losses_path.display()))?,
@@ -79,7 +79,8 @@ pub fn run(
             log,
             "{}",
             serde_json::json!({"step": r.step, "total": r.total, "ntp": r.ntp, "nip": r.nip, "csr": r.csr,
-                               "grad_norm": r.grad_norm, "lr": r.lr, "seconds": secs})
+                               "grad_norm": r.grad_norm, "lr": r.lr, "seconds": secs,
+                               "samples_per_second": c.train.batch_size as f64 / secs})
         )?;
         bar.set_message(format!(
             "loss {:.3} (ntp {:.3} nip {:.3} csr {:.3}) {:.1} samples/s",
