@@ -5,7 +5,7 @@
 //! Each piece is a method, so the pipelined runtime can run them on different actors and still compute
 //! exactly what [`Deem::losses`] computes here.
 
-use tch::nn::{self, Module};
+use tch::nn;
 use tch::{Kind, Tensor};
 
 use crate::config::{DeemConfig, Stage};
@@ -87,20 +87,6 @@ pub struct SpecialIds {
     pub sniffer: i64,
 }
 
-/// The whole model in one VarStore with reference key names.
-#[derive(Debug)]
-pub struct Deem {
-    pub cfg: DeemConfig,
-    pub ids: SpecialIds,
-    pub vision: VisionEncoder,
-    pub resampler: Resampler,
-    pub llm: LlamaShard,
-    pub condition: NipCondition,
-    pub unet: UNet2DCondition,
-    pub vae: AutoencoderKL,
-    pub ddpm: Ddpm,
-}
-
 fn resize(x: &Tensor, size: i64) -> Tensor {
     if x.size()[2] == size && x.size()[3] == size {
         x.shallow_clone()
@@ -113,37 +99,31 @@ fn mse(a: &Tensor, b: &Tensor) -> Tensor {
     (a - b).square().mean(Kind::Float)
 }
 
-impl Deem {
-    pub fn new(root: &nn::Path, cfg: &DeemConfig) -> Result<Self, ModelError> {
-        let l = &cfg.llm;
-        let d = &cfg.diffusion;
-        let llama = LlamaConfig::from(l);
-        Ok(Deem {
-            cfg: cfg.clone(),
-            ids: SpecialIds {
-                bos: l.bos_token_id,
-                pad: l.pad_token_id,
-                soi: l.vocab_size,
-                sniffer: l.vocab_size + 1,
-            },
-            vision: VisionEncoder::new(&(root / "visual"), &cfg.vision),
+/// The vision actor's modules: encoder and resampler (under `visual.` and `visual_tokenizer.`).
+#[derive(Debug)]
+pub struct VisionStage {
+    pub encoder: VisionEncoder,
+    pub resampler: Resampler,
+    image_size: i64,
+}
+
+impl VisionStage {
+    pub fn new(root: &nn::Path, cfg: &DeemConfig) -> Self {
+        VisionStage {
+            encoder: VisionEncoder::new(&(root / "visual"), &cfg.vision),
             resampler: Resampler::new(
                 &(root / "visual_tokenizer"),
                 &cfg.resampler,
-                l.hidden_size,
-                d.unet.cross_attention_dim,
+                cfg.llm.hidden_size,
+                cfg.diffusion.unet.cross_attention_dim,
             ),
-            llm: LlamaShard::new(root, &llama, 0..l.num_hidden_layers)?,
-            condition: NipCondition::new(&(root / "nip_condition"), &d.condition, l.hidden_size),
-            unet: UNet2DCondition::new(&(root / "unet"), &d.unet),
-            vae: AutoencoderKL::new(&(root / "vae"), &d.vae),
-            ddpm: Ddpm::new(&d.scheduler),
-        })
+            image_size: cfg.vision.image_size,
+        }
     }
 
     /// CLIP-normalised encoder input at the encoder's resolution, from [0, 1] pixels.
     pub fn clip_pixels(&self, pixels: &Tensor) -> Tensor {
-        let x = resize(pixels, self.cfg.vision.image_size);
+        let x = resize(pixels, self.image_size);
         let mean = Tensor::from_slice(&CLIP_MEAN)
             .to_kind(x.kind())
             .to_device(x.device())
@@ -155,10 +135,48 @@ impl Deem {
         (x - mean) / std
     }
 
+    /// `(visual tokens [N, Q, L], CSR condition [N, Q, C])` of [0, 1] pixels.
+    pub fn forward(&self, pixels: &Tensor) -> (Tensor, Tensor) {
+        let v = self.encoder.forward(&self.clip_pixels(pixels));
+        let r = self.resampler.forward(&v.tokens, None);
+        (r.visual_tokens, r.csr_condition)
+    }
+}
+
+/// The diffusion actor's modules: NIP condition, UNet, VAE and the training schedule.
+#[derive(Debug)]
+pub struct DiffusionStage {
+    pub condition: NipCondition,
+    pub unet: UNet2DCondition,
+    pub vae: AutoencoderKL,
+    pub ddpm: Ddpm,
+    image_size: i64,
+    null_prob: f64,
+    num_train_timesteps: u64,
+}
+
+impl DiffusionStage {
+    pub fn new(root: &nn::Path, cfg: &DeemConfig) -> Self {
+        let d = &cfg.diffusion;
+        DiffusionStage {
+            condition: NipCondition::new(
+                &(root / "nip_condition"),
+                &d.condition,
+                cfg.llm.hidden_size,
+            ),
+            unet: UNet2DCondition::new(&(root / "unet"), &d.unet),
+            vae: AutoencoderKL::new(&(root / "vae"), &d.vae),
+            ddpm: Ddpm::new(&d.scheduler),
+            image_size: d.image_size,
+            null_prob: d.condition.null_condition_prob,
+            num_train_timesteps: d.scheduler.num_train_timesteps as u64,
+        }
+    }
+
     /// Scaled VAE latents (the frozen VAE's posterior mean) of [0, 1] pixels at the output resolution.
     pub fn latents(&self, pixels: &Tensor) -> Tensor {
         tch::no_grad(|| {
-            let x = resize(pixels, self.cfg.diffusion.image_size) * 2.0 - 1.0;
+            let x = resize(pixels, self.image_size) * 2.0 - 1.0;
             self.vae.encode(&x).0 * self.vae.scaling_factor
         })
     }
@@ -178,28 +196,127 @@ impl Deem {
         )
     }
 
-    /// NTP loss on logits `[B, T, V]`: cross-entropy of each next id, with pad, image placeholders, BOS
-    /// targets and the BOS→SoI transition masked; SoI itself is a target (the model learns when to draw).
-    pub fn ntp_loss(&self, logits: &Tensor, ids: &Tensor) -> Tensor {
-        let t = ids.size()[1];
-        let inputs = ids.narrow(1, 0, t - 1);
-        let targets = ids.narrow(1, 1, t - 1);
-        let s = self.ids;
-        let masked = targets
-            .eq(s.pad)
-            .logical_or(&targets.eq(s.sniffer))
-            .logical_or(&targets.eq(s.bos))
-            .logical_or(&targets.eq(s.soi).logical_and(&inputs.eq(s.bos)));
-        let keep = masked.logical_not().to_kind(Kind::Float).reshape([-1]);
-        let lp = logits
-            .narrow(1, 0, t - 1)
-            .reshape([-1, logits.size()[2]])
-            .to_kind(Kind::Float)
-            .log_softmax(-1, Kind::Float);
-        let nll = -lp
-            .gather(1, &targets.reshape([-1, 1]), false)
-            .squeeze_dim(1);
-        (nll * &keep).sum(Kind::Float) / keep.sum(Kind::Float).clamp_min(1.0)
+    /// NIP: draw the images `pixels` (those at `index`) from their LLM contexts; the learned null
+    /// condition replaces a context with probability `null_condition_prob`; t uniform in [0, T).
+    pub fn nip_loss(
+        &self,
+        ctx: &Tensor,
+        mask: &Tensor,
+        pixels: &Tensor,
+        key: (u64, u64, u64),
+    ) -> Tensor {
+        let (seed, step, mb) = key;
+        let device = ctx.device();
+        let k = ctx.size()[0];
+        let cond = self.condition.forward(ctx, mask);
+        let drop = Stream::new(seed, step, mb, Purpose::NullCondition)
+            .bernoulli(k as usize, self.null_prob);
+        let drop_t = Tensor::from_slice(&drop).to_device(device).view([k, 1, 1]);
+        let cond = cond.where_self(&drop_t.logical_not(), &self.condition.null(k));
+        let latents = self.latents(pixels);
+        let noise = Stream::new(seed, step, mb, Purpose::NipNoise)
+            .normal(&latents.size())
+            .to_device(device);
+        let t = ints(
+            &Stream::new(seed, step, mb, Purpose::NipTimesteps)
+                .below(k as usize, self.num_train_timesteps),
+        )
+        .to_device(device);
+        self.diffusion_loss(&latents, &noise, &t, &cond)
+    }
+
+    /// CSR: reconstruct every input image from its own encoder embedding, t in [200, 800), no dropout.
+    pub fn csr_loss(&self, cond: &Tensor, pixels: &Tensor, key: (u64, u64, u64)) -> Tensor {
+        let (seed, step, mb) = key;
+        let device = cond.device();
+        let latents = self.latents(pixels);
+        let noise = Stream::new(seed, step, mb, Purpose::CsrNoise)
+            .normal(&latents.size())
+            .to_device(device);
+        let n = latents.size()[0] as usize;
+        let t = ints(&csr_timesteps(
+            &mut Stream::new(seed, step, mb, Purpose::CsrTimesteps),
+            n,
+        ))
+        .to_device(device);
+        self.diffusion_loss(&latents, &noise, &t, cond)
+    }
+}
+
+/// NTP loss on logits `[B, T, V]`: cross-entropy of each next id, with pad, image placeholders, BOS
+/// targets and the BOS→SoI transition masked; SoI itself is a target (the model learns when to draw).
+pub fn ntp_loss(logits: &Tensor, ids: &Tensor, s: SpecialIds) -> Tensor {
+    let t = ids.size()[1];
+    let inputs = ids.narrow(1, 0, t - 1);
+    let targets = ids.narrow(1, 1, t - 1);
+    let masked = targets
+        .eq(s.pad)
+        .logical_or(&targets.eq(s.sniffer))
+        .logical_or(&targets.eq(s.bos))
+        .logical_or(&targets.eq(s.soi).logical_and(&inputs.eq(s.bos)));
+    let keep = masked.logical_not().to_kind(Kind::Float).reshape([-1]);
+    let lp = logits
+        .narrow(1, 0, t - 1)
+        .reshape([-1, logits.size()[2]])
+        .to_kind(Kind::Float)
+        .log_softmax(-1, Kind::Float);
+    let nll = -lp
+        .gather(1, &targets.reshape([-1, 1]), false)
+        .squeeze_dim(1);
+    (nll * &keep).sum(Kind::Float) / keep.sum(Kind::Float).clamp_min(1.0)
+}
+
+/// The NIP contexts and the index (in order of appearance) of each image they draw; images whose
+/// context is only `[BOS, SoI]` are skipped.
+pub fn nip_inputs(
+    hidden: &Tensor,
+    ids: &Tensor,
+    s: SpecialIds,
+) -> Option<(Tensor, Tensor, Vec<i64>)> {
+    let (ctx, mask, positions) = gather_contexts(hidden, ids, s.bos, s.soi)?;
+    let (b, t) = (ids.size()[0], ids.size()[1]);
+    let flat: Vec<i64> = Vec::try_from(ids.to_device(tch::Device::Cpu).reshape([-1])).ok()?;
+    let all: Vec<(i64, i64)> = (0..b)
+        .flat_map(|r| (0..t).map(move |i| (r, i)))
+        .filter(|&(r, i)| flat[(r * t + i) as usize] == s.soi)
+        .collect();
+    let index = positions
+        .iter()
+        .filter_map(|p| all.iter().position(|q| q == p).map(|i| i as i64))
+        .collect();
+    Some((ctx, mask, index))
+}
+
+/// Which loss terms a stage trains, and their weights in the total.
+pub fn loss_weights(cfg: &DeemConfig) -> (f64, f64) {
+    let t = &cfg.train;
+    match t.stage {
+        Stage::I => (t.nip_loss_weight, t.csr_loss_weight),
+        Stage::II => (0.0, t.csr_loss_weight),
+        Stage::III => (0.0, 0.0),
+    }
+}
+
+/// The whole model in one VarStore with reference key names.
+#[derive(Debug)]
+pub struct Deem {
+    pub cfg: DeemConfig,
+    pub ids: SpecialIds,
+    pub vision: VisionStage,
+    pub llm: LlamaShard,
+    pub diffusion: DiffusionStage,
+}
+
+impl Deem {
+    pub fn new(root: &nn::Path, cfg: &DeemConfig) -> Result<Self, ModelError> {
+        let l = &cfg.llm;
+        Ok(Deem {
+            cfg: cfg.clone(),
+            ids: special_ids(cfg),
+            vision: VisionStage::new(root, cfg),
+            llm: LlamaShard::new(root, &LlamaConfig::from(l), 0..l.num_hidden_layers)?,
+            diffusion: DiffusionStage::new(root, cfg),
+        })
     }
 
     /// All losses of one microbatch. Random draws come from streams keyed by `(seed, step, microbatch)`.
@@ -210,85 +327,37 @@ impl Deem {
         step: u64,
         microbatch: u64,
     ) -> Result<Losses, ModelError> {
-        let stage = self.cfg.train.stage;
-        let device = batch.input_ids.device();
-        let zero = || Tensor::zeros([], (Kind::Float, device));
+        let key = (seed, step, microbatch);
+        let (nip_w, csr_w) = loss_weights(&self.cfg);
+        let zero = || Tensor::zeros([], (Kind::Float, batch.input_ids.device()));
         let ids = &batch.input_ids;
         let n_images = batch.pixels.size()[0];
 
         // 1. Vision → resampler: visual tokens and the CSR condition.
-        let (visual, csr_cond) = if n_images > 0 {
-            let v = self.vision.forward(&self.clip_pixels(&batch.pixels));
-            let r = self.resampler.forward(&v.tokens, None);
-            (Some(r.visual_tokens), Some(r.csr_condition))
-        } else {
-            (None, None)
-        };
+        let vision = (n_images > 0).then(|| self.vision.forward(&batch.pixels));
 
         // 2. LLM over the spliced sequence.
-        let mut embeds = self.llm.embed(ids);
-        if let Some(vis) = &visual {
-            let soi = self.llm.soi_embedding().expect("whole-model shard");
-            embeds = splice_images(&embeds, ids, vis, soi, self.ids.soi, self.ids.sniffer)?;
-        } else if ids.eq(self.ids.soi).any().int64_value(&[]) != 0 {
-            return Err(ModelError::Batch(
-                "the sequence has <|startofimage|> tokens but no images were given".into(),
-            ));
-        }
+        let embeds = embed_sequence(&self.llm, ids, vision.as_ref().map(|v| &v.0), self.ids)?;
         let hidden = self.llm.norm(&self.llm.forward_layers(&embeds, 0, None));
-        let ntp = self.ntp_loss(&self.llm.logits(&hidden), ids);
+        let ntp = ntp_loss(&self.llm.logits(&hidden), ids, self.ids);
 
         // 3. NIP: the image after each SoI, drawn from its LLM context.
         let mut nip = zero();
-        if stage == Stage::I && n_images > 0 {
-            if let Some((ctx, mask, index)) = self.nip_inputs(&hidden, ids) {
-                let k = index.len();
-                let mut cond = self.condition.forward(&ctx, &mask);
-                let drop = Stream::new(seed, step, microbatch, Purpose::NullCondition)
-                    .bernoulli(k, self.cfg.diffusion.condition.null_condition_prob);
-                let drop_t = Tensor::from_slice(&drop)
-                    .to_device(device)
-                    .view([k as i64, 1, 1]);
-                cond = cond.where_self(&drop_t.logical_not(), &self.condition.null(k as i64));
-                let latents = self.latents(
-                    &batch
-                        .pixels
-                        .index_select(0, &ints(&index).to_device(device)),
-                );
-                let noise = Stream::new(seed, step, microbatch, Purpose::NipNoise)
-                    .normal(&latents.size())
-                    .to_device(device);
-                let n_t = self.cfg.diffusion.scheduler.num_train_timesteps as u64;
-                let t =
-                    ints(&Stream::new(seed, step, microbatch, Purpose::NipTimesteps).below(k, n_t))
-                        .to_device(device);
-                nip = self.diffusion_loss(&latents, &noise, &t, &cond);
+        if nip_w > 0.0 && n_images > 0 {
+            if let Some((ctx, mask, index)) = nip_inputs(&hidden, ids, self.ids) {
+                let pixels = batch
+                    .pixels
+                    .index_select(0, &ints(&index).to_device(ids.device()));
+                nip = self.diffusion.nip_loss(&ctx, &mask, &pixels, key);
             }
         }
 
-        // 4. CSR: every input image reconstructed from its own encoder embedding, t in [200, 800).
+        // 4. CSR: every input image reconstructed from its own encoder embedding.
         let mut csr = zero();
-        if matches!(stage, Stage::I | Stage::II) {
-            if let Some(cond) = &csr_cond {
-                let latents = self.latents(&batch.pixels);
-                let noise = Stream::new(seed, step, microbatch, Purpose::CsrNoise)
-                    .normal(&latents.size())
-                    .to_device(device);
-                let t = ints(&csr_timesteps(
-                    &mut Stream::new(seed, step, microbatch, Purpose::CsrTimesteps),
-                    n_images as usize,
-                ))
-                .to_device(device);
-                csr = self.diffusion_loss(&latents, &noise, &t, cond);
-            }
+        if let (true, Some((_, cond))) = (csr_w > 0.0, &vision) {
+            csr = self.diffusion.csr_loss(cond, &batch.pixels, key);
         }
-
-        let tr = &self.cfg.train;
-        let total = match stage {
-            Stage::I => &ntp + &nip * tr.nip_loss_weight + &csr * tr.csr_loss_weight,
-            Stage::II => &ntp + &csr * tr.csr_loss_weight,
-            Stage::III => ntp.shallow_clone(),
-        };
+        let total = &ntp + &nip * nip_w + &csr * csr_w;
         Ok(Losses {
             total,
             ntp,
@@ -296,32 +365,38 @@ impl Deem {
             csr,
         })
     }
+}
 
-    /// The NIP contexts and the index (in order of appearance) of each image they draw; images whose
-    /// context is only `[BOS, SoI]` are skipped.
-    pub fn nip_inputs(&self, hidden: &Tensor, ids: &Tensor) -> Option<(Tensor, Tensor, Vec<i64>)> {
-        let (ctx, mask, positions) = gather_contexts(hidden, ids, self.ids.bos, self.ids.soi)?;
-        let all: Vec<(i64, i64)> = {
-            let b = ids.size()[0];
-            let t = ids.size()[1];
-            let flat: Vec<i64> =
-                Vec::try_from(ids.to_device(tch::Device::Cpu).reshape([-1])).ok()?;
-            (0..b)
-                .flat_map(|r| (0..t).map(move |i| (r, i)))
-                .filter(|&(r, i)| flat[(r * t + i) as usize] == self.ids.soi)
-                .collect()
-        };
-        let index = positions
-            .iter()
-            .filter_map(|p| all.iter().position(|q| q == p).map(|i| i as i64))
-            .collect();
-        Some((ctx, mask, index))
+/// The special ids of a configuration (`<|startofimage|>` and `<|sniffer|>` follow the base vocabulary).
+pub fn special_ids(cfg: &DeemConfig) -> SpecialIds {
+    let l = &cfg.llm;
+    SpecialIds {
+        bos: l.bos_token_id,
+        pad: l.pad_token_id,
+        soi: l.vocab_size,
+        sniffer: l.vocab_size + 1,
     }
+}
 
-    /// Visual tokens of images for the sequence (no gradient bookkeeping beyond tch's).
-    pub fn visual_tokens(&self, pixels: &Tensor) -> Tensor {
-        let v = self.vision.forward(&self.clip_pixels(pixels));
-        self.resampler.forward(&v.tokens, None).visual_tokens
+/// The first shard's input: token embeddings with the images' visual tokens spliced in.
+pub fn embed_sequence(
+    first: &LlamaShard,
+    ids: &Tensor,
+    visual: Option<&Tensor>,
+    s: SpecialIds,
+) -> Result<Tensor, ModelError> {
+    let embeds = first.embed(ids);
+    match visual {
+        Some(v) => {
+            let soi = first
+                .soi_embedding()
+                .expect("the first shard owns the SoI vector");
+            Ok(splice_images(&embeds, ids, v, soi, s.soi, s.sniffer)?)
+        }
+        None if ids.eq(s.soi).any().int64_value(&[]) != 0 => Err(ModelError::Batch(
+            "the sequence has <|startofimage|> tokens but no images were given".into(),
+        )),
+        None => Ok(embeds),
     }
 }
 
@@ -334,11 +409,4 @@ pub fn csr_timesteps(s: &mut Stream, n: usize) -> Vec<i64> {
                 .clamp(200.0, 799.0) as i64
         })
         .collect()
-}
-
-impl Module for Deem {
-    /// Text logits for ids without images (for quick checks).
-    fn forward(&self, ids: &Tensor) -> Tensor {
-        self.llm.forward_ids(ids, 0, None)
-    }
 }

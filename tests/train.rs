@@ -44,7 +44,7 @@ fn ntp_loss_masks_pad_placeholders_bos_and_the_bos_soi_transition() {
     // when to draw), hole (masked), bos (masked), 9 (kept), pad (masked).
     let ids = Tensor::from_slice(&[bos, soi, hole, 7, soi, hole, bos, 9, pad]).view([1, 9]);
     let logits = Tensor::randn([1, 9, 1030], (Kind::Float, Device::Cpu));
-    let loss = m.ntp_loss(&logits, &ids).double_value(&[]);
+    let loss = deem::model::ntp_loss(&logits, &ids, m.ids).double_value(&[]);
     let lp = logits.log_softmax(-1, Kind::Float);
     let kept = [(2i64, 7i64), (3, soi), (6, 9)]; // (position predicting, target)
     let want: f64 = kept
@@ -66,9 +66,9 @@ fn csr_loss_is_the_diffusion_loss_of_the_encoders_own_condition() {
     // By definition: t = round((u−500)·0.6+500) from the CSR stream, noise from its stream, condition
     // proj_i(resampler(encoder(x))), target ε.
     let want = tch::no_grad(|| {
-        let v = m.vision.forward(&m.clip_pixels(&mb.pixels));
-        let cond = m.resampler.forward(&v.tokens, None).csr_condition;
-        let lat = m.latents(&mb.pixels);
+        let cond = m.vision.forward(&mb.pixels).1;
+        let d = &m.diffusion;
+        let lat = d.latents(&mb.pixels);
         let noise = Stream::new(11, 5, 1, Purpose::CsrNoise).normal(&lat.size());
         let ts = csr_timesteps(
             &mut Stream::new(11, 5, 1, Purpose::CsrTimesteps),
@@ -76,9 +76,10 @@ fn csr_loss_is_the_diffusion_loss_of_the_encoders_own_condition() {
         );
         assert!(ts.iter().all(|&x| (200..800).contains(&x)), "{ts:?}");
         let tt = ints(&ts);
-        let pred = m
-            .unet
-            .forward(&m.ddpm.add_noise(&lat, &noise, &tt), &tt, &cond);
+        let pred =
+            m.diffusion
+                .unet
+                .forward(&m.diffusion.ddpm.add_noise(&lat, &noise, &tt), &tt, &cond);
         (pred - noise).square().mean(Kind::Float).double_value(&[])
     });
     assert!((l.csr.double_value(&[]) - want).abs() < 1e-6);
@@ -96,7 +97,7 @@ fn nip_loss_is_the_diffusion_loss_of_the_llm_context_condition() {
     let batch = SyntheticBatches::new(&cfg, 4).batch(0);
     let l = tch::no_grad(|| m.losses(&batch, 13, 2, 0).unwrap());
     let want = tch::no_grad(|| {
-        let visual = m.visual_tokens(&batch.pixels);
+        let visual = m.vision.forward(&batch.pixels).0;
         let embeds = deem::sequence::splice_images(
             &m.llm.embed(&batch.input_ids),
             &batch.input_ids,
@@ -107,7 +108,7 @@ fn nip_loss_is_the_diffusion_loss_of_the_llm_context_condition() {
         )
         .unwrap();
         let hidden = m.llm.norm(&m.llm.forward_layers(&embeds, 0, None));
-        let (ctx, mask, index) = m.nip_inputs(&hidden, &batch.input_ids).unwrap();
+        let (ctx, mask, index) = deem::model::nip_inputs(&hidden, &batch.input_ids, m.ids).unwrap();
         // Every row has two images, both with text before them: all are drawn.
         assert_eq!(index, (0..batch.pixels.size()[0]).collect::<Vec<_>>());
         let k = index.len();
@@ -116,23 +117,24 @@ fn nip_loss_is_the_diffusion_loss_of_the_llm_context_condition() {
             drop.iter().any(|&d| d) && drop.iter().any(|&d| !d),
             "p = 0.5 drops some: {drop:?}"
         );
-        let cond = m.condition.forward(&ctx, &mask);
+        let cond = m.diffusion.condition.forward(&ctx, &mask);
         let rows: Vec<Tensor> = (0..k)
             .map(|i| {
                 if drop[i] {
-                    m.condition.null_condition.get(0)
+                    m.diffusion.condition.null_condition.get(0)
                 } else {
                     cond.get(i as i64)
                 }
             })
             .collect();
         let cond = Tensor::stack(&rows, 0);
-        let lat = m.latents(&batch.pixels);
+        let lat = m.diffusion.latents(&batch.pixels);
         let noise = Stream::new(13, 2, 0, Purpose::NipNoise).normal(&lat.size());
         let tt = ints(&Stream::new(13, 2, 0, Purpose::NipTimesteps).below(k, 1000));
-        let pred = m
-            .unet
-            .forward(&m.ddpm.add_noise(&lat, &noise, &tt), &tt, &cond);
+        let pred =
+            m.diffusion
+                .unet
+                .forward(&m.diffusion.ddpm.add_noise(&lat, &noise, &tt), &tt, &cond);
         (pred - noise).square().mean(Kind::Float).double_value(&[])
     });
     assert!(
@@ -153,7 +155,7 @@ fn nip_contexts_run_back_to_the_nearest_bos_and_skip_bare_images() {
     let hidden = Tensor::arange(8, (Kind::Float, Device::Cpu))
         .view([1, 8, 1])
         .expand([1, 8, 64], true);
-    let (ctx, mask, index) = m.nip_inputs(&hidden, &ids).unwrap();
+    let (ctx, mask, index) = deem::model::nip_inputs(&hidden, &ids, m.ids).unwrap();
     assert_eq!(
         index,
         vec![1],
