@@ -234,6 +234,9 @@ pub struct TrainConfig {
     /// λ for the CSR loss (5).
     pub csr_loss_weight: f64,
     pub schedule: PipelineSchedule,
+    /// Whether the original LM head trains with the LLM (stages II/III). DEEM freezes its pretrained head;
+    /// a model trained from scratch needs it trainable.
+    pub train_lm_head: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -20,6 +20,8 @@ pub enum LlamaError {
     Config { path: String, message: String },
     #[error("layer range [{start}, {end}) does not fit a model with {layers} layers; expected 0 <= start < end <= {layers}")]
     Range { start: i64, end: i64, layers: i64 },
+    #[error("llm.tie_word_embeddings = true: the last shard [{start}, {end}) would need the first shard's embedding; untie the head or place the LLM in one shard")]
+    TiedAcrossShards { start: i64, end: i64 },
 }
 
 /// HF `config.json` of a LLaMA-family model (fields deem uses; others are ignored, as transformers does).
@@ -451,6 +453,12 @@ impl LlamaShard {
                 start: range.start,
                 end: range.end,
                 layers: cfg.num_hidden_layers,
+            });
+        }
+        if cfg.tie_word_embeddings && range.start > 0 && range.end == cfg.num_hidden_layers {
+            return Err(LlamaError::TiedAcrossShards {
+                start: range.start,
+                end: range.end,
             });
         }
         let model = root / "model";

@@ -36,11 +36,16 @@ fn starts(name: &str, prefixes: &[&str]) -> bool {
     prefixes.iter().any(|p| name.starts_with(p))
 }
 
-/// The group of parameter `name` in `stage`, or `None` when it is frozen. UNet, VAE and the original LM
-/// head are always frozen; the LLM's base weights train from stage II; the encoder trunk only in stage I.
-pub fn group_of(stage: Stage, name: &str) -> Option<Group> {
-    if starts(name, &["unet.", "vae.", "lm_head."]) {
+/// The group of parameter `name` under the rules `t` (its stage), or `None` when it is frozen. UNet and
+/// VAE are always frozen; the LLM's base weights train from stage II (the original LM head only with
+/// `train.train_lm_head`); the encoder trunk only in stage I.
+pub fn group_of(t: &TrainConfig, name: &str) -> Option<Group> {
+    let stage = t.stage;
+    if starts(name, &["unet.", "vae."]) {
         return None;
+    }
+    if name.starts_with("lm_head.") {
+        return (stage != Stage::I && t.train_lm_head).then_some(Group::Llm);
     }
     if starts(
         name,
@@ -92,11 +97,11 @@ pub struct AdamW {
 impl AdamW {
     /// Marks every variable of `vs` trainable or frozen for `stage` and builds the optimizer over the
     /// trainable ones. Frozen variables get `requires_grad = false`: no gradient, no optimizer state.
-    pub fn for_stage(vs: &nn::VarStore, stage: Stage, t: &TrainConfig) -> Self {
+    pub fn for_stage(vs: &nn::VarStore, t: &TrainConfig) -> Self {
         let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
         let mut params = Vec::new();
         for (name, tensor) in vars {
-            match group_of(stage, &name) {
+            match group_of(t, &name) {
                 None => {
                     let _ = tensor.set_requires_grad(false);
                 }
@@ -195,6 +200,23 @@ pub struct StepReport {
     pub lr: f64,
 }
 
+/// What the optimizer step after a given set of gradients does: the global gradient norm, the clip
+/// factor (≤ 1) and each group's learning rate. The reference trainer and the pipeline driver share it.
+pub fn update_plan(
+    t: &TrainConfig,
+    step: u64,
+    sq_grad_norm: f64,
+) -> (f64, f64, BTreeMap<Group, f64>) {
+    let grad_norm = sq_grad_norm.sqrt();
+    let clip = (t.max_grad_norm / (grad_norm + 1e-6)).min(1.0);
+    let f = lr_factor(step, t.warmup_steps, t.steps);
+    let lrs = [Group::Encoder, Group::Llm, Group::Other]
+        .iter()
+        .map(|&g| (g, g.lr(t) * f))
+        .collect();
+    (grad_norm, clip, lrs)
+}
+
 /// The single-process reference trainer.
 pub struct Trainer {
     pub vs: nn::VarStore,
@@ -209,7 +231,7 @@ impl Trainer {
         tch::manual_seed(cfg.train.seed as i64);
         let vs = nn::VarStore::new(device);
         let model = Deem::new(&vs.root(), cfg)?;
-        let opt = AdamW::for_stage(&vs, cfg.train.stage, &cfg.train);
+        let opt = AdamW::for_stage(&vs, &cfg.train);
         Ok(Trainer {
             vs,
             model,
@@ -238,13 +260,7 @@ impl Trainer {
                 *s += v.double_value(&[]) / m as f64;
             }
         }
-        let grad_norm = self.opt.grad_sq_norm().sqrt();
-        let clip = (t.max_grad_norm / (grad_norm + 1e-6)).min(1.0);
-        let f = lr_factor(step, t.warmup_steps, t.steps);
-        let lrs: BTreeMap<Group, f64> = [Group::Encoder, Group::Llm, Group::Other]
-            .iter()
-            .map(|&g| (g, g.lr(t) * f))
-            .collect();
+        let (grad_norm, clip, lrs) = update_plan(t, step, self.opt.grad_sq_norm());
         self.opt.step(&lrs, clip);
         self.opt.zero_grad();
         Ok(StepReport {
@@ -254,7 +270,7 @@ impl Trainer {
             nip: sums[2],
             csr: sums[3],
             grad_norm,
-            lr: t.lr * f,
+            lr: lrs[&Group::Other],
         })
     }
 }

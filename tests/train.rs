@@ -17,6 +17,10 @@ fn tiny(stage: Stage) -> DeemConfig {
     cfg
 }
 
+fn rules(stage: Stage) -> deem::config::TrainConfig {
+    tiny(stage).train
+}
+
 fn snapshot(t: &Trainer) -> BTreeMap<String, Tensor> {
     t.vs.variables()
         .into_iter()
@@ -171,37 +175,54 @@ fn nip_contexts_run_back_to_the_nearest_bos_and_skip_bare_images() {
 
 #[test]
 fn stage_rules_freeze_and_group_parameters() {
-    assert_eq!(group_of(Stage::I, "unet.conv_in.weight"), None);
-    assert_eq!(group_of(Stage::II, "vae.encoder.conv_in.weight"), None);
+    assert_eq!(group_of(&rules(Stage::I), "unet.conv_in.weight"), None);
     assert_eq!(
-        group_of(Stage::III, "lm_head.weight"),
-        None,
-        "the original head stays frozen"
-    );
-    assert_eq!(group_of(Stage::I, "lm_head_new.weight"), Some(Group::Other));
-    assert_eq!(
-        group_of(Stage::I, "model.layers.0.mlp.up_proj.weight"),
+        group_of(&rules(Stage::II), "vae.encoder.conv_in.weight"),
         None
     );
+    let mut deem_recipe = rules(Stage::III);
+    deem_recipe.train_lm_head = false;
     assert_eq!(
-        group_of(Stage::II, "model.layers.0.mlp.up_proj.weight"),
-        Some(Group::Llm)
+        group_of(&deem_recipe, "lm_head.weight"),
+        None,
+        "DEEM keeps the pretrained head frozen"
     );
     assert_eq!(
-        group_of(Stage::I, "visual.trunk.stem.0.weight"),
-        Some(Group::Encoder)
+        group_of(&rules(Stage::III), "lm_head.weight"),
+        Some(Group::Llm),
+        "tiny trains its head"
     );
-    assert_eq!(group_of(Stage::II, "visual.trunk.stem.0.weight"), None);
+    assert_eq!(group_of(&rules(Stage::I), "lm_head.weight"), None);
     assert_eq!(
-        group_of(Stage::I, "nip_condition.null_condition"),
-        Some(Group::Encoder)
-    );
-    assert_eq!(
-        group_of(Stage::I, "visual_tokenizer.proj_t.weight"),
+        group_of(&rules(Stage::I), "lm_head_new.weight"),
         Some(Group::Other)
     );
     assert_eq!(
-        group_of(Stage::I, "model.soi_embedding"),
+        group_of(&rules(Stage::I), "model.layers.0.mlp.up_proj.weight"),
+        None
+    );
+    assert_eq!(
+        group_of(&rules(Stage::II), "model.layers.0.mlp.up_proj.weight"),
+        Some(Group::Llm)
+    );
+    assert_eq!(
+        group_of(&rules(Stage::I), "visual.trunk.stem.0.weight"),
+        Some(Group::Encoder)
+    );
+    assert_eq!(
+        group_of(&rules(Stage::II), "visual.trunk.stem.0.weight"),
+        None
+    );
+    assert_eq!(
+        group_of(&rules(Stage::I), "nip_condition.null_condition"),
+        Some(Group::Encoder)
+    );
+    assert_eq!(
+        group_of(&rules(Stage::I), "visual_tokenizer.proj_t.weight"),
+        Some(Group::Other)
+    );
+    assert_eq!(
+        group_of(&rules(Stage::I), "model.soi_embedding"),
         Some(Group::Other)
     );
     // transformers' cosine-with-warm-up multipliers.
@@ -222,7 +243,11 @@ fn an_optimizer_step_moves_trainable_parts_at_their_lr_and_leaves_frozen_ones() 
         let before = snapshot(&t);
         t.step(&batch).unwrap();
         let after = snapshot(&t);
-        for frozen in ["unet.", "vae.", "lm_head."] {
+        let mut frozen = vec!["unet.", "vae."];
+        if stage == Stage::I {
+            frozen.push("lm_head.");
+        }
+        for frozen in frozen {
             assert_eq!(
                 changed(&before, &after, frozen).0,
                 0,
@@ -264,7 +289,7 @@ fn an_optimizer_step_moves_trainable_parts_at_their_lr_and_leaves_frozen_ones() 
             t.opt
                 .params
                 .iter()
-                .all(|p| group_of(stage, &p.name).is_some()),
+                .all(|p| group_of(&cfg.train, &p.name).is_some()),
             "no frozen parameter has optimizer state"
         );
     }

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod forward;
 pub mod http;
 pub mod metrics;
+pub mod pipeline;
 pub mod settings;
 pub mod telemetry;
 pub mod topology;

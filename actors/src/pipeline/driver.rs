@@ -1,0 +1,272 @@
+//! The pipeline driver: spawns one stage actor per topology entry (vision, LLM shards, diffusion), wires
+//! the DAG's edges with bounded channels, initialises every stage from the same reference weights, and
+//! runs steps: each stage executes its schedule's F/B list over the microbatches, then the driver forms
+//! the global gradient norm from every stage's share and has every stage clip by the same factor and
+//! step its own AdamW groups with the shared LR schedule.
+
+use std::collections::BTreeMap;
+
+use anyhow::{anyhow, bail, Context};
+use deem::config::DeemConfig;
+use deem::model::{loss_weights, special_ids, Batch, Deem};
+use deem::train::{update_plan, Group, StepReport};
+use ractor::{Actor, ActorRef};
+use tch::{nn, Tensor};
+
+use super::schedule::{self, Op};
+use super::stage::{Links, MbData, Packet, Role, StageActor, StageArgs, StageMsg, StepOut};
+use crate::topology::{Component, Topology};
+
+/// One running stage.
+pub struct Stage {
+    pub name: String,
+    pub role: Role,
+    actor: ActorRef<StageMsg>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+/// Timing of one pipelined step, per stage (pipeline order).
+#[derive(Debug, Clone)]
+pub struct StepTiming {
+    pub busy_seconds: Vec<f64>,
+    pub idle_seconds: Vec<f64>,
+}
+
+pub struct PipelineTrainer {
+    pub cfg: DeemConfig,
+    pub stages: Vec<Stage>,
+    schedule: Vec<Vec<Op>>,
+    step: u64,
+    pub last_timing: Option<StepTiming>,
+}
+
+fn call_err(stage: &str, e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("stage {stage}: {e}")
+}
+
+impl PipelineTrainer {
+    /// Spawns the stages of `topo` for `cfg` and loads the reference initialisation (the weights
+    /// `deem::train::Trainer::new` builds for the same seed).
+    pub async fn start(cfg: &DeemConfig, topo: &Topology) -> anyhow::Result<Self> {
+        let m = cfg.train.microbatches as usize;
+        // Pipeline order: vision, the shards by layer range, diffusion.
+        let mut order: Vec<&crate::topology::Placement> = Vec::new();
+        order.extend(
+            topo.actors
+                .iter()
+                .filter(|a| a.component == Component::Vision),
+        );
+        let mut shards: Vec<_> = topo
+            .actors
+            .iter()
+            .filter(|a| a.component == Component::Llm)
+            .collect();
+        shards.sort_by_key(|a| a.layers.as_ref().map_or(0, |r| r.start));
+        order.extend(shards);
+        order.extend(
+            topo.actors
+                .iter()
+                .filter(|a| a.component == Component::Diffusion),
+        );
+        let p = order.len();
+        if p < 3 {
+            bail!(
+                "topology {}: a pipeline needs vision, at least one llm shard and diffusion",
+                topo.origin
+            );
+        }
+
+        // Edges: a forward and a gradient channel between consecutive stages, plus vision ⇄ diffusion.
+        let mut links: Vec<Links> = (0..p).map(|_| Links::default()).collect();
+        for i in 0..p - 1 {
+            let (ftx, frx) = flume::bounded::<Packet>(m);
+            let (gtx, grx) = flume::bounded::<Packet>(m);
+            links[i].fwd_out = Some(ftx);
+            links[i].grad_in = Some(grx);
+            links[i + 1].fwd_in = Some(frx);
+            links[i + 1].grad_out = Some(gtx);
+        }
+        let (ctx, crx) = flume::bounded::<Packet>(m);
+        let (cgtx, cgrx) = flume::bounded::<Packet>(m);
+        links[0].csr_out = Some(ctx);
+        links[0].csr_grad_in = Some(cgrx);
+        links[p - 1].csr_in = Some(crx);
+        links[p - 1].csr_grad_out = Some(cgtx);
+
+        let mut stages = Vec::with_capacity(p);
+        for (placement, l) in order.iter().zip(links) {
+            let role = match placement.component {
+                Component::Vision => Role::Vision,
+                Component::Diffusion => Role::Diffusion,
+                Component::Llm => Role::Llm {
+                    layers: placement.layers.clone().unwrap_or(0..0),
+                },
+            };
+            let args = StageArgs {
+                name: placement.name.clone(),
+                role: role.clone(),
+                cfg: cfg.clone(),
+                device: placement.device.into(),
+                links: l,
+            };
+            match Actor::spawn(None, StageActor, args).await {
+                Ok((actor, handle)) => stages.push(Stage {
+                    name: placement.name.clone(),
+                    role,
+                    actor,
+                    handle,
+                }),
+                Err(e) => {
+                    // Leave no actor running.
+                    for s in stages {
+                        s.actor.stop(None);
+                        let _ = s.handle.await;
+                    }
+                    bail!("cannot start actor {}: {e}", placement.name);
+                }
+            }
+        }
+        let schedule = schedule::build(cfg.train.schedule, p, m as u32);
+        let trainer = PipelineTrainer {
+            cfg: cfg.clone(),
+            stages,
+            schedule,
+            step: 0,
+            last_timing: None,
+        };
+        let init = reference_init(cfg)?;
+        for s in &trainer.stages {
+            let weights = init.clone_shallow();
+            ractor::call!(s.actor, |reply| StageMsg::Load { weights, reply })
+                .map_err(|e| call_err(&s.name, e))?
+                .map_err(|e| call_err(&s.name, e))?;
+        }
+        Ok(trainer)
+    }
+
+    /// One optimizer step over `batch` (split into `train.microbatches` microbatches).
+    pub async fn step(&mut self, batch: &Batch) -> anyhow::Result<StepReport> {
+        let t = &self.cfg.train;
+        let m = t.microbatches as i64;
+        let rows = batch.input_ids.size()[0];
+        if rows % m != 0 {
+            bail!("{rows} rows do not split into train.microbatches = {m}");
+        }
+        let ids = special_ids(&self.cfg);
+        let mbs = batch.split(m, ids.soi);
+        let step = self.step;
+        let mut calls = Vec::with_capacity(self.stages.len());
+        for (s, ops) in self.stages.iter().zip(&self.schedule) {
+            let data: Vec<MbData> = mbs
+                .iter()
+                .map(|mb| match s.role {
+                    Role::Llm { .. } => MbData {
+                        ids: Some(mb.input_ids.shallow_clone()),
+                        pixels: None,
+                    },
+                    _ => MbData {
+                        ids: None,
+                        pixels: Some(mb.pixels.shallow_clone()),
+                    },
+                })
+                .collect();
+            let ops = ops.clone();
+            let actor = s.actor.clone();
+            calls.push(tokio::spawn(async move {
+                ractor::call!(actor, |reply| StageMsg::Step {
+                    step,
+                    data,
+                    ops,
+                    reply
+                })
+            }));
+        }
+        let mut outs: Vec<StepOut> = Vec::with_capacity(calls.len());
+        let mut failures = Vec::new();
+        for (s, c) in self.stages.iter().zip(calls) {
+            match c.await {
+                Ok(Ok(Ok(out))) => outs.push(out),
+                Ok(Ok(Err(e))) => failures.push(format!("stage {}: {e}", s.name)),
+                Ok(Err(e)) => failures.push(format!("stage {}: {e}", s.name)),
+                Err(e) => failures.push(format!("stage {}: {e}", s.name)),
+            }
+        }
+        if !failures.is_empty() {
+            bail!("step {step} failed: {}", failures.join("; "));
+        }
+        let sq: f64 = outs.iter().map(|o| o.sq_grad_norm).sum();
+        let (grad_norm, clip, lrs) = update_plan(t, step, sq);
+        for s in &self.stages {
+            let lrs = lrs.clone();
+            ractor::call!(s.actor, |reply| StageMsg::Apply { lrs, clip, reply })
+                .map_err(|e| call_err(&s.name, e))?;
+        }
+        self.step += 1;
+        let (nip_w, csr_w) = loss_weights(&self.cfg);
+        let per = |f: fn(&StepOut) -> &Vec<f64>| -> Vec<f64> {
+            outs.iter().flat_map(|o| f(o).iter().copied()).collect()
+        };
+        let (ntp, nip, csr) = (per(|o| &o.ntp), per(|o| &o.nip), per(|o| &o.csr));
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / m as f64;
+        let total: f64 = (0..m as usize)
+            .map(|i| ntp[i] + nip_w * nip[i] + csr_w * csr[i])
+            .sum::<f64>()
+            / m as f64;
+        self.last_timing = Some(StepTiming {
+            busy_seconds: outs.iter().map(|o| o.busy.as_secs_f64()).collect(),
+            idle_seconds: outs.iter().map(|o| o.idle.as_secs_f64()).collect(),
+        });
+        Ok(StepReport {
+            step,
+            total,
+            ntp: mean(&ntp),
+            nip: mean(&nip),
+            csr: mean(&csr),
+            grad_norm,
+            lr: lrs[&Group::Other],
+        })
+    }
+
+    /// Every stage's parameters under their global names.
+    pub async fn weights(&self) -> anyhow::Result<BTreeMap<String, Tensor>> {
+        let mut all = BTreeMap::new();
+        for s in &self.stages {
+            let w = ractor::call!(s.actor, |reply| StageMsg::Weights { reply })
+                .map_err(|e| call_err(&s.name, e))?;
+            all.extend(w);
+        }
+        Ok(all)
+    }
+
+    /// Stops every actor and waits for their compute threads.
+    pub async fn stop(self) {
+        for s in self.stages {
+            s.actor.stop(None);
+            let _ = s.handle.await;
+        }
+    }
+}
+
+/// The reference initialisation: the weights `Trainer::new` creates for `cfg.train.seed`, on the CPU.
+struct Init(BTreeMap<String, Tensor>);
+
+impl Init {
+    fn clone_shallow(&self) -> BTreeMap<String, Tensor> {
+        self.0
+            .iter()
+            .map(|(k, v)| (k.clone(), v.shallow_clone()))
+            .collect()
+    }
+}
+
+fn reference_init(cfg: &DeemConfig) -> anyhow::Result<Init> {
+    tch::manual_seed(cfg.train.seed as i64);
+    let vs = nn::VarStore::new(tch::Device::Cpu);
+    Deem::new(&vs.root(), cfg).context("building the reference initialisation")?;
+    Ok(Init(
+        vs.variables()
+            .into_iter()
+            .map(|(k, v)| (k, v.detach()))
+            .collect(),
+    ))
+}
