@@ -10,7 +10,7 @@ setup:
 	@bash scripts/setup.sh
 
 build: setup
-	$(ENV) cargo build --release --bin deem
+	$(ENV) cargo build --release -p deem-actors --bin deem
 
 run: build
 	./target/release/deem info
