@@ -1214,12 +1214,33 @@ fn binary_trains_with_the_reference_trainer() {
     ] {
         assert!(weights.contains(key), "{key}");
     }
-    let (ok, _, err) = deem(&["train", "--run-dir", dir.to_str().unwrap()], &[]);
-    assert!(!ok);
-    assert!(
-        err.contains("pipelined training across the actors of a topology is not built yet"),
-        "{err}"
+    // Without --single-process the same job runs on the topology's actors and reports the same numbers.
+    let piped = scratch("train-piped");
+    let (ok, _, err) = deem(
+        &[
+            "train",
+            "--steps",
+            "3",
+            "--quiet",
+            "--run-dir",
+            piped.to_str().unwrap(),
+        ],
+        &[],
     );
+    assert!(ok, "{err}");
+    let lines2: Vec<serde_json::Value> = std::fs::read_to_string(piped.join("steps.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for (a, b) in lines.iter().zip(&lines2) {
+        for part in ["total", "ntp", "nip", "csr", "grad_norm", "lr"] {
+            assert!(
+                (a[part].as_f64().unwrap() - b[part].as_f64().unwrap()).abs() < 1e-5,
+                "{part}: {a} vs {b}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -1227,13 +1248,21 @@ fn training_exports_its_metrics() {
     let dir = scratch("train-metrics");
     let cfg = embedded_tiny();
     let metrics = deem_actors::metrics::Metrics::new();
+    let topo = Topology::parse(
+        deem_actors::topology::EMBEDDED_CPU,
+        "cpu.toml",
+        &cfg.config,
+        0,
+    )
+    .unwrap();
     let job = deem_actors::train_cmd::TrainJob {
         run_dir: dir,
         steps: Some(2),
-        device: deem::DeviceSpec::Cpu,
+        mode: deem_actors::train_cmd::Mode::Pipeline(topo),
         progress: false,
     };
-    let reports = deem_actors::train_cmd::run(&job, &cfg, &metrics).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let reports = deem_actors::train_cmd::run(&job, &cfg, &metrics, &rt).unwrap();
     let text = deem_actors::metrics::to_classic_text(&metrics.encode());
     assert!(text.contains("deem_train_steps_total 2\n"), "{text}");
     assert!(text.contains("deem_train_step_seconds_count 2\n"), "{text}");
@@ -1244,5 +1273,14 @@ fn training_exports_its_metrics() {
         .find(|s| s.metric == "deem_train_loss" && s.labels.get("part") == Some("total"))
         .expect("deem_train_loss{part=total}");
     assert_eq!(loss.value, prometheus_parse::Value::Gauge(reports[1].total));
+    for actor in ["vision", "llm0", "llm1", "diffusion"] {
+        assert!(
+            text.contains(&format!(
+                "deem_train_actor_busy_seconds_total{{actor=\"{actor}\"}}"
+            )),
+            "{actor}: {text}"
+        );
+    }
+    assert!(text.contains("deem_train_bubble_ratio "), "{text}");
     promtool_check(&text);
 }

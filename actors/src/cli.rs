@@ -44,23 +44,25 @@ pub enum Command {
     Config(ConfigCommand),
     /// Run one component from a checkpoint on inputs from a safetensors file; write its outputs.
     Forward(ForwardArgs),
-    /// Train DEEM (today: the single-process reference trainer on the built-in synthetic batches).
+    /// Train DEEM on the built-in synthetic batches, pipelined over the topology's actors.
     Train(TrainArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Run the reference trainer in this process on one device. The pipelined trainer over the actors
-    /// of a topology is not built yet, so this flag is required.
+    /// Run the reference trainer in this process on one device (`--device`) instead of the actors of
+    /// the topology.
     #[arg(long)]
     pub single_process: bool,
+    #[command(flatten)]
+    pub topology: TopologyArgs,
     /// Directory for steps.jsonl (one JSON line per step) and model.safetensors.
     #[arg(long, env = "DEEM_RUN_DIR", default_value = "runs/latest")]
     pub run_dir: PathBuf,
     /// Optimizer steps (default: train.steps from the config).
     #[arg(long)]
     pub steps: Option<u64>,
-    /// Device: `cpu` or `cuda:N`.
+    /// Device of the single-process trainer: `cpu` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Serve /metrics and /health on this address while training (e.g. 127.0.0.1:9464).
@@ -299,22 +301,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("wrote {}: {}", job.output.display(), written.join(", "));
         }
         Command::Train(args) => {
-            if !args.single_process {
-                anyhow::bail!(
-                    "pipelined training across the actors of a topology is not built yet; run the reference \
-                     trainer with --single-process"
-                );
-            }
             let cfg = args.config.load()?;
+            let mode = if args.single_process {
+                crate::train_cmd::Mode::SingleProcess(parse_device(&args.device)?)
+            } else {
+                crate::train_cmd::Mode::Pipeline(
+                    args.topology
+                        .load(&cfg, deem::device::cuda_device_count())?,
+                )
+            };
             let job = crate::train_cmd::TrainJob {
                 run_dir: args.run_dir,
                 steps: args.steps,
-                device: parse_device(&args.device)?,
+                mode,
                 progress: !args.quiet,
             };
             let metrics = crate::metrics::Metrics::new();
             let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
+                .worker_threads(2)
                 .enable_all()
                 .build()?;
             let server = match args.metrics_addr {
@@ -324,7 +328,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 ))?),
                 None => None,
             };
-            let reports = crate::train_cmd::run(&job, &cfg, &metrics)?;
+            let reports = crate::train_cmd::run(&job, &cfg, &metrics, &runtime)?;
             if let Some(s) = server {
                 runtime.block_on(s.stop())?;
             }

@@ -34,6 +34,15 @@ pub struct LossLabels {
     pub part: String,
 }
 
+/// Labels of the per-actor training metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActorLabels {
+    pub actor: String,
+}
+
+type F64Gauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+type F64Counter = Counter<f64, std::sync::atomic::AtomicU64>;
+
 /// The registry and handles to every metric in it.
 #[derive(Debug)]
 pub struct Metrics {
@@ -46,6 +55,9 @@ pub struct Metrics {
     pub train_samples_per_second: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub train_grad_norm: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub train_learning_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub train_actor_busy_seconds: Family<ActorLabels, F64Counter>,
+    pub train_actor_idle_seconds: Family<ActorLabels, F64Counter>,
+    pub train_bubble_ratio: F64Gauge,
 }
 
 /// The content type of [`Metrics::encode`]'s output.
@@ -145,6 +157,24 @@ impl Metrics {
             "Learning rate of the train.lr group at the last step (after warm-up and cosine decay)",
             train_learning_rate.clone(),
         );
+        let train_actor_busy_seconds = Family::<ActorLabels, F64Counter>::default();
+        registry.register(
+            "deem_train_actor_busy_seconds",
+            "Seconds each pipeline actor spent computing",
+            train_actor_busy_seconds.clone(),
+        );
+        let train_actor_idle_seconds = Family::<ActorLabels, F64Counter>::default();
+        registry.register(
+            "deem_train_actor_idle_seconds",
+            "Seconds each pipeline actor spent waiting on its channels",
+            train_actor_idle_seconds.clone(),
+        );
+        let train_bubble_ratio = F64Gauge::default();
+        registry.register(
+            "deem_train_bubble_ratio",
+            "Share of the last step's actor time spent waiting (pipeline bubble), 0 to 1",
+            train_bubble_ratio.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector));
         build_info
             .get_or_create(&BuildLabels {
@@ -163,6 +193,9 @@ impl Metrics {
             train_samples_per_second,
             train_grad_norm,
             train_learning_rate,
+            train_actor_busy_seconds,
+            train_actor_idle_seconds,
+            train_bubble_ratio,
         })
     }
 
