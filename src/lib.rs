@@ -35,3 +35,19 @@ pub const LIBTORCH_VERSION: Option<&str> = option_env!("DEEM_LIBTORCH_VERSION");
 
 /// The tch crate series this library is built on (it requires exactly PyTorch 2.13.0).
 pub const TCH_VERSION: &str = "0.26";
+
+static INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `build` (module construction, which draws initial weights from libtorch's global generator)
+/// while holding a process-wide lock, after seeding the generator when `seed` is given. Every module
+/// construction in deem goes through here, so a seeded initialisation is the same whatever other threads
+/// (other actors, other trainers) are building at the same time.
+pub fn with_init_lock<T>(seed: Option<u64>, build: impl FnOnce() -> T) -> T {
+    let _guard = INIT_LOCK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(s) = seed {
+        tch::manual_seed(s as i64);
+    }
+    build()
+}

@@ -228,9 +228,8 @@ pub struct Trainer {
 impl Trainer {
     /// Builds the model on `device` with weights initialised from `cfg.train.seed`.
     pub fn new(cfg: &DeemConfig, device: tch::Device) -> Result<Self, ModelError> {
-        tch::manual_seed(cfg.train.seed as i64);
         let vs = nn::VarStore::new(device);
-        let model = Deem::new(&vs.root(), cfg)?;
+        let model = crate::with_init_lock(Some(cfg.train.seed), || Deem::new(&vs.root(), cfg))?;
         let opt = AdamW::for_stage(&vs, &cfg.train);
         Ok(Trainer {
             vs,
@@ -273,4 +272,80 @@ impl Trainer {
             lr: lrs[&Group::Other],
         })
     }
+}
+
+/// Checkpoint keys of the AdamW moments of parameter `name`.
+pub fn moment_keys(name: &str) -> (String, String) {
+    (
+        format!("optimizer.exp_avg.{name}"),
+        format!("optimizer.exp_avg_sq.{name}"),
+    )
+}
+
+/// Writes the parameters of `vs` and the AdamW moments of `opt` to one safetensors file (atomically).
+pub fn save_shard(
+    path: &std::path::Path,
+    vs: &nn::VarStore,
+    opt: &AdamW,
+) -> Result<(), crate::checkpoint::CheckpointError> {
+    let mut tensors: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(k, v)| (k, v.detach().to_device(tch::Device::Cpu)))
+        .collect();
+    for p in &opt.params {
+        let (m, v) = moment_keys(&p.name);
+        tensors.push((m, p.exp_avg.to_device(tch::Device::Cpu)));
+        tensors.push((v, p.exp_avg_sq.to_device(tch::Device::Cpu)));
+    }
+    crate::checkpoint::save(path, &tensors)
+}
+
+/// Restores the parameters of `vs` and the moments of `opt` from a checkpoint holding them under their
+/// global names (written by [`save_shard`] from any topology), and the optimizer's step count.
+pub fn load_shard(
+    ck: &crate::checkpoint::Checkpoint,
+    vs: &nn::VarStore,
+    opt: &mut AdamW,
+    steps: u64,
+) -> Result<(), crate::checkpoint::CheckpointError> {
+    let spec = crate::checkpoint::LoadSpec {
+        component: "training state".into(),
+        prefix_map: vec![],
+        namespace: vec![],
+        ignore: vec![],
+        optional: vec![],
+    };
+    ck.load_into(vs, &spec)?;
+    let missing: Vec<String> = opt
+        .params
+        .iter()
+        .flat_map(|p| {
+            let (m, v) = moment_keys(&p.name);
+            [m, v]
+        })
+        .filter(|k| !ck.contains(k))
+        .collect();
+    if !missing.is_empty() {
+        return Err(crate::checkpoint::CheckpointError::Mismatch(
+            crate::checkpoint::MismatchReport {
+                source: ck.source.clone(),
+                component: "optimizer state".into(),
+                missing,
+                ..Default::default()
+            },
+        ));
+    }
+    tch::no_grad(|| -> Result<(), crate::checkpoint::CheckpointError> {
+        for p in &mut opt.params {
+            let (m, v) = moment_keys(&p.name);
+            if let (Some(a), Some(b)) = (ck.tensor(&m)?, ck.tensor(&v)?) {
+                p.exp_avg.copy_(&a.to_device(p.exp_avg.device()));
+                p.exp_avg_sq.copy_(&b.to_device(p.exp_avg_sq.device()));
+            }
+        }
+        Ok(())
+    })?;
+    opt.steps = steps;
+    Ok(())
 }

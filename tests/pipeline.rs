@@ -114,3 +114,132 @@ async fn pipelined_training_equals_the_reference_trainer() {
         }
     }
 }
+
+fn all_tensors(dir: &Path) -> BTreeMap<String, Tensor> {
+    let ck = deem::checkpoint::Checkpoint::open(dir).unwrap();
+    ck.names()
+        .map(|n| (n.to_string(), ck.tensor(n).unwrap().unwrap()))
+        .collect()
+}
+
+async fn run_steps(p: &mut PipelineTrainer, c: &DeemConfig, n: u64) {
+    let data = SyntheticBatches::new(c, 9);
+    for _ in 0..n {
+        let cursor = p.steps_done();
+        p.step(&data.batch(cursor)).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_from_a_checkpoint_equals_training_straight_through_even_on_another_topology() {
+    let c = cfg(PipelineSchedule::OneFOneB, Stage::I);
+    let root = std::env::temp_dir().join(format!("deem-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+
+    let mut straight = PipelineTrainer::start(&c, &topology(&c)).await.unwrap();
+    run_steps(&mut straight, &c, 6).await;
+    let want = straight
+        .save_checkpoint(&root.join("straight"), "cpu")
+        .await
+        .unwrap();
+    straight.stop().await;
+
+    let mut first = PipelineTrainer::start(&c, &topology(&c)).await.unwrap();
+    run_steps(&mut first, &c, 3).await;
+    first
+        .save_checkpoint(&root.join("resumed"), "cpu")
+        .await
+        .unwrap();
+    first.stop().await;
+    // A crash while writing the next checkpoint leaves a partial directory behind.
+    let partial = root.join("resumed/checkpoints/step-4.tmp");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(
+        partial.join("vision.safetensors"),
+        b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":",
+    )
+    .unwrap();
+
+    // Resume on three LLM shards instead of two: parameters are keyed by global names.
+    let three = format!(
+        "name = \"three\"\n{}",
+        [
+            "vision:vision:",
+            "a:llm:[0, 1]",
+            "b:llm:[1, 3]",
+            "c:llm:[3, 4]",
+            "diffusion:diffusion:"
+        ]
+        .iter()
+        .map(|spec| {
+            let parts: Vec<&str> = spec.split(':').collect();
+            let layers = if parts[2].is_empty() {
+                String::new()
+            } else {
+                format!("layers = {}\n", parts[2])
+            };
+            format!(
+                "[[actor]]\nname = \"{}\"\ncomponent = \"{}\"\ndevice = \"cpu\"\n{layers}",
+                parts[0], parts[1]
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+    );
+    let topo3 = Topology::parse(&three, "three.toml", &c, 0).unwrap();
+    let mut second = PipelineTrainer::start(&c, &topo3).await.unwrap();
+    let manifest = second.resume(&root.join("resumed")).await.unwrap();
+    assert_eq!(
+        (manifest.step, manifest.data_cursor),
+        (3, 3),
+        "the partial step-4 is ignored"
+    );
+    run_steps(&mut second, &c, 3).await;
+    let got = second
+        .save_checkpoint(&root.join("resumed"), "three")
+        .await
+        .unwrap();
+    second.stop().await;
+
+    let (a, b) = (all_tensors(&want), all_tensors(&got));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    assert!(
+        a.keys().any(|k| k.starts_with("optimizer.exp_avg_sq.")),
+        "the optimizer state is checkpointed"
+    );
+    let worst = a
+        .iter()
+        .map(|(k, v)| (v - &b[k]).abs().max().double_value(&[]))
+        .fold(0.0, f64::max);
+    eprintln!("resume: max |Δ| over parameters and optimizer moments = {worst:.3e}");
+    assert!(worst <= TOL);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_with_another_config_or_without_a_checkpoint_is_refused() {
+    let c = cfg(PipelineSchedule::Gpipe, Stage::I);
+    let root = std::env::temp_dir().join(format!("deem-resume-bad-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let mut p = PipelineTrainer::start(&c, &topology(&c)).await.unwrap();
+    let err = p.resume(&root).await.unwrap_err().to_string();
+    assert_eq!(
+        err,
+        format!(
+            "{}: no checkpoint to resume from",
+            root.join("checkpoints/latest").display()
+        )
+    );
+    p.save_checkpoint(&root, "cpu").await.unwrap();
+    p.stop().await;
+    let mut other = c.clone();
+    other.train.lr = 0.5;
+    let mut q = PipelineTrainer::start(&other, &topology(&other))
+        .await
+        .unwrap();
+    let err = q.resume(&root).await.unwrap_err().to_string();
+    assert!(
+        err.contains("the checkpoint was trained with another configuration"),
+        "{err}"
+    );
+    q.stop().await;
+}

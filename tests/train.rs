@@ -47,7 +47,7 @@ fn ntp_loss_masks_pad_placeholders_bos_and_the_bos_soi_transition() {
     // Targets (ids[1..]): soi after BOS (masked), hole (masked), 7 (kept), soi after 7 (kept: the model learns
     // when to draw), hole (masked), bos (masked), 9 (kept), pad (masked).
     let ids = Tensor::from_slice(&[bos, soi, hole, 7, soi, hole, bos, 9, pad]).view([1, 9]);
-    let logits = Tensor::randn([1, 9, 1030], (Kind::Float, Device::Cpu));
+    let logits = Stream::new(0, 0, 0, Purpose::NipNoise).normal(&[1, 9, 1030]);
     let loss = deem::model::ntp_loss(&logits, &ids, m.ids).double_value(&[]);
     let lp = logits.log_softmax(-1, Kind::Float);
     let kept = [(2i64, 7i64), (3, soi), (6, 9)]; // (position predicting, target)

@@ -3,6 +3,7 @@
 //! synchronous optimizer step. Same seed, same data → the same losses and weights as
 //! `deem::train::Trainer`.
 
+pub mod checkpoint;
 pub mod driver;
 pub mod schedule;
 pub mod stage;

@@ -227,6 +227,65 @@ impl PipelineTrainer {
         })
     }
 
+    /// Optimizer steps completed.
+    pub fn steps_done(&self) -> u64 {
+        self.step
+    }
+
+    /// Writes a checkpoint of every stage into `run_dir/checkpoints/step-N` (see `checkpoint`).
+    pub async fn save_checkpoint(
+        &self,
+        run_dir: &std::path::Path,
+        topology: &str,
+    ) -> anyhow::Result<std::path::PathBuf> {
+        let tmp = super::checkpoint::begin(run_dir, self.step)?;
+        for s in &self.stages {
+            let dir = tmp.clone();
+            ractor::call!(s.actor, |reply| StageMsg::Save { dir, reply })
+                .map_err(|e| call_err(&s.name, e))?
+                .map_err(|e| call_err(&s.name, e))?;
+        }
+        let manifest = super::checkpoint::Manifest {
+            format: 1,
+            step: self.step,
+            data_cursor: self.step,
+            seed: self.cfg.train.seed,
+            config_hash: super::checkpoint::fnv1a(&crate::settings::to_toml(&self.cfg)),
+            topology: topology.to_string(),
+            stages: self.stages.iter().map(|s| s.name.clone()).collect(),
+        };
+        super::checkpoint::commit(run_dir, &tmp, &manifest)
+    }
+
+    /// Restores every stage from the latest checkpoint of `run_dir` (written by any topology); returns
+    /// its manifest. The configuration must be the one the checkpoint was trained with.
+    pub async fn resume(
+        &mut self,
+        run_dir: &std::path::Path,
+    ) -> anyhow::Result<super::checkpoint::Manifest> {
+        let (dir, manifest) = super::checkpoint::latest(run_dir)?;
+        let hash = super::checkpoint::fnv1a(&crate::settings::to_toml(&self.cfg));
+        if manifest.config_hash != hash {
+            bail!(
+                "{}: the checkpoint was trained with another configuration (hash {}, this one {hash}); resume with the same config",
+                dir.display(),
+                manifest.config_hash
+            );
+        }
+        for s in &self.stages {
+            let (d, steps) = (dir.clone(), manifest.step);
+            ractor::call!(s.actor, |reply| StageMsg::Restore {
+                dir: d,
+                steps,
+                reply
+            })
+            .map_err(|e| call_err(&s.name, e))?
+            .map_err(|e| call_err(&s.name, e))?;
+        }
+        self.step = manifest.step;
+        Ok(manifest)
+    }
+
     /// Every stage's parameters under their global names.
     pub async fn weights(&self) -> anyhow::Result<BTreeMap<String, Tensor>> {
         let mut all = BTreeMap::new();
@@ -260,9 +319,9 @@ impl Init {
 }
 
 fn reference_init(cfg: &DeemConfig) -> anyhow::Result<Init> {
-    tch::manual_seed(cfg.train.seed as i64);
     let vs = nn::VarStore::new(tch::Device::Cpu);
-    Deem::new(&vs.root(), cfg).context("building the reference initialisation")?;
+    deem::with_init_lock(Some(cfg.train.seed), || Deem::new(&vs.root(), cfg))
+        .context("building the reference initialisation")?;
     Ok(Init(
         vs.variables()
             .into_iter()

@@ -172,14 +172,18 @@ impl Worker {
     ) -> Result<Self, String> {
         let vs = nn::VarStore::new(device);
         let root = vs.root();
-        let modules = match role {
-            Role::Vision => Modules::Vision(VisionStage::new(&root, &cfg)),
-            Role::Llm { layers } => Modules::Llm(
-                LlamaShard::new(&root, &LlamaConfig::from(&cfg.llm), layers)
-                    .map_err(|e| e.to_string())?,
-            ),
-            Role::Diffusion => Modules::Diffusion(DiffusionStage::new(&root, &cfg)),
-        };
+        // Built under the init lock: the values are replaced by the reference initialisation, but drawing
+        // them must not disturb a seeded build on another thread.
+        let modules = deem::with_init_lock(None, || -> Result<Modules, String> {
+            Ok(match role {
+                Role::Vision => Modules::Vision(VisionStage::new(&root, &cfg)),
+                Role::Llm { layers } => Modules::Llm(
+                    LlamaShard::new(&root, &LlamaConfig::from(&cfg.llm), layers)
+                        .map_err(|e| e.to_string())?,
+                ),
+                Role::Diffusion => Modules::Diffusion(DiffusionStage::new(&root, &cfg)),
+            })
+        })?;
         let opt = AdamW::for_stage(&vs, &cfg.train);
         Ok(Worker {
             name,
@@ -467,6 +471,17 @@ pub enum StageMsg {
     Weights {
         reply: RpcReplyPort<Vec<(String, Tensor)>>,
     },
+    /// Write parameters and optimizer moments to `dir/<stage>.safetensors`.
+    Save {
+        dir: std::path::PathBuf,
+        reply: RpcReplyPort<Result<(), String>>,
+    },
+    /// Restore parameters, moments and the optimizer step count from a checkpoint directory.
+    Restore {
+        dir: std::path::PathBuf,
+        steps: u64,
+        reply: RpcReplyPort<Result<(), String>>,
+    },
 }
 
 enum Command {
@@ -542,6 +557,20 @@ impl Actor for StageActor {
                         }
                         StageMsg::Weights { reply } => {
                             let _ = reply.send(w.weights());
+                        }
+                        StageMsg::Save { dir, reply } => {
+                            let path = dir.join(format!("{}.safetensors", w.name));
+                            let r = deem::train::save_shard(&path, &w.vs, &w.opt)
+                                .map_err(|e| e.to_string());
+                            let _ = reply.send(r);
+                        }
+                        StageMsg::Restore { dir, steps, reply } => {
+                            let r = deem::checkpoint::Checkpoint::open(&dir)
+                                .and_then(|ck| {
+                                    deem::train::load_shard(&ck, &w.vs, &mut w.opt, steps)
+                                })
+                                .map_err(|e| e.to_string());
+                            let _ = reply.send(r);
                         }
                     }
                 }

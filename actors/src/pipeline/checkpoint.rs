@@ -1,0 +1,88 @@
+//! Training checkpoints: `RUN/checkpoints/step-N/` holds one safetensors file per actor (its parameters
+//! and AdamW moments under global names, so any topology can resume from it) and `manifest.json` (step,
+//! data cursor, seed, config hash, topology). A checkpoint is written into `step-N.tmp/` and renamed when
+//! complete, then `RUN/checkpoints/latest` is replaced atomically: a crash while writing leaves the
+//! previous checkpoint the latest.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    /// Optimizer steps completed (the next step's index).
+    pub step: u64,
+    /// Index of the next batch of the data stream.
+    pub data_cursor: u64,
+    pub seed: u64,
+    /// FNV-1a of the resolved configuration's TOML.
+    pub config_hash: String,
+    pub topology: String,
+    pub stages: Vec<String>,
+}
+
+/// FNV-1a 64 of a string (stable across builds, unlike `DefaultHasher`).
+pub fn fnv1a(text: &str) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in text.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
+}
+
+/// Creates an empty `step-N.tmp` directory to write into.
+pub fn begin(run_dir: &Path, step: u64) -> anyhow::Result<PathBuf> {
+    let tmp = checkpoints_dir(run_dir).join(format!("step-{step}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    Ok(tmp)
+}
+
+/// Writes the manifest into `tmp`, renames it to `step-N` and points `latest` at it.
+pub fn commit(run_dir: &Path, tmp: &Path, manifest: &Manifest) -> anyhow::Result<PathBuf> {
+    std::fs::write(
+        tmp.join("manifest.json"),
+        serde_json::to_string_pretty(manifest)?,
+    )?;
+    let dir = checkpoints_dir(run_dir);
+    let done = dir.join(format!("step-{}", manifest.step));
+    let _ = std::fs::remove_dir_all(&done);
+    std::fs::rename(tmp, &done).with_context(|| format!("{}: cannot rename", tmp.display()))?;
+    let latest_tmp = dir.join("latest.tmp");
+    std::fs::write(&latest_tmp, format!("step-{}\n", manifest.step))?;
+    std::fs::rename(&latest_tmp, dir.join("latest"))?;
+    Ok(done)
+}
+
+/// The latest complete checkpoint of a run directory and its manifest.
+pub fn latest(run_dir: &Path) -> anyhow::Result<(PathBuf, Manifest)> {
+    let dir = checkpoints_dir(run_dir);
+    let pointer = dir.join("latest");
+    let name = std::fs::read_to_string(&pointer)
+        .with_context(|| format!("{}: no checkpoint to resume from", pointer.display()))?;
+    let ck = dir.join(name.trim());
+    let manifest_path = ck.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest_path)
+        .with_context(|| format!("{}: cannot read", manifest_path.display()))?;
+    let manifest: Manifest = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: not a deem checkpoint manifest",
+            manifest_path.display()
+        )
+    })?;
+    if manifest.format != 1 {
+        bail!(
+            "{}: format {} is not supported (expected 1)",
+            manifest_path.display(),
+            manifest.format
+        );
+    }
+    Ok((ck, manifest))
+}
