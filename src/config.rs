@@ -20,6 +20,19 @@ pub struct DeemConfig {
     pub llm: LlmConfig,
     pub diffusion: DiffusionConfig,
     pub train: TrainConfig,
+    /// Fault injection for rehearsing recovery (absent in normal runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<FaultConfig>,
+}
+
+/// Makes an actor fail (panic) once, at the start of a step, so restarts can be rehearsed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultConfig {
+    /// Name of the topology actor to kill.
+    pub kill_actor: String,
+    /// Step (0-based optimizer step) at which it fails.
+    pub at_step: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -237,6 +250,10 @@ pub struct TrainConfig {
     /// Whether the original LM head trains with the LLM (stages II/III). DEEM freezes its pretrained head;
     /// a model trained from scratch needs it trainable.
     pub train_lm_head: bool,
+    /// Write a checkpoint every this many steps (0: only at the end).
+    pub checkpoint_every: u64,
+    /// How often a failed step may restart the actors from the last checkpoint before the run stops.
+    pub max_restarts: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -185,7 +185,7 @@ fn unknown_key_in_file_names_file_key_and_expected_keys() {
         format!(
             "{}: train.lrr: unknown field `lrr`, expected one of `stage`, `seed`, `steps`, `warmup_steps`, \
              `batch_size`, `microbatches`, `context_length`, `lr`, `encoder_lr`, `llm_lr`, `betas`, `eps`, \
-             `weight_decay`, `max_grad_norm`, `nip_loss_weight`, `csr_loss_weight`, `schedule`, `train_lm_head`",
+             `weight_decay`, `max_grad_norm`, `nip_loss_weight`, `csr_loss_weight`, `schedule`, `train_lm_head`, `checkpoint_every`, `max_restarts`",
             p.display()
         )
     );
@@ -198,7 +198,7 @@ fn unknown_section_from_cli_names_the_flag() {
     assert_eq!(
         load_err(&p, &[], &["trian.lr=1"]),
         "--set trian.lr: trian: unknown field `trian`, expected one of `model`, `vision`, `resampler`, `llm`, \
-         `diffusion`, `train`"
+         `diffusion`, `train`, `fault`"
     );
 }
 

@@ -243,3 +243,110 @@ async fn resuming_with_another_config_or_without_a_checkpoint_is_refused() {
     );
     q.stop().await;
 }
+
+fn deem_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| {
+                    std::fs::read_to_string(e.path().join("comm"))
+                        .is_ok_and(|c| c.starts_with("deem-"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn train(
+    c: &DeemConfig,
+    dir: &Path,
+    steps: u64,
+) -> (
+    Vec<deem::train::StepReport>,
+    std::sync::Arc<deem_actors::metrics::Metrics>,
+) {
+    let loaded = deem_actors::settings::load(&deem_actors::settings::Layers {
+        base: deem_actors::settings::BaseFile::Embedded {
+            name: "test",
+            text: &toml::to_string(c).unwrap(),
+        },
+        env: vec![],
+        overrides: vec![],
+    })
+    .unwrap();
+    let metrics = deem_actors::metrics::Metrics::new();
+    let job = deem_actors::train_cmd::TrainJob {
+        run_dir: dir.to_path_buf(),
+        steps: Some(steps),
+        mode: deem_actors::train_cmd::Mode::Pipeline(topology(c)),
+        progress: false,
+        resume: false,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let reports = deem_actors::train_cmd::run(&job, &loaded, &metrics, &rt).unwrap();
+    (reports, metrics)
+}
+
+#[test]
+fn a_killed_actor_restarts_from_the_checkpoint_and_the_run_ends_as_if_nothing_happened() {
+    let root = std::env::temp_dir().join(format!("deem-fault-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let mut c = cfg(PipelineSchedule::OneFOneB, Stage::I);
+    c.train.checkpoint_every = 2;
+    c.train.max_restarts = 1;
+    let (clean, _) = train(&c, &root.join("clean"), 6);
+    c.fault = Some(deem::config::FaultConfig {
+        kill_actor: "diffusion".into(),
+        at_step: 3,
+    });
+    let (faulty, metrics) = train(&c, &root.join("faulty"), 6);
+    let text = deem_actors::metrics::to_classic_text(&metrics.encode());
+    assert!(text.contains("deem_train_restarts_total 1\n"), "{text}");
+    let log = std::fs::read_to_string(root.join("faulty/steps.jsonl")).unwrap();
+    assert!(
+        log.contains("\"event\":\"restart\"") && log.contains("\"resumed_at\":2"),
+        "{log}"
+    );
+    assert_eq!(clean.len(), 6);
+    assert_eq!(faulty.len(), 6);
+    for (a, b) in clean.iter().zip(&faulty) {
+        assert!((a.total - b.total).abs() <= TOL, "{a:?} vs {b:?}");
+    }
+    let (a, b) = (
+        all_tensors(&root.join("clean/model.safetensors")),
+        all_tensors(&root.join("faulty/model.safetensors")),
+    );
+    let worst = a
+        .iter()
+        .map(|(k, v)| (v - &b[k]).abs().max().double_value(&[]))
+        .fold(0.0, f64::max);
+    eprintln!(
+        "fault + restart: max |Δ| of final parameters vs the uninterrupted run = {worst:.3e}"
+    );
+    assert!(worst <= TOL);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topology_that_cannot_be_built_fails_clearly_and_leaves_no_actor_running() {
+    let mut c = cfg(PipelineSchedule::Gpipe, Stage::I);
+    c.llm.tie_word_embeddings = true;
+    let before = deem_threads();
+    let err = match PipelineTrainer::start(&c, &topology(&c)).await {
+        Ok(_) => panic!("a tied head cannot be split across shards"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("llm.tie_word_embeddings = true: the last shard [2, 4) would need the first shard's embedding"),
+        "{err}"
+    );
+    // Poll with a deadline: the stopped actors' threads wind down asynchronously.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while deem_threads() > before && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(deem_threads() <= before, "compute threads left running");
+}

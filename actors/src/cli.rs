@@ -71,6 +71,9 @@ pub struct TrainArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Continue from the latest checkpoint in the run directory (any topology can resume it).
+    #[arg(long)]
+    pub resume: bool,
     #[command(flatten)]
     pub config: ConfigArgs,
 }
@@ -315,6 +318,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 steps: args.steps,
                 mode,
                 progress: !args.quiet,
+                resume: args.resume,
             };
             let metrics = crate::metrics::Metrics::new();
             let runtime = tokio::runtime::Builder::new_multi_thread()

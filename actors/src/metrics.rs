@@ -58,6 +58,8 @@ pub struct Metrics {
     pub train_actor_busy_seconds: Family<ActorLabels, F64Counter>,
     pub train_actor_idle_seconds: Family<ActorLabels, F64Counter>,
     pub train_bubble_ratio: F64Gauge,
+    pub train_restarts: Counter,
+    pub train_checkpoint_seconds: Histogram,
 }
 
 /// The content type of [`Metrics::encode`]'s output.
@@ -175,6 +177,18 @@ impl Metrics {
             "Share of the last step's actor time spent waiting (pipeline bubble), 0 to 1",
             train_bubble_ratio.clone(),
         );
+        let train_restarts = Counter::default();
+        registry.register(
+            "deem_train_restarts",
+            "Times the actors were restarted from the last checkpoint after a failed step",
+            train_restarts.clone(),
+        );
+        let train_checkpoint_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 14));
+        registry.register(
+            "deem_train_checkpoint_seconds",
+            "Wall time of writing one training checkpoint",
+            train_checkpoint_seconds.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector));
         build_info
             .get_or_create(&BuildLabels {
@@ -196,6 +210,8 @@ impl Metrics {
             train_actor_busy_seconds,
             train_actor_idle_seconds,
             train_bubble_ratio,
+            train_restarts,
+            train_checkpoint_seconds,
         })
     }
 

@@ -15,6 +15,7 @@ use deem::train::{StepReport, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::metrics::{ActorLabels, LossLabels, Metrics};
+use crate::pipeline::checkpoint;
 use crate::pipeline::driver::StepTiming;
 use crate::pipeline::PipelineTrainer;
 use crate::settings::LoadedConfig;
@@ -33,6 +34,8 @@ pub struct TrainJob {
     pub steps: Option<u64>,
     pub mode: Mode,
     pub progress: bool,
+    /// Continue from the run directory's latest checkpoint.
+    pub resume: bool,
 }
 
 enum Engine<'rt> {
@@ -43,11 +46,83 @@ enum Engine<'rt> {
     },
 }
 
-impl Engine<'_> {
-    fn step(&mut self, batch: &Batch) -> anyhow::Result<StepReport> {
+impl<'rt> Engine<'rt> {
+    fn start(
+        mode: &Mode,
+        c: &deem::config::DeemConfig,
+        rt: &'rt tokio::runtime::Runtime,
+    ) -> anyhow::Result<Self> {
+        Ok(match mode {
+            Mode::SingleProcess(device) => {
+                Engine::Reference(Box::new(Trainer::new(c, (*device).into())?))
+            }
+            Mode::Pipeline(topo) => Engine::Pipeline {
+                trainer: Box::new(rt.block_on(PipelineTrainer::start(c, topo))?),
+                rt,
+            },
+        })
+    }
+
+    fn step(&mut self, batch: &Batch, kill: Option<&str>) -> anyhow::Result<StepReport> {
         match self {
             Engine::Reference(t) => Ok(t.step(batch)?),
-            Engine::Pipeline { trainer, rt } => rt.block_on(trainer.step(batch)),
+            Engine::Pipeline { trainer, rt } => rt.block_on(trainer.step_with_fault(batch, kill)),
+        }
+    }
+
+    /// Optimizer steps completed = the index of the next batch.
+    fn cursor(&self) -> u64 {
+        match self {
+            Engine::Reference(t) => t.opt.steps,
+            Engine::Pipeline { trainer, .. } => trainer.steps_done(),
+        }
+    }
+
+    fn save_checkpoint(
+        &self,
+        run_dir: &std::path::Path,
+        c: &deem::config::DeemConfig,
+        topology: &str,
+    ) -> anyhow::Result<()> {
+        match self {
+            Engine::Pipeline { trainer, rt } => {
+                rt.block_on(trainer.save_checkpoint(run_dir, topology))?;
+            }
+            Engine::Reference(t) => {
+                let tmp = checkpoint::begin(run_dir, t.opt.steps)?;
+                deem::train::save_shard(&tmp.join("trainer.safetensors"), &t.vs, &t.opt)?;
+                let manifest = checkpoint::Manifest {
+                    format: 1,
+                    step: t.opt.steps,
+                    data_cursor: t.opt.steps,
+                    seed: c.train.seed,
+                    config_hash: checkpoint::fnv1a(&crate::settings::to_toml(c)),
+                    topology: topology.to_string(),
+                    stages: vec!["trainer".into()],
+                };
+                checkpoint::commit(run_dir, &tmp, &manifest)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn resume(
+        &mut self,
+        run_dir: &std::path::Path,
+        c: &deem::config::DeemConfig,
+    ) -> anyhow::Result<u64> {
+        match self {
+            Engine::Pipeline { trainer, rt } => Ok(rt.block_on(trainer.resume(run_dir))?.step),
+            Engine::Reference(t) => {
+                let (dir, manifest) = checkpoint::latest(run_dir)?;
+                let hash = checkpoint::fnv1a(&crate::settings::to_toml(c));
+                if manifest.config_hash != hash {
+                    anyhow::bail!("{}: the checkpoint was trained with another configuration; resume with the same config", dir.display());
+                }
+                let ck = deem::checkpoint::Checkpoint::open(&dir)?;
+                deem::train::load_shard(&ck, &t.vs, &mut t.opt, manifest.step)?;
+                Ok(manifest.step)
+            }
         }
     }
 
@@ -122,7 +197,8 @@ fn record(
     }
 }
 
-/// Runs the job; returns the per-step reports. `rt` drives the actors in pipeline mode.
+/// Runs the job; returns the per-step reports (the last report of every step index). `rt` drives the
+/// actors in pipeline mode.
 pub fn run(
     job: &TrainJob,
     cfg: &LoadedConfig,
@@ -133,39 +209,55 @@ pub fn run(
     let steps = job.steps.unwrap_or(c.train.steps);
     std::fs::create_dir_all(&job.run_dir)
         .with_context(|| format!("{}: cannot create the run directory", job.run_dir.display()))?;
-    let mut engine = match &job.mode {
-        Mode::SingleProcess(device) => {
-            Engine::Reference(Box::new(Trainer::new(c, (*device).into())?))
-        }
-        Mode::Pipeline(topo) => Engine::Pipeline {
-            trainer: Box::new(rt.block_on(PipelineTrainer::start(c, topo))?),
-            rt,
-        },
+    let topology_name = match &job.mode {
+        Mode::SingleProcess(_) => "single-process".to_string(),
+        Mode::Pipeline(t) => t.name.clone(),
     };
-    let result = train_loop(&mut engine, job, cfg, metrics, steps);
-    let weights = result.as_ref().ok().map(|_| engine.weights());
+    let mut engine = Engine::start(&job.mode, c, rt)?;
+    if job.resume {
+        let at = engine.resume(&job.run_dir, c)?;
+        tracing::info!(
+            step = at,
+            "resumed from {}",
+            checkpoint::checkpoints_dir(&job.run_dir).display()
+        );
+    } else {
+        // A restart needs a checkpoint to return to, even before the first periodic one.
+        engine.save_checkpoint(&job.run_dir, c, &topology_name)?;
+    }
+    let result = train_loop(&mut engine, job, cfg, metrics, steps, &topology_name);
+    let final_state = result.as_ref().ok().map(|_| {
+        engine
+            .save_checkpoint(&job.run_dir, c, &topology_name)
+            .and_then(|_| engine.weights())
+    });
     engine.stop();
     let reports = result?;
-    if let Some(w) = weights {
+    if let Some(w) = final_state {
         deem::checkpoint::save(&job.run_dir.join("model.safetensors"), &w?)?;
     }
     Ok(reports)
 }
 
-fn train_loop(
-    engine: &mut Engine<'_>,
+fn train_loop<'rt>(
+    engine: &mut Engine<'rt>,
     job: &TrainJob,
     cfg: &LoadedConfig,
     metrics: &Arc<Metrics>,
     steps: u64,
+    topology_name: &str,
 ) -> anyhow::Result<Vec<StepReport>> {
     let c = &cfg.config;
     let data = SyntheticBatches::new(c, c.train.seed);
     let steps_path = job.run_dir.join("steps.jsonl");
-    let mut log = std::io::BufWriter::new(
-        std::fs::File::create(&steps_path)
-            .with_context(|| format!("{}: cannot create", steps_path.display()))?,
-    );
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(job.resume)
+        .write(true)
+        .truncate(!job.resume)
+        .open(&steps_path)
+        .with_context(|| format!("{}: cannot open", steps_path.display()))?;
+    let mut log = std::io::BufWriter::new(file);
     let bar = if job.progress {
         ProgressBar::new(steps)
     } else {
@@ -185,11 +277,48 @@ fn train_loop(
         ),
     };
     tracing::info!(steps, stage = ?c.train.stage, schedule = ?c.train.schedule, run_dir = %job.run_dir.display(), "training, {mode}");
-    let mut reports = Vec::with_capacity(steps as usize);
-    for i in 0..steps {
+    let mut reports: Vec<StepReport> = Vec::with_capacity(steps as usize);
+    let mut restarts = 0u32;
+    let mut fault_fired = false;
+    bar.set_position(engine.cursor());
+    while engine.cursor() < steps {
+        let i = engine.cursor();
         let batch = data.batch(i);
+        let kill = c
+            .fault
+            .as_ref()
+            .filter(|f| !fault_fired && f.at_step == i)
+            .map(|f| f.kill_actor.clone());
+        fault_fired |= kill.is_some();
         let started = std::time::Instant::now();
-        let r = engine.step(&batch)?;
+        let r = match engine.step(&batch, kill.as_deref()) {
+            Ok(r) => r,
+            Err(e) if restarts < c.train.max_restarts && matches!(job.mode, Mode::Pipeline(_)) => {
+                restarts += 1;
+                metrics.train_restarts.inc();
+                tracing::error!(
+                    step = i,
+                    restarts,
+                    "step failed, restarting the actors from the last checkpoint: {e:#}"
+                );
+                let rt: &'rt tokio::runtime::Runtime = match engine {
+                    Engine::Pipeline { rt, .. } => rt,
+                    Engine::Reference(_) => unreachable!("only pipelines restart"),
+                };
+                let fresh = Engine::start(&job.mode, c, rt)?;
+                std::mem::replace(engine, fresh).stop();
+                let at = engine.resume(&job.run_dir, c)?;
+                writeln!(
+                    log,
+                    "{}",
+                    serde_json::json!({"event": "restart", "failed_step": i, "resumed_at": at, "error": format!("{e:#}")})
+                )?;
+                reports.truncate(at as usize);
+                bar.set_position(at);
+                continue;
+            }
+            Err(e) => return Err(e.context(format!("step {i} failed"))),
+        };
         let secs = started.elapsed().as_secs_f64();
         let samples_per_second = c.train.batch_size as f64 / secs.max(1e-9);
         record(metrics, &r, secs, c.train.batch_size, engine.timing());
@@ -203,12 +332,21 @@ fn train_loop(
                                "grad_norm": r.grad_norm, "lr": r.lr, "seconds": secs,
                                "samples_per_second": samples_per_second})
         )?;
+        log.flush()?;
         bar.set_message(format!(
             "loss {:.3} (ntp {:.3} nip {:.3} csr {:.3}) {samples_per_second:.1} samples/s",
             r.total, r.ntp, r.nip, r.csr
         ));
         bar.inc(1);
         reports.push(r);
+        let every = c.train.checkpoint_every;
+        if every > 0 && engine.cursor() % every == 0 && engine.cursor() < steps {
+            let t = std::time::Instant::now();
+            engine.save_checkpoint(&job.run_dir, c, topology_name)?;
+            metrics
+                .train_checkpoint_seconds
+                .observe(t.elapsed().as_secs_f64());
+        }
     }
     bar.finish();
     log.flush()?;

@@ -146,6 +146,15 @@ impl PipelineTrainer {
 
     /// One optimizer step over `batch` (split into `train.microbatches` microbatches).
     pub async fn step(&mut self, batch: &Batch) -> anyhow::Result<StepReport> {
+        self.step_with_fault(batch, None).await
+    }
+
+    /// [`Self::step`], making the actor named `kill` fail (fault injection).
+    pub async fn step_with_fault(
+        &mut self,
+        batch: &Batch,
+        kill: Option<&str>,
+    ) -> anyhow::Result<StepReport> {
         let t = &self.cfg.train;
         let m = t.microbatches as i64;
         let rows = batch.input_ids.size()[0];
@@ -172,11 +181,13 @@ impl PipelineTrainer {
                 .collect();
             let ops = ops.clone();
             let actor = s.actor.clone();
+            let fail = kill == Some(s.name.as_str());
             calls.push(tokio::spawn(async move {
                 ractor::call!(actor, |reply| StageMsg::Step {
                     step,
                     data,
                     ops,
+                    fail,
                     reply
                 })
             }));

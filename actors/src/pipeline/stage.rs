@@ -457,6 +457,8 @@ pub enum StageMsg {
         step: u64,
         data: Vec<MbData>,
         ops: Vec<Op>,
+        /// Fault injection: the compute thread panics instead of running the step.
+        fail: bool,
         reply: RpcReplyPort<Result<StepOut, String>>,
     },
     Apply {
@@ -538,8 +540,12 @@ impl Actor for StageActor {
                             step,
                             data,
                             ops,
+                            fail,
                             reply,
                         } => {
+                            if fail {
+                                panic!("fault injection: actor {} killed at step {step}", w.name);
+                            }
                             let result = w.run_step(step, data, ops);
                             if result.is_err() {
                                 // Close this stage's channels so its neighbours fail instead of waiting forever.
