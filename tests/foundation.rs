@@ -1260,6 +1260,7 @@ fn training_exports_its_metrics() {
         steps: Some(2),
         mode: deem_actors::train_cmd::Mode::Pipeline(topo),
         progress: false,
+        resume: false,
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let reports = deem_actors::train_cmd::run(&job, &cfg, &metrics, &rt).unwrap();
