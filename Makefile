@@ -21,7 +21,7 @@ test: setup
 	$(ENV) cargo test --workspace $(CARGO_TEST_FLAGS)
 
 bench: setup
-	@echo "no benchmarks yet: they arrive with the model and pipeline issues"
+	$(ENV) cargo bench -p deem-actors --bench pipeline
 
 fmt:
 	cargo fmt --all

@@ -893,27 +893,42 @@ fn monitoring_config_and_rules_pass_promtool() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    // Every metric the rules use is one deem exports (or Prometheus' own `up`).
-    let rules = std::fs::read_to_string(dir.join("alerts.yml")).unwrap();
+    // Every deem_* / process_* metric the rules and the dashboard use is one deem exports: populate every
+    // family with a short pipelined run and a request, then look each name up.
     let metrics = deem_actors::metrics::Metrics::new();
-    // A labelled family appears once it has a sample.
-    let labels = deem_actors::metrics::HttpLabels {
-        route: "/metrics".into(),
-        status: "200".into(),
-    };
+    let labels = deem_actors::metrics::HttpLabels { route: "/metrics".into(), status: "200".into() };
     metrics.http_requests.get_or_create(&labels).inc();
+    let cfg = embedded_tiny();
+    let topo = Topology::parse(deem_actors::topology::EMBEDDED_CPU, "cpu.toml", &cfg.config, 0).unwrap();
+    let job = deem_actors::train_cmd::TrainJob {
+        run_dir: scratch("monitoring"),
+        steps: Some(1),
+        mode: deem_actors::train_cmd::Mode::Pipeline(topo),
+        progress: false,
+        resume: false,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    deem_actors::train_cmd::run(&job, &cfg, &metrics, &rt).unwrap();
     let exported = deem_actors::metrics::to_classic_text(&metrics.encode());
-    for metric in [
-        "process_start_time_seconds",
-        "process_open_fds",
-        "process_max_fds",
-        "deem_http_requests_total",
-    ] {
-        assert!(rules.contains(metric));
-        assert!(
-            exported.contains(&format!("# TYPE {metric} ")),
-            "{metric} is not exported"
-        );
+    let rules = std::fs::read_to_string(dir.join("alerts.yml")).unwrap();
+    let dashboard = std::fs::read_to_string(dir.join("grafana-training.json")).unwrap();
+    let _: serde_json::Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    let mut used = std::collections::BTreeSet::new();
+    for text in [&rules, &dashboard] {
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find(|c: char| c == 'd' || c == 'p') {
+            let tail = &rest[i..];
+            let name: String = tail.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            if (name.starts_with("deem_") || name.starts_with("process_")) && !rest[..i].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_') {
+                used.insert(name.clone());
+            }
+            rest = &tail[name.len().max(1)..];
+        }
+    }
+    assert!(used.len() >= 10, "{used:?}");
+    for metric in used {
+        let family = ["_bucket", "_sum", "_count"].iter().find_map(|s| metric.strip_suffix(s)).unwrap_or(&metric);
+        assert!(exported.contains(&format!("# TYPE {family} ")), "{metric} is used by monitoring/ but not exported");
     }
 }
 
