@@ -896,10 +896,19 @@ fn monitoring_config_and_rules_pass_promtool() {
     // Every deem_* / process_* metric the rules and the dashboard use is one deem exports: populate every
     // family with a short pipelined run and a request, then look each name up.
     let metrics = deem_actors::metrics::Metrics::new();
-    let labels = deem_actors::metrics::HttpLabels { route: "/metrics".into(), status: "200".into() };
+    let labels = deem_actors::metrics::HttpLabels {
+        route: "/metrics".into(),
+        status: "200".into(),
+    };
     metrics.http_requests.get_or_create(&labels).inc();
     let cfg = embedded_tiny();
-    let topo = Topology::parse(deem_actors::topology::EMBEDDED_CPU, "cpu.toml", &cfg.config, 0).unwrap();
+    let topo = Topology::parse(
+        deem_actors::topology::EMBEDDED_CPU,
+        "cpu.toml",
+        &cfg.config,
+        0,
+    )
+    .unwrap();
     let job = deem_actors::train_cmd::TrainJob {
         run_dir: scratch("monitoring"),
         steps: Some(1),
@@ -918,8 +927,13 @@ fn monitoring_config_and_rules_pass_promtool() {
         let mut rest = text.as_str();
         while let Some(i) = rest.find(|c: char| c == 'd' || c == 'p') {
             let tail = &rest[i..];
-            let name: String = tail.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
-            if (name.starts_with("deem_") || name.starts_with("process_")) && !rest[..i].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_') {
+            let name: String = tail
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if (name.starts_with("deem_") || name.starts_with("process_"))
+                && !rest[..i].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
+            {
                 used.insert(name.clone());
             }
             rest = &tail[name.len().max(1)..];
@@ -927,8 +941,14 @@ fn monitoring_config_and_rules_pass_promtool() {
     }
     assert!(used.len() >= 10, "{used:?}");
     for metric in used {
-        let family = ["_bucket", "_sum", "_count"].iter().find_map(|s| metric.strip_suffix(s)).unwrap_or(&metric);
-        assert!(exported.contains(&format!("# TYPE {family} ")), "{metric} is used by monitoring/ but not exported");
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| metric.strip_suffix(s))
+            .unwrap_or(&metric);
+        assert!(
+            exported.contains(&format!("# TYPE {family} ")),
+            "{metric} is used by monitoring/ but not exported"
+        );
     }
 }
 
@@ -1299,4 +1319,90 @@ fn training_exports_its_metrics() {
     }
     assert!(text.contains("deem_train_bubble_ratio "), "{text}");
     promtool_check(&text);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills the child when dropped, so a failed assertion leaves nothing running.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_a_running_training() {
+    if Command::new("prometheus")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("prometheus not installed: skipping (CI installs the Debian package)");
+        return;
+    }
+    let dir = scratch("prometheus");
+    let (deem_port, prom_port) = (free_port(), free_port());
+    let _train = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_deem"))
+            .args(["train", "--quiet", "--steps", "400", "--run-dir"])
+            .arg(dir.join("run"))
+            .args(["--metrics-addr", &format!("127.0.0.1:{deem_port}")])
+            .current_dir(root())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: deem\n    static_configs:\n      - targets: [\"127.0.0.1:{deem_port}\"]\n"
+        ),
+    )
+    .unwrap();
+    let _prom = Reaped(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let client = reqwest::Client::new();
+    let query = format!(
+        "http://127.0.0.1:{prom_port}/api/v1/query?query=deem_train_loss%7Bpart%3D%22total%22%7D"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        if let Ok(resp) = client.get(&query).send().await {
+            if let Ok(body) = resp.json::<serde_json::Value>().await {
+                if let Some(v) = body["data"]["result"][0]["value"][1].as_str() {
+                    let loss: f64 = v.parse().unwrap();
+                    assert!(loss.is_finite() && loss > 0.0, "{body}");
+                    assert_eq!(body["data"]["result"][0]["metric"]["job"], "deem");
+                    return;
+                }
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Prometheus never returned deem_train_loss"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
 }

@@ -92,7 +92,11 @@ fn hop(shape: &[i64], rounds: usize) -> (f64, f64) {
 
 fn main() {
     tch::set_num_threads(std::thread::available_parallelism().map_or(2, |n| n.get() as i32));
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     println!("deem pipeline benchmarks (tiny config, stage I, batch 8, {STEPS} timed steps after {WARMUP} warm-up; CPU, {} cores)", std::thread::available_parallelism().map_or(0, |n| n.get()));
 
     println!("\n1. runtime overhead: pipelined (4 actors, all on cpu) / single-process reference, same work");
@@ -100,7 +104,12 @@ fn main() {
         let c = cfg(schedule, 4);
         let reference = reference_seconds(&c);
         let (piped, _, _) = pipelined_seconds(&rt, &c);
-        println!("   {schedule:?} m=4: reference {:.1} ms/step, pipelined {:.1} ms/step, ratio {:.3}", reference * 1e3, piped * 1e3, piped / reference);
+        println!(
+            "   {schedule:?} m=4: reference {:.1} ms/step, pipelined {:.1} ms/step, ratio {:.3}",
+            reference * 1e3,
+            piped * 1e3,
+            piped / reference
+        );
     }
 
     println!("\n2. pipeline efficiency: measured step time / ideal from measured per-stage busy time (p = 4 stages)");
@@ -121,9 +130,18 @@ fn main() {
         }
     }
 
-    println!("\n3. activation hop between compute threads (bounded flume channel, same device: no copy)");
-    for (name, shape) in [("tiny hidden [1, 166, 64]", vec![1i64, 166, 64]), ("7B hidden [1, 2048, 4096]", vec![1, 2048, 4096])] {
+    println!(
+        "\n3. activation hop between compute threads (bounded flume channel, same device: no copy)"
+    );
+    for (name, shape) in [
+        ("tiny hidden [1, 166, 64]", vec![1i64, 166, 64]),
+        ("7B hidden [1, 2048, 4096]", vec![1, 2048, 4096]),
+    ] {
         let (lat, bps) = hop(&shape, 2000);
-        println!("   {name}: {:.2} µs per hop, {:.1} GB/s effective", lat * 1e6, bps / 1e9);
+        println!(
+            "   {name}: {:.2} µs per hop, {:.1} GB/s effective",
+            lat * 1e6,
+            bps / 1e9
+        );
     }
 }
