@@ -15,7 +15,7 @@ build: setup
 run: build
 	./target/release/deem info
 	./target/release/deem topology check --topology topologies/cpu.toml --config configs/tiny.toml
-	./target/release/deem train --single-process --config configs/tiny.toml --steps 30 --run-dir runs/tiny
+	./target/release/deem train --topology topologies/cpu.toml --config configs/tiny.toml --steps 30 --run-dir runs/tiny
 
 test: setup
 	$(ENV) cargo test --workspace $(CARGO_TEST_FLAGS)
