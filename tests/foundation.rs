@@ -1318,6 +1318,24 @@ fn training_exports_its_metrics() {
         );
     }
     assert!(text.contains("deem_train_bubble_ratio "), "{text}");
+    assert!(
+        text.contains("deem_train_samples_total 8\n"),
+        "2 steps × 4 rows: {text}"
+    );
+    let edge_bytes = scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == "deem_pipeline_edge_bytes_total"
+                && s.labels.get("edge") == Some("llm0: llm output")
+        })
+        .expect("bytes on the llm0 → llm1 edge");
+    // 2 steps × 4 rows × T tokens × 64 channels × 4 bytes of hidden states.
+    let t = deem::data::SyntheticBatches::new(&cfg.config, 0).row_len();
+    assert_eq!(
+        edge_bytes.value,
+        prometheus_parse::Value::Counter((2 * 4 * t * 64 * 4) as f64)
+    );
     promtool_check(&text);
 }
 

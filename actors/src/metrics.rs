@@ -34,6 +34,13 @@ pub struct LossLabels {
     pub part: String,
 }
 
+/// Labels of the per-edge pipeline metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EdgeLabels {
+    /// `"<sending actor>: <edge>"`, e.g. `llm0: llm output`.
+    pub edge: String,
+}
+
 /// Labels of the per-actor training metrics.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ActorLabels {
@@ -59,6 +66,10 @@ pub struct Metrics {
     pub train_actor_idle_seconds: Family<ActorLabels, F64Counter>,
     pub train_bubble_ratio: F64Gauge,
     pub train_restarts: Counter,
+    pub train_samples: Counter,
+    pub train_tokens: Counter,
+    pub pipeline_edge_bytes: Family<EdgeLabels, Counter>,
+    pub pipeline_edge_queue_depth: Family<EdgeLabels, Gauge>,
     pub train_checkpoint_seconds: Histogram,
 }
 
@@ -183,6 +194,30 @@ impl Metrics {
             "Times the actors were restarted from the last checkpoint after a failed step",
             train_restarts.clone(),
         );
+        let train_samples = Counter::default();
+        registry.register(
+            "deem_train_samples",
+            "Training sequences processed",
+            train_samples.clone(),
+        );
+        let train_tokens = Counter::default();
+        registry.register(
+            "deem_train_tokens",
+            "Training tokens processed (image placeholders included)",
+            train_tokens.clone(),
+        );
+        let pipeline_edge_bytes = Family::<EdgeLabels, Counter>::default();
+        registry.register(
+            "deem_pipeline_edge_bytes",
+            "Bytes of activations and gradients sent along each pipeline edge",
+            pipeline_edge_bytes.clone(),
+        );
+        let pipeline_edge_queue_depth = Family::<EdgeLabels, Gauge>::default();
+        registry.register(
+            "deem_pipeline_edge_queue_depth_messages",
+            "Deepest queue of each pipeline edge during the last step, in messages",
+            pipeline_edge_queue_depth.clone(),
+        );
         let train_checkpoint_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 14));
         registry.register(
             "deem_train_checkpoint_seconds",
@@ -211,6 +246,10 @@ impl Metrics {
             train_actor_idle_seconds,
             train_bubble_ratio,
             train_restarts,
+            train_samples,
+            train_tokens,
+            pipeline_edge_bytes,
+            pipeline_edge_queue_depth,
             train_checkpoint_seconds,
         })
     }

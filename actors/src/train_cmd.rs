@@ -161,10 +161,13 @@ fn record(
     m: &Metrics,
     r: &StepReport,
     seconds: f64,
-    rows: u64,
+    batch: &Batch,
     timing: Option<(Vec<String>, StepTiming)>,
 ) {
+    let rows = batch.input_ids.size()[0] as u64;
     m.train_steps.inc();
+    m.train_samples.inc_by(rows);
+    m.train_tokens.inc_by(batch.input_ids.numel() as u64);
     for (part, v) in [
         ("total", r.total),
         ("ntp", r.ntp),
@@ -194,6 +197,13 @@ fn record(
         }
         let (busy, idle): (f64, f64) = (t.busy_seconds.iter().sum(), t.idle_seconds.iter().sum());
         m.train_bubble_ratio.set(idle / (busy + idle).max(1e-12));
+        for (edge, (bytes, depth)) in t.edges {
+            let l = crate::metrics::EdgeLabels { edge };
+            m.pipeline_edge_bytes.get_or_create(&l).inc_by(bytes);
+            m.pipeline_edge_queue_depth
+                .get_or_create(&l)
+                .set(depth as i64);
+        }
     }
 }
 
@@ -321,7 +331,7 @@ fn train_loop<'rt>(
         };
         let secs = started.elapsed().as_secs_f64();
         let samples_per_second = c.train.batch_size as f64 / secs.max(1e-9);
-        record(metrics, &r, secs, c.train.batch_size, engine.timing());
+        record(metrics, &r, secs, &batch, engine.timing());
         if !r.total.is_finite() {
             tracing::warn!(step = r.step, "the loss is not finite");
         }

@@ -30,6 +30,8 @@ pub struct Stage {
 pub struct StepTiming {
     pub busy_seconds: Vec<f64>,
     pub idle_seconds: Vec<f64>,
+    /// Per edge (`"<sender>: <edge>"`): bytes sent and the deepest queue seen.
+    pub edges: BTreeMap<String, (u64, usize)>,
 }
 
 pub struct PipelineTrainer {
@@ -226,6 +228,7 @@ impl PipelineTrainer {
         self.last_timing = Some(StepTiming {
             busy_seconds: outs.iter().map(|o| o.busy.as_secs_f64()).collect(),
             idle_seconds: outs.iter().map(|o| o.idle.as_secs_f64()).collect(),
+            edges: outs.iter().flat_map(|o| o.edges.clone()).collect(),
         });
         Ok(StepReport {
             step,

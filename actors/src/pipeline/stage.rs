@@ -75,6 +75,8 @@ pub struct StepOut {
     /// Time spent computing, and waiting on channels.
     pub busy: Duration,
     pub idle: Duration,
+    /// Per outgoing edge: bytes sent and the deepest queue seen right after a send.
+    pub edges: BTreeMap<String, (u64, usize)>,
 }
 
 enum Modules {
@@ -107,6 +109,7 @@ struct Worker {
     links: Links,
     saved: HashMap<u32, Saved>,
     idle: Duration,
+    edges: BTreeMap<String, (u64, usize)>,
 }
 
 fn leaf(t: &Tensor, device: tch::Device) -> Tensor {
@@ -151,13 +154,23 @@ fn send(
     p: Packet,
     edge: &str,
     idle: &mut Duration,
+    edges: &mut BTreeMap<String, (u64, usize)>,
 ) -> Result<(), String> {
+    let bytes: u64 = p
+        .tensors
+        .iter()
+        .flatten()
+        .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+        .sum();
     let tx = tx
         .as_ref()
         .ok_or_else(|| format!("{name}: no {edge} channel"))?;
     let waited = Instant::now();
     tx.send(p)
         .map_err(|_| format!("{name}: the {edge} channel closed (a neighbour stopped)"))?;
+    let e = edges.entry(format!("{name}: {edge}")).or_insert((0, 0));
+    e.0 += bytes;
+    e.1 = e.1.max(tx.len());
     *idle += waited.elapsed();
     Ok(())
 }
@@ -196,6 +209,7 @@ impl Worker {
             links,
             saved: HashMap::new(),
             idle: Duration::ZERO,
+            edges: BTreeMap::new(),
         })
     }
 
@@ -331,7 +345,7 @@ impl Worker {
             }
         }
         for (tx, p, edge) in sends {
-            send(name, tx, p, edge, &mut idle)?;
+            send(name, tx, p, edge, &mut idle, &mut self.edges)?;
         }
         self.idle += idle;
         self.saved.insert(mb, saved);
@@ -393,6 +407,7 @@ impl Worker {
                 },
                 "gradient out",
                 &mut idle,
+                &mut self.edges,
             )?;
         }
         if self.links.csr_grad_out.is_some() {
@@ -407,6 +422,7 @@ impl Worker {
                 p,
                 "csr gradient out",
                 &mut idle,
+                &mut self.edges,
             )?;
         }
         self.idle += idle;
@@ -416,6 +432,7 @@ impl Worker {
     fn run_step(&mut self, step: u64, data: Vec<MbData>, ops: Vec<Op>) -> Result<StepOut, String> {
         let started = Instant::now();
         self.idle = Duration::ZERO;
+        self.edges.clear();
         let m = data.len() as u32;
         let mut out = StepOut::default();
         for op in ops {
@@ -426,6 +443,7 @@ impl Worker {
         }
         out.sq_grad_norm = self.opt.grad_sq_norm();
         out.idle = self.idle;
+        out.edges = std::mem::take(&mut self.edges);
         out.busy = started.elapsed().saturating_sub(self.idle);
         Ok(out)
     }
