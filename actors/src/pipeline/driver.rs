@@ -6,23 +6,22 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{bail, Context};
 use deem::config::DeemConfig;
 use deem::model::{loss_weights, special_ids, Batch, Deem};
 use deem::train::{update_plan, Group, StepReport};
-use ractor::{Actor, ActorRef};
 use tch::{nn, Tensor};
 
 use super::schedule::{self, Op};
-use super::stage::{Links, MbData, Packet, Role, StageActor, StageArgs, StageMsg, StepOut};
+use super::stage::{Links, MbData, Packet, Role, StageArgs, StageHandle, StepOut};
 use crate::topology::{Component, Topology};
 
 /// One running stage.
 pub struct Stage {
     pub name: String,
     pub role: Role,
-    actor: ActorRef<StageMsg>,
-    handle: tokio::task::JoinHandle<()>,
+    pub handle: StageHandle,
+    join: tokio::task::JoinHandle<()>,
 }
 
 /// Timing of one pipelined step, per stage (pipeline order).
@@ -40,10 +39,6 @@ pub struct PipelineTrainer {
     schedule: Vec<Vec<Op>>,
     step: u64,
     pub last_timing: Option<StepTiming>,
-}
-
-fn call_err(stage: &str, e: impl std::fmt::Display) -> anyhow::Error {
-    anyhow!("stage {stage}: {e}")
 }
 
 impl PipelineTrainer {
@@ -111,20 +106,20 @@ impl PipelineTrainer {
                 device: placement.device.into(),
                 links: l,
             };
-            match Actor::spawn(None, StageActor, args).await {
-                Ok((actor, handle)) => stages.push(Stage {
+            match StageHandle::spawn(args).await {
+                Ok((handle, join)) => stages.push(Stage {
                     name: placement.name.clone(),
                     role,
-                    actor,
                     handle,
+                    join,
                 }),
                 Err(e) => {
                     // Leave no actor running.
                     for s in stages {
-                        s.actor.stop(None);
-                        let _ = s.handle.await;
+                        s.handle.stop();
+                        let _ = s.join.await;
                     }
-                    bail!("cannot start actor {}: {e}", placement.name);
+                    bail!("cannot start actor {}: {e:#}", placement.name);
                 }
             }
         }
@@ -139,9 +134,7 @@ impl PipelineTrainer {
         let init = reference_init(cfg)?;
         for s in &trainer.stages {
             let weights = init.clone_shallow();
-            ractor::call!(s.actor, |reply| StageMsg::Load { weights, reply })
-                .map_err(|e| call_err(&s.name, e))?
-                .map_err(|e| call_err(&s.name, e))?;
+            s.handle.load(weights).await?;
         }
         Ok(trainer)
     }
@@ -166,41 +159,43 @@ impl PipelineTrainer {
         let ids = special_ids(&self.cfg);
         let mbs = batch.split(m, ids.soi);
         let step = self.step;
+        // One id and span per microbatch; every stage works on it inside that span.
+        let ids_spans: Vec<(uuid::Uuid, tracing::Span)> = (0..mbs.len())
+            .map(|i| {
+                let id = uuid::Uuid::new_v4();
+                (id, tracing::debug_span!("microbatch", step, mb = i, %id))
+            })
+            .collect();
         let mut calls = Vec::with_capacity(self.stages.len());
         for (s, ops) in self.stages.iter().zip(&self.schedule) {
             let data: Vec<MbData> = mbs
                 .iter()
-                .map(|mb| match s.role {
-                    Role::Llm { .. } => MbData {
-                        ids: Some(mb.input_ids.shallow_clone()),
-                        pixels: None,
-                    },
-                    _ => MbData {
-                        ids: None,
-                        pixels: Some(mb.pixels.shallow_clone()),
-                    },
+                .zip(&ids_spans)
+                .map(|(mb, (id, span))| {
+                    let (ids, pixels) = match s.role {
+                        Role::Llm { .. } => (Some(mb.input_ids.shallow_clone()), None),
+                        _ => (None, Some(mb.pixels.shallow_clone())),
+                    };
+                    MbData {
+                        id: *id,
+                        span: span.clone(),
+                        ids,
+                        pixels,
+                    }
                 })
                 .collect();
-            let ops = ops.clone();
-            let actor = s.actor.clone();
+            let (handle, ops) = (s.handle.clone(), ops.clone());
             let fail = kill == Some(s.name.as_str());
             calls.push(tokio::spawn(async move {
-                ractor::call!(actor, |reply| StageMsg::Step {
-                    step,
-                    data,
-                    ops,
-                    fail,
-                    reply
-                })
+                handle.step(step, data, ops, fail).await
             }));
         }
         let mut outs: Vec<StepOut> = Vec::with_capacity(calls.len());
         let mut failures = Vec::new();
         for (s, c) in self.stages.iter().zip(calls) {
             match c.await {
-                Ok(Ok(Ok(out))) => outs.push(out),
-                Ok(Ok(Err(e))) => failures.push(format!("stage {}: {e}", s.name)),
-                Ok(Err(e)) => failures.push(format!("stage {}: {e}", s.name)),
+                Ok(Ok(out)) => outs.push(out),
+                Ok(Err(e)) => failures.push(format!("{e:#}")),
                 Err(e) => failures.push(format!("stage {}: {e}", s.name)),
             }
         }
@@ -211,8 +206,7 @@ impl PipelineTrainer {
         let (grad_norm, clip, lrs) = update_plan(t, step, sq);
         for s in &self.stages {
             let lrs = lrs.clone();
-            ractor::call!(s.actor, |reply| StageMsg::Apply { lrs, clip, reply })
-                .map_err(|e| call_err(&s.name, e))?;
+            s.handle.apply(lrs, clip).await?;
         }
         self.step += 1;
         let (nip_w, csr_w) = loss_weights(&self.cfg);
@@ -255,9 +249,7 @@ impl PipelineTrainer {
         let tmp = super::checkpoint::begin(run_dir, self.step)?;
         for s in &self.stages {
             let dir = tmp.clone();
-            ractor::call!(s.actor, |reply| StageMsg::Save { dir, reply })
-                .map_err(|e| call_err(&s.name, e))?
-                .map_err(|e| call_err(&s.name, e))?;
+            s.handle.save(dir).await?;
         }
         let manifest = super::checkpoint::Manifest {
             format: 1,
@@ -288,13 +280,7 @@ impl PipelineTrainer {
         }
         for s in &self.stages {
             let (d, steps) = (dir.clone(), manifest.step);
-            ractor::call!(s.actor, |reply| StageMsg::Restore {
-                dir: d,
-                steps,
-                reply
-            })
-            .map_err(|e| call_err(&s.name, e))?
-            .map_err(|e| call_err(&s.name, e))?;
+            s.handle.restore(d, steps).await?;
         }
         self.step = manifest.step;
         Ok(manifest)
@@ -304,8 +290,7 @@ impl PipelineTrainer {
     pub async fn weights(&self) -> anyhow::Result<BTreeMap<String, Tensor>> {
         let mut all = BTreeMap::new();
         for s in &self.stages {
-            let w = ractor::call!(s.actor, |reply| StageMsg::Weights { reply })
-                .map_err(|e| call_err(&s.name, e))?;
+            let w = s.handle.weights().await?;
             all.extend(w);
         }
         Ok(all)
@@ -314,8 +299,8 @@ impl PipelineTrainer {
     /// Stops every actor and waits for their compute threads.
     pub async fn stop(self) {
         for s in self.stages {
-            s.actor.stop(None);
-            let _ = s.handle.await;
+            s.handle.stop();
+            let _ = s.join.await;
         }
     }
 }

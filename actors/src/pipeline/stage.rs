@@ -32,6 +32,8 @@ pub enum Role {
 /// no NIP context, a loss term the stage does not train).
 pub struct Packet {
     pub mb: u32,
+    /// The microbatch's id (unique per step and microbatch), checked by the receiver.
+    pub id: uuid::Uuid,
     pub tensors: Option<Vec<Tensor>>,
     /// The images a NIP context draws (last shard → diffusion).
     pub index: Vec<i64>,
@@ -60,6 +62,9 @@ pub struct Links {
 
 /// The inputs of one microbatch a stage needs (ids for shards, pixels for vision and diffusion).
 pub struct MbData {
+    pub id: uuid::Uuid,
+    /// The driver's span for this microbatch; the stage works inside it.
+    pub span: tracing::Span,
     pub ids: Option<Tensor>,
     pub pixels: Option<Tensor>,
 }
@@ -88,6 +93,7 @@ enum Modules {
 /// Activations kept from a microbatch's forward for its backward.
 #[derive(Default)]
 struct Saved {
+    id: uuid::Uuid,
     /// Leaves received from upstream (gradient goes back to their senders).
     input: Option<Tensor>,
     csr_input: Option<Tensor>,
@@ -128,6 +134,7 @@ fn recv(
     name: &str,
     rx: &Option<Receiver<Packet>>,
     mb: u32,
+    id: uuid::Uuid,
     edge: &str,
     idle: &mut Duration,
 ) -> Result<Packet, String> {
@@ -139,10 +146,10 @@ fn recv(
         .recv()
         .map_err(|_| format!("{name}: the {edge} channel closed (a neighbour stopped)"))?;
     *idle += waited.elapsed();
-    if p.mb != mb {
+    if p.mb != mb || p.id != id {
         return Err(format!(
-            "{name}: expected microbatch {mb} on {edge}, got {}",
-            p.mb
+            "{name}: expected microbatch {mb} ({id}) on {edge}, got {} ({})",
+            p.mb, p.id
         ));
     }
     Ok(p)
@@ -227,7 +234,11 @@ impl Worker {
         let name = self.name.as_str();
         let links = &self.links;
         let mut idle = Duration::ZERO;
-        let mut saved = Saved::default();
+        let id = data.id;
+        let mut saved = Saved {
+            id,
+            ..Default::default()
+        };
         let mut sends: Vec<(&Option<Sender<Packet>>, Packet, &str)> = Vec::new();
         match &self.modules {
             Modules::Vision(v) => {
@@ -246,6 +257,7 @@ impl Worker {
                     &links.fwd_out,
                     Packet {
                         mb,
+                        id,
                         tensors: vis.as_ref().map(|t| vec![t.detach()]),
                         index: vec![],
                     },
@@ -255,6 +267,7 @@ impl Worker {
                     &links.csr_out,
                     Packet {
                         mb,
+                        id,
                         tensors: csr.as_ref().map(|t| vec![t.detach()]),
                         index: vec![],
                     },
@@ -269,7 +282,7 @@ impl Worker {
                     .as_ref()
                     .ok_or("llm stage without ids")?
                     .to_device(dev);
-                let p = recv(name, &links.fwd_in, mb, "llm input", &mut idle)?;
+                let p = recv(name, &links.fwd_in, mb, id, "llm input", &mut idle)?;
                 let input = p.tensors.as_ref().map(|t| leaf(&t[0], dev));
                 let h_in = if shard.is_first() {
                     embed_sequence(shard, &ids, input.as_ref(), self.ids)
@@ -295,12 +308,14 @@ impl Worker {
                             saved.output = Some(ctx.shallow_clone());
                             Packet {
                                 mb,
+                                id,
                                 tensors: Some(vec![ctx.detach(), mask]),
                                 index,
                             }
                         }
                         None => Packet {
                             mb,
+                            id,
                             tensors: None,
                             index: vec![],
                         },
@@ -309,6 +324,7 @@ impl Worker {
                     saved.output = Some(h.shallow_clone());
                     Packet {
                         mb,
+                        id,
                         tensors: Some(vec![h.detach()]),
                         index: vec![],
                     }
@@ -322,8 +338,8 @@ impl Worker {
                     .as_ref()
                     .ok_or("diffusion stage without pixels")?
                     .to_device(dev);
-                let csr_p = recv(name, &links.csr_in, mb, "vision→diffusion", &mut idle)?;
-                let nip_p = recv(name, &links.fwd_in, mb, "llm→diffusion", &mut idle)?;
+                let csr_p = recv(name, &links.csr_in, mb, id, "vision→diffusion", &mut idle)?;
+                let nip_p = recv(name, &links.fwd_in, mb, id, "llm→diffusion", &mut idle)?;
                 let zero = || Tensor::zeros([], (Kind::Float, dev));
                 let mut nip = zero();
                 if let Some(t) = &nip_p.tensors {
@@ -360,9 +376,10 @@ impl Worker {
             .saved
             .remove(&mb)
             .ok_or_else(|| format!("{name}: backward of microbatch {mb} before its forward"))?;
+        let id = saved.id;
         // Gradients of what this stage sent downstream.
         let g_out = match &self.links.grad_in {
-            Some(_) => recv(name, &self.links.grad_in, mb, "gradient in", &mut idle)?.tensors,
+            Some(_) => recv(name, &self.links.grad_in, mb, id, "gradient in", &mut idle)?.tensors,
             None => None,
         };
         let g_csr = match &self.links.csr_grad_in {
@@ -371,6 +388,7 @@ impl Worker {
                     name,
                     &self.links.csr_grad_in,
                     mb,
+                    id,
                     "csr gradient in",
                     &mut idle,
                 )?
@@ -402,6 +420,7 @@ impl Worker {
                 &self.links.grad_out,
                 Packet {
                     mb,
+                    id,
                     tensors: grad_of(&saved.input),
                     index: vec![],
                 },
@@ -413,6 +432,7 @@ impl Worker {
         if self.links.csr_grad_out.is_some() {
             let p = Packet {
                 mb,
+                id,
                 tensors: grad_of(&saved.csr_input),
                 index: vec![],
             };
@@ -437,8 +457,17 @@ impl Worker {
         let mut out = StepOut::default();
         for op in ops {
             match op {
-                Op::Forward(mb) => self.forward(mb, &data[mb as usize], step, m, &mut out)?,
-                Op::Backward(mb) => self.backward(mb)?,
+                Op::Forward(mb) => {
+                    let d = &data[mb as usize];
+                    let _in_span = d.span.enter();
+                    tracing::trace!(stage = %self.name, mb, "forward");
+                    self.forward(mb, d, step, m, &mut out)?
+                }
+                Op::Backward(mb) => {
+                    let _in_span = data[mb as usize].span.enter();
+                    tracing::trace!(stage = %self.name, mb, "backward");
+                    self.backward(mb)?
+                }
             }
         }
         out.sq_grad_norm = self.opt.grad_sq_norm();
@@ -633,5 +662,78 @@ impl Actor for StageActor {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
         Ok(())
+    }
+}
+
+/// A typed handle to a stage actor: callers use async methods and never build messages.
+#[derive(Clone)]
+pub struct StageHandle {
+    pub name: String,
+    actor: ActorRef<StageMsg>,
+}
+
+fn rpc_err(name: &str, e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("stage {name}: {e}")
+}
+
+impl StageHandle {
+    /// Spawns the actor (its compute thread builds the stage's modules before this returns).
+    pub async fn spawn(args: StageArgs) -> anyhow::Result<(Self, tokio::task::JoinHandle<()>)> {
+        let name = args.name.clone();
+        let (actor, handle) = Actor::spawn(None, StageActor, args)
+            .await
+            .map_err(|e| rpc_err(&name, e))?;
+        Ok((StageHandle { name, actor }, handle))
+    }
+
+    /// Runs the step's ops; with `fail` the compute thread panics instead (fault injection).
+    pub async fn step(
+        &self,
+        step: u64,
+        data: Vec<MbData>,
+        ops: Vec<Op>,
+        fail: bool,
+    ) -> anyhow::Result<StepOut> {
+        ractor::call!(self.actor, |reply| StageMsg::Step {
+            step,
+            data,
+            ops,
+            fail,
+            reply
+        })
+        .map_err(|e| rpc_err(&self.name, e))?
+        .map_err(|e| rpc_err(&self.name, e))
+    }
+
+    pub async fn apply(&self, lrs: BTreeMap<Group, f64>, clip: f64) -> anyhow::Result<()> {
+        ractor::call!(self.actor, |reply| StageMsg::Apply { lrs, clip, reply })
+            .map_err(|e| rpc_err(&self.name, e))
+    }
+
+    pub async fn load(&self, weights: BTreeMap<String, Tensor>) -> anyhow::Result<()> {
+        ractor::call!(self.actor, |reply| StageMsg::Load { weights, reply })
+            .map_err(|e| rpc_err(&self.name, e))?
+            .map_err(|e| rpc_err(&self.name, e))
+    }
+
+    pub async fn weights(&self) -> anyhow::Result<Vec<(String, Tensor)>> {
+        ractor::call!(self.actor, |reply| StageMsg::Weights { reply })
+            .map_err(|e| rpc_err(&self.name, e))
+    }
+
+    pub async fn save(&self, dir: std::path::PathBuf) -> anyhow::Result<()> {
+        ractor::call!(self.actor, |reply| StageMsg::Save { dir, reply })
+            .map_err(|e| rpc_err(&self.name, e))?
+            .map_err(|e| rpc_err(&self.name, e))
+    }
+
+    pub async fn restore(&self, dir: std::path::PathBuf, steps: u64) -> anyhow::Result<()> {
+        ractor::call!(self.actor, |reply| StageMsg::Restore { dir, steps, reply })
+            .map_err(|e| rpc_err(&self.name, e))?
+            .map_err(|e| rpc_err(&self.name, e))
+    }
+
+    pub fn stop(&self) {
+        self.actor.stop(None);
     }
 }
