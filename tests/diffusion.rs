@@ -1,5 +1,8 @@
 //! UNet, VAE and scheduler parity with diffusers 0.42.1 (fixtures from tests/fixtures/generate.py).
 
+mod common;
+use common::{fixture, max_diff, read};
+
 use std::path::{Path, PathBuf};
 
 use deem::checkpoint::Checkpoint;
@@ -10,24 +13,8 @@ use tch::{nn, Device, Tensor};
 /// fp32 parity bound against diffusers.
 const TOL: f64 = 1e-4;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
-fn read(path: &Path, name: &str) -> Tensor {
-    Checkpoint::open(path)
-        .unwrap()
-        .tensor(name)
-        .unwrap()
-        .unwrap_or_else(|| panic!("{name} not in {path:?}"))
-}
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a - b).abs().max().double_value(&[])
-}
 
 pub fn sd_scheduler() -> SchedulerConfig {
     SchedulerConfig {

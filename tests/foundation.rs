@@ -2,30 +2,20 @@
 //! topology validation and its error messages, the placement table, the `/metrics` + `/health`
 //! endpoint (scraped and parsed as Prometheus text), and the `deem` binary itself.
 
+mod common;
+use common::{fixture, root, scratch};
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use deem_actors::settings::{self, BaseFile, ConfigError, Layers, LoadedConfig};
 use deem_actors::topology::{Component, Topology};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 fn tiny_text() -> String {
     std::fs::read_to_string(root().join("configs/tiny.toml")).unwrap()
 }
 
-/// A scratch directory unique to one test.
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("deem-foundation-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// Writes tiny.toml with `edit` applied (a plain text replacement) and returns its path.
 fn tiny_with(dir: &Path, from: &str, to: &str) -> PathBuf {
@@ -980,9 +970,6 @@ fn binary_plans_gpu_topologies_with_assumed_devices() {
 
 // ---------------------------------------------------------------- deem forward
 
-fn fixture(name: &str) -> PathBuf {
-    root().join("tests/fixtures").join(name)
-}
 
 fn max_abs_diff(out: &Path, expected: &Path, names: &[&str]) -> f64 {
     let a = deem::checkpoint::Checkpoint::open(out).unwrap();

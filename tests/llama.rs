@@ -1,6 +1,9 @@
 //! LLaMA parity with HF transformers 5.24.0 (fixtures from tests/fixtures/generate.py), pipeline shards,
 //! the KV cache, sharded and DEEM-prefixed checkpoints, and the checkpoint loader's error reports.
 
+mod common;
+use common::{fixture, max_diff, read, scratch};
+
 use std::path::{Path, PathBuf};
 
 use deem::checkpoint::{self, Checkpoint};
@@ -10,31 +13,9 @@ use tch::{nn, Device, Kind, Tensor};
 /// fp32 parity bound against the reference library (the stated tolerance).
 const TOL: f64 = 1e-4;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("deem-llama-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
-fn read(path: &Path, name: &str) -> Tensor {
-    Checkpoint::open(path)
-        .unwrap()
-        .tensor(name)
-        .unwrap()
-        .unwrap()
-}
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a - b).abs().max().double_value(&[])
-}
 
 fn config(dir: &Path, new_tokens: i64) -> LlamaConfig {
     LlamaConfig::from_hf_file(&dir.join("config.json"), new_tokens).unwrap()

@@ -1,17 +1,15 @@
 //! Tokenizer parity with HF `tokenizers` (fixture from tests/fixtures/generate.py), DEEM's special tokens,
 //! and splicing visual tokens into the LLM's embedding sequence.
 
+mod common;
+use common::{fixture};
+
 use std::path::{Path, PathBuf};
 
 use deem::sequence::{splice_images, SequenceError};
 use deem::tokenizer::{DeemTokenizer, SPECIAL_TOKENS};
 use tch::{Device, Kind, Tensor};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 fn expected() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixture("tokenizer/expected.json")).unwrap())

@@ -2,6 +2,9 @@
 //! Blip2QFormerModel + DEEM projections) parity with the references in tests/fixtures/generate.py
 //! (torch 2.13.0, transformers 5.24.0, timm 1.0.31), and CLIP preprocessing.
 
+mod common;
+use common::{fixture, max_diff, read};
+
 use std::path::{Path, PathBuf};
 
 use deem::checkpoint::Checkpoint;
@@ -13,24 +16,8 @@ use tch::{nn, Device, Kind, Tensor};
 /// fp32 parity bound against the reference libraries.
 const TOL: f64 = 1e-4;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
-fn read(path: &Path, name: &str) -> Tensor {
-    Checkpoint::open(path)
-        .unwrap()
-        .tensor(name)
-        .unwrap()
-        .unwrap_or_else(|| panic!("{name} not in {path:?}"))
-}
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a - b).abs().max().double_value(&[])
-}
 
 /// The sizes generate.py uses (VISION / RESAMPLER there).
 pub fn vision_cfg() -> VisionConfig {

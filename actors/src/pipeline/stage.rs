@@ -130,6 +130,18 @@ fn grad_of(t: &Option<Tensor>) -> Option<Vec<Tensor>> {
     })
 }
 
+/// The compute turn of one device: actors sharing a device take turns computing (as kernels on one
+/// GPU stream would), so they do not fight over its cores; no turn is held while waiting on a channel.
+fn device_turn(device: tch::Device) -> std::sync::MutexGuard<'static, ()> {
+    static TURNS: std::sync::OnceLock<std::sync::Mutex<HashMap<String, &'static std::sync::Mutex<()>>>> =
+        std::sync::OnceLock::new();
+    let lock = {
+        let mut map = TURNS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry(format!("{device:?}")).or_insert_with(|| Box::leak(Box::new(std::sync::Mutex::new(()))))
+    };
+    lock.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn recv(
     name: &str,
     rx: &Option<Receiver<Packet>>,
@@ -242,6 +254,7 @@ impl Worker {
         let mut sends: Vec<(&Option<Sender<Packet>>, Packet, &str)> = Vec::new();
         match &self.modules {
             Modules::Vision(v) => {
+                let _device = device_turn(dev);
                 let pixels = data
                     .pixels
                     .as_ref()
@@ -283,6 +296,7 @@ impl Worker {
                     .ok_or("llm stage without ids")?
                     .to_device(dev);
                 let p = recv(name, &links.fwd_in, mb, id, "llm input", &mut idle)?;
+                let _device = device_turn(dev);
                 let input = p.tensors.as_ref().map(|t| leaf(&t[0], dev));
                 let h_in = if shard.is_first() {
                     embed_sequence(shard, &ids, input.as_ref(), self.ids)
@@ -340,6 +354,7 @@ impl Worker {
                     .to_device(dev);
                 let csr_p = recv(name, &links.csr_in, mb, id, "vision→diffusion", &mut idle)?;
                 let nip_p = recv(name, &links.fwd_in, mb, id, "llm→diffusion", &mut idle)?;
+                let _device = device_turn(dev);
                 let zero = || Tensor::zeros([], (Kind::Float, dev));
                 let mut nip = zero();
                 if let Some(t) = &nip_p.tensors {
@@ -396,6 +411,7 @@ impl Worker {
             }
             None => None,
         };
+        let device = device_turn(dev);
         // (output · g).sum() has exactly the gradients that passing g into output's backward would.
         let mut terms: Vec<Tensor> = Vec::new();
         if let Some(l) = saved.loss.as_ref().filter(|l| l.requires_grad()) {
@@ -414,6 +430,7 @@ impl Worker {
         {
             total.backward();
         }
+        drop(device);
         if self.links.grad_out.is_some() {
             send(
                 name,
