@@ -13,9 +13,6 @@ use tch::{nn, Device, Tensor};
 /// fp32 parity bound against diffusers.
 const TOL: f64 = 1e-4;
 
-
-
-
 pub fn sd_scheduler() -> SchedulerConfig {
     SchedulerConfig {
         num_train_timesteps: 1000,

@@ -11,11 +11,9 @@ use std::process::Command;
 use deem_actors::settings::{self, BaseFile, ConfigError, Layers, LoadedConfig};
 use deem_actors::topology::{Component, Topology};
 
-
 fn tiny_text() -> String {
     std::fs::read_to_string(root().join("configs/tiny.toml")).unwrap()
 }
-
 
 /// Writes tiny.toml with `edit` applied (a plain text replacement) and returns its path.
 fn tiny_with(dir: &Path, from: &str, to: &str) -> PathBuf {
@@ -969,7 +967,6 @@ fn binary_plans_gpu_topologies_with_assumed_devices() {
 }
 
 // ---------------------------------------------------------------- deem forward
-
 
 fn max_abs_diff(out: &Path, expected: &Path, names: &[&str]) -> f64 {
     let a = deem::checkpoint::Checkpoint::open(out).unwrap();

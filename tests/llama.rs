@@ -13,10 +13,6 @@ use tch::{nn, Device, Kind, Tensor};
 /// fp32 parity bound against the reference library (the stated tolerance).
 const TOL: f64 = 1e-4;
 
-
-
-
-
 fn config(dir: &Path, new_tokens: i64) -> LlamaConfig {
     LlamaConfig::from_hf_file(&dir.join("config.json"), new_tokens).unwrap()
 }

@@ -2,14 +2,13 @@
 //! and splicing visual tokens into the LLM's embedding sequence.
 
 mod common;
-use common::{fixture};
+use common::fixture;
 
 use std::path::{Path, PathBuf};
 
 use deem::sequence::{splice_images, SequenceError};
 use deem::tokenizer::{DeemTokenizer, SPECIAL_TOKENS};
 use tch::{Device, Kind, Tensor};
-
 
 fn expected() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixture("tokenizer/expected.json")).unwrap())

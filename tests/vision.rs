@@ -16,9 +16,6 @@ use tch::{nn, Device, Kind, Tensor};
 /// fp32 parity bound against the reference libraries.
 const TOL: f64 = 1e-4;
 
-
-
-
 /// The sizes generate.py uses (VISION / RESAMPLER there).
 pub fn vision_cfg() -> VisionConfig {
     VisionConfig {

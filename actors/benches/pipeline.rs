@@ -32,6 +32,8 @@ fn cfg(schedule: PipelineSchedule, m: u64) -> DeemConfig {
 }
 
 fn reference_seconds(c: &DeemConfig) -> f64 {
+    // The reference uses every core (a pipeline run may have lowered this thread's setting).
+    tch::set_num_threads(std::thread::available_parallelism().map_or(2, |n| n.get() as i32));
     let mut t = Trainer::new(c, Device::Cpu).unwrap();
     let data = SyntheticBatches::new(c, 1);
     for i in 0..WARMUP {

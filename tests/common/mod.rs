@@ -12,7 +12,9 @@ pub fn root() -> PathBuf {
     if here.join("tests/fixtures").exists() {
         here.to_path_buf()
     } else {
-        here.parent().expect("actors/ sits in the repository").to_path_buf()
+        here.parent()
+            .expect("actors/ sits in the repository")
+            .to_path_buf()
     }
 }
 
@@ -22,7 +24,11 @@ pub fn fixture(name: &str) -> PathBuf {
 
 /// One tensor of a safetensors file.
 pub fn read(path: &Path, name: &str) -> Tensor {
-    Checkpoint::open(path).unwrap().tensor(name).unwrap().unwrap_or_else(|| panic!("{name} not in {path:?}"))
+    Checkpoint::open(path)
+        .unwrap()
+        .tensor(name)
+        .unwrap()
+        .unwrap_or_else(|| panic!("{name} not in {path:?}"))
 }
 
 /// Largest absolute difference of two same-shaped tensors.

@@ -99,7 +99,16 @@ impl PipelineTrainer {
                     layers: placement.layers.clone().unwrap_or(0..0),
                 },
             };
+            let on_cpu = order
+                .iter()
+                .filter(|a| a.device == deem::DeviceSpec::Cpu)
+                .count()
+                .max(1);
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let threads =
+                (placement.device == deem::DeviceSpec::Cpu).then(|| (cores / on_cpu).max(1) as i32);
             let args = StageArgs {
+                threads,
                 name: placement.name.clone(),
                 role: role.clone(),
                 cfg: cfg.clone(),

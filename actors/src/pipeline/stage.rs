@@ -130,18 +130,6 @@ fn grad_of(t: &Option<Tensor>) -> Option<Vec<Tensor>> {
     })
 }
 
-/// The compute turn of one device: actors sharing a device take turns computing (as kernels on one
-/// GPU stream would), so they do not fight over its cores; no turn is held while waiting on a channel.
-fn device_turn(device: tch::Device) -> std::sync::MutexGuard<'static, ()> {
-    static TURNS: std::sync::OnceLock<std::sync::Mutex<HashMap<String, &'static std::sync::Mutex<()>>>> =
-        std::sync::OnceLock::new();
-    let lock = {
-        let mut map = TURNS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
-        *map.entry(format!("{device:?}")).or_insert_with(|| Box::leak(Box::new(std::sync::Mutex::new(()))))
-    };
-    lock.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 fn recv(
     name: &str,
     rx: &Option<Receiver<Packet>>,
@@ -254,7 +242,6 @@ impl Worker {
         let mut sends: Vec<(&Option<Sender<Packet>>, Packet, &str)> = Vec::new();
         match &self.modules {
             Modules::Vision(v) => {
-                let _device = device_turn(dev);
                 let pixels = data
                     .pixels
                     .as_ref()
@@ -296,7 +283,6 @@ impl Worker {
                     .ok_or("llm stage without ids")?
                     .to_device(dev);
                 let p = recv(name, &links.fwd_in, mb, id, "llm input", &mut idle)?;
-                let _device = device_turn(dev);
                 let input = p.tensors.as_ref().map(|t| leaf(&t[0], dev));
                 let h_in = if shard.is_first() {
                     embed_sequence(shard, &ids, input.as_ref(), self.ids)
@@ -354,7 +340,6 @@ impl Worker {
                     .to_device(dev);
                 let csr_p = recv(name, &links.csr_in, mb, id, "vision→diffusion", &mut idle)?;
                 let nip_p = recv(name, &links.fwd_in, mb, id, "llm→diffusion", &mut idle)?;
-                let _device = device_turn(dev);
                 let zero = || Tensor::zeros([], (Kind::Float, dev));
                 let mut nip = zero();
                 if let Some(t) = &nip_p.tensors {
@@ -411,7 +396,6 @@ impl Worker {
             }
             None => None,
         };
-        let device = device_turn(dev);
         // (output · g).sum() has exactly the gradients that passing g into output's backward would.
         let mut terms: Vec<Tensor> = Vec::new();
         if let Some(l) = saved.loss.as_ref().filter(|l| l.requires_grad()) {
@@ -430,7 +414,6 @@ impl Worker {
         {
             total.backward();
         }
-        drop(device);
         if self.links.grad_out.is_some() {
             send(
                 name,
@@ -558,6 +541,9 @@ enum Command {
 pub struct StageActor;
 
 pub struct StageArgs {
+    /// Intra-op threads of this actor's compute thread (`None`: libtorch's default). Actors sharing
+    /// the CPU split its cores, so they compute side by side instead of fighting over every core.
+    pub threads: Option<i32>,
     pub name: String,
     pub role: Role,
     pub cfg: DeemConfig,
@@ -583,10 +569,14 @@ impl Actor for StageActor {
         let (tx, rx) = flume::unbounded::<Command>();
         let (ready_tx, ready_rx) = flume::bounded::<Result<(), String>>(1);
         let name = args.name.clone();
+        let threads = args.threads;
         // Tensor work runs on this thread, never on tokio's workers.
         let thread = std::thread::Builder::new()
             .name(format!("deem-{name}"))
             .spawn(move || {
+                if let Some(n) = threads {
+                    tch::set_num_threads(n);
+                }
                 let mut w =
                     match Worker::new(args.name, args.role, args.cfg, args.device, args.links) {
                         Ok(w) => {
