@@ -3,7 +3,6 @@
 mod common;
 use common::{fixture, max_diff, read};
 
-use std::path::{Path, PathBuf};
 
 use deem::checkpoint::Checkpoint;
 use deem::config::{BetaSchedule, PredictionType, SchedulerConfig};
