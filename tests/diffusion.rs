@@ -3,7 +3,6 @@
 mod common;
 use common::{fixture, max_diff, read};
 
-
 use deem::checkpoint::Checkpoint;
 use deem::config::{BetaSchedule, PredictionType, SchedulerConfig};
 use deem::diffusion::{self, AutoencoderKL, Ddim, Ddpm, UNet2DCondition};

@@ -1188,6 +1188,15 @@ fn binary_forward_runs_the_diffusion_components() {
     assert!(max_abs_diff(&dec, &vae.join("expected.safetensors"), &["pixel_values"]) < 1e-4);
 }
 
+/// The JSON lines of a run's steps.jsonl.
+fn read_steps(run_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("steps.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 #[test]
 fn binary_trains_with_the_reference_trainer() {
     let dir = scratch("train");
@@ -1205,11 +1214,7 @@ fn binary_trains_with_the_reference_trainer() {
     );
     assert!(ok, "{err}");
     assert!(out.starts_with("trained 3 steps: loss "), "{out}");
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("steps.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = read_steps(&dir);
     assert_eq!(lines.len(), 3);
     for (i, l) in lines.iter().enumerate() {
         assert_eq!(l["step"], i as u64);
@@ -1247,11 +1252,7 @@ fn binary_trains_with_the_reference_trainer() {
         &[],
     );
     assert!(ok, "{err}");
-    let lines2: Vec<serde_json::Value> = std::fs::read_to_string(piped.join("steps.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines2 = read_steps(&piped);
     for (a, b) in lines.iter().zip(&lines2) {
         for part in ["total", "ntp", "nip", "csr", "grad_norm", "lr"] {
             assert!(

@@ -4,7 +4,6 @@
 mod common;
 use common::fixture;
 
-
 use deem::sequence::{splice_images, SequenceError};
 use deem::tokenizer::{DeemTokenizer, SPECIAL_TOKENS};
 use tch::{Device, Kind, Tensor};

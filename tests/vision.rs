@@ -5,7 +5,6 @@
 mod common;
 use common::{fixture, max_diff, read};
 
-
 use deem::checkpoint::Checkpoint;
 use deem::config::{ResamplerConfig, VisionConfig};
 use deem::resampler::Resampler;

@@ -59,6 +59,22 @@ impl Mid {
     }
 }
 
+/// A block's `n` resnets (no time embedding): the first maps `input` to `out` channels.
+fn resnets(bp: &nn::Path, n: i64, input: i64, out: i64, groups: i64) -> Vec<ResnetBlock2D> {
+    (0..n)
+        .map(|j| {
+            ResnetBlock2D::new(
+                bp / "resnets" / j,
+                if j == 0 { input } else { out },
+                out,
+                None,
+                groups,
+                EPS,
+            )
+        })
+        .collect()
+}
+
 #[derive(Debug)]
 pub struct AutoencoderKL {
     enc_conv_in: nn::Conv2D,
@@ -89,18 +105,7 @@ impl AutoencoderKL {
             .enumerate()
             .map(|(i, &out)| {
                 let bp = &e / "down_blocks" / i;
-                let res = (0..a.layers_per_block)
-                    .map(|j| {
-                        ResnetBlock2D::new(
-                            &bp / "resnets" / j,
-                            if j == 0 { prev } else { out },
-                            out,
-                            None,
-                            g,
-                            EPS,
-                        )
-                    })
-                    .collect();
+                let res = resnets(&bp, a.layers_per_block, prev, out, g);
                 prev = out;
                 (
                     res,
@@ -116,18 +121,7 @@ impl AutoencoderKL {
             .enumerate()
             .map(|(i, &out)| {
                 let bp = &d / "up_blocks" / i;
-                let res = (0..=a.layers_per_block)
-                    .map(|j| {
-                        ResnetBlock2D::new(
-                            &bp / "resnets" / j,
-                            if j == 0 { prev } else { out },
-                            out,
-                            None,
-                            g,
-                            EPS,
-                        )
-                    })
-                    .collect();
+                let res = resnets(&bp, a.layers_per_block + 1, prev, out, g);
                 prev = out;
                 (
                     res,
