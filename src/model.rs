@@ -48,12 +48,17 @@ impl Batch {
     }
 
     /// Splits the rows into `m` microbatches (each image goes with its row).
-    pub fn split(&self, m: i64, soi_id: i64) -> Vec<Batch> {
+    pub fn split(&self, m: i64, soi_id: i64) -> Result<Vec<Batch>, ModelError> {
         let b = self.input_ids.size()[0];
+        if m <= 0 || b % m != 0 {
+            return Err(ModelError::Batch(format!(
+                "{b} rows do not split into train.microbatches = {m}"
+            )));
+        }
         let per = self.images_per_row(soi_id);
         let rows = b / m;
         let mut img = 0i64;
-        (0..m)
+        Ok((0..m)
             .map(|i| {
                 let n: i64 = per[(i * rows) as usize..((i + 1) * rows) as usize]
                     .iter()
@@ -65,7 +70,7 @@ impl Batch {
                 img += n;
                 mb
             })
-            .collect()
+            .collect())
     }
 }
 

@@ -245,14 +245,8 @@ impl Trainer {
         let t = &self.cfg.train;
         let step = self.opt.steps;
         let m = t.microbatches as i64;
-        let rows = batch.input_ids.size()[0];
-        if rows % m != 0 {
-            return Err(ModelError::Batch(format!(
-                "{rows} rows do not split into train.microbatches = {m}"
-            )));
-        }
         let mut sums = [0f64; 4];
-        for (i, mb) in batch.split(m, self.model.ids.soi).iter().enumerate() {
+        for (i, mb) in batch.split(m, self.model.ids.soi)?.iter().enumerate() {
             let l = self.model.losses(mb, t.seed, step, i as u64)?;
             (&l.total / m as f64).backward();
             for (s, v) in sums.iter_mut().zip([&l.total, &l.ntp, &l.nip, &l.csr]) {
@@ -282,17 +276,22 @@ pub fn moment_keys(name: &str) -> (String, String) {
     )
 }
 
+/// The variables of `vs` on the CPU under their names, detached (for writing out; on the CPU they share
+/// storage with the live parameters).
+pub fn cpu_weights(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    vs.variables()
+        .into_iter()
+        .map(|(k, v)| (k, v.detach().to_device(tch::Device::Cpu)))
+        .collect()
+}
+
 /// Writes the parameters of `vs` and the AdamW moments of `opt` to one safetensors file (atomically).
 pub fn save_shard(
     path: &std::path::Path,
     vs: &nn::VarStore,
     opt: &AdamW,
 ) -> Result<(), crate::checkpoint::CheckpointError> {
-    let mut tensors: Vec<(String, Tensor)> = vs
-        .variables()
-        .into_iter()
-        .map(|(k, v)| (k, v.detach().to_device(tch::Device::Cpu)))
-        .collect();
+    let mut tensors = cpu_weights(vs);
     for p in &opt.params {
         let (m, v) = moment_keys(&p.name);
         tensors.push((m, p.exp_avg.to_device(tch::Device::Cpu)));

@@ -65,7 +65,7 @@ fn csr_loss_is_the_diffusion_loss_of_the_encoders_own_condition() {
     let t = Trainer::new(&cfg, Device::Cpu).unwrap();
     let m = &t.model;
     let batch = SyntheticBatches::new(&cfg, 3).batch(0);
-    let mb = &batch.split(2, m.ids.soi)[1];
+    let mb = &batch.split(2, m.ids.soi).unwrap()[1];
     let l = tch::no_grad(|| m.losses(mb, 11, 5, 1).unwrap());
     // By definition: t = round((u−500)·0.6+500) from the CSR stream, noise from its stream, condition
     // proj_i(resampler(encoder(x))), target ε.

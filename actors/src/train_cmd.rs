@@ -91,15 +91,8 @@ impl<'rt> Engine<'rt> {
             Engine::Reference(t) => {
                 let tmp = checkpoint::begin(run_dir, t.opt.steps)?;
                 deem::train::save_shard(&tmp.join("trainer.safetensors"), &t.vs, &t.opt)?;
-                let manifest = checkpoint::Manifest {
-                    format: 1,
-                    step: t.opt.steps,
-                    data_cursor: t.opt.steps,
-                    seed: c.train.seed,
-                    config_hash: checkpoint::fnv1a(&crate::settings::to_toml(c)),
-                    topology: topology.to_string(),
-                    stages: vec!["trainer".into()],
-                };
+                let manifest =
+                    checkpoint::Manifest::new(c, t.opt.steps, topology, vec!["trainer".into()]);
                 checkpoint::commit(run_dir, &tmp, &manifest)?;
             }
         }
@@ -114,11 +107,7 @@ impl<'rt> Engine<'rt> {
         match self {
             Engine::Pipeline { trainer, rt } => Ok(rt.block_on(trainer.resume(run_dir))?.step),
             Engine::Reference(t) => {
-                let (dir, manifest) = checkpoint::latest(run_dir)?;
-                let hash = checkpoint::fnv1a(&crate::settings::to_toml(c));
-                if manifest.config_hash != hash {
-                    anyhow::bail!("{}: the checkpoint was trained with another configuration; resume with the same config", dir.display());
-                }
+                let (dir, manifest) = checkpoint::latest_of(run_dir, c)?;
                 let ck = deem::checkpoint::Checkpoint::open(&dir)?;
                 deem::train::load_shard(&ck, &t.vs, &mut t.opt, manifest.step)?;
                 Ok(manifest.step)
@@ -138,12 +127,7 @@ impl<'rt> Engine<'rt> {
 
     fn weights(&self) -> anyhow::Result<Vec<(String, tch::Tensor)>> {
         match self {
-            Engine::Reference(t) => Ok(t
-                .vs
-                .variables()
-                .into_iter()
-                .map(|(k, v)| (k, v.detach().to_device(tch::Device::Cpu)))
-                .collect()),
+            Engine::Reference(t) => Ok(deem::train::cpu_weights(&t.vs)),
             Engine::Pipeline { trainer, rt } => {
                 Ok(rt.block_on(trainer.weights())?.into_iter().collect())
             }

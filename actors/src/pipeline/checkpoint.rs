@@ -23,6 +23,30 @@ pub struct Manifest {
     pub stages: Vec<String>,
 }
 
+impl Manifest {
+    /// The manifest of a checkpoint of `cfg` after `step` optimizer steps, written by `stages`.
+    pub fn new(
+        cfg: &deem::config::DeemConfig,
+        step: u64,
+        topology: &str,
+        stages: Vec<String>,
+    ) -> Self {
+        Manifest {
+            format: 1,
+            step,
+            data_cursor: step,
+            seed: cfg.train.seed,
+            config_hash: config_hash(cfg),
+            topology: topology.to_string(),
+            stages,
+        }
+    }
+}
+
+fn config_hash(cfg: &deem::config::DeemConfig) -> String {
+    fnv1a(&crate::settings::to_toml(cfg))
+}
+
 /// FNV-1a 64 of a string (stable across builds, unlike `DefaultHasher`).
 pub fn fnv1a(text: &str) -> String {
     let mut h: u64 = 0xcbf29ce484222325;
@@ -85,4 +109,21 @@ pub fn latest(run_dir: &Path) -> anyhow::Result<(PathBuf, Manifest)> {
         );
     }
     Ok((ck, manifest))
+}
+
+/// [`latest`], refusing a checkpoint trained with another configuration than `cfg`.
+pub fn latest_of(
+    run_dir: &Path,
+    cfg: &deem::config::DeemConfig,
+) -> anyhow::Result<(PathBuf, Manifest)> {
+    let (dir, manifest) = latest(run_dir)?;
+    let hash = config_hash(cfg);
+    if manifest.config_hash != hash {
+        bail!(
+            "{}: the checkpoint was trained with another configuration (hash {}, this one {hash}); resume with the same config",
+            dir.display(),
+            manifest.config_hash
+        );
+    }
+    Ok((dir, manifest))
 }

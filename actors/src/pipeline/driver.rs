@@ -47,24 +47,15 @@ impl PipelineTrainer {
     pub async fn start(cfg: &DeemConfig, topo: &Topology) -> anyhow::Result<Self> {
         let m = cfg.train.microbatches as usize;
         // Pipeline order: vision, the shards by layer range, diffusion.
-        let mut order: Vec<&crate::topology::Placement> = Vec::new();
-        order.extend(
-            topo.actors
-                .iter()
-                .filter(|a| a.component == Component::Vision),
-        );
-        let mut shards: Vec<_> = topo
-            .actors
-            .iter()
-            .filter(|a| a.component == Component::Llm)
-            .collect();
-        shards.sort_by_key(|a| a.layers.as_ref().map_or(0, |r| r.start));
-        order.extend(shards);
-        order.extend(
-            topo.actors
-                .iter()
-                .filter(|a| a.component == Component::Diffusion),
-        );
+        let mut order: Vec<&crate::topology::Placement> = topo.actors.iter().collect();
+        order.sort_by_key(|a| {
+            let rank = match a.component {
+                Component::Vision => 0,
+                Component::Llm => 1,
+                Component::Diffusion => 2,
+            };
+            (rank, a.layers.as_ref().map_or(0, |r| r.start))
+        });
         let p = order.len();
         if p < 3 {
             bail!(
@@ -161,12 +152,8 @@ impl PipelineTrainer {
     ) -> anyhow::Result<StepReport> {
         let t = &self.cfg.train;
         let m = t.microbatches as i64;
-        let rows = batch.input_ids.size()[0];
-        if rows % m != 0 {
-            bail!("{rows} rows do not split into train.microbatches = {m}");
-        }
         let ids = special_ids(&self.cfg);
-        let mbs = batch.split(m, ids.soi);
+        let mbs = batch.split(m, ids.soi)?;
         let step = self.step;
         // One id and span per microbatch; every stage works on it inside that span.
         let ids_spans: Vec<(uuid::Uuid, tracing::Span)> = (0..mbs.len())
@@ -260,15 +247,8 @@ impl PipelineTrainer {
             let dir = tmp.clone();
             s.handle.save(dir).await?;
         }
-        let manifest = super::checkpoint::Manifest {
-            format: 1,
-            step: self.step,
-            data_cursor: self.step,
-            seed: self.cfg.train.seed,
-            config_hash: super::checkpoint::fnv1a(&crate::settings::to_toml(&self.cfg)),
-            topology: topology.to_string(),
-            stages: self.stages.iter().map(|s| s.name.clone()).collect(),
-        };
+        let stages = self.stages.iter().map(|s| s.name.clone()).collect();
+        let manifest = super::checkpoint::Manifest::new(&self.cfg, self.step, topology, stages);
         super::checkpoint::commit(run_dir, &tmp, &manifest)
     }
 
@@ -278,15 +258,7 @@ impl PipelineTrainer {
         &mut self,
         run_dir: &std::path::Path,
     ) -> anyhow::Result<super::checkpoint::Manifest> {
-        let (dir, manifest) = super::checkpoint::latest(run_dir)?;
-        let hash = super::checkpoint::fnv1a(&crate::settings::to_toml(&self.cfg));
-        if manifest.config_hash != hash {
-            bail!(
-                "{}: the checkpoint was trained with another configuration (hash {}, this one {hash}); resume with the same config",
-                dir.display(),
-                manifest.config_hash
-            );
-        }
+        let (dir, manifest) = super::checkpoint::latest_of(run_dir, &self.cfg)?;
         for s in &self.stages {
             let (d, steps) = (dir.clone(), manifest.step);
             s.handle.restore(d, steps).await?;

@@ -39,6 +39,18 @@ pub struct Packet {
     pub index: Vec<i64>,
 }
 
+impl Packet {
+    /// A packet of microbatch `mb` (`id`) carrying `tensors` (no NIP image index).
+    pub fn new(mb: u32, id: uuid::Uuid, tensors: Option<Vec<Tensor>>) -> Self {
+        Packet {
+            mb,
+            id,
+            tensors,
+            index: vec![],
+        }
+    }
+}
+
 /// The channel ends of one stage (unused ones are `None`).
 #[derive(Default)]
 pub struct Links {
@@ -255,22 +267,12 @@ impl Worker {
                 };
                 sends.push((
                     &links.fwd_out,
-                    Packet {
-                        mb,
-                        id,
-                        tensors: vis.as_ref().map(|t| vec![t.detach()]),
-                        index: vec![],
-                    },
+                    Packet::new(mb, id, vis.as_ref().map(|t| vec![t.detach()])),
                     "vision→llm",
                 ));
                 sends.push((
                     &links.csr_out,
-                    Packet {
-                        mb,
-                        id,
-                        tensors: csr.as_ref().map(|t| vec![t.detach()]),
-                        index: vec![],
-                    },
+                    Packet::new(mb, id, csr.as_ref().map(|t| vec![t.detach()])),
                     "vision→diffusion",
                 ));
                 saved.output = vis;
@@ -299,8 +301,8 @@ impl Worker {
                     let ntp = ntp_loss(&shard.logits(&hidden), &ids, self.ids);
                     out.ntp.push(ntp.double_value(&[]));
                     saved.loss = Some(ntp / m as f64);
-                    let has_images = ids.eq(self.ids.soi).any().int64_value(&[]) != 0;
-                    match (nip_w > 0.0 && has_images)
+                    // No image in the microbatch: nip_inputs finds no context and returns None.
+                    match (nip_w > 0.0)
                         .then(|| nip_inputs(&hidden, &ids, self.ids))
                         .flatten()
                     {
@@ -313,21 +315,11 @@ impl Worker {
                                 index,
                             }
                         }
-                        None => Packet {
-                            mb,
-                            id,
-                            tensors: None,
-                            index: vec![],
-                        },
+                        None => Packet::new(mb, id, None),
                     }
                 } else {
                     saved.output = Some(h.shallow_clone());
-                    Packet {
-                        mb,
-                        id,
-                        tensors: Some(vec![h.detach()]),
-                        index: vec![],
-                    }
+                    Packet::new(mb, id, Some(vec![h.detach()]))
                 };
                 sends.push((&links.fwd_out, next, "llm output"));
                 saved.input = input;
@@ -418,24 +410,14 @@ impl Worker {
             send(
                 name,
                 &self.links.grad_out,
-                Packet {
-                    mb,
-                    id,
-                    tensors: grad_of(&saved.input),
-                    index: vec![],
-                },
+                Packet::new(mb, id, grad_of(&saved.input)),
                 "gradient out",
                 &mut idle,
                 &mut self.edges,
             )?;
         }
         if self.links.csr_grad_out.is_some() {
-            let p = Packet {
-                mb,
-                id,
-                tensors: grad_of(&saved.csr_input),
-                index: vec![],
-            };
+            let p = Packet::new(mb, id, grad_of(&saved.csr_input));
             send(
                 name,
                 &self.links.csr_grad_out,
@@ -489,11 +471,11 @@ impl Worker {
         })
     }
 
+    /// A snapshot: copies, so later optimizer steps do not change it.
     fn weights(&self) -> Vec<(String, Tensor)> {
-        self.vs
-            .variables()
+        deem::train::cpu_weights(&self.vs)
             .into_iter()
-            .map(|(k, v)| (k, v.detach().to_device(tch::Device::Cpu).copy()))
+            .map(|(k, t)| (k, t.copy()))
             .collect()
     }
 }
