@@ -278,18 +278,7 @@ pub fn nip_inputs(
     ids: &Tensor,
     s: SpecialIds,
 ) -> Option<(Tensor, Tensor, Vec<i64>)> {
-    let (ctx, mask, positions) = gather_contexts(hidden, ids, s.bos, s.soi)?;
-    let (b, t) = (ids.size()[0], ids.size()[1]);
-    let flat: Vec<i64> = Vec::try_from(ids.to_device(tch::Device::Cpu).reshape([-1])).ok()?;
-    let all: Vec<(i64, i64)> = (0..b)
-        .flat_map(|r| (0..t).map(move |i| (r, i)))
-        .filter(|&(r, i)| flat[(r * t + i) as usize] == s.soi)
-        .collect();
-    let index = positions
-        .iter()
-        .filter_map(|p| all.iter().position(|q| q == p).map(|i| i as i64))
-        .collect();
-    Some((ctx, mask, index))
+    gather_contexts(hidden, ids, s.bos, s.soi)
 }
 
 /// Which loss terms a stage trains, and their weights in the total.

@@ -135,17 +135,19 @@ impl NipCondition {
 ///
 /// For every `<|startofimage|>` at `(row, t)` in `ids` [B, T] the context is `hidden[row, s..=t]` reversed,
 /// where `s` is the position of the nearest BOS at or before `t`. Returns `(context [N, maxlen, L],
-/// mask [N, maxlen], soi positions)`, skipping images whose context is only `[BOS, SoI]` (nothing to
-/// condition on, as in the reference).
+/// mask [N, maxlen], image index)` — the index of each drawn image among all `<|startofimage|>` tokens,
+/// row by row — skipping images whose context is only `[BOS, SoI]` (nothing to condition on, as in the
+/// reference).
 pub fn gather_contexts(
     hidden: &Tensor,
     ids: &Tensor,
     bos_id: i64,
     soi_id: i64,
-) -> Option<(Tensor, Tensor, Vec<(i64, i64)>)> {
+) -> Option<(Tensor, Tensor, Vec<i64>)> {
     let (b, t, _) = hidden.size3().expect("[B, T, L]");
     let ids_v: Vec<i64> = Vec::try_from(ids.to_device(tch::Device::Cpu).reshape([-1])).ok()?;
     let mut spans = Vec::new();
+    let mut image = 0i64;
     for r in 0..b {
         let row = &ids_v[(r * t) as usize..((r + 1) * t) as usize];
         let mut start = 0i64;
@@ -157,18 +159,23 @@ pub fn gather_contexts(
             if id == soi_id {
                 let only_bos_soi = i - start == 1 && row[start as usize] == bos_id;
                 if !only_bos_soi {
-                    spans.push((r, start, i));
+                    spans.push((r, start, i, image));
                 }
+                image += 1;
             }
         }
     }
     if spans.is_empty() {
         return None;
     }
-    let maxlen = spans.iter().map(|&(_, s, e)| e - s + 1).max().unwrap_or(1);
+    let maxlen = spans
+        .iter()
+        .map(|&(_, s, e, _)| e - s + 1)
+        .max()
+        .unwrap_or(1);
     let mut ctx = Vec::with_capacity(spans.len());
     let mut masks = Vec::with_capacity(spans.len());
-    for &(r, s, e) in &spans {
+    for &(r, s, e, _) in &spans {
         let len = e - s + 1;
         let seg = hidden.get(r).narrow(0, s, len).flip([0]);
         ctx.push(seg.constant_pad_nd([0, 0, 0, maxlen - len]));
@@ -184,6 +191,6 @@ pub fn gather_contexts(
     Some((
         Tensor::stack(&ctx, 0),
         Tensor::stack(&masks, 0),
-        spans.iter().map(|&(r, _, e)| (r, e)).collect(),
+        spans.iter().map(|&(_, _, _, image)| image).collect(),
     ))
 }
