@@ -20,6 +20,9 @@ pub struct DeemConfig {
     pub llm: LlmConfig,
     pub diffusion: DiffusionConfig,
     pub train: TrainConfig,
+    /// The generation service (`deem serve`); every key has a default.
+    #[serde(default)]
+    pub serve: ServeConfig,
     /// Fault injection for rehearsing recovery (absent in normal runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<FaultConfig>,
@@ -136,6 +139,72 @@ pub struct LlmConfig {
     pub bos_token_id: i64,
     /// Padding id; padded targets carry no loss.
     pub pad_token_id: i64,
+    /// End-of-sequence id (2 for LLaMA/Vicuna): generation stops when it is sampled.
+    #[serde(default = "default_eos")]
+    pub eos_token_id: i64,
+}
+
+fn default_eos() -> i64 {
+    2
+}
+
+/// The generation service: admission, batching, limits and per-request defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    /// Sequences decoding at once (continuous batching); more wait in the admission queue.
+    pub max_running: usize,
+    /// Prompt tokens admitted into one decode tick (prefill budget), so long prompts do not stall
+    /// the sequences already decoding.
+    pub token_budget: usize,
+    /// Requests waiting for admission; when it is full the service answers 429.
+    pub queue_capacity: usize,
+    /// `max_tokens` when a request gives none, and the most one may ask for.
+    pub default_max_tokens: usize,
+    pub max_tokens_limit: usize,
+    /// Seconds a request may take from arrival to its last token.
+    pub request_timeout_s: f64,
+    /// Largest request body, in bytes (413 beyond it).
+    pub max_body_bytes: usize,
+    /// Largest side of an input image, in pixels, and most images per request.
+    pub max_image_side: u32,
+    pub max_images_per_request: usize,
+    /// Images the model may draw in one response (further `<|startofimage|>` are masked).
+    pub max_images_per_response: usize,
+    /// DDIM steps and classifier-free guidance scale of drawn images (a request may override both).
+    pub ddim_steps: i64,
+    pub guidance_scale: f64,
+    /// The system prompt of the chat template (paper Fig. 8) when the request has none.
+    pub system_prompt: String,
+    /// Score every input image by its CSR reconstruction loss (DEEM's consistency check).
+    pub csr_score: bool,
+    /// The fixed diffusion timesteps the CSR score averages over (seeded noise, same for every image).
+    pub csr_timesteps: Vec<i64>,
+    /// Images whose CSR score is above this are flagged as likely out of distribution (none: no flag).
+    pub ood_threshold: Option<f64>,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            max_running: 32,
+            token_budget: 2048,
+            queue_capacity: 64,
+            default_max_tokens: 128,
+            max_tokens_limit: 1024,
+            request_timeout_s: 300.0,
+            max_body_bytes: 16 << 20,
+            max_image_side: 4096,
+            max_images_per_request: 6,
+            max_images_per_response: 2,
+            ddim_steps: 30,
+            guidance_scale: 3.5,
+            system_prompt: "You are a helpful assistant.".into(),
+            csr_score: true,
+            csr_timesteps: vec![300, 500, 700],
+            ood_threshold: None,
+        }
+    }
 }
 
 /// Stable-Diffusion image decoder and DEEM's NIP condition path.
@@ -426,6 +495,7 @@ impl DeemConfig {
         for (key, id) in [
             ("llm.bos_token_id", l.bos_token_id),
             ("llm.pad_token_id", l.pad_token_id),
+            ("llm.eos_token_id", l.eos_token_id),
         ] {
             c.check((0..l.vocab_size).contains(&id), key, || {
                 format!(
@@ -616,6 +686,52 @@ impl DeemConfig {
         c.positive_f("train.max_grad_norm", t.max_grad_norm);
         c.non_negative_f("train.nip_loss_weight", t.nip_loss_weight);
         c.non_negative_f("train.csr_loss_weight", t.csr_loss_weight);
+
+        let s = &self.serve;
+        for (key, v) in [
+            ("serve.max_running", s.max_running),
+            ("serve.token_budget", s.token_budget),
+            ("serve.queue_capacity", s.queue_capacity),
+            ("serve.default_max_tokens", s.default_max_tokens),
+            ("serve.max_tokens_limit", s.max_tokens_limit),
+            ("serve.max_body_bytes", s.max_body_bytes),
+            ("serve.max_image_side", s.max_image_side as usize),
+        ] {
+            c.positive(key, v as i64);
+        }
+        c.check(
+            s.default_max_tokens <= s.max_tokens_limit,
+            "serve.default_max_tokens",
+            || {
+                format!(
+                    "expected at most serve.max_tokens_limit ({}), found {}",
+                    s.max_tokens_limit, s.default_max_tokens
+                )
+            },
+        );
+        c.positive_f("serve.request_timeout_s", s.request_timeout_s);
+        c.positive("serve.ddim_steps", s.ddim_steps);
+        c.check(
+            s.guidance_scale >= 1.0 && s.guidance_scale.is_finite(),
+            "serve.guidance_scale",
+            || {
+                format!(
+                    "expected a number >= 1 (1 = no guidance), found {}",
+                    s.guidance_scale
+                )
+            },
+        );
+        let t_max = self.diffusion.scheduler.num_train_timesteps;
+        c.check(
+            !s.csr_timesteps.is_empty() && s.csr_timesteps.iter().all(|t| (0..t_max).contains(t)),
+            "serve.csr_timesteps",
+            || {
+                format!(
+                    "expected a non-empty list of timesteps in [0, diffusion.scheduler.num_train_timesteps = {t_max}), found {:?}",
+                    s.csr_timesteps
+                )
+            },
+        );
         c.0
     }
 }

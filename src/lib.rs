@@ -16,6 +16,7 @@ pub mod params;
 pub mod region;
 pub mod resampler;
 pub mod rng;
+pub mod sampling;
 pub mod sequence;
 pub mod tokenizer;
 pub mod train;

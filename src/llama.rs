@@ -243,6 +243,25 @@ impl Rope {
         }
     }
 
+    /// Rotates `x` [B, H, 1, D], row `b` at position `positions[b]` (batched decode).
+    fn apply_rows(&self, x: &Tensor, positions: &Tensor) -> Tensor {
+        let b = x.size()[0];
+        let d = x.size()[3];
+        let cos = self
+            .cos
+            .index_select(0, positions)
+            .to_kind(x.kind())
+            .view([b, 1, 1, d]);
+        let sin = self
+            .sin
+            .index_select(0, positions)
+            .to_kind(x.kind())
+            .view([b, 1, 1, d]);
+        let half = d / 2;
+        let rotated = Tensor::cat(&[&-x.narrow(3, half, half), &x.narrow(3, 0, half)], -1);
+        x * cos + rotated * sin
+    }
+
     /// Rotates `x` [B, H, T, D] at positions `[start, start + T)`.
     fn apply(&self, x: &Tensor, start: i64) -> Tensor {
         let t = x.size()[2];
@@ -325,6 +344,56 @@ impl Attention {
                 .view([b, t, self.heads * self.head_dim]);
         self.o_proj.forward(&out)
     }
+
+    /// Batched decode: one new token per row (`x` [B, 1, C]), row `b` at position `starts[b]` appending
+    /// to its own cache `slots[b]`. Projections run batched; attention runs per row over that row's
+    /// cache, so rows of different lengths need no padding.
+    fn forward_rows(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        positions: &Tensor,
+        slots: &mut [&mut Option<(Tensor, Tensor)>],
+    ) -> Tensor {
+        let b = x.size()[0];
+        let split = |y: Tensor, n: i64| y.view([b, 1, n, self.head_dim]).transpose(1, 2); // [B, n, 1, D]
+        let q = rope.apply_rows(&split(self.q_proj.forward(x), self.heads), positions);
+        let k = rope.apply_rows(&split(self.k_proj.forward(x), self.kv_heads), positions);
+        let v = split(self.v_proj.forward(x), self.kv_heads);
+        let groups = self.heads / self.kv_heads;
+        let mut outs = Vec::with_capacity(b as usize);
+        for (i, slot) in slots.iter_mut().enumerate() {
+            let i = i as i64;
+            let (mut kr, mut vr) = (k.narrow(0, i, 1), v.narrow(0, i, 1));
+            if let Some((pk, pv)) = slot.as_ref() {
+                kr = Tensor::cat(&[pk, &kr], 2);
+                vr = Tensor::cat(&[pv, &vr], 2);
+            }
+            **slot = Some((kr.shallow_clone(), vr.shallow_clone()));
+            let (kr, vr) = if groups > 1 {
+                (
+                    kr.repeat_interleave_self_int(groups, 1, None),
+                    vr.repeat_interleave_self_int(groups, 1, None),
+                )
+            } else {
+                (kr, vr)
+            };
+            // One query attends to every cached position: no mask.
+            let scores = q
+                .narrow(0, i, 1)
+                .matmul(&kr.transpose(-2, -1))
+                .to_kind(Kind::Float)
+                / (self.head_dim as f64).sqrt();
+            let probs = scores.softmax(-1, Kind::Float).to_kind(q.kind());
+            outs.push(probs.matmul(&vr));
+        }
+        let out = Tensor::cat(&outs, 0).transpose(1, 2).contiguous().view([
+            b,
+            1,
+            self.heads * self.head_dim,
+        ]);
+        self.o_proj.forward(&out)
+    }
 }
 
 #[derive(Debug)]
@@ -390,6 +459,22 @@ impl DecoderLayer {
             .forward(&self.input_layernorm.forward(x), rope, start, cache);
         &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h))
     }
+
+    fn forward_rows(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        positions: &Tensor,
+        slots: &mut [&mut Option<(Tensor, Tensor)>],
+    ) -> Tensor {
+        let h = x + self.self_attn.forward_rows(
+            &self.input_layernorm.forward(x),
+            rope,
+            positions,
+            slots,
+        );
+        &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h))
+    }
 }
 
 /// The KV cache of one shard for one batch of sequences: per layer `[B, kv_heads, T, head_dim]` keys and
@@ -416,6 +501,15 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Bytes held by the cached keys and values.
+    pub fn bytes(&self) -> u64 {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| ((k.numel() + v.numel()) * k.kind().elt_size_in_bytes()) as u64)
+            .sum()
     }
 }
 
@@ -537,6 +631,21 @@ impl LlamaShard {
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             h = layer.forward(&h, &self.rope, start, slot);
+        }
+        h
+    }
+
+    /// Batched decode over sequences of different lengths: `hidden` [B, 1, C] holds one new position per
+    /// row; row `b` sits at position `caches[b].len()` and appends to `caches[b]`. Gives the tokens that
+    /// `forward_layers` gives each row alone (up to the rounding of batched matrix products).
+    pub fn forward_rows(&self, hidden: &Tensor, caches: &mut [&mut KvCache]) -> Tensor {
+        let positions: Vec<i64> = caches.iter().map(|c| c.len()).collect();
+        let positions = Tensor::from_slice(&positions).to_device(hidden.device());
+        let mut h = hidden.shallow_clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut slots: Vec<&mut Option<(Tensor, Tensor)>> =
+                caches.iter_mut().map(|c| &mut c.layers[i]).collect();
+            h = layer.forward_rows(&h, &self.rope, &positions, &mut slots);
         }
         h
     }

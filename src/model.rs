@@ -156,8 +156,11 @@ pub struct DiffusionStage {
     pub vae: AutoencoderKL,
     pub ddpm: Ddpm,
     image_size: i64,
+    latent_side: i64,
+    latent_channels: i64,
     null_prob: f64,
     num_train_timesteps: u64,
+    scheduler: crate::config::SchedulerConfig,
 }
 
 impl DiffusionStage {
@@ -173,9 +176,89 @@ impl DiffusionStage {
             vae: AutoencoderKL::new(&(root / "vae"), &d.vae),
             ddpm: Ddpm::new(&d.scheduler),
             image_size: d.image_size,
+            latent_side: d.image_size >> (d.vae.block_out_channels.len().max(1) - 1),
+            latent_channels: d.vae.latent_channels,
             null_prob: d.condition.null_condition_prob,
             num_train_timesteps: d.scheduler.num_train_timesteps as u64,
+            scheduler: d.scheduler.clone(),
         }
+    }
+
+    /// The initial latents `[C, h, w]` of a drawn image, from its own seeded stream.
+    pub fn initial_noise(&self, seed: u64, image: u64) -> Tensor {
+        Stream::new(seed, image, 0, Purpose::ImageNoise).normal(&[
+            self.latent_channels,
+            self.latent_side,
+            self.latent_side,
+        ])
+    }
+
+    /// Draws images from NIP contexts (`ctx` [B, N, L], `mask` [B, N]) starting at `noise`
+    /// [B, C, h, w]: DDIM with `steps` steps and classifier-free guidance against the learned null
+    /// condition (one doubled batch), decoded by the VAE. Returns pixels [B, 3, H, W] in [0, 1].
+    /// `on_step` is called after every denoising step.
+    pub fn draw(
+        &self,
+        ctx: &Tensor,
+        mask: &Tensor,
+        noise: &Tensor,
+        steps: i64,
+        guidance: f64,
+        mut on_step: impl FnMut(),
+    ) -> Tensor {
+        tch::no_grad(|| {
+            let b = ctx.size()[0];
+            let cond = self.condition.forward(ctx, mask);
+            let context = if guidance > 1.0 {
+                Tensor::cat(&[&self.condition.null(b).to_kind(cond.kind()), &cond], 0)
+            } else {
+                cond
+            };
+            let ddim = crate::diffusion::Ddim::new(&self.scheduler, steps);
+            let latents = ddim.sample(noise, guidance, |x, t| {
+                let out = self.unet.forward(x, t, &context);
+                on_step();
+                out
+            });
+            let pixels = self.vae.decode(&(latents / self.vae.scaling_factor));
+            ((pixels + 1.0) / 2.0).clamp(0.0, 1.0)
+        })
+    }
+
+    /// DEEM's consistency check per image: the CSR loss of reconstructing `pixels` [N, 3, H, W] from
+    /// its own encoder condition `cond` [N, Q, C], averaged over the fixed `timesteps` with noise from
+    /// a fixed stream (`seed`), so the same image always gets the same score.
+    pub fn csr_scores(
+        &self,
+        cond: &Tensor,
+        pixels: &Tensor,
+        timesteps: &[i64],
+        seed: u64,
+    ) -> Vec<f64> {
+        tch::no_grad(|| {
+            let latents = self.latents(pixels);
+            let n = latents.size()[0];
+            let device = latents.device();
+            let mut total = Tensor::zeros([n], (Kind::Float, device));
+            for (k, &t) in timesteps.iter().enumerate() {
+                // The same noise for every image (keyed by the timestep's slot, not the image).
+                let noise = Stream::new(seed, k as u64, 0, Purpose::CsrScore)
+                    .normal(&latents.size()[1..])
+                    .to_device(device)
+                    .unsqueeze(0)
+                    .expand_as(&latents);
+                let tt = Tensor::full([n], t, (Kind::Int64, device));
+                let noisy = self.ddpm.add_noise(&latents, &noise, &tt);
+                let pred = self.unet.forward(&noisy, &tt, cond);
+                let err = (pred - self.ddpm.target(&latents, &noise, &tt))
+                    .square()
+                    .to_kind(Kind::Float)
+                    .mean_dim(&[1i64, 2, 3][..], false, Kind::Float);
+                total += err;
+            }
+            Vec::<f64>::try_from((total / timesteps.len() as f64).to_kind(Kind::Double))
+                .unwrap_or_default()
+        })
     }
 
     /// Scaled VAE latents (the frozen VAE's posterior mean) of [0, 1] pixels at the output resolution.
@@ -403,4 +486,27 @@ pub fn csr_timesteps(s: &mut Stream, n: usize) -> Vec<i64> {
                 .clamp(200.0, 799.0) as i64
         })
         .collect()
+}
+
+/// The first shard's input during generation: token embeddings of `ids` [1, T] with the SoI vector
+/// added at every `<|startofimage|>` (the image itself may follow in a later chunk) and, when `visual`
+/// [N, K, C] is given, the images' visual tokens in place of their placeholders.
+pub fn embed_for_generation(
+    first: &LlamaShard,
+    ids: &Tensor,
+    visual: Option<&Tensor>,
+    s: SpecialIds,
+) -> Result<Tensor, ModelError> {
+    let soi = first
+        .soi_embedding()
+        .expect("the first shard owns the SoI vector");
+    let embeds = first.embed(ids);
+    match visual {
+        Some(v) => Ok(splice_images(&embeds, ids, v, soi, s.soi, s.sniffer)?),
+        None => {
+            let is_soi = ids.eq(s.soi).unsqueeze(-1).to_kind(embeds.kind());
+            let kind = embeds.kind();
+            Ok(embeds + is_soi * soi.to_kind(kind))
+        }
+    }
 }

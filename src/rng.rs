@@ -13,6 +13,12 @@ pub enum Purpose {
     NullCondition = 3,
     CsrNoise = 4,
     CsrTimesteps = 5,
+    /// Generation: the token sampler of a request (keyed by request seed and token index).
+    Sampling = 6,
+    /// Generation: the initial latents of a drawn image.
+    ImageNoise = 7,
+    /// Serving: the fixed noise of the CSR consistency score.
+    CsrScore = 8,
 }
 
 #[derive(Debug, Clone)]

@@ -247,6 +247,19 @@ pub fn preprocess_file(path: &std::path::Path, size: u32) -> Result<Tensor, Stri
 
 /// [`preprocess_file`] for an already decoded image.
 pub fn preprocess(img: &image::RgbImage, size: u32) -> Tensor {
+    let t = unit_pixels(img, size);
+    let mean = Tensor::from_slice(&CLIP_MEAN)
+        .to_kind(Kind::Float)
+        .view([3, 1, 1]);
+    let std = Tensor::from_slice(&CLIP_STD)
+        .to_kind(Kind::Float)
+        .view([3, 1, 1]);
+    (t - mean) / std
+}
+
+/// An image as `[3, size, size]` pixels in [0, 1]: the shorter side resized to `size` (bicubic), then
+/// centre-cropped (CLIP's geometry, without the normalisation).
+pub fn unit_pixels(img: &image::RgbImage, size: u32) -> Tensor {
     let (w, h) = img.dimensions();
     let scale = size as f64 / w.min(h) as f64;
     let (nw, nh) = (
@@ -257,16 +270,33 @@ pub fn preprocess(img: &image::RgbImage, size: u32) -> Tensor {
     let (x0, y0) = ((nw - size) / 2, (nh - size) / 2);
     let crop = image::imageops::crop_imm(&resized, x0, y0, size, size).to_image();
     let data = crop.into_raw();
-    let t = Tensor::from_slice(&data)
+    Tensor::from_slice(&data)
         .view([size as i64, size as i64, 3])
         .permute([2, 0, 1])
         .to_kind(Kind::Float)
-        / 255.0;
-    let mean = Tensor::from_slice(&CLIP_MEAN)
-        .to_kind(Kind::Float)
-        .view([3, 1, 1]);
-    let std = Tensor::from_slice(&CLIP_STD)
-        .to_kind(Kind::Float)
-        .view([3, 1, 1]);
-    (t - mean) / std
+        / 255.0
+}
+
+/// PNG bytes of pixels `[3, H, W]` in [0, 1].
+pub fn png_bytes(pixels: &Tensor) -> Result<Vec<u8>, String> {
+    let (_, h, w) = pixels.size3().map_err(|e| e.to_string())?;
+    let data: Vec<u8> = Vec::try_from(
+        (pixels
+            .to_device(tch::Device::Cpu)
+            .to_kind(Kind::Float)
+            .clamp(0.0, 1.0)
+            * 255.0)
+            .round()
+            .to_kind(Kind::Uint8)
+            .permute([1, 2, 0])
+            .contiguous()
+            .reshape([-1]),
+    )
+    .map_err(|e: tch::TchError| e.to_string())?;
+    let img = image::RgbImage::from_raw(w as u32, h as u32, data)
+        .ok_or("pixel buffer does not match the image size")?;
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .map_err(|e| e.to_string())?;
+    Ok(out.into_inner())
 }

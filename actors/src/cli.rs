@@ -46,6 +46,30 @@ pub enum Command {
     Forward(ForwardArgs),
     /// Train DEEM on the built-in synthetic batches, pipelined over the topology's actors.
     Train(TrainArgs),
+    /// Serve interleaved text-and-image generation (OpenAI chat completions, SSE streaming) over the
+    /// topology's actors, with /metrics, /ready and a playground page at /.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub topology: TopologyArgs,
+    /// DEEM checkpoint: a `deem train` run directory (its model.safetensors) or a safetensors file /
+    /// sharded index. Without one, the model starts from the initialisation for train.seed.
+    #[arg(long, env = "DEEM_CHECKPOINT")]
+    pub checkpoint: Option<PathBuf>,
+    /// tokenizer.json (default: the one beside the checkpoint, else the built-in tiny tokenizer).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Listen address.
+    #[arg(long, env = "DEEM_SERVE_ADDR", default_value = "127.0.0.1:8000")]
+    pub addr: std::net::SocketAddr,
+    /// Require `Authorization: Bearer <key>` on /v1/*.
+    #[arg(long, env = "DEEM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    #[command(flatten)]
+    pub config: ConfigArgs,
 }
 
 #[derive(Debug, Args)]
@@ -345,6 +369,46 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     job.run_dir.display()
                 );
             }
+        }
+        Command::Serve(args) => {
+            let cfg = args.config.load()?;
+            let topo = args
+                .topology
+                .load(&cfg, deem::device::cuda_device_count())?;
+            let tokenizer = crate::serve::load_tokenizer(
+                args.tokenizer.as_deref(),
+                args.checkpoint.as_deref(),
+                &cfg.config,
+            )?;
+            let weights = match &args.checkpoint {
+                Some(p) => crate::serve::engine::Weights::Checkpoint(p.clone()),
+                None => {
+                    tracing::warn!(
+                        "no --checkpoint: serving the untrained initialisation for train.seed"
+                    );
+                    crate::serve::engine::Weights::Init
+                }
+            };
+            let metrics = crate::metrics::Metrics::new();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let service = crate::serve::Service::start(
+                    args.addr,
+                    cfg.config.clone(),
+                    &topo,
+                    &weights,
+                    tokenizer,
+                    args.api_key.clone(),
+                    metrics,
+                )
+                .await?;
+                println!("deem serve: listening on http://{}", service.addr);
+                crate::serve::shutdown_signal().await;
+                tracing::info!("shutting down: draining in-flight requests");
+                service.stop().await
+            })?;
         }
         Command::Config(ConfigCommand::Show { config }) => {
             let cfg = config.load()?;

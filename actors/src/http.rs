@@ -57,17 +57,26 @@ async fn count_requests(State(m): State<Arc<Metrics>>, req: Request, next: Next)
 
 /// `/metrics` and `/health`, counting every request in `deem_http_requests_total`.
 pub fn router(m: Arc<Metrics>) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/health", get(health))
+    instrument(Router::new(), m)
+}
+
+/// Adds `/metrics`, `/health` and a 404 fallback to `routes`, and counts every request in
+/// `deem_http_requests_total`.
+pub fn instrument(routes: Router, m: Arc<Metrics>) -> Router {
+    routes
+        .merge(
+            Router::new()
+                .route("/metrics", get(metrics))
+                .route("/health", get(health))
+                .with_state(m.clone()),
+        )
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
                 "not found: try /metrics or /health\n",
             )
         })
-        .layer(middleware::from_fn_with_state(m.clone(), count_requests))
-        .with_state(m)
+        .layer(middleware::from_fn_with_state(m, count_requests))
 }
 
 /// A running endpoint; dropping the handle leaves it running until the runtime stops.

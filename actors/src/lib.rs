@@ -7,6 +7,7 @@ pub mod forward;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;
+pub mod serve;
 pub mod settings;
 pub mod telemetry;
 pub mod topology;

@@ -47,6 +47,135 @@ pub struct ActorLabels {
     pub actor: String,
 }
 
+/// Labels of the per-shard serving metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardLabels {
+    pub shard: String,
+}
+
+/// Labels of `deem_serve_requests_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `stop`, `length` (finished), `cancelled`, `timeout`, `error`, `rejected` (queue full),
+    /// `invalid` (422), `unauthorized`.
+    pub status: String,
+}
+
+/// The generation service's metrics (`deem serve`), vLLM-style names under `deem_serve_`.
+#[derive(Debug, Clone)]
+pub struct ServeMetrics {
+    pub time_to_first_token_seconds: Histogram,
+    pub inter_token_latency_seconds: Histogram,
+    pub e2e_request_latency_seconds: Histogram,
+    pub request_queue_time_seconds: Histogram,
+    pub num_requests_waiting: Gauge,
+    pub num_requests_running: Gauge,
+    pub batch_size: Histogram,
+    pub generated_tokens: Counter,
+    pub prompt_tokens: Counter,
+    pub generated_images: Counter,
+    pub diffusion_step_seconds: Histogram,
+    pub kv_cache_bytes: Family<ShardLabels, Gauge>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub csr_loss: Histogram,
+    pub ood_images: Counter,
+}
+
+impl ServeMetrics {
+    fn register(r: &mut Registry) -> Self {
+        let latency = || Histogram::new(exponential_buckets(0.001, 2.0, 18));
+        let m = ServeMetrics {
+            time_to_first_token_seconds: latency(),
+            inter_token_latency_seconds: latency(),
+            e2e_request_latency_seconds: latency(),
+            request_queue_time_seconds: latency(),
+            num_requests_waiting: Gauge::default(),
+            num_requests_running: Gauge::default(),
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 9)),
+            generated_tokens: Counter::default(),
+            prompt_tokens: Counter::default(),
+            generated_images: Counter::default(),
+            diffusion_step_seconds: latency(),
+            kv_cache_bytes: Family::default(),
+            requests: Family::default(),
+            csr_loss: Histogram::new(exponential_buckets(0.01, 1.5, 16)),
+            ood_images: Counter::default(),
+        };
+        let h = |r: &mut Registry, name: &str, help: &str, x: &Histogram| {
+            r.register(name, help, x.clone())
+        };
+        h(
+            r,
+            "deem_serve_time_to_first_token_seconds",
+            "Seconds from a request's arrival to its first sampled token",
+            &m.time_to_first_token_seconds,
+        );
+        h(r, "deem_serve_inter_token_latency_seconds", "Seconds between consecutive sampled tokens of a sequence (an image drawn in between included)", &m.inter_token_latency_seconds);
+        h(
+            r,
+            "deem_serve_e2e_request_latency_seconds",
+            "Seconds from a request's arrival to its end",
+            &m.e2e_request_latency_seconds,
+        );
+        h(
+            r,
+            "deem_serve_request_queue_time_seconds",
+            "Seconds a request waited in the admission queue",
+            &m.request_queue_time_seconds,
+        );
+        r.register(
+            "deem_serve_num_requests_waiting",
+            "Requests in the admission queue",
+            m.num_requests_waiting.clone(),
+        );
+        r.register(
+            "deem_serve_num_requests_running",
+            "Sequences admitted and not finished (decoding, drawing or encoding)",
+            m.num_requests_running.clone(),
+        );
+        h(
+            r,
+            "deem_serve_batch_size_sequences",
+            "Sequences in one decode tick of one micro-batch",
+            &m.batch_size,
+        );
+        r.register(
+            "deem_serve_generated_tokens",
+            "Tokens sampled by the service",
+            m.generated_tokens.clone(),
+        );
+        r.register(
+            "deem_serve_prompt_tokens",
+            "Prompt tokens prefilled (image tokens included)",
+            m.prompt_tokens.clone(),
+        );
+        r.register(
+            "deem_serve_generated_images",
+            "Images drawn by the diffusion actor",
+            m.generated_images.clone(),
+        );
+        h(
+            r,
+            "deem_serve_diffusion_step_seconds",
+            "Seconds of one DDIM step of a diffusion batch (guidance doubled batch included)",
+            &m.diffusion_step_seconds,
+        );
+        r.register("deem_serve_kv_cache_bytes", "Bytes of KV cache each LLM shard holds (the last shard: with the hidden states NIP contexts need)", m.kv_cache_bytes.clone());
+        r.register(
+            "deem_serve_requests",
+            "Chat completion requests by outcome",
+            m.requests.clone(),
+        );
+        h(r, "deem_serve_input_image_csr_loss", "CSR consistency score of each input image (reconstruction MSE from its own encoder embedding; dimensionless)", &m.csr_loss);
+        r.register(
+            "deem_serve_ood_images",
+            "Input images whose CSR score exceeded serve.ood_threshold",
+            m.ood_images.clone(),
+        );
+        m
+    }
+}
+
 type F64Gauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 type F64Counter = Counter<f64, std::sync::atomic::AtomicU64>;
 
@@ -71,6 +200,7 @@ pub struct Metrics {
     pub pipeline_edge_bytes: Family<EdgeLabels, Counter>,
     pub pipeline_edge_queue_depth: Family<EdgeLabels, Gauge>,
     pub train_checkpoint_seconds: Histogram,
+    pub serve: ServeMetrics,
 }
 
 /// The content type of [`Metrics::encode`]'s output.
@@ -224,6 +354,7 @@ impl Metrics {
             "Wall time of writing one training checkpoint",
             train_checkpoint_seconds.clone(),
         );
+        let serve = ServeMetrics::register(&mut registry);
         registry.register_collector(Box::new(ProcessCollector));
         build_info
             .get_or_create(&BuildLabels {
@@ -251,6 +382,7 @@ impl Metrics {
             pipeline_edge_bytes,
             pipeline_edge_queue_depth,
             train_checkpoint_seconds,
+            serve,
         })
     }
 

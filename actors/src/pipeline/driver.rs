@@ -309,3 +309,9 @@ fn reference_init(cfg: &DeemConfig) -> anyhow::Result<Init> {
             .collect(),
     ))
 }
+
+/// The whole model's initial weights for `cfg.train.seed` (CPU, reference key names): what a
+/// pipeline starts training from, and what `deem serve` runs without a checkpoint.
+pub fn initial_weights(cfg: &DeemConfig) -> anyhow::Result<BTreeMap<String, Tensor>> {
+    reference_init(cfg).map(|i| i.0)
+}
