@@ -17,7 +17,8 @@ run: build
 	./target/release/deem topology check --topology topologies/cpu.toml --config configs/tiny.toml
 	./target/release/deem train --topology topologies/cpu.toml --config configs/tiny.toml --steps 30 --run-dir runs/tiny
 
-test: setup
+test:
+	@bash scripts/setup.sh --test
 	$(ENV) cargo test --workspace $(CARGO_TEST_FLAGS)
 
 bench: setup

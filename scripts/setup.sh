@@ -2,6 +2,8 @@
 # Installs what deem needs to build and run, idempotently:
 # a project-local virtualenv (.venv) holding torch==2.13.0 from PyPI, the libtorch that tch 0.26 links.
 # It skips every step whose result is already present. Python >= 3.9 with venv and pip is required.
+# --test also installs what the tests drive deem with: the official `openai` Python client (into .venv)
+# and headless Chromium + ChromeDriver (Debian packages, when apt-get is usable).
 set -euo pipefail
 
 TORCH_VERSION="2.13.0"
@@ -12,10 +14,12 @@ PY="${PYTHON:-python3}"
 die() { echo "deem setup: error: $*" >&2; exit 1; }
 say() { echo "deem setup: $*" >&2; }
 
+WITH_TEST=0
 for arg in "$@"; do
     case "$arg" in
-        -h|--help) sed -n '2,4p' "$0"; exit 0 ;;
-        *) die "unknown argument '$arg' (setup.sh takes none)" ;;
+        -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+        --test) WITH_TEST=1 ;;
+        *) die "unknown argument '$arg' (setup.sh takes only --test)" ;;
     esac
 done
 
@@ -41,6 +45,24 @@ if [ "$have_torch" != "$TORCH_VERSION" ]; then
         || die "pip could not install torch==$TORCH_VERSION (is PyPI reachable?)"
 else
     say "torch $TORCH_VERSION already in $VENV"
+fi
+
+OPENAI_MIN="1.40"
+if [ "$WITH_TEST" = 1 ]; then
+    if ! "$VENV/bin/python" -c 'import openai' 2>/dev/null; then
+        say "installing the openai client (tests) into $VENV"
+        "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off -q "openai>=$OPENAI_MIN" \
+            || die "pip could not install openai (is PyPI reachable?)"
+    fi
+    if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+        if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+            say "installing chromium and chromium-driver (playground test)"
+            (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver) >/dev/null \
+                || die "apt-get could not install chromium chromium-driver"
+        else
+            say "warning: /usr/bin/chromium or /usr/bin/chromedriver is missing and apt-get is not usable here; the playground test will fail until they are installed"
+        fi
+    fi
 fi
 
 say "ready: run 'source scripts/env.sh' before hand-run cargo commands"

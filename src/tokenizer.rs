@@ -46,10 +46,31 @@ impl DeemTokenizer {
     /// `vocab_size` (the LLM's base vocabulary; the tokenizer's own size when `None`).
     pub fn from_file(path: &Path, vocab_size: Option<u32>) -> Result<Self, TokenizerError> {
         let p = path.display().to_string();
-        let mut inner = Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
+        let inner = Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
             path: p.clone(),
             message: e.to_string(),
         })?;
+        Self::from_tokenizer(inner, p, vocab_size)
+    }
+
+    /// [`DeemTokenizer::from_file`] for the bytes of a `tokenizer.json`; `origin` names it in errors.
+    pub fn from_bytes(
+        json: &[u8],
+        origin: &str,
+        vocab_size: Option<u32>,
+    ) -> Result<Self, TokenizerError> {
+        let inner = Tokenizer::from_bytes(json).map_err(|e| TokenizerError::Load {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        Self::from_tokenizer(inner, origin.to_string(), vocab_size)
+    }
+
+    fn from_tokenizer(
+        mut inner: Tokenizer,
+        p: String,
+        vocab_size: Option<u32>,
+    ) -> Result<Self, TokenizerError> {
         let own = SPECIAL_TOKENS
             .iter()
             .filter_map(|t| inner.token_to_id(t))

@@ -362,15 +362,11 @@ pub fn load_tokenizer(
     {
         return Ok(DeemTokenizer::from_file(&p, vocab)?);
     }
-    let tmp = std::env::temp_dir().join(format!("deem-tiny-tokenizer-{}.json", std::process::id()));
-    std::fs::write(&tmp, TINY_TOKENIZER)?;
-    let t = DeemTokenizer::from_file(&tmp, vocab).map_err(|e| {
+    DeemTokenizer::from_bytes(TINY_TOKENIZER.as_bytes(), "the built-in tiny tokenizer", vocab).map_err(|e| {
         anyhow::anyhow!(
             "no tokenizer given (--tokenizer, or tokenizer.json beside the checkpoint) and the built-in tiny tokenizer does not fit: {e}"
         )
-    });
-    let _ = std::fs::remove_file(&tmp);
-    t
+    })
 }
 
 /// A started service: the engine and the HTTP server on `addr`.

@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -380,18 +381,17 @@ impl Engine {
         let (etx, erx) = flume::unbounded();
         let mut req = req;
         req.events = Some(etx);
-        match tx.try_send(req) {
-            Ok(()) => {
-                let n = self
-                    .waiting
-                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-                    + 1;
-                self.metrics.serve.num_requests_waiting.set(n as i64);
-                Ok(erx)
-            }
-            Err(TrySendError::Full(_)) => Err(Rejected::QueueFull),
-            Err(TrySendError::Disconnected(_)) => Err(Rejected::ShuttingDown),
-        }
+        // Counted before the send, so the scheduler never admits a request not yet counted.
+        let n = self.waiting.fetch_add(1, Ordering::SeqCst) + 1;
+        self.metrics.serve.num_requests_waiting.set(n as i64);
+        let rejected = match tx.try_send(req) {
+            Ok(()) => return Ok(erx),
+            Err(TrySendError::Full(_)) => Rejected::QueueFull,
+            Err(TrySendError::Disconnected(_)) => Rejected::ShuttingDown,
+        };
+        let n = self.waiting.fetch_sub(1, Ordering::SeqCst) - 1;
+        self.metrics.serve.num_requests_waiting.set(n as i64);
+        Err(rejected)
     }
 
     /// Each actor's status, asked through its mailbox.
@@ -568,7 +568,7 @@ impl Scheduler {
     fn admit(&mut self, mut req: Request) {
         let n = self
             .waiting
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+            .fetch_sub(1, Ordering::SeqCst)
             .saturating_sub(1);
         self.metrics.num_requests_waiting.set(n as i64);
         let Some(events) = req.events.take() else {

@@ -1,0 +1,701 @@
+//! The generation service: batched decoding equals one-at-a-time decoding, the OpenAI wire format (as
+//! the official `openai` Python client sees it), limits and faults (422, 429, 401, 413, timeouts,
+//! client disconnects), CSR scores, graceful shutdown, and the playground in headless Chromium.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deem::config::DeemConfig;
+use deem_actors::metrics::Metrics;
+use deem_actors::serve::engine::{Engine, Event, Weights};
+use deem_actors::serve::{api, load_tokenizer, Service};
+use deem_actors::topology::Topology;
+use serde_json::{json, Value};
+
+fn cfg() -> DeemConfig {
+    let mut c: DeemConfig = toml::from_str(include_str!("../configs/tiny.toml")).unwrap();
+    c.serve.ddim_steps = 3;
+    c.serve.csr_timesteps = vec![500];
+    c
+}
+
+fn topology(c: &DeemConfig) -> Topology {
+    Topology::load(&common::root().join("topologies/cpu.toml"), c, 0).unwrap()
+}
+
+async fn service(c: DeemConfig, api_key: Option<&str>) -> Service {
+    let tok = load_tokenizer(None, None, &c).unwrap();
+    Service::start(
+        "127.0.0.1:0".parse().unwrap(),
+        c.clone(),
+        &topology(&c),
+        &Weights::Init,
+        tok,
+        api_key.map(String::from),
+        Metrics::new(),
+    )
+    .await
+    .unwrap()
+}
+
+fn url(s: &Service, path: &str) -> String {
+    format!("http://{}{path}", s.addr)
+}
+
+/// A PNG of a red square on grey, as a data: URL.
+fn png_data_url(side: u32) -> String {
+    use base64::Engine as _;
+    let img = image::RgbImage::from_fn(side, side, |x, y| {
+        let inside = (side / 4..3 * side / 4).contains(&x) && (side / 4..3 * side / 4).contains(&y);
+        if inside {
+            image::Rgb([220, 30, 30])
+        } else {
+            image::Rgb([128, 128, 128])
+        }
+    });
+    let mut buf = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut buf, image::ImageFormat::Png).unwrap();
+    format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(buf.into_inner())
+    )
+}
+
+/// The whole response of one request as (text, images, finish reason).
+async fn collect(rx: flume::Receiver<Event>) -> (String, usize, String) {
+    let (mut text, mut images) = (String::new(), 0);
+    while let Ok(ev) = rx.recv_async().await {
+        match ev {
+            Event::Text(t) => text.push_str(&t),
+            Event::Image(_) => images += 1,
+            Event::Csr(_) => {}
+            Event::Done { finish_reason, .. } => return (text, images, finish_reason.into()),
+            Event::Error { message, .. } => panic!("generation failed: {message}"),
+        }
+    }
+    panic!("the stream ended without Done")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_decoding_gives_the_tokens_of_one_at_a_time_decoding() {
+    let c = cfg();
+    let tok = load_tokenizer(None, None, &c).unwrap();
+    let tok = Arc::new(tok);
+    let metrics = Metrics::new();
+    let engine = Engine::start(
+        &c,
+        &topology(&c),
+        &Weights::Init,
+        tok.clone(),
+        metrics.clone(),
+    )
+    .await
+    .unwrap();
+    let bodies: Vec<Value> = (0..6)
+        .map(|i| {
+            let mut b = json!({
+                "messages": [{"role": "user", "content": format!("tell me about shape {i}")}],
+                "max_tokens": 12 + i, "seed": 100 + i, "temperature": 0.9, "top_p": 0.95,
+            });
+            if i == 0 {
+                b["temperature"] = json!(0.0);
+            }
+            if i == 1 {
+                b["top_k"] = json!(5);
+                b["repetition_penalty"] = json!(1.3);
+            }
+            if i == 2 {
+                // Forces <|startofimage|> first: one image is drawn mid-stream, then text continues.
+                b["logit_bias"] = json!({ (c.llm.vocab_size).to_string(): 100 });
+                b["max_images"] = json!(1);
+            }
+            if i == 3 {
+                b["messages"][0]["content"] = json!([
+                    {"type": "image_url", "image_url": {"url": png_data_url(48)}},
+                    {"type": "text", "text": "what is this?"}
+                ]);
+            }
+            b
+        })
+        .collect();
+    let build = |b: &Value| {
+        let r = api::parse(b.to_string().as_bytes()).unwrap();
+        api::build(r, &c, &tok, "tiny").unwrap()
+    };
+
+    // Together: every request queued at once, so they decode in shared ticks.
+    let rxs: Vec<_> = bodies
+        .iter()
+        .map(|b| engine.submit(build(b)).ok().unwrap())
+        .collect();
+    let mut together = Vec::new();
+    for rx in rxs {
+        together.push(collect(rx).await);
+    }
+    // Some ticks carried several sequences (the histogram's sum exceeds its count).
+    let text = metrics.encode();
+    let stat = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap()
+    };
+    assert!(
+        stat("deem_serve_batch_size_sequences_sum") > stat("deem_serve_batch_size_sequences_count"),
+        "no tick batched several sequences"
+    );
+    // Alone: one request at a time.
+    let mut alone = Vec::new();
+    for b in &bodies {
+        alone.push(collect(engine.submit(build(b)).ok().unwrap()).await);
+    }
+    engine.shutdown().await;
+    for (i, (t, a)) in together.iter().zip(&alone).enumerate() {
+        assert_eq!(t, a, "request {i}: batched and alone differ");
+        assert!(!t.0.is_empty() || t.1 > 0, "request {i} generated nothing");
+    }
+    assert_eq!(
+        together[2].1, 1,
+        "the forced <|startofimage|> drew one image"
+    );
+    // The greedy request repeats itself exactly.
+    assert_eq!(together[0].2, "length");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_python_client_streams_text_and_images() {
+    let s = service(cfg(), None).await;
+    let dir = common::scratch("openai");
+    let img = dir.join("in.png");
+    std::fs::write(&img, png_data_url(40)).unwrap();
+    let py = common::root().join(".venv/bin/python");
+    let script = common::root().join("tests/serve_openai.py");
+    let base = format!("http://{}/v1", s.addr);
+    let soi = cfg().llm.vocab_size.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(py)
+            .arg(script)
+            .arg(base)
+            .arg(img)
+            .arg(soi)
+            .output()
+            .expect("run the openai client script")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "openai client script failed (is `openai` installed? `bash scripts/setup.sh --test`):\n{stdout}\n{stderr}"
+    );
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert!(
+        report["stream_text_chunks"].as_u64().unwrap() >= 1,
+        "{report}"
+    );
+    assert_eq!(report["stream_images"], 1, "{report}");
+    assert!(
+        report["stream_image_png_bytes"].as_u64().unwrap() > 100,
+        "{report}"
+    );
+    assert_eq!(report["stream_finish"], "length", "{report}");
+    assert!(report["csr_loss"].as_f64().unwrap().is_finite(), "{report}");
+    assert_eq!(report["plain_finish"], "length", "{report}");
+    assert!(
+        !report["plain_text"].as_str().unwrap().is_empty(),
+        "{report}"
+    );
+    assert_eq!(report["plain_usage_completion"], 6, "{report}");
+    assert_eq!(report["models"], json!(["tiny"]), "{report}");
+    s.stop().await.unwrap();
+}
+
+async fn post(client: &reqwest::Client, s: &Service, body: Value) -> (u16, Value) {
+    let r = client
+        .post(url(s, "/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+fn error_message(v: &Value) -> &str {
+    v["error"]["message"].as_str().unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_requests_get_422_naming_the_field() {
+    let mut c = cfg();
+    c.serve.max_body_bytes = 64 << 10;
+    let s = service(c, None).await;
+    let client = reqwest::Client::new();
+    let cases = [
+        (json!({"model": "tiny"}), "body: missing field `messages`"),
+        (json!({"messages": []}), "messages: expected at least one message"),
+        (
+            json!({"messages": [{"role": "user", "content": 5}]}),
+            "messages[0].content: data did not match any variant of untagged enum Content",
+        ),
+        (
+            json!({"messages": [{"role": "robot", "content": "hi"}]}),
+            "messages[0].role: expected system, user or assistant, found `robot`",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}),
+            "temperature: expected a number in [0, 2], found 3",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}),
+            "max_tokens: expected an integer in 1..=1024 (serve.max_tokens_limit), found 0",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "n": 2}),
+            "n: only n = 1 is supported, found 2",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999": 1}}),
+            "logit_bias.99999: expected a token id in [0, 1030)",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "hi"}], "temprature": 1}),
+            "temprature: unknown field `temprature`, expected one of `model`, `messages`",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]}),
+            "messages[0].content[0].image_url.url: expected a data: URL (data:image/png;base64,…); the server fetches nothing",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]}),
+            "messages[0].content[0].image_url.url: cannot decode the image",
+        ),
+    ];
+    for (body, want) in cases {
+        let (status, v) = post(&client, &s, body.clone()).await;
+        assert_eq!(status, 422, "{body} → {v}");
+        assert!(
+            error_message(&v).starts_with(want),
+            "{body}: got `{}`, want `{want}…`",
+            error_message(&v)
+        );
+    }
+    let (status, v) = post(
+        &client,
+        &s,
+        json!({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(status, 404, "{v}");
+    assert_eq!(
+        error_message(&v),
+        "model: `gpt-4` is not served here; this server serves `tiny`"
+    );
+    // Not JSON at all.
+    let r = client
+        .post(url(&s, "/v1/chat/completions"))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    // Over the body limit.
+    let big = "x".repeat(100 << 10);
+    let (status, _) = post(
+        &client,
+        &s,
+        json!({"messages": [{"role": "user", "content": big}]}),
+    )
+    .await;
+    assert_eq!(status, 413);
+    // The metric counts them.
+    let m = client
+        .get(url(&s, "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("deem_serve_requests_total{status=\"invalid\"} 13"),
+        "{m}"
+    );
+    s.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_readiness_csr_scores_and_graceful_shutdown() {
+    let mut c = cfg();
+    c.serve.ood_threshold = Some(0.0);
+    let s = service(c, Some("sekrit")).await;
+    let client = reqwest::Client::new();
+    let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    let r = client
+        .post(url(&s, "/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    let r = client
+        .post(url(&s, "/v1/chat/completions"))
+        .bearer_auth("wrong")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = client
+        .post(url(&s, "/v1/chat/completions"))
+        .bearer_auth("sekrit")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["usage"]["completion_tokens"], 2);
+    // Health, readiness and metrics stay open; the model list needs the key.
+    for p in ["/health", "/ready", "/metrics", "/"] {
+        assert_eq!(
+            client
+                .get(url(&s, p))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+            200,
+            "{p}"
+        );
+    }
+    let ready: Value = client
+        .get(url(&s, "/ready"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["actors"].as_array().unwrap().len(), 4, "{ready}");
+    assert_eq!(
+        client
+            .get(url(&s, "/v1/models"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        401
+    );
+    let models: Value = client
+        .get(url(&s, "/v1/models"))
+        .bearer_auth("sekrit")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][0]["id"], "tiny");
+
+    // CSR score of an input image, flagged against the threshold, and its histogram.
+    let body = json!({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": png_data_url(64)}},
+        {"type": "text", "text": "describe"}]}], "max_tokens": 2});
+    let r = client
+        .post(url(&s, "/v1/chat/completions"))
+        .bearer_auth("sekrit")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    let scores = v["deem"]["input_images"].as_array().unwrap();
+    assert_eq!(scores.len(), 1);
+    assert!(scores[0]["csr_loss"].as_f64().unwrap() > 0.0);
+    assert_eq!(scores[0]["out_of_distribution"], true);
+    assert_eq!(
+        metric(&client, &s, "deem_serve_input_image_csr_loss_count").await,
+        1.0
+    );
+    assert_eq!(
+        metric(&client, &s, "deem_serve_ood_images_total").await,
+        1.0
+    );
+
+    // Graceful shutdown: a stream in flight runs to its end.
+    let mut body = json!({"messages": [{"role": "user", "content": "last one"}], "max_tokens": 3,
+                          "stream": true});
+    body["logit_bias"] = json!({"2": -100});
+    let r = client
+        .post(url(&s, "/v1/chat/completions"))
+        .bearer_auth("sekrit")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let stop = tokio::spawn(s.stop());
+    let text = r.text().await.unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert!(text.contains("\"finish_reason\":\"length\""), "{text}");
+    stop.await.unwrap().unwrap();
+}
+
+async fn metric(client: &reqwest::Client, s: &Service, name: &str) -> f64 {
+    let text = client
+        .get(url(s, "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && (l.as_bytes().get(name.len()) == Some(&b' ')
+                    || l.as_bytes().get(name.len()) == Some(&b'{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn wait_for(client: &reqwest::Client, s: &Service, name: &str, want: f64) {
+    let t = Instant::now();
+    loop {
+        let v = metric(client, s, name).await;
+        if v == want {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{name} stayed at {v}, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_429_and_a_disconnect_frees_the_sequence() {
+    let mut c = cfg();
+    c.serve.max_running = 1;
+    c.serve.queue_capacity = 1;
+    let s = service(c, None).await;
+    let client = reqwest::Client::new();
+    let long = json!({"messages": [{"role": "user", "content": "talk"}], "max_tokens": 1000,
+                      "stream": true, "logit_bias": {"2": -100}});
+    // One running (streaming), one queued, the rest rejected.
+    let running = client
+        .post(url(&s, "/v1/chat/completions"))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(running.status().as_u16(), 200);
+    let mut stream = running.bytes_stream();
+    use futures_util::StreamExt;
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).starts_with("data: "));
+    wait_for(&client, &s, "deem_serve_num_requests_running", 1.0).await;
+    assert!(metric(&client, &s, "deem_serve_kv_cache_bytes").await > 0.0);
+    let queued = {
+        let client = client.clone();
+        let u = url(&s, "/v1/chat/completions");
+        let body = json!({"messages": [{"role": "user", "content": "wait"}], "max_tokens": 2});
+        tokio::spawn(async move {
+            client
+                .post(u)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    wait_for(&client, &s, "deem_serve_num_requests_waiting", 1.0).await;
+    let r = client
+        .post(url(&s, "/v1/chat/completions"))
+        .json(&json!({"messages": [{"role": "user", "content": "no room"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        error_message(&v).starts_with("the admission queue is full"),
+        "{v}"
+    );
+
+    // The client goes away mid-stream: the sequence is cancelled and its caches freed on every shard.
+    drop(stream);
+    assert_eq!(
+        queued.await.unwrap(),
+        200,
+        "the queued request runs once the slot frees"
+    );
+    wait_for(&client, &s, "deem_serve_num_requests_running", 0.0).await;
+    wait_for(&client, &s, "deem_serve_kv_cache_bytes", 0.0).await;
+    assert_eq!(
+        metric(
+            &client,
+            &s,
+            "deem_serve_requests_total{status=\"cancelled\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &client,
+            &s,
+            "deem_serve_requests_total{status=\"rejected\"}"
+        )
+        .await,
+        1.0
+    );
+    s.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_ends_the_request_with_504_or_an_sse_error() {
+    let mut c = cfg();
+    c.serve.request_timeout_s = 0.3;
+    let s = service(c, None).await;
+    let client = reqwest::Client::new();
+    let never_ends = json!({"messages": [{"role": "user", "content": "go on"}], "max_tokens": 1000,
+                            "logit_bias": {"2": -100}});
+    let (status, v) = post(&client, &s, never_ends.clone()).await;
+    assert_eq!(status, 504, "{v}");
+    assert_eq!(
+        error_message(&v),
+        "the request ran past its timeout of 0.3 s"
+    );
+    // In a stream the timeout is an SSE error event, then [DONE].
+    let mut streaming = never_ends.clone();
+    streaming["stream"] = json!(true);
+    let text = client
+        .post(url(&s, "/v1/chat/completions"))
+        .json(&streaming)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    let err: Value = serde_json::from_str(events[events.len() - 2]).unwrap();
+    assert_eq!(err["error"]["type"], "timeout", "{text}");
+    assert_eq!(*events.last().unwrap(), "[DONE]");
+
+    s.stop().await.unwrap();
+}
+
+/// A free TCP port on the loopback.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_playground_streams_in_headless_chromium() {
+    // Chromium driven through ChromeDriver's WebDriver HTTP API (Debian: chromium, chromium-driver).
+    let (chromium, driver) = ("/usr/bin/chromium", "/usr/bin/chromedriver");
+    assert!(
+        Path::new(chromium).exists() && Path::new(driver).exists(),
+        "headless Chromium and ChromeDriver are needed (Debian: apt-get install chromium chromium-driver; `bash scripts/setup.sh --test` installs them)"
+    );
+    let s = service(cfg(), None).await;
+    let port = free_port();
+    let mut chromedriver = std::process::Command::new(driver)
+        .arg(format!("--port={port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let wd = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    while client.get(format!("{wd}/status")).send().await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "chromedriver did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let profile = common::scratch("chromium");
+    let session: Value = client
+        .post(format!("{wd}/session"))
+        .json(&json!({"capabilities": {"alwaysMatch": {"goog:chromeOptions": {
+            "binary": chromium,
+            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--disable-dev-shm-usage", format!("--user-data-dir={}", profile.display())]
+        }}}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sid = session["value"]["sessionId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no WebDriver session: {session}"))
+        .to_string();
+    let page = url(&s, "/?prompt=hello%20there&send=1&max_tokens=8&seed=3");
+    client
+        .post(format!("{wd}/session/{sid}/url"))
+        .json(&json!({ "url": page }))
+        .send()
+        .await
+        .unwrap();
+    let script = "const b = document.querySelector('.msg.assistant'); \
+                  return b ? [b.dataset.done || '', b.textContent] : ['', ''];";
+    let (mut done, mut text) = (String::new(), String::new());
+    let t = Instant::now();
+    while done.is_empty() && t.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let v: Value = client
+            .post(format!("{wd}/session/{sid}/execute/sync"))
+            .json(&json!({"script": script, "args": []}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        done = v["value"][0].as_str().unwrap_or("").to_string();
+        text = v["value"][1].as_str().unwrap_or("").to_string();
+    }
+    let _ = client.delete(format!("{wd}/session/{sid}")).send().await;
+    let _ = chromedriver.kill();
+    let _ = chromedriver.wait();
+    assert_eq!(done, "1", "the page did not finish streaming: {text}");
+    assert!(text.contains("finish: length"), "{text}");
+    let answer = text.split("finish:").next().unwrap();
+    assert!(
+        !answer.trim().is_empty(),
+        "no streamed text in the assistant bubble: {text}"
+    );
+    let m = metric(&client, &s, "deem_serve_generated_tokens_total").await;
+    assert_eq!(m, 8.0, "the page's request generated its 8 tokens");
+    s.stop().await.unwrap();
+}
