@@ -186,7 +186,7 @@ fn unknown_section_from_cli_names_the_flag() {
     assert_eq!(
         load_err(&p, &[], &["trian.lr=1"]),
         "--set trian.lr: trian: unknown field `trian`, expected one of `model`, `vision`, `resampler`, `llm`, \
-         `diffusion`, `train`, `fault`"
+         `diffusion`, `train`, `serve`, `fault`"
     );
 }
 
@@ -889,6 +889,20 @@ fn monitoring_config_and_rules_pass_promtool() {
         status: "200".into(),
     };
     metrics.http_requests.get_or_create(&labels).inc();
+    // The serving families with labels appear once a value exists (the serve tests exercise them).
+    let serve = &metrics.serve;
+    serve
+        .requests
+        .get_or_create(&deem_actors::metrics::RequestLabels {
+            status: "stop".into(),
+        })
+        .inc();
+    serve
+        .kv_cache_bytes
+        .get_or_create(&deem_actors::metrics::ShardLabels {
+            shard: "llm0".into(),
+        })
+        .set(0);
     let cfg = embedded_tiny();
     let topo = Topology::parse(
         deem_actors::topology::EMBEDDED_CPU,
