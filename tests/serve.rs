@@ -699,3 +699,55 @@ async fn the_playground_streams_in_headless_chromium() {
     assert_eq!(m, 8.0, "the page's request generated its 8 tokens");
     s.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_directory_serves_the_weights_it_holds() {
+    let c = cfg();
+    let tok = Arc::new(load_tokenizer(None, None, &c).unwrap());
+    let dir = common::scratch("serve-checkpoint");
+    let weights = deem_actors::pipeline::driver::initial_weights(&c).unwrap();
+    let named: Vec<(String, tch::Tensor)> = weights.into_iter().collect();
+    deem::checkpoint::save(&dir.join("model.safetensors"), &named).unwrap();
+    let body = json!({"messages": [{"role": "user", "content": "same weights"}], "max_tokens": 8,
+                      "seed": 11, "temperature": 0.7});
+    let mut texts = Vec::new();
+    for w in [Weights::Init, Weights::Checkpoint(dir.clone())] {
+        let engine = Engine::start(&c, &topology(&c), &w, tok.clone(), Metrics::new())
+            .await
+            .unwrap();
+        let r = api::build(
+            api::parse(body.to_string().as_bytes()).unwrap(),
+            &c,
+            &tok,
+            "tiny",
+        )
+        .unwrap();
+        texts.push(collect(engine.submit(r).ok().unwrap()).await);
+        engine.shutdown().await;
+    }
+    assert_eq!(texts[0], texts[1]);
+
+    // A checkpoint missing a component's weights is refused at start, naming the file and the keys.
+    let partial: Vec<(String, tch::Tensor)> = named
+        .iter()
+        .filter(|(k, _)| !k.starts_with("unet."))
+        .map(|(k, t)| (k.clone(), t.shallow_clone()))
+        .collect();
+    let bad = common::scratch("serve-checkpoint-bad");
+    deem::checkpoint::save(&bad.join("model.safetensors"), &partial).unwrap();
+    let err = match Engine::start(
+        &c,
+        &topology(&c),
+        &Weights::Checkpoint(bad.clone()),
+        tok,
+        Metrics::new(),
+    )
+    .await
+    {
+        Ok(_) => panic!("a checkpoint without the UNet started"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("cannot start actor diffusion"), "{err}");
+    assert!(err.contains("model.safetensors"), "{err}");
+    assert!(err.contains("unet.conv_in.weight"), "{err}");
+}

@@ -337,6 +337,8 @@ impl Engine {
             match Actor::spawn(None, WorkerActor, args).await {
                 Ok((r, h)) => actors.refs.push((name, r, h)),
                 Err(e) => {
+                    // Close the inputs so the started actors' threads end, then stop them.
+                    drop((shard_txs, vision_tx, diff_tx));
                     actors.stop().await;
                     bail!("cannot start actor {name}: {e}");
                 }
