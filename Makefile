@@ -22,7 +22,7 @@ test:
 	$(ENV) cargo test --workspace $(CARGO_TEST_FLAGS)
 
 bench: setup
-	$(ENV) cargo bench -p deem-actors --bench pipeline
+	$(ENV) cargo bench -p deem-actors --bench pipeline --bench serve
 
 fmt:
 	cargo fmt --all

@@ -45,8 +45,19 @@ pub fn sample(
     banned: &[i64],
     index: u64,
 ) -> i64 {
-    let mut l: Vec<f64> = Vec::try_from(logits.to_device(tch::Device::Cpu).to_kind(Kind::Double))
+    let l: Vec<f64> = Vec::try_from(logits.to_device(tch::Device::Cpu).to_kind(Kind::Double))
         .expect("1-d logits");
+    sample_slice(l, p, seen, banned, index)
+}
+
+/// [`sample`] on logits already on the CPU (one row of a batch read back at once).
+pub fn sample_slice(
+    mut l: Vec<f64>,
+    p: &SamplingParams,
+    seen: &[i64],
+    banned: &[i64],
+    index: u64,
+) -> i64 {
     let v = l.len() as i64;
     for &(id, b) in &p.logit_bias {
         if (0..v).contains(&id) {
@@ -71,31 +82,29 @@ pub fn sample(
             l[id as usize] = f64::NEG_INFINITY;
         }
     }
-    let argmax = |l: &[f64]| {
-        l.iter()
-            .enumerate()
-            .fold((0usize, f64::NEG_INFINITY), |best, (i, &x)| {
-                if x > best.1 {
-                    (i, x)
-                } else {
-                    best
-                }
-            })
-            .0 as i64
-    };
-    if p.temperature <= 0.0 {
-        return argmax(&l);
+    // The first maximum (lowest id among ties).
+    let argmax = l
+        .iter()
+        .enumerate()
+        .fold((0usize, f64::NEG_INFINITY), |best, (i, &x)| {
+            if x > best.1 {
+                (i, x)
+            } else {
+                best
+            }
+        });
+    if p.temperature <= 0.0 || !argmax.1.is_finite() {
+        return argmax.0 as i64;
     }
-    // Candidates sorted by logit (ties by id, so the order is deterministic).
+    let top = argmax.1;
+    // Candidates in id order; sorted by logit (ties by id) only when top-k / top-p need the head.
     let mut order: Vec<usize> = (0..l.len()).filter(|&i| l[i].is_finite()).collect();
-    if order.is_empty() {
-        return argmax(&l);
+    if p.top_k > 0 || p.top_p < 1.0 {
+        order.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
+        if p.top_k > 0 {
+            order.truncate(p.top_k);
+        }
     }
-    order.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
-    if p.top_k > 0 {
-        order.truncate(p.top_k);
-    }
-    let top = l[order[0]];
     let mut probs: Vec<f64> = order
         .iter()
         .map(|&i| ((l[i] - top) / p.temperature).exp())

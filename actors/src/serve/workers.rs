@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use deem::llama::{KvCache, LlamaShard};
 use deem::model::{embed_for_generation, DiffusionStage, SpecialIds, VisionStage};
-use deem::sampling::{sample, SamplingParams};
+use deem::sampling::{sample_slice, SamplingParams};
 use flume::{Receiver, Sender};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tch::{Kind, Tensor};
@@ -343,10 +343,16 @@ impl ShardWorker {
             .iter()
             .map(|n| n.narrow(1, n.size()[1] - 1, 1).squeeze_dim(1))
             .collect();
-        let logits = self
-            .shard
-            .logits(&Tensor::cat(&last, 0))
-            .to_kind(Kind::Float);
+        // Read back once for the whole tick; each row samples from its slice.
+        let logits = self.shard.logits(&Tensor::cat(&last, 0));
+        let vocab = logits.size()[1] as usize;
+        let flat: Vec<f64> = Vec::try_from(
+            logits
+                .to_device(tch::Device::Cpu)
+                .to_kind(Kind::Double)
+                .reshape([-1]),
+        )
+        .map_err(|e| format!("{}: reading the logits: {e}", self.name))?;
         let mut out = Vec::with_capacity(rows.len());
         for (i, (r, n)) in rows.iter().zip(&normed).enumerate() {
             let log = match st.hidden.remove(&r.seq) {
@@ -368,13 +374,8 @@ impl ShardWorker {
             };
             st.hidden.insert(r.seq, log);
             let token = r.sample.as_ref().map(|s| {
-                sample(
-                    &logits.get(i as i64),
-                    &s.params,
-                    &s.seen,
-                    &s.banned,
-                    s.index,
-                )
+                let row = flat[i * vocab..(i + 1) * vocab].to_vec();
+                sample_slice(row, &s.params, &s.seen, &s.banned, s.index)
             });
             out.push(RowOut {
                 seq: r.seq,
