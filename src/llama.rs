@@ -299,26 +299,21 @@ impl Attention {
         }
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: &Rope,
-        start: i64,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> Tensor {
+    /// Queries, keys and values [B, n, T, D] of `x` [B, T, C] at positions `[start, start + T)`.
+    fn qkv(&self, x: &Tensor, rope: &Rope, start: i64) -> (Tensor, Tensor, Tensor) {
         let (b, t, _) = x.size3().expect("hidden states are [B, T, C]");
         let split = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2); // [B, n, T, D]
         let q = rope.apply(&split(self.q_proj.forward(x), self.heads), start);
-        let mut k = rope.apply(&split(self.k_proj.forward(x), self.kv_heads), start);
-        let mut v = split(self.v_proj.forward(x), self.kv_heads);
-        if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2);
-                v = Tensor::cat(&[pv, &v], 2);
-            }
-            *slot = Some((k.shallow_clone(), v.shallow_clone()));
-        }
+        let k = rope.apply(&split(self.k_proj.forward(x), self.kv_heads), start);
+        let v = split(self.v_proj.forward(x), self.kv_heads);
+        (q, k, v)
+    }
+
+    /// Causal attention of T queries over `past` earlier positions plus themselves, then `o_proj`.
+    fn attend(&self, q: &Tensor, k: Tensor, v: Tensor, past: i64) -> Tensor {
+        let (b, _, t, _) = q.size4().expect("[B, H, T, D]");
         let total = k.size()[2];
+        debug_assert_eq!(total, past + t);
         let groups = self.heads / self.kv_heads;
         let (k, v) = if groups > 1 {
             (
@@ -328,10 +323,9 @@ impl Attention {
         } else {
             (k, v)
         };
-        // Causal mask for T new queries after `total - t` cached positions: [T, total].
-        let past = total - t;
+        // Causal mask for T new queries after `past` cached positions: [T, total].
         let mask =
-            Tensor::full([t, total], f64::NEG_INFINITY, (Kind::Float, x.device())).triu(past + 1);
+            Tensor::full([t, total], f64::NEG_INFINITY, (Kind::Float, q.device())).triu(past + 1);
         let scores = q.matmul(&k.transpose(-2, -1)).to_kind(Kind::Float)
             / (self.head_dim as f64).sqrt()
             + mask;
@@ -345,55 +339,103 @@ impl Attention {
         self.o_proj.forward(&out)
     }
 
-    /// Batched decode: one new token per row (`x` [B, 1, C]), row `b` at position `starts[b]` appending
-    /// to its own cache `slots[b]`. Projections run batched; attention runs per row over that row's
-    /// cache, so rows of different lengths need no padding.
-    fn forward_rows(
+    fn forward(
         &self,
         x: &Tensor,
         rope: &Rope,
-        positions: &Tensor,
-        slots: &mut [&mut Option<(Tensor, Tensor)>],
+        start: i64,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Tensor {
+        let (q, mut k, mut v) = self.qkv(x, rope, start);
+        let t = k.size()[2];
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2);
+                v = Tensor::cat(&[pv, &v], 2);
+            }
+            *slot = Some((k.shallow_clone(), v.shallow_clone()));
+        }
+        let past = k.size()[2] - t;
+        self.attend(&q, k, v, past)
+    }
+
+    /// One sequence (`x` [1, T, C]) in pool slot `slot`, continuing at `start`: its keys and values
+    /// are written into the pool, attention reads the slot's first `start + T` positions.
+    fn forward_slot(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        start: i64,
+        pool: &(Tensor, Tensor),
+        slot: i64,
+    ) -> Tensor {
+        let (q, k, v) = self.qkv(x, rope, start);
+        let t = k.size()[2];
+        let (pk, pv) = (pool.0.narrow(0, slot, 1), pool.1.narrow(0, slot, 1));
+        pk.narrow(2, start, t).copy_(&k);
+        pv.narrow(2, start, t).copy_(&v);
+        self.attend(
+            &q,
+            pk.narrow(2, 0, start + t),
+            pv.narrow(2, 0, start + t),
+            start,
+        )
+    }
+
+    /// Batched decode: one new token per row (`x` [B, 1, C]); row `b` lives in pool slot `slots[b]` at
+    /// position `positions[b]`. Keys and values are scattered into the pool in one write and read back
+    /// as one batch up to the longest row (`longest` = max position + 1), the rest masked (`mask`
+    /// [B, 1, 1, longest]), so the op count does not grow with the batch.
+    fn forward_slots(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        batch: &SlotBatch,
+        pool: &mut (Tensor, Tensor),
     ) -> Tensor {
         let b = x.size()[0];
         let split = |y: Tensor, n: i64| y.view([b, 1, n, self.head_dim]).transpose(1, 2); // [B, n, 1, D]
-        let q = rope.apply_rows(&split(self.q_proj.forward(x), self.heads), positions);
-        let k = rope.apply_rows(&split(self.k_proj.forward(x), self.kv_heads), positions);
+        let q = rope.apply_rows(&split(self.q_proj.forward(x), self.heads), &batch.positions);
+        let k = rope.apply_rows(
+            &split(self.k_proj.forward(x), self.kv_heads),
+            &batch.positions,
+        );
         let v = split(self.v_proj.forward(x), self.kv_heads);
+        let at = [
+            Some(batch.slots.shallow_clone()),
+            None,
+            Some(batch.positions.shallow_clone()),
+        ];
+        let _ = pool.0.index_put_(&at, &k.squeeze_dim(2), false);
+        let _ = pool.1.index_put_(&at, &v.squeeze_dim(2), false);
+        let kb = pool
+            .0
+            .narrow(2, 0, batch.longest)
+            .index_select(0, &batch.slots); // [B, KV, T, D]
+        let vb = pool
+            .1
+            .narrow(2, 0, batch.longest)
+            .index_select(0, &batch.slots);
+        // Grouped-query attention without repeating keys: the G query heads of a KV head share it.
         let groups = self.heads / self.kv_heads;
-        let mut outs = Vec::with_capacity(b as usize);
-        for (i, slot) in slots.iter_mut().enumerate() {
-            let i = i as i64;
-            let (mut kr, mut vr) = (k.narrow(0, i, 1), v.narrow(0, i, 1));
-            if let Some((pk, pv)) = slot.as_ref() {
-                kr = Tensor::cat(&[pk, &kr], 2);
-                vr = Tensor::cat(&[pv, &vr], 2);
-            }
-            **slot = Some((kr.shallow_clone(), vr.shallow_clone()));
-            let (kr, vr) = if groups > 1 {
-                (
-                    kr.repeat_interleave_self_int(groups, 1, None),
-                    vr.repeat_interleave_self_int(groups, 1, None),
-                )
-            } else {
-                (kr, vr)
-            };
-            // One query attends to every cached position: no mask.
-            let scores = q
-                .narrow(0, i, 1)
-                .matmul(&kr.transpose(-2, -1))
-                .to_kind(Kind::Float)
-                / (self.head_dim as f64).sqrt();
-            let probs = scores.softmax(-1, Kind::Float).to_kind(q.kind());
-            outs.push(probs.matmul(&vr));
-        }
-        let out = Tensor::cat(&outs, 0).transpose(1, 2).contiguous().view([
-            b,
-            1,
-            self.heads * self.head_dim,
-        ]);
+        let qg = q.reshape([b, self.kv_heads, groups, self.head_dim]);
+        let scores = qg.matmul(&kb.transpose(-2, -1)).to_kind(Kind::Float)
+            / (self.head_dim as f64).sqrt()
+            + &batch.mask;
+        let probs = scores.softmax(-1, Kind::Float).to_kind(q.kind());
+        let out = probs
+            .matmul(&vb) // [B, KV, G, D]
+            .reshape([b, 1, self.heads * self.head_dim]);
         self.o_proj.forward(&out)
     }
+}
+
+/// Where the rows of a batched decode live in a [`KvPool`].
+pub struct SlotBatch {
+    slots: Tensor,
+    positions: Tensor,
+    longest: i64,
+    mask: Tensor,
 }
 
 #[derive(Debug)]
@@ -460,19 +502,35 @@ impl DecoderLayer {
         &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h))
     }
 
-    fn forward_rows(
+    fn forward_slot(
         &self,
         x: &Tensor,
         rope: &Rope,
-        positions: &Tensor,
-        slots: &mut [&mut Option<(Tensor, Tensor)>],
+        start: i64,
+        pool: &(Tensor, Tensor),
+        slot: i64,
     ) -> Tensor {
-        let h = x + self.self_attn.forward_rows(
+        let h = x + self.self_attn.forward_slot(
             &self.input_layernorm.forward(x),
             rope,
-            positions,
-            slots,
+            start,
+            pool,
+            slot,
         );
+        &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h))
+    }
+
+    fn forward_slots(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        batch: &SlotBatch,
+        pool: &mut (Tensor, Tensor),
+    ) -> Tensor {
+        let h =
+            x + self
+                .self_attn
+                .forward_slots(&self.input_layernorm.forward(x), rope, batch, pool);
         &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h))
     }
 }
@@ -511,6 +569,16 @@ impl KvCache {
             .map(|(k, v)| ((k.numel() + v.numel()) * k.kind().elt_size_in_bytes()) as u64)
             .sum()
     }
+}
+
+/// Preallocated keys and values of a shard's layers for a fixed number of sequence slots:
+/// per layer `[slots, kv_heads, max_position_embeddings, head_dim]`. The generation service gives each
+/// running sequence a slot; which positions are valid is the caller's bookkeeping.
+#[derive(Debug)]
+pub struct KvPool {
+    layers: Vec<(Tensor, Tensor)>,
+    /// Bytes one position takes across the shard's layers (keys and values).
+    pub bytes_per_position: u64,
 }
 
 /// Embedding rows: the base vocabulary (HF `model.embed_tokens`) and DEEM's appended tokens.
@@ -610,7 +678,18 @@ impl LlamaShard {
             .expect("embed() is called on the first shard only");
         match &e.new {
             None => Tensor::embedding(&e.base, ids, -1, false, false),
-            Some(new) => Tensor::embedding(&Tensor::cat(&[&e.base, new], 0), ids, -1, false, false),
+            Some(new) => {
+                // Two lookups joined row by row: concatenating the tables would copy the whole
+                // vocabulary's embedding on every call.
+                let v = e.base.size()[0];
+                let is_new = ids.ge(v);
+                let zero = Tensor::zeros_like(ids);
+                let base_ids = ids.where_self(&is_new.logical_not(), &zero);
+                let new_ids = (ids - v).where_self(&is_new, &zero);
+                let eb = Tensor::embedding(&e.base, &base_ids, -1, false, false);
+                let en = Tensor::embedding(new, &new_ids, -1, false, false);
+                en.where_self(&is_new.unsqueeze(-1), &eb)
+            }
         }
     }
 
@@ -635,17 +714,79 @@ impl LlamaShard {
         h
     }
 
-    /// Batched decode over sequences of different lengths: `hidden` [B, 1, C] holds one new position per
-    /// row; row `b` sits at position `caches[b].len()` and appends to `caches[b]`. Gives the tokens that
-    /// `forward_layers` gives each row alone (up to the rounding of batched matrix products).
-    pub fn forward_rows(&self, hidden: &Tensor, caches: &mut [&mut KvCache]) -> Tensor {
-        let positions: Vec<i64> = caches.iter().map(|c| c.len()).collect();
-        let positions = Tensor::from_slice(&positions).to_device(hidden.device());
+    /// A KV pool of `slots` sequences of up to `max_position_embeddings` positions each, for this
+    /// shard's layers, in the dtype of its weights.
+    pub fn new_pool(&self, slots: i64) -> KvPool {
+        let kind = self.layers[0].self_attn.k_proj.ws.kind();
+        let device = self.layers[0].self_attn.k_proj.ws.device();
+        let shape = [
+            slots,
+            self.cfg.num_key_value_heads,
+            self.cfg.max_position_embeddings,
+            self.cfg.head_dim,
+        ];
+        KvPool {
+            layers: self
+                .layers
+                .iter()
+                .map(|_| {
+                    (
+                        Tensor::zeros(shape, (kind, device)),
+                        Tensor::zeros(shape, (kind, device)),
+                    )
+                })
+                .collect(),
+            bytes_per_position: (self.layers.len() as i64 * 2 * shape[1] * shape[3]) as u64
+                * kind.elt_size_in_bytes() as u64,
+        }
+    }
+
+    /// Runs this shard's layers for one sequence in pool slot `slot`: `hidden` [1, T, C] continues at
+    /// position `start` (a prompt, or an image's visual tokens). Inference only.
+    pub fn forward_slot(
+        &self,
+        hidden: &Tensor,
+        slot: i64,
+        start: i64,
+        pool: &mut KvPool,
+    ) -> Tensor {
         let mut h = hidden.shallow_clone();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let mut slots: Vec<&mut Option<(Tensor, Tensor)>> =
-                caches.iter_mut().map(|c| &mut c.layers[i]).collect();
-            h = layer.forward_rows(&h, &self.rope, &positions, &mut slots);
+        for (layer, kv) in self.layers.iter().zip(&pool.layers) {
+            h = layer.forward_slot(&h, &self.rope, start, kv, slot);
+        }
+        h
+    }
+
+    /// Batched decode over sequences of different lengths: `hidden` [B, 1, C] holds one new position
+    /// per row; row `b` sits in pool slot `slots[b]` at position `positions[b]`. Gives each row what
+    /// [`LlamaShard::forward_slot`] gives it alone (up to the rounding of batched products).
+    pub fn forward_slots(
+        &self,
+        hidden: &Tensor,
+        slots: &[i64],
+        positions: &[i64],
+        pool: &mut KvPool,
+    ) -> Tensor {
+        let dev = hidden.device();
+        let longest = positions.iter().copied().max().unwrap_or(0) + 1;
+        let mask: Vec<f32> = positions
+            .iter()
+            .flat_map(|&p| (0..longest).map(move |j| if j <= p { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let batch = SlotBatch {
+            slots: Tensor::from_slice(slots).to_device(dev),
+            positions: Tensor::from_slice(positions).to_device(dev),
+            longest,
+            mask: Tensor::from_slice(&mask).to_device(dev).view([
+                slots.len() as i64,
+                1,
+                1,
+                longest,
+            ]),
+        };
+        let mut h = hidden.shallow_clone();
+        for (layer, kv) in self.layers.iter().zip(pool.layers.iter_mut()) {
+            h = layer.forward_slots(&h, &self.rope, &batch, kv);
         }
         h
     }

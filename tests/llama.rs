@@ -125,41 +125,37 @@ fn kv_cache_decode_equals_full_recompute() {
 }
 
 #[test]
-fn batched_decode_of_ragged_sequences_equals_each_alone() {
-    // Rows of different lengths (different caches) decode one token each in one batch; every row's
-    // logits equal that row decoded alone, and the caches grow by one position each.
+fn batched_decode_from_a_kv_pool_equals_each_sequence_alone() {
+    // Sequences of different lengths in pool slots (not in slot order) decode one token each in one
+    // batch; every row's logits equal the KV-cache decode of that sequence alone.
     let dir = fixture("llama_gqa");
     let cfg = config(&dir, 0);
     let (_vs, m) = shard(&cfg, 0..4, &dir);
     let ids = read(&dir.join("inputs.safetensors"), "input_ids").get(0);
     let lens = [3i64, 7, 5];
+    let slots = [2i64, 0, 3];
     let next = |i: usize| ids.narrow(0, lens[i], 1).view([1, 1]);
-    let (batched, alone) = tch::no_grad(|| {
-        let mut caches: Vec<_> = lens
-            .iter()
-            .map(|&n| {
-                let mut c = m.new_cache();
-                m.forward_ids(&ids.narrow(0, 0, n).view([1, n]), 0, Some(&mut c));
-                c
-            })
-            .collect();
+    let (batched, alone, prefill_d) = tch::no_grad(|| {
+        let mut pool = m.new_pool(4);
+        let mut prefill_d: f64 = 0.0;
         let mut alone = Vec::new();
         for (i, &n) in lens.iter().enumerate() {
+            let prompt = ids.narrow(0, 0, n).view([1, n]);
+            let h = m.forward_slot(&m.embed(&prompt), slots[i], 0, &mut pool);
             let mut c = m.new_cache();
-            m.forward_ids(&ids.narrow(0, 0, n).view([1, n]), 0, Some(&mut c));
+            let reference = m.forward_ids(&prompt, 0, Some(&mut c));
+            prefill_d = prefill_d.max(max_diff(&m.logits(&m.norm(&h)), &reference));
             alone.push(m.forward_ids(&next(i), n, Some(&mut c)));
         }
         let x = m.embed(&Tensor::cat(&(0..3).map(next).collect::<Vec<_>>(), 0));
-        let mut refs: Vec<&mut deem::llama::KvCache> = caches.iter_mut().collect();
-        let h = m.forward_rows(&x, &mut refs);
-        for (c, &n) in caches.iter().zip(&lens) {
-            assert_eq!(c.len(), n + 1);
-        }
-        (m.logits(&m.norm(&h)), Tensor::cat(&alone, 0))
+        let h = m.forward_slots(&x, &slots, &lens, &mut pool);
+        (m.logits(&m.norm(&h)), Tensor::cat(&alone, 0), prefill_d)
     });
     let d = max_diff(&batched, &alone);
-    eprintln!("ragged batched decode vs one at a time: {d:.3e}");
-    assert!(d < 1e-5, "{d}");
+    eprintln!(
+        "kv pool: prefill vs cache {prefill_d:.3e}; batched ragged decode vs one at a time {d:.3e}"
+    );
+    assert!(d < 1e-5 && prefill_d < 1e-5, "{d} {prefill_d}");
 }
 
 #[test]

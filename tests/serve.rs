@@ -471,19 +471,29 @@ async fn metric(client: &reqwest::Client, s: &Service, name: &str) -> f64 {
         .sum()
 }
 
-async fn wait_for(client: &reqwest::Client, s: &Service, name: &str, want: f64) {
+async fn wait_until(
+    client: &reqwest::Client,
+    s: &Service,
+    name: &str,
+    what: &str,
+    ok: impl Fn(f64) -> bool,
+) {
     let t = Instant::now();
     loop {
         let v = metric(client, s, name).await;
-        if v == want {
+        if ok(v) {
             return;
         }
         assert!(
             t.elapsed() < Duration::from_secs(30),
-            "{name} stayed at {v}, want {want}"
+            "{name} stayed at {v}, want {what}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+async fn wait_for(client: &reqwest::Client, s: &Service, name: &str, want: f64) {
+    wait_until(client, s, name, &want.to_string(), |v| v == want).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -508,7 +518,7 @@ async fn a_full_queue_answers_429_and_a_disconnect_frees_the_sequence() {
     let first = stream.next().await.unwrap().unwrap();
     assert!(String::from_utf8_lossy(&first).starts_with("data: "));
     wait_for(&client, &s, "deem_serve_num_requests_running", 1.0).await;
-    assert!(metric(&client, &s, "deem_serve_kv_cache_bytes").await > 0.0);
+    wait_until(&client, &s, "deem_serve_kv_cache_bytes", "> 0", |v| v > 0.0).await;
     let queued = {
         let client = client.clone();
         let u = url(&s, "/v1/chat/completions");

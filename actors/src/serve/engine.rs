@@ -260,6 +260,7 @@ impl Engine {
                 None => ShardNext::Scheduler(inbox_tx.clone()),
             };
             let (name, m, st) = (p.name.clone(), metrics.serve.clone(), status.clone());
+            let slots = cfg.serve.max_running as i64;
             specs.push(WorkerArgs {
                 name: p.name.clone(),
                 status,
@@ -283,6 +284,7 @@ impl Engine {
                             next,
                             metrics: m,
                             status: st,
+                            slots,
                         }
                         .run()
                     }) as Loop)

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use deem::llama::{KvCache, LlamaShard};
+use deem::llama::{KvPool, LlamaShard};
 use deem::model::{embed_for_generation, DiffusionStage, SpecialIds, VisionStage};
 use deem::sampling::{sample_slice, SamplingParams};
 use flume::{Receiver, Sender};
@@ -155,12 +155,17 @@ pub struct ShardWorker {
     pub next: ShardNext,
     pub metrics: ServeMetrics,
     pub status: SharedStatus,
+    /// Sequences the shard holds at once (its KV pool's slots).
+    pub slots: i64,
 }
 
 struct ShardState {
-    caches: HashMap<Uuid, KvCache>,
-    /// Last shard: each sequence's normed hidden states [T, L], for NIP contexts.
-    hidden: HashMap<Uuid, Tensor>,
+    pool: KvPool,
+    /// Each sequence's pool slot and cached length.
+    seqs: HashMap<Uuid, (i64, i64)>,
+    free: Vec<i64>,
+    /// Last shard: each sequence's normed hidden states, in chunks of [T, L], for NIP contexts.
+    hidden: HashMap<Uuid, Vec<Tensor>>,
 }
 
 impl ShardState {
@@ -168,16 +173,20 @@ impl ShardState {
         let h: u64 = self
             .hidden
             .values()
+            .flatten()
             .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
             .sum();
-        h + self.caches.values().map(KvCache::bytes).sum::<u64>()
+        h + self.seqs.values().map(|&(_, len)| len as u64).sum::<u64>()
+            * self.pool.bytes_per_position
     }
 }
 
 impl ShardWorker {
     pub fn run(self) {
         let mut st = ShardState {
-            caches: HashMap::new(),
+            pool: self.shard.new_pool(self.slots),
+            seqs: HashMap::new(),
+            free: (0..self.slots).rev().collect(),
             hidden: HashMap::new(),
         };
         // A clone of the gauge (it shares the value): holding the family's guard would block the
@@ -193,7 +202,9 @@ impl ShardWorker {
             match msg {
                 ShardIn::Free(seqs) => {
                     for s in &seqs {
-                        st.caches.remove(s);
+                        if let Some((slot, _)) = st.seqs.remove(s) {
+                            st.free.push(slot);
+                        }
                         st.hidden.remove(s);
                     }
                     if let ShardNext::Shard(tx) = &self.next {
@@ -236,7 +247,7 @@ impl ShardWorker {
             let bytes = st.bytes();
             gauge.set(bytes as i64);
             update(&self.status, |s| {
-                s.sequences = st.caches.len();
+                s.sequences = st.seqs.len();
                 s.kv_cache_bytes = bytes;
                 s.jobs += 1;
             });
@@ -253,18 +264,42 @@ impl ShardWorker {
     ) -> Result<Vec<Tensor>, String> {
         let dev = self.device;
         let xs: Vec<Tensor> = if self.shard.is_first() {
-            inputs
-                .into_iter()
-                .map(|inp| match inp {
+            // Single-token rows are embedded in one lookup.
+            let singles: Vec<(usize, i64)> = inputs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, inp)| match inp {
+                    RowInput::Ids { ids, visual: None } if ids.len() == 1 => Some((i, ids[0])),
+                    _ => None,
+                })
+                .collect();
+            let mut xs: Vec<Option<Tensor>> = (0..inputs.len()).map(|_| None).collect();
+            if !singles.is_empty() {
+                let ids: Vec<i64> = singles.iter().map(|&(_, id)| id).collect();
+                let ids = Tensor::from_slice(&ids).to_device(dev).unsqueeze(1);
+                let e = embed_for_generation(&self.shard, &ids, None, self.ids)
+                    .map_err(|e| format!("{}: {e}", self.name))?;
+                for (k, &(i, _)) in singles.iter().enumerate() {
+                    xs[i] = Some(e.narrow(0, k as i64, 1));
+                }
+            }
+            for (i, inp) in inputs.into_iter().enumerate() {
+                if xs[i].is_some() {
+                    continue;
+                }
+                xs[i] = Some(match inp {
                     RowInput::Ids { ids, visual } => {
                         let ids = Tensor::from_slice(&ids).to_device(dev).unsqueeze(0);
                         let visual = visual.map(|v| v.to_device(dev));
                         embed_for_generation(&self.shard, &ids, visual.as_ref(), self.ids)
-                            .map_err(|e| format!("{}: {e}", self.name))
+                            .map_err(|e| format!("{}: {e}", self.name))?
                     }
-                    RowInput::Embeds(e) => Ok(e.to_device(dev).unsqueeze(0)),
-                })
-                .collect::<Result<_, _>>()?
+                    RowInput::Embeds(e) => e.to_device(dev).unsqueeze(0),
+                });
+            }
+            xs.into_iter()
+                .map(|x| x.expect("every row embedded"))
+                .collect()
         } else {
             hidden.into_iter().map(|h| h.to_device(dev)).collect()
         };
@@ -276,54 +311,56 @@ impl ShardWorker {
                 xs.len()
             ));
         }
-        let mut caches: Vec<KvCache> = Vec::with_capacity(rows.len());
-        for r in rows {
-            let c = st
-                .caches
-                .remove(&r.seq)
-                .unwrap_or_else(|| self.shard.new_cache());
-            if c.len() != r.start {
-                // Put back what was taken so nothing is lost.
-                st.caches.insert(r.seq, c);
-                for (r2, c2) in rows.iter().zip(caches) {
-                    st.caches.insert(r2.seq, c2);
+        // Each row's slot, checking that it continues where its cache ends.
+        let mut slots = Vec::with_capacity(rows.len());
+        for (r, x) in rows.iter().zip(&xs) {
+            let (slot, len) = match st.seqs.get(&r.seq) {
+                Some(&e) => e,
+                None => {
+                    let slot = st.free.pop().ok_or_else(|| {
+                        format!(
+                            "{}: all {} KV slots are taken (serve.max_running)",
+                            self.name, self.slots
+                        )
+                    })?;
+                    st.seqs.insert(r.seq, (slot, 0));
+                    (slot, 0)
                 }
+            };
+            let t = x.size()[1];
+            let room = self.shard.cfg.max_position_embeddings;
+            if len != r.start || r.start + t > room {
                 return Err(format!(
-                    "{}: sequence {} continues at position {}, but its cache holds {} positions",
-                    self.name,
-                    r.seq,
-                    r.start,
-                    st.caches.get(&r.seq).map_or(0, KvCache::len)
+                    "{}: sequence {} continues at position {} with {t} positions, but its cache holds {len} (of at most {room})",
+                    self.name, r.seq, r.start
                 ));
             }
-            caches.push(c);
+            slots.push(slot);
         }
         let mut out: Vec<Option<Tensor>> = (0..rows.len()).map(|_| None).collect();
         let singles: Vec<usize> = (0..rows.len()).filter(|&i| xs[i].size()[1] == 1).collect();
         if !singles.is_empty() {
             let x = Tensor::cat(&singles.iter().map(|&i| &xs[i]).collect::<Vec<_>>(), 0);
-            let mut refs: Vec<&mut KvCache> = Vec::with_capacity(singles.len());
-            let mut rest: Vec<(usize, &mut KvCache)> = caches.iter_mut().enumerate().collect();
-            for &i in &singles {
-                let pos = rest.iter().position(|(j, _)| *j == i).expect("row cache");
-                refs.push(rest.swap_remove(pos).1);
-            }
-            let h = self.shard.forward_rows(&x, &mut refs);
+            let sl: Vec<i64> = singles.iter().map(|&i| slots[i]).collect();
+            let pos: Vec<i64> = singles.iter().map(|&i| rows[i].start).collect();
+            let h = self.shard.forward_slots(&x, &sl, &pos, &mut st.pool);
             for (k, &i) in singles.iter().enumerate() {
                 out[i] = Some(h.narrow(0, k as i64, 1));
             }
         }
         for i in 0..rows.len() {
             if out[i].is_none() {
-                out[i] = Some(self.shard.forward_layers(
-                    &xs[i],
-                    rows[i].start,
-                    Some(&mut caches[i]),
-                ));
+                out[i] =
+                    Some(
+                        self.shard
+                            .forward_slot(&xs[i], slots[i], rows[i].start, &mut st.pool),
+                    );
             }
         }
-        for (r, c) in rows.iter().zip(caches) {
-            st.caches.insert(r.seq, c);
+        for (r, x) in rows.iter().zip(&xs) {
+            if let Some(e) = st.seqs.get_mut(&r.seq) {
+                e.1 = r.start + x.size()[1];
+            }
         }
         Ok(out
             .into_iter()
@@ -355,24 +392,24 @@ impl ShardWorker {
         .map_err(|e| format!("{}: reading the logits: {e}", self.name))?;
         let mut out = Vec::with_capacity(rows.len());
         for (i, (r, n)) in rows.iter().zip(&normed).enumerate() {
-            let log = match st.hidden.remove(&r.seq) {
-                Some(prev) => Tensor::cat(&[prev, n.get(0)], 0),
-                None => n.get(0),
-            };
+            let log = st.hidden.entry(r.seq).or_default();
+            log.push(n.get(0));
             let context = match r.context_from {
                 Some(from) => {
-                    let end = log.size()[0];
+                    let all = Tensor::cat(log, 0);
+                    let end = all.size()[0];
                     if from < 0 || from >= end {
                         return Err(format!(
                             "{}: NIP context from position {from}, but sequence {} has {end}",
                             self.name, r.seq
                         ));
                     }
-                    Some(log.narrow(0, from, end - from).flip([0]))
+                    let ctx = all.narrow(0, from, end - from).flip([0]);
+                    *log = vec![all];
+                    Some(ctx)
                 }
                 None => None,
             };
-            st.hidden.insert(r.seq, log);
             let token = r.sample.as_ref().map(|s| {
                 let row = flat[i * vocab..(i + 1) * vocab].to_vec();
                 sample_slice(row, &s.params, &s.seen, &s.banned, s.index)
