@@ -122,9 +122,6 @@ fn main() {
         );
         println!("  32 streams:  {tps32:8.1} tokens/s");
         println!("  ratio 32 ÷ 1: {:.2} (goal ≥ 6)", tps32 / tps1);
-        if std::env::var("DEEM_BENCH_DEBUG").is_ok() {
-            println!("  ttfts: {:?}; wall {:?}", many.ttft, many.wall);
-        }
         println!(
             "  time to first token at 32 streams: p50 {:.1} ms, p99 {:.1} ms",
             pct(&many.ttft, 0.5) * 1e3,

@@ -698,7 +698,7 @@ impl Scheduler {
                     group: g,
                     rows,
                     inputs,
-                    hidden: vec![],
+                    hidden: Hidden::default(),
                     error: None,
                 })
                 .is_err()

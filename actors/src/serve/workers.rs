@@ -57,13 +57,22 @@ pub enum ShardIn {
         rows: Vec<RowMeta>,
         /// First shard only.
         inputs: Vec<RowInput>,
-        /// Later shards: each row's hidden states [1, T, L].
-        hidden: Vec<Tensor>,
+        /// Later shards: the rows' hidden states.
+        hidden: Hidden,
         /// An earlier shard failed this tick; pass it on.
         error: Option<String>,
     },
     /// Drop these sequences' caches (passed down the pipeline, after any tick that used them).
     Free(Vec<Uuid>),
+}
+
+/// A tick's hidden states between shards: the single-token rows as one batch, the others one by one.
+#[derive(Default)]
+pub struct Hidden {
+    /// Row indices of the batched rows, and their states [B, 1, L].
+    pub batch: Option<(Vec<usize>, Tensor)>,
+    /// The other rows' states [1, T, L], by row index.
+    pub rows: Vec<(usize, Tensor)>,
 }
 
 pub struct RowOut {
@@ -164,18 +173,13 @@ struct ShardState {
     /// Each sequence's pool slot and cached length.
     seqs: HashMap<Uuid, (i64, i64)>,
     free: Vec<i64>,
-    /// Last shard: each sequence's normed hidden states, in chunks of [T, L], for NIP contexts.
-    hidden: HashMap<Uuid, Vec<Tensor>>,
+    /// Last shard: each sequence's normed hidden states, for NIP contexts.
+    hidden: HashMap<Uuid, Vec<Chunk>>,
 }
 
 impl ShardState {
     fn bytes(&self) -> u64 {
-        let h: u64 = self
-            .hidden
-            .values()
-            .flatten()
-            .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
-            .sum();
+        let h: u64 = self.hidden.values().flatten().map(Chunk::bytes).sum();
         h + self.seqs.values().map(|&(_, len)| len as u64).sum::<u64>()
             * self.pool.bytes_per_position
     }
@@ -226,7 +230,7 @@ impl ShardWorker {
                         ShardNext::Shard(tx) => {
                             let (hidden, error) = match result {
                                 Ok(h) => (h, None),
-                                Err(e) => (vec![], Some(e)),
+                                Err(e) => (Hidden::default(), Some(e)),
                             };
                             let _ = tx.send(ShardIn::Tick {
                                 group,
@@ -260,60 +264,33 @@ impl ShardWorker {
         st: &mut ShardState,
         rows: &[RowMeta],
         inputs: Vec<RowInput>,
-        hidden: Vec<Tensor>,
-    ) -> Result<Vec<Tensor>, String> {
+        hidden: Hidden,
+    ) -> Result<Hidden, String> {
         let dev = self.device;
-        let xs: Vec<Tensor> = if self.shard.is_first() {
-            // Single-token rows are embedded in one lookup.
-            let singles: Vec<(usize, i64)> = inputs
-                .iter()
-                .enumerate()
-                .filter_map(|(i, inp)| match inp {
-                    RowInput::Ids { ids, visual: None } if ids.len() == 1 => Some((i, ids[0])),
-                    _ => None,
-                })
-                .collect();
-            let mut xs: Vec<Option<Tensor>> = (0..inputs.len()).map(|_| None).collect();
-            if !singles.is_empty() {
-                let ids: Vec<i64> = singles.iter().map(|&(_, id)| id).collect();
-                let ids = Tensor::from_slice(&ids).to_device(dev).unsqueeze(1);
-                let e = embed_for_generation(&self.shard, &ids, None, self.ids)
-                    .map_err(|e| format!("{}: {e}", self.name))?;
-                for (k, &(i, _)) in singles.iter().enumerate() {
-                    xs[i] = Some(e.narrow(0, k as i64, 1));
-                }
-            }
-            for (i, inp) in inputs.into_iter().enumerate() {
-                if xs[i].is_some() {
-                    continue;
-                }
-                xs[i] = Some(match inp {
-                    RowInput::Ids { ids, visual } => {
-                        let ids = Tensor::from_slice(&ids).to_device(dev).unsqueeze(0);
-                        let visual = visual.map(|v| v.to_device(dev));
-                        embed_for_generation(&self.shard, &ids, visual.as_ref(), self.ids)
-                            .map_err(|e| format!("{}: {e}", self.name))?
-                    }
-                    RowInput::Embeds(e) => e.to_device(dev).unsqueeze(0),
-                });
-            }
-            xs.into_iter()
-                .map(|x| x.expect("every row embedded"))
-                .collect()
+        let input = if self.shard.is_first() {
+            self.embed(inputs)?
         } else {
-            hidden.into_iter().map(|h| h.to_device(dev)).collect()
+            Hidden {
+                batch: hidden.batch.map(|(ix, t)| (ix, t.to_device(dev))),
+                rows: hidden
+                    .rows
+                    .into_iter()
+                    .map(|(i, t)| (i, t.to_device(dev)))
+                    .collect(),
+            }
         };
-        if xs.len() != rows.len() {
-            return Err(format!(
-                "{}: a tick of {} rows came with {} inputs",
-                self.name,
-                rows.len(),
-                xs.len()
-            ));
+        // Each row's length this tick, then its slot, checking it continues where its cache ends.
+        let mut len_of = vec![0i64; rows.len()];
+        if let Some((ix, _)) = &input.batch {
+            ix.iter().for_each(|&i| len_of[i] = 1);
         }
-        // Each row's slot, checking that it continues where its cache ends.
+        input
+            .rows
+            .iter()
+            .for_each(|(i, t)| len_of[*i] = t.size()[1]);
+        let room = self.shard.cfg.max_position_embeddings;
         let mut slots = Vec::with_capacity(rows.len());
-        for (r, x) in rows.iter().zip(&xs) {
+        for (r, &t) in rows.iter().zip(&len_of) {
             let (slot, len) = match st.seqs.get(&r.seq) {
                 Some(&e) => e,
                 None => {
@@ -327,9 +304,7 @@ impl ShardWorker {
                     (slot, 0)
                 }
             };
-            let t = x.size()[1];
-            let room = self.shard.cfg.max_position_embeddings;
-            if len != r.start || r.start + t > room {
+            if t == 0 || len != r.start || r.start + t > room {
                 return Err(format!(
                     "{}: sequence {} continues at position {} with {t} positions, but its cache holds {len} (of at most {room})",
                     self.name, r.seq, r.start
@@ -337,35 +312,65 @@ impl ShardWorker {
             }
             slots.push(slot);
         }
-        let mut out: Vec<Option<Tensor>> = (0..rows.len()).map(|_| None).collect();
-        let singles: Vec<usize> = (0..rows.len()).filter(|&i| xs[i].size()[1] == 1).collect();
-        if !singles.is_empty() {
-            let x = Tensor::cat(&singles.iter().map(|&i| &xs[i]).collect::<Vec<_>>(), 0);
-            let sl: Vec<i64> = singles.iter().map(|&i| slots[i]).collect();
-            let pos: Vec<i64> = singles.iter().map(|&i| rows[i].start).collect();
+        let batch = input.batch.map(|(ix, x)| {
+            let sl: Vec<i64> = ix.iter().map(|&i| slots[i]).collect();
+            let pos: Vec<i64> = ix.iter().map(|&i| rows[i].start).collect();
             let h = self.shard.forward_slots(&x, &sl, &pos, &mut st.pool);
-            for (k, &i) in singles.iter().enumerate() {
-                out[i] = Some(h.narrow(0, k as i64, 1));
-            }
-        }
-        for i in 0..rows.len() {
-            if out[i].is_none() {
-                out[i] =
-                    Some(
-                        self.shard
-                            .forward_slot(&xs[i], slots[i], rows[i].start, &mut st.pool),
-                    );
-            }
-        }
-        for (r, x) in rows.iter().zip(&xs) {
-            if let Some(e) = st.seqs.get_mut(&r.seq) {
-                e.1 = r.start + x.size()[1];
-            }
-        }
-        Ok(out
+            (ix, h)
+        });
+        let others = input
+            .rows
             .into_iter()
-            .map(|h| h.expect("every row computed"))
-            .collect())
+            .map(|(i, x)| {
+                let h = self
+                    .shard
+                    .forward_slot(&x, slots[i], rows[i].start, &mut st.pool);
+                (i, h)
+            })
+            .collect();
+        for (r, t) in rows.iter().zip(len_of) {
+            if let Some(e) = st.seqs.get_mut(&r.seq) {
+                e.1 = r.start + t;
+            }
+        }
+        Ok(Hidden {
+            batch,
+            rows: others,
+        })
+    }
+
+    /// First shard: single-token rows embedded in one lookup, the others one by one.
+    fn embed(&self, inputs: Vec<RowInput>) -> Result<Hidden, String> {
+        let dev = self.device;
+        let mut ix = Vec::new();
+        let mut ids = Vec::new();
+        let mut out = Hidden::default();
+        for (i, inp) in inputs.into_iter().enumerate() {
+            match inp {
+                RowInput::Ids {
+                    ids: t,
+                    visual: None,
+                } if t.len() == 1 => {
+                    ix.push(i);
+                    ids.push(t[0]);
+                }
+                RowInput::Ids { ids: t, visual } => {
+                    let t = Tensor::from_slice(&t).to_device(dev).unsqueeze(0);
+                    let visual = visual.map(|v| v.to_device(dev));
+                    let e = embed_for_generation(&self.shard, &t, visual.as_ref(), self.ids)
+                        .map_err(|e| format!("{}: {e}", self.name))?;
+                    out.rows.push((i, e));
+                }
+                RowInput::Embeds(e) => out.rows.push((i, e.to_device(dev).unsqueeze(0))),
+            }
+        }
+        if !ix.is_empty() {
+            let t = Tensor::from_slice(&ids).to_device(dev).unsqueeze(1);
+            let e = embed_for_generation(&self.shard, &t, None, self.ids)
+                .map_err(|e| format!("{}: {e}", self.name))?;
+            out.batch = Some((ix, e));
+        }
+        Ok(out)
     }
 
     /// Last shard: norm, keep the hidden states, sample, and cut NIP contexts.
@@ -373,14 +378,31 @@ impl ShardWorker {
         &self,
         st: &mut ShardState,
         rows: &[RowMeta],
-        hidden: Vec<Tensor>,
+        hidden: Hidden,
     ) -> Result<Vec<RowOut>, String> {
-        let normed: Vec<Tensor> = hidden.iter().map(|h| self.shard.norm(h)).collect();
-        let last: Vec<Tensor> = normed
-            .iter()
-            .map(|n| n.narrow(1, n.size()[1] - 1, 1).squeeze_dim(1))
-            .collect();
-        // Read back once for the whole tick; each row samples from its slice.
+        // The last position of every row, batched rows first, read back once for sampling.
+        let mut order: Vec<usize> = Vec::with_capacity(rows.len());
+        let mut last: Vec<Tensor> = Vec::new();
+        if let Some((ix, h)) = &hidden.batch {
+            let n = self.shard.norm(h); // [B, 1, L]
+            for (k, &i) in ix.iter().enumerate() {
+                order.push(i);
+                st.hidden
+                    .entry(rows[i].seq)
+                    .or_default()
+                    .push(Chunk::Row(n.shallow_clone(), k as i64));
+            }
+            last.push(n.squeeze_dim(1));
+        }
+        for (i, h) in &hidden.rows {
+            let n = self.shard.norm(h).get(0); // [T, L]
+            order.push(*i);
+            last.push(n.narrow(0, n.size()[0] - 1, 1));
+            st.hidden
+                .entry(rows[*i].seq)
+                .or_default()
+                .push(Chunk::Whole(n));
+        }
         let logits = self.shard.logits(&Tensor::cat(&last, 0));
         let vocab = logits.size()[1] as usize;
         let flat: Vec<f64> = Vec::try_from(
@@ -391,12 +413,13 @@ impl ShardWorker {
         )
         .map_err(|e| format!("{}: reading the logits: {e}", self.name))?;
         let mut out = Vec::with_capacity(rows.len());
-        for (i, (r, n)) in rows.iter().zip(&normed).enumerate() {
-            let log = st.hidden.entry(r.seq).or_default();
-            log.push(n.get(0));
+        for (k, &i) in order.iter().enumerate() {
+            let r = &rows[i];
             let context = match r.context_from {
                 Some(from) => {
-                    let all = Tensor::cat(log, 0);
+                    let log = st.hidden.entry(r.seq).or_default();
+                    let all =
+                        Tensor::cat(&log.iter().map(Chunk::materialize).collect::<Vec<_>>(), 0);
                     let end = all.size()[0];
                     if from < 0 || from >= end {
                         return Err(format!(
@@ -405,13 +428,13 @@ impl ShardWorker {
                         ));
                     }
                     let ctx = all.narrow(0, from, end - from).flip([0]);
-                    *log = vec![all];
+                    *log = vec![Chunk::Whole(all)];
                     Some(ctx)
                 }
                 None => None,
             };
             let token = r.sample.as_ref().map(|s| {
-                let row = flat[i * vocab..(i + 1) * vocab].to_vec();
+                let row = flat[k * vocab..(k + 1) * vocab].to_vec();
                 sample_slice(row, &s.params, &s.seen, &s.banned, s.index)
             });
             out.push(RowOut {
@@ -421,6 +444,33 @@ impl ShardWorker {
             });
         }
         Ok(out)
+    }
+}
+
+/// A piece of a sequence's hidden-state log on the last shard.
+enum Chunk {
+    /// [T, L].
+    Whole(Tensor),
+    /// Row k of a decode batch [B, 1, L] (shared, so logging costs no copy).
+    Row(Tensor, i64),
+}
+
+impl Chunk {
+    fn materialize(&self) -> Tensor {
+        match self {
+            Chunk::Whole(t) => t.shallow_clone(),
+            Chunk::Row(t, k) => t.get(*k),
+        }
+    }
+
+    /// Bytes of the positions it stands for.
+    fn bytes(&self) -> u64 {
+        let (t, positions) = match self {
+            Chunk::Whole(t) => (t, t.size()[0]),
+            Chunk::Row(t, _) => (t, 1),
+        };
+        (positions * t.size().last().copied().unwrap_or(0)) as u64
+            * t.kind().elt_size_in_bytes() as u64
     }
 }
 
