@@ -4,7 +4,7 @@ SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 CARGO_TEST_FLAGS ?=
 
-.PHONY: setup build run test bench fmt clippy
+.PHONY: setup build run test bench bench-reference serve fmt clippy
 
 setup:
 	@bash scripts/setup.sh
@@ -23,6 +23,15 @@ test:
 
 bench: setup
 	$(ENV) cargo bench -p deem-actors --bench pipeline --bench serve
+
+# deem vs transformers `generate` and a diffusers DDIM loop on the same weights (needs transformers and
+# diffusers in .venv: .venv/bin/pip install transformers diffusers).
+bench-reference: build
+	.venv/bin/python scripts/bench_reference.py
+
+# Serve the model `make run` trained (http://127.0.0.1:8000: playground at /, API at /v1).
+serve: build
+	./target/release/deem serve --topology topologies/cpu.toml --config configs/tiny.toml --checkpoint runs/tiny
 
 fmt:
 	cargo fmt --all

@@ -49,6 +49,40 @@ pub enum Command {
     /// Serve interleaved text-and-image generation (OpenAI chat completions, SSE streaming) over the
     /// topology's actors, with /metrics, /ready and a playground page at /.
     Serve(ServeArgs),
+    /// Time deem on a reference checkpoint (deem's side of scripts/bench_reference.py).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Greedy decode tokens/s of an HF LLaMA checkpoint through the serving path (KV pool).
+    Decode {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long, default_value_t = 16)]
+        prompt_tokens: i64,
+        #[arg(long, default_value_t = 128)]
+        new_tokens: i64,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Intra-op threads (default: libtorch's).
+        #[arg(long)]
+        threads: Option<i32>,
+    },
+    /// DDIM steps/s of a diffusers UNet (batch 1, no guidance).
+    Unet {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long, default_value_t = 50)]
+        steps: i64,
+        #[arg(long, default_value_t = 77)]
+        context_tokens: i64,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        #[arg(long)]
+        threads: Option<i32>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -409,6 +443,35 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 tracing::info!("shutting down: draining in-flight requests");
                 service.stop().await
             })?;
+        }
+        Command::Bench(b) => {
+            let out = match b {
+                BenchCommand::Decode {
+                    checkpoint,
+                    prompt_tokens,
+                    new_tokens,
+                    repeats,
+                    threads,
+                } => {
+                    if let Some(n) = threads {
+                        tch::set_num_threads(n);
+                    }
+                    crate::bench_cmd::decode(&checkpoint, prompt_tokens, new_tokens, repeats)?
+                }
+                BenchCommand::Unet {
+                    checkpoint,
+                    steps,
+                    context_tokens,
+                    repeats,
+                    threads,
+                } => {
+                    if let Some(n) = threads {
+                        tch::set_num_threads(n);
+                    }
+                    crate::bench_cmd::unet(&checkpoint, steps, context_tokens, repeats)?
+                }
+            };
+            println!("{out}");
         }
         Command::Config(ConfigCommand::Show { config }) => {
             let cfg = config.load()?;

@@ -2,6 +2,7 @@
 //! decoder on devices, layered configuration, observability (tracing, Prometheus metrics, the HTTP
 //! endpoint) and the `deem` command line. Model math lives in the `deem` crate, which never imports this.
 
+pub mod bench_cmd;
 pub mod cli;
 pub mod forward;
 pub mod http;
