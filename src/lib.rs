@@ -8,8 +8,10 @@
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod datasets;
 pub mod device;
 pub mod diffusion;
+pub mod eval;
 pub mod llama;
 pub mod model;
 pub mod params;
@@ -21,6 +23,7 @@ pub mod sequence;
 pub mod tokenizer;
 pub mod train;
 pub mod vision;
+pub mod world;
 
 pub use config::DeemConfig;
 pub use device::DeviceSpec;

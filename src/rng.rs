@@ -19,6 +19,8 @@ pub enum Purpose {
     ImageNoise = 7,
     /// Serving: the fixed noise of the CSR consistency score.
     CsrScore = 8,
+    /// The synthetic world and dataset sampling.
+    Data = 9,
 }
 
 #[derive(Debug, Clone)]

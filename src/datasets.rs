@@ -1,0 +1,806 @@
+//! Dataset files in the formats users train DEEM on, and the synthetic world written in them:
+//!
+//! - image-text pairs: JSONL `{"image": path, "caption": text}` and webdataset-style tar shards
+//!   (`<key>.png` + `<key>.txt` members);
+//! - MMC4-style interleaved documents: JSONL `{"text_list": [...], "image_info": [{"image_name",
+//!   "matched_text_index", "matched_sim"}]}` with local image paths;
+//! - LLaVA-style instructions: a JSON list of `{"id", "image", "conversations": [{"from": "human" |
+//!   "gpt", "value"}]}` with `<image>` in the first human turn;
+//! - region data: COCO-style `{"images", "annotations": [{"image_id", "segmentation" (uncompressed RLE
+//!   `{"size": [h, w], "counts": [...]}` or polygons), "caption"}], "categories"}`.
+//!
+//! Readers never stop at a bad record (bad JSON, a missing or undecodable image, a malformed mask): it
+//! is skipped and reported with its file and line (or entry); [`ReadReport::check`] turns too high a
+//! share of bad records into an error.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::world::{self, Scene, Split};
+
+/// A skipped record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadRecord {
+    /// `file:line` (JSONL), `file[entry]` (JSON lists) or `file:member` (tar).
+    pub at: String,
+    pub reason: String,
+}
+
+/// What a reader returns: the good records and the skipped ones.
+#[derive(Debug)]
+pub struct ReadReport<T> {
+    pub records: Vec<T>,
+    pub bad: Vec<BadRecord>,
+}
+
+impl<T> ReadReport<T> {
+    fn new() -> Self {
+        ReadReport {
+            records: Vec::new(),
+            bad: Vec::new(),
+        }
+    }
+
+    fn skip(&mut self, at: String, reason: impl Into<String>) {
+        let reason = reason.into();
+        self.bad.push(BadRecord { at, reason });
+    }
+
+    /// Share of bad records among all records read.
+    pub fn bad_ratio(&self) -> f64 {
+        let total = self.records.len() + self.bad.len();
+        if total == 0 {
+            0.0
+        } else {
+            self.bad.len() as f64 / total as f64
+        }
+    }
+
+    /// An error when more than `max_ratio` of the records were bad, naming the file and the first few.
+    pub fn check(&self, file: &Path, max_ratio: f64) -> Result<(), String> {
+        if self.bad_ratio() > max_ratio {
+            let first: Vec<String> = self
+                .bad
+                .iter()
+                .take(3)
+                .map(|b| format!("{}: {}", b.at, b.reason))
+                .collect();
+            return Err(format!(
+                "{}: {} of {} records are bad ({:.1}%, above the allowed {:.1}%); first: {}",
+                file.display(),
+                self.bad.len(),
+                self.records.len() + self.bad.len(),
+                100.0 * self.bad_ratio(),
+                100.0 * max_ratio,
+                first.join("; ")
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// An image-text pair.
+#[derive(Debug, Clone)]
+pub struct Pair {
+    pub image: RgbImage,
+    pub caption: String,
+}
+
+/// An interleaved document: its sentences, and each image with the sentence it belongs to.
+#[derive(Debug, Clone)]
+pub struct Document {
+    pub texts: Vec<String>,
+    pub images: Vec<(RgbImage, usize)>,
+}
+
+/// One instruction conversation: the image (if any) and (human, assistant) turns.
+#[derive(Debug, Clone)]
+pub struct Conversation {
+    pub image: Option<RgbImage>,
+    pub turns: Vec<(String, String)>,
+}
+
+/// A region: the image, the region's mask (row-major, image-sized) and its caption.
+#[derive(Debug, Clone)]
+pub struct Region {
+    pub image: RgbImage,
+    pub mask: Vec<bool>,
+    pub caption: String,
+}
+
+fn load_image(base: &Path, rel: &str) -> Result<RgbImage, String> {
+    let p = base.join(rel);
+    if !p.exists() {
+        return Err(format!("missing image {}", p.display()));
+    }
+    image::open(&p)
+        .map(|i| i.to_rgb8())
+        .map_err(|e| format!("cannot decode image {}: {e}", p.display()))
+}
+
+fn base_of(path: &Path) -> PathBuf {
+    path.parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn jsonl_lines(path: &Path) -> Result<Vec<(usize, String)>, String> {
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))?;
+        if !line.trim().is_empty() {
+            out.push((i + 1, line));
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Deserialize)]
+struct PairLine {
+    image: String,
+    caption: String,
+}
+
+/// Image-text pairs from JSONL; image paths are relative to the file.
+pub fn read_pairs_jsonl(path: &Path) -> Result<ReadReport<Pair>, String> {
+    let base = base_of(path);
+    let mut r = ReadReport::new();
+    for (n, line) in jsonl_lines(path)? {
+        let at = format!("{}:{n}", path.display());
+        match serde_json::from_str::<PairLine>(&line) {
+            Err(e) => r.skip(at, format!("bad JSON: {e}")),
+            Ok(p) => match load_image(&base, &p.image) {
+                Ok(image) => r.records.push(Pair {
+                    image,
+                    caption: p.caption,
+                }),
+                Err(e) => r.skip(at, e),
+            },
+        }
+    }
+    Ok(r)
+}
+
+/// Image-text pairs from a webdataset-style tar shard: members `<key>.png|jpg|jpeg` and `<key>.txt`.
+pub fn read_pairs_tar(path: &Path) -> Result<ReadReport<Pair>, String> {
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut archive = tar::Archive::new(f);
+    let mut parts: BTreeMap<String, (Option<Vec<u8>>, Option<String>)> = BTreeMap::new();
+    let entries = archive
+        .entries()
+        .map_err(|e| format!("{}: not a tar file: {e}", path.display()))?;
+    let mut r = ReadReport::new();
+    for entry in entries {
+        let mut entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                r.skip(
+                    format!("{}", path.display()),
+                    format!("unreadable member: {e}"),
+                );
+                break;
+            }
+        };
+        let name = entry
+            .path()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let Some((key, ext)) = name.rsplit_once('.') else {
+            continue;
+        };
+        let mut buf = Vec::new();
+        if let Err(e) = std::io::Read::read_to_end(&mut entry, &mut buf) {
+            r.skip(
+                format!("{}:{name}", path.display()),
+                format!("unreadable member: {e}"),
+            );
+            continue;
+        }
+        let slot = parts.entry(key.to_string()).or_default();
+        match ext {
+            "png" | "jpg" | "jpeg" => slot.0 = Some(buf),
+            "txt" => slot.1 = Some(String::from_utf8_lossy(&buf).trim().to_string()),
+            _ => {}
+        }
+    }
+    for (key, (img, txt)) in parts {
+        let at = format!("{}:{key}", path.display());
+        match (img, txt) {
+            (Some(bytes), Some(caption)) => match image::load_from_memory(&bytes) {
+                Ok(i) => r.records.push(Pair {
+                    image: i.to_rgb8(),
+                    caption,
+                }),
+                Err(e) => r.skip(at, format!("cannot decode the image: {e}")),
+            },
+            (None, _) => r.skip(at, "no image member (.png/.jpg)"),
+            (_, None) => r.skip(at, "no caption member (.txt)"),
+        }
+    }
+    Ok(r)
+}
+
+#[derive(Deserialize)]
+struct Mmc4Line {
+    text_list: Vec<String>,
+    image_info: Vec<Mmc4Image>,
+}
+
+#[derive(Deserialize)]
+struct Mmc4Image {
+    image_name: String,
+    matched_text_index: usize,
+    #[serde(default)]
+    #[allow(dead_code)]
+    matched_sim: Option<f64>,
+}
+
+/// MMC4-style interleaved documents from JSONL; `image_name` is relative to the file.
+pub fn read_mmc4(path: &Path) -> Result<ReadReport<Document>, String> {
+    let base = base_of(path);
+    let mut r = ReadReport::new();
+    'lines: for (n, line) in jsonl_lines(path)? {
+        let at = format!("{}:{n}", path.display());
+        let d: Mmc4Line = match serde_json::from_str(&line) {
+            Ok(d) => d,
+            Err(e) => {
+                r.skip(at, format!("bad JSON: {e}"));
+                continue;
+            }
+        };
+        let mut images = Vec::new();
+        for info in &d.image_info {
+            if info.matched_text_index >= d.text_list.len() {
+                r.skip(
+                    at,
+                    format!(
+                        "matched_text_index {} is past the {} sentences",
+                        info.matched_text_index,
+                        d.text_list.len()
+                    ),
+                );
+                continue 'lines;
+            }
+            match load_image(&base, &info.image_name) {
+                Ok(i) => images.push((i, info.matched_text_index)),
+                Err(e) => {
+                    r.skip(at, e);
+                    continue 'lines;
+                }
+            }
+        }
+        r.records.push(Document {
+            texts: d.text_list,
+            images,
+        });
+    }
+    Ok(r)
+}
+
+#[derive(Deserialize)]
+struct LlavaEntry {
+    #[serde(default)]
+    image: Option<String>,
+    conversations: Vec<LlavaTurn>,
+}
+
+#[derive(Deserialize)]
+struct LlavaTurn {
+    from: String,
+    value: String,
+}
+
+/// LLaVA-style instruction data (a JSON list); `image` is relative to the file.
+pub fn read_llava(path: &Path) -> Result<ReadReport<Conversation>, String> {
+    let base = base_of(path);
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
+        format!(
+            "{}: expected a JSON list of conversations: {e}",
+            path.display()
+        )
+    })?;
+    let mut r = ReadReport::new();
+    for (i, v) in entries.into_iter().enumerate() {
+        let at = format!("{}[{i}]", path.display());
+        let e: LlavaEntry = match serde_json::from_value(v) {
+            Ok(e) => e,
+            Err(err) => {
+                r.skip(at, format!("bad entry: {err}"));
+                continue;
+            }
+        };
+        let mut turns = Vec::new();
+        let mut ok = e.conversations.len() % 2 == 0 && !e.conversations.is_empty();
+        for pair in e.conversations.chunks(2) {
+            if pair.len() == 2 && pair[0].from == "human" && pair[1].from == "gpt" {
+                turns.push((pair[0].value.clone(), pair[1].value.clone()));
+            } else {
+                ok = false;
+            }
+        }
+        if !ok {
+            r.skip(at, "conversations must alternate human, gpt turns");
+            continue;
+        }
+        let image = match &e.image {
+            None => None,
+            Some(rel) => match load_image(&base, rel) {
+                Ok(i) => Some(i),
+                Err(err) => {
+                    r.skip(at, err);
+                    continue;
+                }
+            },
+        };
+        r.records.push(Conversation { image, turns });
+    }
+    Ok(r)
+}
+
+/// Region data from a COCO-style JSON with captions on the annotations (RLE or polygon masks).
+pub fn read_regions(path: &Path) -> Result<ReadReport<Region>, String> {
+    let base = base_of(path);
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+    let mut files: BTreeMap<i64, (String, u32, u32)> = BTreeMap::new();
+    for im in v["images"].as_array().into_iter().flatten() {
+        if let (Some(id), Some(f)) = (im["id"].as_i64(), im["file_name"].as_str()) {
+            let (w, h) = (
+                im["width"].as_u64().unwrap_or(0),
+                im["height"].as_u64().unwrap_or(0),
+            );
+            files.insert(id, (f.to_string(), w as u32, h as u32));
+        }
+    }
+    let mut r = ReadReport::new();
+    let mut cache: BTreeMap<i64, RgbImage> = BTreeMap::new();
+    for (i, a) in v["annotations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let at = format!("{}:annotations[{i}]", path.display());
+        let Some((file, w, h)) = a["image_id"]
+            .as_i64()
+            .and_then(|id| files.get(&id).cloned())
+        else {
+            r.skip(at, "image_id names no entry of `images`");
+            continue;
+        };
+        let caption = a["caption"].as_str().unwrap_or("").to_string();
+        let mask = match decode_segmentation(&a["segmentation"], w, h) {
+            Ok(m) => m,
+            Err(e) => {
+                r.skip(at, e);
+                continue;
+            }
+        };
+        let id = a["image_id"].as_i64().unwrap_or(-1);
+        let image = match cache.get(&id) {
+            Some(i) => i.clone(),
+            None => match load_image(&base, &file) {
+                Ok(i) => {
+                    cache.insert(id, i.clone());
+                    i
+                }
+                Err(e) => {
+                    r.skip(at, e);
+                    continue;
+                }
+            },
+        };
+        if image.dimensions() != (w, h) {
+            r.skip(
+                at,
+                format!(
+                    "the image is {:?}, the annotation says {w}×{h}",
+                    image.dimensions()
+                ),
+            );
+            continue;
+        }
+        r.records.push(Region {
+            image,
+            mask,
+            caption,
+        });
+    }
+    Ok(r)
+}
+
+fn decode_segmentation(seg: &serde_json::Value, w: u32, h: u32) -> Result<Vec<bool>, String> {
+    if let Some(counts) = seg.get("counts") {
+        let size: Vec<u64> = seg["size"]
+            .as_array()
+            .map(|s| s.iter().filter_map(|x| x.as_u64()).collect())
+            .unwrap_or_default();
+        if size != [h as u64, w as u64] {
+            return Err(format!("RLE size {size:?}, expected [{h}, {w}]"));
+        }
+        let counts: Vec<u32> = counts
+            .as_array()
+            .ok_or("compressed (string) RLE counts are not supported; give the counts as a list")?
+            .iter()
+            .map(|c| {
+                c.as_u64()
+                    .map(|c| c as u32)
+                    .ok_or("RLE counts must be integers")
+            })
+            .collect::<Result<_, _>>()?;
+        return world::rle_decode(&counts, w, h);
+    }
+    if let Some(polys) = seg.as_array() {
+        let mut m = vec![false; (w * h) as usize];
+        for p in polys {
+            let pts: Vec<f64> = p
+                .as_array()
+                .ok_or("a polygon must be a list of numbers")?
+                .iter()
+                .map(|x| x.as_f64().ok_or("a polygon must be a list of numbers"))
+                .collect::<Result<_, _>>()?;
+            if pts.len() < 6 || pts.len() % 2 != 0 {
+                return Err(format!(
+                    "a polygon needs an even number ≥ 6 of coordinates, found {}",
+                    pts.len()
+                ));
+            }
+            for (a, b) in m.iter_mut().zip(world::polygon_mask(&pts, w, h)) {
+                *a |= b;
+            }
+        }
+        return Ok(m);
+    }
+    Err("segmentation must be an RLE object or a list of polygons".into())
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The synthetic world in these formats.
+
+/// How much `deem data synth` writes.
+#[derive(Debug, Clone)]
+pub struct SynthOptions {
+    pub seed: u64,
+    pub size: u32,
+    /// Image-text pairs (JSONL and one tar shard).
+    pub pairs: usize,
+    /// Interleaved documents (2–4 images each).
+    pub documents: usize,
+    /// Instruction conversations.
+    pub instructions: usize,
+    /// Region annotations' images.
+    pub regions: usize,
+    /// Evaluation scenes per split (in distribution, R, A, V).
+    pub eval_per_split: usize,
+}
+
+impl Default for SynthOptions {
+    fn default() -> Self {
+        SynthOptions {
+            seed: 0,
+            size: 64,
+            pairs: 2000,
+            documents: 500,
+            instructions: 2000,
+            regions: 200,
+            eval_per_split: 100,
+        }
+    }
+}
+
+/// What was written, by file.
+#[derive(Debug, Clone, Serialize)]
+pub struct SynthSummary {
+    pub files: BTreeMap<String, usize>,
+}
+
+struct Writer<'a> {
+    out: &'a Path,
+    seed: u64,
+    size: u32,
+    /// Next scene index per split.
+    next: BTreeMap<Split, u64>,
+}
+
+impl Writer<'_> {
+    /// A new scene of `split`, written to `images/<split>/<index>.png`; returns it and its path
+    /// relative to the output folder.
+    fn scene(&mut self, split: Split) -> Result<(Scene, String), String> {
+        let i = self.next.entry(split).or_insert(0);
+        let s = world::scene(self.seed, split, *i, self.size);
+        *i += 1;
+        let rel = format!("images/{}/{:06}.png", split.name(), s.index);
+        let p = self.out.join(&rel);
+        s.render()
+            .save(&p)
+            .map_err(|e| format!("{}: {e}", p.display()))?;
+        Ok((s, rel))
+    }
+}
+
+fn write_file(path: &Path, text: &str) -> Result<(), String> {
+    // Written whole to a temporary name, then renamed: a crash never leaves half a file.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Instruction questions about a scene, each with its answer (the paper's VQA / hallucination prompt
+/// styles): existence yes/no, colour, count, main object.
+pub fn questions(s: &Scene, rng: &mut crate::rng::Stream) -> Vec<(String, String)> {
+    let main = s.main();
+    let mut q = Vec::new();
+    // Existence: half present objects, half absent ones.
+    let present = &s.objects[rng.below(1, s.objects.len() as u64)[0] as usize];
+    q.push((
+        format!(
+            "Is there a {} in the image? Please answer yes or no.",
+            present.label()
+        ),
+        "Yes".to_string(),
+    ));
+    let absent = loop {
+        let shape = rng.below(1, world::SHAPES.len() as u64)[0] as usize;
+        let colour = rng.below(1, world::COLOURS.len() as u64)[0] as usize;
+        if !s
+            .objects
+            .iter()
+            .any(|o| o.shape == shape && o.colour == colour)
+        {
+            break format!("{} {}", world::COLOURS[colour].0, world::SHAPES[shape]);
+        }
+    };
+    q.push((
+        format!("Is there a {absent} in the image? Please answer yes or no."),
+        "No".to_string(),
+    ));
+    q.push((
+        format!(
+            "What colour is the {}? Please provide an accurate answer within one word.",
+            main.shape_name()
+        ),
+        main.colour_name().to_string(),
+    ));
+    q.push((
+        "How many objects are in the image? Please provide an accurate answer within one word."
+            .into(),
+        ["one", "two", "three"][s.objects.len() - 1].to_string(),
+    ));
+    q.push((
+        "What is the main object in this image?".into(),
+        format!("A {}.", main.label()),
+    ));
+    // RobustVQA style: the main object (yes) or another label (no).
+    let other = loop {
+        let shape = rng.below(1, world::SHAPES.len() as u64)[0] as usize;
+        if shape != main.shape {
+            break format!("{} {}", main.colour_name(), world::SHAPES[shape]);
+        }
+    };
+    q.push((
+        format!(
+            "Is {} the main object in this image? Please answer yes or no.",
+            main.label()
+        ),
+        "Yes".into(),
+    ));
+    q.push((
+        format!("Is {other} the main object in this image? Please answer yes or no."),
+        "No".into(),
+    ));
+    q
+}
+
+/// Writes the synthetic world under `out` in the real formats (see the module documentation), plus
+/// evaluation scenes: `eval/<split>/<colour>_<shape>/<index>.png` (ImageNet-style class folders) and
+/// `eval/<split>/instances.json` (COCO-style instances, for the POPE builder).
+pub fn synthesize(out: &Path, o: &SynthOptions) -> Result<SynthSummary, String> {
+    for split in Split::ALL {
+        let d = out.join("images").join(split.name());
+        std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    let mut w = Writer {
+        out,
+        seed: o.seed,
+        size: o.size,
+        next: BTreeMap::new(),
+    };
+    let mut files = BTreeMap::new();
+    let mut rng = crate::rng::Stream::new(o.seed, 0, 0xd0c5, crate::rng::Purpose::Data);
+
+    // Pairs: JSONL and a webdataset tar shard with the same records.
+    let mut jsonl = String::new();
+    let tar_path = out.join("pairs-000000.tar");
+    let tar_tmp = tar_path.with_extension("tmp");
+    {
+        let f =
+            std::fs::File::create(&tar_tmp).map_err(|e| format!("{}: {e}", tar_tmp.display()))?;
+        let mut tb = tar::Builder::new(f);
+        for _ in 0..o.pairs {
+            let (s, rel) = w.scene(Split::Id)?;
+            let cap = s.caption();
+            jsonl.push_str(&json!({"image": rel, "caption": cap}).to_string());
+            jsonl.push('\n');
+            let key = format!("{:06}", s.index);
+            let png = std::fs::read(out.join(&rel)).map_err(|e| e.to_string())?;
+            for (name, data) in [
+                (format!("{key}.png"), png),
+                (format!("{key}.txt"), cap.into_bytes()),
+            ] {
+                let mut h = tar::Header::new_gnu();
+                h.set_size(data.len() as u64);
+                h.set_mode(0o644);
+                h.set_cksum();
+                tb.append_data(&mut h, &name, data.as_slice())
+                    .map_err(|e| format!("{}: {e}", tar_tmp.display()))?;
+            }
+        }
+        tb.into_inner()
+            .and_then(|mut f| f.flush())
+            .map_err(|e| format!("{}: {e}", tar_tmp.display()))?;
+    }
+    std::fs::rename(&tar_tmp, &tar_path).map_err(|e| format!("{}: {e}", tar_path.display()))?;
+    write_file(&out.join("pairs.jsonl"), &jsonl)?;
+    files.insert("pairs.jsonl".into(), o.pairs);
+    files.insert("pairs-000000.tar".into(), o.pairs);
+
+    // Interleaved documents: 2–4 images, a sentence about each, and filler sentences between.
+    let fillers = [
+        "Here is another picture.",
+        "The next one is different.",
+        "Look at this one.",
+        "This photo was taken later.",
+    ];
+    let mut mmc4 = String::new();
+    for _ in 0..o.documents {
+        let n = 2 + rng.below(1, 3)[0] as usize;
+        let mut text_list = Vec::new();
+        let mut image_info = Vec::new();
+        for _ in 0..n {
+            let (s, rel) = w.scene(Split::Id)?;
+            if rng.uniform() < 0.5 {
+                text_list.push(fillers[rng.below(1, fillers.len() as u64)[0] as usize].to_string());
+            }
+            image_info.push(json!({"image_name": rel, "matched_text_index": text_list.len(), "matched_sim": 0.3}));
+            text_list.push(format!("This image shows {}.", s.caption()));
+        }
+        mmc4.push_str(
+            &json!({"url": "synthetic://deem", "text_list": text_list, "image_info": image_info})
+                .to_string(),
+        );
+        mmc4.push('\n');
+    }
+    write_file(&out.join("mmc4.jsonl"), &mmc4)?;
+    files.insert("mmc4.jsonl".into(), o.documents);
+
+    // Instructions: one question per conversation, cycling through the kinds.
+    let mut llava = Vec::new();
+    for i in 0..o.instructions {
+        let (s, rel) = w.scene(Split::Id)?;
+        let qs = questions(&s, &mut rng);
+        let (q, a) = &qs[i % qs.len()];
+        llava.push(json!({
+            "id": format!("synth-{i:06}"),
+            "image": rel,
+            "conversations": [
+                {"from": "human", "value": format!("<image>\n{q}")},
+                {"from": "gpt", "value": a},
+            ]
+        }));
+    }
+    write_file(
+        &out.join("llava.json"),
+        &serde_json::to_string(&llava).map_err(|e| e.to_string())?,
+    )?;
+    files.insert("llava.json".into(), o.instructions);
+
+    // Regions: every object's mask (RLE; polygons for squares and diamonds) with its label.
+    let mut images = Vec::new();
+    let mut anns = Vec::new();
+    for k in 0..o.regions {
+        let (s, rel) = w.scene(Split::Id)?;
+        images.push(json!({"id": k, "file_name": rel, "width": o.size, "height": o.size}));
+        for ob in &s.objects {
+            let seg = match ob.shape {
+                0 | 3 => {
+                    let (c, r) = (ob.r * if ob.shape == 0 { 0.85 } else { 1.0 }, ob.r);
+                    let pts = if ob.shape == 0 {
+                        vec![
+                            ob.cx - c,
+                            ob.cy - c,
+                            ob.cx + c,
+                            ob.cy - c,
+                            ob.cx + c,
+                            ob.cy + c,
+                            ob.cx - c,
+                            ob.cy + c,
+                        ]
+                    } else {
+                        vec![
+                            ob.cx,
+                            ob.cy - r,
+                            ob.cx + r,
+                            ob.cy,
+                            ob.cx,
+                            ob.cy + r,
+                            ob.cx - r,
+                            ob.cy,
+                        ]
+                    };
+                    json!([pts])
+                }
+                _ => {
+                    json!({"size": [o.size, o.size], "counts": world::rle_counts(&ob.mask(o.size), o.size, o.size)})
+                }
+            };
+            let area = ob.mask(o.size).iter().filter(|&&b| b).count();
+            anns.push(json!({
+                "id": anns.len(), "image_id": k, "category_id": ob.shape,
+                "segmentation": seg, "area": area, "iscrowd": 0,
+                "bbox": [ob.cx - ob.r, ob.cy - ob.r, 2.0 * ob.r, 2.0 * ob.r],
+                "caption": format!("the {}", ob.label()),
+            }));
+        }
+    }
+    let categories: Vec<_> = world::SHAPES
+        .iter()
+        .enumerate()
+        .map(|(i, n)| json!({"id": i, "name": n}))
+        .collect();
+    write_file(
+        &out.join("regions.json"),
+        &json!({"images": images, "annotations": anns, "categories": categories}).to_string(),
+    )?;
+    files.insert("regions.json".into(), o.regions);
+
+    // Evaluation scenes: ImageNet-style class folders (class = the main object's label) and COCO-style
+    // instances (category = colour + shape) per split.
+    for split in Split::ALL {
+        let base = out.join("eval").join(split.name());
+        std::fs::create_dir_all(&base).map_err(|e| format!("{}: {e}", base.display()))?;
+        let mut images = Vec::new();
+        let mut anns = Vec::new();
+        for k in 0..o.eval_per_split {
+            let s = world::scene(o.seed ^ 0xe7a1, split, k as u64, o.size);
+            let class = s.main().label().replace(' ', "_");
+            let rel = format!("{class}/{k:06}.png");
+            let p = base.join(&rel);
+            std::fs::create_dir_all(p.parent().expect("has a parent"))
+                .map_err(|e| e.to_string())?;
+            s.render()
+                .save(&p)
+                .map_err(|e| format!("{}: {e}", p.display()))?;
+            images.push(json!({"id": k, "file_name": rel, "width": o.size, "height": o.size}));
+            for ob in &s.objects {
+                anns.push(json!({
+                    "id": anns.len(), "image_id": k,
+                    "category_id": ob.colour * world::SHAPES.len() + ob.shape,
+                    "bbox": [ob.cx - ob.r, ob.cy - ob.r, 2.0 * ob.r, 2.0 * ob.r], "iscrowd": 0,
+                }));
+            }
+        }
+        let categories: Vec<_> = world::COLOURS
+            .iter()
+            .flat_map(|(c, _)| world::SHAPES.iter().map(move |sh| format!("{c} {sh}")))
+            .enumerate()
+            .map(|(i, n)| json!({"id": i, "name": n}))
+            .collect();
+        write_file(
+            &base.join("instances.json"),
+            &json!({"images": images, "annotations": anns, "categories": categories}).to_string(),
+        )?;
+        files.insert(format!("eval/{}", split.name()), o.eval_per_split);
+    }
+    write_file(
+        &out.join("SYNTH.json"),
+        &json!({"seed": o.seed, "size": o.size, "files": files}).to_string(),
+    )?;
+    Ok(SynthSummary { files })
+}

@@ -1,0 +1,441 @@
+//! The synthetic world and the dataset readers: generation is deterministic per seed, every reader
+//! round-trips what `synthesize` writes, bad records are skipped and counted, and the evaluation
+//! scoring and builders follow their definitions.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use deem::datasets::{self, SynthOptions};
+use deem::eval::{self, PopeSampling};
+use deem::world::{self, Split};
+
+fn small(seed: u64) -> SynthOptions {
+    SynthOptions {
+        seed,
+        size: 32,
+        pairs: 6,
+        documents: 3,
+        instructions: 8,
+        regions: 4,
+        eval_per_split: 5,
+    }
+}
+
+fn files_under(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                out.push((rel, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn the_world_has_enough_shapes_colours_and_distinct_splits() {
+    assert!(world::SHAPES.len() >= 8 && world::COLOURS.len() >= 8);
+    let mut labels = BTreeSet::new();
+    for i in 0..200 {
+        let s = world::scene(1, Split::Id, i, 64);
+        assert!((1..=3).contains(&s.objects.len()));
+        // The main object is the largest and its mask is not empty.
+        assert!(s.objects.iter().all(|o| o.r <= s.main().r));
+        assert!(s.main().mask(64).iter().any(|&b| b));
+        labels.insert(s.main().label());
+    }
+    assert!(labels.len() > 40, "{} distinct main objects", labels.len());
+    // The same scene index renders differently in each split.
+    let renders: Vec<_> = Split::ALL
+        .iter()
+        .map(|&sp| world::scene(1, sp, 3, 64).render().into_raw())
+        .collect();
+    for i in 0..renders.len() {
+        for j in i + 1..renders.len() {
+            assert_ne!(renders[i], renders[j]);
+        }
+    }
+}
+
+#[test]
+fn rle_and_polygons_round_trip() {
+    let s = world::scene(4, Split::Id, 0, 48);
+    let m = s.main().mask(48);
+    let counts = world::rle_counts(&m, 48, 48);
+    assert_eq!(counts.iter().sum::<u32>(), 48 * 48);
+    assert_eq!(world::rle_decode(&counts, 48, 48).unwrap(), m);
+    assert_eq!(
+        world::rle_decode(&counts[1..], 48, 48).unwrap_err(),
+        format!(
+            "RLE counts sum to {}, expected width × height = 2304",
+            2304 - counts[0]
+        )
+    );
+    // A square polygon covers exactly its pixels.
+    let sq = world::polygon_mask(&[2.0, 2.0, 6.0, 2.0, 6.0, 6.0, 2.0, 6.0], 8, 8);
+    assert_eq!(sq.iter().filter(|&&b| b).count(), 16);
+    assert!(sq[2 * 8 + 2] && sq[5 * 8 + 5] && !sq[6 * 8 + 6]);
+}
+
+#[test]
+fn synthesis_is_deterministic_per_seed() {
+    let (a, b, c) = (
+        common::scratch("synth-a"),
+        common::scratch("synth-b"),
+        common::scratch("synth-c"),
+    );
+    datasets::synthesize(&a, &small(7)).unwrap();
+    datasets::synthesize(&b, &small(7)).unwrap();
+    datasets::synthesize(&c, &small(8)).unwrap();
+    let (fa, fb, fc) = (files_under(&a), files_under(&b), files_under(&c));
+    assert!(fa.len() > 50, "{} files", fa.len());
+    assert_eq!(fa, fb, "same seed, same bytes");
+    let pairs = |f: &[(String, Vec<u8>)]| {
+        f.iter()
+            .find(|(n, _)| n == "pairs.jsonl")
+            .unwrap()
+            .1
+            .clone()
+    };
+    assert_ne!(pairs(&fa), pairs(&fc), "another seed, other data");
+}
+
+#[test]
+fn every_reader_round_trips_what_synth_writes() {
+    let dir = common::scratch("synth-read");
+    let o = small(3);
+    datasets::synthesize(&dir, &o).unwrap();
+
+    let pairs = datasets::read_pairs_jsonl(&dir.join("pairs.jsonl")).unwrap();
+    assert!(pairs.bad.is_empty(), "{:?}", pairs.bad);
+    assert_eq!(pairs.records.len(), o.pairs);
+    for (i, p) in pairs.records.iter().enumerate() {
+        let s = world::scene(o.seed, Split::Id, i as u64, o.size);
+        assert_eq!(p.caption, s.caption());
+        assert_eq!(
+            p.image.as_raw(),
+            s.render().as_raw(),
+            "pair {i}: PNG is lossless"
+        );
+    }
+    let tar = datasets::read_pairs_tar(&dir.join("pairs-000000.tar")).unwrap();
+    assert!(tar.bad.is_empty(), "{:?}", tar.bad);
+    assert_eq!(tar.records.len(), o.pairs);
+    for (t, j) in tar.records.iter().zip(&pairs.records) {
+        assert_eq!(
+            (t.caption.as_str(), t.image.as_raw()),
+            (j.caption.as_str(), j.image.as_raw())
+        );
+    }
+
+    let docs = datasets::read_mmc4(&dir.join("mmc4.jsonl")).unwrap();
+    assert!(docs.bad.is_empty(), "{:?}", docs.bad);
+    assert_eq!(docs.records.len(), o.documents);
+    for d in &docs.records {
+        assert!((2..=4).contains(&d.images.len()));
+        for (_, t) in &d.images {
+            assert!(
+                d.texts[*t].starts_with("This image shows a "),
+                "{}",
+                d.texts[*t]
+            );
+        }
+    }
+
+    let conv = datasets::read_llava(&dir.join("llava.json")).unwrap();
+    assert!(conv.bad.is_empty(), "{:?}", conv.bad);
+    assert_eq!(conv.records.len(), o.instructions);
+    assert!(conv
+        .records
+        .iter()
+        .all(|c| c.image.is_some() && c.turns[0].0.starts_with("<image>\n")));
+    let kinds: BTreeSet<&str> = conv.records.iter().map(|c| c.turns[0].1.as_str()).collect();
+    assert!(kinds.contains("Yes") && kinds.contains("No"), "{kinds:?}");
+
+    let regions = datasets::read_regions(&dir.join("regions.json")).unwrap();
+    assert!(regions.bad.is_empty(), "{:?}", regions.bad);
+    // One region per object of each region scene.
+    assert!(regions.records.len() >= o.regions);
+    for r in &regions.records {
+        let area = r.mask.iter().filter(|&&b| b).count();
+        assert!(area > 0, "{}", r.caption);
+        assert!(r.caption.starts_with("the "));
+    }
+}
+
+#[test]
+fn region_masks_equal_the_objects_they_describe() {
+    let dir = common::scratch("synth-regions");
+    let o = SynthOptions {
+        pairs: 0,
+        documents: 0,
+        instructions: 0,
+        regions: 6,
+        eval_per_split: 0,
+        ..small(5)
+    };
+    datasets::synthesize(&dir, &o).unwrap();
+    let regions = datasets::read_regions(&dir.join("regions.json")).unwrap();
+    let mut i = 0;
+    for k in 0..o.regions as u64 {
+        let s = world::scene(o.seed, Split::Id, k, o.size);
+        for ob in &s.objects {
+            let r = &regions.records[i];
+            assert_eq!(r.caption, format!("the {}", ob.label()));
+            let truth = ob.mask(o.size);
+            let inter = truth
+                .iter()
+                .zip(&r.mask)
+                .filter(|(a, b)| **a && **b)
+                .count() as f64;
+            let union = truth
+                .iter()
+                .zip(&r.mask)
+                .filter(|(a, b)| **a || **b)
+                .count() as f64;
+            // RLE is exact; the square and diamond polygons match the shape up to edge pixels.
+            let iou = inter / union;
+            if ob.shape == 0 || ob.shape == 3 {
+                assert!(iou > 0.75, "{}: IoU {iou}", ob.label());
+            } else {
+                assert_eq!(r.mask, truth, "{}", ob.label());
+            }
+            i += 1;
+        }
+    }
+    assert_eq!(i, regions.records.len());
+}
+
+#[test]
+fn bad_records_are_skipped_counted_and_bounded() {
+    let dir = common::scratch("bad-records");
+    datasets::synthesize(&dir, &small(2)).unwrap();
+    let good = std::fs::read_to_string(dir.join("pairs.jsonl")).unwrap();
+    std::fs::write(dir.join("broken.png"), b"not a png").unwrap();
+    let mut lines: Vec<String> = good.lines().map(String::from).collect();
+    lines.insert(
+        1,
+        "{\"image\": \"images/id/000000.png\", \"caption\": ".into(),
+    );
+    lines.insert(
+        3,
+        "{\"image\": \"images/id/nope.png\", \"caption\": \"x\"}".into(),
+    );
+    lines.insert(5, "{\"image\": \"broken.png\", \"caption\": \"x\"}".into());
+    let f = dir.join("mixed.jsonl");
+    std::fs::write(&f, lines.join("\n")).unwrap();
+    let r = datasets::read_pairs_jsonl(&f).unwrap();
+    assert_eq!(r.records.len(), 6);
+    assert_eq!(r.bad.len(), 3);
+    let at: Vec<&str> = r
+        .bad
+        .iter()
+        .map(|b| b.at.rsplit(':').next().unwrap())
+        .collect();
+    assert_eq!(at, ["2", "4", "6"]);
+    assert!(
+        r.bad[0].reason.starts_with("bad JSON: "),
+        "{}",
+        r.bad[0].reason
+    );
+    assert!(
+        r.bad[1].reason.starts_with("missing image "),
+        "{}",
+        r.bad[1].reason
+    );
+    assert!(
+        r.bad[2].reason.starts_with("cannot decode image "),
+        "{}",
+        r.bad[2].reason
+    );
+    assert!(r.check(&f, 0.5).is_ok());
+    let err = r.check(&f, 0.2).unwrap_err();
+    assert!(
+        err.starts_with(&format!(
+            "{}: 3 of 9 records are bad (33.3%, above the allowed 20.0%); first: ",
+            f.display()
+        )),
+        "{err}"
+    );
+    // LLaVA entries that do not alternate human/gpt, and regions pointing at no image.
+    let f = dir.join("llava-bad.json");
+    std::fs::write(
+        &f,
+        r#"[{"image": "images/id/000000.png", "conversations": [{"from": "gpt", "value": "hi"}]},
+            {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+            {"nonsense": 1}]"#,
+    )
+    .unwrap();
+    let r = datasets::read_llava(&f).unwrap();
+    assert_eq!((r.records.len(), r.bad.len()), (1, 2));
+    assert_eq!(
+        r.bad[0].reason,
+        "conversations must alternate human, gpt turns"
+    );
+    assert!(r.bad[1].at.ends_with("[2]"));
+}
+
+#[test]
+fn yes_no_parsing_and_scores() {
+    for (a, yes) in [
+        ("Yes", true),
+        ("yes, it is.", true),
+        ("No", false),
+        ("There is not a circle. But yes", false),
+        ("The answer is no.", false),
+        ("Nothing. no", true), // "nothing" is not "no"; only the first sentence counts
+        ("", true),
+    ] {
+        assert_eq!(eval::parse_yes_no(a), yes, "{a:?}");
+    }
+    // 4 yes-labels, 4 no-labels; predictions: 3 TP, 1 FN, 1 FP, 3 TN.
+    let label = [true, true, true, true, false, false, false, false];
+    let pred = [true, true, true, false, true, false, false, false];
+    let s = eval::score(&pred, &label);
+    assert_eq!(s.n, 8);
+    assert_eq!(s.accuracy, 0.75);
+    assert_eq!(s.precision, 0.75);
+    assert_eq!(s.recall, 0.75);
+    assert_eq!(s.f1, 0.75);
+    assert_eq!(s.yes_ratio, 0.5);
+    let all_no = eval::score(&[false; 4], &[true, false, true, false]);
+    assert_eq!(
+        (all_no.precision, all_no.recall, all_no.f1, all_no.yes_ratio),
+        (0.0, 0.0, 0.0, 0.0)
+    );
+}
+
+fn instances() -> eval::Instances {
+    let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+    eval::Instances {
+        images: vec![
+            ("a.png".into(), set(&["cat", "dog"])),
+            ("b.png".into(), set(&["cat", "sofa"])),
+            ("c.png".into(), set(&["cat", "sofa", "lamp"])),
+            ("d.png".into(), set(&["car"])),
+            ("e.png".into(), set(&[])),
+        ],
+        categories: ["car", "cat", "dog", "lamp", "sofa", "tree"]
+            .map(String::from)
+            .to_vec(),
+    }
+}
+
+#[test]
+fn pope_samplings_follow_their_definitions() {
+    let inst = instances();
+    for sampling in PopeSampling::ALL {
+        let qs = eval::build_pope(&inst, sampling, 3, 1);
+        // Images without objects get no questions; every image gets as many "no" as "yes".
+        assert!(qs.iter().all(|q| q.image != "e.png"));
+        for (file, present) in &inst.images[..4] {
+            let mine: Vec<_> = qs.iter().filter(|q| &q.image == file).collect();
+            let yes: Vec<_> = mine.iter().filter(|q| q.label == "yes").collect();
+            let no: Vec<_> = mine.iter().filter(|q| q.label == "no").collect();
+            assert_eq!(yes.len(), present.len().min(3));
+            assert_eq!(no.len(), yes.len(), "{file} {}", sampling.name());
+            for q in &no {
+                let obj = q
+                    .text
+                    .strip_prefix("Is there a ")
+                    .unwrap()
+                    .strip_suffix(" in the image? Please answer yes or no.")
+                    .unwrap();
+                assert!(
+                    !present.contains(obj),
+                    "{} asks about a present {obj}",
+                    sampling.name()
+                );
+            }
+        }
+    }
+    let objects = |s: PopeSampling, file: &str| -> Vec<String> {
+        eval::build_pope(&inst, s, 3, 1)
+            .into_iter()
+            .filter(|q| q.image == file && q.label == "no")
+            .map(|q| q.text.split(' ').nth(3).unwrap().to_string())
+            .collect()
+    };
+    // Popular: the most frequent absent categories (cat 3, sofa 2, then car/dog/lamp 1 by name).
+    assert_eq!(objects(PopeSampling::Popular, "d.png"), ["cat"]);
+    assert_eq!(objects(PopeSampling::Popular, "a.png"), ["sofa", "car"]);
+    // Adversarial: the categories that co-occur most with the image's own (cat ↔ sofa twice, lamp once).
+    assert_eq!(
+        objects(PopeSampling::Adversarial, "a.png"),
+        ["sofa", "lamp"]
+    );
+    // Random: seeded, so the same seed gives the same questions.
+    assert_eq!(
+        eval::build_pope(&inst, PopeSampling::Random, 3, 9),
+        eval::build_pope(&inst, PopeSampling::Random, 3, 9)
+    );
+}
+
+#[test]
+fn robustvqa_builder_mines_the_classifiers_best_wrong_class() {
+    let dir = common::scratch("robust-build");
+    for (class, files) in [
+        ("red_circle", ["1.png", "2.png"]),
+        ("blue_star", ["3.png", "4.png"]),
+    ] {
+        std::fs::create_dir_all(dir.join(class)).unwrap();
+        for f in files {
+            std::fs::write(dir.join(class).join(f), b"").unwrap();
+        }
+    }
+    // A fake classifier: right on 1.png and 3.png, wrong on the others.
+    let classify = |p: &Path| -> Result<Vec<String>, String> {
+        let f = p.file_name().unwrap().to_string_lossy().into_owned();
+        Ok(match f.as_str() {
+            "1.png" => vec!["red circle".into(), "red square".into()],
+            "2.png" => vec!["green circle".into(), "red circle".into()],
+            "3.png" => vec!["blue star".into(), "blue ring".into()],
+            _ => vec!["white star".into(), "blue star".into()],
+        })
+    };
+    let all = eval::build_robustvqa(&dir, "r/", false, classify).unwrap();
+    let got: Vec<(&str, &str, &str)> = all
+        .iter()
+        .map(|e| {
+            (
+                e.file_name.as_str(),
+                e.gt_caption.as_str(),
+                e.error_caption.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("r/blue_star/3.png", "blue star", "blue ring"),
+            ("r/blue_star/4.png", "blue star", "white star"),
+            ("r/red_circle/1.png", "red circle", "red square"),
+            ("r/red_circle/2.png", "red circle", "green circle"),
+        ]
+    );
+    let hard = eval::build_robustvqa(&dir, "r/", true, classify).unwrap();
+    assert_eq!(hard.len(), 2, "only the misclassified images");
+    // The JSON file gives a yes and a no question per entry.
+    let f = dir.join("robustvqa.json");
+    std::fs::write(
+        &f,
+        serde_json::to_string(&serde_json::json!({"synthetic_r": hard})).unwrap(),
+    )
+    .unwrap();
+    let qs = eval::read_robustvqa(&f).unwrap();
+    assert_eq!(qs["synthetic_r"].len(), 4);
+    assert_eq!(
+        qs["synthetic_r"][0].text,
+        "Is blue star the main object in this image? Please answer yes or no."
+    );
+    assert_eq!(qs["synthetic_r"][1].label, "no");
+}
