@@ -49,9 +49,57 @@ pub enum Command {
     /// Serve interleaved text-and-image generation (OpenAI chat completions, SSE streaming) over the
     /// topology's actors, with /metrics, /ready and a playground page at /.
     Serve(ServeArgs),
+    /// The synthetic world and dataset files.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Time deem on a reference checkpoint (deem's side of scripts/bench_reference.py).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Write the synthetic world (pairs JSONL + tar, MMC4, LLaVA, regions, evaluation splits) to a folder.
+    Synth {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 64)]
+        size: u32,
+        #[arg(long, default_value_t = 2000)]
+        pairs: usize,
+        #[arg(long, default_value_t = 500)]
+        documents: usize,
+        #[arg(long, default_value_t = 2000)]
+        instructions: usize,
+        #[arg(long, default_value_t = 200)]
+        regions: usize,
+        #[arg(long, default_value_t = 100)]
+        eval_per_split: usize,
+    },
+    /// Read a dataset file, report (and log) every bad record, and fail above a bad-record share.
+    Check {
+        #[arg(long, value_enum)]
+        format: crate::data_cmd::Format,
+        file: PathBuf,
+        /// Largest share of bad records accepted (0 to 1).
+        #[arg(long, default_value_t = 0.05)]
+        max_bad_ratio: f64,
+    },
+    /// Write POPE questions (random, popular, adversarial) from COCO-style instance annotations.
+    Pope {
+        #[arg(long)]
+        instances: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Objects asked about per image (yes), and as many absent ones (no).
+        #[arg(long, default_value_t = 3)]
+        k: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -443,6 +491,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 tracing::info!("shutting down: draining in-flight requests");
                 service.stop().await
             })?;
+        }
+        Command::Data(d) => {
+            let metrics = crate::metrics::Metrics::new();
+            print!("{}", crate::data_cmd::run(d, &metrics)?);
         }
         Command::Bench(b) => {
             let out = match b {

@@ -53,6 +53,13 @@ pub struct ShardLabels {
     pub shard: String,
 }
 
+/// Labels of `deem_data_bad_records_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FormatLabels {
+    /// `pairs`, `pairs-tar`, `mmc4`, `llava` or `regions`.
+    pub format: String,
+}
+
 /// Labels of `deem_serve_requests_total`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -201,6 +208,8 @@ pub struct Metrics {
     pub pipeline_edge_queue_depth: Family<EdgeLabels, Gauge>,
     pub train_checkpoint_seconds: Histogram,
     pub serve: ServeMetrics,
+    pub data_records: Family<FormatLabels, Counter>,
+    pub data_bad_records: Family<FormatLabels, Counter>,
 }
 
 /// The content type of [`Metrics::encode`]'s output.
@@ -355,6 +364,18 @@ impl Metrics {
             train_checkpoint_seconds.clone(),
         );
         let serve = ServeMetrics::register(&mut registry);
+        let data_records = Family::<FormatLabels, Counter>::default();
+        registry.register(
+            "deem_data_records",
+            "Dataset records read and kept, by format",
+            data_records.clone(),
+        );
+        let data_bad_records = Family::<FormatLabels, Counter>::default();
+        registry.register(
+            "deem_data_bad_records",
+            "Dataset records skipped as bad (bad JSON, missing or undecodable image, malformed mask), by format",
+            data_bad_records.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector));
         build_info
             .get_or_create(&BuildLabels {
@@ -383,6 +404,8 @@ impl Metrics {
             pipeline_edge_queue_depth,
             train_checkpoint_seconds,
             serve,
+            data_records,
+            data_bad_records,
         })
     }
 

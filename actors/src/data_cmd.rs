@@ -1,0 +1,140 @@
+//! `deem data synth | check | pope`.
+
+use std::path::Path;
+
+use anyhow::bail;
+use deem::datasets::{self, BadRecord, ReadReport, SynthOptions};
+use deem::eval::{self, PopeSampling};
+
+use crate::cli::DataCommand;
+use crate::metrics::{FormatLabels, Metrics};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Pairs,
+    PairsTar,
+    Mmc4,
+    Llava,
+    Regions,
+}
+
+impl Format {
+    fn name(self) -> &'static str {
+        match self {
+            Format::Pairs => "pairs",
+            Format::PairsTar => "pairs-tar",
+            Format::Mmc4 => "mmc4",
+            Format::Llava => "llava",
+            Format::Regions => "regions",
+        }
+    }
+}
+
+/// Logs every bad record, counts both kinds in the metrics, and returns (kept, bad).
+pub fn account<T>(r: &ReadReport<T>, format: Format, metrics: &Metrics) -> (usize, usize) {
+    let labels = FormatLabels {
+        format: format.name().into(),
+    };
+    for BadRecord { at, reason } in &r.bad {
+        tracing::warn!(%at, %reason, "skipped a bad {} record", format.name());
+    }
+    metrics
+        .data_records
+        .get_or_create(&labels)
+        .inc_by(r.records.len() as u64);
+    metrics
+        .data_bad_records
+        .get_or_create(&labels)
+        .inc_by(r.bad.len() as u64);
+    (r.records.len(), r.bad.len())
+}
+
+fn check(format: Format, file: &Path, max: f64, metrics: &Metrics) -> anyhow::Result<String> {
+    if !(0.0..=1.0).contains(&max) {
+        bail!("--max-bad-ratio: expected a share in [0, 1], found {max}");
+    }
+    macro_rules! go {
+        ($read:expr) => {{
+            let r = $read(file).map_err(anyhow::Error::msg)?;
+            let (kept, bad) = account(&r, format, metrics);
+            r.check(file, max).map_err(anyhow::Error::msg)?;
+            (kept, bad)
+        }};
+    }
+    let (kept, bad) = match format {
+        Format::Pairs => go!(datasets::read_pairs_jsonl),
+        Format::PairsTar => go!(datasets::read_pairs_tar),
+        Format::Mmc4 => go!(datasets::read_mmc4),
+        Format::Llava => go!(datasets::read_llava),
+        Format::Regions => go!(datasets::read_regions),
+    };
+    Ok(format!(
+        "{}: {kept} {} records, {bad} bad\n",
+        file.display(),
+        format.name()
+    ))
+}
+
+pub fn run(cmd: DataCommand, metrics: &Metrics) -> anyhow::Result<String> {
+    match cmd {
+        DataCommand::Synth {
+            out,
+            seed,
+            size,
+            pairs,
+            documents,
+            instructions,
+            regions,
+            eval_per_split,
+        } => {
+            if !(16..=1024).contains(&size) {
+                bail!("--size: expected 16..=1024 pixels, found {size}");
+            }
+            let o = SynthOptions {
+                seed,
+                size,
+                pairs,
+                documents,
+                instructions,
+                regions,
+                eval_per_split,
+            };
+            std::fs::create_dir_all(&out)?;
+            let s = datasets::synthesize(&out, &o).map_err(anyhow::Error::msg)?;
+            let mut text = format!(
+                "wrote the synthetic world (seed {seed}, {size} px) to {}:\n",
+                out.display()
+            );
+            for (f, n) in s.files {
+                text.push_str(&format!("  {f}: {n}\n"));
+            }
+            Ok(text)
+        }
+        DataCommand::Check {
+            format,
+            file,
+            max_bad_ratio,
+        } => check(format, &file, max_bad_ratio, metrics),
+        DataCommand::Pope {
+            instances,
+            out,
+            k,
+            seed,
+        } => {
+            let inst = eval::read_instances(&instances).map_err(anyhow::Error::msg)?;
+            std::fs::create_dir_all(&out)?;
+            let mut text = String::new();
+            for s in PopeSampling::ALL {
+                let qs = eval::build_pope(&inst, s, k, seed);
+                let lines: Vec<String> = qs
+                    .iter()
+                    .map(|q| serde_json::to_string(q).expect("questions serialise"))
+                    .collect();
+                let p = out.join(format!("pope_{}.jsonl", s.name()));
+                std::fs::write(&p, lines.join("\n") + "\n")?;
+                text.push_str(&format!("{}: {} questions\n", p.display(), qs.len()));
+            }
+            Ok(text)
+        }
+    }
+}
