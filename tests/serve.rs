@@ -761,3 +761,39 @@ async fn a_checkpoint_directory_serves_the_weights_it_holds() {
     assert!(err.contains("model.safetensors"), "{err}");
     assert!(err.contains("unet.conv_in.weight"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pope_evaluation_runs_through_the_generation_actors() {
+    let c = cfg();
+    let dir = common::scratch("eval-pope");
+    let o = deem::datasets::SynthOptions {
+        seed: 1,
+        size: 32,
+        pairs: 0,
+        documents: 0,
+        instructions: 0,
+        regions: 0,
+        eval_per_split: 3,
+    };
+    deem::datasets::synthesize(&dir, &o).unwrap();
+    let inst = deem::eval::read_instances(&dir.join("eval/a/instances.json")).unwrap();
+    let qs = deem::eval::build_pope(&inst, deem::eval::PopeSampling::Adversarial, 2, 0);
+    let lines: Vec<String> = qs.iter().map(|q| serde_json::to_string(q).unwrap()).collect();
+    let f = dir.join("eval/a/pope_adversarial.jsonl");
+    std::fs::write(&f, lines.join("\n")).unwrap();
+    let split = deem_actors::eval_cmd::pope_split(&f).unwrap();
+    assert_eq!(split.name, "pope/adversarial");
+    let tok = Arc::new(load_tokenizer(None, None, &c).unwrap());
+    let results = deem_actors::eval_cmd::run(&c, &topology(&c), &Weights::Init, tok, vec![split], 4)
+        .await
+        .unwrap();
+    let r = &results[0];
+    assert_eq!(r.answers.len(), qs.len());
+    assert_eq!(r.scores.n, qs.len());
+    // The scores are those of the parsed answers.
+    let pred: Vec<bool> = r.answers.iter().map(|(_, a)| deem::eval::parse_yes_no(a)).collect();
+    let label: Vec<bool> = r.answers.iter().map(|(q, _)| q.label == "yes").collect();
+    assert_eq!(r.scores, deem::eval::score(&pred, &label));
+    let table = deem_actors::eval_cmd::table(&results);
+    assert!(table.contains(&format!("| pope/adversarial | {} |", qs.len())), "{table}");
+}

@@ -49,12 +49,39 @@ pub enum Command {
     /// Serve interleaved text-and-image generation (OpenAI chat completions, SSE streaming) over the
     /// topology's actors, with /metrics, /ready and a playground page at /.
     Serve(ServeArgs),
+    /// RobustVQA and POPE through the generation actors (batched, greedy): a table and a JSON report.
+    Eval(EvalArgs),
     /// The synthetic world and dataset files.
     #[command(subcommand)]
     Data(DataCommand),
     /// Time deem on a reference checkpoint (deem's side of scripts/bench_reference.py).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub topology: TopologyArgs,
+    /// DEEM checkpoint (a `deem train` run directory or a safetensors file); the initialisation without.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// RobustVQA JSON `{split: [{file_name, gt_caption, error_caption}]}`.
+    #[arg(long)]
+    pub robustvqa: Option<PathBuf>,
+    /// POPE JSON lines `{image, text, label}` (repeatable: one split per file).
+    #[arg(long)]
+    pub pope: Vec<PathBuf>,
+    /// Tokens per answer.
+    #[arg(long, default_value_t = 10)]
+    pub max_tokens: usize,
+    /// Write scores and answers as JSON here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub config: ConfigArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -491,6 +518,50 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 tracing::info!("shutting down: draining in-flight requests");
                 service.stop().await
             })?;
+        }
+        Command::Eval(args) => {
+            let cfg = args.config.load()?;
+            let topo = args
+                .topology
+                .load(&cfg, deem::device::cuda_device_count())?;
+            let tok = crate::serve::load_tokenizer(
+                args.tokenizer.as_deref(),
+                args.checkpoint.as_deref(),
+                &cfg.config,
+            )?;
+            let mut splits = Vec::new();
+            if let Some(f) = &args.robustvqa {
+                splits.extend(crate::eval_cmd::robustvqa_splits(f)?);
+            }
+            for f in &args.pope {
+                splits.push(crate::eval_cmd::pope_split(f)?);
+            }
+            if splits.is_empty() {
+                anyhow::bail!("nothing to evaluate: give --robustvqa FILE and/or --pope FILE");
+            }
+            let weights = match &args.checkpoint {
+                Some(p) => crate::serve::engine::Weights::Checkpoint(p.clone()),
+                None => crate::serve::engine::Weights::Init,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let results = runtime.block_on(crate::eval_cmd::run(
+                &cfg.config,
+                &topo,
+                &weights,
+                std::sync::Arc::new(tok),
+                splits,
+                args.max_tokens,
+            ))?;
+            print!("{}", crate::eval_cmd::table(&results));
+            if let Some(out) = &args.out {
+                std::fs::write(
+                    out,
+                    serde_json::to_string_pretty(&crate::eval_cmd::to_json(&results))?,
+                )?;
+                println!("wrote {}", out.display());
+            }
         }
         Command::Data(d) => {
             let metrics = crate::metrics::Metrics::new();

@@ -121,8 +121,18 @@ pub fn run(cmd: DataCommand, metrics: &Metrics) -> anyhow::Result<String> {
             k,
             seed,
         } => {
-            let inst = eval::read_instances(&instances).map_err(anyhow::Error::msg)?;
+            let mut inst = eval::read_instances(&instances).map_err(anyhow::Error::msg)?;
             std::fs::create_dir_all(&out)?;
+            // Image paths stay relative when the questions sit beside the annotations, else absolute.
+            let src = instances
+                .parent()
+                .map_or_else(|| Path::new(".").to_path_buf(), Path::to_path_buf)
+                .canonicalize()?;
+            if src != out.canonicalize()? {
+                for (f, _) in &mut inst.images {
+                    *f = src.join(&*f).to_string_lossy().into_owned();
+                }
+            }
             let mut text = String::new();
             for s in PopeSampling::ALL {
                 let qs = eval::build_pope(&inst, s, k, seed);
