@@ -13,6 +13,7 @@ pub mod device;
 pub mod diffusion;
 pub mod eval;
 pub mod llama;
+pub mod mixer;
 pub mod model;
 pub mod params;
 pub mod region;

@@ -917,6 +917,8 @@ fn monitoring_config_and_rules_pass_promtool() {
         mode: deem_actors::train_cmd::Mode::Pipeline(topo),
         progress: false,
         resume: false,
+        data: None,
+        init_from: None,
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     deem_actors::train_cmd::run(&job, &cfg, &metrics, &rt).unwrap();
@@ -1295,6 +1297,8 @@ fn training_exports_its_metrics() {
         mode: deem_actors::train_cmd::Mode::Pipeline(topo),
         progress: false,
         resume: false,
+        data: None,
+        init_from: None,
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let reports = deem_actors::train_cmd::run(&job, &cfg, &metrics, &rt).unwrap();

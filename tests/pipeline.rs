@@ -282,6 +282,8 @@ fn train(
         mode: deem_actors::train_cmd::Mode::Pipeline(topology(c)),
         progress: false,
         resume: false,
+        data: None,
+        init_from: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -778,22 +778,33 @@ async fn pope_evaluation_runs_through_the_generation_actors() {
     deem::datasets::synthesize(&dir, &o).unwrap();
     let inst = deem::eval::read_instances(&dir.join("eval/a/instances.json")).unwrap();
     let qs = deem::eval::build_pope(&inst, deem::eval::PopeSampling::Adversarial, 2, 0);
-    let lines: Vec<String> = qs.iter().map(|q| serde_json::to_string(q).unwrap()).collect();
+    let lines: Vec<String> = qs
+        .iter()
+        .map(|q| serde_json::to_string(q).unwrap())
+        .collect();
     let f = dir.join("eval/a/pope_adversarial.jsonl");
     std::fs::write(&f, lines.join("\n")).unwrap();
     let split = deem_actors::eval_cmd::pope_split(&f).unwrap();
     assert_eq!(split.name, "pope/adversarial");
     let tok = Arc::new(load_tokenizer(None, None, &c).unwrap());
-    let results = deem_actors::eval_cmd::run(&c, &topology(&c), &Weights::Init, tok, vec![split], 4)
-        .await
-        .unwrap();
+    let results =
+        deem_actors::eval_cmd::run(&c, &topology(&c), &Weights::Init, tok, vec![split], 4)
+            .await
+            .unwrap();
     let r = &results[0];
     assert_eq!(r.answers.len(), qs.len());
     assert_eq!(r.scores.n, qs.len());
     // The scores are those of the parsed answers.
-    let pred: Vec<bool> = r.answers.iter().map(|(_, a)| deem::eval::parse_yes_no(a)).collect();
+    let pred: Vec<bool> = r
+        .answers
+        .iter()
+        .map(|(_, a)| deem::eval::parse_yes_no(a))
+        .collect();
     let label: Vec<bool> = r.answers.iter().map(|(q, _)| q.label == "yes").collect();
     assert_eq!(r.scores, deem::eval::score(&pred, &label));
     let table = deem_actors::eval_cmd::table(&results);
-    assert!(table.contains(&format!("| pope/adversarial | {} |", qs.len())), "{table}");
+    assert!(
+        table.contains(&format!("| pope/adversarial | {} |", qs.len())),
+        "{table}"
+    );
 }

@@ -207,6 +207,13 @@ pub struct TrainArgs {
     /// Continue from the latest checkpoint in the run directory (any topology can resume it).
     #[arg(long)]
     pub resume: bool,
+    /// Train on a dataset folder (`deem data synth` output, or files in its formats) instead of the
+    /// built-in batches: stage I mixes mmc4.jsonl : pairs.jsonl = 2 : 1, stages II/III use llava.json.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Start from a previous stage's model (run directory or model.safetensors).
+    #[arg(long)]
+    pub init_from: Option<PathBuf>,
     #[command(flatten)]
     pub config: ConfigArgs,
 }
@@ -452,6 +459,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 mode,
                 progress: !args.quiet,
                 resume: args.resume,
+                data: args.data,
+                init_from: args.init_from,
             };
             let metrics = crate::metrics::Metrics::new();
             let runtime = tokio::runtime::Builder::new_multi_thread()

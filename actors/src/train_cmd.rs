@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use deem::data::SyntheticBatches;
 use deem::model::Batch;
 use deem::train::{StepReport, Trainer};
@@ -36,6 +36,104 @@ pub struct TrainJob {
     pub progress: bool,
     /// Continue from the run directory's latest checkpoint.
     pub resume: bool,
+    /// Train on the datasets of this folder (as `deem data synth` writes it) instead of the built-in
+    /// batches: stage I mixes `mmc4.jsonl` and `pairs.jsonl` 2 : 1, stages II and III use `llava.json`.
+    pub data: Option<PathBuf>,
+    /// Start from this model (a previous stage's run directory or `model.safetensors`).
+    pub init_from: Option<PathBuf>,
+}
+
+/// Largest share of bad records a training dataset may have.
+pub const MAX_BAD_RATIO: f64 = 0.05;
+
+/// Where training batches come from: batch `i` is a function of the seed and `i` alone.
+pub trait Batches {
+    fn batch(&self, index: u64) -> anyhow::Result<Batch>;
+}
+
+impl Batches for SyntheticBatches {
+    fn batch(&self, index: u64) -> anyhow::Result<Batch> {
+        Ok(SyntheticBatches::batch(self, index))
+    }
+}
+
+impl Batches for deem::mixer::Mixer {
+    fn batch(&self, index: u64) -> anyhow::Result<Batch> {
+        deem::mixer::Mixer::batch(self, index).map_err(anyhow::Error::msg)
+    }
+}
+
+/// The training data of `dir` for the configured stage, bad records logged and counted.
+pub fn dataset_batches(
+    c: &deem::config::DeemConfig,
+    dir: &std::path::Path,
+    metrics: &Metrics,
+) -> anyhow::Result<deem::mixer::Mixer> {
+    use crate::data_cmd::{account, Format};
+    use deem::datasets;
+    let tok = crate::serve::load_tokenizer(None, Some(dir), c)?;
+    let mut m = deem::mixer::Mixer::new(c, c.train.seed);
+    let need = |name: &str| -> anyhow::Result<PathBuf> {
+        let p = dir.join(name);
+        if !p.exists() {
+            bail!("{}: missing; --data needs the folder `deem data synth` writes (or files in its formats)", p.display());
+        }
+        Ok(p)
+    };
+    match c.train.stage {
+        deem::config::Stage::I => {
+            let f = need("mmc4.jsonl")?;
+            let r = datasets::read_mmc4(&f).map_err(anyhow::Error::msg)?;
+            account(&r, Format::Mmc4, metrics);
+            r.check(&f, MAX_BAD_RATIO).map_err(anyhow::Error::msg)?;
+            m.add_documents("mmc4", 2.0, &r.records, &tok)
+                .map_err(anyhow::Error::msg)?;
+            let f = need("pairs.jsonl")?;
+            let r = datasets::read_pairs_jsonl(&f).map_err(anyhow::Error::msg)?;
+            account(&r, Format::Pairs, metrics);
+            r.check(&f, MAX_BAD_RATIO).map_err(anyhow::Error::msg)?;
+            m.add_pairs("pairs", 1.0, &r.records, &tok)
+                .map_err(anyhow::Error::msg)?;
+        }
+        deem::config::Stage::II | deem::config::Stage::III => {
+            let f = need("llava.json")?;
+            let r = datasets::read_llava(&f).map_err(anyhow::Error::msg)?;
+            account(&r, Format::Llava, metrics);
+            r.check(&f, MAX_BAD_RATIO).map_err(anyhow::Error::msg)?;
+            m.add_conversations("llava", 1.0, &r.records, &c.serve.system_prompt, &tok)
+                .map_err(anyhow::Error::msg)?;
+        }
+    }
+    if m.too_long > 0 {
+        tracing::warn!(
+            dropped = m.too_long,
+            "samples longer than train.context_length were dropped"
+        );
+    }
+    for s in &m.sources {
+        tracing::info!(source = %s.name, samples = s.len(), weight = s.weight, "training data");
+    }
+    Ok(m)
+}
+
+/// The weights of a model file or run directory, for `--init-from`.
+fn read_weights(
+    path: &std::path::Path,
+) -> anyhow::Result<std::collections::BTreeMap<String, tch::Tensor>> {
+    let file = if path.is_dir() {
+        path.join("model.safetensors")
+    } else {
+        path.to_path_buf()
+    };
+    let ck = deem::checkpoint::Checkpoint::open(&file)
+        .with_context(|| format!("--init-from {}", path.display()))?;
+    let mut out = std::collections::BTreeMap::new();
+    for name in ck.names().map(String::from).collect::<Vec<_>>() {
+        if let Some(t) = ck.tensor(&name)? {
+            out.insert(name, t);
+        }
+    }
+    Ok(out)
 }
 
 enum Engine<'rt> {
@@ -61,6 +159,32 @@ impl<'rt> Engine<'rt> {
                 rt,
             },
         })
+    }
+
+    /// Replaces the model's parameters (not the optimizer state) with `w`.
+    fn init_from(
+        &mut self,
+        w: &std::collections::BTreeMap<String, tch::Tensor>,
+    ) -> anyhow::Result<()> {
+        match self {
+            Engine::Pipeline { trainer, rt } => rt.block_on(trainer.load_weights(w)),
+            Engine::Reference(t) => tch::no_grad(|| {
+                for (name, mut var) in t.vs.variables() {
+                    let src = w
+                        .get(&name)
+                        .ok_or_else(|| anyhow::anyhow!("--init-from: the model has no `{name}`"))?;
+                    if src.size() != var.size() {
+                        bail!(
+                            "--init-from: `{name}` is {:?}, the model expects {:?}",
+                            src.size(),
+                            var.size()
+                        );
+                    }
+                    var.copy_(&src.to_kind(var.kind()).to_device(var.device()));
+                }
+                Ok(())
+            }),
+        }
     }
 
     fn step(&mut self, batch: &Batch, kill: Option<&str>) -> anyhow::Result<StepReport> {
@@ -216,6 +340,10 @@ pub fn run(
             checkpoint::checkpoints_dir(&job.run_dir).display()
         );
     } else {
+        if let Some(from) = &job.init_from {
+            engine.init_from(&read_weights(from)?)?;
+            tracing::info!("initialised from {}", from.display());
+        }
         // A restart needs a checkpoint to return to, even before the first periodic one.
         engine.save_checkpoint(&job.run_dir, c, &topology_name)?;
     }
@@ -242,7 +370,10 @@ fn train_loop<'rt>(
     topology_name: &str,
 ) -> anyhow::Result<Vec<StepReport>> {
     let c = &cfg.config;
-    let data = SyntheticBatches::new(c, c.train.seed);
+    let data: Box<dyn Batches> = match &job.data {
+        Some(dir) => Box::new(dataset_batches(c, dir, metrics)?),
+        None => Box::new(SyntheticBatches::new(c, c.train.seed)),
+    };
     let steps_path = job.run_dir.join("steps.jsonl");
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -277,7 +408,7 @@ fn train_loop<'rt>(
     bar.set_position(engine.cursor());
     while engine.cursor() < steps {
         let i = engine.cursor();
-        let batch = data.batch(i);
+        let batch = data.batch(i)?;
         let kill = c
             .fault
             .as_ref()

@@ -139,6 +139,19 @@ impl PipelineTrainer {
         Ok(trainer)
     }
 
+    /// Replaces every actor's parameters with `weights` (global names; each actor takes its own), e.g.
+    /// a previous stage's model for `deem train --init-from`.
+    pub async fn load_weights(&self, weights: &BTreeMap<String, Tensor>) -> anyhow::Result<()> {
+        for s in &self.stages {
+            let w = weights
+                .iter()
+                .map(|(k, v)| (k.clone(), v.shallow_clone()))
+                .collect();
+            s.handle.load(w).await?;
+        }
+        Ok(())
+    }
+
     /// One optimizer step over `batch` (split into `train.microbatches` microbatches).
     pub async fn step(&mut self, batch: &Batch) -> anyhow::Result<StepReport> {
         self.step_with_fault(batch, None).await

@@ -1,0 +1,322 @@
+//! Training sequences from datasets: tokenisation, image placeholders, image placement, packing and the
+//! data mix.
+//!
+//! - Every sample starts with BOS and ends with EOS; an image is `<|startofimage|>` + K placeholders.
+//! - Pairs and MMC4 documents put each image before or after its sentence with equal probability;
+//!   documents keep at most 6 images. Conversations use the chat template with the paper's system prompt
+//!   and the image where `<image>` stands.
+//! - Rows are packed with whole samples up to the context length (a sample never straddles two rows, so
+//!   image tokens stay whole), then padded.
+//! - Sources are drawn by their mix weights (MMC4 : pairs = 2 : 1 by default), samples uniformly. Batch
+//!   `k` depends only on (seed, k): the sampler is stateless, so a run resumed at step `k` (the step in
+//!   its checkpoint manifest is the data cursor) continues with exactly the batches it would have seen.
+
+use tch::{Kind, Tensor};
+
+use crate::config::DeemConfig;
+use crate::datasets::{Conversation, Document, Pair};
+use crate::model::Batch;
+use crate::rng::{Purpose, Stream};
+use crate::tokenizer::DeemTokenizer;
+
+/// Most images a document keeps.
+pub const MAX_IMAGES_PER_DOCUMENT: usize = 6;
+
+/// A piece of a sample: text, and images that go before or after it.
+struct Segment {
+    text: Vec<i64>,
+    images: Vec<usize>,
+    /// Images before or after the text at random (else always before).
+    movable: bool,
+}
+
+/// A tokenised sample; `images` index the mixer's image store.
+struct Sample {
+    segments: Vec<Segment>,
+    len: usize,
+}
+
+/// One data source of the mix.
+pub struct Source {
+    pub name: String,
+    pub weight: f64,
+    samples: Vec<Sample>,
+}
+
+impl Source {
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+}
+
+/// Packs samples from weighted sources into training batches.
+pub struct Mixer {
+    pub sources: Vec<Source>,
+    /// Pixels [3, S, S] in [0, 1] of every image the samples use.
+    images: Vec<Tensor>,
+    seed: u64,
+    rows: usize,
+    context: usize,
+    k: usize,
+    bos: i64,
+    eos: i64,
+    pad: i64,
+    soi: i64,
+    sniffer: i64,
+    size: i64,
+    /// Samples dropped because they are longer than the context.
+    pub too_long: usize,
+}
+
+impl Mixer {
+    pub fn new(cfg: &DeemConfig, seed: u64) -> Self {
+        let l = &cfg.llm;
+        Mixer {
+            sources: Vec::new(),
+            images: Vec::new(),
+            seed,
+            rows: cfg.train.batch_size as usize,
+            context: cfg.train.context_length as usize,
+            k: cfg.resampler.num_query_tokens as usize,
+            bos: l.bos_token_id,
+            eos: l.eos_token_id,
+            pad: l.pad_token_id,
+            soi: l.vocab_size,
+            sniffer: l.vocab_size + 1,
+            size: cfg.diffusion.image_size,
+            too_long: 0,
+        }
+    }
+
+    fn image(&mut self, img: &image::RgbImage) -> usize {
+        self.images
+            .push(crate::vision::unit_pixels(img, self.size as u32));
+        self.images.len() - 1
+    }
+
+    fn finish(&mut self, name: &str, weight: f64, samples: Vec<Vec<Segment>>) {
+        let k = self.k;
+        let mut kept = Vec::new();
+        for segments in samples {
+            let len = 2 + segments
+                .iter()
+                .map(|s| s.text.len() + s.images.len() * (1 + k))
+                .sum::<usize>();
+            if len > self.context {
+                self.too_long += 1;
+            } else {
+                kept.push(Sample { segments, len });
+            }
+        }
+        self.sources.push(Source {
+            name: name.to_string(),
+            weight,
+            samples: kept,
+        });
+    }
+
+    fn text(tok: &DeemTokenizer, s: &str) -> Result<Vec<i64>, String> {
+        tok.encode(s, false)
+            .map(|v| v.into_iter().map(i64::from).collect())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Image-text pairs: the image before or after its caption.
+    pub fn add_pairs(
+        &mut self,
+        name: &str,
+        weight: f64,
+        pairs: &[Pair],
+        tok: &DeemTokenizer,
+    ) -> Result<(), String> {
+        let mut samples = Vec::new();
+        for p in pairs {
+            let image = self.image(&p.image);
+            samples.push(vec![Segment {
+                text: Self::text(tok, &format!(" {}", p.caption))?,
+                images: vec![image],
+                movable: true,
+            }]);
+        }
+        self.finish(name, weight, samples);
+        Ok(())
+    }
+
+    /// Interleaved documents: each image before or after its matched sentence, at most 6 images.
+    pub fn add_documents(
+        &mut self,
+        name: &str,
+        weight: f64,
+        docs: &[Document],
+        tok: &DeemTokenizer,
+    ) -> Result<(), String> {
+        let mut samples = Vec::new();
+        for d in docs {
+            let mut segs = Vec::new();
+            let mut used = 0;
+            for (i, t) in d.texts.iter().enumerate() {
+                let mut images = Vec::new();
+                for (img, at) in &d.images {
+                    if *at == i && used < MAX_IMAGES_PER_DOCUMENT {
+                        images.push(self.image(img));
+                        used += 1;
+                    }
+                }
+                segs.push(Segment {
+                    text: Self::text(tok, &format!(" {t}"))?,
+                    images,
+                    movable: true,
+                });
+            }
+            samples.push(segs);
+        }
+        self.finish(name, weight, samples);
+        Ok(())
+    }
+
+    /// Instruction conversations in the chat template; the image replaces `<image>` (or leads the first
+    /// question when the text has none).
+    pub fn add_conversations(
+        &mut self,
+        name: &str,
+        weight: f64,
+        convs: &[Conversation],
+        system: &str,
+        tok: &DeemTokenizer,
+    ) -> Result<(), String> {
+        let mut samples = Vec::new();
+        for c in convs {
+            let mut segs = vec![Segment {
+                text: Self::text(tok, system)?,
+                images: vec![],
+                movable: false,
+            }];
+            for (i, (q, a)) in c.turns.iter().enumerate() {
+                let q = q.replace("<image>", "").trim().to_string();
+                let image = if i == 0 {
+                    c.image.as_ref().map(|img| self.image(img))
+                } else {
+                    None
+                };
+                segs.push(Segment {
+                    text: Self::text(tok, " USER:")?,
+                    images: vec![],
+                    movable: false,
+                });
+                let mut ans = Self::text(tok, &format!(" ASSISTANT: {a}"))?;
+                ans.push(self.eos);
+                let mut qt = Self::text(tok, &format!(" {q}"))?;
+                qt.extend(ans);
+                segs.push(Segment {
+                    text: qt,
+                    images: image.into_iter().collect(),
+                    movable: false,
+                });
+            }
+            samples.push(segs);
+        }
+        self.finish(name, weight, samples);
+        Ok(())
+    }
+
+    /// Appends a sample's ids to `row` and its images to `images`, placing movable images by `s`.
+    fn emit(&self, sample: &Sample, s: &mut Stream, row: &mut Vec<i64>, images: &mut Vec<usize>) {
+        row.push(self.bos);
+        for seg in &sample.segments {
+            let before = !seg.movable || s.uniform() < 0.5;
+            let put_images = |row: &mut Vec<i64>, images: &mut Vec<usize>| {
+                for &i in &seg.images {
+                    row.push(self.soi);
+                    row.extend(std::iter::repeat_n(self.sniffer, self.k));
+                    images.push(i);
+                }
+            };
+            if before {
+                put_images(row, images);
+                row.extend(&seg.text);
+            } else {
+                row.extend(&seg.text);
+                put_images(row, images);
+            }
+        }
+        row.push(self.eos);
+    }
+
+    /// Batch number `index`: `train.batch_size` rows of `train.context_length` ids.
+    pub fn batch(&self, index: u64) -> Result<Batch, String> {
+        self.batch_with_counts(index).map(|(b, _)| b)
+    }
+
+    /// [`Mixer::batch`] and how many samples each source gave it.
+    pub fn batch_with_counts(&self, index: u64) -> Result<(Batch, Vec<usize>), String> {
+        let mut counts = vec![0usize; self.sources.len()];
+        let total: f64 = self
+            .sources
+            .iter()
+            .filter(|s| !s.is_empty())
+            .map(|s| s.weight)
+            .sum();
+        if total <= 0.0 {
+            return Err("the data mix has no samples (every source is empty or weighs 0)".into());
+        }
+        let mut ids = Vec::with_capacity(self.rows * self.context);
+        let mut order = Vec::new();
+        for r in 0..self.rows {
+            let mut s = Stream::new(self.seed, index, r as u64, Purpose::Data);
+            let mut row = Vec::with_capacity(self.context);
+            // Whole samples until the next one does not fit (a few tries for a shorter one).
+            let mut misses = 0;
+            while misses < 4 {
+                let mut u = s.uniform() * total;
+                let (si, src) = self
+                    .sources
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, x)| !x.is_empty())
+                    .find(|(_, x)| {
+                        u -= x.weight;
+                        u < 0.0
+                    })
+                    .or_else(|| {
+                        self.sources
+                            .iter()
+                            .enumerate()
+                            .rev()
+                            .find(|(_, x)| !x.is_empty())
+                    })
+                    .expect("a non-empty source");
+                let sample = &src.samples[s.below(1, src.samples.len() as u64)[0] as usize];
+                if row.len() + sample.len > self.context {
+                    misses += 1;
+                    continue;
+                }
+                counts[si] += 1;
+                self.emit(sample, &mut s, &mut row, &mut order);
+            }
+            row.resize(self.context, self.pad);
+            ids.extend(row);
+        }
+        let pixels = if order.is_empty() {
+            Tensor::zeros(
+                [0, 3, self.size, self.size],
+                (Kind::Float, tch::Device::Cpu),
+            )
+        } else {
+            Tensor::stack(
+                &order.iter().map(|&i| &self.images[i]).collect::<Vec<_>>(),
+                0,
+            )
+        };
+        Ok((
+            Batch {
+                input_ids: Tensor::from_slice(&ids).view([self.rows as i64, self.context as i64]),
+                pixels,
+            },
+            counts,
+        ))
+    }
+}
