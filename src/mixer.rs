@@ -265,34 +265,44 @@ impl Mixer {
         }
         let mut ids = Vec::with_capacity(self.rows * self.context);
         let mut order = Vec::new();
-        for r in 0..self.rows {
-            let mut s = Stream::new(self.seed, index, r as u64, Purpose::Data);
+        // One stream per batch; rows fill in order. A drawn sample that does not fit closes the row
+        // and opens the next one, so what is packed follows the mix weights (dropping it instead would
+        // favour short samples).
+        let mut s = Stream::new(self.seed, index, 0, Purpose::Data);
+        let mut carried: Option<(usize, usize)> = None;
+        for _ in 0..self.rows {
             let mut row = Vec::with_capacity(self.context);
-            // Whole samples until the next one does not fit (a few tries for a shorter one).
-            let mut misses = 0;
-            while misses < 4 {
-                let mut u = s.uniform() * total;
-                let (si, src) = self
-                    .sources
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, x)| !x.is_empty())
-                    .find(|(_, x)| {
-                        u -= x.weight;
-                        u < 0.0
-                    })
-                    .or_else(|| {
-                        self.sources
+            loop {
+                let (si, i) = match carried.take() {
+                    Some(x) => x,
+                    None => {
+                        let mut u = s.uniform() * total;
+                        let si = self
+                            .sources
                             .iter()
                             .enumerate()
-                            .rev()
-                            .find(|(_, x)| !x.is_empty())
-                    })
-                    .expect("a non-empty source");
-                let sample = &src.samples[s.below(1, src.samples.len() as u64)[0] as usize];
+                            .filter(|(_, x)| !x.is_empty())
+                            .find(|(_, x)| {
+                                u -= x.weight;
+                                u < 0.0
+                            })
+                            .or_else(|| {
+                                self.sources
+                                    .iter()
+                                    .enumerate()
+                                    .rev()
+                                    .find(|(_, x)| !x.is_empty())
+                            })
+                            .expect("a non-empty source")
+                            .0;
+                        let n = self.sources[si].samples.len() as u64;
+                        (si, s.below(1, n)[0] as usize)
+                    }
+                };
+                let sample = &self.sources[si].samples[i];
                 if row.len() + sample.len > self.context {
-                    misses += 1;
-                    continue;
+                    carried = Some((si, i));
+                    break;
                 }
                 counts[si] += 1;
                 self.emit(sample, &mut s, &mut row, &mut order);

@@ -439,3 +439,146 @@ fn robustvqa_builder_mines_the_classifiers_best_wrong_class() {
     );
     assert_eq!(qs["synthetic_r"][1].label, "no");
 }
+
+fn mixer_cfg() -> deem::config::DeemConfig {
+    let mut c: deem::config::DeemConfig =
+        toml::from_str(include_str!("../configs/tiny.toml")).unwrap();
+    c.train.batch_size = 4;
+    c.train.context_length = 400;
+    c.diffusion.image_size = 32;
+    c
+}
+
+fn tiny_tokenizer() -> deem::tokenizer::DeemTokenizer {
+    deem::tokenizer::DeemTokenizer::from_file(
+        &common::root().join("assets/tiny-tokenizer.json"),
+        Some(1024),
+    )
+    .unwrap()
+}
+
+fn mixer(dir: &Path) -> deem::mixer::Mixer {
+    let c = mixer_cfg();
+    let tok = tiny_tokenizer();
+    let mut m = deem::mixer::Mixer::new(&c, 5);
+    let docs = datasets::read_mmc4(&dir.join("mmc4.jsonl"))
+        .unwrap()
+        .records;
+    m.add_documents("mmc4", 2.0, &docs, &tok).unwrap();
+    let pairs = datasets::read_pairs_jsonl(&dir.join("pairs.jsonl"))
+        .unwrap()
+        .records;
+    m.add_pairs("pairs", 1.0, &pairs, &tok).unwrap();
+    m
+}
+
+#[test]
+fn packing_fills_rows_with_whole_samples_and_whole_images() {
+    let dir = common::scratch("mixer-pack");
+    datasets::synthesize(
+        &dir,
+        &SynthOptions {
+            pairs: 20,
+            documents: 10,
+            ..small(1)
+        },
+    )
+    .unwrap();
+    let m = mixer(&dir);
+    let c = mixer_cfg();
+    let (soi, sniffer, k) = (
+        c.llm.vocab_size,
+        c.llm.vocab_size + 1,
+        c.resampler.num_query_tokens as usize,
+    );
+    let (mut before, mut after) = (0, 0);
+    for i in 0..20 {
+        let b = m.batch(i).unwrap();
+        assert_eq!(
+            b.input_ids.size(),
+            [4, 400],
+            "rows never exceed the context"
+        );
+        let ids: Vec<i64> = Vec::try_from(b.input_ids.reshape([-1])).unwrap();
+        let mut images = 0;
+        for row in ids.chunks(400) {
+            assert_eq!(row[0], c.llm.bos_token_id);
+            // Pad only at the end, after an EOS: samples are whole.
+            let used = row.iter().rposition(|&t| t != c.llm.pad_token_id).unwrap() + 1;
+            assert_eq!(row[used - 1], c.llm.eos_token_id);
+            assert!(row[used..].iter().all(|&t| t == c.llm.pad_token_id));
+            let mut j = 0;
+            while j < used {
+                if row[j] == soi {
+                    // Exactly K placeholders after every SoI, none elsewhere.
+                    assert!(row[j + 1..j + 1 + k].iter().all(|&t| t == sniffer));
+                    assert_ne!(row.get(j + 1 + k), Some(&sniffer));
+                    images += 1;
+                    if row[j - 1] == c.llm.bos_token_id {
+                        before += 1;
+                    } else {
+                        after += 1;
+                    }
+                    j += 1 + k;
+                } else {
+                    assert_ne!(row[j], sniffer, "a placeholder outside an image");
+                    j += 1;
+                }
+            }
+        }
+        assert_eq!(b.pixels.size()[0], images, "one image per placeholder run");
+    }
+    assert!(
+        before > 10 && after > 10,
+        "images before ({before}) and after ({after}) their text"
+    );
+    // Deterministic per index.
+    assert_eq!(
+        Vec::<i64>::try_from(m.batch(3).unwrap().input_ids.reshape([-1])).unwrap(),
+        Vec::<i64>::try_from(m.batch(3).unwrap().input_ids.reshape([-1])).unwrap()
+    );
+}
+
+#[test]
+fn the_mix_follows_its_weights_and_documents_keep_six_images() {
+    let dir = common::scratch("mixer-mix");
+    datasets::synthesize(
+        &dir,
+        &SynthOptions {
+            pairs: 20,
+            documents: 10,
+            ..small(2)
+        },
+    )
+    .unwrap();
+    let m = mixer(&dir);
+    let (mut docs, mut pairs) = (0, 0);
+    for i in 0..200 {
+        let (_, n) = m.batch_with_counts(i).unwrap();
+        docs += n[0];
+        pairs += n[1];
+    }
+    let ratio = docs as f64 / pairs as f64;
+    assert!(
+        (1.7..2.4).contains(&ratio),
+        "mmc4 : pairs = {docs} : {pairs} = {ratio:.2}, want about 2"
+    );
+
+    // A document with 8 images keeps 6.
+    let img = world::scene(0, Split::Id, 0, 32).render();
+    let doc = datasets::Document {
+        texts: (0..8).map(|i| format!("sentence {i}.")).collect(),
+        images: (0..8).map(|i| (img.clone(), i)).collect(),
+    };
+    let mut c = mixer_cfg();
+    c.train.batch_size = 1;
+    c.train.context_length = 1024;
+    let mut m = deem::mixer::Mixer::new(&c, 0);
+    m.add_documents("one", 1.0, &[doc], &tiny_tokenizer())
+        .unwrap();
+    assert_eq!(m.batch(0).unwrap().pixels.size()[0] % 6, 0);
+    let ids: Vec<i64> = Vec::try_from(m.batch(0).unwrap().input_ids.reshape([-1])).unwrap();
+    let per_doc = ids.iter().filter(|&&t| t == c.llm.vocab_size).count()
+        / ids.iter().filter(|&&t| t == c.llm.bos_token_id).count();
+    assert_eq!(per_doc, 6);
+}
