@@ -141,6 +141,18 @@ pub struct Scene {
 }
 
 impl Scene {
+    /// A scene of one object on the in-distribution background (class prototypes).
+    pub fn single(object: Object, size: u32) -> Scene {
+        Scene {
+            split: Split::Id,
+            index: 0,
+            size,
+            objects: vec![object],
+            style: 0,
+            seed: 0,
+        }
+    }
+
     /// The main object (the largest; drawn last).
     pub fn main(&self) -> &Object {
         &self.objects[0]

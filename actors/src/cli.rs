@@ -49,6 +49,20 @@ pub enum Command {
     /// Serve interleaved text-and-image generation (OpenAI chat completions, SSE streaming) over the
     /// topology's actors, with /metrics, /ready and a playground page at /.
     Serve(ServeArgs),
+    /// Write a report folder (report.md, report.json, losses.png) from training runs and an evaluation.
+    Report {
+        #[arg(long)]
+        out: PathBuf,
+        /// `NAME=RUN_DIR` (repeatable, in training order).
+        #[arg(long = "run", value_name = "NAME=DIR")]
+        runs: Vec<String>,
+        /// The JSON `deem eval --out` wrote.
+        #[arg(long)]
+        eval: Option<PathBuf>,
+        /// A line for the report's head (repeatable).
+        #[arg(long = "note")]
+        notes: Vec<String>,
+    },
     /// RobustVQA and POPE through the generation actors (batched, greedy): a table and a JSON report.
     Eval(EvalArgs),
     /// The synthetic world and dataset files.
@@ -114,6 +128,16 @@ pub enum DataCommand {
         /// Largest share of bad records accepted (0 to 1).
         #[arg(long, default_value_t = 0.05)]
         max_bad_ratio: f64,
+    },
+    /// Write `robustvqa.json` for a synthesized folder's evaluation splits, hard negatives mined by the
+    /// baseline classifier (nearest class prototype).
+    Robustvqa {
+        /// The folder `deem data synth` wrote.
+        #[arg(long)]
+        data: PathBuf,
+        /// Keep only the images the classifier gets wrong (as the paper kept CLIP's mistakes).
+        #[arg(long)]
+        only_misclassified: bool,
     },
     /// Write POPE questions (random, popular, adversarial) from COCO-style instance annotations.
     Pope {
@@ -571,6 +595,28 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 )?;
                 println!("wrote {}", out.display());
             }
+        }
+        Command::Report {
+            out,
+            runs,
+            eval,
+            notes,
+        } => {
+            let runs = runs
+                .iter()
+                .map(|r| {
+                    let (name, dir) = r
+                        .split_once('=')
+                        .ok_or_else(|| anyhow::anyhow!("--run {r}: expected NAME=RUN_DIR"))?;
+                    crate::report::read_run(name, std::path::Path::new(dir))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let eval = match eval {
+                Some(p) => serde_json::from_str(&std::fs::read_to_string(&p)?)?,
+                None => serde_json::Value::Null,
+            };
+            crate::report::write(&out, &runs, &eval, &notes)?;
+            println!("wrote {}/report.md, report.json, losses.png", out.display());
         }
         Command::Data(d) => {
             let metrics = crate::metrics::Metrics::new();

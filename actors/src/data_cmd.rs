@@ -115,6 +115,28 @@ pub fn run(cmd: DataCommand, metrics: &Metrics) -> anyhow::Result<String> {
             file,
             max_bad_ratio,
         } => check(format, &file, max_bad_ratio, metrics),
+        DataCommand::Robustvqa {
+            data,
+            only_misclassified,
+        } => {
+            let size = serde_json::from_str::<serde_json::Value>(
+                &std::fs::read_to_string(data.join("SYNTH.json")).unwrap_or_default(),
+            )
+            .ok()
+            .and_then(|v| v["size"].as_u64())
+            .unwrap_or(64) as u32;
+            let (out, counts) = crate::report::build_robustvqa(
+                &data,
+                &deem::world::Split::ALL,
+                only_misclassified,
+                size,
+            )?;
+            let mut text = format!("wrote {}:\n", out.display());
+            for (k, n) in counts {
+                text.push_str(&format!("  {k}: {n} images\n"));
+            }
+            Ok(text)
+        }
         DataCommand::Pope {
             instances,
             out,

@@ -10,6 +10,7 @@ pub mod forward;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;
+pub mod report;
 pub mod serve;
 pub mod settings;
 pub mod telemetry;

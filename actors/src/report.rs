@@ -1,0 +1,286 @@
+//! `deem report` and `deem data robustvqa`: the main job's report folder (markdown, JSON, PNG loss
+//! curves drawn with plotters) and the RobustVQA builder's baseline classifier.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use deem::world::{self, Object, Scene, Split};
+use plotters::prelude::*;
+use serde_json::{json, Value};
+
+/// One training run's per-step records (`steps.jsonl`).
+pub struct Run {
+    pub name: String,
+    pub steps: Vec<Value>,
+}
+
+pub fn read_run(name: &str, dir: &Path) -> anyhow::Result<Run> {
+    let p = dir.join("steps.jsonl");
+    let text =
+        std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
+    let steps = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| format!("{}:{}: not JSON", p.display(), i + 1))
+        })
+        .collect::<anyhow::Result<Vec<Value>>>()?;
+    Ok(Run {
+        name: name.to_string(),
+        steps,
+    })
+}
+
+/// Registers DejaVu Sans (Debian's fonts-dejavu-core) for plot text; without it plots have no text.
+fn fonts() -> bool {
+    static ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ONCE.get_or_init(|| {
+        for p in [
+            "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+            "/usr/share/fonts/TTF/DejaVuSans.ttf",
+        ] {
+            if let Ok(bytes) = std::fs::read(p) {
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+}
+
+/// Plots the loss parts of every run (steps of later runs continue the x axis) into a PNG.
+pub fn plot_losses(runs: &[Run], out: &Path) -> anyhow::Result<()> {
+    let text = fonts();
+    let parts = ["total", "ntp", "nip", "csr"];
+    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    let mut offset = 0.0;
+    for r in runs {
+        for part in parts {
+            let pts: Vec<(f64, f64)> = r
+                .steps
+                .iter()
+                .filter_map(|s| Some((offset + s["step"].as_f64()?, s[part].as_f64()?)))
+                .filter(|(_, y)| y.is_finite() && *y > 0.0)
+                .collect();
+            if !pts.is_empty() {
+                series.push((format!("{} {part}", r.name), pts));
+            }
+        }
+        offset += r.steps.len() as f64;
+    }
+    let ymax = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|(_, y)| *y))
+        .fold(0.0f64, f64::max)
+        .max(1e-3);
+    let root = BitMapBackend::new(out, (900, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut b = ChartBuilder::on(&root);
+    b.margin(15)
+        .x_label_area_size(if text { 35 } else { 5 })
+        .y_label_area_size(if text { 50 } else { 5 });
+    if text {
+        b.caption(
+            "training losses by part (stages one after another)",
+            ("sans-serif", 20),
+        );
+    }
+    let mut chart = b.build_cartesian_2d(0.0..offset.max(1.0), 0.0..ymax * 1.05)?;
+    let mut mesh = chart.configure_mesh();
+    if text {
+        mesh.x_desc("step").y_desc("loss");
+    } else {
+        mesh.disable_x_axis().disable_y_axis();
+    }
+    mesh.draw()?;
+    let palette = [&RED, &BLUE, &GREEN, &MAGENTA, &CYAN, &BLACK, &YELLOW];
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let c = palette[i % palette.len()];
+        let s = chart.draw_series(LineSeries::new(pts.iter().copied(), c))?;
+        if text {
+            s.label(name.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c));
+        }
+    }
+    if text {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// The baseline classifier of the RobustVQA builder: the nearest class prototype. Every label
+/// (colour × shape) is rendered alone at the centre; an image's classes are ranked by the mean squared
+/// difference of its pixels to each prototype's (after removing each image's mean colour, so the
+/// background tint does not decide). The paper mined with CLIP ViT-L/14; this is the synthetic world's
+/// stand-in, cheap and deterministic.
+pub struct PrototypeClassifier {
+    labels: Vec<String>,
+    protos: Vec<Vec<f32>>,
+    size: u32,
+}
+
+fn centred(img: &image::RgbImage, size: u32) -> Vec<f32> {
+    let img = image::imageops::resize(img, size, size, image::imageops::FilterType::Triangle);
+    let v: Vec<f32> = img
+        .into_raw()
+        .into_iter()
+        .map(|x| x as f32 / 255.0)
+        .collect();
+    let mean =
+        [0usize, 1, 2].map(|c| v.iter().skip(c).step_by(3).sum::<f32>() / (v.len() / 3) as f32);
+    v.iter().enumerate().map(|(i, x)| x - mean[i % 3]).collect()
+}
+
+impl PrototypeClassifier {
+    pub fn new(size: u32) -> Self {
+        let mut labels = Vec::new();
+        let mut protos = Vec::new();
+        for (ci, (cname, _)) in world::COLOURS.iter().enumerate() {
+            for (si, sname) in world::SHAPES.iter().enumerate() {
+                let n = size as f64;
+                let scene = Scene::single(
+                    Object {
+                        shape: si,
+                        colour: ci,
+                        cx: n / 2.0,
+                        cy: n / 2.0,
+                        r: n * 0.28,
+                    },
+                    size,
+                );
+                labels.push(format!("{cname} {sname}"));
+                protos.push(centred(&scene.render(), size));
+            }
+        }
+        PrototypeClassifier {
+            labels,
+            protos,
+            size,
+        }
+    }
+
+    /// Every label, best first.
+    pub fn rank(&self, img: &image::RgbImage) -> Vec<String> {
+        let x = centred(img, self.size);
+        let mut d: Vec<(f32, usize)> = self
+            .protos
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                (
+                    p.iter()
+                        .zip(&x)
+                        .map(|(a, b)| (a - b) * (a - b))
+                        .sum::<f32>(),
+                    i,
+                )
+            })
+            .collect();
+        d.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        d.into_iter().map(|(_, i)| self.labels[i].clone()).collect()
+    }
+}
+
+/// Builds `robustvqa.json` over the evaluation splits of a synthesized folder (`eval/<split>/`).
+pub fn build_robustvqa(
+    data: &Path,
+    splits: &[Split],
+    only_misclassified: bool,
+    size: u32,
+) -> anyhow::Result<(PathBuf, BTreeMap<String, usize>)> {
+    let clf = PrototypeClassifier::new(size);
+    let mut all = BTreeMap::new();
+    let mut counts = BTreeMap::new();
+    for &s in splits {
+        let folder = data.join("eval").join(s.name());
+        let entries = deem::eval::build_robustvqa(
+            &folder,
+            &format!("eval/{}/", s.name()),
+            only_misclassified,
+            |p| {
+                let img = image::open(p)
+                    .map_err(|e| format!("{}: {e}", p.display()))?
+                    .to_rgb8();
+                Ok(clf.rank(&img))
+            },
+        )
+        .map_err(anyhow::Error::msg)?;
+        counts.insert(format!("synthetic_{}", s.name()), entries.len());
+        all.insert(format!("synthetic_{}", s.name()), entries);
+    }
+    let out = data.join("robustvqa.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&all)?)?;
+    Ok((out, counts))
+}
+
+/// Writes `report.md` and `report.json` (and `losses.png`) into `out`.
+pub fn write(out: &Path, runs: &[Run], eval: &Value, notes: &[String]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out)?;
+    plot_losses(runs, &out.join("losses.png"))?;
+    let mut md = String::from("# deem main job report\n\n");
+    for n in notes {
+        md.push_str(&format!("{n}\n\n"));
+    }
+    md.push_str("## Training\n\n| run | steps | first loss | last loss | last NTP | last CSR |\n|---|---|---|---|---|---|\n");
+    let mut runs_json = Vec::new();
+    for r in runs {
+        let first = r
+            .steps
+            .first()
+            .and_then(|s| s["total"].as_f64())
+            .unwrap_or(f64::NAN);
+        let last = r.steps.last().cloned().unwrap_or(Value::Null);
+        md.push_str(&format!(
+            "| {} | {} | {:.4} | {:.4} | {:.4} | {:.4} |\n",
+            r.name,
+            r.steps.len(),
+            first,
+            last["total"].as_f64().unwrap_or(f64::NAN),
+            last["ntp"].as_f64().unwrap_or(f64::NAN),
+            last["csr"].as_f64().unwrap_or(f64::NAN)
+        ));
+        runs_json.push(
+            json!({"name": r.name, "steps": r.steps.len(), "first_total": first, "last": last}),
+        );
+    }
+    md.push_str("\n![losses](losses.png)\n\n## Evaluation\n\n| split | n | accuracy | precision | recall | F1 | yes ratio |\n|---|---|---|---|---|---|---|\n");
+    if let Some(m) = eval.as_object() {
+        for (split, v) in m {
+            let s = &v["scores"];
+            md.push_str(&format!(
+                "| {split} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
+                s["n"],
+                s["accuracy"].as_f64().unwrap_or(f64::NAN),
+                s["precision"].as_f64().unwrap_or(f64::NAN),
+                s["recall"].as_f64().unwrap_or(f64::NAN),
+                s["f1"].as_f64().unwrap_or(f64::NAN),
+                s["yes_ratio"].as_f64().unwrap_or(f64::NAN)
+            ));
+        }
+    }
+    std::fs::write(out.join("report.md"), md)?;
+    let scores: BTreeMap<String, Value> = eval
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v["scores"].clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    std::fs::write(
+        out.join("report.json"),
+        serde_json::to_string_pretty(
+            &json!({"runs": runs_json, "evaluation": scores, "notes": notes}),
+        )?,
+    )?;
+    Ok(())
+}
