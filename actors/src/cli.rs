@@ -68,6 +68,10 @@ pub enum Command {
     /// The synthetic world and dataset files.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Experiments; `csr`: stages I + II with λ_CSR = 5 and 0 per seed, evaluated on
+    /// Synthetic-RobustVQA and Synthetic-POPE (mean ± std).
+    #[command(subcommand)]
+    Experiment(ExperimentCommand),
     /// Time deem on a reference checkpoint (deem's side of scripts/bench_reference.py).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -96,6 +100,30 @@ pub struct EvalArgs {
     pub out: Option<PathBuf>,
     #[command(flatten)]
     pub config: ConfigArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExperimentCommand {
+    Csr {
+        #[command(flatten)]
+        topology: TopologyArgs,
+        /// The synthesized folder (with robustvqa.json and pope/ built).
+        #[arg(long, default_value = "data/synth")]
+        data: PathBuf,
+        #[arg(long, default_value = "runs/experiment-csr")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        seeds: u64,
+        /// Stage I recipe (the stage II recipe is --stage2-config).
+        #[arg(long, default_value = "configs/tiny.toml")]
+        stage1_config: PathBuf,
+        #[arg(long, default_value = "configs/tiny-stage2.toml")]
+        stage2_config: PathBuf,
+        #[arg(long, default_value_t = 150)]
+        stage1_steps: u64,
+        #[arg(long, default_value_t = 600)]
+        stage2_steps: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -595,6 +623,42 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 )?;
                 println!("wrote {}", out.display());
             }
+        }
+        Command::Experiment(ExperimentCommand::Csr {
+            topology,
+            data,
+            out,
+            seeds,
+            stage1_config,
+            stage2_config,
+            stage1_steps,
+            stage2_steps,
+        }) => {
+            let load = |p: PathBuf| {
+                ConfigArgs {
+                    config: Some(p),
+                    overrides: vec![],
+                }
+                .load()
+            };
+            let (stage1, stage2) = (load(stage1_config)?, load(stage2_config)?);
+            let topo = topology.load(&stage1, deem::device::cuda_device_count())?;
+            let e = crate::experiment::Experiment {
+                stage1,
+                stage2,
+                topology: topo,
+                data,
+                out,
+                seeds,
+                stage1_steps,
+                stage2_steps,
+                weights: vec![5.0, 0.0],
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            print!("{}", crate::experiment::run(&e, &runtime)?);
         }
         Command::Report {
             out,

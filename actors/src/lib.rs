@@ -6,6 +6,7 @@ pub mod bench_cmd;
 pub mod cli;
 pub mod data_cmd;
 pub mod eval_cmd;
+pub mod experiment;
 pub mod forward;
 pub mod http;
 pub mod metrics;
