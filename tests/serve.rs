@@ -788,7 +788,7 @@ async fn pope_evaluation_runs_through_the_generation_actors() {
     assert_eq!(split.name, "pope/adversarial");
     let tok = Arc::new(load_tokenizer(None, None, &c).unwrap());
     let results =
-        deem_actors::eval_cmd::run(&c, &topology(&c), &Weights::Init, tok, vec![split], 4)
+        deem_actors::eval_cmd::run(&c, &topology(&c), &Weights::Init, tok, vec![split], 4, "")
             .await
             .unwrap();
     let r = &results[0];

@@ -95,6 +95,10 @@ pub struct EvalArgs {
     /// Tokens per answer.
     #[arg(long, default_value_t = 10)]
     pub max_tokens: usize,
+    /// Start every answer with this text (e.g. "The answer is", as the paper's evaluation does for
+    /// models instruction-tuned that way).
+    #[arg(long, default_value = "")]
+    pub prime: String,
     /// Write scores and answers as JSON here.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -614,6 +618,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 std::sync::Arc::new(tok),
                 splits,
                 args.max_tokens,
+                &args.prime,
             ))?;
             print!("{}", crate::eval_cmd::table(&results));
             if let Some(out) = &args.out {

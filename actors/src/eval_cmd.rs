@@ -55,14 +55,16 @@ pub fn pope_split(file: &Path) -> anyhow::Result<Split> {
     })
 }
 
-/// The engine request of one question: the paper's VQA prompt with the image, the reply primed with
-/// "The answer is", greedy, at most `max_tokens` tokens.
+/// The engine request of one question: the image, then the question (the LLaVA layout the instruction
+/// data uses: `<image>` leads the first question), greedy, at most `max_tokens` tokens. With `prime`
+/// the reply starts with it (the paper primes "The answer is" for models trained that way).
 fn request(
     q: &Question,
     base: &Path,
     cfg: &DeemConfig,
     tok: &DeemTokenizer,
     max_tokens: usize,
+    prime: &str,
 ) -> anyhow::Result<crate::serve::engine::Request> {
     use base64::Engine as _;
     let path = base.join(&q.image);
@@ -74,7 +76,6 @@ fn request(
     );
     let body = json!({
         "messages": [{"role": "user", "content": [
-            {"type": "text", "text": "Based on the image, please answer the question."},
             {"type": "image_url", "image_url": {"url": url}},
             {"type": "text", "text": q.text},
         ]}],
@@ -83,11 +84,13 @@ fn request(
     let r = api::parse(body.to_string().as_bytes()).map_err(|e| anyhow::anyhow!(e.message))?;
     let mut req = api::build(r, cfg, tok, &cfg.model.name)
         .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message))?;
-    req.prompt.extend(
-        tok.encode(" The answer is", false)?
-            .into_iter()
-            .map(i64::from),
-    );
+    if !prime.is_empty() {
+        req.prompt.extend(
+            tok.encode(&format!(" {prime}"), false)?
+                .into_iter()
+                .map(i64::from),
+        );
+    }
     Ok(req)
 }
 
@@ -106,6 +109,7 @@ pub async fn run(
     tok: Arc<DeemTokenizer>,
     splits: Vec<Split>,
     max_tokens: usize,
+    prime: &str,
 ) -> anyhow::Result<Vec<SplitResult>> {
     let engine = Engine::start(cfg, topo, weights, tok.clone(), Metrics::new()).await?;
     let mut out = Vec::new();
@@ -115,7 +119,7 @@ pub async fn run(
         for chunk in split.questions.chunks(window) {
             let mut rxs = Vec::new();
             for q in chunk {
-                let req = request(q, &split.base, cfg, &tok, max_tokens)?;
+                let req = request(q, &split.base, cfg, &tok, max_tokens, prime)?;
                 let rx = loop {
                     match engine.submit(req) {
                         Ok(rx) => break rx,

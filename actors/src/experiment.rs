@@ -110,6 +110,7 @@ pub fn run(e: &Experiment, rt: &tokio::runtime::Runtime) -> anyhow::Result<Strin
                 tok.clone(),
                 splits_of()?,
                 10,
+                "",
             ))?;
             std::fs::write(
                 d2.join("eval.json"),
