@@ -214,14 +214,23 @@ async fn the_openai_python_client_streams_text_and_images() {
 }
 
 async fn post(client: &reqwest::Client, s: &Service, body: Value) -> (u16, Value) {
-    let r = client
-        .post(url(s, "/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_as(client, s, None, &body).await;
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// A chat completion request, with a bearer token when `key` is given.
+async fn post_as(
+    client: &reqwest::Client,
+    s: &Service,
+    key: Option<&str>,
+    body: &Value,
+) -> reqwest::Response {
+    let mut r = client.post(url(s, "/v1/chat/completions")).json(body);
+    if let Some(k) = key {
+        r = r.bearer_auth(k);
+    }
+    r.send().await.unwrap()
 }
 
 fn error_message(v: &Value) -> &str {
@@ -336,29 +345,12 @@ async fn auth_readiness_csr_scores_and_graceful_shutdown() {
     let s = service(c, Some("sekrit")).await;
     let client = reqwest::Client::new();
     let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
-    let r = client
-        .post(url(&s, "/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_as(&client, &s, None, &body).await;
     assert_eq!(r.status().as_u16(), 401);
     assert_eq!(r.headers()["www-authenticate"], "Bearer");
-    let r = client
-        .post(url(&s, "/v1/chat/completions"))
-        .bearer_auth("wrong")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_as(&client, &s, Some("wrong"), &body).await;
     assert_eq!(r.status().as_u16(), 401);
-    let r = client
-        .post(url(&s, "/v1/chat/completions"))
-        .bearer_auth("sekrit")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_as(&client, &s, Some("sekrit"), &body).await;
     assert_eq!(r.status().as_u16(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["object"], "chat.completion");
@@ -411,13 +403,7 @@ async fn auth_readiness_csr_scores_and_graceful_shutdown() {
     let body = json!({"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": png_data_url(64)}},
         {"type": "text", "text": "describe"}]}], "max_tokens": 2});
-    let r = client
-        .post(url(&s, "/v1/chat/completions"))
-        .bearer_auth("sekrit")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_as(&client, &s, Some("sekrit"), &body).await;
     let status = r.status().as_u16();
     let v: Value = r.json().await.unwrap();
     assert_eq!(status, 200, "{v}");
@@ -438,13 +424,7 @@ async fn auth_readiness_csr_scores_and_graceful_shutdown() {
     let mut body = json!({"messages": [{"role": "user", "content": "last one"}], "max_tokens": 3,
                           "stream": true});
     body["logit_bias"] = json!({"2": -100});
-    let r = client
-        .post(url(&s, "/v1/chat/completions"))
-        .bearer_auth("sekrit")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let r = post_as(&client, &s, Some("sekrit"), &body).await;
     let stop = tokio::spawn(s.stop());
     let text = r.text().await.unwrap();
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
@@ -506,12 +486,7 @@ async fn a_full_queue_answers_429_and_a_disconnect_frees_the_sequence() {
     let long = json!({"messages": [{"role": "user", "content": "talk"}], "max_tokens": 1000,
                       "stream": true, "logit_bias": {"2": -100}});
     // One running (streaming), one queued, the rest rejected.
-    let running = client
-        .post(url(&s, "/v1/chat/completions"))
-        .json(&long)
-        .send()
-        .await
-        .unwrap();
+    let running = post_as(&client, &s, None, &long).await;
     assert_eq!(running.status().as_u16(), 200);
     let mut stream = running.bytes_stream();
     use futures_util::StreamExt;
@@ -596,12 +571,8 @@ async fn a_timeout_ends_the_request_with_504_or_an_sse_error() {
     // In a stream the timeout is an SSE error event, then [DONE].
     let mut streaming = never_ends.clone();
     streaming["stream"] = json!(true);
-    let text = client
-        .post(url(&s, "/v1/chat/completions"))
-        .json(&streaming)
-        .send()
+    let text = post_as(&client, &s, None, &streaming)
         .await
-        .unwrap()
         .text()
         .await
         .unwrap();

@@ -100,8 +100,18 @@ pub fn dataset_batches(
             let r = datasets::read_llava(&f).map_err(anyhow::Error::msg)?;
             account(&r, Format::Llava, metrics);
             r.check(&f, MAX_BAD_RATIO).map_err(anyhow::Error::msg)?;
-            m.add_conversations("llava", 1.0, &r.records, &c.serve.system_prompt, &tok)
+            m.add_conversations("llava", 2.0, &r.records, &c.serve.system_prompt, &tok)
                 .map_err(anyhow::Error::msg)?;
+            // Captions keep grounding the words for what the images show (the paper's stage II mixes
+            // COCO captions into its instruction data).
+            let f = dir.join("pairs.jsonl");
+            if f.exists() {
+                let r = datasets::read_pairs_jsonl(&f).map_err(anyhow::Error::msg)?;
+                account(&r, Format::Pairs, metrics);
+                r.check(&f, MAX_BAD_RATIO).map_err(anyhow::Error::msg)?;
+                m.add_pairs("pairs", 1.0, &r.records, &tok)
+                    .map_err(anyhow::Error::msg)?;
+            }
         }
     }
     if m.too_long > 0 {
