@@ -25,7 +25,8 @@ run: build
 	./target/release/deem train --topology topologies/cpu.toml --config configs/tiny.toml --data $(DATA) --run-dir runs/tiny-stage1 --metrics-addr $(DEEM_METRICS_ADDR)
 	./target/release/deem train --topology topologies/cpu.toml --config configs/tiny-stage2.toml --data $(DATA) --init-from runs/tiny-stage1 --run-dir runs/tiny --metrics-addr $(DEEM_METRICS_ADDR)
 	./target/release/deem eval --topology topologies/cpu.toml --config configs/tiny-stage2.toml --checkpoint runs/tiny --robustvqa $(DATA)/robustvqa.json --pope $(DATA)/pope/pope_random.jsonl --pope $(DATA)/pope/pope_popular.jsonl --pope $(DATA)/pope/pope_adversarial.jsonl --out runs/tiny/eval.json
-	./target/release/deem report --out runs/report --run stage-I=runs/tiny-stage1 --run stage-II=runs/tiny --eval runs/tiny/eval.json --note "tiny DEEM on the synthetic world, 2 CPU cores, topologies/cpu.toml"
+	./target/release/deem report --out runs/report --run stage-I=runs/tiny-stage1 --run stage-II=runs/tiny --eval runs/tiny/eval.json --note "tiny DEEM on the synthetic world, 2 CPU cores, topologies/cpu.toml" \
+		--checkpoint runs/tiny --config configs/tiny-stage2.toml $$(for s in id r a v; do ls $(DATA)/eval/$$s/*/*.png | head -2; done | sed 's/^/--image /')
 
 # The miniature CSR experiment (paper Table 6): λ_CSR = 5 vs 0, 3 seeds.
 experiment: build

@@ -225,6 +225,26 @@ impl DiffusionStage {
         })
     }
 
+    /// CSR reconstructions: images drawn by DDIM (`steps`, no guidance) from each image's own encoder
+    /// condition `cond` [N, Q, C], starting from seeded noise. Pixels [N, 3, H, W] in [0, 1].
+    pub fn reconstruct(&self, cond: &Tensor, steps: i64, seed: u64) -> Tensor {
+        tch::no_grad(|| {
+            let n = cond.size()[0];
+            let noise = Tensor::stack(
+                &(0..n as u64)
+                    .map(|i| self.initial_noise(seed, i))
+                    .collect::<Vec<_>>(),
+                0,
+            )
+            .to_device(cond.device())
+            .to_kind(cond.kind());
+            let ddim = crate::diffusion::Ddim::new(&self.scheduler, steps);
+            let latents = ddim.sample(&noise, 1.0, |x, t| self.unet.forward(x, t, cond));
+            let pixels = self.vae.decode(&(latents / self.vae.scaling_factor));
+            ((pixels + 1.0) / 2.0).clamp(0.0, 1.0)
+        })
+    }
+
     /// DEEM's consistency check per image: the CSR loss of reconstructing `pixels` [N, 3, H, W] from
     /// its own encoder condition `cond` [N, Q, C], averaged over the fixed `timesteps` with noise from
     /// a fixed stream (`seed`), so the same image always gets the same score.

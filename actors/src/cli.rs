@@ -62,6 +62,13 @@ pub enum Command {
         /// A line for the report's head (repeatable).
         #[arg(long = "note")]
         notes: Vec<String>,
+        /// Plot CSR reconstructions of these images by this model (with --config).
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        #[arg(long = "image")]
+        images: Vec<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArgs,
     },
     /// RobustVQA and POPE through the generation actors (batched, greedy): a table and a JSON report.
     Eval(EvalArgs),
@@ -670,7 +677,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             runs,
             eval,
             notes,
+            checkpoint,
+            images,
+            config,
         } => {
+            if let (Some(ck), false) = (&checkpoint, images.is_empty()) {
+                std::fs::create_dir_all(&out)?;
+                let cfg = config.load()?;
+                crate::report::plot_reconstructions(
+                    &cfg.config,
+                    ck,
+                    &images,
+                    &out.join("csr_reconstructions.png"),
+                )?;
+            }
             let runs = runs
                 .iter()
                 .map(|r| {

@@ -222,6 +222,69 @@ pub fn build_robustvqa(
     Ok((out, counts))
 }
 
+/// CSR reconstructions of `images` by the model in `checkpoint` (config `cfg`): a PNG with each input
+/// above its reconstruction from its own encoder embedding (20 DDIM steps, seeded noise).
+pub fn plot_reconstructions(
+    cfg: &deem::config::DeemConfig,
+    checkpoint: &Path,
+    images: &[PathBuf],
+    out: &Path,
+) -> anyhow::Result<()> {
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let model = deem::with_init_lock(None, || deem::model::Deem::new(&vs.root(), cfg))?;
+    let file = if checkpoint.is_dir() {
+        checkpoint.join("model.safetensors")
+    } else {
+        checkpoint.to_path_buf()
+    };
+    let ck = deem::checkpoint::Checkpoint::open(&file)?;
+    ck.load_into(
+        &vs,
+        &deem::checkpoint::LoadSpec {
+            component: "DEEM".into(),
+            namespace: vec![String::new()],
+            ..Default::default()
+        },
+    )?;
+    let size = cfg.diffusion.image_size;
+    let pixels: Vec<tch::Tensor> = images
+        .iter()
+        .map(|p| -> anyhow::Result<tch::Tensor> {
+            let img = image::open(p)
+                .with_context(|| format!("{}", p.display()))?
+                .to_rgb8();
+            Ok(deem::vision::unit_pixels(&img, size as u32))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let px = tch::Tensor::stack(&pixels, 0);
+    let (_, cond) = tch::no_grad(|| model.vision.forward(&px));
+    let rec = model.diffusion.reconstruct(&cond, 20, 0);
+    let n = images.len() as u32;
+    let s = size as u32;
+    let mut sheet =
+        image::RgbImage::from_pixel(n * (s + 4), 2 * s + 4, image::Rgb([255, 255, 255]));
+    for (row, t) in [(0u32, &px), (1, &rec)] {
+        for i in 0..n {
+            let png = deem::vision::png_bytes(&t.get(i as i64)).map_err(anyhow::Error::msg)?;
+            let img = image::load_from_memory(&png)?.to_rgb8();
+            image::imageops::replace(
+                &mut sheet,
+                &img,
+                (i * (s + 4)) as i64,
+                (row * (s + 4)) as i64,
+            );
+        }
+    }
+    let big = image::imageops::resize(
+        &sheet,
+        sheet.width() * 3,
+        sheet.height() * 3,
+        image::imageops::FilterType::Nearest,
+    );
+    big.save(out)?;
+    Ok(())
+}
+
 /// Writes `report.md` and `report.json` (and `losses.png`) into `out`.
 pub fn write(out: &Path, runs: &[Run], eval: &Value, notes: &[String]) -> anyhow::Result<()> {
     std::fs::create_dir_all(out)?;
@@ -252,7 +315,11 @@ pub fn write(out: &Path, runs: &[Run], eval: &Value, notes: &[String]) -> anyhow
             json!({"name": r.name, "steps": r.steps.len(), "first_total": first, "last": last}),
         );
     }
-    md.push_str("\n![losses](losses.png)\n\n## Evaluation\n\n| split | n | accuracy | precision | recall | F1 | yes ratio |\n|---|---|---|---|---|---|---|\n");
+    md.push_str("\n![losses](losses.png)\n");
+    if out.join("csr_reconstructions.png").exists() {
+        md.push_str("\n## CSR reconstructions\n\nTop: input images (in distribution, then R, A, V); bottom: each drawn by the UNet from the encoder's own embedding (20 DDIM steps).\n\n![CSR reconstructions](csr_reconstructions.png)\n");
+    }
+    md.push_str("\n## Evaluation\n\n| split | n | accuracy | precision | recall | F1 | yes ratio |\n|---|---|---|---|---|---|---|\n");
     if let Some(m) = eval.as_object() {
         for (split, v) in m {
             let s = &v["scores"];
