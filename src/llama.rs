@@ -489,48 +489,10 @@ impl DecoderLayer {
         }
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: &Rope,
-        start: i64,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> Tensor {
-        let h = x + self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x), rope, start, cache);
-        &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h))
-    }
-
-    fn forward_slot(
-        &self,
-        x: &Tensor,
-        rope: &Rope,
-        start: i64,
-        pool: &(Tensor, Tensor),
-        slot: i64,
-    ) -> Tensor {
-        let h = x + self.self_attn.forward_slot(
-            &self.input_layernorm.forward(x),
-            rope,
-            start,
-            pool,
-            slot,
-        );
-        &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h))
-    }
-
-    fn forward_slots(
-        &self,
-        x: &Tensor,
-        rope: &Rope,
-        batch: &SlotBatch,
-        pool: &mut (Tensor, Tensor),
-    ) -> Tensor {
-        let h =
-            x + self
-                .self_attn
-                .forward_slots(&self.input_layernorm.forward(x), rope, batch, pool);
+    /// The pre-norm residual block; `attend` is the attention variant (full sequence with a cache,
+    /// one pool slot, or a batch of pool slots) applied to the normed input.
+    fn forward(&self, x: &Tensor, attend: impl FnOnce(&Attention, &Tensor) -> Tensor) -> Tensor {
+        let h = x + attend(&self.self_attn, &self.input_layernorm.forward(x));
         &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h))
     }
 }
@@ -559,15 +521,6 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// Bytes held by the cached keys and values.
-    pub fn bytes(&self) -> u64 {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|(k, v)| ((k.numel() + v.numel()) * k.kind().elt_size_in_bytes()) as u64)
-            .sum()
     }
 }
 
@@ -709,7 +662,7 @@ impl LlamaShard {
         let mut h = hidden.shallow_clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            h = layer.forward(&h, &self.rope, start, slot);
+            h = layer.forward(&h, |a, x| a.forward(x, &self.rope, start, slot));
         }
         h
     }
@@ -752,7 +705,7 @@ impl LlamaShard {
     ) -> Tensor {
         let mut h = hidden.shallow_clone();
         for (layer, kv) in self.layers.iter().zip(&pool.layers) {
-            h = layer.forward_slot(&h, &self.rope, start, kv, slot);
+            h = layer.forward(&h, |a, x| a.forward_slot(x, &self.rope, start, kv, slot));
         }
         h
     }
@@ -786,7 +739,7 @@ impl LlamaShard {
         };
         let mut h = hidden.shallow_clone();
         for (layer, kv) in self.layers.iter().zip(pool.layers.iter_mut()) {
-            h = layer.forward_slots(&h, &self.rope, &batch, kv);
+            h = layer.forward(&h, |a, x| a.forward_slots(x, &self.rope, &batch, kv));
         }
         h
     }

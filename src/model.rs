@@ -204,7 +204,7 @@ impl DiffusionStage {
         noise: &Tensor,
         steps: i64,
         guidance: f64,
-        mut on_step: impl FnMut(),
+        on_step: impl FnMut(),
     ) -> Tensor {
         tch::no_grad(|| {
             let b = ctx.size()[0];
@@ -214,15 +214,28 @@ impl DiffusionStage {
             } else {
                 cond
             };
-            let ddim = crate::diffusion::Ddim::new(&self.scheduler, steps);
-            let latents = ddim.sample(noise, guidance, |x, t| {
-                let out = self.unet.forward(x, t, &context);
-                on_step();
-                out
-            });
-            let pixels = self.vae.decode(&(latents / self.vae.scaling_factor));
-            ((pixels + 1.0) / 2.0).clamp(0.0, 1.0)
+            self.sample_pixels(noise, steps, guidance, &context, on_step)
         })
+    }
+
+    /// DDIM from `noise` with the UNet on `context` (doubled `[uncond; cond]` when `guidance` > 1),
+    /// then the VAE: pixels in [0, 1]. `on_step` runs after every UNet call.
+    fn sample_pixels(
+        &self,
+        noise: &Tensor,
+        steps: i64,
+        guidance: f64,
+        context: &Tensor,
+        mut on_step: impl FnMut(),
+    ) -> Tensor {
+        let ddim = crate::diffusion::Ddim::new(&self.scheduler, steps);
+        let latents = ddim.sample(noise, guidance, |x, t| {
+            let out = self.unet.forward(x, t, context);
+            on_step();
+            out
+        });
+        let pixels = self.vae.decode(&(latents / self.vae.scaling_factor));
+        ((pixels + 1.0) / 2.0).clamp(0.0, 1.0)
     }
 
     /// CSR reconstructions: images drawn by DDIM (`steps`, no guidance) from each image's own encoder
@@ -238,10 +251,7 @@ impl DiffusionStage {
             )
             .to_device(cond.device())
             .to_kind(cond.kind());
-            let ddim = crate::diffusion::Ddim::new(&self.scheduler, steps);
-            let latents = ddim.sample(&noise, 1.0, |x, t| self.unet.forward(x, t, cond));
-            let pixels = self.vae.decode(&(latents / self.vae.scaling_factor));
-            ((pixels + 1.0) / 2.0).clamp(0.0, 1.0)
+            self.sample_pixels(&noise, steps, 1.0, cond, || {})
         })
     }
 

@@ -277,8 +277,8 @@ pub fn unit_pixels(img: &image::RgbImage, size: u32) -> Tensor {
         / 255.0
 }
 
-/// PNG bytes of pixels `[3, H, W]` in [0, 1].
-pub fn png_bytes(pixels: &Tensor) -> Result<Vec<u8>, String> {
+/// An 8-bit image of pixels `[3, H, W]` in [0, 1] (clamped, rounded).
+pub fn to_rgb_image(pixels: &Tensor) -> Result<image::RgbImage, String> {
     let (_, h, w) = pixels.size3().map_err(|e| e.to_string())?;
     let data: Vec<u8> = Vec::try_from(
         (pixels
@@ -293,10 +293,15 @@ pub fn png_bytes(pixels: &Tensor) -> Result<Vec<u8>, String> {
             .reshape([-1]),
     )
     .map_err(|e: tch::TchError| e.to_string())?;
-    let img = image::RgbImage::from_raw(w as u32, h as u32, data)
-        .ok_or("pixel buffer does not match the image size")?;
+    image::RgbImage::from_raw(w as u32, h as u32, data)
+        .ok_or_else(|| "pixel buffer does not match the image size".to_string())
+}
+
+/// PNG bytes of pixels `[3, H, W]` in [0, 1].
+pub fn png_bytes(pixels: &Tensor) -> Result<Vec<u8>, String> {
     let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png)
+    to_rgb_image(pixels)?
+        .write_to(&mut out, image::ImageFormat::Png)
         .map_err(|e| e.to_string())?;
     Ok(out.into_inner())
 }

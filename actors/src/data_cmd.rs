@@ -49,24 +49,64 @@ pub fn account<T>(r: &ReadReport<T>, format: Format, metrics: &Metrics) -> (usiz
     (r.records.len(), r.bad.len())
 }
 
+/// Reads `file` with `read`, logs and counts its bad records as `format`, and fails when more than
+/// `max` of them are bad. Returns the good records and the bad count.
+pub fn read_checked<T>(
+    file: &Path,
+    format: Format,
+    max: f64,
+    metrics: &Metrics,
+    read: fn(&Path) -> Result<ReadReport<T>, String>,
+) -> anyhow::Result<(Vec<T>, usize)> {
+    let r = read(file).map_err(anyhow::Error::msg)?;
+    let (_, bad) = account(&r, format, metrics);
+    r.check(file, max).map_err(anyhow::Error::msg)?;
+    Ok((r.records, bad))
+}
+
 fn check(format: Format, file: &Path, max: f64, metrics: &Metrics) -> anyhow::Result<String> {
     if !(0.0..=1.0).contains(&max) {
         bail!("--max-bad-ratio: expected a share in [0, 1], found {max}");
     }
-    macro_rules! go {
-        ($read:expr) => {{
-            let r = $read(file).map_err(anyhow::Error::msg)?;
-            let (kept, bad) = account(&r, format, metrics);
-            r.check(file, max).map_err(anyhow::Error::msg)?;
-            (kept, bad)
-        }};
+    fn count<T>(r: (Vec<T>, usize)) -> (usize, usize) {
+        (r.0.len(), r.1)
     }
     let (kept, bad) = match format {
-        Format::Pairs => go!(datasets::read_pairs_jsonl),
-        Format::PairsTar => go!(datasets::read_pairs_tar),
-        Format::Mmc4 => go!(datasets::read_mmc4),
-        Format::Llava => go!(datasets::read_llava),
-        Format::Regions => go!(datasets::read_regions),
+        Format::Pairs => count(read_checked(
+            file,
+            format,
+            max,
+            metrics,
+            datasets::read_pairs_jsonl,
+        )?),
+        Format::PairsTar => count(read_checked(
+            file,
+            format,
+            max,
+            metrics,
+            datasets::read_pairs_tar,
+        )?),
+        Format::Mmc4 => count(read_checked(
+            file,
+            format,
+            max,
+            metrics,
+            datasets::read_mmc4,
+        )?),
+        Format::Llava => count(read_checked(
+            file,
+            format,
+            max,
+            metrics,
+            datasets::read_llava,
+        )?),
+        Format::Regions => count(read_checked(
+            file,
+            format,
+            max,
+            metrics,
+            datasets::read_regions,
+        )?),
     };
     Ok(format!(
         "{}: {kept} {} records, {bad} bad\n",

@@ -120,14 +120,13 @@ pub async fn run(
             let mut rxs = Vec::new();
             for q in chunk {
                 let req = request(q, &split.base, cfg, &tok, max_tokens, prime)?;
-                let rx = loop {
-                    match engine.submit(req) {
-                        Ok(rx) => break rx,
-                        Err(Rejected::QueueFull) => {
-                            bail!("the admission queue is full; lower the evaluation window")
-                        }
-                        Err(Rejected::ShuttingDown) => bail!("the engine stopped"),
+                // The window never exceeds the queue, so a full queue is a bug, not backpressure.
+                let rx = match engine.submit(req) {
+                    Ok(rx) => rx,
+                    Err(Rejected::QueueFull) => {
+                        bail!("the admission queue is full; lower the evaluation window")
                     }
+                    Err(Rejected::ShuttingDown) => bail!("the engine stopped"),
                 };
                 rxs.push(rx);
             }

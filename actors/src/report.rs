@@ -265,8 +265,7 @@ pub fn plot_reconstructions(
         image::RgbImage::from_pixel(n * (s + 4), 2 * s + 4, image::Rgb([255, 255, 255]));
     for (row, t) in [(0u32, &px), (1, &rec)] {
         for i in 0..n {
-            let png = deem::vision::png_bytes(&t.get(i as i64)).map_err(anyhow::Error::msg)?;
-            let img = image::load_from_memory(&png)?.to_rgb8();
+            let img = deem::vision::to_rgb_image(&t.get(i as i64)).map_err(anyhow::Error::msg)?;
             image::imageops::replace(
                 &mut sheet,
                 &img,

@@ -69,7 +69,7 @@ pub fn dataset_batches(
     dir: &std::path::Path,
     metrics: &Metrics,
 ) -> anyhow::Result<deem::mixer::Mixer> {
-    use crate::data_cmd::{account, Format};
+    use crate::data_cmd::{read_checked, Format};
     use deem::datasets;
     let tok = crate::serve::load_tokenizer(None, Some(dir), c)?;
     let mut m = deem::mixer::Mixer::new(c, c.train.seed);
@@ -82,34 +82,47 @@ pub fn dataset_batches(
     };
     match c.train.stage {
         deem::config::Stage::I => {
-            let f = need("mmc4.jsonl")?;
-            let r = datasets::read_mmc4(&f).map_err(anyhow::Error::msg)?;
-            account(&r, Format::Mmc4, metrics);
-            r.check(&f, MAX_BAD_RATIO).map_err(anyhow::Error::msg)?;
-            m.add_documents("mmc4", 2.0, &r.records, &tok)
+            let (docs, _) = read_checked(
+                &need("mmc4.jsonl")?,
+                Format::Mmc4,
+                MAX_BAD_RATIO,
+                metrics,
+                datasets::read_mmc4,
+            )?;
+            m.add_documents("mmc4", 2.0, &docs, &tok)
                 .map_err(anyhow::Error::msg)?;
-            let f = need("pairs.jsonl")?;
-            let r = datasets::read_pairs_jsonl(&f).map_err(anyhow::Error::msg)?;
-            account(&r, Format::Pairs, metrics);
-            r.check(&f, MAX_BAD_RATIO).map_err(anyhow::Error::msg)?;
-            m.add_pairs("pairs", 1.0, &r.records, &tok)
+            let (pairs, _) = read_checked(
+                &need("pairs.jsonl")?,
+                Format::Pairs,
+                MAX_BAD_RATIO,
+                metrics,
+                datasets::read_pairs_jsonl,
+            )?;
+            m.add_pairs("pairs", 1.0, &pairs, &tok)
                 .map_err(anyhow::Error::msg)?;
         }
         deem::config::Stage::II | deem::config::Stage::III => {
-            let f = need("llava.json")?;
-            let r = datasets::read_llava(&f).map_err(anyhow::Error::msg)?;
-            account(&r, Format::Llava, metrics);
-            r.check(&f, MAX_BAD_RATIO).map_err(anyhow::Error::msg)?;
-            m.add_conversations("llava", 2.0, &r.records, &c.serve.system_prompt, &tok)
+            let (convs, _) = read_checked(
+                &need("llava.json")?,
+                Format::Llava,
+                MAX_BAD_RATIO,
+                metrics,
+                datasets::read_llava,
+            )?;
+            m.add_conversations("llava", 2.0, &convs, &c.serve.system_prompt, &tok)
                 .map_err(anyhow::Error::msg)?;
             // Captions keep grounding the words for what the images show (the paper's stage II mixes
             // COCO captions into its instruction data).
             let f = dir.join("pairs.jsonl");
             if f.exists() {
-                let r = datasets::read_pairs_jsonl(&f).map_err(anyhow::Error::msg)?;
-                account(&r, Format::Pairs, metrics);
-                r.check(&f, MAX_BAD_RATIO).map_err(anyhow::Error::msg)?;
-                m.add_pairs("pairs", 1.0, &r.records, &tok)
+                let (pairs, _) = read_checked(
+                    &f,
+                    Format::Pairs,
+                    MAX_BAD_RATIO,
+                    metrics,
+                    datasets::read_pairs_jsonl,
+                )?;
+                m.add_pairs("pairs", 1.0, &pairs, &tok)
                     .map_err(anyhow::Error::msg)?;
             }
         }

@@ -445,14 +445,14 @@ pub fn build(
         id: uuid::Uuid::new_v4(),
         prompt: ids,
         images: (!images.is_empty()).then(|| Tensor::stack(&images, 0)),
-        params: SamplingParams {
+        params: std::sync::Arc::new(SamplingParams {
             temperature,
             top_p,
             top_k,
             repetition_penalty,
             seed: r.seed.unwrap_or_else(rand_seed),
             logit_bias,
-        },
+        }),
         max_tokens,
         stop,
         ddim_steps,

@@ -48,7 +48,8 @@ pub struct Request {
     pub prompt: Vec<i64>,
     /// The prompt's images, [N, 3, S, S] in [0, 1], in placeholder order.
     pub images: Option<Tensor>,
-    pub params: SamplingParams,
+    /// Shared with every decode row of the request.
+    pub params: Arc<SamplingParams>,
     pub max_tokens: usize,
     pub stop: Vec<String>,
     pub ddim_steps: i64,
@@ -589,8 +590,7 @@ impl Scheduler {
             .min_by_key(|&g| self.groups[g].members)
             .unwrap_or(0);
         self.groups[group].members += 1;
-        let images = req.images.take();
-        let state = match &images {
+        let state = match &req.images {
             Some(px) if px.size()[0] > 0 => {
                 let _ = self.vision.send(VisionJob {
                     seq: req.id,
@@ -601,7 +601,6 @@ impl Scheduler {
             }
             _ => SeqState::Ready(Feed::Prompt { visual: None }),
         };
-        req.images = images;
         let deadline = req.arrived + req.timeout;
         let id = req.id;
         self.seqs.insert(
@@ -750,9 +749,15 @@ impl Scheduler {
             if s.images_drawn >= s.req.max_images {
                 banned.push(soi);
             }
+            // The context is only read by the repetition penalty.
+            let seen = if s.req.params.repetition_penalty != 1.0 {
+                s.tokens.iter().copied().filter(|&t| t != sniffer).collect()
+            } else {
+                Vec::new()
+            };
             SampleSpec {
-                params: Arc::new(s.req.params.clone()),
-                seen: s.tokens.iter().copied().filter(|&t| t != sniffer).collect(),
+                params: s.req.params.clone(),
+                seen,
                 banned,
                 index: s.sampled,
             }
