@@ -74,6 +74,7 @@ impl SyntheticBatches {
         Batch {
             input_ids,
             pixels: Tensor::stack(&images, 0),
+            loss_mask: None,
         }
     }
 }

@@ -2,6 +2,9 @@
 //! data mix.
 //!
 //! - Every sample starts with BOS and ends with EOS; an image is `<|startofimage|>` + K placeholders.
+//! - Documents and pairs train on all their text (and learn when to draw: SoI is a target);
+//!   conversations only on the assistant's replies and their EOS, as LLaVA trains (the batch's
+//!   `loss_mask`).
 //! - Pairs and MMC4 documents put each image before or after its sentence with equal probability;
 //!   documents keep at most 6 images. Conversations use the chat template with the paper's system prompt
 //!   and the image where `<image>` stands.
@@ -28,12 +31,16 @@ struct Segment {
     images: Vec<usize>,
     /// Images before or after the text at random (else always before).
     movable: bool,
+    /// NTP targets: `None`, everything (text and images); `Some(k)`, only `text[k..]`.
+    targets_from: Option<usize>,
 }
 
 /// A tokenised sample; `images` index the mixer's image store.
 struct Sample {
     segments: Vec<Segment>,
     len: usize,
+    /// The sample ends with an EOS of its own (a conversation's last reply), else one is appended.
+    closed: bool,
 }
 
 /// One data source of the mix.
@@ -98,18 +105,23 @@ impl Mixer {
         self.images.len() - 1
     }
 
-    fn finish(&mut self, name: &str, weight: f64, samples: Vec<Vec<Segment>>) {
+    fn finish(&mut self, name: &str, weight: f64, samples: Vec<Vec<Segment>>, closed: bool) {
         let k = self.k;
         let mut kept = Vec::new();
         for segments in samples {
-            let len = 2 + segments
-                .iter()
-                .map(|s| s.text.len() + s.images.len() * (1 + k))
-                .sum::<usize>();
+            let len = if closed { 1 } else { 2 }
+                + segments
+                    .iter()
+                    .map(|s| s.text.len() + s.images.len() * (1 + k))
+                    .sum::<usize>();
             if len > self.context {
                 self.too_long += 1;
             } else {
-                kept.push(Sample { segments, len });
+                kept.push(Sample {
+                    segments,
+                    len,
+                    closed,
+                });
             }
         }
         self.sources.push(Source {
@@ -140,9 +152,10 @@ impl Mixer {
                 text: Self::text(tok, &format!(" {}", p.caption))?,
                 images: vec![image],
                 movable: true,
+                targets_from: None,
             }]);
         }
-        self.finish(name, weight, samples);
+        self.finish(name, weight, samples, false);
         Ok(())
     }
 
@@ -170,16 +183,17 @@ impl Mixer {
                     text: Self::text(tok, &format!(" {t}"))?,
                     images,
                     movable: true,
+                    targets_from: None,
                 });
             }
             samples.push(segs);
         }
-        self.finish(name, weight, samples);
+        self.finish(name, weight, samples, false);
         Ok(())
     }
 
     /// Instruction conversations in the chat template; the image replaces `<image>` (or leads the first
-    /// question when the text has none).
+    /// question when the text has none). Only the replies (each closed by EOS) are NTP targets.
     pub fn add_conversations(
         &mut self,
         name: &str,
@@ -194,6 +208,7 @@ impl Mixer {
                 text: Self::text(tok, system)?,
                 images: vec![],
                 movable: false,
+                targets_from: Some(usize::MAX),
             }];
             for (i, (q, a)) in c.turns.iter().enumerate() {
                 let q = q.replace("<image>", "").trim().to_string();
@@ -206,44 +221,67 @@ impl Mixer {
                     text: Self::text(tok, " USER:")?,
                     images: vec![],
                     movable: false,
+                    targets_from: Some(usize::MAX),
                 });
-                let mut ans = Self::text(tok, &format!(" ASSISTANT: {a}"))?;
-                ans.push(self.eos);
+                // " {q} ASSISTANT:" is context; " {a}</s>" the target.
                 let mut qt = Self::text(tok, &format!(" {q}"))?;
-                qt.extend(ans);
+                qt.extend(Self::text(tok, " ASSISTANT:")?);
+                let from = qt.len();
+                qt.extend(Self::text(tok, &format!(" {a}"))?);
+                qt.push(self.eos);
                 segs.push(Segment {
                     text: qt,
                     images: image.into_iter().collect(),
                     movable: false,
+                    targets_from: Some(from),
                 });
             }
             samples.push(segs);
         }
-        self.finish(name, weight, samples);
+        self.finish(name, weight, samples, true);
         Ok(())
     }
 
-    /// Appends a sample's ids to `row` and its images to `images`, placing movable images by `s`.
-    fn emit(&self, sample: &Sample, s: &mut Stream, row: &mut Vec<i64>, images: &mut Vec<usize>) {
+    /// Appends a sample's ids to `row`, whether each is an NTP target to `mask`, and its images to
+    /// `images`, placing movable images by `s`.
+    fn emit(
+        &self,
+        sample: &Sample,
+        s: &mut Stream,
+        row: &mut Vec<i64>,
+        mask: &mut Vec<bool>,
+        images: &mut Vec<usize>,
+    ) {
         row.push(self.bos);
+        mask.push(false);
         for seg in &sample.segments {
             let before = !seg.movable || s.uniform() < 0.5;
-            let put_images = |row: &mut Vec<i64>, images: &mut Vec<usize>| {
+            let all = seg.targets_from.is_none();
+            let put_images = |row: &mut Vec<i64>, mask: &mut Vec<bool>, images: &mut Vec<usize>| {
                 for &i in &seg.images {
                     row.push(self.soi);
                     row.extend(std::iter::repeat_n(self.sniffer, self.k));
+                    mask.extend(std::iter::repeat_n(all, 1 + self.k));
                     images.push(i);
                 }
             };
+            let from = seg.targets_from.unwrap_or(0);
+            let put_text = |row: &mut Vec<i64>, mask: &mut Vec<bool>| {
+                row.extend(&seg.text);
+                mask.extend((0..seg.text.len()).map(|j| j >= from));
+            };
             if before {
-                put_images(row, images);
-                row.extend(&seg.text);
+                put_images(row, mask, images);
+                put_text(row, mask);
             } else {
-                row.extend(&seg.text);
-                put_images(row, images);
+                put_text(row, mask);
+                put_images(row, mask, images);
             }
         }
-        row.push(self.eos);
+        if !sample.closed {
+            row.push(self.eos);
+            mask.push(true);
+        }
     }
 
     /// Batch number `index`: `train.batch_size` rows of `train.context_length` ids.
@@ -264,6 +302,7 @@ impl Mixer {
             return Err("the data mix has no samples (every source is empty or weighs 0)".into());
         }
         let mut ids = Vec::with_capacity(self.rows * self.context);
+        let mut mask = Vec::with_capacity(self.rows * self.context);
         let mut order = Vec::new();
         // One stream per batch; rows fill in order. A drawn sample that does not fit closes the row
         // and opens the next one, so what is packed follows the mix weights (dropping it instead would
@@ -272,6 +311,7 @@ impl Mixer {
         let mut carried: Option<(usize, usize)> = None;
         for _ in 0..self.rows {
             let mut row = Vec::with_capacity(self.context);
+            let mut row_mask = Vec::with_capacity(self.context);
             loop {
                 let (si, i) = match carried.take() {
                     Some(x) => x,
@@ -305,10 +345,12 @@ impl Mixer {
                     break;
                 }
                 counts[si] += 1;
-                self.emit(sample, &mut s, &mut row, &mut order);
+                self.emit(sample, &mut s, &mut row, &mut row_mask, &mut order);
             }
             row.resize(self.context, self.pad);
+            row_mask.resize(self.context, false);
             ids.extend(row);
+            mask.extend(row_mask);
         }
         let pixels = if order.is_empty() {
             Tensor::zeros(
@@ -321,10 +363,12 @@ impl Mixer {
                 0,
             )
         };
+        let shape = [self.rows as i64, self.context as i64];
         Ok((
             Batch {
-                input_ids: Tensor::from_slice(&ids).view([self.rows as i64, self.context as i64]),
+                input_ids: Tensor::from_slice(&ids).view(shape),
                 pixels,
+                loss_mask: Some(Tensor::from_slice(&mask).view(shape)),
             },
             counts,
         ))

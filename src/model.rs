@@ -34,6 +34,9 @@ pub struct Batch {
     pub input_ids: Tensor,
     /// `[N, 3, H, W]` in [0, 1], one per `<|startofimage|>`, row by row.
     pub pixels: Tensor,
+    /// `[B, T]` bool: which ids are NTP targets (instruction data: the assistant's replies only, as
+    /// LLaVA trains). `None`: every id not masked by [`ntp_loss`]'s own rules.
+    pub loss_mask: Option<Tensor>,
 }
 
 impl Batch {
@@ -66,6 +69,7 @@ impl Batch {
                 let mb = Batch {
                     input_ids: self.input_ids.narrow(0, i * rows, rows),
                     pixels: self.pixels.narrow(0, img, n),
+                    loss_mask: self.loss_mask.as_ref().map(|m| m.narrow(0, i * rows, rows)),
                 };
                 img += n;
                 mb
@@ -363,15 +367,24 @@ impl DiffusionStage {
 
 /// NTP loss on logits `[B, T, V]`: cross-entropy of each next id, with pad, image placeholders, BOS
 /// targets and the BOS→SoI transition masked; SoI itself is a target (the model learns when to draw).
-pub fn ntp_loss(logits: &Tensor, ids: &Tensor, s: SpecialIds) -> Tensor {
+/// With `loss_mask` `[B, T]`, only the ids it marks are targets (the rules above still apply).
+pub fn ntp_loss(
+    logits: &Tensor,
+    ids: &Tensor,
+    loss_mask: Option<&Tensor>,
+    s: SpecialIds,
+) -> Tensor {
     let t = ids.size()[1];
     let inputs = ids.narrow(1, 0, t - 1);
     let targets = ids.narrow(1, 1, t - 1);
-    let masked = targets
+    let mut masked = targets
         .eq(s.pad)
         .logical_or(&targets.eq(s.sniffer))
         .logical_or(&targets.eq(s.bos))
         .logical_or(&targets.eq(s.soi).logical_and(&inputs.eq(s.bos)));
+    if let Some(m) = loss_mask {
+        masked = masked.logical_or(&m.narrow(1, 1, t - 1).to_device(ids.device()).logical_not());
+    }
     let keep = masked.logical_not().to_kind(Kind::Float).reshape([-1]);
     let lp = logits
         .narrow(1, 0, t - 1)
@@ -446,7 +459,12 @@ impl Deem {
         // 2. LLM over the spliced sequence.
         let embeds = embed_sequence(&self.llm, ids, vision.as_ref().map(|v| &v.0), self.ids)?;
         let hidden = self.llm.norm(&self.llm.forward_layers(&embeds, 0, None));
-        let ntp = ntp_loss(&self.llm.logits(&hidden), ids, self.ids);
+        let ntp = ntp_loss(
+            &self.llm.logits(&hidden),
+            ids,
+            batch.loss_mask.as_ref(),
+            self.ids,
+        );
 
         // 3. NIP: the image after each SoI, drawn from its LLM context.
         let mut nip = zero();

@@ -582,3 +582,64 @@ fn the_mix_follows_its_weights_and_documents_keep_six_images() {
         / ids.iter().filter(|&&t| t == c.llm.bos_token_id).count();
     assert_eq!(per_doc, 6);
 }
+
+#[test]
+fn conversations_train_only_on_the_replies_and_captions_on_all_their_text() {
+    let tok = tiny_tokenizer();
+    let mut c = mixer_cfg();
+    c.train.batch_size = 1;
+    let img = world::scene(0, Split::Id, 0, 32).render();
+    let conv = datasets::Conversation {
+        image: Some(img.clone()),
+        turns: vec![
+            ("<image>\nIs there a red circle?".into(), "Yes".into()),
+            ("What colour is it?".into(), "red".into()),
+        ],
+    };
+    let mut m = deem::mixer::Mixer::new(&c, 0);
+    m.add_conversations("c", 1.0, &[conv], "You are a helpful assistant.", &tok)
+        .unwrap();
+    let b = m.batch(0).unwrap();
+    let ids: Vec<i64> = Vec::try_from(b.input_ids.reshape([-1])).unwrap();
+    let mask: Vec<bool> = Vec::try_from(b.loss_mask.unwrap().reshape([-1])).unwrap();
+    let eos = c.llm.eos_token_id;
+    // The targets, in order, are exactly each reply followed by its EOS.
+    let targets: Vec<i64> = ids
+        .iter()
+        .zip(&mask)
+        .filter(|(_, &k)| k)
+        .map(|(&t, _)| t)
+        .collect();
+    // The row packs the one conversation as often as it fits.
+    let copies = ids.iter().filter(|&&t| t == c.llm.bos_token_id).count();
+    assert!(copies >= 1);
+    let mut want: Vec<i64> = Vec::new();
+    for _ in 0..copies {
+        for a in [" Yes", " red"] {
+            want.extend(tok.encode(a, false).unwrap().into_iter().map(i64::from));
+            want.push(eos);
+        }
+    }
+    assert_eq!(targets, want);
+    // One EOS closes each reply; the sample adds none of its own, then padding.
+    let used = ids.iter().rposition(|&t| t != c.llm.pad_token_id).unwrap() + 1;
+    assert_eq!(ids.iter().filter(|&&t| t == eos).count(), 2 * copies);
+    assert_eq!(ids[used - 1], eos);
+    assert_eq!(ids[0], c.llm.bos_token_id);
+
+    // A caption pair: every id but BOS and the padding is marked (ntp_loss masks the placeholders).
+    let mut m = deem::mixer::Mixer::new(&c, 0);
+    let pair = datasets::Pair {
+        image: img,
+        caption: "a red circle".into(),
+    };
+    m.add_pairs("p", 1.0, &[pair], &tok).unwrap();
+    let b = m.batch(0).unwrap();
+    let ids: Vec<i64> = Vec::try_from(b.input_ids.reshape([-1])).unwrap();
+    let mask: Vec<bool> = Vec::try_from(b.loss_mask.unwrap().reshape([-1])).unwrap();
+    let used = ids.iter().rposition(|&t| t != c.llm.pad_token_id).unwrap() + 1;
+    for (j, (&t, &k)) in ids.iter().zip(&mask).enumerate() {
+        let want = j < used && t != c.llm.bos_token_id;
+        assert_eq!(k, want, "position {j} (id {t})");
+    }
+}

@@ -48,7 +48,7 @@ fn ntp_loss_masks_pad_placeholders_bos_and_the_bos_soi_transition() {
     // when to draw), hole (masked), bos (masked), 9 (kept), pad (masked).
     let ids = Tensor::from_slice(&[bos, soi, hole, 7, soi, hole, bos, 9, pad]).view([1, 9]);
     let logits = Stream::new(0, 0, 0, Purpose::NipNoise).normal(&[1, 9, 1030]);
-    let loss = deem::model::ntp_loss(&logits, &ids, m.ids).double_value(&[]);
+    let loss = deem::model::ntp_loss(&logits, &ids, None, m.ids).double_value(&[]);
     let lp = logits.log_softmax(-1, Kind::Float);
     let kept = [(2i64, 7i64), (3, soi), (6, 9)]; // (position predicting, target)
     let want: f64 = kept
@@ -56,6 +56,16 @@ fn ntp_loss_masks_pad_placeholders_bos_and_the_bos_soi_transition() {
         .map(|&(p, tgt)| -lp.double_value(&[0, p, tgt]))
         .sum::<f64>()
         / kept.len() as f64;
+    assert!((loss - want).abs() < 1e-5, "{loss} vs {want}");
+
+    // A loss mask keeps only the ids it marks, and never revives what the rules mask: id 7 (index 3)
+    // and the placeholder at index 2 are marked, so only 7 counts.
+    let mut keep = [false; 9];
+    keep[2] = true;
+    keep[3] = true;
+    let mask = Tensor::from_slice(&keep).view([1, 9]);
+    let loss = deem::model::ntp_loss(&logits, &ids, Some(&mask), m.ids).double_value(&[]);
+    let want = -lp.double_value(&[0, 2, 7]);
     assert!((loss - want).abs() < 1e-5, "{loss} vs {want}");
 }
 

@@ -181,14 +181,19 @@ impl PipelineTrainer {
                 .iter()
                 .zip(&ids_spans)
                 .map(|(mb, (id, span))| {
-                    let (ids, pixels) = match s.role {
-                        Role::Llm { .. } => (Some(mb.input_ids.shallow_clone()), None),
-                        _ => (None, Some(mb.pixels.shallow_clone())),
+                    let (ids, loss_mask, pixels) = match s.role {
+                        Role::Llm { .. } => (
+                            Some(mb.input_ids.shallow_clone()),
+                            mb.loss_mask.as_ref().map(Tensor::shallow_clone),
+                            None,
+                        ),
+                        _ => (None, None, Some(mb.pixels.shallow_clone())),
                     };
                     MbData {
                         id: *id,
                         span: span.clone(),
                         ids,
+                        loss_mask,
                         pixels,
                     }
                 })

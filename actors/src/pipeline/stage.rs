@@ -78,6 +78,8 @@ pub struct MbData {
     /// The driver's span for this microbatch; the stage works inside it.
     pub span: tracing::Span,
     pub ids: Option<Tensor>,
+    /// Shards: which ids are NTP targets ([`deem::model::Batch::loss_mask`]).
+    pub loss_mask: Option<Tensor>,
     pub pixels: Option<Tensor>,
 }
 
@@ -298,7 +300,12 @@ impl Worker {
                 let h = shard.forward_layers(&h_in, 0, None);
                 let next = if shard.is_last() {
                     let hidden = shard.norm(&h);
-                    let ntp = ntp_loss(&shard.logits(&hidden), &ids, self.ids);
+                    let ntp = ntp_loss(
+                        &shard.logits(&hidden),
+                        &ids,
+                        data.loss_mask.as_ref(),
+                        self.ids,
+                    );
                     out.ntp.push(ntp.double_value(&[]));
                     saved.loss = Some(ntp / m as f64);
                     // No image in the microbatch: nip_inputs finds no context and returns None.
