@@ -1271,8 +1271,11 @@ fn binary_trains_with_the_reference_trainer() {
     let lines2 = read_steps(&piped);
     for (a, b) in lines.iter().zip(&lines2) {
         for part in ["total", "ntp", "nip", "csr", "grad_norm", "lr"] {
+            // 1e-5, relative above 1: the f32 gradients' sums run in another order on the actors, and
+            // at a grad norm of 35 one f32 ulp is already 3.8e-6.
+            let (x, y) = (a[part].as_f64().unwrap(), b[part].as_f64().unwrap());
             assert!(
-                (a[part].as_f64().unwrap() - b[part].as_f64().unwrap()).abs() < 1e-5,
+                (x - y).abs() < 1e-5 * x.abs().max(1.0),
                 "{part}: {a} vs {b}"
             );
         }
