@@ -39,8 +39,6 @@ struct Segment {
 struct Sample {
     segments: Vec<Segment>,
     len: usize,
-    /// The sample ends with an EOS of its own (a conversation's last reply), else one is appended.
-    closed: bool,
 }
 
 /// One data source of the mix.
@@ -105,23 +103,18 @@ impl Mixer {
         self.images.len() - 1
     }
 
-    fn finish(&mut self, name: &str, weight: f64, samples: Vec<Vec<Segment>>, closed: bool) {
+    fn finish(&mut self, name: &str, weight: f64, samples: Vec<Vec<Segment>>) {
         let k = self.k;
         let mut kept = Vec::new();
         for segments in samples {
-            let len = if closed { 1 } else { 2 }
-                + segments
-                    .iter()
-                    .map(|s| s.text.len() + s.images.len() * (1 + k))
-                    .sum::<usize>();
+            let len = 2 + segments
+                .iter()
+                .map(|s| s.text.len() + s.images.len() * (1 + k))
+                .sum::<usize>();
             if len > self.context {
                 self.too_long += 1;
             } else {
-                kept.push(Sample {
-                    segments,
-                    len,
-                    closed,
-                });
+                kept.push(Sample { segments, len });
             }
         }
         self.sources.push(Source {
@@ -155,7 +148,7 @@ impl Mixer {
                 targets_from: None,
             }]);
         }
-        self.finish(name, weight, samples, false);
+        self.finish(name, weight, samples);
         Ok(())
     }
 
@@ -188,7 +181,7 @@ impl Mixer {
             }
             samples.push(segs);
         }
-        self.finish(name, weight, samples, false);
+        self.finish(name, weight, samples);
         Ok(())
     }
 
@@ -223,12 +216,15 @@ impl Mixer {
                     movable: false,
                     targets_from: Some(usize::MAX),
                 });
-                // " {q} ASSISTANT:" is context; " {a}</s>" the target.
+                // " {q} ASSISTANT:" is context; " {a}</s>" the target (the last reply's EOS is the
+                // sample's own, appended by `emit`).
                 let mut qt = Self::text(tok, &format!(" {q}"))?;
                 qt.extend(Self::text(tok, " ASSISTANT:")?);
                 let from = qt.len();
                 qt.extend(Self::text(tok, &format!(" {a}"))?);
-                qt.push(self.eos);
+                if i + 1 < c.turns.len() {
+                    qt.push(self.eos);
+                }
                 segs.push(Segment {
                     text: qt,
                     images: image.into_iter().collect(),
@@ -238,7 +234,7 @@ impl Mixer {
             }
             samples.push(segs);
         }
-        self.finish(name, weight, samples, true);
+        self.finish(name, weight, samples);
         Ok(())
     }
 
@@ -278,10 +274,8 @@ impl Mixer {
                 put_images(row, mask, images);
             }
         }
-        if !sample.closed {
-            row.push(self.eos);
-            mask.push(true);
-        }
+        row.push(self.eos);
+        mask.push(true);
     }
 
     /// Batch number `index`: `train.batch_size` rows of `train.context_length` ids.
