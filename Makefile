@@ -4,7 +4,7 @@ SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 CARGO_TEST_FLAGS ?=
 
-.PHONY: setup build run experiment test bench bench-reference serve fmt clippy
+.PHONY: setup build pretrained run experiment test bench bench-reference serve fmt clippy
 
 setup:
 	@bash scripts/setup.sh
@@ -12,17 +12,30 @@ setup:
 build: setup
 	$(ENV) cargo build --release -p deem-actors --bin deem
 
-# The main job: the synthetic world (cached) → stage I on MMC4 + pairs (2 : 1) → stage II on the
-# instruction data → RobustVQA (in distribution, R, A, V) and POPE through the actors → runs/report/.
+# The main job: the synthetic world (cached) → stage I from the pretrained components on MMC4 +
+# pairs (2 : 1) → stage II on the instruction data → RobustVQA (in distribution, R, A, V) and POPE
+# through the actors → runs/report/.
 DATA ?= data/synth
+PRETRAINED ?= assets/tiny-pretrained
 DEEM_METRICS_ADDR ?= 127.0.0.1:9464
+PRETRAINED_FLAGS = --pretrained $(PRETRAINED)/encoder.safetensors --pretrained $(PRETRAINED)/decoder.safetensors
+
+# What DEEM starts from but the tiny config has no public checkpoint of: the encoder (a tiny open_clip,
+# contrastive on the pairs) and the diffusion decoder (a tiny SD: VAE, then a UNet conditioned on that
+# CLIP's text tower). assets/tiny-pretrained ships the result (about 13 min on 2 cores);
+# `make pretrained` makes them again into runs/pretrained (then `make run PRETRAINED=runs/pretrained`).
+pretrained: build
+	@test -f $(DATA)/SYNTH.json || ./target/release/deem data synth --out $(DATA) --seed 0
+	./target/release/deem pretrain encoder --data $(DATA) --out runs/pretrained
+	./target/release/deem pretrain decoder --data $(DATA) --clip runs/pretrained/clip.safetensors --out runs/pretrained
+
 run: build
 	./target/release/deem info
 	./target/release/deem topology check --topology topologies/cpu.toml --config configs/tiny.toml
 	@test -f $(DATA)/SYNTH.json || ./target/release/deem data synth --out $(DATA) --seed 0
 	@test -f $(DATA)/robustvqa.json || ./target/release/deem data robustvqa --data $(DATA)
 	@test -f $(DATA)/pope/pope_random.jsonl || ./target/release/deem data pope --instances $(DATA)/eval/id/instances.json --out $(DATA)/pope
-	./target/release/deem train --topology topologies/cpu.toml --config configs/tiny.toml --data $(DATA) --run-dir runs/tiny-stage1 --metrics-addr $(DEEM_METRICS_ADDR)
+	./target/release/deem train --topology topologies/cpu.toml --config configs/tiny.toml --data $(DATA) $(PRETRAINED_FLAGS) --run-dir runs/tiny-stage1 --metrics-addr $(DEEM_METRICS_ADDR)
 	./target/release/deem train --topology topologies/cpu.toml --config configs/tiny-stage2.toml --data $(DATA) --init-from runs/tiny-stage1 --run-dir runs/tiny --metrics-addr $(DEEM_METRICS_ADDR)
 	./target/release/deem eval --topology topologies/cpu.toml --config configs/tiny-stage2.toml --checkpoint runs/tiny --robustvqa $(DATA)/robustvqa.json --pope $(DATA)/pope/pope_random.jsonl --pope $(DATA)/pope/pope_popular.jsonl --pope $(DATA)/pope/pope_adversarial.jsonl --out runs/tiny/eval.json
 	./target/release/deem report --out runs/report --run stage-I=runs/tiny-stage1 --run stage-II=runs/tiny --eval runs/tiny/eval.json --note "tiny DEEM on the synthetic world, 2 CPU cores, topologies/cpu.toml" \
@@ -33,7 +46,7 @@ experiment: build
 	@test -f $(DATA)/SYNTH.json || ./target/release/deem data synth --out $(DATA) --seed 0
 	@test -f $(DATA)/robustvqa.json || ./target/release/deem data robustvqa --data $(DATA)
 	@test -f $(DATA)/pope/pope_random.jsonl || ./target/release/deem data pope --instances $(DATA)/eval/id/instances.json --out $(DATA)/pope
-	./target/release/deem experiment csr --data $(DATA) --seeds 3
+	./target/release/deem experiment csr --data $(DATA) --seeds 3 $(PRETRAINED_FLAGS)
 
 test:
 	@bash scripts/setup.sh --test

@@ -319,6 +319,11 @@ pub struct TrainConfig {
     /// Whether the original LM head trains with the LLM (stages II/III). DEEM freezes its pretrained head;
     /// a model trained from scratch needs it trainable.
     pub train_lm_head: bool,
+    /// Whether the LLM (and, with `train_lm_head`, its head) also trains in stage I. DEEM keeps its
+    /// pretrained Vicuna frozen there; a model whose LLM starts from scratch cannot learn to read the
+    /// images through a frozen random network, so the tiny recipe trains it from the start.
+    #[serde(default)]
+    pub train_llm_in_stage_one: bool,
     /// Write a checkpoint every this many steps (0: only at the end).
     pub checkpoint_every: u64,
     /// How often a failed step may restart the actors from the last checkpoint before the run stops.

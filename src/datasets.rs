@@ -475,6 +475,8 @@ pub struct SynthOptions {
     pub documents: usize,
     /// Instruction conversations.
     pub instructions: usize,
+    /// Most questions (turns) per instruction conversation; each has 1 to this many.
+    pub max_turns: usize,
     /// Region annotations' images.
     pub regions: usize,
     /// Evaluation scenes per split (in distribution, R, A, V).
@@ -489,6 +491,7 @@ impl Default for SynthOptions {
             pairs: 2000,
             documents: 500,
             instructions: 2000,
+            max_turns: 6,
             regions: 200,
             eval_per_split: 100,
         }
@@ -533,34 +536,38 @@ fn write_file(path: &Path, text: &str) -> Result<(), String> {
 }
 
 /// Instruction questions about a scene, each with its answer (the paper's VQA / hallucination prompt
-/// styles): existence yes/no, colour, count, main object.
+/// styles): existence yes/no for every object and for as many absent objects (half of those share a
+/// colour or shape with an object of the scene, as POPE's adversarial negatives do), colour, count,
+/// main object, and whether a label is the main object (RobustVQA style: the main object or another
+/// shape in its colour).
 pub fn questions(s: &Scene, rng: &mut crate::rng::Stream) -> Vec<(String, String)> {
     let main = s.main();
     let mut q = Vec::new();
-    // Existence: half present objects, half absent ones.
-    let present = &s.objects[rng.below(1, s.objects.len() as u64)[0] as usize];
-    q.push((
-        format!(
-            "Is there a {} in the image? Please answer yes or no.",
-            present.label()
-        ),
-        "Yes".to_string(),
-    ));
-    let absent = loop {
-        let shape = rng.below(1, world::SHAPES.len() as u64)[0] as usize;
-        let colour = rng.below(1, world::COLOURS.len() as u64)[0] as usize;
-        if !s
-            .objects
+    let exists = |label: &str| format!("Is there a {label} in the image? Please answer yes or no.");
+    let present = |shape: usize, colour: usize| {
+        s.objects
             .iter()
             .any(|o| o.shape == shape && o.colour == colour)
-        {
-            break format!("{} {}", world::COLOURS[colour].0, world::SHAPES[shape]);
-        }
     };
-    q.push((
-        format!("Is there a {absent} in the image? Please answer yes or no."),
-        "No".to_string(),
-    ));
+    for (k, o) in s.objects.iter().enumerate() {
+        q.push((exists(&o.label()), "Yes".to_string()));
+        let absent = loop {
+            let mut shape = rng.below(1, world::SHAPES.len() as u64)[0] as usize;
+            let mut colour = rng.below(1, world::COLOURS.len() as u64)[0] as usize;
+            // Every other negative keeps this object's colour or shape.
+            if k % 2 == 1 {
+                if rng.uniform() < 0.5 {
+                    colour = o.colour;
+                } else {
+                    shape = o.shape;
+                }
+            }
+            if !present(shape, colour) {
+                break format!("{} {}", world::COLOURS[colour].0, world::SHAPES[shape]);
+            }
+        };
+        q.push((exists(&absent), "No".to_string()));
+    }
     q.push((
         format!(
             "What colour is the {}? Please provide an accurate answer within one word.",
@@ -680,19 +687,27 @@ pub fn synthesize(out: &Path, o: &SynthOptions) -> Result<SynthSummary, String> 
     write_file(&out.join("mmc4.jsonl"), &mmc4)?;
     files.insert("mmc4.jsonl".into(), o.documents);
 
-    // Instructions: one question per conversation, cycling through the kinds.
+    // Instructions: multi-turn conversations (as LLaVA's are) of 1 to `max_turns` questions about one
+    // image, in random order; the first question's kind cycles, so every kind leads equally often.
     let mut llava = Vec::new();
     for i in 0..o.instructions {
         let (s, rel) = w.scene(Split::Id)?;
-        let qs = questions(&s, &mut rng);
-        let (q, a) = &qs[i % qs.len()];
+        let mut qs = questions(&s, &mut rng);
+        let first = qs.remove(i % qs.len());
+        for k in (1..qs.len()).rev() {
+            qs.swap(k, rng.below(1, k as u64 + 1)[0] as usize);
+        }
+        let turns = 1 + rng.below(1, o.max_turns.max(1) as u64)[0] as usize;
+        let mut conversation = Vec::new();
+        for (k, (q, a)) in std::iter::once(first).chain(qs).take(turns).enumerate() {
+            let q = if k == 0 { format!("<image>\n{q}") } else { q };
+            conversation.push(json!({"from": "human", "value": q}));
+            conversation.push(json!({"from": "gpt", "value": a}));
+        }
         llava.push(json!({
             "id": format!("synth-{i:06}"),
             "image": rel,
-            "conversations": [
-                {"from": "human", "value": format!("<image>\n{q}")},
-                {"from": "gpt", "value": a},
-            ]
+            "conversations": conversation,
         }));
     }
     write_file(

@@ -6,6 +6,7 @@
 //! runtime crate `deem-actors` places them on devices.
 
 pub mod checkpoint;
+pub mod clip;
 pub mod config;
 pub mod data;
 pub mod datasets;
@@ -20,6 +21,7 @@ pub mod region;
 pub mod resampler;
 pub mod rng;
 pub mod sampling;
+pub mod sd;
 pub mod sequence;
 pub mod tokenizer;
 pub mod train;

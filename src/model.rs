@@ -96,12 +96,27 @@ pub struct SpecialIds {
     pub sniffer: i64,
 }
 
-fn resize(x: &Tensor, size: i64) -> Tensor {
+/// `x` [B, C, H, W] bilinearly resized to `size` × `size` (as it is when already that size).
+pub fn resize(x: &Tensor, size: i64) -> Tensor {
     if x.size()[2] == size && x.size()[3] == size {
         x.shallow_clone()
     } else {
         x.upsample_bilinear2d([size, size], false, None, None)
     }
+}
+
+/// CLIP-normalised input at `size` px from [0, 1] pixels `[B, 3, H, W]`.
+pub fn clip_pixels(pixels: &Tensor, size: i64) -> Tensor {
+    let x = resize(pixels, size);
+    let mean = Tensor::from_slice(&CLIP_MEAN)
+        .to_kind(x.kind())
+        .to_device(x.device())
+        .view([1, 3, 1, 1]);
+    let std = Tensor::from_slice(&CLIP_STD)
+        .to_kind(x.kind())
+        .to_device(x.device())
+        .view([1, 3, 1, 1]);
+    (x - mean) / std
 }
 
 fn mse(a: &Tensor, b: &Tensor) -> Tensor {
@@ -132,16 +147,7 @@ impl VisionStage {
 
     /// CLIP-normalised encoder input at the encoder's resolution, from [0, 1] pixels.
     pub fn clip_pixels(&self, pixels: &Tensor) -> Tensor {
-        let x = resize(pixels, self.image_size);
-        let mean = Tensor::from_slice(&CLIP_MEAN)
-            .to_kind(x.kind())
-            .to_device(x.device())
-            .view([1, 3, 1, 1]);
-        let std = Tensor::from_slice(&CLIP_STD)
-            .to_kind(x.kind())
-            .to_device(x.device())
-            .view([1, 3, 1, 1]);
-        (x - mean) / std
+        clip_pixels(pixels, self.image_size)
     }
 
     /// `(visual tokens [N, Q, L], CSR condition [N, Q, C])` of [0, 1] pixels.

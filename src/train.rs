@@ -37,21 +37,23 @@ fn starts(name: &str, prefixes: &[&str]) -> bool {
 }
 
 /// The group of parameter `name` under the rules `t` (its stage), or `None` when it is frozen. UNet and
-/// VAE are always frozen; the LLM's base weights train from stage II (the original LM head only with
+/// VAE are always frozen; the LLM's base weights train from stage II (or from stage I with
+/// `train.train_llm_in_stage_one`; the original LM head only with
 /// `train.train_lm_head`); the encoder trunk only in stage I.
 pub fn group_of(t: &TrainConfig, name: &str) -> Option<Group> {
     let stage = t.stage;
+    let llm = stage != Stage::I || t.train_llm_in_stage_one;
     if starts(name, &["unet.", "vae."]) {
         return None;
     }
     if name.starts_with("lm_head.") {
-        return (stage != Stage::I && t.train_lm_head).then_some(Group::Llm);
+        return (llm && t.train_lm_head).then_some(Group::Llm);
     }
     if starts(
         name,
         &["model.embed_tokens.", "model.layers.", "model.norm."],
     ) {
-        return (stage != Stage::I).then_some(Group::Llm);
+        return llm.then_some(Group::Llm);
     }
     if starts(name, &["visual.trunk.", "visual.head."]) {
         return (stage == Stage::I).then_some(Group::Encoder);

@@ -191,8 +191,9 @@ impl VisionEncoder {
         }
     }
 
-    /// Encodes CLIP-normalised images `[B, 3, S, S]`.
-    pub fn forward(&self, pixels: &Tensor) -> VisionOutput {
+    /// The trunk's stage maps and open_clip's image embedding `[B, embed_dim]` (timm head: global
+    /// average pool → LayerNorm2d → flatten; open_clip: bias-free projection).
+    fn trunk(&self, pixels: &Tensor) -> (Vec<Tensor>, Tensor) {
         let mut x = self.stem_norm.forward(&self.stem_conv.forward(pixels));
         let mut maps = Vec::with_capacity(self.stages.len());
         for stage in &self.stages {
@@ -204,14 +205,23 @@ impl VisionEncoder {
             }
             maps.push(x.shallow_clone());
         }
-        // timm head: global average pool → LayerNorm2d → flatten; open_clip: bias-free projection.
         let pooled = self
             .head_norm
             .forward(&x.mean_dim(&[2i64, 3][..], true, x.kind()))
             .flatten(1, -1);
-        let cls = self
-            .adapter_cls
-            .forward(&pooled.matmul(&self.head_proj.tr())); // [B, width]
+        (maps, pooled.matmul(&self.head_proj.tr()))
+    }
+
+    /// open_clip's image embedding `[B, embed_dim]` of CLIP-normalised images (what contrastive
+    /// pretraining aligns with the text tower).
+    pub fn embed(&self, pixels: &Tensor) -> Tensor {
+        self.trunk(pixels).1
+    }
+
+    /// Encodes CLIP-normalised images `[B, 3, S, S]`.
+    pub fn forward(&self, pixels: &Tensor) -> VisionOutput {
+        let (maps, embedding) = self.trunk(pixels);
+        let cls = self.adapter_cls.forward(&embedding); // [B, width]
         let multiscale: Vec<Tensor> = maps
             .iter()
             .zip(&self.adapters)

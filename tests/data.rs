@@ -18,6 +18,7 @@ fn small(seed: u64) -> SynthOptions {
         pairs: 6,
         documents: 3,
         instructions: 8,
+        max_turns: 4,
         regions: 4,
         eval_per_split: 5,
     }
@@ -642,4 +643,87 @@ fn conversations_train_only_on_the_replies_and_captions_on_all_their_text() {
         let want = j < used && t != c.llm.bos_token_id;
         assert_eq!(k, want, "position {j} (id {t})");
     }
+}
+
+#[test]
+fn instruction_conversations_are_multi_turn_and_answer_about_their_own_scene() {
+    let dir = common::scratch("synth-llava-answers");
+    let o = SynthOptions {
+        pairs: 0,
+        documents: 0,
+        instructions: 40,
+        max_turns: 6,
+        regions: 0,
+        eval_per_split: 0,
+        ..small(3)
+    };
+    datasets::synthesize(&dir, &o).unwrap();
+    let raw: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("llava.json")).unwrap()).unwrap();
+    let conv = datasets::read_llava(&dir.join("llava.json"))
+        .unwrap()
+        .records;
+    assert_eq!(conv.len(), 40);
+    let mut turns = BTreeSet::new();
+    let (mut yes, mut no) = (0, 0);
+    for (c, r) in conv.iter().zip(&raw) {
+        turns.insert(c.turns.len());
+        assert!((1..=6).contains(&c.turns.len()));
+        // images/id/NNNNNN.png: the scene's index in the in-distribution stream.
+        let path = r["image"].as_str().unwrap();
+        let index: u64 = path
+            .trim_start_matches("images/id/")
+            .trim_end_matches(".png")
+            .parse()
+            .unwrap();
+        let s = world::scene(o.seed, Split::Id, index, o.size);
+        for (k, (q, a)) in c.turns.iter().enumerate() {
+            assert_eq!(q.starts_with("<image>\n"), k == 0, "{q}");
+            let q = q.trim_start_matches("<image>\n");
+            if let Some(label) = q
+                .strip_prefix("Is there a ")
+                .and_then(|x| x.strip_suffix(" in the image? Please answer yes or no."))
+            {
+                let there = s.objects.iter().any(|ob| ob.label() == label);
+                assert_eq!(
+                    a,
+                    if there { "Yes" } else { "No" },
+                    "{q} in {:?}",
+                    s.caption()
+                );
+                if there {
+                    yes += 1
+                } else {
+                    no += 1
+                }
+            } else if q.starts_with("What colour is the ") {
+                assert_eq!(a, s.main().colour_name());
+            } else if q.starts_with("How many objects") {
+                assert_eq!(a, ["one", "two", "three"][s.objects.len() - 1]);
+            } else if q == "What is the main object in this image?" {
+                assert_eq!(a, &format!("A {}.", s.main().label()));
+            } else {
+                let label = q
+                    .strip_prefix("Is ")
+                    .and_then(|x| {
+                        x.strip_suffix(" the main object in this image? Please answer yes or no.")
+                    })
+                    .unwrap_or_else(|| panic!("unexpected question {q}"));
+                assert_eq!(
+                    a,
+                    if label == s.main().label() {
+                        "Yes"
+                    } else {
+                        "No"
+                    },
+                    "{q}"
+                );
+            }
+        }
+    }
+    assert!(turns.len() > 2, "the number of turns varies: {turns:?}");
+    assert!(
+        yes > 10 && no > 10,
+        "existence answers are balanced: {yes} yes, {no} no"
+    );
 }

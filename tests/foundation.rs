@@ -173,7 +173,7 @@ fn unknown_key_in_file_names_file_key_and_expected_keys() {
         format!(
             "{}: train.lrr: unknown field `lrr`, expected one of `stage`, `seed`, `steps`, `warmup_steps`, \
              `batch_size`, `microbatches`, `context_length`, `lr`, `encoder_lr`, `llm_lr`, `betas`, `eps`, \
-             `weight_decay`, `max_grad_norm`, `nip_loss_weight`, `csr_loss_weight`, `schedule`, `train_lm_head`, `checkpoint_every`, `max_restarts`",
+             `weight_decay`, `max_grad_norm`, `nip_loss_weight`, `csr_loss_weight`, `schedule`, `train_lm_head`, `train_llm_in_stage_one`, `checkpoint_every`, `max_restarts`",
             p.display()
         )
     );
@@ -919,6 +919,7 @@ fn monitoring_config_and_rules_pass_promtool() {
         resume: false,
         data: None,
         init_from: None,
+        pretrained: vec![],
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     deem_actors::train_cmd::run(&job, &cfg, &metrics, &rt).unwrap();
@@ -1302,6 +1303,7 @@ fn training_exports_its_metrics() {
         resume: false,
         data: None,
         init_from: None,
+        pretrained: vec![],
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let reports = deem_actors::train_cmd::run(&job, &cfg, &metrics, &rt).unwrap();
@@ -1429,4 +1431,76 @@ async fn a_real_prometheus_scrapes_a_running_training() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
+}
+
+#[test]
+fn pretrained_files_overlay_the_initialisation_and_bad_ones_are_named() {
+    use std::collections::BTreeMap;
+    use tch::Tensor;
+    let dir = scratch("pretrained-overlay");
+    let mut w: BTreeMap<String, Tensor> = [
+        (
+            "visual.trunk.stem.0.weight".to_string(),
+            Tensor::zeros([2, 3], tch::kind::FLOAT_CPU),
+        ),
+        (
+            "model.norm.weight".to_string(),
+            Tensor::ones([4], tch::kind::FLOAT_CPU),
+        ),
+    ]
+    .into_iter()
+    .collect();
+    let good = dir.join("good.safetensors");
+    let stem = Tensor::arange(6, tch::kind::FLOAT_CPU).view([2, 3]);
+    deem::checkpoint::save(&good, &[("visual.trunk.stem.0.weight".into(), stem.copy())]).unwrap();
+    assert_eq!(deem_actors::train_cmd::overlay(&mut w, &good).unwrap(), 1);
+    assert_eq!(w["visual.trunk.stem.0.weight"], stem);
+    assert_eq!(
+        w["model.norm.weight"],
+        Tensor::ones([4], tch::kind::FLOAT_CPU),
+        "the rest is kept"
+    );
+
+    // A file with one good and one unknown tensor is refused whole.
+    let unknown = dir.join("unknown.safetensors");
+    deem::checkpoint::save(
+        &unknown,
+        &[
+            (
+                "model.norm.weight".into(),
+                Tensor::zeros([4], tch::kind::FLOAT_CPU),
+            ),
+            ("text.proj.weight".into(), stem.copy()),
+        ],
+    )
+    .unwrap();
+    let err = deem_actors::train_cmd::overlay(&mut w, &unknown).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "--pretrained {}: `text.proj.weight` is not a parameter of the model (is the file for another configuration?)",
+            unknown.display()
+        )
+    );
+    let shape = dir.join("shape.safetensors");
+    deem::checkpoint::save(
+        &shape,
+        &[(
+            "model.norm.weight".into(),
+            Tensor::ones([5], tch::kind::FLOAT_CPU),
+        )],
+    )
+    .unwrap();
+    let err = deem_actors::train_cmd::overlay(&mut w, &shape).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "--pretrained {}: `model.norm.weight` is [5], the model expects [4]",
+            shape.display()
+        )
+    );
+    assert_eq!(
+        w["model.norm.weight"],
+        Tensor::ones([4], tch::kind::FLOAT_CPU)
+    );
 }

@@ -284,6 +284,7 @@ fn train(
         resume: false,
         data: None,
         init_from: None,
+        pretrained: vec![],
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

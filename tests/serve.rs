@@ -743,6 +743,7 @@ async fn pope_evaluation_runs_through_the_generation_actors() {
         pairs: 0,
         documents: 0,
         instructions: 0,
+        max_turns: 1,
         regions: 0,
         eval_per_split: 3,
     };

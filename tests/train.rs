@@ -14,6 +14,9 @@ fn tiny(stage: Stage) -> DeemConfig {
     let mut cfg: DeemConfig = toml::from_str(include_str!("../configs/tiny.toml")).unwrap();
     cfg.train.stage = stage;
     cfg.train.warmup_steps = 0;
+    // The paper's rule (a pretrained LLM frozen in stage I); the tiny recipe's from-scratch LLM is
+    // checked on its own.
+    cfg.train.train_llm_in_stage_one = false;
     cfg
 }
 
@@ -235,6 +238,15 @@ fn stage_rules_freeze_and_group_parameters() {
         group_of(&rules(Stage::I), "model.soi_embedding"),
         Some(Group::Other)
     );
+    // A recipe whose LLM starts from scratch trains it (and its head) in stage I too.
+    let mut scratch = rules(Stage::I);
+    scratch.train_llm_in_stage_one = true;
+    assert_eq!(
+        group_of(&scratch, "model.layers.0.mlp.up_proj.weight"),
+        Some(Group::Llm)
+    );
+    assert_eq!(group_of(&scratch, "lm_head.weight"), Some(Group::Llm));
+    assert_eq!(group_of(&scratch, "unet.conv_in.weight"), None);
     // transformers' cosine-with-warm-up multipliers.
     assert_eq!(lr_factor(0, 10, 110), 0.0);
     assert_eq!(lr_factor(5, 10, 110), 0.5);
@@ -348,4 +360,191 @@ fn tiny_deem_overfits_one_batch() {
         started.elapsed().as_secs_f64() * 1e3 / 99.0
     );
     assert!(last < 0.3 * first, "{first} → {last}");
+}
+
+/// Solid-colour images, captioned with their colour names, for contrastive pretraining.
+fn colour_pairs(cfg: &DeemConfig) -> (Vec<Tensor>, Vec<Vec<i64>>) {
+    let s = cfg.vision.image_size;
+    deem::world::COLOURS
+        .iter()
+        .enumerate()
+        .map(|(i, (_, rgb))| {
+            let px = Tensor::from_slice(&rgb.map(|c| c as f32 / 255.0))
+                .view([3, 1, 1])
+                .expand([3, s, s], false)
+                .contiguous();
+            // One distinct id per colour, then EOS.
+            (px, vec![10 + i as i64, cfg.llm.eos_token_id])
+        })
+        .unzip()
+}
+
+#[test]
+fn contrastive_pretraining_aligns_images_with_their_captions() {
+    let cfg = tiny(Stage::I);
+    let (images, captions) = colour_pairs(&cfg);
+    let o = deem::clip::ClipOptions {
+        steps: 200,
+        warmup_steps: 5,
+        batch_size: images.len(),
+        ..Default::default()
+    };
+    let mut reports = Vec::new();
+    let weights = deem::clip::pretrain(&cfg, &images, &captions, &o, |r| reports.push(*r)).unwrap();
+    assert_eq!(reports.len(), 200);
+    let first = reports[..5].iter().map(|r| r.loss).sum::<f64>() / 5.0;
+    let last = reports[195..].iter().map(|r| r.loss).sum::<f64>() / 5.0;
+    assert!(last < 0.5 * first, "loss {first} → {last}");
+    // Every CLIP weight comes back, under the names a CLIP for this configuration has.
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let _shape = deem::clip::Clip::new(&vs.root(), &cfg, o.text_layers).unwrap();
+    let model: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    assert_eq!(
+        weights.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        model.keys().map(String::as_str).collect::<Vec<_>>()
+    );
+    for (name, t) in &weights {
+        assert_eq!(model[name].size(), t.size(), "{name}");
+    }
+    let tower: Vec<&str> = weights
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .filter(|n| deem::clip::is_image_tower(n))
+        .collect();
+    assert!(
+        tower.contains(&"visual.head.proj.weight") && tower.contains(&"visual.trunk.stem.0.weight")
+    );
+    assert!(!tower.iter().any(|n| n.starts_with("visual.adapter")));
+    // Chance is 0.1. Not 1.0: a solid colour that is another one scaled in brightness looks the same after
+    // the stem's per-position LayerNorm (brown and orange, say), so a few pairs stay confused.
+    assert!(
+        reports.last().unwrap().accuracy >= 0.6,
+        "{:?}",
+        reports.last()
+    );
+    // The reloaded CLIP retrieves each colour's caption from its image.
+    let w: BTreeMap<String, Tensor> = weights
+        .iter()
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    let vs2 = tch::nn::VarStore::new(Device::Cpu);
+    let clip = deem::clip::load(&vs2, &cfg, o.text_layers, &w).unwrap();
+    let caps: Vec<&[i64]> = captions.iter().map(Vec::as_slice).collect();
+    let (ids, last) = deem::clip::pad_captions(&caps, cfg.llm.pad_token_id);
+    let sim = tch::no_grad(|| {
+        clip.image_embeddings(&Tensor::stack(&images, 0))
+            .matmul(&clip.text_embeddings(&ids, &last).tr())
+    });
+    let found = sim
+        .argmax(1, false)
+        .eq_tensor(&Tensor::arange(10, tch::kind::INT64_CPU))
+        .sum(Kind::Int64)
+        .int64_value(&[]);
+    assert!(
+        found >= 6,
+        "{found} of 10 colours retrieve their own caption"
+    );
+    // A repeat run is the same run (batches and init from the seed).
+    let again = deem::clip::pretrain(&cfg, &images, &captions, &o, |_| {}).unwrap();
+    for ((a, x), (b, y)) in weights.iter().zip(&again) {
+        assert_eq!(a, b);
+        assert_eq!(x, y, "{a}");
+    }
+}
+
+#[test]
+fn contrastive_pretraining_rejects_unusable_pairs() {
+    let cfg = tiny(Stage::I);
+    let (images, mut captions) = colour_pairs(&cfg);
+    let o = deem::clip::ClipOptions {
+        steps: 1,
+        ..Default::default()
+    };
+    let err =
+        |i: &[Tensor], c: &[Vec<i64>]| deem::clip::pretrain(&cfg, i, c, &o, |_| {}).unwrap_err();
+    assert_eq!(err(&images, &captions[..3]), "10 images but 3 captions");
+    assert_eq!(
+        err(&images[..1], &captions[..1]),
+        "contrastive pretraining needs at least 2 image-caption pairs, found 1"
+    );
+    captions[4].clear();
+    assert_eq!(err(&images, &captions), "caption 4 has no ids");
+}
+
+#[test]
+fn padded_captions_point_at_their_last_id() {
+    let (ids, last) = deem::clip::pad_captions(&[&[5, 6, 2], &[7, 2]], 0);
+    assert_eq!(ids, Tensor::from_slice(&[5i64, 6, 2, 7, 2, 0]).view([2, 3]));
+    assert_eq!(last, Tensor::from_slice(&[2i64, 1]));
+}
+
+#[test]
+fn decoder_pretraining_learns_to_reconstruct_and_scales_its_latents_as_sd() {
+    let cfg = tiny(Stage::I);
+    let (images, captions) = colour_pairs(&cfg);
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let clip = deem::clip::Clip::new(&vs.root(), &cfg, 2).unwrap();
+    let o = deem::sd::DecoderOptions {
+        vae_steps: 60,
+        unet_steps: 10,
+        warmup_steps: 2,
+        batch_size: 10,
+        ..Default::default()
+    };
+    let empty = vec![cfg.llm.eos_token_id];
+    let mut vae = Vec::new();
+    let mut unet = Vec::new();
+    let weights = deem::sd::pretrain(&cfg, &clip, &images, &captions, &empty, &o, |r| {
+        match r.part {
+            "vae" => vae.push(r.loss),
+            _ => unet.push(r.loss),
+        }
+    })
+    .unwrap();
+    assert_eq!((vae.len(), unet.len()), (60, 10));
+    assert!(
+        vae[55..].iter().sum::<f64>() < 0.5 * vae[..5].iter().sum::<f64>(),
+        "{vae:?}"
+    );
+    assert!(unet.iter().all(|l| l.is_finite()));
+    // The weights are the DEEM model's UNet and VAE, name for name and shape for shape.
+    let t = Trainer::new(&cfg, Device::Cpu).unwrap();
+    let model: BTreeMap<String, Tensor> =
+        t.vs.variables()
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("unet.") || n.starts_with("vae."))
+            .collect();
+    assert_eq!(weights.len(), model.len());
+    for (name, w) in &weights {
+        assert_eq!(model[name].size(), w.size(), "{name}");
+    }
+    // Loaded into DEEM, the scaled latents of the data have unit variance (SD's scaling-factor rule).
+    tch::no_grad(|| {
+        for (name, w) in &weights {
+            model[name].shallow_clone().copy_(w);
+        }
+    });
+    let lat = t.model.diffusion.latents(&Tensor::stack(&images, 0));
+    let std = lat.std(true).double_value(&[]);
+    assert!((std - 1.0).abs() < 1e-3, "{std}");
+}
+
+#[test]
+fn decoder_pretraining_rejects_unusable_pairs() {
+    let cfg = tiny(Stage::I);
+    let (images, captions) = colour_pairs(&cfg);
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let clip = deem::clip::Clip::new(&vs.root(), &cfg, 2).unwrap();
+    let o = deem::sd::DecoderOptions::default();
+    let run = |c: &[Vec<i64>], empty: &[i64]| {
+        deem::sd::pretrain(&cfg, &clip, &images, c, empty, &o, |_| {}).unwrap_err()
+    };
+    assert_eq!(
+        run(&captions[..2], &[2]),
+        "expected as many captions as images (at least one), found 10 images and 2 captions"
+    );
+    assert_eq!(
+        run(&captions, &[]),
+        "every caption, the empty one too, needs at least its EOS id"
+    );
 }

@@ -75,6 +75,10 @@ pub enum Command {
     /// The synthetic world and dataset files.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Pretraining of components that have no checkpoint to load; `encoder`: the vision encoder,
+    /// contrastively on image-caption pairs (a tiny open_clip).
+    #[command(subcommand)]
+    Pretrain(PretrainCommand),
     /// Experiments; `csr`: stages I + II with λ_CSR = 5 and 0 per seed, evaluated on
     /// Synthetic-RobustVQA and Synthetic-POPE (mean ± std).
     #[command(subcommand)]
@@ -134,6 +138,61 @@ pub enum ExperimentCommand {
         stage1_steps: u64,
         #[arg(long, default_value_t = 600)]
         stage2_steps: u64,
+        /// Pretrained components for stage I (repeatable; see `deem train --pretrained`).
+        #[arg(long = "pretrained", value_name = "FILE")]
+        pretrained: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PretrainCommand {
+    /// Train the vision encoder against a small text tower on `DATA/pairs.jsonl` (symmetric InfoNCE);
+    /// write `OUT/encoder.safetensors` (open_clip names, for `deem train --pretrained`),
+    /// `OUT/clip.safetensors` (both towers, for `deem pretrain decoder`) and `OUT/encoder.jsonl`.
+    Encoder {
+        #[arg(long, default_value = "data/synth")]
+        data: PathBuf,
+        #[arg(long, default_value = "runs/pretrained")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1500)]
+        steps: u64,
+        /// Image-caption pairs per step.
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 2e-3)]
+        lr: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Hide the progress bar.
+        #[arg(long)]
+        quiet: bool,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Train the VAE, then the UNet (conditioned on the text tower of `--clip`, the
+    /// `clip.safetensors` that `deem pretrain encoder` writes) on `DATA/pairs.jsonl`; write
+    /// `OUT/decoder.safetensors` (diffusers names, for `deem train --pretrained`) and `OUT/decoder.jsonl`.
+    Decoder {
+        #[arg(long, default_value = "data/synth")]
+        data: PathBuf,
+        #[arg(long, default_value = "runs/pretrained/clip.safetensors")]
+        clip: PathBuf,
+        #[arg(long, default_value = "runs/pretrained")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 400)]
+        vae_steps: u64,
+        #[arg(long, default_value_t = 1500)]
+        unet_steps: u64,
+        /// Images per step.
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Hide the progress bar.
+        #[arg(long)]
+        quiet: bool,
+        #[command(flatten)]
+        config: ConfigArgs,
     },
 }
 
@@ -154,6 +213,9 @@ pub enum DataCommand {
         documents: usize,
         #[arg(long, default_value_t = 2000)]
         instructions: usize,
+        /// Most questions per instruction conversation (each has 1 to this many turns).
+        #[arg(long, default_value_t = 6)]
+        max_turns: usize,
         #[arg(long, default_value_t = 200)]
         regions: usize,
         #[arg(long, default_value_t = 100)]
@@ -277,6 +339,10 @@ pub struct TrainArgs {
     /// Start from a previous stage's model (run directory or model.safetensors).
     #[arg(long)]
     pub init_from: Option<PathBuf>,
+    /// Load pretrained components over the initialisation (repeatable): a safetensors file whose
+    /// tensors all name parameters of the model, e.g. `deem pretrain encoder`'s `encoder.safetensors`.
+    #[arg(long = "pretrained", value_name = "FILE")]
+    pub pretrained: Vec<PathBuf>,
     #[command(flatten)]
     pub config: ConfigArgs,
 }
@@ -524,6 +590,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 resume: args.resume,
                 data: args.data,
                 init_from: args.init_from,
+                pretrained: args.pretrained,
             };
             let metrics = crate::metrics::Metrics::new();
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -645,6 +712,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             stage2_config,
             stage1_steps,
             stage2_steps,
+            pretrained,
         }) => {
             let load = |p: PathBuf| {
                 ConfigArgs {
@@ -665,6 +733,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 stage1_steps,
                 stage2_steps,
                 weights: vec![5.0, 0.0],
+                pretrained,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -706,6 +775,68 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             };
             crate::report::write(&out, &runs, &eval, &notes)?;
             println!("wrote {}/report.md, report.json, losses.png", out.display());
+        }
+        Command::Pretrain(PretrainCommand::Encoder {
+            data,
+            out,
+            steps,
+            batch_size,
+            lr,
+            seed,
+            quiet,
+            config,
+        }) => {
+            let cfg = config.load()?;
+            let o = deem::clip::ClipOptions {
+                seed,
+                steps,
+                batch_size,
+                lr,
+                ..Default::default()
+            };
+            let metrics = crate::metrics::Metrics::new();
+            let r = crate::pretrain_cmd::encoder(&cfg.config, &data, &out, &o, !quiet, &metrics)?;
+            println!(
+                "pretrained the encoder {} steps: contrastive loss {:.4}, in-batch accuracy {:.2}; wrote {}",
+                steps,
+                r.loss,
+                r.accuracy,
+                out.join("encoder.safetensors").display()
+            );
+        }
+        Command::Pretrain(PretrainCommand::Decoder {
+            data,
+            clip,
+            out,
+            vae_steps,
+            unet_steps,
+            batch_size,
+            seed,
+            quiet,
+            config,
+        }) => {
+            let cfg = config.load()?;
+            let o = deem::sd::DecoderOptions {
+                seed,
+                vae_steps,
+                unet_steps,
+                batch_size,
+                ..Default::default()
+            };
+            let metrics = crate::metrics::Metrics::new();
+            let (vae, unet) = crate::pretrain_cmd::decoder(
+                &cfg.config,
+                &data,
+                &clip,
+                &out,
+                &o,
+                !quiet,
+                &metrics,
+            )?;
+            println!(
+                "pretrained the decoder: VAE reconstruction loss {vae:.4}, UNet diffusion loss {unet:.4}; wrote {}",
+                out.join("decoder.safetensors").display()
+            );
         }
         Command::Data(d) => {
             let metrics = crate::metrics::Metrics::new();

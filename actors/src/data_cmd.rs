@@ -124,6 +124,7 @@ pub fn run(cmd: DataCommand, metrics: &Metrics) -> anyhow::Result<String> {
             pairs,
             documents,
             instructions,
+            max_turns,
             regions,
             eval_per_split,
         } => {
@@ -136,6 +137,7 @@ pub fn run(cmd: DataCommand, metrics: &Metrics) -> anyhow::Result<String> {
                 pairs,
                 documents,
                 instructions,
+                max_turns,
                 regions,
                 eval_per_split,
             };

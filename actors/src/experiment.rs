@@ -26,6 +26,8 @@ pub struct Experiment {
     pub stage1_steps: u64,
     pub stage2_steps: u64,
     pub weights: Vec<f64>,
+    /// Pretrained components every stage I run starts from (`deem train --pretrained`).
+    pub pretrained: Vec<PathBuf>,
 }
 
 fn with(cfg: &LoadedConfig, seed: u64, csr: f64) -> LoadedConfig {
@@ -42,6 +44,7 @@ fn train(
     steps: u64,
     data: &Path,
     init: Option<&Path>,
+    pretrained: &[PathBuf],
     rt: &tokio::runtime::Runtime,
 ) -> anyhow::Result<()> {
     let job = TrainJob {
@@ -52,6 +55,7 @@ fn train(
         resume: false,
         data: Some(data.to_path_buf()),
         init_from: init.map(Path::to_path_buf),
+        pretrained: pretrained.to_vec(),
     };
     crate::train_cmd::run(&job, cfg, &Metrics::new(), rt).map(|_| ())
 }
@@ -91,6 +95,7 @@ pub fn run(e: &Experiment, rt: &tokio::runtime::Runtime) -> anyhow::Result<Strin
                 e.stage1_steps,
                 &e.data,
                 None,
+                &e.pretrained,
                 rt,
             )?;
             train(
@@ -100,6 +105,7 @@ pub fn run(e: &Experiment, rt: &tokio::runtime::Runtime) -> anyhow::Result<Strin
                 e.stage2_steps,
                 &e.data,
                 Some(&d1),
+                &[],
                 rt,
             )?;
             let c2: DeemConfig = with(&e.stage2, seed, w).config;

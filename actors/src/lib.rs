@@ -11,6 +11,7 @@ pub mod forward;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;
+pub mod pretrain_cmd;
 pub mod report;
 pub mod serve;
 pub mod settings;

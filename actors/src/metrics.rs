@@ -30,7 +30,7 @@ pub struct HttpLabels {
 /// Labels of `deem_train_loss`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LossLabels {
-    /// `total`, `ntp`, `nip` or `csr`.
+    /// `total`, `ntp`, `nip` or `csr`; `contrastive`, `vae` or `unet` while `deem pretrain` runs.
     pub part: String,
 }
 

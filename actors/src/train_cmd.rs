@@ -41,6 +41,9 @@ pub struct TrainJob {
     pub data: Option<PathBuf>,
     /// Start from this model (a previous stage's run directory or `model.safetensors`).
     pub init_from: Option<PathBuf>,
+    /// Pretrained components loaded over the initialisation, in order (each file's tensors must all
+    /// name parameters of the model, with their shapes).
+    pub pretrained: Vec<PathBuf>,
 }
 
 /// Largest share of bad records a training dataset may have.
@@ -157,6 +160,43 @@ fn read_weights(
         }
     }
     Ok(out)
+}
+
+/// Replaces the tensors of `w` that `file` holds; every tensor of the file must name one of `w` with
+/// the same shape. Returns how many it replaced.
+pub fn overlay(
+    w: &mut std::collections::BTreeMap<String, tch::Tensor>,
+    file: &std::path::Path,
+) -> anyhow::Result<usize> {
+    let ck = deem::checkpoint::Checkpoint::open(file)
+        .with_context(|| format!("--pretrained {}", file.display()))?;
+    let names: Vec<String> = ck.names().map(String::from).collect();
+    if names.is_empty() {
+        bail!("--pretrained {}: the file holds no tensors", file.display());
+    }
+    // Every tensor is checked before any is replaced: a bad file leaves `w` as it was.
+    let mut loaded = Vec::with_capacity(names.len());
+    for name in &names {
+        let Some(t) = ck.tensor(name)? else { continue };
+        let Some(dst) = w.get(name) else {
+            bail!(
+                "--pretrained {}: `{name}` is not a parameter of the model (is the file for another configuration?)",
+                file.display()
+            );
+        };
+        if t.size() != dst.size() {
+            bail!(
+                "--pretrained {}: `{name}` is {:?}, the model expects {:?}",
+                file.display(),
+                t.size(),
+                dst.size()
+            );
+        }
+        loaded.push((name.clone(), t));
+    }
+    let n = loaded.len();
+    w.extend(loaded);
+    Ok(n)
 }
 
 enum Engine<'rt> {
@@ -363,6 +403,15 @@ pub fn run(
             checkpoint::checkpoints_dir(&job.run_dir).display()
         );
     } else {
+        if !job.pretrained.is_empty() {
+            let mut w: std::collections::BTreeMap<String, tch::Tensor> =
+                engine.weights()?.into_iter().collect();
+            for file in &job.pretrained {
+                let n = overlay(&mut w, file)?;
+                tracing::info!(tensors = n, "loaded pretrained {}", file.display());
+            }
+            engine.init_from(&w)?;
+        }
         if let Some(from) = &job.init_from {
             engine.init_from(&read_weights(from)?)?;
             tracing::info!("initialised from {}", from.display());

@@ -1,0 +1,221 @@
+//! `deem pretrain encoder`: contrastive image-caption pretraining of the vision encoder (see
+//! `deem::clip`), and `deem pretrain decoder`: text-to-image pretraining of the VAE and UNet (see
+//! `deem::sd`), for configurations with no pretrained open_clip / Stable Diffusion checkpoints to start
+//! from. Both write into one folder: the encoder run `encoder.safetensors` (the image tower under
+//! open_clip's names, for `deem train --pretrained`), `clip.safetensors` (both towers, for the decoder
+//! run) and `encoder.jsonl`; the decoder run `decoder.safetensors` (`vae.*`, `unet.*` under diffusers'
+//! names) and `decoder.jsonl` (one line per step).
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::Context;
+use deem::clip::{ClipOptions, ClipReport};
+use deem::config::DeemConfig;
+use deem::sd::DecoderOptions;
+use deem::tokenizer::DeemTokenizer;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::data_cmd::{read_checked, Format};
+use crate::metrics::Metrics;
+use crate::train_cmd::MAX_BAD_RATIO;
+
+/// The image-caption pairs of `data/pairs.jsonl`: pixels [3, S, S] in [0, 1] at `size` and caption
+/// ids (`" {caption}"` + EOS).
+fn pairs(
+    cfg: &DeemConfig,
+    data: &Path,
+    size: i64,
+    metrics: &Metrics,
+) -> anyhow::Result<(Vec<tch::Tensor>, Vec<Vec<i64>>, DeemTokenizer)> {
+    let file = data.join("pairs.jsonl");
+    if !file.exists() {
+        anyhow::bail!(
+            "{}: missing; pretraining needs the image-caption pairs `deem data synth` writes",
+            file.display()
+        );
+    }
+    let (pairs, _) = read_checked(
+        &file,
+        Format::Pairs,
+        MAX_BAD_RATIO,
+        metrics,
+        deem::datasets::read_pairs_jsonl,
+    )?;
+    let tok = crate::serve::load_tokenizer(None, Some(data), cfg)?;
+    let mut images = Vec::with_capacity(pairs.len());
+    let mut captions = Vec::with_capacity(pairs.len());
+    for p in &pairs {
+        images.push(deem::vision::unit_pixels(&p.image, size as u32));
+        captions.push(caption_ids(cfg, &tok, &p.caption)?);
+    }
+    Ok((images, captions, tok))
+}
+
+fn caption_ids(cfg: &DeemConfig, tok: &DeemTokenizer, caption: &str) -> anyhow::Result<Vec<i64>> {
+    let text = if caption.is_empty() {
+        String::new()
+    } else {
+        format!(" {caption}")
+    };
+    let mut ids: Vec<i64> = tok
+        .encode(&text, false)?
+        .into_iter()
+        .map(i64::from)
+        .collect();
+    ids.push(cfg.llm.eos_token_id);
+    Ok(ids)
+}
+
+/// A progress bar (hidden unless `progress`) and `out/{what}.jsonl`, opened for writing.
+fn progress_and_log(
+    out: &Path,
+    steps: u64,
+    what: &str,
+    progress: bool,
+) -> anyhow::Result<(
+    ProgressBar,
+    std::io::BufWriter<std::fs::File>,
+    std::path::PathBuf,
+)> {
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("{}: cannot create the output directory", out.display()))?;
+    let log_path = out.join(format!("{what}.jsonl"));
+    let log = std::io::BufWriter::new(
+        std::fs::File::create(&log_path)
+            .with_context(|| format!("{}: cannot create", log_path.display()))?,
+    );
+    let bar = if progress {
+        ProgressBar::new(steps)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {what} step {{pos}}/{{len}} [{{bar:30}}] {{msg}} ({{eta}})"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    Ok((bar, log, log_path))
+}
+
+/// Contrastive encoder pretraining on `data/pairs.jsonl`; returns the last step's report.
+pub fn encoder(
+    cfg: &DeemConfig,
+    data: &Path,
+    out: &Path,
+    o: &ClipOptions,
+    progress: bool,
+    metrics: &Metrics,
+) -> anyhow::Result<ClipReport> {
+    let (images, captions, _) = pairs(cfg, data, cfg.vision.image_size, metrics)?;
+    let (bar, mut log, log_path) = progress_and_log(out, o.steps, "encoder", progress)?;
+    tracing::info!(
+        pairs = images.len(),
+        steps = o.steps,
+        batch = o.batch_size,
+        "contrastive encoder pretraining"
+    );
+    let mut last = None;
+    let mut write_err = None;
+    let weights = deem::clip::pretrain(cfg, &images, &captions, o, |r| {
+        metrics
+            .train_loss
+            .get_or_create(&crate::metrics::LossLabels {
+                part: "contrastive".into(),
+            })
+            .set(r.loss);
+        if let Err(e) = writeln!(
+            log,
+            "{}",
+            serde_json::json!({"step": r.step, "loss": r.loss, "accuracy": r.accuracy})
+        ) {
+            write_err.get_or_insert(e);
+        }
+        bar.set_message(format!("loss {:.3} acc {:.2}", r.loss, r.accuracy));
+        bar.inc(1);
+        last = Some(*r);
+    })
+    .map_err(anyhow::Error::msg)?;
+    bar.finish_and_clear();
+    if let Some(e) = write_err {
+        return Err(e).with_context(|| format!("{}: cannot write", log_path.display()));
+    }
+    log.flush()?;
+    let tower: Vec<(String, tch::Tensor)> = weights
+        .iter()
+        .filter(|(n, _)| deem::clip::is_image_tower(n))
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    deem::checkpoint::save(&out.join("encoder.safetensors"), &tower)?;
+    deem::checkpoint::save(&out.join("clip.safetensors"), &weights)?;
+    last.ok_or_else(|| anyhow::anyhow!("--steps: expected at least 1 step"))
+}
+
+/// Text-to-image decoder pretraining on `data/pairs.jsonl`, conditioned on the text tower of the CLIP
+/// in `clip_file` (`deem pretrain encoder`'s `clip.safetensors`); returns the last VAE and UNet losses.
+pub fn decoder(
+    cfg: &DeemConfig,
+    data: &Path,
+    clip_file: &Path,
+    out: &Path,
+    o: &DecoderOptions,
+    progress: bool,
+    metrics: &Metrics,
+) -> anyhow::Result<(f64, f64)> {
+    let ck = deem::checkpoint::Checkpoint::open(clip_file)
+        .with_context(|| format!("--clip {}", clip_file.display()))?;
+    let mut w = std::collections::BTreeMap::new();
+    for name in ck.names().map(String::from).collect::<Vec<_>>() {
+        if let Some(t) = ck.tensor(&name)? {
+            w.insert(name, t);
+        }
+    }
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let clip = deem::clip::load(&vs, cfg, deem::clip::ClipOptions::default().text_layers, &w)
+        .map_err(|e| anyhow::anyhow!("--clip {}: {e}", clip_file.display()))?;
+    let (images, captions, tok) = pairs(cfg, data, cfg.diffusion.image_size, metrics)?;
+    let empty = caption_ids(cfg, &tok, "")?;
+    let (bar, mut log, log_path) =
+        progress_and_log(out, o.vae_steps + o.unet_steps, "decoder", progress)?;
+    tracing::info!(
+        pairs = images.len(),
+        vae_steps = o.vae_steps,
+        unet_steps = o.unet_steps,
+        batch = o.batch_size,
+        "text-to-image decoder pretraining"
+    );
+    let mut last = (f64::NAN, f64::NAN);
+    let mut write_err = None;
+    let weights = deem::sd::pretrain(cfg, &clip, &images, &captions, &empty, o, |r| {
+        metrics
+            .train_loss
+            .get_or_create(&crate::metrics::LossLabels {
+                part: r.part.into(),
+            })
+            .set(r.loss);
+        if let Err(e) = writeln!(
+            log,
+            "{}",
+            serde_json::json!({"part": r.part, "step": r.step, "loss": r.loss})
+        ) {
+            write_err.get_or_insert(e);
+        }
+        bar.set_message(format!("{} loss {:.4}", r.part, r.loss));
+        bar.inc(1);
+        if r.part == "vae" {
+            last.0 = r.loss;
+        } else {
+            last.1 = r.loss;
+        }
+    })
+    .map_err(anyhow::Error::msg)?;
+    bar.finish_and_clear();
+    if let Some(e) = write_err {
+        return Err(e).with_context(|| format!("{}: cannot write", log_path.display()));
+    }
+    log.flush()?;
+    deem::checkpoint::save(&out.join("decoder.safetensors"), &weights)?;
+    Ok(last)
+}
