@@ -243,12 +243,7 @@ pub fn pretrain(
             accuracy,
         });
     }
-    // In name order (the variable store's own order is a hash map's).
-    let sorted: std::collections::BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
-    Ok(sorted
-        .into_iter()
-        .map(|(n, t)| (n, t.detach().copy()))
-        .collect())
+    Ok(crate::train::cpu_weights(&vs))
 }
 
 /// Whether a CLIP weight belongs to the image tower DEEM keeps (open_clip's `visual.trunk.…`,

@@ -278,10 +278,12 @@ pub fn moment_keys(name: &str) -> (String, String) {
     )
 }
 
-/// The variables of `vs` on the CPU under their names, detached (for writing out; on the CPU they share
+/// The variables of `vs` on the CPU under their names, in name order, detached (for writing out; on the CPU they share
 /// storage with the live parameters).
 pub fn cpu_weights(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
-    vs.variables()
+    // In name order (the variable store's own order is a hash map's).
+    let sorted: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    sorted
         .into_iter()
         .map(|(k, v)| (k, v.detach().to_device(tch::Device::Cpu)))
         .collect()

@@ -67,37 +67,72 @@ fn caption_ids(cfg: &DeemConfig, tok: &DeemTokenizer, caption: &str) -> anyhow::
     Ok(ids)
 }
 
-/// A progress bar (hidden unless `progress`) and `out/{what}.jsonl`, opened for writing.
-fn progress_and_log(
-    out: &Path,
-    steps: u64,
-    what: &str,
-    progress: bool,
-) -> anyhow::Result<(
-    ProgressBar,
-    std::io::BufWriter<std::fs::File>,
-    std::path::PathBuf,
-)> {
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("{}: cannot create the output directory", out.display()))?;
-    let log_path = out.join(format!("{what}.jsonl"));
-    let log = std::io::BufWriter::new(
-        std::fs::File::create(&log_path)
-            .with_context(|| format!("{}: cannot create", log_path.display()))?,
-    );
-    let bar = if progress {
-        ProgressBar::new(steps)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template(&format!(
-            "{{spinner}} {what} step {{pos}}/{{len}} [{{bar:30}}] {{msg}} ({{eta}})"
-        ))
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    Ok((bar, log, log_path))
+/// Per-step output of a pretraining run: a progress bar (hidden unless `progress`), one JSON line per
+/// step in `out/{what}.jsonl`, and the step's loss in `deem_train_loss{part}`.
+struct StepLog<'m> {
+    bar: ProgressBar,
+    log: std::io::BufWriter<std::fs::File>,
+    path: std::path::PathBuf,
+    err: Option<std::io::Error>,
+    metrics: &'m Metrics,
+}
+
+impl<'m> StepLog<'m> {
+    fn open(
+        out: &Path,
+        steps: u64,
+        what: &str,
+        progress: bool,
+        metrics: &'m Metrics,
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(out)
+            .with_context(|| format!("{}: cannot create the output directory", out.display()))?;
+        let path = out.join(format!("{what}.jsonl"));
+        let log = std::io::BufWriter::new(
+            std::fs::File::create(&path)
+                .with_context(|| format!("{}: cannot create", path.display()))?,
+        );
+        let bar = if progress {
+            ProgressBar::new(steps)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template(&format!(
+                "{{spinner}} {what} step {{pos}}/{{len}} [{{bar:30}}] {{msg}} ({{eta}})"
+            ))
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        Ok(StepLog {
+            bar,
+            log,
+            path,
+            err: None,
+            metrics,
+        })
+    }
+
+    fn record(&mut self, part: &str, loss: f64, line: serde_json::Value, message: String) {
+        self.metrics
+            .train_loss
+            .get_or_create(&crate::metrics::LossLabels { part: part.into() })
+            .set(loss);
+        if let Err(e) = writeln!(self.log, "{line}") {
+            self.err.get_or_insert(e);
+        }
+        self.bar.set_message(message);
+        self.bar.inc(1);
+    }
+
+    fn finish(mut self) -> anyhow::Result<()> {
+        self.bar.finish_and_clear();
+        let written = match self.err.take() {
+            Some(e) => Err(e),
+            None => self.log.flush(),
+        };
+        written.with_context(|| format!("{}: cannot write", self.path.display()))
+    }
 }
 
 /// Contrastive encoder pretraining on `data/pairs.jsonl`; returns the last step's report.
@@ -110,7 +145,7 @@ pub fn encoder(
     metrics: &Metrics,
 ) -> anyhow::Result<ClipReport> {
     let (images, captions, _) = pairs(cfg, data, cfg.vision.image_size, metrics)?;
-    let (bar, mut log, log_path) = progress_and_log(out, o.steps, "encoder", progress)?;
+    let mut log = StepLog::open(out, o.steps, "encoder", progress, metrics)?;
     tracing::info!(
         pairs = images.len(),
         steps = o.steps,
@@ -118,31 +153,17 @@ pub fn encoder(
         "contrastive encoder pretraining"
     );
     let mut last = None;
-    let mut write_err = None;
     let weights = deem::clip::pretrain(cfg, &images, &captions, o, |r| {
-        metrics
-            .train_loss
-            .get_or_create(&crate::metrics::LossLabels {
-                part: "contrastive".into(),
-            })
-            .set(r.loss);
-        if let Err(e) = writeln!(
-            log,
-            "{}",
-            serde_json::json!({"step": r.step, "loss": r.loss, "accuracy": r.accuracy})
-        ) {
-            write_err.get_or_insert(e);
-        }
-        bar.set_message(format!("loss {:.3} acc {:.2}", r.loss, r.accuracy));
-        bar.inc(1);
+        log.record(
+            "contrastive",
+            r.loss,
+            serde_json::json!({"step": r.step, "loss": r.loss, "accuracy": r.accuracy}),
+            format!("loss {:.3} acc {:.2}", r.loss, r.accuracy),
+        );
         last = Some(*r);
     })
     .map_err(anyhow::Error::msg)?;
-    bar.finish_and_clear();
-    if let Some(e) = write_err {
-        return Err(e).with_context(|| format!("{}: cannot write", log_path.display()));
-    }
-    log.flush()?;
+    log.finish()?;
     let tower: Vec<(String, tch::Tensor)> = weights
         .iter()
         .filter(|(n, _)| deem::clip::is_image_tower(n))
@@ -177,8 +198,13 @@ pub fn decoder(
         .map_err(|e| anyhow::anyhow!("--clip {}: {e}", clip_file.display()))?;
     let (images, captions, tok) = pairs(cfg, data, cfg.diffusion.image_size, metrics)?;
     let empty = caption_ids(cfg, &tok, "")?;
-    let (bar, mut log, log_path) =
-        progress_and_log(out, o.vae_steps + o.unet_steps, "decoder", progress)?;
+    let mut log = StepLog::open(
+        out,
+        o.vae_steps + o.unet_steps,
+        "decoder",
+        progress,
+        metrics,
+    )?;
     tracing::info!(
         pairs = images.len(),
         vae_steps = o.vae_steps,
@@ -187,23 +213,13 @@ pub fn decoder(
         "text-to-image decoder pretraining"
     );
     let mut last = (f64::NAN, f64::NAN);
-    let mut write_err = None;
     let weights = deem::sd::pretrain(cfg, &clip, &images, &captions, &empty, o, |r| {
-        metrics
-            .train_loss
-            .get_or_create(&crate::metrics::LossLabels {
-                part: r.part.into(),
-            })
-            .set(r.loss);
-        if let Err(e) = writeln!(
-            log,
-            "{}",
-            serde_json::json!({"part": r.part, "step": r.step, "loss": r.loss})
-        ) {
-            write_err.get_or_insert(e);
-        }
-        bar.set_message(format!("{} loss {:.4}", r.part, r.loss));
-        bar.inc(1);
+        log.record(
+            r.part,
+            r.loss,
+            serde_json::json!({"part": r.part, "step": r.step, "loss": r.loss}),
+            format!("{} loss {:.4}", r.part, r.loss),
+        );
         if r.part == "vae" {
             last.0 = r.loss;
         } else {
@@ -211,11 +227,7 @@ pub fn decoder(
         }
     })
     .map_err(anyhow::Error::msg)?;
-    bar.finish_and_clear();
-    if let Some(e) = write_err {
-        return Err(e).with_context(|| format!("{}: cannot write", log_path.display()));
-    }
-    log.flush()?;
+    log.finish()?;
     deem::checkpoint::save(&out.join("decoder.safetensors"), &weights)?;
     Ok(last)
 }
