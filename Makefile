@@ -46,7 +46,7 @@ experiment: build
 	@test -f $(DATA)/SYNTH.json || ./target/release/deem data synth --out $(DATA) --seed 0
 	@test -f $(DATA)/robustvqa.json || ./target/release/deem data robustvqa --data $(DATA)
 	@test -f $(DATA)/pope/pope_random.jsonl || ./target/release/deem data pope --instances $(DATA)/eval/id/instances.json --out $(DATA)/pope
-	./target/release/deem experiment csr --data $(DATA) --seeds 3 $(PRETRAINED_FLAGS)
+	./target/release/deem experiment csr --data $(DATA) --seeds 3 --stage1-steps 100 --stage2-steps 400 $(PRETRAINED_FLAGS)
 
 test:
 	@bash scripts/setup.sh --test
