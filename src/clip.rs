@@ -6,8 +6,9 @@
 //! its visual tokens tells the main object's shape apart barely above chance. This module trains the
 //! image tower (`visual.trunk.*`, `visual.head.proj`) against a small causal text tower (LLaMA
 //! layers, pooled at the caption's EOS, as CLIP's text transformer pools at its EOT token) with the
-//! symmetric InfoNCE loss and a learned temperature. Only the image tower is kept: its weights carry
-//! open_clip's names, so `deem train --pretrained` loads them as it would a real open_clip file.
+//! symmetric InfoNCE loss and a learned temperature. DEEM keeps the image tower ([`is_image_tower`]):
+//! its weights carry open_clip's names, so `deem train --pretrained` loads them as it would a real
+//! open_clip file; the text tower conditions the diffusion decoder's pretraining (`crate::sd`).
 
 use tch::nn::OptimizerConfig;
 use tch::{nn, Kind, Tensor};
@@ -46,8 +47,8 @@ impl Default for ClipOptions {
     }
 }
 
-/// A causal text tower: LLaMA layers at the LLM's width, the final norm, the hidden state at each
-/// caption's last id (its EOS), and a bias-free projection to the joint embedding.
+/// A causal text tower: LLaMA layers at the UNet's context width, the final norm, the hidden state at
+/// each caption's last id (its EOS), and a bias-free projection to the joint embedding.
 struct TextTower {
     layers: LlamaShard,
     proj: Tensor,
@@ -157,6 +158,17 @@ impl Clip {
     }
 }
 
+/// `items[i]` for each index of `picks`, stacked along a new first dimension.
+pub(crate) fn stack_picks(items: &[Tensor], picks: &[i64]) -> Tensor {
+    Tensor::stack(
+        &picks
+            .iter()
+            .map(|&i| &items[i as usize])
+            .collect::<Vec<_>>(),
+        0,
+    )
+}
+
 fn normalise(x: &Tensor) -> Tensor {
     x / x
         .norm_scalaropt_dim(2.0, &[-1i64][..], true)
@@ -218,13 +230,7 @@ pub fn pretrain(
     let b = o.batch_size.clamp(2, images.len());
     for step in 0..o.steps {
         let picks = Stream::new(o.seed, step, 1, Purpose::Data).below(b, images.len() as u64);
-        let pixels = Tensor::stack(
-            &picks
-                .iter()
-                .map(|&i| &images[i as usize])
-                .collect::<Vec<_>>(),
-            0,
-        );
+        let pixels = stack_picks(images, &picks);
         let caps: Vec<&[i64]> = picks
             .iter()
             .map(|&i| captions[i as usize].as_slice())
@@ -252,13 +258,24 @@ pub fn is_image_tower(name: &str) -> bool {
     name.starts_with("visual.trunk.") || name.starts_with("visual.head.")
 }
 
-/// A CLIP built for `cfg` with the weights `pretrain` returned (every variable must be there).
+/// A CLIP built for `cfg` with the weights `pretrain` returned (every variable must be there); its text
+/// tower has as many layers as the weights do.
 pub fn load(
     vs: &nn::VarStore,
     cfg: &DeemConfig,
-    text_layers: i64,
     weights: &std::collections::BTreeMap<String, Tensor>,
 ) -> Result<Clip, String> {
+    let text_layers = weights
+        .keys()
+        .filter_map(|k| {
+            k.strip_prefix("text.model.layers.")?
+                .split('.')
+                .next()?
+                .parse::<i64>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |last| last + 1);
     let clip = Clip::new(&vs.root(), cfg, text_layers)?;
     tch::no_grad(|| {
         for (name, mut var) in vs.variables() {

@@ -17,7 +17,7 @@
 use tch::nn::OptimizerConfig;
 use tch::{nn, Kind, Tensor};
 
-use crate::clip::{pad_captions, Clip};
+use crate::clip::{pad_captions, stack_picks, Clip};
 use crate::config::DeemConfig;
 use crate::diffusion::{AutoencoderKL, Ddpm, UNet2DCondition};
 use crate::model::resize;
@@ -63,14 +63,9 @@ pub struct DecoderReport {
     pub loss: f64,
 }
 
-fn pick(images: &[Tensor], picks: &[i64]) -> Tensor {
-    Tensor::stack(
-        &picks
-            .iter()
-            .map(|&i| &images[i as usize])
-            .collect::<Vec<_>>(),
-        0,
-    )
+/// The VAE's input: `images` at `picks`, at `size` px, in [−1, 1].
+fn vae_input(images: &[Tensor], picks: &[i64], size: i64) -> Tensor {
+    resize(&stack_picks(images, picks), size) * 2.0 - 1.0
 }
 
 /// Pretrains the VAE, then the UNet on `images` ([3, S, S] in [0, 1]) captioned by `captions`
@@ -114,7 +109,7 @@ pub fn pretrain(
         .map_err(|e| e.to_string())?;
     for step in 0..o.vae_steps {
         let picks = Stream::new(o.seed, step, 2, Purpose::Data).below(b, n);
-        let x = resize(&pick(images, &picks), size) * 2.0 - 1.0;
+        let x = vae_input(images, &picks, size);
         let (mean, logvar) = vae.encode(&x);
         let eps = Stream::new(o.seed, step, 2, Purpose::NipNoise)
             .normal(&mean.size())
@@ -141,8 +136,11 @@ pub fn pretrain(
     // encoder's mean channels are scaled by c and the decoder's first 1×1 convolution by 1/c.
     tch::no_grad(|| -> Result<(), String> {
         let probe: Vec<i64> = (0..n.min(256) as i64).collect();
-        let x = resize(&pick(images, &probe), size) * 2.0 - 1.0;
-        let std = vae.encode(&x).0.std(true).double_value(&[]);
+        let std = vae
+            .encode(&vae_input(images, &probe, size))
+            .0
+            .std(true)
+            .double_value(&[]);
         if !(std.is_finite() && std > 0.0) {
             return Err(format!("the VAE's latents have standard deviation {std}"));
         }
@@ -159,15 +157,23 @@ pub fn pretrain(
         Ok(())
     })?;
 
-    // 2. The UNet on the (now frozen) VAE's scaled latents.
+    // 2. The UNet on the (now frozen) VAE's scaled latents, encoded once (256 images at a time).
+    let all: Vec<i64> = (0..n as i64).collect();
+    let latents_all: Vec<Tensor> = tch::no_grad(|| {
+        all.chunks(256)
+            .flat_map(|c| {
+                (vae.encode(&vae_input(images, c, size)).0 * vae.scaling_factor).unbind(0)
+            })
+            .collect()
+    });
     let mut opt = nn::AdamW::default()
         .build(&vs, o.unet_lr)
         .map_err(|e| e.to_string())?;
     for step in 0..o.unet_steps {
         let picks = Stream::new(o.seed, step, 3, Purpose::Data).below(b, n);
         let drop = Stream::new(o.seed, step, 3, Purpose::NullCondition).bernoulli(b, o.uncond_prob);
-        let (latents, context) = tch::no_grad(|| {
-            let x = resize(&pick(images, &picks), size) * 2.0 - 1.0;
+        let latents = stack_picks(&latents_all, &picks);
+        let context = tch::no_grad(|| {
             let caps: Vec<&[i64]> = picks
                 .iter()
                 .zip(&drop)
@@ -179,11 +185,7 @@ pub fn pretrain(
                     }
                 })
                 .collect();
-            let (ids, _) = pad_captions(&caps, cfg.llm.pad_token_id);
-            (
-                vae.encode(&x).0 * vae.scaling_factor,
-                clip.text_states(&ids),
-            )
+            clip.text_states(&pad_captions(&caps, cfg.llm.pad_token_id).0)
         });
         let noise = Stream::new(o.seed, step, 3, Purpose::NipNoise).normal(&latents.size());
         let t = ints(

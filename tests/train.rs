@@ -428,7 +428,7 @@ fn contrastive_pretraining_aligns_images_with_their_captions() {
         .map(|(n, t)| (n.clone(), t.shallow_clone()))
         .collect();
     let vs2 = tch::nn::VarStore::new(Device::Cpu);
-    let clip = deem::clip::load(&vs2, &cfg, o.text_layers, &w).unwrap();
+    let clip = deem::clip::load(&vs2, &cfg, &w).unwrap();
     let caps: Vec<&[i64]> = captions.iter().map(Vec::as_slice).collect();
     let (ids, last) = deem::clip::pad_captions(&caps, cfg.llm.pad_token_id);
     let sim = tch::no_grad(|| {

@@ -185,16 +185,10 @@ pub fn decoder(
     progress: bool,
     metrics: &Metrics,
 ) -> anyhow::Result<(f64, f64)> {
-    let ck = deem::checkpoint::Checkpoint::open(clip_file)
+    let w = crate::train_cmd::read_weights(clip_file)
         .with_context(|| format!("--clip {}", clip_file.display()))?;
-    let mut w = std::collections::BTreeMap::new();
-    for name in ck.names().map(String::from).collect::<Vec<_>>() {
-        if let Some(t) = ck.tensor(&name)? {
-            w.insert(name, t);
-        }
-    }
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let clip = deem::clip::load(&vs, cfg, deem::clip::ClipOptions::default().text_layers, &w)
+    let clip = deem::clip::load(&vs, cfg, &w)
         .map_err(|e| anyhow::anyhow!("--clip {}: {e}", clip_file.display()))?;
     let (images, captions, tok) = pairs(cfg, data, cfg.diffusion.image_size, metrics)?;
     let empty = caption_ids(cfg, &tok, "")?;

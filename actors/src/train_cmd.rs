@@ -142,8 +142,8 @@ pub fn dataset_batches(
     Ok(m)
 }
 
-/// The weights of a model file or run directory, for `--init-from`.
-fn read_weights(
+/// The weights of a model file or run directory (`--init-from`, `deem pretrain decoder --clip`).
+pub fn read_weights(
     path: &std::path::Path,
 ) -> anyhow::Result<std::collections::BTreeMap<String, tch::Tensor>> {
     let file = if path.is_dir() {
@@ -151,8 +151,7 @@ fn read_weights(
     } else {
         path.to_path_buf()
     };
-    let ck = deem::checkpoint::Checkpoint::open(&file)
-        .with_context(|| format!("--init-from {}", path.display()))?;
+    let ck = deem::checkpoint::Checkpoint::open(&file)?;
     let mut out = std::collections::BTreeMap::new();
     for name in ck.names().map(String::from).collect::<Vec<_>>() {
         if let Some(t) = ck.tensor(&name)? {
@@ -413,7 +412,9 @@ pub fn run(
             engine.init_from(&w)?;
         }
         if let Some(from) = &job.init_from {
-            engine.init_from(&read_weights(from)?)?;
+            engine.init_from(
+                &read_weights(from).with_context(|| format!("--init-from {}", from.display()))?,
+            )?;
             tracing::info!("initialised from {}", from.display());
         }
         // A restart needs a checkpoint to return to, even before the first periodic one.
