@@ -534,6 +534,24 @@ pub struct KvPool {
     pub bytes_per_position: u64,
 }
 
+impl KvPool {
+    /// Copies the first `len` cached positions of slot `from` into slot `to` (every layer): a beam
+    /// hypothesis forking from its parent.
+    pub fn copy_slot(&mut self, from: i64, to: i64, len: i64) {
+        if from == to || len <= 0 {
+            return;
+        }
+        tch::no_grad(|| {
+            for (k, v) in &mut self.layers {
+                for t in [k, v] {
+                    let src = t.narrow(0, from, 1).narrow(2, 0, len);
+                    t.narrow(0, to, 1).narrow(2, 0, len).copy_(&src);
+                }
+            }
+        });
+    }
+}
+
 /// Embedding rows: the base vocabulary (HF `model.embed_tokens`) and DEEM's appended tokens.
 #[derive(Debug)]
 struct Embedding {

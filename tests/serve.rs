@@ -267,6 +267,10 @@ async fn invalid_requests_get_422_naming_the_field() {
             "n: only n = 1 is supported, found 2",
         ),
         (
+            json!({"messages": [{"role": "user", "content": "hi"}], "num_beams": 0}),
+            "num_beams: expected an integer in 1..=32 (serve.max_running: every beam holds a sequence slot), found 0",
+        ),
+        (
             json!({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999": 1}}),
             "logit_bias.99999: expected a token id in [0, 1030)",
         ),
@@ -760,7 +764,7 @@ async fn pope_evaluation_runs_through_the_generation_actors() {
     assert_eq!(split.name, "pope/adversarial");
     let tok = Arc::new(load_tokenizer(None, None, &c).unwrap());
     let results =
-        deem_actors::eval_cmd::run(&c, &topology(&c), &Weights::Init, tok, vec![split], 4, "")
+        deem_actors::eval_cmd::run(&c, &topology(&c), &Weights::Init, tok, vec![split], &deem_actors::eval_cmd::Decoding { max_tokens: 4, ..Default::default() })
             .await
             .unwrap();
     let r = &results[0];
@@ -779,4 +783,117 @@ async fn pope_evaluation_runs_through_the_generation_actors() {
         table.contains(&format!("| pope/adversarial | {} |", qs.len())),
         "{table}"
     );
+}
+
+/// Beam search by recomputing every hypothesis whole (no caches, no batching): the reference for the
+/// engine's forked caches. Returns the best hypothesis' text and whether it ended with EOS.
+fn reference_beam(
+    c: &DeemConfig,
+    shard: &deem::llama::LlamaShard,
+    tok: &deem::tokenizer::DeemTokenizer,
+    req: &deem_actors::serve::engine::Request,
+) -> (String, bool) {
+    use deem::sampling::{top_log_probs, BeamSearch};
+    let ids = deem::model::special_ids(c);
+    let eos = c.llm.eos_token_id;
+    let mut b = BeamSearch::new(req.num_beams, eos, req.max_tokens, 1.0);
+    while !b.is_done() {
+        let cands: Vec<Vec<(i64, f64)>> = b
+            .live()
+            .iter()
+            .map(|h| {
+                let seq: Vec<i64> = req.prompt.iter().chain(&h.tokens).copied().collect();
+                let logits = tch::no_grad(|| {
+                    shard.forward_ids(&tch::Tensor::from_slice(&seq).unsqueeze(0), 0, None)
+                });
+                let last: Vec<f64> = Vec::try_from(
+                    logits.get(0).get(seq.len() as i64 - 1).to_kind(tch::Kind::Double),
+                )
+                .unwrap();
+                let seen = if req.params.repetition_penalty != 1.0 { seq.clone() } else { vec![] };
+                top_log_probs(last, &req.params, &seen, &[ids.sniffer, ids.soi], b.candidates_needed())
+            })
+            .collect();
+        b.step(&cands);
+    }
+    let best = b.best().unwrap();
+    let text: Vec<u32> = best.tokens.iter().filter(|&&t| t != eos).map(|&t| t as u32).collect();
+    (tok.decode(&text, true).unwrap(), best.tokens.last() == Some(&eos))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beam_search_through_the_actors_equals_whole_sequence_beam_search() {
+    let mut c = cfg();
+    // 3 beams per request and 8 slots: the third request waits until a running one frees its slots.
+    c.serve.max_running = 8;
+    let tok = Arc::new(load_tokenizer(None, None, &c).unwrap());
+    let engine = Engine::start(&c, &topology(&c), &Weights::Init, tok.clone(), Metrics::new())
+        .await
+        .unwrap();
+    let eos = c.llm.eos_token_id;
+    let bodies: Vec<Value> = (0..4)
+        .map(|i| {
+            let mut b = json!({
+                "messages": [{"role": "user", "content": format!("describe shape number {i}")}],
+                "max_tokens": 6, "num_beams": 3, "temperature": 0.7,
+            });
+            match i {
+                // EOS made likely: some hypotheses finish early.
+                1 => b["logit_bias"] = json!({ eos.to_string(): 3.5 }),
+                2 => b["repetition_penalty"] = json!(1.3),
+                3 => b["num_beams"] = json!(2),
+                _ => {}
+            }
+            b
+        })
+        .collect();
+    let build = |b: &Value| {
+        let r = api::parse(b.to_string().as_bytes()).unwrap();
+        api::build(r, &c, &tok, "tiny").unwrap()
+    };
+    let rxs: Vec<_> = bodies.iter().map(|b| engine.submit(build(b)).ok().unwrap()).collect();
+    let mut together = Vec::new();
+    for rx in rxs {
+        together.push(collect(rx).await);
+    }
+    let mut alone = Vec::new();
+    for b in &bodies {
+        alone.push(collect(engine.submit(build(b)).ok().unwrap()).await);
+    }
+    // Every cache was freed, forks included.
+    let mut held = usize::MAX;
+    for _ in 0..50 {
+        held = engine.status().await.iter().map(|s| s.sequences).sum();
+        if held == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    engine.shutdown().await;
+    assert_eq!(held, 0, "beam caches left on the shards");
+
+    let weights = deem_actors::pipeline::driver::initial_weights(&c).unwrap();
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let shard = deem::llama::LlamaShard::new(
+        &vs.root(),
+        &deem::llama::LlamaConfig::from(&c.llm),
+        0..c.llm.num_hidden_layers,
+    )
+    .unwrap();
+    tch::no_grad(|| {
+        for (name, mut v) in vs.variables() {
+            v.copy_(&weights[&name]);
+        }
+    });
+    let mut ended = 0;
+    for (i, b) in bodies.iter().enumerate() {
+        let (text, eos_end) = reference_beam(&c, &shard, &tok, &build(b));
+        assert_eq!(together[i], alone[i], "request {i}: batched and alone differ");
+        assert_eq!(together[i].0, text, "request {i}: the engine's beam search differs from the reference");
+        assert_eq!(together[i].1, 0, "beam search draws no images");
+        assert_eq!(together[i].2, if eos_end { "stop" } else { "length" }, "request {i}");
+        ended += eos_end as usize;
+    }
+    assert!(ended >= 1, "no hypothesis ended with EOS: the EOS path went untested");
+    assert!(ended < bodies.len(), "every request ended with EOS: the length path went untested");
 }

@@ -103,9 +103,12 @@ pub struct EvalArgs {
     /// POPE JSON lines `{image, text, label}` (repeatable: one split per file).
     #[arg(long)]
     pub pope: Vec<PathBuf>,
-    /// Tokens per answer.
+    /// Tokens per answer (the reference evaluation: 10).
     #[arg(long, default_value_t = 10)]
     pub max_tokens: usize,
+    /// Beam width (the reference evaluation: 3); 1 = greedy.
+    #[arg(long, default_value_t = 3)]
+    pub num_beams: usize,
     /// Start every answer with this text (e.g. "The answer is", as the paper's evaluation does for
     /// models instruction-tuned that way).
     #[arg(long, default_value = "")]
@@ -691,8 +694,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 &weights,
                 std::sync::Arc::new(tok),
                 splits,
-                args.max_tokens,
-                &args.prime,
+                &crate::eval_cmd::Decoding {
+                    max_tokens: args.max_tokens,
+                    num_beams: args.num_beams,
+                    prime: args.prime.clone(),
+                },
             ))?;
             print!("{}", crate::eval_cmd::table(&results));
             if let Some(out) = &args.out {

@@ -1,5 +1,6 @@
-//! `deem eval`: RobustVQA and POPE through the generation actors (the serving engine: batched,
-//! greedy), answers parsed to yes/no, scored per split, printed as a table and written as JSON.
+//! `deem eval`: RobustVQA and POPE through the generation actors (the serving engine: batched, beam
+//! search or greedy), answers parsed to yes/no, scored per split, printed as a table and written as
+//! JSON.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -55,16 +56,36 @@ pub fn pope_split(file: &Path) -> anyhow::Result<Split> {
     })
 }
 
+/// How answers are decoded.
+#[derive(Debug, Clone)]
+pub struct Decoding {
+    /// Tokens per answer.
+    pub max_tokens: usize,
+    /// Beam width; 1 = greedy.
+    pub num_beams: usize,
+    /// The reply starts with this text (the paper primes "The answer is" for models trained that way).
+    pub prime: String,
+}
+
+impl Default for Decoding {
+    /// The reference evaluation's decoding: beam 3, at most 10 new tokens, no priming.
+    fn default() -> Self {
+        Decoding {
+            max_tokens: 10,
+            num_beams: 3,
+            prime: String::new(),
+        }
+    }
+}
+
 /// The engine request of one question: the image, then the question (the LLaVA layout the instruction
-/// data uses: `<image>` leads the first question), greedy, at most `max_tokens` tokens. With `prime`
-/// the reply starts with it (the paper primes "The answer is" for models trained that way).
+/// data uses: `<image>` leads the first question), decoded as `d` says.
 fn request(
     q: &Question,
     base: &Path,
     cfg: &DeemConfig,
     tok: &DeemTokenizer,
-    max_tokens: usize,
-    prime: &str,
+    d: &Decoding,
 ) -> anyhow::Result<crate::serve::engine::Request> {
     use base64::Engine as _;
     let path = base.join(&q.image);
@@ -79,14 +100,15 @@ fn request(
             {"type": "image_url", "image_url": {"url": url}},
             {"type": "text", "text": q.text},
         ]}],
-        "temperature": 0, "max_tokens": max_tokens, "seed": 0, "csr_score": false, "max_images": 0,
+        "temperature": 0, "max_tokens": d.max_tokens, "seed": 0, "csr_score": false, "max_images": 0,
+        "num_beams": d.num_beams,
     });
     let r = api::parse(body.to_string().as_bytes()).map_err(|e| anyhow::anyhow!(e.message))?;
     let mut req = api::build(r, cfg, tok, &cfg.model.name)
         .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message))?;
-    if !prime.is_empty() {
+    if !d.prime.is_empty() {
         req.prompt.extend(
-            tok.encode(&format!(" {prime}"), false)?
+            tok.encode(&format!(" {}", d.prime), false)?
                 .into_iter()
                 .map(i64::from),
         );
@@ -108,18 +130,24 @@ pub async fn run(
     weights: &Weights,
     tok: Arc<DeemTokenizer>,
     splits: Vec<Split>,
-    max_tokens: usize,
-    prime: &str,
+    decoding: &Decoding,
 ) -> anyhow::Result<Vec<SplitResult>> {
     let engine = Engine::start(cfg, topo, weights, tok.clone(), Metrics::new()).await?;
     let mut out = Vec::new();
+    if decoding.num_beams > cfg.serve.max_running {
+        bail!(
+            "--num-beams {}: at most serve.max_running = {} (every beam holds a sequence slot)",
+            decoding.num_beams,
+            cfg.serve.max_running
+        );
+    }
     let window = cfg.serve.queue_capacity.clamp(1, 64);
     for split in splits {
         let mut answers = Vec::with_capacity(split.questions.len());
         for chunk in split.questions.chunks(window) {
             let mut rxs = Vec::new();
             for q in chunk {
-                let req = request(q, &split.base, cfg, &tok, max_tokens, prime)?;
+                let req = request(q, &split.base, cfg, &tok, decoding)?;
                 // The window never exceeds the queue, so a full queue is a bug, not backpressure.
                 let rx = match engine.submit(req) {
                     Ok(rx) => rx,

@@ -115,8 +115,7 @@ pub fn run(e: &Experiment, rt: &tokio::runtime::Runtime) -> anyhow::Result<Strin
                 &Weights::Checkpoint(d2.clone()),
                 tok.clone(),
                 splits_of()?,
-                10,
-                "",
+                &crate::eval_cmd::Decoding::default(),
             ))?;
             std::fs::write(
                 d2.join("eval.json"),

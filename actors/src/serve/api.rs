@@ -2,7 +2,8 @@
 //! field), the chat template, and the response / chunk bodies.
 //!
 //! Extensions (documented in the README):
-//! - request: `top_k`, `repetition_penalty`, `ddim_steps`, `guidance_scale`, `max_images`, `csr_score`;
+//! - request: `top_k`, `repetition_penalty`, `ddim_steps`, `guidance_scale`, `max_images`, `csr_score`,
+//!   `num_beams` (beam search: deterministic, text only, the text sent whole when the search ends);
 //! - response: generated images are content parts `{"type": "image_url", "image_url": {"url":
 //!   "data:image/png;base64,…"}}` (in a stream, a chunk whose `delta.content` is a list of such parts);
 //!   the consistency scores of input images are in a top-level `deem.input_images` field.
@@ -60,6 +61,8 @@ pub struct ChatRequest {
     pub max_images: Option<i64>,
     #[serde(default)]
     pub csr_score: Option<bool>,
+    #[serde(default)]
+    pub num_beams: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -355,6 +358,19 @@ pub fn build(
             ))
         }
     };
+    let num_beams = match r.num_beams {
+        None => 1,
+        Some(n) if n >= 1 && n as usize <= s.max_running => n as usize,
+        Some(n) => {
+            return Err(ApiError::invalid(
+                "num_beams",
+                format!(
+                    "expected an integer in 1..={} (serve.max_running: every beam holds a sequence slot), found {n}",
+                    s.max_running
+                ),
+            ))
+        }
+    };
 
     // The prompt.
     let enc = |text: &str| -> Result<Vec<i64>, ApiError> {
@@ -458,6 +474,7 @@ pub fn build(
         ddim_steps,
         guidance,
         max_images,
+        num_beams,
         csr_score: r.csr_score.unwrap_or(s.csr_score),
         arrived: Instant::now(),
         timeout: Duration::from_secs_f64(s.request_timeout_s),

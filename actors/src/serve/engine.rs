@@ -8,6 +8,10 @@
 //! while the diffusion actor draws its image and the vision actor encodes it, then continues with the
 //! image's visual tokens in its context. Finished, failed and cancelled sequences free their caches at
 //! once (a `Free` message follows their last tick down the shards).
+//!
+//! A beam-search request keeps one cache per live hypothesis (each takes a KV slot): every step its
+//! rows return their best next ids with log-probabilities, the scheduler advances the search, forks the
+//! caches of hypotheses that continue twice (`Fork` down the shards) and frees those that ended.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -20,7 +24,7 @@ use deem::checkpoint::{Checkpoint, LoadSpec};
 use deem::config::DeemConfig;
 use deem::llama::{LlamaConfig, LlamaShard};
 use deem::model::{special_ids, DiffusionStage, SpecialIds, VisionStage};
-use deem::sampling::SamplingParams;
+use deem::sampling::{BeamSearch, SamplingParams};
 use deem::tokenizer::DeemTokenizer;
 use flume::{Receiver, Sender, TrySendError};
 use ractor::{Actor, ActorRef};
@@ -55,6 +59,9 @@ pub struct Request {
     pub ddim_steps: i64,
     pub guidance: f64,
     pub max_images: usize,
+    /// 1: draw each token by `params`; more: beam search of that width (deterministic, no images,
+    /// the text sent whole when the search ends).
+    pub num_beams: usize,
     pub csr_score: bool,
     pub arrived: Instant,
     pub timeout: Duration,
@@ -367,6 +374,8 @@ impl Engine {
             groups: vec![GroupState::default(); groups],
             waiting: waiting.clone(),
             to_free: Vec::new(),
+            owner: HashMap::new(),
+            parked: None,
         };
         let scheduler = std::thread::Builder::new()
             .name("deem-serve-scheduler".into())
@@ -465,6 +474,17 @@ enum Feed {
     Prompt { visual: Option<Tensor> },
     Token(i64),
     Image(Tensor),
+    /// Beam search: the newest id of each live hypothesis, in the order of the beam's caches.
+    Beams(Vec<i64>),
+}
+
+/// A beam-search request's state.
+struct Beam {
+    search: BeamSearch,
+    /// The cache (shard sequence id) of each live hypothesis.
+    caches: Vec<Uuid>,
+    /// This step's candidates, per live hypothesis.
+    got: Vec<Option<Vec<(i64, f64)>>>,
 }
 
 enum SeqState {
@@ -493,6 +513,14 @@ struct Seq {
     first_token: Option<Instant>,
     last_token: Option<Instant>,
     deadline: Instant,
+    beam: Option<Beam>,
+}
+
+impl Seq {
+    /// KV slots the sequence may hold at once.
+    fn slots(&self) -> usize {
+        self.req.num_beams.max(1)
+    }
 }
 
 struct Scheduler {
@@ -512,6 +540,10 @@ struct Scheduler {
     groups: Vec<GroupState>,
     waiting: Arc<std::sync::atomic::AtomicUsize>,
     to_free: Vec<Uuid>,
+    /// Beam caches other than the request's own id → the request.
+    owner: HashMap<Uuid, Uuid>,
+    /// A request taken from the queue that waits for enough free KV slots.
+    parked: Option<Request>,
 }
 
 fn status(m: &ServeMetrics, s: &str) {
@@ -526,20 +558,23 @@ impl Scheduler {
     fn run(mut self) {
         let mut closed = false;
         loop {
-            // Admit between ticks.
-            while !closed && self.seqs.len() < self.cfg.serve.max_running {
+            // Admit between ticks, while KV slots are free.
+            if let Some(r) = self.parked.take() {
+                self.offer(r);
+            }
+            while !closed && self.parked.is_none() && self.free_slots() > 0 {
                 match self.requests.try_recv() {
-                    Ok(r) => self.admit(r),
+                    Ok(r) => self.offer(r),
                     Err(flume::TryRecvError::Empty) => break,
                     Err(flume::TryRecvError::Disconnected) => closed = true,
                 }
             }
             self.reap();
             self.launch();
-            if closed && self.seqs.is_empty() {
+            if closed && self.seqs.is_empty() && self.parked.is_none() {
                 break;
             }
-            let can_admit = !closed && self.seqs.len() < self.cfg.serve.max_running;
+            let can_admit = !closed && self.parked.is_none() && self.free_slots() > 0;
             let wait = Duration::from_millis(if self.seqs.is_empty() { 200 } else { 20 });
             let got = if can_admit {
                 flume::Selector::new()
@@ -556,7 +591,7 @@ impl Scheduler {
             };
             match got {
                 Some(Either::Inbox(m)) => self.handle(m),
-                Some(Either::Request(r)) => self.admit(r),
+                Some(Either::Request(r)) => self.offer(r),
                 None => {
                     if can_admit && self.requests.is_disconnected() {
                         closed = true;
@@ -568,6 +603,21 @@ impl Scheduler {
             }
         }
         self.flush_frees();
+    }
+
+    /// KV slots no running sequence may claim.
+    fn free_slots(&self) -> usize {
+        let used: usize = self.seqs.values().map(Seq::slots).sum();
+        self.cfg.serve.max_running.saturating_sub(used)
+    }
+
+    /// Admits `req` if its slots are free, else parks it until they are.
+    fn offer(&mut self, req: Request) {
+        if req.num_beams.max(1) <= self.free_slots() || self.seqs.is_empty() {
+            self.admit(req);
+        } else {
+            self.parked = Some(req);
+        }
     }
 
     fn admit(&mut self, mut req: Request) {
@@ -603,6 +653,14 @@ impl Scheduler {
         };
         let deadline = req.arrived + req.timeout;
         let id = req.id;
+        let beam = (req.num_beams > 1).then(|| {
+            let room = (self.cfg.llm.max_position_embeddings as usize).saturating_sub(req.prompt.len());
+            Beam {
+                search: BeamSearch::new(req.num_beams, self.eos, req.max_tokens.min(room), 1.0),
+                caches: vec![id],
+                got: vec![None],
+            }
+        });
         self.seqs.insert(
             id,
             Seq {
@@ -620,6 +678,7 @@ impl Scheduler {
                 first_token: None,
                 last_token: None,
                 deadline,
+                beam,
             },
         );
         self.metrics
@@ -682,9 +741,16 @@ impl Scheduler {
                     continue;
                 }
                 budget = budget.saturating_sub(prompt_len);
-                let (row, input) = self.row(id);
-                rows.push(row);
-                inputs.push(input);
+                if self.seqs[&id].beam.is_some() {
+                    for (row, input) in self.beam_rows(id) {
+                        rows.push(row);
+                        inputs.push(input);
+                    }
+                } else {
+                    let (row, input) = self.row(id);
+                    rows.push(row);
+                    inputs.push(input);
+                }
             }
             if rows.is_empty() {
                 continue;
@@ -743,6 +809,7 @@ impl Scheduler {
                 s.tokens.extend(std::iter::repeat_n(sniffer, k));
                 RowInput::Embeds(v)
             }
+            Feed::Beams(_) => unreachable!("beam rows come from beam_rows"),
         };
         let sample = context_from.is_none().then(|| {
             let mut banned = vec![sniffer];
@@ -760,6 +827,7 @@ impl Scheduler {
                 seen,
                 banned,
                 index: s.sampled,
+                beam: 0,
             }
         });
         (
@@ -771,6 +839,160 @@ impl Scheduler {
             },
             input,
         )
+    }
+
+    /// A beam-search sequence's rows: its prompt, or the newest id of every live hypothesis (each in its
+    /// own cache). Each row asks for the candidates the search needs; `<|startofimage|>` is banned.
+    fn beam_rows(&mut self, id: Uuid) -> Vec<(RowMeta, RowInput)> {
+        let (soi, sniffer) = (self.ids.soi, self.ids.sniffer);
+        let s = self.seqs.get_mut(&id).expect("ready sequence");
+        let beam = s.beam.as_ref().expect("a beam sequence");
+        let need = beam.search.candidates_needed();
+        let spec = |seen: Vec<i64>| SampleSpec {
+            params: s.req.params.clone(),
+            seen: if s.req.params.repetition_penalty != 1.0 {
+                seen
+            } else {
+                Vec::new()
+            },
+            banned: vec![sniffer, soi],
+            index: 0,
+            beam: need,
+        };
+        let rows = match std::mem::replace(&mut s.state, SeqState::InTick) {
+            SeqState::Ready(Feed::Prompt { visual }) => {
+                s.tokens.extend_from_slice(&s.req.prompt);
+                self.metrics.prompt_tokens.inc_by(s.req.prompt.len() as u64);
+                let seen = s.tokens.iter().copied().filter(|&t| t != sniffer).collect();
+                vec![(
+                    RowMeta {
+                        seq: id,
+                        start: 0,
+                        sample: Some(spec(seen)),
+                        context_from: None,
+                    },
+                    RowInput::Ids {
+                        ids: s.req.prompt.clone(),
+                        visual,
+                    },
+                )]
+            }
+            SeqState::Ready(Feed::Beams(next)) => {
+                let live = beam.search.live();
+                next.iter()
+                    .zip(live)
+                    .zip(&beam.caches)
+                    .map(|((&t, h), &cache)| {
+                        let seen = s
+                            .tokens
+                            .iter()
+                            .chain(&h.tokens)
+                            .copied()
+                            .filter(|&t| t != sniffer)
+                            .collect();
+                        (
+                            RowMeta {
+                                seq: cache,
+                                start: (s.tokens.len() + h.tokens.len() - 1) as i64,
+                                sample: Some(spec(seen)),
+                                context_from: None,
+                            },
+                            RowInput::Ids {
+                                ids: vec![t],
+                                visual: None,
+                            },
+                        )
+                    })
+                    .collect()
+            }
+            _ => unreachable!("beam sequences feed their prompt, then hypotheses"),
+        };
+        rows
+    }
+
+    /// A beam row's candidates; once every live hypothesis reported, the search advances.
+    fn beam_result(&mut self, id: Uuid, r: RowOut) {
+        let Some(beam) = self.seqs.get_mut(&id).and_then(|s| s.beam.as_mut()) else {
+            return;
+        };
+        if let Some(i) = beam.caches.iter().position(|&c| c == r.seq) {
+            beam.got[i] = Some(r.top);
+        }
+        if beam.got.iter().any(Option::is_none) {
+            return;
+        }
+        let candidates: Vec<Vec<(i64, f64)>> = beam.got.drain(..).flatten().collect();
+        let parents = beam.search.step(&candidates);
+        if beam.search.is_done() {
+            self.finish_beam(id);
+            return;
+        }
+        // The first continuation of a hypothesis keeps its cache; a second one forks it; hypotheses
+        // without continuations free theirs (before the forks, so their slots are free for them).
+        let old = std::mem::take(&mut beam.caches);
+        let mut kept = vec![false; old.len()];
+        let mut forks = Vec::new();
+        for &p in &parents {
+            if !kept[p] {
+                kept[p] = true;
+                beam.caches.push(old[p]);
+            } else {
+                let fresh = Uuid::new_v4();
+                forks.push((old[p], fresh));
+                self.owner.insert(fresh, id);
+                beam.caches.push(fresh);
+            }
+        }
+        beam.got = vec![None; beam.caches.len()];
+        let next = beam
+            .search
+            .live()
+            .iter()
+            .map(|h| *h.tokens.last().expect("a live hypothesis has an id"))
+            .collect();
+        for (c, k) in old.into_iter().zip(kept) {
+            if !k {
+                self.owner.remove(&c);
+                self.to_free.push(c);
+            }
+        }
+        self.flush_frees();
+        if !forks.is_empty() {
+            let _ = self.shard0.send(ShardIn::Fork(forks));
+        }
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.state = SeqState::Ready(Feed::Beams(next));
+        }
+    }
+
+    /// Sends the best hypothesis' text (cut at a stop string) and ends the request.
+    fn finish_beam(&mut self, id: Uuid) {
+        let Some(s) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        let best = s
+            .beam
+            .as_ref()
+            .and_then(|b| b.search.best().cloned())
+            .unwrap_or(deem::sampling::Hypothesis {
+                tokens: Vec::new(),
+                log_prob: 0.0,
+            });
+        let ended = best.tokens.last() == Some(&self.eos);
+        let text: Vec<u32> = best
+            .tokens
+            .iter()
+            .filter(|&&t| t != self.eos)
+            .map(|&t| t as u32)
+            .collect();
+        s.sampled = best.tokens.len() as u64;
+        s.text_ids = text;
+        self.metrics.generated_tokens.inc_by(s.sampled);
+        self.metrics
+            .time_to_first_token_seconds
+            .observe(s.req.arrived.elapsed().as_secs_f64());
+        let stopped = self.flush_text(id, true);
+        self.finish(id, if ended || stopped { "stop" } else { "length" });
     }
 
     fn handle(&mut self, m: Inbox) {
@@ -882,6 +1104,11 @@ impl Scheduler {
     }
 
     fn tick_result(&mut self, r: RowOut) {
+        let owner = self.owner.get(&r.seq).copied().unwrap_or(r.seq);
+        if self.seqs.get(&owner).is_some_and(|s| s.beam.is_some()) {
+            self.beam_result(owner, r);
+            return;
+        }
         let (soi, eos) = (self.ids.soi, self.eos);
         let max_pos = self.cfg.llm.max_position_embeddings as usize;
         let k = self.k;
@@ -1036,6 +1263,12 @@ impl Scheduler {
             self.groups[s.group].members -= 1;
             status(&self.metrics, outcome);
             self.to_free.push(id);
+            for c in s.beam.iter().flat_map(|b| &b.caches) {
+                if *c != id {
+                    self.owner.remove(c);
+                    self.to_free.push(*c);
+                }
+            }
             self.flush_frees();
         }
         self.metrics

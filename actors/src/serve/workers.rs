@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use deem::llama::{KvPool, LlamaShard};
 use deem::model::{embed_for_generation, DiffusionStage, SpecialIds, VisionStage};
-use deem::sampling::{sample_slice, SamplingParams};
+use deem::sampling::{sample_slice, top_log_probs, SamplingParams};
 use flume::{Receiver, Sender};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tch::{Kind, Tensor};
@@ -27,6 +27,9 @@ pub struct SampleSpec {
     pub banned: Vec<i64>,
     /// Index of the token in the response (keys the random draw).
     pub index: u64,
+    /// Beam search: instead of drawing, return this many most likely ids with their log-probabilities
+    /// (0 = draw).
+    pub beam: usize,
 }
 
 /// One sequence's part of a decode tick.
@@ -64,6 +67,9 @@ pub enum ShardIn {
     },
     /// Drop these sequences' caches (passed down the pipeline, after any tick that used them).
     Free(Vec<Uuid>),
+    /// Copy each `(from, to)`: `to` starts with `from`'s cache (a beam hypothesis forking; passed down
+    /// the pipeline before the next tick).
+    Fork(Vec<(Uuid, Uuid)>),
 }
 
 /// A tick's hidden states between shards: the single-token rows as one batch, the others one by one.
@@ -78,6 +84,8 @@ pub struct Hidden {
 pub struct RowOut {
     pub seq: Uuid,
     pub token: Option<i64>,
+    /// Beam rows: the most likely next ids with their log-probabilities, best first.
+    pub top: Vec<(i64, f64)>,
     pub context: Option<Tensor>,
 }
 
@@ -215,6 +223,14 @@ impl ShardWorker {
                         let _ = tx.send(ShardIn::Free(seqs));
                     }
                 }
+                ShardIn::Fork(pairs) => {
+                    for &(from, to) in &pairs {
+                        self.fork(&mut st, from, to);
+                    }
+                    if let ShardNext::Shard(tx) = &self.next {
+                        let _ = tx.send(ShardIn::Fork(pairs));
+                    }
+                }
                 ShardIn::Tick {
                     group,
                     rows,
@@ -255,6 +271,25 @@ impl ShardWorker {
                 s.kv_cache_bytes = bytes;
                 s.jobs += 1;
             });
+        }
+    }
+
+    /// Gives `to` a slot holding a copy of `from`'s cache (and, on the last shard, its hidden-state log).
+    /// Without a free slot `to` stays unknown, and its next tick fails naming the missing cache.
+    fn fork(&self, st: &mut ShardState, from: Uuid, to: Uuid) {
+        let Some(&(src, len)) = st.seqs.get(&from) else {
+            tracing::error!(shard = %self.name, %from, "fork from a sequence this shard does not hold");
+            return;
+        };
+        let Some(slot) = st.free.pop() else {
+            tracing::error!(shard = %self.name, "no free KV slot to fork a beam into (serve.max_running)");
+            return;
+        };
+        tch::no_grad(|| st.pool.copy_slot(src, slot, len));
+        st.seqs.insert(to, (slot, len));
+        if let Some(log) = st.hidden.get(&from) {
+            let copy = log.iter().map(Chunk::share).collect();
+            st.hidden.insert(to, copy);
         }
     }
 
@@ -433,13 +468,19 @@ impl ShardWorker {
                 }
                 None => None,
             };
-            let token = r.sample.as_ref().map(|s| {
+            let (mut token, mut top) = (None, Vec::new());
+            if let Some(s) = &r.sample {
                 let row = flat[k * vocab..(k + 1) * vocab].to_vec();
-                sample_slice(row, &s.params, &s.seen, &s.banned, s.index)
-            });
+                if s.beam > 0 {
+                    top = top_log_probs(row, &s.params, &s.seen, &s.banned, s.beam);
+                } else {
+                    token = Some(sample_slice(row, &s.params, &s.seen, &s.banned, s.index));
+                }
+            }
             out.push(RowOut {
                 seq: r.seq,
                 token,
+                top,
                 context,
             });
         }
@@ -456,6 +497,14 @@ enum Chunk {
 }
 
 impl Chunk {
+    /// The same piece, sharing its storage.
+    fn share(&self) -> Chunk {
+        match self {
+            Chunk::Whole(t) => Chunk::Whole(t.shallow_clone()),
+            Chunk::Row(t, k) => Chunk::Row(t.shallow_clone(), *k),
+        }
+    }
+
     fn materialize(&self) -> Tensor {
         match self {
             Chunk::Whole(t) => t.shallow_clone(),
