@@ -336,7 +336,7 @@ async fn invalid_requests_get_422_naming_the_field() {
         .await
         .unwrap();
     assert!(
-        m.contains("deem_serve_requests_total{status=\"invalid\"} 13"),
+        m.contains("deem_serve_requests_total{status=\"invalid\"} 14"),
         "{m}"
     );
     s.stop().await.unwrap();
