@@ -91,3 +91,116 @@ fn the_prototype_classifier_names_clean_in_distribution_objects() {
     }
     assert!(right >= 4, "{right} of 5");
 }
+
+#[test]
+fn the_model_classifier_scores_replies_as_incremental_decoding_does_and_mines_with_them() {
+    use deem_actors::report::{Miner, ModelClassifier, MAIN_OBJECT_QUESTION};
+    let c = cfg();
+    let dir = common::scratch("model-miner");
+    let data = dir.join("data");
+    let o = deem::datasets::SynthOptions {
+        seed: 2,
+        size: 64,
+        pairs: 0,
+        documents: 0,
+        instructions: 0,
+        max_turns: 1,
+        regions: 0,
+        eval_per_split: 3,
+    };
+    deem::datasets::synthesize(&data, &o).unwrap();
+    let init = deem_actors::pipeline::driver::initial_weights(&c).unwrap();
+    let weights: Vec<(String, tch::Tensor)> =
+        init.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
+    let ck = dir.join("model.safetensors");
+    deem::checkpoint::save(&ck, &weights).unwrap();
+    let tok = std::sync::Arc::new(deem_actors::serve::load_tokenizer(None, Some(&data), &c).unwrap());
+    let clf = ModelClassifier::new(&c, &ck, tok.clone()).unwrap();
+    let image = std::fs::read_dir(data.join("eval/id"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .flat_map(|e| std::fs::read_dir(e.path()).unwrap().filter_map(|f| f.ok()).map(|f| f.path()))
+        .next()
+        .unwrap();
+    let scores = clf.scores(&image).unwrap();
+    assert_eq!(scores.len(), world::COLOURS.len() * world::SHAPES.len());
+
+    // Reference: each reply decoded one id at a time through a KV cache, unbatched and unpadded.
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let model = deem::model::Deem::new(&vs.root(), &c).unwrap();
+    tch::no_grad(|| {
+        for (name, mut v) in vs.variables() {
+            v.copy_(&init[&name]);
+        }
+    });
+    let q = deem::eval::Question {
+        image: image.to_string_lossy().into_owned(),
+        text: MAIN_OBJECT_QUESTION.into(),
+        label: String::new(),
+    };
+    let req = deem_actors::eval_cmd::request(
+        &q,
+        std::path::Path::new(""),
+        &c,
+        &tok,
+        &deem_actors::eval_cmd::Decoding::default(),
+    )
+    .unwrap();
+    tch::no_grad(|| {
+        let (visual, _) = model.vision.forward(req.images.as_ref().unwrap());
+        for k in [0usize, 17, 89] {
+            let (label, got) = &scores[k];
+            let mut reply: Vec<i64> = tok
+                .encode(&format!(" A {label}."), false)
+                .unwrap()
+                .into_iter()
+                .map(i64::from)
+                .collect();
+            reply.push(c.llm.eos_token_id);
+            let mut cache = model.llm.new_cache();
+            let prompt = tch::Tensor::from_slice(&req.prompt).unsqueeze(0);
+            let e = deem::model::embed_for_generation(&model.llm, &prompt, Some(&visual), model.ids)
+                .unwrap();
+            let mut h = model.llm.forward_layers(&e, 0, Some(&mut cache));
+            let mut pos = req.prompt.len() as i64;
+            let mut want = 0.0;
+            for &t in &reply {
+                let last = h.narrow(1, h.size()[1] - 1, 1);
+                let logp = model.llm.logits(&model.llm.norm(&last)).log_softmax(-1, tch::Kind::Double);
+                want += logp.reshape([-1]).double_value(&[t]);
+                let e = deem::model::embed_for_generation(
+                    &model.llm,
+                    &tch::Tensor::from_slice(&[t]).unsqueeze(0),
+                    None,
+                    model.ids,
+                )
+                .unwrap();
+                h = model.llm.forward_layers(&e, pos, Some(&mut cache));
+                pos += 1;
+            }
+            assert!((got - want).abs() < 1e-3, "{label}: batched {got}, incremental {want}");
+        }
+    });
+
+    // Ranked by score; the mined negative is the best-ranked wrong label, with absolute image paths
+    // when the file is written outside the data folder.
+    let rank = clf.rank(&image).unwrap();
+    let mut sorted = scores.clone();
+    sorted.sort_by(|a, b| b.1.total_cmp(&a.1));
+    assert_eq!(rank, sorted.iter().map(|s| s.0.clone()).collect::<Vec<_>>());
+    let out = dir.join("mined.json");
+    let counts =
+        deem_actors::report::build_robustvqa(&data, &[Split::Id], false, Miner::Model(&clf), &out)
+            .unwrap();
+    assert_eq!(counts["synthetic_id"], 3);
+    let mined: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    for e in mined["synthetic_id"].as_array().unwrap() {
+        let f = std::path::Path::new(e["file_name"].as_str().unwrap());
+        assert!(f.is_absolute() && f.exists(), "{}", f.display());
+        let gt = e["gt_caption"].as_str().unwrap();
+        let best_wrong = clf.rank(f).unwrap().into_iter().find(|l| l != gt).unwrap();
+        assert_eq!(e["error_caption"], best_wrong.as_str());
+    }
+}

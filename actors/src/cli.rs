@@ -242,6 +242,16 @@ pub enum DataCommand {
         /// Keep only the images the classifier gets wrong (as the paper kept CLIP's mistakes).
         #[arg(long)]
         only_misclassified: bool,
+        /// Mine the hard negatives with this trained DEEM (a run directory or model.safetensors):
+        /// labels ranked by its likelihood of "A {label}." to "What is the main object in this
+        /// image?". Without it, the pixel-prototype classifier.
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// Where to write the questions (default: DATA/robustvqa.json).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArgs,
     },
     /// Write POPE questions (random, popular, adversarial) from COCO-style instance annotations.
     Pope {

@@ -160,18 +160,36 @@ pub fn run(cmd: DataCommand, metrics: &Metrics) -> anyhow::Result<String> {
         DataCommand::Robustvqa {
             data,
             only_misclassified,
+            checkpoint,
+            out,
+            config,
         } => {
-            let size = serde_json::from_str::<serde_json::Value>(
-                &std::fs::read_to_string(data.join("SYNTH.json")).unwrap_or_default(),
-            )
-            .ok()
-            .and_then(|v| v["size"].as_u64())
-            .unwrap_or(64) as u32;
-            let (out, counts) = crate::report::build_robustvqa(
+            let out = out.unwrap_or_else(|| data.join("robustvqa.json"));
+            let model = match &checkpoint {
+                Some(ck) => {
+                    let cfg = config.load()?.config;
+                    let tok = crate::serve::load_tokenizer(None, Some(&data), &cfg)?;
+                    Some(crate::report::ModelClassifier::new(&cfg, ck, tok.into())?)
+                }
+                None => None,
+            };
+            let miner = match &model {
+                Some(m) => crate::report::Miner::Model(m),
+                None => crate::report::Miner::Prototype(
+                    serde_json::from_str::<serde_json::Value>(
+                        &std::fs::read_to_string(data.join("SYNTH.json")).unwrap_or_default(),
+                    )
+                    .ok()
+                    .and_then(|v| v["size"].as_u64())
+                    .unwrap_or(64) as u32,
+                ),
+            };
+            let counts = crate::report::build_robustvqa(
                 &data,
                 &deem::world::Split::ALL,
                 only_misclassified,
-                size,
+                miner,
+                &out,
             )?;
             let mut text = format!("wrote {}:\n", out.display());
             for (k, n) in counts {

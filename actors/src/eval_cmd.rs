@@ -80,7 +80,7 @@ impl Default for Decoding {
 
 /// The engine request of one question: the image, then the question (the LLaVA layout the instruction
 /// data uses: `<image>` leads the first question), decoded as `d` says.
-fn request(
+pub fn request(
     q: &Question,
     base: &Path,
     cfg: &DeemConfig,

@@ -61,11 +61,15 @@ fn train(
 }
 
 /// Runs the experiment; returns the markdown table (also written to `out/csr.md`, with `out/csr.json`).
+///
+/// Per seed the λ_CSR = 0 baseline trains first; its RobustVQA hard negatives are mined with that
+/// baseline ([`crate::report::ModelClassifier`], as the paper mined with CLIP) into
+/// `out/robustvqa-seed{seed}.json`, and every model of the seed answers those questions. Without a
+/// λ = 0 run, the data folder's `robustvqa.json` is used.
 pub fn run(e: &Experiment, rt: &tokio::runtime::Runtime) -> anyhow::Result<String> {
-    let rv = e.data.join("robustvqa.json");
     let pope_dir = e.data.join("pope");
-    let splits_of = || -> anyhow::Result<Vec<crate::eval_cmd::Split>> {
-        let mut s = crate::eval_cmd::robustvqa_splits(&rv)
+    let splits_of = |rv: &Path| -> anyhow::Result<Vec<crate::eval_cmd::Split>> {
+        let mut s = crate::eval_cmd::robustvqa_splits(rv)
             .context("run `deem data robustvqa --data DIR` first")?;
         for p in ["random", "popular", "adversarial"] {
             s.push(
@@ -80,10 +84,15 @@ pub fn run(e: &Experiment, rt: &tokio::runtime::Runtime) -> anyhow::Result<Strin
         Some(&e.data),
         &e.stage2.config,
     )?);
+    std::fs::create_dir_all(&e.out)?;
+    // The baseline first: its model mines the seed's hard negatives.
+    let mut weights = e.weights.clone();
+    weights.sort_by_key(|w| *w != 0.0);
     // accuracy[λ][split] = per-seed values
     let mut acc: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
     for seed in 0..e.seeds {
-        for &w in &e.weights {
+        let mut rv = e.data.join("robustvqa.json");
+        for &w in &weights {
             let tag = format!("seed{seed}-csr{w}");
             let d1 = e.out.join(format!("{tag}-stage1"));
             let d2 = e.out.join(format!("{tag}-stage2"));
@@ -109,12 +118,25 @@ pub fn run(e: &Experiment, rt: &tokio::runtime::Runtime) -> anyhow::Result<Strin
                 rt,
             )?;
             let c2: DeemConfig = with(&e.stage2, seed, w).config;
+            if w == 0.0 {
+                let mined = e.out.join(format!("robustvqa-seed{seed}.json"));
+                let clf = crate::report::ModelClassifier::new(&c2, &d2, tok.clone())?;
+                let counts = crate::report::build_robustvqa(
+                    &e.data,
+                    &deem::world::Split::ALL,
+                    false,
+                    crate::report::Miner::Model(&clf),
+                    &mined,
+                )?;
+                tracing::info!(seed, file = %mined.display(), ?counts, "hard negatives mined by the baseline");
+                rv = mined;
+            }
             let results = rt.block_on(crate::eval_cmd::run(
                 &c2,
                 &e.topology,
                 &Weights::Checkpoint(d2.clone()),
                 tok.clone(),
-                splits_of()?,
+                splits_of(&rv)?,
                 &crate::eval_cmd::Decoding::default(),
             ))?;
             std::fs::write(

@@ -1,5 +1,6 @@
 //! `deem report` and `deem data robustvqa`: the main job's report folder (markdown, JSON, PNG loss
-//! curves drawn with plotters) and the RobustVQA builder's baseline classifier.
+//! curves drawn with plotters) and the RobustVQA builder's classifiers (a pixel-prototype baseline, and a
+//! trained DEEM model asked what the main object is).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -190,36 +191,205 @@ impl PrototypeClassifier {
     }
 }
 
+/// The question the model classifier asks (the instruction data's "main object" question).
+pub const MAIN_OBJECT_QUESTION: &str = "What is the main object in this image?";
+
+/// A trained DEEM as RobustVQA's classifier: asked [`MAIN_OBJECT_QUESTION`] about the image (the chat
+/// template the evaluation uses), every label is ranked by the model's log-likelihood of the reply
+/// "A {label}." with its EOS. `deem experiment csr` mines with its λ_CSR = 0 baseline, as the paper
+/// mined with CLIP.
+pub struct ModelClassifier {
+    _vs: tch::nn::VarStore,
+    model: deem::model::Deem,
+    tok: std::sync::Arc<deem::tokenizer::DeemTokenizer>,
+    labels: Vec<String>,
+    /// Each label's reply ids (EOS included).
+    replies: Vec<Vec<i64>>,
+}
+
+impl ModelClassifier {
+    /// Every colour × shape label of the synthetic world, scored by the model in `checkpoint`.
+    pub fn new(
+        cfg: &deem::config::DeemConfig,
+        checkpoint: &Path,
+        tok: std::sync::Arc<deem::tokenizer::DeemTokenizer>,
+    ) -> anyhow::Result<Self> {
+        let (vs, model) = load_model(cfg, checkpoint)?;
+        let labels: Vec<String> = world::COLOURS
+            .iter()
+            .flat_map(|(c, _)| world::SHAPES.iter().map(move |s| format!("{c} {s}")))
+            .collect();
+        let replies = labels
+            .iter()
+            .map(|l| -> anyhow::Result<Vec<i64>> {
+                let mut ids: Vec<i64> = tok
+                    .encode(&format!(" A {l}."), false)?
+                    .into_iter()
+                    .map(i64::from)
+                    .collect();
+                ids.push(cfg.llm.eos_token_id);
+                Ok(ids)
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(ModelClassifier {
+            _vs: vs,
+            model,
+            tok,
+            labels,
+            replies,
+        })
+    }
+
+    /// Every label, most likely first (ties by label order).
+    pub fn rank(&self, image: &Path) -> anyhow::Result<Vec<String>> {
+        let scores = self.scores(image)?;
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|&a, &b| scores[b].1.total_cmp(&scores[a].1).then(a.cmp(&b)));
+        Ok(order.into_iter().map(|i| scores[i].0.clone()).collect())
+    }
+
+    /// Each label (colour-major order) with the log-likelihood of its reply.
+    pub fn scores(&self, image: &Path) -> anyhow::Result<Vec<(String, f64)>> {
+        let q = deem::eval::Question {
+            image: image.to_string_lossy().into_owned(),
+            text: MAIN_OBJECT_QUESTION.into(),
+            label: String::new(),
+        };
+        let cfg = &self.model.cfg;
+        let req = crate::eval_cmd::request(
+            &q,
+            Path::new(""),
+            cfg,
+            &self.tok,
+            &crate::eval_cmd::Decoding::default(),
+        )?;
+        let pixels = req
+            .images
+            .as_ref()
+            .context("the classifier's prompt has no image")?;
+        let p = req.prompt.len();
+        let longest = self.replies.iter().map(Vec::len).max().unwrap_or(0);
+        let n = self.replies.len() as i64;
+        // One row per label: prompt, reply, padding after it (causal: padding changes nothing before).
+        let mut ids = Vec::with_capacity(self.replies.len() * (p + longest));
+        for r in &self.replies {
+            ids.extend_from_slice(&req.prompt);
+            ids.extend_from_slice(r);
+            ids.extend(std::iter::repeat_n(cfg.llm.pad_token_id, longest - r.len()));
+        }
+        let scores: Vec<f64> = tch::no_grad(|| -> anyhow::Result<Vec<f64>> {
+            let ids = tch::Tensor::from_slice(&ids).view([n, (p + longest) as i64]);
+            let (visual, _) = self.model.vision.forward(pixels);
+            let visual = visual.repeat([n, 1, 1]);
+            let embeds =
+                deem::model::embed_sequence(&self.model.llm, &ids, Some(&visual), self.model.ids)?;
+            let h = self
+                .model
+                .llm
+                .norm(&self.model.llm.forward_layers(&embeds, 0, None));
+            // Position t predicts id t + 1: the reply's ids are predicted from p − 1 on.
+            let logp = self
+                .model
+                .llm
+                .logits(&h.narrow(1, p as i64 - 1, longest as i64))
+                .log_softmax(-1, tch::Kind::Double);
+            let target = ids.narrow(1, p as i64, longest as i64);
+            let picked = logp.gather(2, &target.unsqueeze(-1), false).squeeze_dim(-1);
+            let lens: Vec<i64> = self.replies.iter().map(|r| r.len() as i64).collect();
+            let mask = tch::Tensor::arange(longest as i64, (tch::Kind::Int64, tch::Device::Cpu))
+                .unsqueeze(0)
+                .lt_tensor(&tch::Tensor::from_slice(&lens).unsqueeze(1));
+            let total = (picked * mask.to_kind(tch::Kind::Double)).sum_dim_intlist(1, false, None);
+            Ok(Vec::try_from(total)?)
+        })?;
+        Ok(self.labels.iter().cloned().zip(scores).collect())
+    }
+}
+
+/// What ranks the classes of RobustVQA's images (the hard negative is the best-ranked wrong one).
+pub enum Miner<'a> {
+    /// [`PrototypeClassifier`] at this image side.
+    Prototype(u32),
+    Model(&'a ModelClassifier),
+}
+
 /// Builds `robustvqa.json` over the evaluation splits of a synthesized folder (`eval/<split>/`).
 pub fn build_robustvqa(
     data: &Path,
     splits: &[Split],
     only_misclassified: bool,
-    size: u32,
-) -> anyhow::Result<(PathBuf, BTreeMap<String, usize>)> {
-    let clf = PrototypeClassifier::new(size);
+    miner: Miner<'_>,
+    out: &Path,
+) -> anyhow::Result<BTreeMap<String, usize>> {
+    let proto = match miner {
+        Miner::Prototype(size) => Some(PrototypeClassifier::new(size)),
+        Miner::Model(_) => None,
+    };
+    // Image paths stay relative when the file sits in the data folder, else absolute.
+    let beside = out
+        .parent()
+        .map(|p| p.canonicalize().ok() == data.canonicalize().ok())
+        .unwrap_or(false);
+    let root = if beside {
+        PathBuf::new()
+    } else {
+        data.canonicalize()
+            .with_context(|| format!("{}: cannot resolve", data.display()))?
+    };
     let mut all = BTreeMap::new();
     let mut counts = BTreeMap::new();
     for &s in splits {
         let folder = data.join("eval").join(s.name());
+        let prefix = format!("{}/", root.join("eval").join(s.name()).display());
         let entries = deem::eval::build_robustvqa(
             &folder,
-            &format!("eval/{}/", s.name()),
+            &prefix,
             only_misclassified,
-            |p| {
-                let img = image::open(p)
-                    .map_err(|e| format!("{}: {e}", p.display()))?
-                    .to_rgb8();
-                Ok(clf.rank(&img))
+            |p| match (&proto, &miner) {
+                (Some(clf), _) => {
+                    let img = image::open(p)
+                        .map_err(|e| format!("{}: {e}", p.display()))?
+                        .to_rgb8();
+                    Ok(clf.rank(&img))
+                }
+                (None, Miner::Model(m)) => m.rank(p).map_err(|e| format!("{e:#}")),
+                (None, Miner::Prototype(_)) => unreachable!("the prototype classifier was built"),
             },
         )
         .map_err(anyhow::Error::msg)?;
         counts.insert(format!("synthetic_{}", s.name()), entries.len());
         all.insert(format!("synthetic_{}", s.name()), entries);
     }
-    let out = data.join("robustvqa.json");
-    std::fs::write(&out, serde_json::to_string_pretty(&all)?)?;
-    Ok((out, counts))
+    let tmp = out.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&all)?)
+        .with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot write", out.display()))?;
+    Ok(counts)
+}
+
+/// The whole model of a checkpoint (a run directory or a safetensors file), on the CPU.
+fn load_model(
+    cfg: &deem::config::DeemConfig,
+    checkpoint: &Path,
+) -> anyhow::Result<(tch::nn::VarStore, deem::model::Deem)> {
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let model = deem::with_init_lock(None, || deem::model::Deem::new(&vs.root(), cfg))?;
+    let file = if checkpoint.is_dir() {
+        checkpoint.join("model.safetensors")
+    } else {
+        checkpoint.to_path_buf()
+    };
+    let ck = deem::checkpoint::Checkpoint::open(&file)
+        .with_context(|| format!("{}: cannot open the checkpoint", file.display()))?;
+    ck.load_into(
+        &vs,
+        &deem::checkpoint::LoadSpec {
+            component: "DEEM".into(),
+            namespace: vec![String::new()],
+            ..Default::default()
+        },
+    )?;
+    Ok((vs, model))
 }
 
 /// CSR reconstructions of `images` by the model in `checkpoint` (config `cfg`): a PNG with each input
@@ -230,22 +400,7 @@ pub fn plot_reconstructions(
     images: &[PathBuf],
     out: &Path,
 ) -> anyhow::Result<()> {
-    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let model = deem::with_init_lock(None, || deem::model::Deem::new(&vs.root(), cfg))?;
-    let file = if checkpoint.is_dir() {
-        checkpoint.join("model.safetensors")
-    } else {
-        checkpoint.to_path_buf()
-    };
-    let ck = deem::checkpoint::Checkpoint::open(&file)?;
-    ck.load_into(
-        &vs,
-        &deem::checkpoint::LoadSpec {
-            component: "DEEM".into(),
-            namespace: vec![String::new()],
-            ..Default::default()
-        },
-    )?;
+    let (_vs, model) = load_model(cfg, checkpoint)?;
     let size = cfg.diffusion.image_size;
     let pixels: Vec<tch::Tensor> = images
         .iter()
