@@ -162,7 +162,10 @@ pub fn top_log_probs(
     let mut order: Vec<usize> = (0..l.len()).filter(|&i| l[i].is_finite()).collect();
     order.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
     order.truncate(n);
-    order.into_iter().map(|i| (i as i64, l[i] - log_z)).collect()
+    order
+        .into_iter()
+        .map(|i| (i as i64, l[i] - log_z))
+        .collect()
 }
 
 /// One beam hypothesis: the generated ids (an EOS, if it ended, included) and their summed

@@ -110,17 +110,25 @@ fn the_model_classifier_scores_replies_as_incremental_decoding_does_and_mines_wi
     };
     deem::datasets::synthesize(&data, &o).unwrap();
     let init = deem_actors::pipeline::driver::initial_weights(&c).unwrap();
-    let weights: Vec<(String, tch::Tensor)> =
-        init.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
+    let weights: Vec<(String, tch::Tensor)> = init
+        .iter()
+        .map(|(k, v)| (k.clone(), v.shallow_clone()))
+        .collect();
     let ck = dir.join("model.safetensors");
     deem::checkpoint::save(&ck, &weights).unwrap();
-    let tok = std::sync::Arc::new(deem_actors::serve::load_tokenizer(None, Some(&data), &c).unwrap());
+    let tok =
+        std::sync::Arc::new(deem_actors::serve::load_tokenizer(None, Some(&data), &c).unwrap());
     let clf = ModelClassifier::new(&c, &ck, tok.clone()).unwrap();
     let image = std::fs::read_dir(data.join("eval/id"))
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| e.path().is_dir())
-        .flat_map(|e| std::fs::read_dir(e.path()).unwrap().filter_map(|f| f.ok()).map(|f| f.path()))
+        .flat_map(|e| {
+            std::fs::read_dir(e.path())
+                .unwrap()
+                .filter_map(|f| f.ok())
+                .map(|f| f.path())
+        })
         .next()
         .unwrap();
     let scores = clf.scores(&image).unwrap();
@@ -160,14 +168,18 @@ fn the_model_classifier_scores_replies_as_incremental_decoding_does_and_mines_wi
             reply.push(c.llm.eos_token_id);
             let mut cache = model.llm.new_cache();
             let prompt = tch::Tensor::from_slice(&req.prompt).unsqueeze(0);
-            let e = deem::model::embed_for_generation(&model.llm, &prompt, Some(&visual), model.ids)
-                .unwrap();
+            let e =
+                deem::model::embed_for_generation(&model.llm, &prompt, Some(&visual), model.ids)
+                    .unwrap();
             let mut h = model.llm.forward_layers(&e, 0, Some(&mut cache));
             let mut pos = req.prompt.len() as i64;
             let mut want = 0.0;
             for &t in &reply {
                 let last = h.narrow(1, h.size()[1] - 1, 1);
-                let logp = model.llm.logits(&model.llm.norm(&last)).log_softmax(-1, tch::Kind::Double);
+                let logp = model
+                    .llm
+                    .logits(&model.llm.norm(&last))
+                    .log_softmax(-1, tch::Kind::Double);
                 want += logp.reshape([-1]).double_value(&[t]);
                 let e = deem::model::embed_for_generation(
                     &model.llm,
@@ -179,7 +191,10 @@ fn the_model_classifier_scores_replies_as_incremental_decoding_does_and_mines_wi
                 h = model.llm.forward_layers(&e, pos, Some(&mut cache));
                 pos += 1;
             }
-            assert!((got - want).abs() < 1e-3, "{label}: batched {got}, incremental {want}");
+            assert!(
+                (got - want).abs() < 1e-3,
+                "{label}: batched {got}, incremental {want}"
+            );
         }
     });
 

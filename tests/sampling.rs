@@ -116,7 +116,11 @@ fn top_log_probs_are_the_log_softmax_of_the_adjusted_logits() {
     };
     let top = top_log_probs(l.clone(), &p, &[], &[3], 3);
     // Adjusted: [1, 3, 2, −∞, 4]; the log-partition over the finite ones.
-    let z = [1.0f64, 3.0, 2.0, 4.0].iter().map(|x| x.exp()).sum::<f64>().ln();
+    let z = [1.0f64, 3.0, 2.0, 4.0]
+        .iter()
+        .map(|x| x.exp())
+        .sum::<f64>()
+        .ln();
     let want = [(4, 4.0 - z), (1, 3.0 - z), (2, 2.0 - z)];
     assert_eq!(top.len(), 3);
     for ((id, lp), (wid, wlp)) in top.iter().zip(want) {
@@ -172,7 +176,16 @@ fn beam_search_of_width_one_is_greedy_decoding() {
     let mut log_prob = 0.0;
     for _ in 0..max_new {
         let l = toy_model(&tokens, v);
-        let t = sample(&Tensor::from_slice(&l), &SamplingParams { temperature: 0.0, ..Default::default() }, &[], &[], 0);
+        let t = sample(
+            &Tensor::from_slice(&l),
+            &SamplingParams {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            &[],
+            &[],
+            0,
+        );
         log_prob += l[t as usize];
         tokens.push(t);
         if t == 0 {
@@ -187,7 +200,10 @@ fn beam_search_of_width_one_is_greedy_decoding() {
 /// Every sequence the search may return: ended by EOS within `max_new` ids, or `max_new` ids long.
 fn exhaustive_best(v: usize, max_new: usize, lp: f64) -> Hypothesis {
     let mut best: Option<Hypothesis> = None;
-    let mut frontier = vec![Hypothesis { tokens: vec![], log_prob: 0.0 }];
+    let mut frontier = vec![Hypothesis {
+        tokens: vec![],
+        log_prob: 0.0,
+    }];
     for _ in 0..max_new {
         let mut next = Vec::new();
         for h in frontier {
@@ -195,7 +211,10 @@ fn exhaustive_best(v: usize, max_new: usize, lp: f64) -> Hypothesis {
             for (t, x) in l.iter().enumerate() {
                 let mut tokens = h.tokens.clone();
                 tokens.push(t as i64);
-                let c = Hypothesis { tokens, log_prob: h.log_prob + x };
+                let c = Hypothesis {
+                    tokens,
+                    log_prob: h.log_prob + x,
+                };
                 if t == 0 || c.tokens.len() == max_new {
                     if best.as_ref().is_none_or(|b| c.score(lp) > b.score(lp)) {
                         best = Some(c);

@@ -763,10 +763,19 @@ async fn pope_evaluation_runs_through_the_generation_actors() {
     let split = deem_actors::eval_cmd::pope_split(&f).unwrap();
     assert_eq!(split.name, "pope/adversarial");
     let tok = Arc::new(load_tokenizer(None, None, &c).unwrap());
-    let results =
-        deem_actors::eval_cmd::run(&c, &topology(&c), &Weights::Init, tok, vec![split], &deem_actors::eval_cmd::Decoding { max_tokens: 4, ..Default::default() })
-            .await
-            .unwrap();
+    let results = deem_actors::eval_cmd::run(
+        &c,
+        &topology(&c),
+        &Weights::Init,
+        tok,
+        vec![split],
+        &deem_actors::eval_cmd::Decoding {
+            max_tokens: 4,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     let r = &results[0];
     assert_eq!(r.answers.len(), qs.len());
     assert_eq!(r.scores.n, qs.len());
@@ -807,18 +816,39 @@ fn reference_beam(
                     shard.forward_ids(&tch::Tensor::from_slice(&seq).unsqueeze(0), 0, None)
                 });
                 let last: Vec<f64> = Vec::try_from(
-                    logits.get(0).get(seq.len() as i64 - 1).to_kind(tch::Kind::Double),
+                    logits
+                        .get(0)
+                        .get(seq.len() as i64 - 1)
+                        .to_kind(tch::Kind::Double),
                 )
                 .unwrap();
-                let seen = if req.params.repetition_penalty != 1.0 { seq.clone() } else { vec![] };
-                top_log_probs(last, &req.params, &seen, &[ids.sniffer, ids.soi], b.candidates_needed())
+                let seen = if req.params.repetition_penalty != 1.0 {
+                    seq.clone()
+                } else {
+                    vec![]
+                };
+                top_log_probs(
+                    last,
+                    &req.params,
+                    &seen,
+                    &[ids.sniffer, ids.soi],
+                    b.candidates_needed(),
+                )
             })
             .collect();
         b.step(&cands);
     }
     let best = b.best().unwrap();
-    let text: Vec<u32> = best.tokens.iter().filter(|&&t| t != eos).map(|&t| t as u32).collect();
-    (tok.decode(&text, true).unwrap(), best.tokens.last() == Some(&eos))
+    let text: Vec<u32> = best
+        .tokens
+        .iter()
+        .filter(|&&t| t != eos)
+        .map(|&t| t as u32)
+        .collect();
+    (
+        tok.decode(&text, true).unwrap(),
+        best.tokens.last() == Some(&eos),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -827,9 +857,15 @@ async fn beam_search_through_the_actors_equals_whole_sequence_beam_search() {
     // 3 beams per request and 8 slots: the third request waits until a running one frees its slots.
     c.serve.max_running = 8;
     let tok = Arc::new(load_tokenizer(None, None, &c).unwrap());
-    let engine = Engine::start(&c, &topology(&c), &Weights::Init, tok.clone(), Metrics::new())
-        .await
-        .unwrap();
+    let engine = Engine::start(
+        &c,
+        &topology(&c),
+        &Weights::Init,
+        tok.clone(),
+        Metrics::new(),
+    )
+    .await
+    .unwrap();
     let eos = c.llm.eos_token_id;
     let bodies: Vec<Value> = (0..4)
         .map(|i| {
@@ -851,7 +887,10 @@ async fn beam_search_through_the_actors_equals_whole_sequence_beam_search() {
         let r = api::parse(b.to_string().as_bytes()).unwrap();
         api::build(r, &c, &tok, "tiny").unwrap()
     };
-    let rxs: Vec<_> = bodies.iter().map(|b| engine.submit(build(b)).ok().unwrap()).collect();
+    let rxs: Vec<_> = bodies
+        .iter()
+        .map(|b| engine.submit(build(b)).ok().unwrap())
+        .collect();
     let mut together = Vec::new();
     for rx in rxs {
         together.push(collect(rx).await);
@@ -888,12 +927,28 @@ async fn beam_search_through_the_actors_equals_whole_sequence_beam_search() {
     let mut ended = 0;
     for (i, b) in bodies.iter().enumerate() {
         let (text, eos_end) = reference_beam(&c, &shard, &tok, &build(b));
-        assert_eq!(together[i], alone[i], "request {i}: batched and alone differ");
-        assert_eq!(together[i].0, text, "request {i}: the engine's beam search differs from the reference");
+        assert_eq!(
+            together[i], alone[i],
+            "request {i}: batched and alone differ"
+        );
+        assert_eq!(
+            together[i].0, text,
+            "request {i}: the engine's beam search differs from the reference"
+        );
         assert_eq!(together[i].1, 0, "beam search draws no images");
-        assert_eq!(together[i].2, if eos_end { "stop" } else { "length" }, "request {i}");
+        assert_eq!(
+            together[i].2,
+            if eos_end { "stop" } else { "length" },
+            "request {i}"
+        );
         ended += eos_end as usize;
     }
-    assert!(ended >= 1, "no hypothesis ended with EOS: the EOS path went untested");
-    assert!(ended < bodies.len(), "every request ended with EOS: the length path went untested");
+    assert!(
+        ended >= 1,
+        "no hypothesis ended with EOS: the EOS path went untested"
+    );
+    assert!(
+        ended < bodies.len(),
+        "every request ended with EOS: the length path went untested"
+    );
 }

@@ -250,9 +250,20 @@ impl ModelClassifier {
 
     /// Each label (colour-major order) with the log-likelihood of its reply.
     pub fn scores(&self, image: &Path) -> anyhow::Result<Vec<(String, f64)>> {
+        let scores = self.reply_scores(image, MAIN_OBJECT_QUESTION, &self.replies)?;
+        Ok(self.labels.iter().cloned().zip(scores).collect())
+    }
+
+    /// The log-likelihood of each reply (ids, EOS included) to `question` about `image`.
+    pub fn reply_scores(
+        &self,
+        image: &Path,
+        question: &str,
+        replies: &[Vec<i64>],
+    ) -> anyhow::Result<Vec<f64>> {
         let q = deem::eval::Question {
             image: image.to_string_lossy().into_owned(),
-            text: MAIN_OBJECT_QUESTION.into(),
+            text: question.into(),
             label: String::new(),
         };
         let cfg = &self.model.cfg;
@@ -268,11 +279,11 @@ impl ModelClassifier {
             .as_ref()
             .context("the classifier's prompt has no image")?;
         let p = req.prompt.len();
-        let longest = self.replies.iter().map(Vec::len).max().unwrap_or(0);
-        let n = self.replies.len() as i64;
-        // One row per label: prompt, reply, padding after it (causal: padding changes nothing before).
-        let mut ids = Vec::with_capacity(self.replies.len() * (p + longest));
-        for r in &self.replies {
+        let longest = replies.iter().map(Vec::len).max().unwrap_or(0);
+        let n = replies.len() as i64;
+        // One row per reply: prompt, reply, padding after it (causal: padding changes nothing before).
+        let mut ids = Vec::with_capacity(replies.len() * (p + longest));
+        for r in replies {
             ids.extend_from_slice(&req.prompt);
             ids.extend_from_slice(r);
             ids.extend(std::iter::repeat_n(cfg.llm.pad_token_id, longest - r.len()));
@@ -295,14 +306,14 @@ impl ModelClassifier {
                 .log_softmax(-1, tch::Kind::Double);
             let target = ids.narrow(1, p as i64, longest as i64);
             let picked = logp.gather(2, &target.unsqueeze(-1), false).squeeze_dim(-1);
-            let lens: Vec<i64> = self.replies.iter().map(|r| r.len() as i64).collect();
+            let lens: Vec<i64> = replies.iter().map(|r| r.len() as i64).collect();
             let mask = tch::Tensor::arange(longest as i64, (tch::Kind::Int64, tch::Device::Cpu))
                 .unsqueeze(0)
                 .lt_tensor(&tch::Tensor::from_slice(&lens).unsqueeze(1));
             let total = (picked * mask.to_kind(tch::Kind::Double)).sum_dim_intlist(1, false, None);
             Ok(Vec::try_from(total)?)
         })?;
-        Ok(self.labels.iter().cloned().zip(scores).collect())
+        Ok(scores)
     }
 }
 
@@ -341,22 +352,22 @@ pub fn build_robustvqa(
     for &s in splits {
         let folder = data.join("eval").join(s.name());
         let prefix = format!("{}/", root.join("eval").join(s.name()).display());
-        let entries = deem::eval::build_robustvqa(
-            &folder,
-            &prefix,
-            only_misclassified,
-            |p| match (&proto, &miner) {
-                (Some(clf), _) => {
-                    let img = image::open(p)
-                        .map_err(|e| format!("{}: {e}", p.display()))?
-                        .to_rgb8();
-                    Ok(clf.rank(&img))
+        let entries =
+            deem::eval::build_robustvqa(&folder, &prefix, only_misclassified, |p| {
+                match (&proto, &miner) {
+                    (Some(clf), _) => {
+                        let img = image::open(p)
+                            .map_err(|e| format!("{}: {e}", p.display()))?
+                            .to_rgb8();
+                        Ok(clf.rank(&img))
+                    }
+                    (None, Miner::Model(m)) => m.rank(p).map_err(|e| format!("{e:#}")),
+                    (None, Miner::Prototype(_)) => {
+                        unreachable!("the prototype classifier was built")
+                    }
                 }
-                (None, Miner::Model(m)) => m.rank(p).map_err(|e| format!("{e:#}")),
-                (None, Miner::Prototype(_)) => unreachable!("the prototype classifier was built"),
-            },
-        )
-        .map_err(anyhow::Error::msg)?;
+            })
+            .map_err(anyhow::Error::msg)?;
         counts.insert(format!("synthetic_{}", s.name()), entries.len());
         all.insert(format!("synthetic_{}", s.name()), entries);
     }

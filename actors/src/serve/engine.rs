@@ -471,7 +471,9 @@ struct GroupState {
 
 /// What a sequence feeds next.
 enum Feed {
-    Prompt { visual: Option<Tensor> },
+    Prompt {
+        visual: Option<Tensor>,
+    },
     Token(i64),
     Image(Tensor),
     /// Beam search: the newest id of each live hypothesis, in the order of the beam's caches.
@@ -654,7 +656,8 @@ impl Scheduler {
         let deadline = req.arrived + req.timeout;
         let id = req.id;
         let beam = (req.num_beams > 1).then(|| {
-            let room = (self.cfg.llm.max_position_embeddings as usize).saturating_sub(req.prompt.len());
+            let room =
+                (self.cfg.llm.max_position_embeddings as usize).saturating_sub(req.prompt.len());
             Beam {
                 search: BeamSearch::new(req.num_beams, self.eos, req.max_tokens.min(room), 1.0),
                 caches: vec![id],
