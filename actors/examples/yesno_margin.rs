@@ -1,7 +1,7 @@
 //! Diagnostic: how well a checkpoint separates the yes and no questions of a RobustVQA / POPE file,
 //! threshold-free. For each question, margin = log p(" Yes</s>") − log p(" No</s>"); prints per split
 //! the AUC of the margin (0.5 = no signal), the mean margins of yes- and no-labelled questions, and
-//! the accuracy at the best threshold.
+//! the accuracy at the best threshold. A question whose image is "" is asked as text only.
 //!
 //! cargo run --release -p deem-actors --example yesno_margin -- CONFIG CHECKPOINT DATA FILE...
 
@@ -41,7 +41,9 @@ fn main() -> anyhow::Result<()> {
         for (name, qs) in splits {
             let mut m: Vec<(f64, bool)> = Vec::new();
             for q in &qs {
-                let s = clf.reply_scores(&base.join(&q.image), &q.text, &replies)?;
+                // An empty image path: a text-only question.
+                let image = (!q.image.is_empty()).then(|| base.join(&q.image));
+                let s = clf.reply_scores(image.as_deref(), &q.text, &replies)?;
                 m.push((s[0] - s[1], q.label == "yes"));
             }
             let (pos, neg): (Vec<&(f64, bool)>, Vec<&(f64, bool)>) = m.iter().partition(|x| x.1);

@@ -250,34 +250,42 @@ impl ModelClassifier {
 
     /// Each label (colour-major order) with the log-likelihood of its reply.
     pub fn scores(&self, image: &Path) -> anyhow::Result<Vec<(String, f64)>> {
-        let scores = self.reply_scores(image, MAIN_OBJECT_QUESTION, &self.replies)?;
+        let scores = self.reply_scores(Some(image), MAIN_OBJECT_QUESTION, &self.replies)?;
         Ok(self.labels.iter().cloned().zip(scores).collect())
     }
 
-    /// The log-likelihood of each reply (ids, EOS included) to `question` about `image`.
+    /// The log-likelihood of each reply (ids, EOS included) to `question` about `image` (a text-only
+    /// question without).
     pub fn reply_scores(
         &self,
-        image: &Path,
+        image: Option<&Path>,
         question: &str,
         replies: &[Vec<i64>],
     ) -> anyhow::Result<Vec<f64>> {
-        let q = deem::eval::Question {
-            image: image.to_string_lossy().into_owned(),
-            text: question.into(),
-            label: String::new(),
-        };
         let cfg = &self.model.cfg;
-        let req = crate::eval_cmd::request(
-            &q,
-            Path::new(""),
-            cfg,
-            &self.tok,
-            &crate::eval_cmd::Decoding::default(),
-        )?;
-        let pixels = req
-            .images
-            .as_ref()
-            .context("the classifier's prompt has no image")?;
+        let req = match image {
+            Some(image) => {
+                let q = deem::eval::Question {
+                    image: image.to_string_lossy().into_owned(),
+                    text: question.into(),
+                    label: String::new(),
+                };
+                crate::eval_cmd::request(
+                    &q,
+                    Path::new(""),
+                    cfg,
+                    &self.tok,
+                    &crate::eval_cmd::Decoding::default(),
+                )?
+            }
+            None => {
+                let body = serde_json::json!({"messages": [{"role": "user", "content": question}]});
+                let r = crate::serve::api::parse(body.to_string().as_bytes())
+                    .map_err(|e| anyhow::anyhow!(e.message))?;
+                crate::serve::api::build(r, cfg, &self.tok, &cfg.model.name)
+                    .map_err(|e| anyhow::anyhow!(e.message))?
+            }
+        };
         let p = req.prompt.len();
         let longest = replies.iter().map(Vec::len).max().unwrap_or(0);
         let n = replies.len() as i64;
@@ -290,10 +298,16 @@ impl ModelClassifier {
         }
         let scores: Vec<f64> = tch::no_grad(|| -> anyhow::Result<Vec<f64>> {
             let ids = tch::Tensor::from_slice(&ids).view([n, (p + longest) as i64]);
-            let (visual, _) = self.model.vision.forward(pixels);
-            let visual = visual.repeat([n, 1, 1]);
-            let embeds =
-                deem::model::embed_sequence(&self.model.llm, &ids, Some(&visual), self.model.ids)?;
+            let visual = req
+                .images
+                .as_ref()
+                .map(|px| self.model.vision.forward(px).0.repeat([n, 1, 1]));
+            let embeds = deem::model::embed_sequence(
+                &self.model.llm,
+                &ids,
+                visual.as_ref(),
+                self.model.ids,
+            )?;
             let h = self
                 .model
                 .llm
