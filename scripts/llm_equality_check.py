@@ -5,7 +5,8 @@ in the image? Please answer yes or no." Half of the questions ask about the desc
 answer (" Yes"/" No" + EOS) is the only target. It uses the tiny tokenizer and configs/tiny.toml's LLM shape
 in HF transformers' LlamaForCausalLM, with AdamW and a cosine schedule (deem's stage II recipe). It prints
 the loss and the AUC of logit(" Yes") - logit(" No") on 300 held-out questions (0.5 = no signal).
-Measured: loss ln2/3 = 0.23 and AUC 0.49-0.50 after 3000 and 10 000 steps.
+Measured: answer-only loss stays at ln2/3 = 0.23, AUC 0.49-0.50, after 3000 and 10 000 steps (also at lr
+3e-3); with --lm-prompt (next-token loss on the prompt too) AUC reaches 1.000 by step 750.
 
     .venv/bin/pip install transformers tokenizers
     .venv/bin/python scripts/llm_equality_check.py --steps 3000
@@ -31,6 +32,7 @@ def main():
     ap.add_argument("--batch", type=int, default=28)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lm-prompt", action="store_true", help="also train next-token prediction on the prompt")
     a = ap.parse_args()
     random.seed(a.seed)
     torch.manual_seed(a.seed)
@@ -67,7 +69,8 @@ def main():
             s = c + r
             ids[i, : len(s)] = torch.tensor(s)
             att[i, : len(s)] = 1
-            labels[i, len(c) : len(s)] = torch.tensor(r)
+            start = 1 if a.lm_prompt else len(c)
+            labels[i, start : len(s)] = torch.tensor(s[start:])
         return ids, labels, att
 
     def auc():

@@ -324,6 +324,13 @@ pub struct TrainConfig {
     /// images through a frozen random network, so the tiny recipe trains it from the start.
     #[serde(default)]
     pub train_llm_in_stage_one: bool,
+    /// Whether instruction conversations train next-token prediction on their prompts too (system
+    /// prompt, questions), not only on the replies. LLaVA and DEEM train on the replies alone, with a
+    /// pretrained LLM; a from-scratch LLM trained on the one-token yes/no replies alone never learns
+    /// to compare the question with its context (`scripts/llm_equality_check.py`), with the prompts it
+    /// does.
+    #[serde(default)]
+    pub loss_on_prompts: bool,
     /// Write a checkpoint every this many steps (0: only at the end).
     pub checkpoint_every: u64,
     /// How often a failed step may restart the actors from the last checkpoint before the run stops.

@@ -69,6 +69,8 @@ pub struct Mixer {
     k: usize,
     bos: i64,
     eos: i64,
+    /// `train.loss_on_prompts`: conversations' prompts are targets too.
+    loss_on_prompts: bool,
     pad: i64,
     soi: i64,
     sniffer: i64,
@@ -89,6 +91,7 @@ impl Mixer {
             k: cfg.resampler.num_query_tokens as usize,
             bos: l.bos_token_id,
             eos: l.eos_token_id,
+            loss_on_prompts: cfg.train.loss_on_prompts,
             pad: l.pad_token_id,
             soi: l.vocab_size,
             sniffer: l.vocab_size + 1,
@@ -186,7 +189,8 @@ impl Mixer {
     }
 
     /// Instruction conversations in the chat template; the image replaces `<image>` (or leads the first
-    /// question when the text has none). Only the replies (each closed by EOS) are NTP targets.
+    /// question when the text has none). Only the replies (each closed by EOS) are NTP targets, unless
+    /// `train.loss_on_prompts`: then every text id is (images stay context).
     pub fn add_conversations(
         &mut self,
         name: &str,
@@ -196,12 +200,17 @@ impl Mixer {
         tok: &DeemTokenizer,
     ) -> Result<(), String> {
         let mut samples = Vec::new();
+        let context = if self.loss_on_prompts {
+            Some(0)
+        } else {
+            Some(usize::MAX)
+        };
         for c in convs {
             let mut segs = vec![Segment {
                 text: Self::text(tok, system)?,
                 images: vec![],
                 movable: false,
-                targets_from: Some(usize::MAX),
+                targets_from: context,
             }];
             for (i, (q, a)) in c.turns.iter().enumerate() {
                 let q = q.replace("<image>", "").trim().to_string();
@@ -214,7 +223,7 @@ impl Mixer {
                     text: Self::text(tok, " USER:")?,
                     images: vec![],
                     movable: false,
-                    targets_from: Some(usize::MAX),
+                    targets_from: context,
                 });
                 // " {q} ASSISTANT:" is context; " {a}</s>" the target (the last reply's EOS is the
                 // sample's own, appended by `emit`).
@@ -229,7 +238,7 @@ impl Mixer {
                     text: qt,
                     images: image.into_iter().collect(),
                     movable: false,
-                    targets_from: Some(from),
+                    targets_from: Some(if self.loss_on_prompts { 0 } else { from }),
                 });
             }
             samples.push(segs);

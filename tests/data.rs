@@ -727,3 +727,42 @@ fn instruction_conversations_are_multi_turn_and_answer_about_their_own_scene() {
         "existence answers are balanced: {yes} yes, {no} no"
     );
 }
+
+#[test]
+fn with_loss_on_prompts_conversations_train_on_every_text_id() {
+    let tok = tiny_tokenizer();
+    let mut c = mixer_cfg();
+    c.train.batch_size = 1;
+    c.train.loss_on_prompts = true;
+    let conv = datasets::Conversation {
+        image: Some(world::scene(0, Split::Id, 0, 32).render()),
+        turns: vec![
+            ("<image>\nIs there a red circle?".into(), "Yes".into()),
+            ("What colour is it?".into(), "red".into()),
+        ],
+    };
+    let mut m = deem::mixer::Mixer::new(&c, 0);
+    m.add_conversations("c", 1.0, &[conv], "You are a helpful assistant.", &tok)
+        .unwrap();
+    let b = m.batch(0).unwrap();
+    let ids: Vec<i64> = Vec::try_from(b.input_ids.reshape([-1])).unwrap();
+    let mask: Vec<bool> = Vec::try_from(b.loss_mask.unwrap().reshape([-1])).unwrap();
+    let s = deem::model::special_ids(&c);
+    // Targets: every id but BOS, the image (SoI and placeholders) and the padding.
+    for (i, (&t, &k)) in ids.iter().zip(&mask).enumerate() {
+        let context = t == s.bos || t == s.soi || t == s.sniffer || t == s.pad;
+        assert_eq!(k, !context, "position {i}, id {t}");
+    }
+    // The prompt is among them: the question's words are targets.
+    let question: Vec<i64> = tok
+        .encode(" What colour is it?", false)
+        .unwrap()
+        .into_iter()
+        .map(i64::from)
+        .collect();
+    let at = ids
+        .windows(question.len())
+        .position(|w| w == question.as_slice())
+        .expect("the question is in the row");
+    assert!(mask[at..at + question.len()].iter().all(|&k| k));
+}
