@@ -584,19 +584,24 @@ fn the_mix_follows_its_weights_and_documents_keep_six_images() {
     assert_eq!(per_doc, 6);
 }
 
+/// A two-turn conversation about a scene: a yes/no question with the image, then a colour question.
+fn two_turn_conversation() -> datasets::Conversation {
+    datasets::Conversation {
+        image: Some(world::scene(0, Split::Id, 0, 32).render()),
+        turns: vec![
+            ("<image>\nIs there a red circle?".into(), "Yes".into()),
+            ("What colour is it?".into(), "red".into()),
+        ],
+    }
+}
+
 #[test]
 fn conversations_train_only_on_the_replies_and_captions_on_all_their_text() {
     let tok = tiny_tokenizer();
     let mut c = mixer_cfg();
     c.train.batch_size = 1;
     let img = world::scene(0, Split::Id, 0, 32).render();
-    let conv = datasets::Conversation {
-        image: Some(img.clone()),
-        turns: vec![
-            ("<image>\nIs there a red circle?".into(), "Yes".into()),
-            ("What colour is it?".into(), "red".into()),
-        ],
-    };
+    let conv = two_turn_conversation();
     let mut m = deem::mixer::Mixer::new(&c, 0);
     m.add_conversations("c", 1.0, &[conv], "You are a helpful assistant.", &tok)
         .unwrap();
@@ -734,13 +739,7 @@ fn with_loss_on_prompts_conversations_train_on_every_text_id() {
     let mut c = mixer_cfg();
     c.train.batch_size = 1;
     c.train.loss_on_prompts = true;
-    let conv = datasets::Conversation {
-        image: Some(world::scene(0, Split::Id, 0, 32).render()),
-        turns: vec![
-            ("<image>\nIs there a red circle?".into(), "Yes".into()),
-            ("What colour is it?".into(), "red".into()),
-        ],
-    };
+    let conv = two_turn_conversation();
     let mut m = deem::mixer::Mixer::new(&c, 0);
     m.add_conversations("c", 1.0, &[conv], "You are a helpful assistant.", &tok)
         .unwrap();

@@ -79,6 +79,47 @@ async fn collect(rx: flume::Receiver<Event>) -> (String, usize, String) {
     panic!("the stream ended without Done")
 }
 
+type Reply = (String, usize, String);
+
+/// The engine request of an API body.
+fn request_of(
+    b: &Value,
+    c: &DeemConfig,
+    tok: &deem::tokenizer::DeemTokenizer,
+) -> deem_actors::serve::engine::Request {
+    api::build(
+        api::parse(b.to_string().as_bytes()).unwrap(),
+        c,
+        tok,
+        "tiny",
+    )
+    .unwrap()
+}
+
+/// Each body's reply when all are queued at once (so they decode in shared ticks), then when each runs
+/// alone.
+async fn together_then_alone(
+    engine: &Engine,
+    bodies: &[Value],
+    c: &DeemConfig,
+    tok: &deem::tokenizer::DeemTokenizer,
+) -> (Vec<Reply>, Vec<Reply>) {
+    let build = |b: &Value| request_of(b, c, tok);
+    let rxs: Vec<_> = bodies
+        .iter()
+        .map(|b| engine.submit(build(b)).ok().unwrap())
+        .collect();
+    let mut together = Vec::new();
+    for rx in rxs {
+        together.push(collect(rx).await);
+    }
+    let mut alone = Vec::new();
+    for b in bodies {
+        alone.push(collect(engine.submit(build(b)).ok().unwrap()).await);
+    }
+    (together, alone)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_decoding_gives_the_tokens_of_one_at_a_time_decoding() {
     let c = cfg();
@@ -121,21 +162,9 @@ async fn batched_decoding_gives_the_tokens_of_one_at_a_time_decoding() {
             b
         })
         .collect();
-    let build = |b: &Value| {
-        let r = api::parse(b.to_string().as_bytes()).unwrap();
-        api::build(r, &c, &tok, "tiny").unwrap()
-    };
-
-    // Together: every request queued at once, so they decode in shared ticks.
-    let rxs: Vec<_> = bodies
-        .iter()
-        .map(|b| engine.submit(build(b)).ok().unwrap())
-        .collect();
-    let mut together = Vec::new();
-    for rx in rxs {
-        together.push(collect(rx).await);
-    }
-    // Some ticks carried several sequences (the histogram's sum exceeds its count).
+    let (together, alone) = together_then_alone(&engine, &bodies, &c, &tok).await;
+    // Some ticks carried several sequences (the histogram's sum exceeds its count; the one-sequence
+    // ticks of the requests alone add as much to both).
     let text = metrics.encode();
     let stat = |name: &str| -> f64 {
         text.lines()
@@ -146,11 +175,6 @@ async fn batched_decoding_gives_the_tokens_of_one_at_a_time_decoding() {
         stat("deem_serve_batch_size_sequences_sum") > stat("deem_serve_batch_size_sequences_count"),
         "no tick batched several sequences"
     );
-    // Alone: one request at a time.
-    let mut alone = Vec::new();
-    for b in &bodies {
-        alone.push(collect(engine.submit(build(b)).ok().unwrap()).await);
-    }
     engine.shutdown().await;
     for (i, (t, a)) in together.iter().zip(&alone).enumerate() {
         assert_eq!(t, a, "request {i}: batched and alone differ");
@@ -883,22 +907,7 @@ async fn beam_search_through_the_actors_equals_whole_sequence_beam_search() {
             b
         })
         .collect();
-    let build = |b: &Value| {
-        let r = api::parse(b.to_string().as_bytes()).unwrap();
-        api::build(r, &c, &tok, "tiny").unwrap()
-    };
-    let rxs: Vec<_> = bodies
-        .iter()
-        .map(|b| engine.submit(build(b)).ok().unwrap())
-        .collect();
-    let mut together = Vec::new();
-    for rx in rxs {
-        together.push(collect(rx).await);
-    }
-    let mut alone = Vec::new();
-    for b in &bodies {
-        alone.push(collect(engine.submit(build(b)).ok().unwrap()).await);
-    }
+    let (together, alone) = together_then_alone(&engine, &bodies, &c, &tok).await;
     // Every cache was freed, forks included.
     let mut held = usize::MAX;
     for _ in 0..50 {
@@ -926,7 +935,7 @@ async fn beam_search_through_the_actors_equals_whole_sequence_beam_search() {
     });
     let mut ended = 0;
     for (i, b) in bodies.iter().enumerate() {
-        let (text, eos_end) = reference_beam(&c, &shard, &tok, &build(b));
+        let (text, eos_end) = reference_beam(&c, &shard, &tok, &request_of(b, &c, &tok));
         assert_eq!(
             together[i], alone[i],
             "request {i}: batched and alone differ"

@@ -17,12 +17,11 @@ fn main() -> anyhow::Result<()> {
     let data = Path::new(&a[2]);
     let tok = Arc::new(deem_actors::serve::load_tokenizer(None, Some(data), &cfg)?);
     let clf = deem_actors::report::ModelClassifier::new(&cfg, Path::new(&a[1]), tok.clone())?;
-    let reply = |t: &str| -> anyhow::Result<Vec<i64>> {
-        let mut ids: Vec<i64> = tok.encode(t, false)?.into_iter().map(i64::from).collect();
-        ids.push(cfg.llm.eos_token_id);
-        Ok(ids)
-    };
-    let replies = [reply(" Yes")?, reply(" No")?];
+    let eos = cfg.llm.eos_token_id;
+    let replies = [
+        deem_actors::report::reply_ids(&tok, " Yes", eos)?,
+        deem_actors::report::reply_ids(&tok, " No", eos)?,
+    ];
     for f in &a[3..] {
         let f = Path::new(f);
         let splits: Vec<(String, Vec<deem::eval::Question>)> =

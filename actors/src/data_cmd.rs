@@ -175,14 +175,14 @@ pub fn run(cmd: DataCommand, metrics: &Metrics) -> anyhow::Result<String> {
             };
             let miner = match &model {
                 Some(m) => crate::report::Miner::Model(m),
-                None => crate::report::Miner::Prototype(
+                None => crate::report::Miner::Prototype(crate::report::PrototypeClassifier::new(
                     serde_json::from_str::<serde_json::Value>(
                         &std::fs::read_to_string(data.join("SYNTH.json")).unwrap_or_default(),
                     )
                     .ok()
                     .and_then(|v| v["size"].as_u64())
                     .unwrap_or(64) as u32,
-                ),
+                )),
             };
             let counts = crate::report::build_robustvqa(
                 &data,

@@ -87,25 +87,39 @@ pub fn request(
     tok: &DeemTokenizer,
     d: &Decoding,
 ) -> anyhow::Result<crate::serve::engine::Request> {
+    chat_request(Some(&base.join(&q.image)), &q.text, cfg, tok, d)
+}
+
+/// The engine request of one user turn: the image (if any), then `text`, decoded as `d` says.
+pub fn chat_request(
+    image: Option<&Path>,
+    text: &str,
+    cfg: &DeemConfig,
+    tok: &DeemTokenizer,
+    d: &Decoding,
+) -> anyhow::Result<crate::serve::engine::Request> {
     use base64::Engine as _;
-    let path = base.join(&q.image);
-    let bytes = std::fs::read(&path)
-        .with_context(|| format!("{}: cannot read the image", path.display()))?;
-    let url = format!(
-        "data:image/png;base64,{}",
-        base64::engine::general_purpose::STANDARD.encode(bytes)
-    );
+    let mut content = Vec::new();
+    if let Some(path) = image {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("{}: cannot read the image", path.display()))?;
+        let url = format!(
+            "data:image/png;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        );
+        content.push(json!({"type": "image_url", "image_url": {"url": url}}));
+    }
+    content.push(json!({"type": "text", "text": text}));
     let body = json!({
-        "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": url}},
-            {"type": "text", "text": q.text},
-        ]}],
+        "messages": [{"role": "user", "content": content}],
         "temperature": 0, "max_tokens": d.max_tokens, "seed": 0, "csr_score": false, "max_images": 0,
         "num_beams": d.num_beams,
     });
     let r = api::parse(body.to_string().as_bytes()).map_err(|e| anyhow::anyhow!(e.message))?;
-    let mut req = api::build(r, cfg, tok, &cfg.model.name)
-        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message))?;
+    let mut req = api::build(r, cfg, tok, &cfg.model.name).map_err(|e| match image {
+        Some(path) => anyhow::anyhow!("{}: {}", path.display(), e.message),
+        None => anyhow::anyhow!(e.message),
+    })?;
     if !d.prime.is_empty() {
         req.prompt.extend(
             tok.encode(&format!(" {}", d.prime), false)?

@@ -221,15 +221,7 @@ impl ModelClassifier {
             .collect();
         let replies = labels
             .iter()
-            .map(|l| -> anyhow::Result<Vec<i64>> {
-                let mut ids: Vec<i64> = tok
-                    .encode(&format!(" A {l}."), false)?
-                    .into_iter()
-                    .map(i64::from)
-                    .collect();
-                ids.push(cfg.llm.eos_token_id);
-                Ok(ids)
-            })
+            .map(|l| reply_ids(&tok, &format!(" A {l}."), cfg.llm.eos_token_id))
             .collect::<anyhow::Result<_>>()?;
         Ok(ModelClassifier {
             _vs: vs,
@@ -263,29 +255,13 @@ impl ModelClassifier {
         replies: &[Vec<i64>],
     ) -> anyhow::Result<Vec<f64>> {
         let cfg = &self.model.cfg;
-        let req = match image {
-            Some(image) => {
-                let q = deem::eval::Question {
-                    image: image.to_string_lossy().into_owned(),
-                    text: question.into(),
-                    label: String::new(),
-                };
-                crate::eval_cmd::request(
-                    &q,
-                    Path::new(""),
-                    cfg,
-                    &self.tok,
-                    &crate::eval_cmd::Decoding::default(),
-                )?
-            }
-            None => {
-                let body = serde_json::json!({"messages": [{"role": "user", "content": question}]});
-                let r = crate::serve::api::parse(body.to_string().as_bytes())
-                    .map_err(|e| anyhow::anyhow!(e.message))?;
-                crate::serve::api::build(r, cfg, &self.tok, &cfg.model.name)
-                    .map_err(|e| anyhow::anyhow!(e.message))?
-            }
-        };
+        let req = crate::eval_cmd::chat_request(
+            image,
+            question,
+            cfg,
+            &self.tok,
+            &crate::eval_cmd::Decoding::default(),
+        )?;
         let p = req.prompt.len();
         let longest = replies.iter().map(Vec::len).max().unwrap_or(0);
         let n = replies.len() as i64;
@@ -331,11 +307,40 @@ impl ModelClassifier {
     }
 }
 
+/// A reply's ids as [`ModelClassifier::reply_scores`] takes them: `text`'s tokens, then EOS.
+pub fn reply_ids(
+    tok: &deem::tokenizer::DeemTokenizer,
+    text: &str,
+    eos: i64,
+) -> anyhow::Result<Vec<i64>> {
+    let mut ids: Vec<i64> = tok
+        .encode(text, false)?
+        .into_iter()
+        .map(i64::from)
+        .collect();
+    ids.push(eos);
+    Ok(ids)
+}
+
 /// What ranks the classes of RobustVQA's images (the hard negative is the best-ranked wrong one).
 pub enum Miner<'a> {
-    /// [`PrototypeClassifier`] at this image side.
-    Prototype(u32),
+    Prototype(PrototypeClassifier),
     Model(&'a ModelClassifier),
+}
+
+impl Miner<'_> {
+    /// Every label for the image at `path`, best first.
+    fn rank(&self, path: &Path) -> Result<Vec<String>, String> {
+        match self {
+            Miner::Prototype(clf) => {
+                let img = image::open(path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?
+                    .to_rgb8();
+                Ok(clf.rank(&img))
+            }
+            Miner::Model(m) => m.rank(path).map_err(|e| format!("{e:#}")),
+        }
+    }
 }
 
 /// Builds `robustvqa.json` over the evaluation splits of a synthesized folder (`eval/<split>/`).
@@ -346,10 +351,6 @@ pub fn build_robustvqa(
     miner: Miner<'_>,
     out: &Path,
 ) -> anyhow::Result<BTreeMap<String, usize>> {
-    let proto = match miner {
-        Miner::Prototype(size) => Some(PrototypeClassifier::new(size)),
-        Miner::Model(_) => None,
-    };
     // Image paths stay relative when the file sits in the data folder, else absolute.
     let beside = out
         .parent()
@@ -367,21 +368,8 @@ pub fn build_robustvqa(
         let folder = data.join("eval").join(s.name());
         let prefix = format!("{}/", root.join("eval").join(s.name()).display());
         let entries =
-            deem::eval::build_robustvqa(&folder, &prefix, only_misclassified, |p| {
-                match (&proto, &miner) {
-                    (Some(clf), _) => {
-                        let img = image::open(p)
-                            .map_err(|e| format!("{}: {e}", p.display()))?
-                            .to_rgb8();
-                        Ok(clf.rank(&img))
-                    }
-                    (None, Miner::Model(m)) => m.rank(p).map_err(|e| format!("{e:#}")),
-                    (None, Miner::Prototype(_)) => {
-                        unreachable!("the prototype classifier was built")
-                    }
-                }
-            })
-            .map_err(anyhow::Error::msg)?;
+            deem::eval::build_robustvqa(&folder, &prefix, only_misclassified, |p| miner.rank(p))
+                .map_err(anyhow::Error::msg)?;
         counts.insert(format!("synthetic_{}", s.name()), entries.len());
         all.insert(format!("synthetic_{}", s.name()), entries);
     }

@@ -851,10 +851,17 @@ impl Scheduler {
         let s = self.seqs.get_mut(&id).expect("ready sequence");
         let beam = s.beam.as_ref().expect("a beam sequence");
         let need = beam.search.candidates_needed();
-        let spec = |seen: Vec<i64>| SampleSpec {
+        let penalised = s.req.params.repetition_penalty != 1.0;
+        // The context is only read by the repetition penalty: the prompt, then the hypothesis.
+        let spec = |prompt: &[i64], generated: &[i64]| SampleSpec {
             params: s.req.params.clone(),
-            seen: if s.req.params.repetition_penalty != 1.0 {
-                seen
+            seen: if penalised {
+                prompt
+                    .iter()
+                    .chain(generated)
+                    .copied()
+                    .filter(|&t| t != sniffer)
+                    .collect()
             } else {
                 Vec::new()
             },
@@ -866,12 +873,11 @@ impl Scheduler {
             SeqState::Ready(Feed::Prompt { visual }) => {
                 s.tokens.extend_from_slice(&s.req.prompt);
                 self.metrics.prompt_tokens.inc_by(s.req.prompt.len() as u64);
-                let seen = s.tokens.iter().copied().filter(|&t| t != sniffer).collect();
                 vec![(
                     RowMeta {
                         seq: id,
                         start: 0,
-                        sample: Some(spec(seen)),
+                        sample: Some(spec(&s.tokens, &[])),
                         context_from: None,
                     },
                     RowInput::Ids {
@@ -886,18 +892,11 @@ impl Scheduler {
                     .zip(live)
                     .zip(&beam.caches)
                     .map(|((&t, h), &cache)| {
-                        let seen = s
-                            .tokens
-                            .iter()
-                            .chain(&h.tokens)
-                            .copied()
-                            .filter(|&t| t != sniffer)
-                            .collect();
                         (
                             RowMeta {
                                 seq: cache,
                                 start: (s.tokens.len() + h.tokens.len() - 1) as i64,
-                                sample: Some(spec(seen)),
+                                sample: Some(spec(&s.tokens, &h.tokens)),
                                 context_from: None,
                             },
                             RowInput::Ids {
