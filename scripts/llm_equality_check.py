@@ -33,6 +33,7 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lm-prompt", action="store_true", help="also train next-token prediction on the prompt")
+    ap.add_argument("--pack", type=int, default=1, help="conversations packed per row, no document mask (deem's rows)")
     a = ap.parse_args()
     random.seed(a.seed)
     torch.manual_seed(a.seed)
@@ -87,7 +88,16 @@ def main():
 
     t0 = time.time()
     for step in range(a.steps):
-        ids, labels, att = batch([sample() for _ in range(a.batch)])
+        items = [sample() for _ in range(a.batch)]
+        if a.pack > 1:
+            # Several conversations per row, one causal mask across them: every target as before.
+            rows = [items[i : i + a.pack] for i in range(0, len(items), a.pack)]
+            items = [(sum((c + r for c, r in row[:-1]), []) + row[-1][0], row[-1][1]) for row in rows]
+            ids, labels, att = batch(items)
+            if not a.lm_prompt:
+                raise SystemExit("--pack needs --lm-prompt (answer-only labels are not tracked through packing)")
+        else:
+            ids, labels, att = batch(items)
         loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
         opt.zero_grad()
         loss.backward()

@@ -331,10 +331,19 @@ pub struct TrainConfig {
     /// does.
     #[serde(default)]
     pub loss_on_prompts: bool,
+    /// Whether the documents packed into one training row are isolated: each attends only to itself
+    /// and its positions restart at its BOS, so packing changes no document's computation (default). Off,
+    /// a row is one causal sequence and a document reads the ones packed before it.
+    #[serde(default = "default_true")]
+    pub isolate_documents: bool,
     /// Write a checkpoint every this many steps (0: only at the end).
     pub checkpoint_every: u64,
     /// How often a failed step may restart the actors from the last checkpoint before the run stops.
     pub max_restarts: u32,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

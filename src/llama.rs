@@ -243,20 +243,17 @@ impl Rope {
         }
     }
 
-    /// Rotates `x` [B, H, 1, D], row `b` at position `positions[b]` (batched decode).
+    /// Rotates `x` [B, H, T, D], row `b`'s token `t` at position `positions[b, t]` (`positions` holds
+    /// B × T ids in any shape: [B] for a batched decode, [B, T] for packed documents).
     fn apply_rows(&self, x: &Tensor, positions: &Tensor) -> Tensor {
-        let b = x.size()[0];
-        let d = x.size()[3];
-        let cos = self
-            .cos
-            .index_select(0, positions)
-            .to_kind(x.kind())
-            .view([b, 1, 1, d]);
-        let sin = self
-            .sin
-            .index_select(0, positions)
-            .to_kind(x.kind())
-            .view([b, 1, 1, d]);
+        let (b, _, t, d) = x.size4().expect("[B, H, T, D]");
+        let at = |table: &Tensor| {
+            table
+                .index_select(0, &positions.reshape([-1]))
+                .to_kind(x.kind())
+                .view([b, 1, t, d])
+        };
+        let (cos, sin) = (at(&self.cos), at(&self.sin));
         let half = d / 2;
         let rotated = Tensor::cat(&[&-x.narrow(3, half, half), &x.narrow(3, 0, half)], -1);
         x * cos + rotated * sin
@@ -311,9 +308,19 @@ impl Attention {
 
     /// Causal attention of T queries over `past` earlier positions plus themselves, then `o_proj`.
     fn attend(&self, q: &Tensor, k: Tensor, v: Tensor, past: i64) -> Tensor {
-        let (b, _, t, _) = q.size4().expect("[B, H, T, D]");
+        let t = q.size()[2];
         let total = k.size()[2];
         debug_assert_eq!(total, past + t);
+        // Causal mask for T new queries after `past` cached positions: [T, total].
+        let mask =
+            Tensor::full([t, total], f64::NEG_INFINITY, (Kind::Float, q.device())).triu(past + 1);
+        self.attend_masked(q, k, v, &mask)
+    }
+
+    /// Attention of `q` [B, H, T, D] over `k`, `v` [B, KV, total, D] with the additive `mask`
+    /// (broadcast to [B, H, T, total]), then `o_proj`.
+    fn attend_masked(&self, q: &Tensor, k: Tensor, v: Tensor, mask: &Tensor) -> Tensor {
+        let (b, _, t, _) = q.size4().expect("[B, H, T, D]");
         let groups = self.heads / self.kv_heads;
         let (k, v) = if groups > 1 {
             (
@@ -323,9 +330,6 @@ impl Attention {
         } else {
             (k, v)
         };
-        // Causal mask for T new queries after `past` cached positions: [T, total].
-        let mask =
-            Tensor::full([t, total], f64::NEG_INFINITY, (Kind::Float, q.device())).triu(past + 1);
         let scores = q.matmul(&k.transpose(-2, -1)).to_kind(Kind::Float)
             / (self.head_dim as f64).sqrt()
             + mask;
@@ -337,6 +341,19 @@ impl Attention {
                 .contiguous()
                 .view([b, t, self.heads * self.head_dim]);
         self.o_proj.forward(&out)
+    }
+
+    /// Packed rows (`x` [B, T, C]): each document attends only to itself, at its own positions.
+    fn forward_documents(&self, x: &Tensor, rope: &Rope, docs: &Documents) -> Tensor {
+        let (b, t, _) = x.size3().expect("hidden states are [B, T, C]");
+        let split = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2); // [B, n, T, D]
+        let q = rope.apply_rows(&split(self.q_proj.forward(x), self.heads), &docs.positions);
+        let k = rope.apply_rows(
+            &split(self.k_proj.forward(x), self.kv_heads),
+            &docs.positions,
+        );
+        let v = split(self.v_proj.forward(x), self.kv_heads);
+        self.attend_masked(&q, k, v, &docs.mask)
     }
 
     fn forward(
@@ -427,6 +444,47 @@ impl Attention {
             .matmul(&vb) // [B, KV, G, D]
             .reshape([b, 1, self.heads * self.head_dim]);
         self.o_proj.forward(&out)
+    }
+}
+
+/// The documents packed into training rows: each begins at a BOS and runs to the next one (ids before
+/// a row's first BOS form a document of their own). A document attends only to itself and its positions
+/// restart at 0, so a packed row computes what its documents compute alone (Megatron's
+/// `reset_position_ids` + `reset_attention_mask`; `train.isolate_documents`).
+#[derive(Debug)]
+pub struct Documents {
+    /// [B, T] int64: the position of each id within its document.
+    positions: Tensor,
+    /// [B, 1, T, T] f32: 0 where query t may read key s (same document, s ≤ t), −∞ elsewhere.
+    mask: Tensor,
+}
+
+impl Documents {
+    /// The documents of `ids` [B, T].
+    pub fn from_ids(ids: &Tensor, bos: i64) -> Self {
+        let (b, t) = ids.size2().expect("ids are [B, T]");
+        let dev = ids.device();
+        let starts = ids.eq(bos).to_kind(Kind::Int64);
+        let doc = starts.cumsum(1, Kind::Int64); // [B, T]: which document each id belongs to
+        let index = Tensor::arange(t, (Kind::Int64, dev))
+            .unsqueeze(0)
+            .expand([b, t], false);
+        // The latest BOS at or before each id (0 before the first).
+        let (start, _) = (&index * &starts).cummax(1);
+        let same = doc.unsqueeze(2).eq_tensor(&doc.unsqueeze(1)); // [B, T, T]
+        let causal = Tensor::ones([t, t], (Kind::Bool, dev)).tril(0);
+        let mask = Tensor::zeros([b, t, t], (Kind::Float, dev))
+            .masked_fill(&same.logical_and(&causal).logical_not(), f64::NEG_INFINITY)
+            .unsqueeze(1);
+        Documents {
+            positions: index - start,
+            mask,
+        }
+    }
+
+    /// Each id's position within its document, [B, T].
+    pub fn positions(&self) -> &Tensor {
+        &self.positions
     }
 }
 
@@ -681,6 +739,15 @@ impl LlamaShard {
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             h = layer.forward(&h, |a, x| a.forward(x, &self.rope, start, slot));
+        }
+        h
+    }
+
+    /// Runs this shard's layers on packed training rows [B, T, C], each document isolated (no cache).
+    pub fn forward_documents(&self, hidden: &Tensor, docs: &Documents) -> Tensor {
+        let mut h = hidden.shallow_clone();
+        for layer in &self.layers {
+            h = layer.forward(&h, |a, x| a.forward_documents(x, &self.rope, docs));
         }
         h
     }

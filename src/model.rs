@@ -464,7 +464,9 @@ impl Deem {
 
         // 2. LLM over the spliced sequence.
         let embeds = embed_sequence(&self.llm, ids, vision.as_ref().map(|v| &v.0), self.ids)?;
-        let hidden = self.llm.norm(&self.llm.forward_layers(&embeds, 0, None));
+        let hidden = self
+            .llm
+            .norm(&llm_forward(&self.llm, &embeds, ids, &self.cfg));
         let ntp = ntp_loss(
             &self.llm.logits(&hidden),
             ids,
@@ -495,6 +497,17 @@ impl Deem {
             nip,
             csr,
         })
+    }
+}
+
+/// A training forward of `shard` over packed rows `ids` (hidden states `hidden`): documents isolated
+/// when `train.isolate_documents`, else one causal sequence per row.
+pub fn llm_forward(shard: &LlamaShard, hidden: &Tensor, ids: &Tensor, cfg: &DeemConfig) -> Tensor {
+    if cfg.train.isolate_documents {
+        let docs = crate::llama::Documents::from_ids(ids, cfg.llm.bos_token_id);
+        shard.forward_documents(hidden, &docs)
+    } else {
+        shard.forward_layers(hidden, 0, None)
     }
 }
 

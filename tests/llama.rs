@@ -397,3 +397,65 @@ fn unsupported_configs_are_rejected_with_the_field() {
         )
     );
 }
+
+/// Packed rows with isolated documents (`train.isolate_documents`): every document's logits equal the
+/// document run alone, whatever is packed before it; a fragment before a row's first BOS is a document
+/// too. Without isolation the second document reads the first (so the isolation is what makes them equal).
+#[test]
+fn packed_documents_compute_what_each_computes_alone() {
+    let dir = fixture("llama_gqa");
+    let cfg = config(&dir, 0);
+    let (_vs, m) = shard(&cfg, 0..4, &dir);
+    let bos = 1;
+    let doc = |seed: i64, len: i64| -> Vec<i64> {
+        let mut d = vec![bos];
+        d.extend((1..len).map(|i| 3 + (seed * 31 + i * 17) % (cfg.vocab_size - 3)));
+        d
+    };
+    let (a, b, c, d) = (doc(1, 5), doc(2, 7), doc(3, 8), doc(4, 4));
+    let fragment: Vec<i64> = vec![7, 8, 9];
+    // Row 0: a, b, 3 pads; row 1: a fragment without BOS, c, d. Both 15 ids.
+    let row0: Vec<i64> = [a.clone(), b.clone(), vec![0; 3]].concat();
+    let row1: Vec<i64> = [fragment.clone(), c.clone(), d.clone()].concat();
+    let ids = Tensor::from_slice(&[row0.clone(), row1].concat()).view([2, 15]);
+    let docs = deem::llama::Documents::from_ids(&ids, bos);
+    assert_eq!(
+        Vec::<Vec<i64>>::try_from(docs.positions()).unwrap(),
+        vec![
+            [(0..5).collect::<Vec<_>>(), (0..10).collect()].concat(),
+            [
+                (0..3).collect::<Vec<_>>(),
+                (0..8).collect(),
+                (0..4).collect()
+            ]
+            .concat(),
+        ]
+    );
+    let (packed, plain) = tch::no_grad(|| {
+        let h = m.forward_documents(&m.embed(&ids), &docs);
+        (
+            m.logits(&m.norm(&h)),
+            m.forward_ids(&ids.narrow(0, 0, 1), 0, None),
+        )
+    });
+    let alone = |d: &[i64]| {
+        tch::no_grad(|| m.forward_ids(&Tensor::from_slice(d).unsqueeze(0), 0, None)).squeeze_dim(0)
+    };
+    for (row, start, d) in [
+        (0, 0, &a),
+        (0, 5, &b),
+        (1, 0, &fragment),
+        (1, 3, &c),
+        (1, 11, &d),
+    ] {
+        let got = packed.get(row).narrow(0, start, d.len() as i64);
+        let diff = max_diff(&got, &alone(d));
+        assert!(
+            diff < 1e-5,
+            "row {row} document at {start}: max diff {diff:.3e}"
+        );
+    }
+    // The first document is unaffected either way; one causal sequence lets the second read the first.
+    assert!(max_diff(&plain.get(0).narrow(0, 0, 5), &alone(&a)) < 1e-5);
+    assert!(max_diff(&plain.get(0).narrow(0, 5, 7), &alone(&b)) > 1e-3);
+}

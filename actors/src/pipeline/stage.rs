@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use deem::config::DeemConfig;
 use deem::llama::{LlamaConfig, LlamaShard};
 use deem::model::{
-    embed_sequence, loss_weights, nip_inputs, ntp_loss, special_ids, DiffusionStage, SpecialIds,
-    VisionStage,
+    embed_sequence, llm_forward, loss_weights, nip_inputs, ntp_loss, special_ids, DiffusionStage,
+    SpecialIds, VisionStage,
 };
 use deem::rng::ints;
 use deem::train::{AdamW, Group};
@@ -297,7 +297,7 @@ impl Worker {
                         .ok_or("a middle shard got no hidden states")?
                         .shallow_clone()
                 };
-                let h = shard.forward_layers(&h_in, 0, None);
+                let h = llm_forward(shard, &h_in, &ids, &self.cfg);
                 let next = if shard.is_last() {
                     let hidden = shard.norm(&h);
                     let ntp = ntp_loss(
