@@ -65,12 +65,12 @@ pub fn group_of(t: &TrainConfig, name: &str) -> Option<Group> {
 }
 
 /// transformers' cosine schedule with linear warm-up: the LR multiplier for optimizer step `step`
-/// (0-based).
+/// (0-based). Past `total` it stays at 0 (transformers' cosine would rise again).
 pub fn lr_factor(step: u64, warmup: u64, total: u64) -> f64 {
     if step < warmup {
         return step as f64 / warmup.max(1) as f64;
     }
-    let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
+    let progress = ((step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64).min(1.0);
     (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
 }
 

@@ -317,6 +317,16 @@ fn a_killed_actor_restarts_from_the_checkpoint_and_the_run_ends_as_if_nothing_ha
     );
     assert_eq!(clean.len(), 6);
     assert_eq!(faulty.len(), 6);
+    // The job's step count is the run's length: the cosine spans those 6 steps (train.steps says 200).
+    assert_eq!(c.train.steps, 200);
+    for (i, r) in clean.iter().enumerate() {
+        let want = c.train.lr * deem::train::lr_factor(i as u64, 0, 6);
+        assert!(
+            (r.lr - want).abs() < 1e-12,
+            "step {i}: lr {} vs {want}",
+            r.lr
+        );
+    }
     for (a, b) in clean.iter().zip(&faulty) {
         assert!((a.total - b.total).abs() <= TOL, "{a:?} vs {b:?}");
     }

@@ -253,6 +253,8 @@ fn stage_rules_freeze_and_group_parameters() {
     assert_eq!(lr_factor(10, 10, 110), 1.0);
     assert!((lr_factor(60, 10, 110) - 0.5).abs() < 1e-12);
     assert!(lr_factor(110, 10, 110).abs() < 1e-12);
+    // Past the end the LR stays at 0 instead of rising again.
+    assert_eq!(lr_factor(160, 10, 110), 0.0);
 }
 
 #[test]

@@ -385,8 +385,19 @@ pub fn run(
     metrics: &Arc<Metrics>,
     rt: &tokio::runtime::Runtime,
 ) -> anyhow::Result<Vec<StepReport>> {
+    // `--steps N` is the run's length: the LR schedule (warm-up, cosine decay) spans those N steps.
+    let with_steps;
+    let cfg = match job.steps {
+        Some(n) if n != cfg.config.train.steps => {
+            let mut owned = cfg.clone();
+            owned.config.train.steps = n;
+            with_steps = owned;
+            &with_steps
+        }
+        _ => cfg,
+    };
     let c = &cfg.config;
-    let steps = job.steps.unwrap_or(c.train.steps);
+    let steps = c.train.steps;
     std::fs::create_dir_all(&job.run_dir)
         .with_context(|| format!("{}: cannot create the run directory", job.run_dir.display()))?;
     let topology_name = match &job.mode {
