@@ -490,8 +490,8 @@ impl Default for SynthOptions {
             size: 64,
             pairs: 2000,
             documents: 500,
-            instructions: 2000,
-            max_turns: 6,
+            instructions: 10000,
+            max_turns: 3,
             regions: 200,
             eval_per_split: 100,
         }
@@ -536,10 +536,11 @@ fn write_file(path: &Path, text: &str) -> Result<(), String> {
 }
 
 /// Instruction questions about a scene, each with its answer (the paper's VQA / hallucination prompt
-/// styles): existence yes/no for every object and for as many absent objects (half of those share a
-/// colour or shape with an object of the scene, as POPE's adversarial negatives do), colour, count,
-/// main object, and whether a label is the main object (RobustVQA style: the main object or another
-/// shape in its colour).
+/// styles): one existence yes/no per object, asking about it or (a fair coin) about an absent label
+/// (every other one shares a colour or shape with the object, as POPE's adversarial negatives do);
+/// colour, count, main object; and whether a label is the main object (RobustVQA style: the main
+/// object or, a fair coin, another shape in its colour). Each yes/no answer is drawn on its own, so the
+/// answers earlier in a conversation say nothing about the later ones.
 pub fn questions(s: &Scene, rng: &mut crate::rng::Stream) -> Vec<(String, String)> {
     let main = s.main();
     let mut q = Vec::new();
@@ -550,7 +551,10 @@ pub fn questions(s: &Scene, rng: &mut crate::rng::Stream) -> Vec<(String, String
             .any(|o| o.shape == shape && o.colour == colour)
     };
     for (k, o) in s.objects.iter().enumerate() {
-        q.push((exists(&o.label()), "Yes".to_string()));
+        if rng.uniform() < 0.5 {
+            q.push((exists(&o.label()), "Yes".to_string()));
+            continue;
+        }
         let absent = loop {
             let mut shape = rng.below(1, world::SHAPES.len() as u64)[0] as usize;
             let mut colour = rng.below(1, world::COLOURS.len() as u64)[0] as usize;
@@ -591,17 +595,20 @@ pub fn questions(s: &Scene, rng: &mut crate::rng::Stream) -> Vec<(String, String
             break format!("{} {}", main.colour_name(), world::SHAPES[shape]);
         }
     };
-    q.push((
-        format!(
-            "Is {} the main object in this image? Please answer yes or no.",
-            main.label()
-        ),
-        "Yes".into(),
-    ));
-    q.push((
-        format!("Is {other} the main object in this image? Please answer yes or no."),
-        "No".into(),
-    ));
+    q.push(if rng.uniform() < 0.5 {
+        (
+            format!(
+                "Is {} the main object in this image? Please answer yes or no.",
+                main.label()
+            ),
+            "Yes".into(),
+        )
+    } else {
+        (
+            format!("Is {other} the main object in this image? Please answer yes or no."),
+            "No".into(),
+        )
+    });
     q
 }
 

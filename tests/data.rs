@@ -765,3 +765,32 @@ fn with_loss_on_prompts_conversations_train_on_every_text_id() {
         .expect("the question is in the row");
     assert!(mask[at..at + question.len()].iter().all(|&k| k));
 }
+
+/// Every yes/no instruction answer is a fair coin of its own: a scene's answers are not balanced (some
+/// scenes get only "Yes", some only "No"), so earlier answers in a conversation do not give the later
+/// ones away.
+#[test]
+fn instruction_yes_no_answers_are_drawn_independently() {
+    let mut rng = deem::rng::Stream::new(5, 0, 0, deem::rng::Purpose::Data);
+    let (mut yes, mut total, mut only_yes, mut only_no) = (0, 0, 0, 0);
+    for i in 0..400 {
+        let s = world::scene(5, Split::Id, i, 64);
+        let answers: Vec<bool> = datasets::questions(&s, &mut rng)
+            .into_iter()
+            .filter(|(q, _)| q.ends_with("Please answer yes or no."))
+            .map(|(_, a)| a == "Yes")
+            .collect();
+        // One existence question per object, one main-object question.
+        assert_eq!(answers.len(), s.objects.len() + 1);
+        yes += answers.iter().filter(|&&a| a).count();
+        total += answers.len();
+        only_yes += usize::from(answers.iter().all(|&a| a));
+        only_no += usize::from(answers.iter().all(|&a| !a));
+    }
+    let share = yes as f64 / total as f64;
+    assert!((0.45..0.55).contains(&share), "yes share {share}");
+    assert!(
+        only_yes > 40 && only_no > 40,
+        "{only_yes} scenes all yes, {only_no} all no"
+    );
+}

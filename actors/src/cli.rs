@@ -214,10 +214,10 @@ pub enum DataCommand {
         pairs: usize,
         #[arg(long, default_value_t = 500)]
         documents: usize,
-        #[arg(long, default_value_t = 2000)]
+        #[arg(long, default_value_t = 10000)]
         instructions: usize,
         /// Most questions per instruction conversation (each has 1 to this many turns).
-        #[arg(long, default_value_t = 6)]
+        #[arg(long, default_value_t = 3)]
         max_turns: usize,
         #[arg(long, default_value_t = 200)]
         regions: usize,

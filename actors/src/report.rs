@@ -380,8 +380,9 @@ pub fn build_robustvqa(
     Ok(counts)
 }
 
-/// The whole model of a checkpoint (a run directory or a safetensors file), on the CPU.
-fn load_model(
+/// The whole model of `cfg` with the weights of `checkpoint` (a run directory or a safetensors file), on
+/// the CPU.
+pub fn load_model(
     cfg: &deem::config::DeemConfig,
     checkpoint: &Path,
 ) -> anyhow::Result<(tch::nn::VarStore, deem::model::Deem)> {
