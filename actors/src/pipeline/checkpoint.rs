@@ -120,7 +120,7 @@ pub fn latest_of(
     let hash = config_hash(cfg);
     if manifest.config_hash != hash {
         bail!(
-            "{}: the checkpoint was trained with another configuration (hash {}, this one {hash}); resume with the same config",
+            "{}: the checkpoint was trained with another configuration (hash {}, this one {hash}); resume with the same config (and the same --steps, which sets train.steps)",
             dir.display(),
             manifest.config_hash
         );
