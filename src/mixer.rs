@@ -4,10 +4,10 @@
 //! - Every sample starts with BOS and ends with EOS; an image is `<|startofimage|>` + K placeholders.
 //! - Documents and pairs train on all their text (and learn when to draw: SoI is a target);
 //!   conversations only on the assistant's replies and their EOS, as LLaVA trains (the batch's
-//!   `loss_mask`).
+//!   `loss_mask`), or on their prompts too with `train.loss_on_prompts`.
 //! - Pairs and MMC4 documents put each image before or after its sentence with equal probability;
 //!   documents keep at most 6 images. Conversations use the chat template with the paper's system prompt
-//!   and the image where `<image>` stands.
+//!   and the image at the start of the first question (where LLaVA's preprocessing moves `<image>`).
 //! - Rows are packed with whole samples up to the context length (a sample never straddles two rows, so
 //!   image tokens stay whole), then padded.
 //! - Sources are drawn by their mix weights (MMC4 : pairs = 2 : 1 by default), samples uniformly. Batch
@@ -188,8 +188,8 @@ impl Mixer {
         Ok(())
     }
 
-    /// Instruction conversations in the chat template; the image replaces `<image>` (or leads the first
-    /// question when the text has none). Only the replies (each closed by EOS) are NTP targets, unless
+    /// Instruction conversations in the chat template; the image leads the first question wherever its
+    /// `<image>` stands (or when the text has none), as LLaVA's preprocessing moves it to the front. Only the replies (each closed by EOS) are NTP targets, unless
     /// `train.loss_on_prompts`: then every text id is (images stay context).
     pub fn add_conversations(
         &mut self,
