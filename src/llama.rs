@@ -253,10 +253,7 @@ impl Rope {
                 .to_kind(x.kind())
                 .view([b, 1, t, d])
         };
-        let (cos, sin) = (at(&self.cos), at(&self.sin));
-        let half = d / 2;
-        let rotated = Tensor::cat(&[&-x.narrow(3, half, half), &x.narrow(3, 0, half)], -1);
-        x * cos + rotated * sin
+        rotate(x, &at(&self.cos), &at(&self.sin))
     }
 
     /// Rotates `x` [B, H, T, D] at positions `[start, start + T)`.
@@ -264,10 +261,15 @@ impl Rope {
         let t = x.size()[2];
         let cos = self.cos.narrow(0, start, t).to_kind(x.kind());
         let sin = self.sin.narrow(0, start, t).to_kind(x.kind());
-        let half = x.size()[3] / 2;
-        let rotated = Tensor::cat(&[&-x.narrow(3, half, half), &x.narrow(3, 0, half)], -1);
-        x * cos + rotated * sin
+        rotate(x, &cos, &sin)
     }
+}
+
+/// HF's `apply_rotary_pos_emb` on `x` [B, H, T, D] with `cos`, `sin` broadcast to it.
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let half = x.size()[3] / 2;
+    let rotated = Tensor::cat(&[&-x.narrow(3, half, half), &x.narrow(3, 0, half)], -1);
+    x * cos + rotated * sin
 }
 
 #[derive(Debug)]
@@ -296,14 +298,21 @@ impl Attention {
         }
     }
 
-    /// Queries, keys and values [B, n, T, D] of `x` [B, T, C] at positions `[start, start + T)`.
-    fn qkv(&self, x: &Tensor, rope: &Rope, start: i64) -> (Tensor, Tensor, Tensor) {
+    /// Queries, keys and values [B, n, T, D] of `x` [B, T, C], before the rotary embedding.
+    fn project(&self, x: &Tensor) -> (Tensor, Tensor, Tensor) {
         let (b, t, _) = x.size3().expect("hidden states are [B, T, C]");
         let split = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2); // [B, n, T, D]
-        let q = rope.apply(&split(self.q_proj.forward(x), self.heads), start);
-        let k = rope.apply(&split(self.k_proj.forward(x), self.kv_heads), start);
-        let v = split(self.v_proj.forward(x), self.kv_heads);
-        (q, k, v)
+        (
+            split(self.q_proj.forward(x), self.heads),
+            split(self.k_proj.forward(x), self.kv_heads),
+            split(self.v_proj.forward(x), self.kv_heads),
+        )
+    }
+
+    /// Queries, keys and values [B, n, T, D] of `x` [B, T, C] at positions `[start, start + T)`.
+    fn qkv(&self, x: &Tensor, rope: &Rope, start: i64) -> (Tensor, Tensor, Tensor) {
+        let (q, k, v) = self.project(x);
+        (rope.apply(&q, start), rope.apply(&k, start), v)
     }
 
     /// Causal attention of T queries over `past` earlier positions plus themselves, then `o_proj`.
@@ -345,14 +354,9 @@ impl Attention {
 
     /// Packed rows (`x` [B, T, C]): each document attends only to itself, at its own positions.
     fn forward_documents(&self, x: &Tensor, rope: &Rope, docs: &Documents) -> Tensor {
-        let (b, t, _) = x.size3().expect("hidden states are [B, T, C]");
-        let split = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2); // [B, n, T, D]
-        let q = rope.apply_rows(&split(self.q_proj.forward(x), self.heads), &docs.positions);
-        let k = rope.apply_rows(
-            &split(self.k_proj.forward(x), self.kv_heads),
-            &docs.positions,
-        );
-        let v = split(self.v_proj.forward(x), self.kv_heads);
+        let (q, k, v) = self.project(x);
+        let q = rope.apply_rows(&q, &docs.positions);
+        let k = rope.apply_rows(&k, &docs.positions);
         self.attend_masked(&q, k, v, &docs.mask)
     }
 
@@ -411,13 +415,9 @@ impl Attention {
         pool: &mut (Tensor, Tensor),
     ) -> Tensor {
         let b = x.size()[0];
-        let split = |y: Tensor, n: i64| y.view([b, 1, n, self.head_dim]).transpose(1, 2); // [B, n, 1, D]
-        let q = rope.apply_rows(&split(self.q_proj.forward(x), self.heads), &batch.positions);
-        let k = rope.apply_rows(
-            &split(self.k_proj.forward(x), self.kv_heads),
-            &batch.positions,
-        );
-        let v = split(self.v_proj.forward(x), self.kv_heads);
+        let (q, k, v) = self.project(x); // [B, n, 1, D]
+        let q = rope.apply_rows(&q, &batch.positions);
+        let k = rope.apply_rows(&k, &batch.positions);
         let at = [
             Some(batch.slots.shallow_clone()),
             None,

@@ -585,6 +585,27 @@ fn the_mix_follows_its_weights_and_documents_keep_six_images() {
 }
 
 /// A two-turn conversation about a scene: a yes/no question with the image, then a colour question.
+/// One row (batch size 1) of [`two_turn_conversation`] packed by a mixer of `c`: its ids and which are
+/// NTP targets.
+fn two_turn_row(
+    c: &deem::config::DeemConfig,
+    tok: &deem::tokenizer::DeemTokenizer,
+) -> (Vec<i64>, Vec<bool>) {
+    let mut m = deem::mixer::Mixer::new(c, 0);
+    m.add_conversations(
+        "c",
+        1.0,
+        &[two_turn_conversation()],
+        "You are a helpful assistant.",
+        tok,
+    )
+    .unwrap();
+    let b = m.batch(0).unwrap();
+    let ids: Vec<i64> = Vec::try_from(b.input_ids.reshape([-1])).unwrap();
+    let mask: Vec<bool> = Vec::try_from(b.loss_mask.unwrap().reshape([-1])).unwrap();
+    (ids, mask)
+}
+
 fn two_turn_conversation() -> datasets::Conversation {
     datasets::Conversation {
         image: Some(world::scene(0, Split::Id, 0, 32).render()),
@@ -601,13 +622,7 @@ fn conversations_train_only_on_the_replies_and_captions_on_all_their_text() {
     let mut c = mixer_cfg();
     c.train.batch_size = 1;
     let img = world::scene(0, Split::Id, 0, 32).render();
-    let conv = two_turn_conversation();
-    let mut m = deem::mixer::Mixer::new(&c, 0);
-    m.add_conversations("c", 1.0, &[conv], "You are a helpful assistant.", &tok)
-        .unwrap();
-    let b = m.batch(0).unwrap();
-    let ids: Vec<i64> = Vec::try_from(b.input_ids.reshape([-1])).unwrap();
-    let mask: Vec<bool> = Vec::try_from(b.loss_mask.unwrap().reshape([-1])).unwrap();
+    let (ids, mask) = two_turn_row(&c, &tok);
     let eos = c.llm.eos_token_id;
     // The targets, in order, are exactly each reply followed by its EOS.
     let targets: Vec<i64> = ids
@@ -739,13 +754,7 @@ fn with_loss_on_prompts_conversations_train_on_every_text_id() {
     let mut c = mixer_cfg();
     c.train.batch_size = 1;
     c.train.loss_on_prompts = true;
-    let conv = two_turn_conversation();
-    let mut m = deem::mixer::Mixer::new(&c, 0);
-    m.add_conversations("c", 1.0, &[conv], "You are a helpful assistant.", &tok)
-        .unwrap();
-    let b = m.batch(0).unwrap();
-    let ids: Vec<i64> = Vec::try_from(b.input_ids.reshape([-1])).unwrap();
-    let mask: Vec<bool> = Vec::try_from(b.loss_mask.unwrap().reshape([-1])).unwrap();
+    let (ids, mask) = two_turn_row(&c, &tok);
     let s = deem::model::special_ids(&c);
     // Targets: every id but BOS, the image (SoI and placeholders) and the padding.
     for (i, (&t, &k)) in ids.iter().zip(&mask).enumerate() {
