@@ -340,6 +340,36 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// How often a failed step may restart the actors from the last checkpoint before the run stops.
     pub max_restarts: u32,
+    /// The training data mixture, files relative to `deem train --data DIR`. Empty (the default): the
+    /// stage's own mixture (stage I `mmc4.jsonl` : `pairs.jsonl` = 2 : 1; stages II and III
+    /// `llava.json` : `pairs.jsonl` = 2 : 1, the pairs when present).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<DataSource>,
+}
+
+/// One training data file and its sampling weight (`[[train.sources]]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSource {
+    /// Path relative to the data folder (or absolute).
+    pub file: String,
+    pub format: DataFormat,
+    /// Relative sampling probability among the sources.
+    pub weight: f64,
+}
+
+/// The dataset formats `deem train` reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataFormat {
+    /// MMC4-style interleaved documents (JSONL).
+    Mmc4,
+    /// Image-text pairs (JSONL).
+    Pairs,
+    /// Image-text pairs in a webdataset tar shard.
+    PairsTar,
+    /// LLaVA-style instruction conversations (JSON; `image` optional).
+    Llava,
 }
 
 fn default_true() -> bool {
@@ -707,6 +737,16 @@ impl DeemConfig {
         c.positive_f("train.max_grad_norm", t.max_grad_norm);
         c.non_negative_f("train.nip_loss_weight", t.nip_loss_weight);
         c.non_negative_f("train.csr_loss_weight", t.csr_loss_weight);
+        for (i, src) in t.sources.iter().enumerate() {
+            c.check(!src.file.trim().is_empty(), &format!("train.sources[{i}].file"), || {
+                "expected a file name, found an empty string".into()
+            });
+            c.check(
+                src.weight.is_finite() && src.weight > 0.0,
+                &format!("train.sources[{i}].weight"),
+                || format!("expected a positive sampling weight, found {}", src.weight),
+            );
+        }
 
         let s = &self.serve;
         for (key, v) in [

@@ -479,6 +479,11 @@ pub struct SynthOptions {
     pub max_turns: usize,
     /// Region annotations' images.
     pub regions: usize,
+    /// Text-only conversations that describe a scene in words and ask whether a colour or a label is
+    /// in it (`text_scenes.json`): the comparison, learned before the images are read.
+    pub text_scenes: usize,
+    /// Single-turn colour existence questions about images (`colour_questions.json`).
+    pub colour_questions: usize,
     /// Evaluation scenes per split (in distribution, R, A, V).
     pub eval_per_split: usize,
 }
@@ -493,6 +498,8 @@ impl Default for SynthOptions {
             instructions: 10000,
             max_turns: 3,
             regions: 200,
+            text_scenes: 20000,
+            colour_questions: 20000,
             eval_per_split: 100,
         }
     }
@@ -535,6 +542,58 @@ fn write_file(path: &Path, text: &str) -> Result<(), String> {
     std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Whether a label is in the scene, asked about object `k`: its own label or (a fair coin) an absent
+/// one; for odd `k` the absent label keeps the object's colour or shape, as POPE's adversarial
+/// negatives do.
+pub fn label_question(s: &Scene, k: usize, rng: &mut crate::rng::Stream) -> (String, String) {
+    let o = &s.objects[k];
+    let exists = |label: &str| format!("Is there a {label} in the image? Please answer yes or no.");
+    if rng.uniform() < 0.5 {
+        return (exists(&o.label()), "Yes".to_string());
+    }
+    let present = |shape: usize, colour: usize| {
+        s.objects
+            .iter()
+            .any(|o| o.shape == shape && o.colour == colour)
+    };
+    loop {
+        let mut shape = rng.below(1, world::SHAPES.len() as u64)[0] as usize;
+        let mut colour = rng.below(1, world::COLOURS.len() as u64)[0] as usize;
+        if k % 2 == 1 {
+            if rng.uniform() < 0.5 {
+                colour = o.colour;
+            } else {
+                shape = o.shape;
+            }
+        }
+        if !present(shape, colour) {
+            let label = format!("{} {}", world::COLOURS[colour].0, world::SHAPES[shape]);
+            return (exists(&label), "No".to_string());
+        }
+    }
+}
+
+/// Whether something of a colour is in the scene: a colour of one of its objects or (a fair coin) a
+/// colour none of them has.
+pub fn colour_question(s: &Scene, rng: &mut crate::rng::Stream) -> (String, String) {
+    let ask = |c: &str| format!("Is there something {c} in the image? Please answer yes or no.");
+    if rng.uniform() < 0.5 {
+        let k = rng.below(1, s.objects.len() as u64)[0] as usize;
+        return (ask(s.objects[k].colour_name()), "Yes".into());
+    }
+    let absent: Vec<usize> = (0..world::COLOURS.len())
+        .filter(|&c| s.objects.iter().all(|o| o.colour != c))
+        .collect();
+    let c = absent[rng.below(1, absent.len() as u64)[0] as usize];
+    (ask(world::COLOURS[c].0), "No".into())
+}
+
+/// The scene in words, for the text-only conversations: "The image shows a red circle with a blue
+/// star."
+pub fn describe(s: &Scene) -> String {
+    format!("The image shows {}.", s.caption())
+}
+
 /// Instruction questions about a scene, each with its answer (the paper's VQA / hallucination prompt
 /// styles): one existence yes/no per object, asking about it or (a fair coin) about an absent label
 /// (every other one shares a colour or shape with the object, as POPE's adversarial negatives do);
@@ -543,35 +602,9 @@ fn write_file(path: &Path, text: &str) -> Result<(), String> {
 /// answers earlier in a conversation say nothing about the later ones.
 pub fn questions(s: &Scene, rng: &mut crate::rng::Stream) -> Vec<(String, String)> {
     let main = s.main();
-    let mut q = Vec::new();
-    let exists = |label: &str| format!("Is there a {label} in the image? Please answer yes or no.");
-    let present = |shape: usize, colour: usize| {
-        s.objects
-            .iter()
-            .any(|o| o.shape == shape && o.colour == colour)
-    };
-    for (k, o) in s.objects.iter().enumerate() {
-        if rng.uniform() < 0.5 {
-            q.push((exists(&o.label()), "Yes".to_string()));
-            continue;
-        }
-        let absent = loop {
-            let mut shape = rng.below(1, world::SHAPES.len() as u64)[0] as usize;
-            let mut colour = rng.below(1, world::COLOURS.len() as u64)[0] as usize;
-            // Every other negative keeps this object's colour or shape.
-            if k % 2 == 1 {
-                if rng.uniform() < 0.5 {
-                    colour = o.colour;
-                } else {
-                    shape = o.shape;
-                }
-            }
-            if !present(shape, colour) {
-                break format!("{} {}", world::COLOURS[colour].0, world::SHAPES[shape]);
-            }
-        };
-        q.push((exists(&absent), "No".to_string()));
-    }
+    let mut q: Vec<(String, String)> = (0..s.objects.len())
+        .map(|k| label_question(s, k, rng))
+        .collect();
     q.push((
         format!(
             "What colour is the {}? Please provide an accurate answer within one word.",
@@ -782,17 +815,79 @@ pub fn synthesize(out: &Path, o: &SynthOptions) -> Result<SynthSummary, String> 
     )?;
     files.insert("regions.json".into(), o.regions);
 
+    // The curriculum's first two steps: the yes/no comparison in words (text-only conversations; a
+    // fair coin between a colour and a label question), then colour questions about images.
+    let single = |image: Option<&str>, q: String, a: String| {
+        let mut v = json!({"conversations": [
+            {"from": "human", "value": if image.is_some() { format!("<image>\n{q}") } else { q }},
+            {"from": "gpt", "value": a},
+        ]});
+        if let Some(rel) = image {
+            v["image"] = json!(rel);
+        }
+        v
+    };
+    let mut text = Vec::new();
+    for i in 0..o.text_scenes {
+        // Scenes only described, never drawn: the same distribution, from a stream of their own.
+        let s = world::scene(o.seed ^ 0x7e47, Split::Id, i as u64, o.size);
+        let (q, a) = if rng.uniform() < 0.5 {
+            colour_question(&s, &mut rng)
+        } else {
+            let k = rng.below(1, s.objects.len() as u64)[0] as usize;
+            label_question(&s, k, &mut rng)
+        };
+        let mut v = single(None, format!("{} {q}", describe(&s)), a);
+        v["id"] = json!(format!("text-{i:06}"));
+        text.push(v);
+    }
+    write_file(
+        &out.join("text_scenes.json"),
+        &serde_json::to_string(&text).map_err(|e| e.to_string())?,
+    )?;
+    files.insert("text_scenes.json".into(), o.text_scenes);
+    let mut colour = Vec::new();
+    for i in 0..o.colour_questions {
+        let (s, rel) = w.scene(Split::Id)?;
+        let (q, a) = colour_question(&s, &mut rng);
+        let mut v = single(Some(&rel), q, a);
+        v["id"] = json!(format!("colour-{i:06}"));
+        colour.push(v);
+    }
+    write_file(
+        &out.join("colour_questions.json"),
+        &serde_json::to_string(&colour).map_err(|e| e.to_string())?,
+    )?;
+    files.insert("colour_questions.json".into(), o.colour_questions);
+
     // Evaluation scenes: ImageNet-style class folders (class = the main object's label) and COCO-style
-    // instances (category = colour + shape) per split.
+    // instances (category = colour + shape) per split; and per split, POPE-format colour questions about
+    // them (`eval/colour_<split>.jsonl`), the curriculum's image step held out.
     for split in Split::ALL {
         let base = out.join("eval").join(split.name());
         std::fs::create_dir_all(&base).map_err(|e| format!("{}: {e}", base.display()))?;
         let mut images = Vec::new();
         let mut anns = Vec::new();
+        let mut colour_qs = String::new();
         for k in 0..o.eval_per_split {
             let s = world::scene(o.seed ^ 0xe7a1, split, k as u64, o.size);
             let class = s.main().label().replace(' ', "_");
             let rel = format!("{class}/{k:06}.png");
+            // A colour of the scene (yes) and a colour it lacks (no), POPE-style balanced.
+            let present: Vec<&str> = s.objects.iter().map(|ob| ob.colour_name()).collect();
+            let absent: Vec<&str> = world::COLOURS
+                .iter()
+                .map(|c| c.0)
+                .filter(|c| !present.contains(c))
+                .collect();
+            for (c, label) in [
+                (present[rng.below(1, present.len() as u64)[0] as usize], "yes"),
+                (absent[rng.below(1, absent.len() as u64)[0] as usize], "no"),
+            ] {
+                let text = format!("Is there something {c} in the image? Please answer yes or no.");
+                colour_qs.push_str(&json!({"image": format!("{}/{rel}", split.name()), "text": text, "label": label}).to_string());
+                colour_qs.push('\n');
+            }
             let p = base.join(&rel);
             std::fs::create_dir_all(p.parent().expect("has a parent"))
                 .map_err(|e| e.to_string())?;
@@ -819,6 +914,9 @@ pub fn synthesize(out: &Path, o: &SynthOptions) -> Result<SynthSummary, String> 
             &json!({"images": images, "annotations": anns, "categories": categories}).to_string(),
         )?;
         files.insert(format!("eval/{}", split.name()), o.eval_per_split);
+        let f = format!("eval/colour_{}.jsonl", split.name());
+        write_file(&out.join(&f), &colour_qs)?;
+        files.insert(f, 2 * o.eval_per_split);
     }
     write_file(
         &out.join("SYNTH.json"),

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use deem::datasets::{self, SynthOptions};
@@ -20,6 +20,8 @@ fn small(seed: u64) -> SynthOptions {
         instructions: 8,
         max_turns: 4,
         regions: 4,
+        text_scenes: 12,
+        colour_questions: 7,
         eval_per_split: 5,
     }
 }
@@ -802,4 +804,94 @@ fn instruction_yes_no_answers_are_drawn_independently() {
         only_yes > 40 && only_no > 40,
         "{only_yes} scenes all yes, {only_no} all no"
     );
+}
+
+/// The labels a caption names: "a red circle with a blue star and a green bar" → [red circle, ...].
+fn caption_labels(caption: &str) -> Vec<String> {
+    caption
+        .split(" with ")
+        .flat_map(|p| p.split(" and "))
+        .map(|l| l.trim_start_matches("a ").to_string())
+        .collect()
+}
+
+#[test]
+fn curriculum_questions_answer_about_their_scene() {
+    let dir = common::scratch("synth-curriculum");
+    let o = SynthOptions {
+        pairs: 0,
+        documents: 0,
+        instructions: 0,
+        regions: 0,
+        eval_per_split: 0,
+        text_scenes: 200,
+        colour_questions: 100,
+        ..small(4)
+    };
+    datasets::synthesize(&dir, &o).unwrap();
+    let colours: Vec<&str> = world::COLOURS.iter().map(|c| c.0).collect();
+    let check = |q: &str, a: &str, labels: &[String], kinds: &mut BTreeMap<(bool, bool), usize>| {
+        let colour_of = |l: &String| l.split(' ').next().unwrap().to_string();
+        let (colour, there) = if let Some(c) = q
+            .strip_prefix("Is there something ")
+            .and_then(|x| x.strip_suffix(" in the image? Please answer yes or no."))
+        {
+            assert!(colours.contains(&c), "{q}");
+            (true, labels.iter().any(|l| colour_of(l) == c))
+        } else {
+            let l = q
+                .strip_prefix("Is there a ")
+                .and_then(|x| x.strip_suffix(" in the image? Please answer yes or no."))
+                .unwrap_or_else(|| panic!("unexpected question {q}"));
+            (false, labels.iter().any(|x| x == l))
+        };
+        assert_eq!(a, if there { "Yes" } else { "No" }, "{q} about {labels:?}");
+        *kinds.entry((colour, there)).or_default() += 1;
+    };
+
+    // Text-only: the scene in words, then one question about it.
+    let text = datasets::read_llava(&dir.join("text_scenes.json")).unwrap();
+    assert!(text.bad.is_empty(), "{:?}", text.bad);
+    assert_eq!(text.records.len(), o.text_scenes);
+    let mut kinds = BTreeMap::new();
+    for c in &text.records {
+        assert!(c.image.is_none());
+        assert_eq!(c.turns.len(), 1);
+        let (q, a) = &c.turns[0];
+        let rest = q.strip_prefix("The image shows ").unwrap();
+        let (caption, question) = rest.split_once(". ").unwrap();
+        check(question, a, &caption_labels(caption), &mut kinds);
+    }
+    // Both kinds, each answered yes and no about equally often.
+    for (k, n) in &kinds {
+        assert!((30..=70).contains(n), "{k:?}: {n} of 200 ({kinds:?})");
+    }
+    assert_eq!(kinds.len(), 4, "{kinds:?}");
+
+    // Colour questions about images: the answer is about the scene drawn.
+    let raw: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("colour_questions.json")).unwrap())
+            .unwrap();
+    let conv = datasets::read_llava(&dir.join("colour_questions.json")).unwrap();
+    assert!(conv.bad.is_empty(), "{:?}", conv.bad);
+    assert_eq!(conv.records.len(), o.colour_questions);
+    let mut kinds = BTreeMap::new();
+    for (c, r) in conv.records.iter().zip(&raw) {
+        let index: u64 = r["image"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("images/id/")
+            .trim_end_matches(".png")
+            .parse()
+            .unwrap();
+        let s = world::scene(o.seed, Split::Id, index, o.size);
+        assert_eq!(c.image.as_ref().unwrap().as_raw(), s.render().as_raw());
+        assert_eq!(c.turns.len(), 1);
+        let (q, a) = &c.turns[0];
+        let labels: Vec<String> = s.objects.iter().map(|ob| ob.label()).collect();
+        check(q.strip_prefix("<image>\n").unwrap(), a, &labels, &mut kinds);
+    }
+    let yes = kinds.get(&(true, true)).copied().unwrap_or(0);
+    assert!((30..=70).contains(&yes), "{yes} of 100 yes");
+    assert_eq!(yes + kinds.get(&(true, false)).copied().unwrap_or(0), 100);
 }

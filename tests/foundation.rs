@@ -284,6 +284,190 @@ fn bad_sources_are_named() {
     );
 }
 
+#[test]
+fn train_sources_choose_the_data_mixture_and_bad_ones_are_named() {
+    let dir = scratch("train-sources");
+    let with = |sources: &str| {
+        let p = dir.join("sources.toml");
+        std::fs::write(&p, format!("{}\n{sources}", tiny_text())).unwrap();
+        p
+    };
+    let source =
+        |file: &str, format: &str, weight: f64| format!("[[train.sources]]\nfile = \"{file}\"\nformat = \"{format}\"\nweight = {weight}\n");
+    let bad = with(&format!("{}{}", source("a.json", "llava", 0.0), source(" ", "pairs", 1.0)));
+    assert_eq!(
+        load_err(&bad, &[], &[]),
+        format!(
+            "{f}: train.sources[0].weight: expected a positive sampling weight, found 0\n\
+             {f}: train.sources[1].file: expected a file name, found an empty string",
+            f = bad.display()
+        )
+    );
+    let unknown = with(&source("a.json", "parquet", 1.0));
+    let err = load_err(&unknown, &[], &[]);
+    assert!(
+        err.contains("train.sources") && err.contains("unknown variant `parquet`"),
+        "{err}"
+    );
+
+    // The curriculum's text step: text-only conversations, no images, weights as given.
+    let data = dir.join("data");
+    deem::datasets::synthesize(
+        &data,
+        &deem::datasets::SynthOptions {
+            pairs: 0,
+            documents: 0,
+            instructions: 5,
+            regions: 0,
+            eval_per_split: 0,
+            text_scenes: 30,
+            colour_questions: 10,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let p = with(&format!(
+        "{}{}",
+        source("text_scenes.json", "llava", 3.0),
+        source("colour_questions.json", "llava", 1.0)
+    ));
+    let cfg = load(&p, &[], &[]).unwrap().config;
+    let metrics = deem_actors::metrics::Metrics::new();
+    let m = deem_actors::train_cmd::dataset_batches(&cfg, &data, &metrics).unwrap();
+    let got: Vec<(&str, usize, f64)> = m
+        .sources
+        .iter()
+        .map(|s| (s.name.as_str(), s.len(), s.weight))
+        .collect();
+    assert_eq!(
+        got,
+        [("text_scenes.json", 30, 3.0), ("colour_questions.json", 10, 1.0)]
+    );
+    m.batch(0).unwrap();
+
+    let missing = with(&source("nowhere.json", "llava", 1.0));
+    let cfg = load(&missing, &[], &[]).unwrap().config;
+    let err = deem_actors::train_cmd::dataset_batches(&cfg, &data, &metrics)
+        .err()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        err,
+        format!(
+            "{} (train.sources[0].file): missing; --data needs the folder `deem data synth` writes (or files in its formats)",
+            data.join("nowhere.json").display()
+        )
+    );
+}
+
+#[test]
+fn pretrain_llm_writes_the_llama_under_hf_names_for_pretrained() {
+    let dir = scratch("pretrain-llm");
+    let data = dir.join("data");
+    deem::datasets::synthesize(
+        &data,
+        &deem::datasets::SynthOptions {
+            pairs: 0,
+            documents: 0,
+            instructions: 0,
+            regions: 0,
+            eval_per_split: 0,
+            text_scenes: 40,
+            colour_questions: 0,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let cfg = load(
+        &root().join("configs/tiny-llm.toml"),
+        &[],
+        &["train.warmup_steps=1", "train.checkpoint_every=0"],
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let metrics = std::sync::Arc::new(deem_actors::metrics::Metrics::new());
+    let (first, last) = deem_actors::pretrain_cmd::llm(
+        &cfg,
+        &data,
+        &out,
+        Some(3),
+        deem::DeviceSpec::Cpu,
+        false,
+        &metrics,
+        &rt,
+    )
+    .unwrap();
+    assert!(last < first, "NTP {first} → {last}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("llm.jsonl")).unwrap().lines().count(),
+        3
+    );
+    // Exactly HF LlamaForCausalLM's names: no DEEM additions (new tokens, new head, SoI vector).
+    let file = out.join("llm.safetensors");
+    let ck = deem::checkpoint::Checkpoint::open(&file).unwrap();
+    let mut names: Vec<String> = ck.names().map(String::from).collect();
+    names.sort();
+    let mut want = vec![
+        "lm_head.weight".to_string(),
+        "model.embed_tokens.weight".into(),
+        "model.norm.weight".into(),
+    ];
+    for l in 0..cfg.config.llm.num_hidden_layers {
+        for p in [
+            "input_layernorm",
+            "post_attention_layernorm",
+            "mlp.down_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "self_attn.k_proj",
+            "self_attn.o_proj",
+            "self_attn.q_proj",
+            "self_attn.v_proj",
+        ] {
+            want.push(format!("model.layers.{l}.{p}.weight"));
+        }
+    }
+    want.sort();
+    assert_eq!(names, want);
+    // `deem train --pretrained` takes it: every tensor replaces the trained run's own.
+    let mut w = deem_actors::train_cmd::read_weights(&out.join("llm-run")).unwrap();
+    let trained = w["model.layers.0.mlp.up_proj.weight"].copy();
+    w.insert(
+        "model.layers.0.mlp.up_proj.weight".into(),
+        trained.zeros_like(),
+    );
+    assert_eq!(
+        deem_actors::train_cmd::overlay(&mut w, &file).unwrap(),
+        want.len()
+    );
+    assert!(w["model.layers.0.mlp.up_proj.weight"].equal(&trained));
+
+    // A recipe without text sources is refused before anything trains.
+    let tiny = load(&root().join("configs/tiny.toml"), &[], &[]).unwrap();
+    let err = deem_actors::pretrain_cmd::llm(
+        &tiny,
+        &data,
+        &dir.join("none"),
+        Some(1),
+        deem::DeviceSpec::Cpu,
+        false,
+        &metrics,
+        &rt,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert_eq!(
+        err,
+        format!(
+            "{}: train.sources: expected the text data the LLM pretrains on (configs/tiny-llm.toml names text_scenes.json)",
+            root().join("configs/tiny.toml").display()
+        )
+    );
+    assert!(!dir.join("none").exists());
+}
+
 // ---------------------------------------------------------------- topologies
 
 const HEAD: &str = "name = \"t\"\n";

@@ -100,7 +100,8 @@ pub struct EvalArgs {
     /// RobustVQA JSON `{split: [{file_name, gt_caption, error_caption}]}`.
     #[arg(long)]
     pub robustvqa: Option<PathBuf>,
-    /// POPE JSON lines `{image, text, label}` (repeatable: one split per file).
+    /// POPE-format JSON lines `{image, text, label}` (repeatable: one split per file; `pope_X.jsonl` is
+    /// split `pope/X`, any other file is named by its stem).
     #[arg(long)]
     pub pope: Vec<PathBuf>,
     /// Tokens per answer (the reference evaluation: 10).
@@ -132,15 +133,23 @@ pub enum ExperimentCommand {
         out: PathBuf,
         #[arg(long, default_value_t = 3)]
         seeds: u64,
-        /// Stage I recipe (the stage II recipe is --stage2-config).
+        /// Stage I recipe.
         #[arg(long, default_value = "configs/tiny.toml")]
         stage1_config: PathBuf,
-        #[arg(long, default_value = "configs/tiny-stage2.toml")]
-        stage2_config: PathBuf,
-        #[arg(long, default_value_t = 150)]
-        stage1_steps: u64,
-        #[arg(long, default_value_t = 600)]
-        stage2_steps: u64,
+        /// Stage II recipe; repeat it for a curriculum: the recipes train in this order, each from the
+        /// one before.
+        #[arg(
+            long = "stage2-config",
+            value_name = "FILE",
+            default_values = ["configs/tiny-stage2.toml"]
+        )]
+        stage2_config: Vec<PathBuf>,
+        /// Stage I steps (default: the recipe's train.steps).
+        #[arg(long)]
+        stage1_steps: Option<u64>,
+        /// Steps of each stage II recipe, in order (default: each recipe's train.steps).
+        #[arg(long = "stage2-steps", value_name = "N", value_delimiter = ',')]
+        stage2_steps: Vec<u64>,
         /// Pretrained components for stage I (repeatable; see `deem train --pretrained`).
         #[arg(long = "pretrained", value_name = "FILE")]
         pretrained: Vec<PathBuf>,
@@ -171,6 +180,31 @@ pub enum PretrainCommand {
         quiet: bool,
         #[command(flatten)]
         config: ConfigArgs,
+    },
+    /// Train the LLM from scratch on text (the recipe's `train.sources`; the tiny recipe reads
+    /// `DATA/text_scenes.json`, scenes in words and yes/no questions about them) with the reference
+    /// trainer; write `OUT/llm.safetensors` (the LLaMA under HF names: embeddings, layers, norm, LM head;
+    /// for `deem train --pretrained`), `OUT/llm.jsonl` (one line per step) and the run in `OUT/llm-run`.
+    Llm {
+        #[arg(long, default_value = "data/synth")]
+        data: PathBuf,
+        #[arg(long, default_value = "runs/pretrained")]
+        out: PathBuf,
+        /// Steps (default: the recipe's train.steps).
+        #[arg(long)]
+        steps: Option<u64>,
+        /// Device of the reference trainer: `cpu` or `cuda:N`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Hide the progress bar.
+        #[arg(long)]
+        quiet: bool,
+        /// The recipe (TOML).
+        #[arg(long, default_value = "configs/tiny-llm.toml")]
+        config: PathBuf,
+        /// Override one key, e.g. `--set train.lr=1e-4` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
     },
     /// Train the VAE, then the UNet (conditioned on the text tower of `--clip`, the
     /// `clip.safetensors` that `deem pretrain encoder` writes) on `DATA/pairs.jsonl`; write
@@ -221,6 +255,12 @@ pub enum DataCommand {
         max_turns: usize,
         #[arg(long, default_value_t = 200)]
         regions: usize,
+        /// Text-only conversations: a scene in words and a colour or label yes/no question.
+        #[arg(long, default_value_t = 20000)]
+        text_scenes: usize,
+        /// Single-turn colour yes/no questions about images.
+        #[arg(long, default_value_t = 20000)]
+        colour_questions: usize,
         #[arg(long, default_value_t = 100)]
         eval_per_split: usize,
     },
@@ -737,17 +777,29 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 .load()
             };
-            let (stage1, stage2) = (load(stage1_config)?, load(stage2_config)?);
+            if !stage2_steps.is_empty() && stage2_steps.len() != stage2_config.len() {
+                anyhow::bail!(
+                    "--stage2-steps: expected one step count per --stage2-config ({}), found {}",
+                    stage2_config.len(),
+                    stage2_steps.len()
+                );
+            }
+            let stage1 = load(stage1_config)?;
+            let stage1_steps = stage1_steps.unwrap_or(stage1.config.train.steps);
+            let mut stage2 = Vec::new();
+            for (i, p) in stage2_config.into_iter().enumerate() {
+                let c = load(p)?;
+                let steps = stage2_steps.get(i).copied().unwrap_or(c.config.train.steps);
+                stage2.push((c, steps));
+            }
             let topo = topology.load(&stage1, deem::device::cuda_device_count())?;
             let e = crate::experiment::Experiment {
-                stage1,
+                stage1: (stage1, stage1_steps),
                 stage2,
                 topology: topo,
                 data,
                 out,
                 seeds,
-                stage1_steps,
-                stage2_steps,
                 weights: vec![5.0, 0.0],
                 pretrained,
             };
@@ -852,6 +904,33 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "pretrained the decoder: VAE reconstruction loss {vae:.4}, UNet diffusion loss {unet:.4}; wrote {}",
                 out.join("decoder.safetensors").display()
+            );
+        }
+        Command::Pretrain(PretrainCommand::Llm {
+            data,
+            out,
+            steps,
+            device,
+            quiet,
+            config,
+            overrides,
+        }) => {
+            let cfg = ConfigArgs {
+                config: Some(config),
+                overrides,
+            }
+            .load()?;
+            let device = parse_device(&device)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+            let (first, last) =
+                crate::pretrain_cmd::llm(&cfg, &data, &out, steps, device, !quiet, &metrics, &runtime)?;
+            println!(
+                "pretrained the LLM: NTP loss {first:.4} → {last:.4}; wrote {}",
+                out.join("llm.safetensors").display()
             );
         }
         Command::Data(d) => {

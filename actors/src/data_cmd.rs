@@ -126,6 +126,8 @@ pub fn run(cmd: DataCommand, metrics: &Metrics) -> anyhow::Result<String> {
             instructions,
             max_turns,
             regions,
+            text_scenes,
+            colour_questions,
             eval_per_split,
         } => {
             if !(16..=1024).contains(&size) {
@@ -139,6 +141,8 @@ pub fn run(cmd: DataCommand, metrics: &Metrics) -> anyhow::Result<String> {
                 instructions,
                 max_turns,
                 regions,
+                text_scenes,
+                colour_questions,
                 eval_per_split,
             };
             std::fs::create_dir_all(&out)?;

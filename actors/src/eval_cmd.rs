@@ -40,7 +40,8 @@ pub fn robustvqa_splits(file: &Path) -> anyhow::Result<Vec<Split>> {
         .collect())
 }
 
-/// A POPE file as one split (`pope/<file stem>`).
+/// A POPE-format file as one split: `pope_X.jsonl` is `pope/X`, any other file its stem (e.g.
+/// `colour_id`).
 pub fn pope_split(file: &Path) -> anyhow::Result<Split> {
     let base = file
         .parent()
@@ -50,7 +51,10 @@ pub fn pope_split(file: &Path) -> anyhow::Result<Split> {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     Ok(Split {
-        name: format!("pope/{}", stem.trim_start_matches("pope_")),
+        name: match stem.strip_prefix("pope_") {
+            Some(s) => format!("pope/{s}"),
+            None => stem,
+        },
         base,
         questions: eval::read_pope(file).map_err(anyhow::Error::msg)?,
     })

@@ -17,14 +17,15 @@ use crate::topology::Topology;
 use crate::train_cmd::{Mode, TrainJob};
 
 pub struct Experiment {
-    pub stage1: LoadedConfig,
-    pub stage2: LoadedConfig,
+    /// Stage I's recipe and steps.
+    pub stage1: (LoadedConfig, u64),
+    /// Stage II's recipes and steps, trained in order, each from the one before (one recipe, or a
+    /// curriculum).
+    pub stage2: Vec<(LoadedConfig, u64)>,
     pub topology: Topology,
     pub data: PathBuf,
     pub out: PathBuf,
     pub seeds: u64,
-    pub stage1_steps: u64,
-    pub stage2_steps: u64,
     pub weights: Vec<f64>,
     /// Pretrained components every stage I run starts from (`deem train --pretrained`).
     pub pretrained: Vec<PathBuf>,
@@ -79,10 +80,13 @@ pub fn run(e: &Experiment, rt: &tokio::runtime::Runtime) -> anyhow::Result<Strin
         }
         Ok(s)
     };
+    let Some((last, _)) = e.stage2.last() else {
+        anyhow::bail!("--stage2-config: expected at least one stage II recipe");
+    };
     let tok = Arc::new(crate::serve::load_tokenizer(
         None,
         Some(&e.data),
-        &e.stage2.config,
+        &last.config,
     )?);
     std::fs::create_dir_all(&e.out)?;
     // The baseline first: its model mines the seed's hard negatives.
@@ -95,29 +99,35 @@ pub fn run(e: &Experiment, rt: &tokio::runtime::Runtime) -> anyhow::Result<Strin
         for &w in &weights {
             let tag = format!("seed{seed}-csr{w}");
             let d1 = e.out.join(format!("{tag}-stage1"));
-            let d2 = e.out.join(format!("{tag}-stage2"));
             tracing::info!(seed, csr_loss_weight = w, "experiment run");
+            let (c1, steps1) = &e.stage1;
             train(
-                &with(&e.stage1, seed, w),
+                &with(c1, seed, w),
                 &e.topology,
                 &d1,
-                e.stage1_steps,
+                *steps1,
                 &e.data,
                 None,
                 &e.pretrained,
                 rt,
             )?;
-            train(
-                &with(&e.stage2, seed, w),
-                &e.topology,
-                &d2,
-                e.stage2_steps,
-                &e.data,
-                Some(&d1),
-                &[],
-                rt,
-            )?;
-            let c2: DeemConfig = with(&e.stage2, seed, w).config;
+            let mut prev = d1;
+            for (i, (c, steps)) in e.stage2.iter().enumerate() {
+                let d = e.out.join(format!("{tag}-stage2-{}", i + 1));
+                train(
+                    &with(c, seed, w),
+                    &e.topology,
+                    &d,
+                    *steps,
+                    &e.data,
+                    Some(&prev),
+                    &[],
+                    rt,
+                )?;
+                prev = d;
+            }
+            let d2 = prev;
+            let c2: DeemConfig = with(last, seed, w).config;
             if w == 0.0 {
                 let mined = e.out.join(format!("robustvqa-seed{seed}.json"));
                 let clf = crate::report::ModelClassifier::new(&c2, &d2, tok.clone())?;
@@ -167,11 +177,12 @@ pub fn run(e: &Experiment, rt: &tokio::runtime::Runtime) -> anyhow::Result<Strin
         .next()
         .map(|m| m.keys().cloned().collect())
         .unwrap_or_default();
+    let stage2: Vec<String> = e.stage2.iter().map(|(_, n)| n.to_string()).collect();
     let mut md = format!(
         "Accuracy (mean ± std over {} seeds; {} stage I + {} stage II steps each)\n\n| model | {} |\n|---|{}\n",
         e.seeds,
-        e.stage1_steps,
-        e.stage2_steps,
+        e.stage1.1,
+        stage2.join(" + "),
         cols.join(" | "),
         "---|".repeat(cols.len())
     );

@@ -1,10 +1,12 @@
 //! `deem pretrain encoder`: contrastive image-caption pretraining of the vision encoder (see
 //! `deem::clip`), and `deem pretrain decoder`: text-to-image pretraining of the VAE and UNet (see
-//! `deem::sd`), for configurations with no pretrained open_clip / Stable Diffusion checkpoints to start
-//! from. Both write into one folder: the encoder run `encoder.safetensors` (the image tower under
-//! open_clip's names, for `deem train --pretrained`), `clip.safetensors` (both towers, for the decoder
-//! run) and `encoder.jsonl`; the decoder run `decoder.safetensors` (`vae.*`, `unet.*` under diffusers'
-//! names) and `decoder.jsonl` (one line per step).
+//! `deem::sd`), and `deem pretrain llm`: the LLM from scratch on text, for configurations with no
+//! pretrained open_clip / Stable Diffusion / LLaMA checkpoints to start from. All write into one
+//! folder: the encoder run `encoder.safetensors` (the image tower under open_clip's names, for
+//! `deem train --pretrained`), `clip.safetensors` (both towers, for the decoder run) and
+//! `encoder.jsonl`; the decoder run `decoder.safetensors` (`vae.*`, `unet.*` under diffusers' names)
+//! and `decoder.jsonl` (one line per step); the LLM run `llm.safetensors` (HF LLaMA names) and
+//! `llm.jsonl`.
 
 use std::io::Write;
 use std::path::Path;
@@ -224,4 +226,60 @@ pub fn decoder(
     log.finish()?;
     deem::checkpoint::save(&out.join("decoder.safetensors"), &weights)?;
     Ok(last)
+}
+
+/// Whether a DEEM parameter belongs to the LLM DEEM starts from (HF `LlamaForCausalLM` names: token
+/// embeddings, decoder layers, final norm, LM head), not to DEEM's additions (new tokens and head, SoI
+/// vector).
+pub fn is_base_llm(name: &str) -> bool {
+    matches!(
+        name,
+        "model.embed_tokens.weight" | "model.norm.weight" | "lm_head.weight"
+    ) || name.starts_with("model.layers.")
+}
+
+/// LLM pretraining: the reference trainer on `device` runs `cfg` (its `train.sources` from `data`,
+/// `steps` or the recipe's) from the initialisation in `out/llm-run`; the LLM's weights go to
+/// `out/llm.safetensors` and the steps to `out/llm.jsonl`. Returns the first and last NTP loss.
+#[allow(clippy::too_many_arguments)]
+pub fn llm(
+    cfg: &crate::settings::LoadedConfig,
+    data: &Path,
+    out: &Path,
+    steps: Option<u64>,
+    device: deem::DeviceSpec,
+    progress: bool,
+    metrics: &std::sync::Arc<Metrics>,
+    rt: &tokio::runtime::Runtime,
+) -> anyhow::Result<(f64, f64)> {
+    if cfg.config.train.sources.is_empty() {
+        anyhow::bail!(
+            "{}: train.sources: expected the text data the LLM pretrains on (configs/tiny-llm.toml names text_scenes.json)",
+            cfg.base_origin
+        );
+    }
+    let run_dir = out.join("llm-run");
+    let job = crate::train_cmd::TrainJob {
+        run_dir: run_dir.clone(),
+        steps,
+        mode: crate::train_cmd::Mode::SingleProcess(device),
+        progress,
+        resume: false,
+        data: Some(data.to_path_buf()),
+        init_from: None,
+        pretrained: vec![],
+    };
+    let reports = crate::train_cmd::run(&job, cfg, metrics, rt)?;
+    let (Some(first), Some(last)) = (reports.first(), reports.last()) else {
+        anyhow::bail!("--steps: expected at least 1 step");
+    };
+    let llm: Vec<(String, tch::Tensor)> = crate::train_cmd::read_weights(&run_dir)?
+        .into_iter()
+        .filter(|(n, _)| is_base_llm(n))
+        .collect();
+    deem::checkpoint::save(&out.join("llm.safetensors"), &llm)?;
+    let steps_file = run_dir.join("steps.jsonl");
+    std::fs::copy(&steps_file, out.join("llm.jsonl"))
+        .with_context(|| format!("{}: cannot copy to {}", steps_file.display(), out.display()))?;
+    Ok((first.ntp, last.ntp))
 }

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use deem::config::{DataFormat, DataSource};
 use deem::data::SyntheticBatches;
 use deem::model::Batch;
 use deem::train::{StepReport, Trainer};
@@ -66,7 +67,33 @@ impl Batches for deem::mixer::Mixer {
     }
 }
 
-/// The training data of `dir` for the configured stage, bad records logged and counted.
+/// The stage's own mixture when the config names no `train.sources`: stage I `mmc4.jsonl` :
+/// `pairs.jsonl` = 2 : 1; stages II and III `llava.json` : `pairs.jsonl` = 2 : 1 (captions keep
+/// grounding the words for what the images show, as the paper's stage II mixes COCO captions into its
+/// instruction data), the pairs only when the folder has them.
+fn stage_sources(c: &deem::config::DeemConfig, dir: &std::path::Path) -> Vec<DataSource> {
+    let source = |file: &str, format, weight| DataSource {
+        file: file.into(),
+        format,
+        weight,
+    };
+    match c.train.stage {
+        deem::config::Stage::I => vec![
+            source("mmc4.jsonl", DataFormat::Mmc4, 2.0),
+            source("pairs.jsonl", DataFormat::Pairs, 1.0),
+        ],
+        deem::config::Stage::II | deem::config::Stage::III => {
+            let mut v = vec![source("llava.json", DataFormat::Llava, 2.0)];
+            if dir.join("pairs.jsonl").exists() {
+                v.push(source("pairs.jsonl", DataFormat::Pairs, 1.0));
+            }
+            v
+        }
+    }
+}
+
+/// The training data of `dir`: `train.sources`, or the stage's own mixture; bad records logged and
+/// counted.
 pub fn dataset_batches(
     c: &deem::config::DeemConfig,
     dir: &std::path::Path,
@@ -76,57 +103,45 @@ pub fn dataset_batches(
     use deem::datasets;
     let tok = crate::serve::load_tokenizer(None, Some(dir), c)?;
     let mut m = deem::mixer::Mixer::new(c, c.train.seed);
-    let need = |name: &str| -> anyhow::Result<PathBuf> {
-        let p = dir.join(name);
-        if !p.exists() {
-            bail!("{}: missing; --data needs the folder `deem data synth` writes (or files in its formats)", p.display());
-        }
-        Ok(p)
+    let sources = if c.train.sources.is_empty() {
+        stage_sources(c, dir)
+    } else {
+        c.train.sources.clone()
     };
-    match c.train.stage {
-        deem::config::Stage::I => {
-            let (docs, _) = read_checked(
-                &need("mmc4.jsonl")?,
-                Format::Mmc4,
-                MAX_BAD_RATIO,
-                metrics,
-                datasets::read_mmc4,
-            )?;
-            m.add_documents("mmc4", 2.0, &docs, &tok)
-                .map_err(anyhow::Error::msg)?;
-            let (pairs, _) = read_checked(
-                &need("pairs.jsonl")?,
-                Format::Pairs,
-                MAX_BAD_RATIO,
-                metrics,
-                datasets::read_pairs_jsonl,
-            )?;
-            m.add_pairs("pairs", 1.0, &pairs, &tok)
-                .map_err(anyhow::Error::msg)?;
+    for (i, src) in sources.iter().enumerate() {
+        let p = dir.join(&src.file);
+        if !p.exists() {
+            let from = if c.train.sources.is_empty() {
+                String::new()
+            } else {
+                format!(" (train.sources[{i}].file)")
+            };
+            bail!("{}{from}: missing; --data needs the folder `deem data synth` writes (or files in its formats)", p.display());
         }
-        deem::config::Stage::II | deem::config::Stage::III => {
-            let (convs, _) = read_checked(
-                &need("llava.json")?,
-                Format::Llava,
-                MAX_BAD_RATIO,
-                metrics,
-                datasets::read_llava,
-            )?;
-            m.add_conversations("llava", 2.0, &convs, &c.serve.system_prompt, &tok)
-                .map_err(anyhow::Error::msg)?;
-            // Captions keep grounding the words for what the images show (the paper's stage II mixes
-            // COCO captions into its instruction data).
-            let f = dir.join("pairs.jsonl");
-            if f.exists() {
-                let (pairs, _) = read_checked(
-                    &f,
-                    Format::Pairs,
-                    MAX_BAD_RATIO,
-                    metrics,
-                    datasets::read_pairs_jsonl,
-                )?;
-                m.add_pairs("pairs", 1.0, &pairs, &tok)
-                    .map_err(anyhow::Error::msg)?;
+        // Each file is its own source, named by its file name.
+        let name = src.file.as_str();
+        let err = anyhow::Error::msg;
+        match src.format {
+            DataFormat::Mmc4 => {
+                let (docs, _) =
+                    read_checked(&p, Format::Mmc4, MAX_BAD_RATIO, metrics, datasets::read_mmc4)?;
+                m.add_documents(name, src.weight, &docs, &tok).map_err(err)?;
+            }
+            DataFormat::Pairs | DataFormat::PairsTar => {
+                let (format, read): (_, fn(&std::path::Path) -> _) =
+                    if src.format == DataFormat::Pairs {
+                        (Format::Pairs, datasets::read_pairs_jsonl)
+                    } else {
+                        (Format::PairsTar, datasets::read_pairs_tar)
+                    };
+                let (pairs, _) = read_checked(&p, format, MAX_BAD_RATIO, metrics, read)?;
+                m.add_pairs(name, src.weight, &pairs, &tok).map_err(err)?;
+            }
+            DataFormat::Llava => {
+                let (convs, _) =
+                    read_checked(&p, Format::Llava, MAX_BAD_RATIO, metrics, datasets::read_llava)?;
+                m.add_conversations(name, src.weight, &convs, &c.serve.system_prompt, &tok)
+                    .map_err(err)?;
             }
         }
     }
