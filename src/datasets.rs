@@ -542,6 +542,21 @@ fn write_file(path: &Path, text: &str) -> Result<(), String> {
     std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Writes `list` as the JSON list `out/name` and counts it in `files`.
+fn write_list(
+    out: &Path,
+    name: &str,
+    list: &[serde_json::Value],
+    files: &mut BTreeMap<String, usize>,
+) -> Result<(), String> {
+    write_file(
+        &out.join(name),
+        &serde_json::to_string(list).map_err(|e| e.to_string())?,
+    )?;
+    files.insert(name.into(), list.len());
+    Ok(())
+}
+
 /// Whether a label is in the scene, asked about object `k`: its own label or (a fair coin) an absent
 /// one; for odd `k` the absent label keeps the object's colour or shape, as POPE's adversarial
 /// negatives do.
@@ -750,11 +765,7 @@ pub fn synthesize(out: &Path, o: &SynthOptions) -> Result<SynthSummary, String> 
             "conversations": conversation,
         }));
     }
-    write_file(
-        &out.join("llava.json"),
-        &serde_json::to_string(&llava).map_err(|e| e.to_string())?,
-    )?;
-    files.insert("llava.json".into(), o.instructions);
+    write_list(out, "llava.json", &llava, &mut files)?;
 
     // Regions: every object's mask (RLE; polygons for squares and diamonds) with its label.
     let mut images = Vec::new();
@@ -841,11 +852,7 @@ pub fn synthesize(out: &Path, o: &SynthOptions) -> Result<SynthSummary, String> 
         v["id"] = json!(format!("text-{i:06}"));
         text.push(v);
     }
-    write_file(
-        &out.join("text_scenes.json"),
-        &serde_json::to_string(&text).map_err(|e| e.to_string())?,
-    )?;
-    files.insert("text_scenes.json".into(), o.text_scenes);
+    write_list(out, "text_scenes.json", &text, &mut files)?;
     let mut colour = Vec::new();
     for i in 0..o.colour_questions {
         let (s, rel) = w.scene(Split::Id)?;
@@ -854,11 +861,7 @@ pub fn synthesize(out: &Path, o: &SynthOptions) -> Result<SynthSummary, String> 
         v["id"] = json!(format!("colour-{i:06}"));
         colour.push(v);
     }
-    write_file(
-        &out.join("colour_questions.json"),
-        &serde_json::to_string(&colour).map_err(|e| e.to_string())?,
-    )?;
-    files.insert("colour_questions.json".into(), o.colour_questions);
+    write_list(out, "colour_questions.json", &colour, &mut files)?;
 
     // Evaluation scenes: ImageNet-style class folders (class = the main object's label) and COCO-style
     // instances (category = colour + shape) per split; and per split, POPE-format colour questions about

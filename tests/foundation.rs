@@ -173,7 +173,7 @@ fn unknown_key_in_file_names_file_key_and_expected_keys() {
         format!(
             "{}: train.lrr: unknown field `lrr`, expected one of `stage`, `seed`, `steps`, `warmup_steps`, \
              `batch_size`, `microbatches`, `context_length`, `lr`, `encoder_lr`, `llm_lr`, `betas`, `eps`, \
-             `weight_decay`, `max_grad_norm`, `nip_loss_weight`, `csr_loss_weight`, `schedule`, `train_lm_head`, `train_llm_in_stage_one`, `loss_on_prompts`, `isolate_documents`, `checkpoint_every`, `max_restarts`",
+             `weight_decay`, `max_grad_norm`, `nip_loss_weight`, `csr_loss_weight`, `schedule`, `train_lm_head`, `train_llm_in_stage_one`, `loss_on_prompts`, `isolate_documents`, `checkpoint_every`, `max_restarts`, `sources`",
             p.display()
         )
     );
@@ -284,6 +284,26 @@ fn bad_sources_are_named() {
     );
 }
 
+/// A synthetic world of only `text` text scenes and `colour` colour questions, in `dir/data`.
+fn question_world(dir: &Path, text: usize, colour: usize) -> PathBuf {
+    let data = dir.join("data");
+    deem::datasets::synthesize(
+        &data,
+        &deem::datasets::SynthOptions {
+            pairs: 0,
+            documents: 0,
+            instructions: 0,
+            regions: 0,
+            eval_per_split: 0,
+            text_scenes: text,
+            colour_questions: colour,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    data
+}
+
 #[test]
 fn train_sources_choose_the_data_mixture_and_bad_ones_are_named() {
     let dir = scratch("train-sources");
@@ -310,22 +330,8 @@ fn train_sources_choose_the_data_mixture_and_bad_ones_are_named() {
         "{err}"
     );
 
-    // The curriculum's text step: text-only conversations, no images, weights as given.
-    let data = dir.join("data");
-    deem::datasets::synthesize(
-        &data,
-        &deem::datasets::SynthOptions {
-            pairs: 0,
-            documents: 0,
-            instructions: 5,
-            regions: 0,
-            eval_per_split: 0,
-            text_scenes: 30,
-            colour_questions: 10,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    // Text-only conversations and questions about images, at the weights given.
+    let data = question_world(&dir, 30, 10);
     let p = with(&format!(
         "{}{}",
         source("text_scenes.json", "llava", 3.0),
@@ -363,21 +369,7 @@ fn train_sources_choose_the_data_mixture_and_bad_ones_are_named() {
 #[test]
 fn pretrain_llm_writes_the_llama_under_hf_names_for_pretrained() {
     let dir = scratch("pretrain-llm");
-    let data = dir.join("data");
-    deem::datasets::synthesize(
-        &data,
-        &deem::datasets::SynthOptions {
-            pairs: 0,
-            documents: 0,
-            instructions: 0,
-            regions: 0,
-            eval_per_split: 0,
-            text_scenes: 40,
-            colour_questions: 0,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let data = question_world(&dir, 40, 0);
     let cfg = load(
         &root().join("configs/tiny-llm.toml"),
         &[],

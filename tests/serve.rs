@@ -773,6 +773,8 @@ async fn pope_evaluation_runs_through_the_generation_actors() {
         instructions: 0,
         max_turns: 1,
         regions: 0,
+        text_scenes: 0,
+        colour_questions: 0,
         eval_per_split: 3,
     };
     deem::datasets::synthesize(&dir, &o).unwrap();

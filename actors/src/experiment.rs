@@ -1,7 +1,8 @@
 //! `deem experiment csr`: the paper's central claim (Table 6) in miniature. For each seed, stages I and
 //! II are trained twice on the same synthetic data — with λ_CSR = 5 and with λ_CSR = 0, everything else
-//! equal — and both models answer Synthetic-RobustVQA (in distribution, R, A, V) and Synthetic-POPE
-//! (random, popular, adversarial). The table gives accuracy mean ± std over the seeds per split.
+//! equal — and both models answer Synthetic-RobustVQA (in distribution, R, A, V), Synthetic-POPE
+//! (random, popular, adversarial) and, where the data folder has them, the held-out colour questions
+//! per split. The table gives accuracy mean ± std over the seeds per split.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -77,6 +78,13 @@ pub fn run(e: &Experiment, rt: &tokio::runtime::Runtime) -> anyhow::Result<Strin
                 crate::eval_cmd::pope_split(&pope_dir.join(format!("pope_{p}.jsonl")))
                     .context("run `deem data pope` into DIR/pope first")?,
             );
+        }
+        // The held-out colour questions `deem data synth` writes, where the folder has them.
+        for split in deem::world::Split::ALL {
+            let f = e.data.join(format!("eval/colour_{}.jsonl", split.name()));
+            if f.exists() {
+                s.push(crate::eval_cmd::pope_split(&f)?);
+            }
         }
         Ok(s)
     };
