@@ -5,7 +5,8 @@
 //! - MMC4-style interleaved documents: JSONL `{"text_list": [...], "image_info": [{"image_name",
 //!   "matched_text_index", "matched_sim"}]}` with local image paths;
 //! - LLaVA-style instructions: a JSON list of `{"id", "image", "conversations": [{"from": "human" |
-//!   "gpt", "value"}]}` with `<image>` in the first human turn;
+//!   "gpt", "value"}]}` with `<image>` in the first human turn (`image` left out: a text-only
+//!   conversation);
 //! - region data: COCO-style `{"images", "annotations": [{"image_id", "segmentation" (uncompressed RLE
 //!   `{"size": [h, w], "counts": [...]}` or polygons), "caption"}], "categories"}`.
 //!
@@ -480,7 +481,7 @@ pub struct SynthOptions {
     /// Region annotations' images.
     pub regions: usize,
     /// Text-only conversations that describe a scene in words and ask whether a colour or a label is
-    /// in it (`text_scenes.json`): the comparison, learned before the images are read.
+    /// in it (`text_scenes.json`): the comparison the tiny LLM learns in its pretraining.
     pub text_scenes: usize,
     /// Single-turn colour existence questions about images (`colour_questions.json`).
     pub colour_questions: usize,
@@ -826,8 +827,8 @@ pub fn synthesize(out: &Path, o: &SynthOptions) -> Result<SynthSummary, String> 
     )?;
     files.insert("regions.json".into(), o.regions);
 
-    // The curriculum's first two steps: the yes/no comparison in words (text-only conversations; a
-    // fair coin between a colour and a label question), then colour questions about images.
+    // The tiny LLM's pretraining text, the yes/no comparison in words (text-only conversations; a fair
+    // coin between a colour and a label question), and stage II's colour questions about images.
     let single = |image: Option<&str>, q: String, a: String| {
         let mut v = json!({"conversations": [
             {"from": "human", "value": if image.is_some() { format!("<image>\n{q}") } else { q }},
@@ -865,7 +866,7 @@ pub fn synthesize(out: &Path, o: &SynthOptions) -> Result<SynthSummary, String> 
 
     // Evaluation scenes: ImageNet-style class folders (class = the main object's label) and COCO-style
     // instances (category = colour + shape) per split; and per split, POPE-format colour questions about
-    // them (`eval/colour_<split>.jsonl`), the curriculum's image step held out.
+    // them (`eval/colour_<split>.jsonl`), stage II's questions held out.
     for split in Split::ALL {
         let base = out.join("eval").join(split.name());
         std::fs::create_dir_all(&base).map_err(|e| format!("{}: {e}", base.display()))?;

@@ -38,7 +38,7 @@ pub struct TrainJob {
     /// Continue from the run directory's latest checkpoint.
     pub resume: bool,
     /// Train on the datasets of this folder (as `deem data synth` writes it) instead of the built-in
-    /// batches: stage I mixes `mmc4.jsonl` and `pairs.jsonl` 2 : 1, stages II and III use `llava.json`.
+    /// batches: the recipe's `train.sources`, or the stage's own mix (see [`dataset_batches`]).
     pub data: Option<PathBuf>,
     /// Start from this model (a previous stage's run directory or `model.safetensors`).
     pub init_from: Option<PathBuf>,
