@@ -738,9 +738,11 @@ impl DeemConfig {
         c.non_negative_f("train.nip_loss_weight", t.nip_loss_weight);
         c.non_negative_f("train.csr_loss_weight", t.csr_loss_weight);
         for (i, src) in t.sources.iter().enumerate() {
-            c.check(!src.file.trim().is_empty(), &format!("train.sources[{i}].file"), || {
-                "expected a file name, found an empty string".into()
-            });
+            c.check(
+                !src.file.trim().is_empty(),
+                &format!("train.sources[{i}].file"),
+                || "expected a file name, found an empty string".into(),
+            );
             c.check(
                 src.weight.is_finite() && src.weight > 0.0,
                 &format!("train.sources[{i}].weight"),

@@ -597,11 +597,20 @@ pub fn colour_question(s: &Scene, rng: &mut crate::rng::Stream) -> (String, Stri
         let k = rng.below(1, s.objects.len() as u64)[0] as usize;
         return (ask(s.objects[k].colour_name()), "Yes".into());
     }
-    let absent: Vec<usize> = (0..world::COLOURS.len())
-        .filter(|&c| s.objects.iter().all(|o| o.colour != c))
-        .collect();
+    let absent = absent_colours(s);
     let c = absent[rng.below(1, absent.len() as u64)[0] as usize];
-    (ask(world::COLOURS[c].0), "No".into())
+    (ask(c), "No".into())
+}
+
+/// The colours no object of the scene has, in palette order (never empty: a scene has at most three
+/// objects).
+fn absent_colours(s: &Scene) -> Vec<&'static str> {
+    world::COLOURS
+        .iter()
+        .enumerate()
+        .filter(|&(c, _)| s.objects.iter().all(|o| o.colour != c))
+        .map(|(_, (name, _))| *name)
+        .collect()
 }
 
 /// The scene in words, for the text-only conversations: "The image shows a red circle with a blue
@@ -879,13 +888,12 @@ pub fn synthesize(out: &Path, o: &SynthOptions) -> Result<SynthSummary, String> 
             let rel = format!("{class}/{k:06}.png");
             // A colour of the scene (yes) and a colour it lacks (no), POPE-style balanced.
             let present: Vec<&str> = s.objects.iter().map(|ob| ob.colour_name()).collect();
-            let absent: Vec<&str> = world::COLOURS
-                .iter()
-                .map(|c| c.0)
-                .filter(|c| !present.contains(c))
-                .collect();
+            let absent = absent_colours(&s);
             for (c, label) in [
-                (present[rng.below(1, present.len() as u64)[0] as usize], "yes"),
+                (
+                    present[rng.below(1, present.len() as u64)[0] as usize],
+                    "yes",
+                ),
                 (absent[rng.below(1, absent.len() as u64)[0] as usize], "no"),
             ] {
                 let text = format!("Is there something {c} in the image? Please answer yes or no.");

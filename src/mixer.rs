@@ -189,8 +189,9 @@ impl Mixer {
     }
 
     /// Instruction conversations in the chat template; the image leads the first question wherever its
-    /// `<image>` stands (or when the text has none), as LLaVA's preprocessing moves it to the front. Only the replies (each closed by EOS) are NTP targets, unless
-    /// `train.loss_on_prompts`: then every text id is (images stay context).
+    /// `<image>` stands (or when the text has none), as LLaVA's preprocessing moves it to the front.
+    /// Only the replies (each closed by EOS) are NTP targets, unless `train.loss_on_prompts`: then
+    /// every text id is (images stay context).
     pub fn add_conversations(
         &mut self,
         name: &str,

@@ -36,6 +36,21 @@ fn starts(name: &str, prefixes: &[&str]) -> bool {
     prefixes.iter().any(|p| name.starts_with(p))
 }
 
+/// Whether parameter `name` belongs to the LLM DEEM starts from (HF `LlamaForCausalLM` names: token
+/// embeddings, decoder layers, final norm, LM head), not to DEEM's additions (new tokens and head, SoI
+/// vector).
+pub fn is_base_llm(name: &str) -> bool {
+    starts(
+        name,
+        &[
+            "model.embed_tokens.",
+            "model.layers.",
+            "model.norm.",
+            "lm_head.",
+        ],
+    )
+}
+
 /// The group of parameter `name` under the rules `t` (its stage), or `None` when it is frozen. UNet and
 /// VAE are always frozen; the LLM's base weights train from stage II (or from stage I with
 /// `train.train_llm_in_stage_one`; the original LM head only with
@@ -46,14 +61,9 @@ pub fn group_of(t: &TrainConfig, name: &str) -> Option<Group> {
     if starts(name, &["unet.", "vae."]) {
         return None;
     }
-    if name.starts_with("lm_head.") {
-        return (llm && t.train_lm_head).then_some(Group::Llm);
-    }
-    if starts(
-        name,
-        &["model.embed_tokens.", "model.layers.", "model.norm."],
-    ) {
-        return llm.then_some(Group::Llm);
+    if is_base_llm(name) {
+        let head = name.starts_with("lm_head.");
+        return (llm && (!head || t.train_lm_head)).then_some(Group::Llm);
     }
     if starts(name, &["visual.trunk.", "visual.head."]) {
         return (stage == Stage::I).then_some(Group::Encoder);

@@ -312,9 +312,14 @@ fn train_sources_choose_the_data_mixture_and_bad_ones_are_named() {
         std::fs::write(&p, format!("{}\n{sources}", tiny_text())).unwrap();
         p
     };
-    let source =
-        |file: &str, format: &str, weight: f64| format!("[[train.sources]]\nfile = \"{file}\"\nformat = \"{format}\"\nweight = {weight}\n");
-    let bad = with(&format!("{}{}", source("a.json", "llava", 0.0), source(" ", "pairs", 1.0)));
+    let source = |file: &str, format: &str, weight: f64| {
+        format!("[[train.sources]]\nfile = \"{file}\"\nformat = \"{format}\"\nweight = {weight}\n")
+    };
+    let bad = with(&format!(
+        "{}{}",
+        source("a.json", "llava", 0.0),
+        source(" ", "pairs", 1.0)
+    ));
     assert_eq!(
         load_err(&bad, &[], &[]),
         format!(
@@ -347,7 +352,10 @@ fn train_sources_choose_the_data_mixture_and_bad_ones_are_named() {
         .collect();
     assert_eq!(
         got,
-        [("text_scenes.json", 30, 3.0), ("colour_questions.json", 10, 1.0)]
+        [
+            ("text_scenes.json", 30, 3.0),
+            ("colour_questions.json", 10, 1.0)
+        ]
     );
     m.batch(0).unwrap();
 
@@ -392,7 +400,10 @@ fn pretrain_llm_writes_the_llama_under_hf_names_for_pretrained() {
     .unwrap();
     assert!(last < first, "NTP {first} → {last}");
     assert_eq!(
-        std::fs::read_to_string(out.join("llm.jsonl")).unwrap().lines().count(),
+        std::fs::read_to_string(out.join("llm.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
         3
     );
     // Exactly HF LlamaForCausalLM's names: no DEEM additions (new tokens, new head, SoI vector).

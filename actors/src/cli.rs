@@ -581,6 +581,14 @@ pub fn topology_report(topo: &Topology, cfg: &LoadedConfig) -> String {
 }
 
 /// A `--device` value that this machine has.
+/// The runtime the training commands (train, experiment, pretrain llm) drive their actors from.
+fn training_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
 fn parse_device(s: &str) -> anyhow::Result<deem::DeviceSpec> {
     let device: deem::DeviceSpec = s.parse().map_err(|e| anyhow::anyhow!("--device: {e}"))?;
     if let deem::DeviceSpec::Cuda(n) = device {
@@ -646,10 +654,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 pretrained: args.pretrained,
             };
             let metrics = crate::metrics::Metrics::new();
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
+            let runtime = training_runtime()?;
             let server = match args.metrics_addr {
                 Some(addr) => Some(runtime.block_on(crate::http::Server::start(
                     addr,
@@ -803,10 +808,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 weights: vec![5.0, 0.0],
                 pretrained,
             };
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
+            let runtime = training_runtime()?;
             print!("{}", crate::experiment::run(&e, &runtime)?);
         }
         Command::Report {
@@ -921,13 +923,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             .load()?;
             let device = parse_device(&device)?;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
+            let runtime = training_runtime()?;
             let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
-            let (first, last) =
-                crate::pretrain_cmd::llm(&cfg, &data, &out, steps, device, !quiet, &metrics, &runtime)?;
+            let (first, last) = crate::pretrain_cmd::llm(
+                &cfg, &data, &out, steps, device, !quiet, &metrics, &runtime,
+            )?;
             println!(
                 "pretrained the LLM: NTP loss {first:.4} → {last:.4}; wrote {}",
                 out.join("llm.safetensors").display()

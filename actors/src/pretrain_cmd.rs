@@ -228,16 +228,6 @@ pub fn decoder(
     Ok(last)
 }
 
-/// Whether a DEEM parameter belongs to the LLM DEEM starts from (HF `LlamaForCausalLM` names: token
-/// embeddings, decoder layers, final norm, LM head), not to DEEM's additions (new tokens and head, SoI
-/// vector).
-pub fn is_base_llm(name: &str) -> bool {
-    matches!(
-        name,
-        "model.embed_tokens.weight" | "model.norm.weight" | "lm_head.weight"
-    ) || name.starts_with("model.layers.")
-}
-
 /// LLM pretraining: the reference trainer on `device` runs `cfg` (its `train.sources` from `data`,
 /// `steps` or the recipe's) from the initialisation in `out/llm-run`; the LLM's weights go to
 /// `out/llm.safetensors` and the steps to `out/llm.jsonl`. Returns the first and last NTP loss.
@@ -275,7 +265,7 @@ pub fn llm(
     };
     let llm: Vec<(String, tch::Tensor)> = crate::train_cmd::read_weights(&run_dir)?
         .into_iter()
-        .filter(|(n, _)| is_base_llm(n))
+        .filter(|(n, _)| deem::train::is_base_llm(n))
         .collect();
     deem::checkpoint::save(&out.join("llm.safetensors"), &llm)?;
     let steps_file = run_dir.join("steps.jsonl");

@@ -123,9 +123,15 @@ pub fn dataset_batches(
         let err = anyhow::Error::msg;
         match src.format {
             DataFormat::Mmc4 => {
-                let (docs, _) =
-                    read_checked(&p, Format::Mmc4, MAX_BAD_RATIO, metrics, datasets::read_mmc4)?;
-                m.add_documents(name, src.weight, &docs, &tok).map_err(err)?;
+                let (docs, _) = read_checked(
+                    &p,
+                    Format::Mmc4,
+                    MAX_BAD_RATIO,
+                    metrics,
+                    datasets::read_mmc4,
+                )?;
+                m.add_documents(name, src.weight, &docs, &tok)
+                    .map_err(err)?;
             }
             DataFormat::Pairs | DataFormat::PairsTar => {
                 let (format, read): (_, fn(&std::path::Path) -> _) =
@@ -138,8 +144,13 @@ pub fn dataset_batches(
                 m.add_pairs(name, src.weight, &pairs, &tok).map_err(err)?;
             }
             DataFormat::Llava => {
-                let (convs, _) =
-                    read_checked(&p, Format::Llava, MAX_BAD_RATIO, metrics, datasets::read_llava)?;
+                let (convs, _) = read_checked(
+                    &p,
+                    Format::Llava,
+                    MAX_BAD_RATIO,
+                    metrics,
+                    datasets::read_llava,
+                )?;
                 m.add_conversations(name, src.weight, &convs, &c.serve.system_prompt, &tok)
                     .map_err(err)?;
             }
