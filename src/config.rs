@@ -370,6 +370,9 @@ pub enum DataFormat {
     PairsTar,
     /// LLaVA-style instruction conversations (JSON; `image` optional).
     Llava,
+    /// Region data: COCO-style annotations with RLE or polygon masks and a caption each (JSON), in the
+    /// referring template with the mask-aware extractor.
+    Regions,
 }
 
 fn default_true() -> bool {

@@ -75,6 +75,7 @@ impl SyntheticBatches {
             input_ids,
             pixels: Tensor::stack(&images, 0),
             loss_mask: None,
+            masks: None,
         }
     }
 }

@@ -10,6 +10,10 @@
 //!   and the image at the start of the first question (where LLaVA's preprocessing moves `<image>`).
 //! - Rows are packed with whole samples up to the context length (a sample never straddles two rows, so
 //!   image tokens stay whole), then padded.
+//! - Region data (stage III) follows the paper's referring template: the image, then "Provide a short
+//!   description for this <ref>region1</ref>" and the image again with the region's mask; the reply is
+//!   the region's caption. A mixer with region data gives every batch `masks` (whole images all ones),
+//!   so all its images go through the mask-aware extractor.
 //! - Sources are drawn by their mix weights (MMC4 : pairs = 2 : 1 by default), samples uniformly. Batch
 //!   `k` depends only on (seed, k): the sampler is stateless, so a run resumed at step `k` (the step in
 //!   its checkpoint manifest is the data cursor) continues with exactly the batches it would have seen.
@@ -17,7 +21,7 @@
 use tch::{Kind, Tensor};
 
 use crate::config::DeemConfig;
-use crate::datasets::{Conversation, Document, Pair};
+use crate::datasets::{Conversation, Document, Pair, Region};
 use crate::model::Batch;
 use crate::rng::{Purpose, Stream};
 use crate::tokenizer::DeemTokenizer;
@@ -25,10 +29,26 @@ use crate::tokenizer::DeemTokenizer;
 /// Most images a document keeps.
 pub const MAX_IMAGES_PER_DOCUMENT: usize = 6;
 
+/// The paper's referring prompt (Fig. 8c): the image, this text, then the image with the region's mask.
+pub const REFERRING_PROMPT: &str = "Provide a short description for this <ref>region1</ref>";
+
+/// An image of a sample: its pixels in the mixer's store and, for region input, its mask.
+#[derive(Clone, Copy)]
+struct ImageRef {
+    pixels: usize,
+    mask: Option<usize>,
+}
+
+impl ImageRef {
+    fn whole(pixels: usize) -> Self {
+        ImageRef { pixels, mask: None }
+    }
+}
+
 /// A piece of a sample: text, and images that go before or after it.
 struct Segment {
     text: Vec<i64>,
-    images: Vec<usize>,
+    images: Vec<ImageRef>,
     /// Images before or after the text at random (else always before).
     movable: bool,
     /// NTP targets: `None`, everything (text and images); `Some(k)`, only `text[k..]`.
@@ -63,6 +83,10 @@ pub struct Mixer {
     pub sources: Vec<Source>,
     /// Pixels [3, S, S] in [0, 1] of every image the samples use.
     images: Vec<Tensor>,
+    /// Region masks [1, S, S] in [0, 1] the samples use.
+    masks: Vec<Tensor>,
+    /// Region data was added: batches carry masks.
+    regions: bool,
     seed: u64,
     rows: usize,
     context: usize,
@@ -85,6 +109,8 @@ impl Mixer {
         Mixer {
             sources: Vec::new(),
             images: Vec::new(),
+            masks: Vec::new(),
+            regions: false,
             seed,
             rows: cfg.train.batch_size as usize,
             context: cfg.train.context_length as usize,
@@ -100,10 +126,29 @@ impl Mixer {
         }
     }
 
-    fn image(&mut self, img: &image::RgbImage) -> usize {
+    fn image(&mut self, img: &image::RgbImage) -> ImageRef {
         self.images
             .push(crate::vision::unit_pixels(img, self.size as u32));
-        self.images.len() - 1
+        ImageRef::whole(self.images.len() - 1)
+    }
+
+    /// Which ids of a prompt are NTP targets: `Some(0)` all (`train.loss_on_prompts`), else none.
+    fn prompt_targets(&self) -> Option<usize> {
+        if self.loss_on_prompts {
+            Some(0)
+        } else {
+            Some(usize::MAX)
+        }
+    }
+
+    /// A fixed-place prompt segment (no targets unless `train.loss_on_prompts`).
+    fn prompt(&self, text: Vec<i64>, images: Vec<ImageRef>) -> Segment {
+        Segment {
+            text,
+            images,
+            movable: false,
+            targets_from: self.prompt_targets(),
+        }
     }
 
     fn finish(&mut self, name: &str, weight: f64, samples: Vec<Vec<Segment>>) {
@@ -201,18 +246,8 @@ impl Mixer {
         tok: &DeemTokenizer,
     ) -> Result<(), String> {
         let mut samples = Vec::new();
-        let context = if self.loss_on_prompts {
-            Some(0)
-        } else {
-            Some(usize::MAX)
-        };
         for c in convs {
-            let mut segs = vec![Segment {
-                text: Self::text(tok, system)?,
-                images: vec![],
-                movable: false,
-                targets_from: context,
-            }];
+            let mut segs = vec![self.prompt(Self::text(tok, system)?, vec![])];
             for (i, (q, a)) in c.turns.iter().enumerate() {
                 let q = q.replace("<image>", "").trim().to_string();
                 let image = if i == 0 {
@@ -220,12 +255,7 @@ impl Mixer {
                 } else {
                     None
                 };
-                segs.push(Segment {
-                    text: Self::text(tok, " USER:")?,
-                    images: vec![],
-                    movable: false,
-                    targets_from: context,
-                });
+                segs.push(self.prompt(Self::text(tok, " USER:")?, vec![]));
                 // " {q} ASSISTANT:" is context; " {a}</s>" the target (the last reply's EOS is the
                 // sample's own, appended by `emit`).
                 let mut qt = Self::text(tok, &format!(" {q}"))?;
@@ -248,6 +278,56 @@ impl Mixer {
         Ok(())
     }
 
+    /// Region data in the referring template, under the chat template of conversations: the image, the
+    /// referring prompt, the image again with the region's mask, and the caption as the reply (the only
+    /// target unless `train.loss_on_prompts`). Marks the mixer as giving region input.
+    pub fn add_regions(
+        &mut self,
+        name: &str,
+        weight: f64,
+        regions: &[Region],
+        system: &str,
+        tok: &DeemTokenizer,
+    ) -> Result<(), String> {
+        self.regions = true;
+        let mut samples = Vec::new();
+        for r in regions {
+            let (w, h) = r.image.dimensions();
+            let mask =
+                crate::region::unit_mask(&r.mask, w, h, self.size as u32).ok_or_else(|| {
+                    format!(
+                        "{name}: a region's mask holds {} values, its image is {w}×{h}",
+                        r.mask.len()
+                    )
+                })?;
+            let whole = self.image(&r.image);
+            self.masks.push(mask);
+            let region = ImageRef {
+                pixels: whole.pixels,
+                mask: Some(self.masks.len() - 1),
+            };
+            let mut reply = Self::text(tok, " ASSISTANT:")?;
+            let from = reply.len();
+            reply.extend(Self::text(tok, &format!(" {}", r.caption))?);
+            samples.push(vec![
+                self.prompt(Self::text(tok, system)?, vec![]),
+                self.prompt(Self::text(tok, " USER:")?, vec![]),
+                self.prompt(
+                    Self::text(tok, &format!(" {REFERRING_PROMPT}"))?,
+                    vec![whole],
+                ),
+                Segment {
+                    text: reply,
+                    images: vec![region],
+                    movable: false,
+                    targets_from: Some(if self.loss_on_prompts { 0 } else { from }),
+                },
+            ]);
+        }
+        self.finish(name, weight, samples);
+        Ok(())
+    }
+
     /// Appends a sample's ids to `row`, whether each is an NTP target to `mask`, and its images to
     /// `images`, placing movable images by `s`.
     fn emit(
@@ -256,21 +336,22 @@ impl Mixer {
         s: &mut Stream,
         row: &mut Vec<i64>,
         mask: &mut Vec<bool>,
-        images: &mut Vec<usize>,
+        images: &mut Vec<ImageRef>,
     ) {
         row.push(self.bos);
         mask.push(false);
         for seg in &sample.segments {
             let before = !seg.movable || s.uniform() < 0.5;
             let all = seg.targets_from.is_none();
-            let put_images = |row: &mut Vec<i64>, mask: &mut Vec<bool>, images: &mut Vec<usize>| {
-                for &i in &seg.images {
-                    row.push(self.soi);
-                    row.extend(std::iter::repeat_n(self.sniffer, self.k));
-                    mask.extend(std::iter::repeat_n(all, 1 + self.k));
-                    images.push(i);
-                }
-            };
+            let put_images =
+                |row: &mut Vec<i64>, mask: &mut Vec<bool>, images: &mut Vec<ImageRef>| {
+                    for &i in &seg.images {
+                        row.push(self.soi);
+                        row.extend(std::iter::repeat_n(self.sniffer, self.k));
+                        mask.extend(std::iter::repeat_n(all, 1 + self.k));
+                        images.push(i);
+                    }
+                };
             let from = seg.targets_from.unwrap_or(0);
             let put_text = |row: &mut Vec<i64>, mask: &mut Vec<bool>| {
                 row.extend(&seg.text);
@@ -363,16 +444,35 @@ impl Mixer {
             )
         } else {
             Tensor::stack(
-                &order.iter().map(|&i| &self.images[i]).collect::<Vec<_>>(),
+                &order
+                    .iter()
+                    .map(|r| &self.images[r.pixels])
+                    .collect::<Vec<_>>(),
                 0,
             )
         };
+        let masks = self.regions.then(|| {
+            let whole = crate::region::whole_image_masks(1, self.size).squeeze_dim(0);
+            let all: Vec<&Tensor> = order
+                .iter()
+                .map(|r| r.mask.map_or(&whole, |m| &self.masks[m]))
+                .collect();
+            if all.is_empty() {
+                Tensor::zeros(
+                    [0, 1, self.size, self.size],
+                    (Kind::Float, tch::Device::Cpu),
+                )
+            } else {
+                Tensor::stack(&all, 0)
+            }
+        });
         let shape = [self.rows as i64, self.context as i64];
         Ok((
             Batch {
                 input_ids: Tensor::from_slice(&ids).view(shape),
                 pixels,
                 loss_mask: Some(Tensor::from_slice(&mask).view(shape)),
+                masks,
             },
             counts,
         ))

@@ -12,6 +12,7 @@ use crate::config::{DeemConfig, Stage};
 use crate::diffusion::condition::{gather_contexts, NipCondition};
 use crate::diffusion::{AutoencoderKL, Ddpm, UNet2DCondition};
 use crate::llama::{LlamaConfig, LlamaShard};
+use crate::region::MaskExtractor;
 use crate::resampler::Resampler;
 use crate::rng::{ints, Purpose, Stream};
 use crate::sequence::{splice_images, SequenceError};
@@ -37,6 +38,10 @@ pub struct Batch {
     /// `[B, T]` bool: which ids are NTP targets (instruction data: the assistant's replies only, as
     /// LLaVA trains). `None`: every id not masked by [`ntp_loss`]'s own rules.
     pub loss_mask: Option<Tensor>,
+    /// Region input: `[N, 1, H, W]` in [0, 1], one mask per image (1 = inside the region; a whole image
+    /// has an all-ones mask). `Some`: every image goes through the mask-aware extractor and CSR is
+    /// averaged over each image's region. `None`: whole images, no extractor.
+    pub masks: Option<Tensor>,
 }
 
 impl Batch {
@@ -70,6 +75,7 @@ impl Batch {
                     input_ids: self.input_ids.narrow(0, i * rows, rows),
                     pixels: self.pixels.narrow(0, img, n),
                     loss_mask: self.loss_mask.as_ref().map(|m| m.narrow(0, i * rows, rows)),
+                    masks: self.masks.as_ref().map(|m| m.narrow(0, img, n)),
                 };
                 img += n;
                 mb
@@ -123,11 +129,13 @@ fn mse(a: &Tensor, b: &Tensor) -> Tensor {
     (a - b).square().mean(Kind::Float)
 }
 
-/// The vision actor's modules: encoder and resampler (under `visual.` and `visual_tokenizer.`).
+/// The vision actor's modules: encoder, resampler and mask-aware extractor (under `visual.` and
+/// `visual_tokenizer.`).
 #[derive(Debug)]
 pub struct VisionStage {
     pub encoder: VisionEncoder,
     pub resampler: Resampler,
+    pub region: MaskExtractor,
     image_size: i64,
 }
 
@@ -141,6 +149,12 @@ impl VisionStage {
                 cfg.llm.hidden_size,
                 cfg.diffusion.unet.cross_attention_dim,
             ),
+            region: MaskExtractor::new_seeded(
+                &(root / "visual_tokenizer"),
+                cfg.vision.dims.len(),
+                cfg.vision.adapter_width,
+                cfg.train.seed,
+            ),
             image_size: cfg.vision.image_size,
         }
     }
@@ -150,10 +164,22 @@ impl VisionStage {
         clip_pixels(pixels, self.image_size)
     }
 
-    /// `(visual tokens [N, Q, L], CSR condition [N, Q, C])` of [0, 1] pixels.
+    /// `(visual tokens [N, Q, L], CSR condition [N, Q, C])` of [0, 1] pixels (whole images).
     pub fn forward(&self, pixels: &Tensor) -> (Tensor, Tensor) {
+        self.forward_regions(pixels, None)
+    }
+
+    /// [`Self::forward`] with region input: with `masks` `[N, 1, H, W]`, the mask-aware extractor masks
+    /// the encoder output and prepends its region tokens to the resampler's input.
+    pub fn forward_regions(&self, pixels: &Tensor, masks: Option<&Tensor>) -> (Tensor, Tensor) {
         let v = self.encoder.forward(&self.clip_pixels(pixels));
-        let r = self.resampler.forward(&v.tokens, None);
+        let r = match masks {
+            Some(m) => {
+                let mv = self.region.forward(&v, &m.to_device(pixels.device()));
+                self.resampler.forward(&mv.tokens, Some(&mv.region_tokens))
+            }
+            None => self.resampler.forward(&v.tokens, None),
+        };
         (r.visual_tokens, r.csr_condition)
     }
 }
@@ -317,11 +343,36 @@ impl DiffusionStage {
         t: &Tensor,
         cond: &Tensor,
     ) -> Tensor {
+        self.diffusion_loss_in(latents, noise, t, cond, None)
+    }
+
+    /// [`Self::diffusion_loss`], averaged over each image's region when `masks` `[N, 1, H, W]` (at
+    /// any resolution; resized to the latents, so partly covered latent pixels weigh partly) is given:
+    /// Σ err² · m / (channels · Σ m).
+    fn diffusion_loss_in(
+        &self,
+        latents: &Tensor,
+        noise: &Tensor,
+        t: &Tensor,
+        cond: &Tensor,
+        masks: Option<&Tensor>,
+    ) -> Tensor {
         let noisy = self.ddpm.add_noise(latents, noise, t);
-        mse(
-            &self.unet.forward(&noisy, t, cond),
-            &self.ddpm.target(latents, noise, t),
-        )
+        let pred = self.unet.forward(&noisy, t, cond);
+        let target = self.ddpm.target(latents, noise, t);
+        match masks {
+            None => mse(&pred, &target),
+            Some(m) => {
+                let (h, w) = (latents.size()[2], latents.size()[3]);
+                let m = m
+                    .to_device(latents.device())
+                    .to_kind(Kind::Float)
+                    .upsample_bilinear2d([h, w], false, None, None);
+                let err = (pred - target).square().to_kind(Kind::Float);
+                (err * &m).sum(Kind::Float)
+                    / (m.sum(Kind::Float) * latents.size()[1] as f64).clamp_min(1e-6)
+            }
+        }
     }
 
     /// NIP: draw the images `pixels` (those at `index`) from their LLM contexts; the learned null
@@ -355,6 +406,18 @@ impl DiffusionStage {
 
     /// CSR: reconstruct every input image from its own encoder embedding, t in [200, 800), no dropout.
     pub fn csr_loss(&self, cond: &Tensor, pixels: &Tensor, key: (u64, u64, u64)) -> Tensor {
+        self.csr_loss_regions(cond, pixels, None, key)
+    }
+
+    /// [`Self::csr_loss`] for region input: with `masks`, the loss is averaged over the regions
+    /// (renormalised by their area) instead of the whole images.
+    pub fn csr_loss_regions(
+        &self,
+        cond: &Tensor,
+        pixels: &Tensor,
+        masks: Option<&Tensor>,
+        key: (u64, u64, u64),
+    ) -> Tensor {
         let (seed, step, mb) = key;
         let device = cond.device();
         let latents = self.latents(pixels);
@@ -367,7 +430,7 @@ impl DiffusionStage {
             n,
         ))
         .to_device(device);
-        self.diffusion_loss(&latents, &noise, &t, cond)
+        self.diffusion_loss_in(&latents, &noise, &t, cond, masks)
     }
 }
 
@@ -460,7 +523,8 @@ impl Deem {
         let n_images = batch.pixels.size()[0];
 
         // 1. Vision → resampler: visual tokens and the CSR condition.
-        let vision = (n_images > 0).then(|| self.vision.forward(&batch.pixels));
+        let masks = batch.masks.as_ref();
+        let vision = (n_images > 0).then(|| self.vision.forward_regions(&batch.pixels, masks));
 
         // 2. LLM over the spliced sequence.
         let embeds = embed_sequence(&self.llm, ids, vision.as_ref().map(|v| &v.0), self.ids)?;
@@ -488,7 +552,9 @@ impl Deem {
         // 4. CSR: every input image reconstructed from its own encoder embedding.
         let mut csr = zero();
         if let (true, Some((_, cond))) = (csr_w > 0.0, &vision) {
-            csr = self.diffusion.csr_loss(cond, &batch.pixels, key);
+            csr = self
+                .diffusion
+                .csr_loss_regions(cond, &batch.pixels, masks, key);
         }
         let total = &ntp + &nip * nip_w + &csr * csr_w;
         Ok(Losses {

@@ -7,10 +7,56 @@
 use tch::nn::{self, Module};
 use tch::Tensor;
 
+use crate::rng::{Purpose, Stream};
 use crate::vision::VisionOutput;
 
 /// Side of the mask image the shape MLP reads.
 pub const MASK_SHAPE_SIDE: i64 = 112;
+
+/// Checkpoint key prefixes of the extractor. A model saved without region support lacks them; loads
+/// keep the extractor's initial values then (it only acts on region input).
+pub const KEY_PREFIXES: [&str; 2] = [
+    "visual_tokenizer.mask_pool.",
+    "visual_tokenizer.mask_shape.",
+];
+
+/// [`KEY_PREFIXES`] as a [`crate::checkpoint::LoadSpec`] list.
+pub fn key_prefixes() -> Vec<String> {
+    KEY_PREFIXES.iter().map(|p| p.to_string()).collect()
+}
+
+/// Whether `name` is one of the extractor's parameters.
+pub fn is_extractor_key(name: &str) -> bool {
+    KEY_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// A `w × h` row-major mask as `[1, size, size]` in [0, 1], with the geometry of
+/// [`crate::vision::unit_pixels`] (shorter side to `size`, bilinear, centre crop), so it stays on its
+/// image's pixels. `None` if `mask` does not hold `w × h` values.
+pub fn unit_mask(mask: &[bool], w: u32, h: u32, size: u32) -> Option<Tensor> {
+    if mask.len() != (w as usize) * (h as usize) || w == 0 || h == 0 {
+        return None;
+    }
+    let (nw, nh, x0, y0) = crate::vision::square_crop(w, h, size);
+    let m: Vec<f32> = mask.iter().map(|&b| b as u8 as f32).collect();
+    let m = Tensor::from_slice(&m).view([1, 1, h as i64, w as i64]);
+    let m = if (nw, nh) == (w, h) {
+        m
+    } else {
+        m.upsample_bilinear2d([nh as i64, nw as i64], false, None, None)
+    };
+    Some(
+        m.narrow(2, y0 as i64, size as i64)
+            .narrow(3, x0 as i64, size as i64)
+            .squeeze_dim(0)
+            .contiguous(),
+    )
+}
+
+/// All-ones masks `[n, 1, size, size]`: whole images as region input.
+pub fn whole_image_masks(n: i64, size: i64) -> Tensor {
+    Tensor::ones([n, 1, size, size], (tch::Kind::Float, tch::Device::Cpu))
+}
 
 #[derive(Debug)]
 pub struct MaskExtractor {
@@ -37,18 +83,51 @@ fn resize(mask: &Tensor, h: i64, w: i64) -> Tensor {
 }
 
 impl MaskExtractor {
-    /// Builds under `p` (conventionally `root / "visual_tokenizer"`) for `scales` maps of `width` channels.
+    /// Builds under `p` (conventionally `root / "visual_tokenizer"`) for `scales` maps of `width` channels,
+    /// drawing the initial weights from libtorch's global generator (PyTorch's `nn.Linear` default).
     pub fn new(p: &nn::Path, scales: usize, width: i64) -> Self {
+        Self::build(p, scales, width, Default::default())
+    }
+
+    /// [`Self::new`] with the same initial distribution (uniform in ±1/√fan_in) drawn from deem's own
+    /// stream for `seed` instead of the global generator, so that adding the extractor to a model does
+    /// not shift the initial values of the modules built after it.
+    pub fn new_seeded(p: &nn::Path, scales: usize, width: i64, seed: u64) -> Self {
+        let zero = nn::LinearConfig {
+            ws_init: nn::Init::Const(0.0),
+            bs_init: Some(nn::Init::Const(0.0)),
+            bias: true,
+        };
+        let e = Self::build(p, scales, width, zero);
+        let mut s = Stream::new(seed, 0, 0, Purpose::RegionInit);
+        let layers = e.pool.iter().chain([&e.fc1, &e.fc2, &e.fc3]);
+        tch::no_grad(|| {
+            for l in layers {
+                let bound = 1.0 / (l.ws.size()[1] as f64).sqrt();
+                for t in [&l.ws, l.bs.as_ref().expect("bias")] {
+                    let n = t.numel();
+                    let v: Vec<f32> = (0..n)
+                        .map(|_| ((2.0 * s.uniform() - 1.0) * bound) as f32)
+                        .collect();
+                    let mut t = t.shallow_clone();
+                    t.copy_(&Tensor::from_slice(&v).view(t.size().as_slice()));
+                }
+            }
+        });
+        e
+    }
+
+    fn build(p: &nn::Path, scales: usize, width: i64, c: nn::LinearConfig) -> Self {
         let side2 = MASK_SHAPE_SIDE * MASK_SHAPE_SIDE;
         let pool = (0..scales)
-            .map(|s| nn::linear(p / "mask_pool" / s, width, width, Default::default()))
+            .map(|s| nn::linear(p / "mask_pool" / s, width, width, c))
             .collect();
         let m = p / "mask_shape";
         MaskExtractor {
             pool,
-            fc1: nn::linear(&m / "fc1", side2, width, Default::default()),
-            fc2: nn::linear(&m / "fc2", width, width, Default::default()),
-            fc3: nn::linear(&m / "fc3", width, width, Default::default()),
+            fc1: nn::linear(&m / "fc1", side2, width, c),
+            fc2: nn::linear(&m / "fc2", width, width, c),
+            fc3: nn::linear(&m / "fc3", width, width, c),
         }
     }
 

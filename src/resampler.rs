@@ -230,7 +230,12 @@ impl Resampler {
                 ("visual_tokenizer.qformer.".into(), "".into()),
             ],
             namespace: vec!["visual_tokenizer.".into()],
-            ignore: vec!["visual_tokenizer.encoder.".into()],
+            // The encoder and the mask-aware extractor live under the same prefix in DEEM checkpoints.
+            ignore: [
+                vec!["visual_tokenizer.encoder.".into()],
+                crate::region::key_prefixes(),
+            ]
+            .concat(),
             optional: vec![],
         }
     }

@@ -21,6 +21,8 @@ pub enum Purpose {
     CsrScore = 8,
     /// The synthetic world and dataset sampling.
     Data = 9,
+    /// The mask-aware extractor's initial weights.
+    RegionInit = 10,
 }
 
 #[derive(Debug, Clone)]

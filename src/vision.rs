@@ -267,17 +267,23 @@ pub fn preprocess(img: &image::RgbImage, size: u32) -> Tensor {
     (t - mean) / std
 }
 
-/// An image as `[3, size, size]` pixels in [0, 1]: the shorter side resized to `size` (bicubic), then
-/// centre-cropped (CLIP's geometry, without the normalisation).
-pub fn unit_pixels(img: &image::RgbImage, size: u32) -> Tensor {
-    let (w, h) = img.dimensions();
+/// Where a `w × h` image goes to become `size × size`: resized so its shorter side is `size`
+/// (`(new width, new height)`), then the centred crop at `(x0, y0)`.
+pub fn square_crop(w: u32, h: u32, size: u32) -> (u32, u32, u32, u32) {
     let scale = size as f64 / w.min(h) as f64;
     let (nw, nh) = (
         ((w as f64 * scale).round() as u32).max(size),
         ((h as f64 * scale).round() as u32).max(size),
     );
+    (nw, nh, (nw - size) / 2, (nh - size) / 2)
+}
+
+/// An image as `[3, size, size]` pixels in [0, 1]: the shorter side resized to `size` (bicubic), then
+/// centre-cropped (CLIP's geometry, without the normalisation).
+pub fn unit_pixels(img: &image::RgbImage, size: u32) -> Tensor {
+    let (w, h) = img.dimensions();
+    let (nw, nh, x0, y0) = square_crop(w, h, size);
     let resized = image::imageops::resize(img, nw, nh, image::imageops::FilterType::CatmullRom);
-    let (x0, y0) = ((nw - size) / 2, (nh - size) / 2);
     let crop = image::imageops::crop_imm(&resized, x0, y0, size, size).to_image();
     let data = crop.into_raw();
     Tensor::from_slice(&data)

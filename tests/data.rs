@@ -10,6 +10,7 @@ use std::path::Path;
 use deem::datasets::{self, SynthOptions};
 use deem::eval::{self, PopeSampling};
 use deem::world::{self, Split};
+use tch::Tensor;
 
 fn small(seed: u64) -> SynthOptions {
     SynthOptions {
@@ -894,4 +895,146 @@ fn curriculum_questions_answer_about_their_scene() {
     let yes = kinds.get(&(true, true)).copied().unwrap_or(0);
     assert!((30..=70).contains(&yes), "{yes} of 100 yes");
     assert_eq!(yes + kinds.get(&(true, false)).copied().unwrap_or(0), 100);
+}
+
+/// Region data follows the paper's referring template: the image whole, the prompt, the image again with
+/// the region's mask, and the caption as the only target; every image of a region mixer's batch has a
+/// mask (whole images all ones).
+#[test]
+fn region_samples_follow_the_referring_template_with_their_masks() {
+    let tok = tiny_tokenizer();
+    let mut c = mixer_cfg();
+    c.train.batch_size = 1;
+    let size = c.diffusion.image_size;
+    let s = world::scene(0, Split::Id, 0, size as u32);
+    let ob = &s.objects[0];
+    let truth = ob.mask(size as u32);
+    let region = datasets::Region {
+        image: s.render(),
+        mask: truth.clone(),
+        caption: format!("the {}", ob.label()),
+    };
+    let system = "You are a helpful assistant.";
+    let mut m = deem::mixer::Mixer::new(&c, 0);
+    m.add_regions("r", 1.0, &[region], system, &tok).unwrap();
+    let b = m.batch(0).unwrap();
+    let ids: Vec<i64> = Vec::try_from(b.input_ids.reshape([-1])).unwrap();
+    let mask: Vec<bool> = Vec::try_from(b.loss_mask.unwrap().reshape([-1])).unwrap();
+
+    let enc = |t: &str| -> Vec<i64> {
+        tok.encode(t, false)
+            .unwrap()
+            .into_iter()
+            .map(i64::from)
+            .collect()
+    };
+    let (soi, sniffer) = (c.llm.vocab_size, c.llm.vocab_size + 1);
+    let image: Vec<i64> = std::iter::once(soi)
+        .chain(std::iter::repeat_n(
+            sniffer,
+            c.resampler.num_query_tokens as usize,
+        ))
+        .collect();
+    let caption = enc(&format!(" the {}", ob.label()));
+    let mut want = vec![c.llm.bos_token_id];
+    want.extend(enc(system));
+    want.extend(enc(" USER:"));
+    want.extend(&image);
+    want.extend(enc(
+        " Provide a short description for this <ref>region1</ref>",
+    ));
+    want.extend(&image);
+    want.extend(enc(" ASSISTANT:"));
+    want.extend(&caption);
+    want.push(c.llm.eos_token_id);
+    assert_eq!(ids[..want.len()], want[..]);
+    // `<ref>` and `</ref>` are DEEM's special tokens, one id each.
+    let refs = [c.llm.vocab_size + 2, c.llm.vocab_size + 3];
+    assert_eq!(
+        ids[..want.len()]
+            .iter()
+            .filter(|t| refs.contains(t))
+            .count(),
+        2
+    );
+    // Targets: the caption and EOS, once per packed copy.
+    let copies = ids.iter().filter(|&&t| t == c.llm.bos_token_id).count();
+    let targets: Vec<i64> = ids
+        .iter()
+        .zip(&mask)
+        .filter(|(_, &k)| k)
+        .map(|(&t, _)| t)
+        .collect();
+    let mut one = caption.clone();
+    one.push(c.llm.eos_token_id);
+    assert_eq!(targets, one.repeat(copies));
+
+    // Masks: per copy, the whole image (all ones), then the region's own mask on the same pixels.
+    let masks = b.masks.expect("a region mixer's batches carry masks");
+    assert_eq!(masks.size(), [2 * copies as i64, 1, size, size]);
+    assert_eq!(b.pixels.size()[0], 2 * copies as i64);
+    let region_mask =
+        Tensor::from_slice(&truth.iter().map(|&x| x as u8 as f32).collect::<Vec<_>>())
+            .view([1, size, size]);
+    for k in 0..copies as i64 {
+        assert_eq!(masks.get(2 * k), Tensor::ones_like(&region_mask));
+        assert_eq!(masks.get(2 * k + 1), region_mask);
+        assert_eq!(b.pixels.get(2 * k), b.pixels.get(2 * k + 1));
+    }
+
+    // Mixed with conversations, whole images get all-ones masks; without region data, no masks.
+    let mut plain = deem::mixer::Mixer::new(&c, 0);
+    plain
+        .add_conversations("c", 1.0, &[two_turn_conversation()], system, &tok)
+        .unwrap();
+    assert!(plain.batch(0).unwrap().masks.is_none());
+    plain.add_regions("r", 0.0, &[], system, &tok).unwrap();
+    let b = plain.batch(0).unwrap();
+    let n = b.pixels.size()[0];
+    assert!(n > 0);
+    assert_eq!(
+        b.masks.unwrap(),
+        Tensor::ones([n, 1, size, size], (tch::Kind::Float, tch::Device::Cpu))
+    );
+
+    // A mask that does not cover its image is refused, naming the source.
+    let bad = datasets::Region {
+        image: s.render(),
+        mask: vec![true; 5],
+        caption: "x".into(),
+    };
+    let err = deem::mixer::Mixer::new(&c, 0)
+        .add_regions("regions.json", 1.0, &[bad], system, &tok)
+        .err()
+        .unwrap();
+    assert_eq!(
+        err,
+        format!("regions.json: a region's mask holds 5 values, its image is {size}×{size}")
+    );
+}
+
+/// A region mask goes through the same resize and centre crop as its image, so it stays on the
+/// pixels it marks, whatever the image's aspect ratio.
+#[test]
+fn region_masks_stay_on_their_pixels_through_resizing() {
+    let (w, h, size) = (96u32, 48u32, 32u32);
+    // A white disc on black, and its mask.
+    let inside = |x: u32, y: u32| {
+        let (dx, dy) = (x as f64 - 60.0, y as f64 - 20.0);
+        dx * dx + dy * dy < 15.0 * 15.0
+    };
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        let v = if inside(x, y) { 255 } else { 0 };
+        image::Rgb([v, v, v])
+    });
+    let mask: Vec<bool> = (0..h)
+        .flat_map(|y| (0..w).map(move |x| inside(x, y)))
+        .collect();
+    let px = deem::vision::unit_pixels(&img, size).get(0);
+    let m = deem::region::unit_mask(&mask, w, h, size).unwrap().get(0);
+    assert_eq!(m.size(), [size as i64, size as i64]);
+    let diff = (&px - &m).abs().mean(tch::Kind::Float).double_value(&[]);
+    assert!(diff < 0.03, "mean |pixels − mask| {diff}");
+    assert!(m.sum(tch::Kind::Float).double_value(&[]) > 50.0);
+    assert!(deem::region::unit_mask(&mask[1..], w, h, size).is_none());
 }

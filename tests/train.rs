@@ -550,3 +550,92 @@ fn decoder_pretraining_rejects_unusable_pairs() {
         "every caption, the empty one too, needs at least its EOS id"
     );
 }
+
+/// Masks `[n, 1, S, S]` for the images of `b`: image `j` keeps its top `(j mod 3 + 1) / 4` rows.
+fn top_rows_masks(b: &Batch) -> Tensor {
+    let (n, s) = (b.pixels.size()[0], b.pixels.size()[2]);
+    let m = Tensor::zeros([n, 1, s, s], (Kind::Float, Device::Cpu));
+    for j in 0..n {
+        let rows = s * (j % 3 + 1) / 4;
+        let _ = m.get(j).narrow(1, 0, rows).fill_(1.0);
+    }
+    m
+}
+
+/// Region input: every image goes through the mask-aware extractor, and CSR is the diffusion loss
+/// averaged over each image's region (its mask resized to the latents), renormalised by the region's
+/// area; with whole-image masks it is the plain mean.
+#[test]
+fn region_csr_is_the_diffusion_loss_averaged_over_each_region() {
+    let cfg = tiny(Stage::II);
+    let t = Trainer::new(&cfg, Device::Cpu).unwrap();
+    let m = &t.model;
+    let mut batch = SyntheticBatches::new(&cfg, 3).batch(0);
+    let masks = top_rows_masks(&batch);
+    batch.masks = Some(masks.shallow_clone());
+    let l = tch::no_grad(|| m.losses(&batch, 11, 5, 0).unwrap());
+    let (want, cond) = tch::no_grad(|| {
+        let cond = m.vision.forward_regions(&batch.pixels, Some(&masks)).1;
+        let d = &m.diffusion;
+        let lat = d.latents(&batch.pixels);
+        let noise = Stream::new(11, 5, 0, Purpose::CsrNoise).normal(&lat.size());
+        let ts = csr_timesteps(
+            &mut Stream::new(11, 5, 0, Purpose::CsrTimesteps),
+            lat.size()[0] as usize,
+        );
+        let tt = ints(&ts);
+        let pred = d
+            .unet
+            .forward(&d.ddpm.add_noise(&lat, &noise, &tt), &tt, &cond);
+        let (h, w) = (lat.size()[2], lat.size()[3]);
+        let ml = masks.upsample_bilinear2d([h, w], false, None, None);
+        let err = (pred - noise).square() * &ml;
+        let want = err.sum(Kind::Float) / (ml.sum(Kind::Float) * lat.size()[1] as f64);
+        (want.double_value(&[]), cond)
+    });
+    let got = l.csr.double_value(&[]);
+    assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    // The extractor changes what the resampler sees: region tokens differ from whole-image ones.
+    let whole = tch::no_grad(|| m.vision.forward(&batch.pixels).1);
+    assert!((&whole - &cond).abs().max().double_value(&[]) > 1e-3);
+    // All-ones masks: the region-averaged loss is the plain mean for the same condition.
+    tch::no_grad(|| {
+        let ones = Tensor::ones_like(&masks);
+        let a = m
+            .diffusion
+            .csr_loss_regions(&cond, &batch.pixels, Some(&ones), (1, 2, 3))
+            .double_value(&[]);
+        let b = m
+            .diffusion
+            .csr_loss(&cond, &batch.pixels, (1, 2, 3))
+            .double_value(&[]);
+        assert!((a - b).abs() < 1e-6 * b.abs().max(1.0), "{a} vs {b}");
+    });
+}
+
+/// Stage III trains the mask-aware extractor on region input (NTP only) and leaves it alone without.
+#[test]
+fn stage_three_trains_the_extractor_only_on_region_input() {
+    let cfg = tiny(Stage::III);
+    let data = SyntheticBatches::new(&cfg, 3);
+    let mut t = Trainer::new(&cfg, Device::Cpu).unwrap();
+    let before = snapshot(&t);
+    let r = t.step(&data.batch(0)).unwrap();
+    assert_eq!((r.nip, r.csr), (0.0, 0.0), "stage III is NTP only");
+    let after = snapshot(&t);
+    for p in deem::region::KEY_PREFIXES {
+        assert_eq!(
+            changed(&before, &after, p).0,
+            0,
+            "{p} moved without region input"
+        );
+    }
+    let mut b = data.batch(1);
+    b.masks = Some(top_rows_masks(&b));
+    t.step(&b).unwrap();
+    let last = snapshot(&t);
+    for p in deem::region::KEY_PREFIXES {
+        let (moved, all) = changed(&after, &last, p);
+        assert!(all > 0 && moved == all, "{p}: {moved} of {all} moved");
+    }
+}

@@ -27,6 +27,7 @@ fn main() -> anyhow::Result<()> {
             input_ids: b.input_ids.shallow_clone(),
             pixels: b.pixels.roll([1], [0]),
             loss_mask: b.loss_mask.as_ref().map(|m| m.shallow_clone()),
+            masks: b.masks.as_ref().map(|m| m.roll([1], [0])),
         };
         let l = tch::no_grad(|| -> anyhow::Result<(f64, f64)> {
             Ok((

@@ -400,6 +400,7 @@ pub fn load_model(
         &deem::checkpoint::LoadSpec {
             component: "DEEM".into(),
             namespace: vec![String::new()],
+            optional: deem::region::key_prefixes(),
             ..Default::default()
         },
     )?;

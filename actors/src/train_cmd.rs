@@ -68,9 +68,11 @@ impl Batches for deem::mixer::Mixer {
 }
 
 /// The stage's own mixture when the config names no `train.sources`: stage I `mmc4.jsonl` :
-/// `pairs.jsonl` = 2 : 1; stages II and III `llava.json` : `pairs.jsonl` = 2 : 1 (captions keep
-/// grounding the words for what the images show, as the paper's stage II mixes COCO captions into its
-/// instruction data), the pairs only when the folder has them.
+/// `pairs.jsonl` = 2 : 1; stage II `llava.json` : `pairs.jsonl` = 2 : 1 (captions keep grounding the
+/// words for what the images show, as the paper's stage II mixes COCO captions into its instruction
+/// data), the pairs only when the folder has them; stage III `regions.json` : `llava.json` = 2 : 1 (the
+/// paper's stage III is region data; the image-level conversations keep their answers from being
+/// forgotten), the conversations only when the folder has them.
 fn stage_sources(c: &deem::config::DeemConfig, dir: &std::path::Path) -> Vec<DataSource> {
     let source = |file: &str, format, weight| DataSource {
         file: file.into(),
@@ -82,10 +84,17 @@ fn stage_sources(c: &deem::config::DeemConfig, dir: &std::path::Path) -> Vec<Dat
             source("mmc4.jsonl", DataFormat::Mmc4, 2.0),
             source("pairs.jsonl", DataFormat::Pairs, 1.0),
         ],
-        deem::config::Stage::II | deem::config::Stage::III => {
+        deem::config::Stage::II => {
             let mut v = vec![source("llava.json", DataFormat::Llava, 2.0)];
             if dir.join("pairs.jsonl").exists() {
                 v.push(source("pairs.jsonl", DataFormat::Pairs, 1.0));
+            }
+            v
+        }
+        deem::config::Stage::III => {
+            let mut v = vec![source("regions.json", DataFormat::Regions, 2.0)];
+            if dir.join("llava.json").exists() {
+                v.push(source("llava.json", DataFormat::Llava, 1.0));
             }
             v
         }
@@ -152,6 +161,17 @@ pub fn dataset_batches(
                     datasets::read_llava,
                 )?;
                 m.add_conversations(name, src.weight, &convs, &c.serve.system_prompt, &tok)
+                    .map_err(err)?;
+            }
+            DataFormat::Regions => {
+                let (regions, _) = read_checked(
+                    &p,
+                    Format::Regions,
+                    MAX_BAD_RATIO,
+                    metrics,
+                    datasets::read_regions,
+                )?;
+                m.add_regions(name, src.weight, &regions, &c.serve.system_prompt, &tok)
                     .map_err(err)?;
             }
         }
@@ -258,6 +278,10 @@ impl<'rt> Engine<'rt> {
             Engine::Pipeline { trainer, rt } => rt.block_on(trainer.load_weights(w)),
             Engine::Reference(t) => tch::no_grad(|| {
                 for (name, mut var) in t.vs.variables() {
+                    // A model saved before region support: the extractor keeps its initial values.
+                    if !w.contains_key(&name) && deem::region::is_extractor_key(&name) {
+                        continue;
+                    }
                     let src = w
                         .get(&name)
                         .ok_or_else(|| anyhow::anyhow!("--init-from: the model has no `{name}`"))?;

@@ -181,13 +181,19 @@ impl PipelineTrainer {
                 .iter()
                 .zip(&ids_spans)
                 .map(|(mb, (id, span))| {
-                    let (ids, loss_mask, pixels) = match s.role {
+                    let (ids, loss_mask, pixels, masks) = match s.role {
                         Role::Llm { .. } => (
                             Some(mb.input_ids.shallow_clone()),
                             mb.loss_mask.as_ref().map(Tensor::shallow_clone),
                             None,
+                            None,
                         ),
-                        _ => (None, None, Some(mb.pixels.shallow_clone())),
+                        _ => (
+                            None,
+                            None,
+                            Some(mb.pixels.shallow_clone()),
+                            mb.masks.as_ref().map(Tensor::shallow_clone),
+                        ),
                     };
                     MbData {
                         id: *id,
@@ -195,6 +201,7 @@ impl PipelineTrainer {
                         ids,
                         loss_mask,
                         pixels,
+                        masks,
                     }
                 })
                 .collect();

@@ -81,6 +81,8 @@ pub struct MbData {
     /// Shards: which ids are NTP targets ([`deem::model::Batch::loss_mask`]).
     pub loss_mask: Option<Tensor>,
     pub pixels: Option<Tensor>,
+    /// Vision and diffusion: the images' region masks ([`deem::model::Batch::masks`]).
+    pub masks: Option<Tensor>,
 }
 
 /// What a stage reports after a step's forwards and backwards.
@@ -262,7 +264,7 @@ impl Worker {
                     .ok_or("vision stage without pixels")?
                     .to_device(dev);
                 let (vis, csr) = if pixels.size()[0] > 0 {
-                    let (vis, csr) = v.forward(&pixels);
+                    let (vis, csr) = v.forward_regions(&pixels, data.masks.as_ref());
                     (Some(vis), (csr_w > 0.0).then_some(csr))
                 } else {
                     (None, None)
@@ -351,7 +353,7 @@ impl Worker {
                 let mut csr = zero();
                 if let Some(t) = &csr_p.tensors {
                     let cond = leaf(&t[0], dev);
-                    csr = d.csr_loss(&cond, &pixels, key);
+                    csr = d.csr_loss_regions(&cond, &pixels, data.masks.as_ref(), key);
                     saved.csr_input = Some(cond);
                 }
                 out.nip.push(nip.double_value(&[]));
@@ -469,6 +471,10 @@ impl Worker {
     fn load(&mut self, weights: &BTreeMap<String, Tensor>) -> Result<(), String> {
         tch::no_grad(|| {
             for (name, mut var) in self.vs.variables() {
+                // A model saved before region support: the extractor keeps its initial values.
+                if !weights.contains_key(&name) && deem::region::is_extractor_key(&name) {
+                    continue;
+                }
                 let src = weights
                     .get(&name)
                     .ok_or_else(|| format!("{}: no initial value for {name}", self.name))?;

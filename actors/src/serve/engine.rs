@@ -239,7 +239,10 @@ impl Engine {
                     load(
                         &vs,
                         &src,
-                        &whole_model_spec("vision", &["visual.", "visual_tokenizer."]),
+                        &LoadSpec {
+                            optional: deem::region::key_prefixes(),
+                            ..whole_model_spec("vision", &["visual.", "visual_tokenizer."])
+                        },
                     )?;
                     drop(src);
                     Ok(Box::new(move || {
