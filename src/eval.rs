@@ -10,6 +10,9 @@
 //!   data set), adversarial (the categories that co-occur most with the image's own).
 //! - Answers are parsed as DreamLLM's POPE scorer does: keep the first sentence; "no" if its words
 //!   include `no` or `not`, else "yes".
+//! - Region-level captioning (the paper's RefCOCOg evaluation, Table 3): each answer's first sentence
+//!   against its reference caption by CIDEr-D (coco-caption's scorer: 1- to 4-grams, tf-idf from the
+//!   references, σ = 6, ×10), exact match and word F1, on lowercase words.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -335,5 +338,158 @@ pub fn score(pred: &[bool], label: &[bool]) -> YesNoScores {
         recall,
         f1: div(2.0 * precision * recall, precision + recall),
         yes_ratio: div(tp + fp, n as f64),
+    }
+}
+
+/// The words of a caption as the caption metrics compare them: its first sentence (up to `.`, `!`, `?`
+/// or a line break), lowercase, split at anything but letters, digits and apostrophes.
+pub fn caption_words(text: &str) -> Vec<String> {
+    let first = text
+        .split(['.', '!', '?', '\n'])
+        .find(|s| !s.trim().is_empty())
+        .unwrap_or("");
+    first
+        .to_lowercase()
+        .split(|c: char| !(c.is_alphanumeric() || c == '\''))
+        .filter(|w| !w.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+type Ngram = Vec<String>;
+
+/// The 1- to 4-gram counts of `words`.
+fn ngram_counts(words: &[String]) -> BTreeMap<Ngram, f64> {
+    let mut c = BTreeMap::new();
+    for n in 1..=4 {
+        for g in words.windows(n) {
+            *c.entry(g.to_vec()).or_insert(0.0) += 1.0;
+        }
+    }
+    c
+}
+
+/// CIDEr-D per candidate (coco-caption's `CiderScorer`): tf-idf vectors of 1- to 4-grams with document
+/// frequencies over the references (one document per candidate), clipped cosine similarity per n-gram
+/// size times a Gaussian length penalty (σ = 6; as coco-caption, the length is the bigram count),
+/// averaged over the sizes and the references, ×10.
+pub fn cider_d(candidates: &[Vec<String>], references: &[Vec<Vec<String>>]) -> Vec<f64> {
+    const SIGMA: f64 = 6.0;
+    let refs: Vec<Vec<BTreeMap<Ngram, f64>>> = references
+        .iter()
+        .map(|rs| rs.iter().map(|r| ngram_counts(r)).collect())
+        .collect();
+    let mut df: BTreeMap<&Ngram, f64> = BTreeMap::new();
+    for rs in &refs {
+        let grams: BTreeSet<&Ngram> = rs.iter().flat_map(|r| r.keys()).collect();
+        for g in grams {
+            *df.entry(g).or_insert(0.0) += 1.0;
+        }
+    }
+    let ref_len = (refs.len().max(1) as f64).ln();
+    // Per n-gram size: the tf-idf vector and its norm; and the length.
+    let vectorise = |counts: &BTreeMap<Ngram, f64>| {
+        let mut vec: [BTreeMap<Ngram, f64>; 4] = Default::default();
+        let mut norm = [0f64; 4];
+        let mut length = 0f64;
+        for (g, &tf) in counts {
+            let idf = ref_len - df.get(g).copied().unwrap_or(0.0).max(1.0).ln();
+            let n = g.len() - 1;
+            let v = tf * idf;
+            vec[n].insert(g.clone(), v);
+            norm[n] += v * v;
+            if n == 1 {
+                length += tf;
+            }
+        }
+        (vec, norm.map(f64::sqrt), length)
+    };
+    candidates
+        .iter()
+        .zip(&refs)
+        .map(|(cand, rs)| {
+            let (vh, nh, lh) = vectorise(&ngram_counts(cand));
+            let mut total = 0.0;
+            for r in rs {
+                let (vr, nr, lr) = vectorise(r);
+                let penalty = (-(lh - lr).powi(2) / (2.0 * SIGMA * SIGMA)).exp();
+                for n in 0..4 {
+                    let mut val: f64 = vh[n]
+                        .iter()
+                        .map(|(g, &x)| {
+                            let y = vr[n].get(g).copied().unwrap_or(0.0);
+                            x.min(y) * y
+                        })
+                        .sum();
+                    if nh[n] != 0.0 && nr[n] != 0.0 {
+                        val /= nh[n] * nr[n];
+                    }
+                    total += val * penalty / 4.0;
+                }
+            }
+            10.0 * total / rs.len().max(1) as f64
+        })
+        .collect()
+}
+
+/// Caption metrics over a split (means over its items).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CaptionScores {
+    pub n: usize,
+    /// CIDEr-D (coco-caption's scale: 0 to 10 per caption; papers print it ×100).
+    pub cider: f64,
+    /// The answer's words equal the reference's.
+    pub exact_match: f64,
+    /// Word-overlap F1 between the answer and the reference (bags of words).
+    pub word_f1: f64,
+}
+
+/// Word-overlap F1 of two bags of words (1 when both are empty).
+fn word_f1(a: &[String], b: &[String]) -> f64 {
+    if a.is_empty() && b.is_empty() {
+        return 1.0;
+    }
+    let mut left: BTreeMap<&String, usize> = BTreeMap::new();
+    for w in b {
+        *left.entry(w).or_insert(0) += 1;
+    }
+    let mut common = 0usize;
+    for w in a {
+        if let Some(k) = left.get_mut(w) {
+            if *k > 0 {
+                *k -= 1;
+                common += 1;
+            }
+        }
+    }
+    if common == 0 {
+        return 0.0;
+    }
+    let (p, r) = (
+        common as f64 / a.len() as f64,
+        common as f64 / b.len() as f64,
+    );
+    2.0 * p * r / (p + r)
+}
+
+/// Scores answers against one reference caption each.
+pub fn score_captions(answers: &[String], references: &[String]) -> CaptionScores {
+    let n = answers.len().min(references.len());
+    let cand: Vec<Vec<String>> = answers[..n].iter().map(|a| caption_words(a)).collect();
+    let refs: Vec<Vec<Vec<String>>> = references[..n]
+        .iter()
+        .map(|r| vec![caption_words(r)])
+        .collect();
+    let mean = |v: &mut dyn Iterator<Item = f64>| v.sum::<f64>() / n.max(1) as f64;
+    CaptionScores {
+        n,
+        cider: mean(&mut cider_d(&cand, &refs).into_iter()),
+        exact_match: mean(
+            &mut cand
+                .iter()
+                .zip(&refs)
+                .map(|(c, r)| (*c == r[0]) as u8 as f64),
+        ),
+        word_f1: mean(&mut cand.iter().zip(&refs).map(|(c, r)| word_f1(c, &r[0]))),
     }
 }

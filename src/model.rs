@@ -298,6 +298,7 @@ impl DiffusionStage {
         &self,
         cond: &Tensor,
         pixels: &Tensor,
+        masks: Option<&Tensor>,
         timesteps: &[i64],
         seed: u64,
     ) -> Vec<f64> {
@@ -305,6 +306,17 @@ impl DiffusionStage {
             let latents = self.latents(pixels);
             let n = latents.size()[0];
             let device = latents.device();
+            // Region input: each image's error is averaged over its region (as CSR trains).
+            let weights = masks.map(|m| {
+                let (h, w) = (latents.size()[2], latents.size()[3]);
+                let m = m
+                    .to_device(device)
+                    .to_kind(Kind::Float)
+                    .upsample_bilinear2d([h, w], false, None, None);
+                let area = m.sum_dim_intlist(&[1i64, 2, 3][..], false, Kind::Float)
+                    * latents.size()[1] as f64;
+                (m, area.clamp_min(1e-6))
+            });
             let mut total = Tensor::zeros([n], (Kind::Float, device));
             for (k, &t) in timesteps.iter().enumerate() {
                 // The same noise for every image (keyed by the timestep's slot, not the image).
@@ -316,11 +328,15 @@ impl DiffusionStage {
                 let tt = Tensor::full([n], t, (Kind::Int64, device));
                 let noisy = self.ddpm.add_noise(&latents, &noise, &tt);
                 let pred = self.unet.forward(&noisy, &tt, cond);
-                let err = (pred - self.ddpm.target(&latents, &noise, &tt))
+                let sq = (pred - self.ddpm.target(&latents, &noise, &tt))
                     .square()
-                    .to_kind(Kind::Float)
-                    .mean_dim(&[1i64, 2, 3][..], false, Kind::Float);
-                total += err;
+                    .to_kind(Kind::Float);
+                total += match &weights {
+                    None => sq.mean_dim(&[1i64, 2, 3][..], false, Kind::Float),
+                    Some((m, area)) => {
+                        (sq * m).sum_dim_intlist(&[1i64, 2, 3][..], false, Kind::Float) / area
+                    }
+                };
             }
             Vec::<f64>::try_from((total / timesteps.len() as f64).to_kind(Kind::Double))
                 .unwrap_or_default()

@@ -1038,3 +1038,54 @@ fn region_masks_stay_on_their_pixels_through_resizing() {
     assert!(m.sum(tch::Kind::Float).double_value(&[]) > 50.0);
     assert!(deem::region::unit_mask(&mask[1..], w, h, size).is_none());
 }
+
+/// CIDEr-D equals coco-caption's (values from pycocoevalcap 1.2 on the same captions:
+/// `scripts/cider_reference.py`); exact match and word F1 by hand; answers are cut to their first
+/// sentence and lowercased.
+#[test]
+fn caption_scores_follow_coco_captions_cider_d() {
+    let refs = [
+        "the red circle",
+        "the blue square",
+        "the green star",
+        "the red star",
+        "a small yellow triangle near the top",
+    ];
+    let answers = [
+        "The red circle. It is large",
+        "the red square",
+        "green star!",
+        "the blue circle",
+        "A yellow triangle near the top of the image",
+    ];
+    let words =
+        |v: &[&str]| -> Vec<Vec<String>> { v.iter().map(|s| eval::caption_words(s)).collect() };
+    let got = eval::cider_d(
+        &words(&answers),
+        &words(&refs)
+            .into_iter()
+            .map(|r| vec![r])
+            .collect::<Vec<_>>(),
+    );
+    let want = [
+        7.5,
+        1.5362427009153787,
+        4.208902141619931,
+        0.0,
+        5.35462216729208,
+    ];
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() < 1e-9, "caption {i}: {g} vs {w}");
+    }
+    let s = eval::score_captions(&answers.map(String::from), &refs.map(String::from));
+    assert_eq!(s.n, 5);
+    assert!((s.cider - 3.7199534019654776).abs() < 1e-9, "{}", s.cider);
+    assert!((s.exact_match - 0.2).abs() < 1e-12);
+    // Word F1 per caption: 1, 2/3, 0.8, 1/3, 0.75.
+    assert!((s.word_f1 - 0.71).abs() < 1e-12, "{}", s.word_f1);
+    assert_eq!(
+        eval::caption_words("The red circle. It is large"),
+        ["the", "red", "circle"]
+    );
+    assert!(eval::caption_words("").is_empty());
+}

@@ -14,6 +14,7 @@ use deem_actors::serve::engine::{Engine, Event, Weights};
 use deem_actors::serve::{api, load_tokenizer, Service};
 use deem_actors::topology::Topology;
 use serde_json::{json, Value};
+use tch::Tensor;
 
 fn cfg() -> DeemConfig {
     let mut c: DeemConfig = toml::from_str(include_str!("../configs/tiny.toml")).unwrap();
@@ -312,6 +313,12 @@ async fn invalid_requests_get_422_naming_the_field() {
                 {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]}),
             "messages[0].content[0].image_url.url: cannot decode the image",
         ),
+        (
+            json!({"messages": [{"role": "user", "content": [
+                {"type": "text", "text": "this region:"},
+                {"type": "image_url", "image_url": {"url": png_data_url(16), "mask": png_data_url(8)}}]}]}),
+            "messages[0].content[1].image_url.mask: the mask is 8×8; its image is 16×16",
+        ),
     ];
     for (body, want) in cases {
         let (status, v) = post(&client, &s, body.clone()).await;
@@ -360,7 +367,7 @@ async fn invalid_requests_get_422_naming_the_field() {
         .await
         .unwrap();
     assert!(
-        m.contains("deem_serve_requests_total{status=\"invalid\"} 14"),
+        m.contains("deem_serve_requests_total{status=\"invalid\"} 15"),
         "{m}"
     );
     s.stop().await.unwrap();
@@ -962,4 +969,156 @@ async fn beam_search_through_the_actors_equals_whole_sequence_beam_search() {
         ended < bodies.len(),
         "every request ended with EOS: the length path went untested"
     );
+}
+
+/// A data: URL of a PNG mask `side`² whose top half is the region.
+fn top_half_mask_url(side: u32) -> String {
+    use base64::Engine as _;
+    let m = image::GrayImage::from_fn(side, side, |_, y| {
+        image::Luma([if y < side / 2 { 255 } else { 0 }])
+    });
+    let mut buf = std::io::Cursor::new(Vec::new());
+    m.write_to(&mut buf, image::ImageFormat::Png).unwrap();
+    format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(buf.into_inner())
+    )
+}
+
+/// Region input through the API and the actors: `image_url.mask` gives the request one mask per image
+/// (whole images all ones), the vision actor runs the mask-aware extractor on it, and the CSR score is
+/// averaged over the region: the engine's scores equal the model's own on the same weights.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn region_masks_reach_the_vision_and_diffusion_actors() {
+    let c = cfg();
+    let tok = load_tokenizer(None, None, &c).unwrap();
+    let body = |mask: bool| {
+        let mut region = json!({"url": png_data_url(32)});
+        if mask {
+            region["mask"] = json!(top_half_mask_url(32));
+        }
+        json!({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": png_data_url(32)}},
+            {"type": "text", "text": deem::mixer::REFERRING_PROMPT},
+            {"type": "image_url", "image_url": region},
+        ]}], "max_tokens": 2, "csr_score": true, "temperature": 0})
+    };
+    let req = request_of(&body(true), &c, &tok);
+    let side = c.diffusion.image_size.max(c.vision.image_size);
+    let masks = req
+        .masks
+        .as_ref()
+        .expect("a masked image gives the request masks");
+    assert_eq!(masks.size(), [2, 1, side, side]);
+    assert_eq!(
+        masks.get(0),
+        Tensor::ones([1, side, side], (tch::Kind::Float, tch::Device::Cpu))
+    );
+    // The 32-px mask goes through the image's own resize to the model's side.
+    let top: Vec<bool> = (0..32 * 32).map(|i| i < 32 * 16).collect();
+    let want = deem::region::unit_mask(&top, 32, 32, side as u32).unwrap();
+    assert_eq!(masks.get(1), want);
+    assert!(request_of(&body(false), &c, &tok).masks.is_none());
+
+    // The model's own CSR scores on the initial weights, with and without the masks.
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let model = deem::with_init_lock(Some(c.train.seed), || {
+        deem::model::Deem::new(&vs.root(), &c)
+    })
+    .unwrap();
+    let px = req.images.as_ref().unwrap();
+    let own = |m: Option<&Tensor>| {
+        tch::no_grad(|| {
+            let cond = model.vision.forward_regions(px, m).1;
+            model
+                .diffusion
+                .csr_scores(&cond, px, m, &c.serve.csr_timesteps, 0)
+        })
+    };
+    let engine = Engine::start(
+        &c,
+        &topology(&c),
+        &Weights::Init,
+        Arc::new(load_tokenizer(None, None, &c).unwrap()),
+        Metrics::new(),
+    )
+    .await
+    .unwrap();
+    for (mask, want) in [(true, own(Some(masks))), (false, own(None))] {
+        let rx = engine
+            .submit(request_of(&body(mask), &c, &tok))
+            .ok()
+            .unwrap();
+        let mut got = None;
+        while let Ok(ev) = rx.recv_async().await {
+            match ev {
+                Event::Csr(s) => got = Some(s.iter().map(|x| x.csr_loss).collect::<Vec<_>>()),
+                Event::Done { .. } => break,
+                Event::Error { message, .. } => panic!("{message}"),
+                _ => {}
+            }
+        }
+        let got = got.expect("CSR scores");
+        assert_eq!(got.len(), 2);
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g - w).abs() < 1e-5 * w.abs().max(1.0),
+                "mask {mask}: {got:?} vs {want:?}"
+            );
+        }
+    }
+    let (with, without) = (own(Some(masks)), own(None));
+    assert!(
+        (with[1] - without[1]).abs() > 1e-4,
+        "{with:?} vs {without:?}"
+    );
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn region_captioning_evaluation_runs_through_the_generation_actors() {
+    let c = cfg();
+    let dir = common::scratch("eval-regions");
+    let o = deem::datasets::SynthOptions {
+        seed: 2,
+        size: 32,
+        pairs: 0,
+        documents: 0,
+        instructions: 0,
+        max_turns: 1,
+        regions: 2,
+        text_scenes: 0,
+        colour_questions: 0,
+        eval_per_split: 0,
+    };
+    deem::datasets::synthesize(&dir, &o).unwrap();
+    let split = deem_actors::eval_cmd::region_split(&dir.join("regions.json")).unwrap();
+    assert_eq!(split.name, "regions/regions");
+    let refs: Vec<String> = split.regions.iter().map(|r| r.caption.clone()).collect();
+    let tok = Arc::new(load_tokenizer(None, None, &c).unwrap());
+    let decoding = deem_actors::eval_cmd::Decoding {
+        max_tokens: 4,
+        num_beams: 1,
+        ..Default::default()
+    };
+    let ev =
+        deem_actors::eval_cmd::Evaluator::start(&c, &topology(&c), &Weights::Init, tok, &decoding)
+            .await
+            .unwrap();
+    let r = ev.regions(split).await.unwrap();
+    ev.shutdown().await;
+    assert_eq!(r.answers.len(), refs.len());
+    let answers: Vec<String> = r.answers.iter().map(|(_, a)| a.clone()).collect();
+    assert_eq!(
+        r.answers.iter().map(|(x, _)| x.clone()).collect::<Vec<_>>(),
+        refs
+    );
+    assert_eq!(r.scores, deem::eval::score_captions(&answers, &refs));
+    let table = deem_actors::eval_cmd::caption_table(std::slice::from_ref(&r));
+    assert!(
+        table.contains(&format!("| regions/regions | {} |", refs.len())),
+        "{table}"
+    );
+    let json = deem_actors::eval_cmd::all_to_json(&[], std::slice::from_ref(&r));
+    assert_eq!(json["regions/regions"]["answers"][0]["reference"], refs[0]);
 }

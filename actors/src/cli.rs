@@ -104,6 +104,11 @@ pub struct EvalArgs {
     /// split `pope/X`, any other file is named by its stem).
     #[arg(long)]
     pub pope: Vec<PathBuf>,
+    /// Region data (COCO-style annotations with masks and captions, as `deem train` reads; repeatable:
+    /// one split per file, `regions/<stem>`): region-level captioning with the paper's referring prompt,
+    /// scored by CIDEr-D, exact match and word F1.
+    #[arg(long)]
+    pub regions: Vec<PathBuf>,
     /// Tokens per answer (the reference evaluation: 10).
     #[arg(long, default_value_t = 10)]
     pub max_tokens: usize,
@@ -733,8 +738,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             for f in &args.pope {
                 splits.push(crate::eval_cmd::pope_split(f)?);
             }
-            if splits.is_empty() {
-                anyhow::bail!("nothing to evaluate: give --robustvqa FILE and/or --pope FILE");
+            let mut region_splits = Vec::new();
+            for f in &args.regions {
+                region_splits.push(crate::eval_cmd::region_split(f)?);
+            }
+            if splits.is_empty() && region_splits.is_empty() {
+                anyhow::bail!(
+                    "nothing to evaluate: give --robustvqa FILE, --pope FILE and/or --regions FILE"
+                );
             }
             let weights = match &args.checkpoint {
                 Some(p) => crate::serve::engine::Weights::Checkpoint(p.clone()),
@@ -743,23 +754,42 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            let results = runtime.block_on(crate::eval_cmd::run(
-                &cfg.config,
-                &topo,
-                &weights,
-                std::sync::Arc::new(tok),
-                splits,
-                &crate::eval_cmd::Decoding {
-                    max_tokens: args.max_tokens,
-                    num_beams: args.num_beams,
-                    prime: args.prime.clone(),
-                },
-            ))?;
-            print!("{}", crate::eval_cmd::table(&results));
+            let decoding = crate::eval_cmd::Decoding {
+                max_tokens: args.max_tokens,
+                num_beams: args.num_beams,
+                prime: args.prime.clone(),
+            };
+            let (results, captions) = runtime.block_on(async {
+                let ev = crate::eval_cmd::Evaluator::start(
+                    &cfg.config,
+                    &topo,
+                    &weights,
+                    std::sync::Arc::new(tok),
+                    &decoding,
+                )
+                .await?;
+                let (mut results, mut captions) = (Vec::new(), Vec::new());
+                for s in splits {
+                    results.push(ev.yes_no(s).await?);
+                }
+                for s in region_splits {
+                    captions.push(ev.regions(s).await?);
+                }
+                ev.shutdown().await;
+                anyhow::Ok((results, captions))
+            })?;
+            if !results.is_empty() {
+                print!("{}", crate::eval_cmd::table(&results));
+            }
+            if !captions.is_empty() {
+                print!("{}", crate::eval_cmd::caption_table(&captions));
+            }
             if let Some(out) = &args.out {
                 std::fs::write(
                     out,
-                    serde_json::to_string_pretty(&crate::eval_cmd::to_json(&results))?,
+                    serde_json::to_string_pretty(&crate::eval_cmd::all_to_json(
+                        &results, &captions,
+                    ))?,
                 )?;
                 println!("wrote {}", out.display());
             }

@@ -1,6 +1,7 @@
-//! `deem eval`: RobustVQA and POPE through the generation actors (the serving engine: batched, beam
-//! search or greedy), answers parsed to yes/no, scored per split, printed as a table and written as
-//! JSON.
+//! `deem eval`: RobustVQA, POPE and region-level captioning through the generation actors (the serving
+//! engine: batched, beam search or greedy). Yes/no answers are parsed and scored per split; region
+//! captions (the paper's referring prompt, the region's mask through the API's `image_url.mask`) are
+//! scored by CIDEr-D, exact match and word F1. Printed as tables and written as JSON.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use deem::config::DeemConfig;
-use deem::eval::{self, Question, YesNoScores};
+use deem::eval::{self, CaptionScores, Question, YesNoScores};
 use deem::tokenizer::DeemTokenizer;
 use serde_json::json;
 
@@ -57,6 +58,35 @@ pub fn pope_split(file: &Path) -> anyhow::Result<Split> {
         },
         base,
         questions: eval::read_pope(file).map_err(anyhow::Error::msg)?,
+    })
+}
+
+/// One region-captioning split: regions (image, mask) with their reference captions.
+pub struct RegionSplit {
+    pub name: String,
+    pub regions: Vec<deem::datasets::Region>,
+}
+
+/// A region file (COCO-style annotations with masks and captions, as `deem train` reads) as one split
+/// named `regions/<stem>`. Bad records are skipped and logged, as in training.
+pub fn region_split(file: &Path) -> anyhow::Result<RegionSplit> {
+    let r = deem::datasets::read_regions(file).map_err(anyhow::Error::msg)?;
+    for b in &r.bad {
+        tracing::warn!(record = %b.at, "skipped: {}", b.reason);
+    }
+    if !r.bad.is_empty() {
+        tracing::warn!(skipped = r.bad.len(), kept = r.records.len(), file = %file.display(), "bad region records");
+    }
+    if r.records.is_empty() {
+        bail!("{}: no region to evaluate", file.display());
+    }
+    let stem = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(RegionSplit {
+        name: format!("regions/{stem}"),
+        regions: r.records,
     })
 }
 
@@ -134,6 +164,43 @@ pub fn chat_request(
     Ok(req)
 }
 
+fn png_data_url(img: &image::DynamicImage) -> anyhow::Result<String> {
+    use base64::Engine as _;
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+    Ok(format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(png)
+    ))
+}
+
+/// The engine request of one region, as a client sends it: the image, the paper's referring prompt,
+/// then the image again with the region's mask (`image_url.mask`).
+pub fn region_request(
+    r: &deem::datasets::Region,
+    cfg: &DeemConfig,
+    tok: &DeemTokenizer,
+    d: &Decoding,
+) -> anyhow::Result<crate::serve::engine::Request> {
+    let (w, h) = r.image.dimensions();
+    let image = png_data_url(&image::DynamicImage::ImageRgb8(r.image.clone()))?;
+    let mask = image::GrayImage::from_fn(w, h, |x, y| {
+        image::Luma([if r.mask[(y * w + x) as usize] { 255 } else { 0 }])
+    });
+    let mask = png_data_url(&image::DynamicImage::ImageLuma8(mask))?;
+    let body = json!({
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image}},
+            {"type": "text", "text": deem::mixer::REFERRING_PROMPT},
+            {"type": "image_url", "image_url": {"url": image, "mask": mask}},
+        ]}],
+        "temperature": 0, "max_tokens": d.max_tokens, "seed": 0, "csr_score": false, "max_images": 0,
+        "num_beams": d.num_beams,
+    });
+    let r = api::parse(body.to_string().as_bytes()).map_err(|e| anyhow::anyhow!(e.message))?;
+    api::build(r, cfg, tok, &cfg.model.name).map_err(|e| anyhow::anyhow!(e.message))
+}
+
 /// Per split: the scores and every (question, answer) pair.
 pub struct SplitResult {
     pub name: String,
@@ -141,33 +208,62 @@ pub struct SplitResult {
     pub answers: Vec<(Question, String)>,
 }
 
-/// Runs every question through the engine (as many at once as the admission queue takes).
-pub async fn run(
-    cfg: &DeemConfig,
-    topo: &Topology,
-    weights: &Weights,
+/// Region captioning per split: the scores and every (reference, answer) pair.
+pub struct CaptionResult {
+    pub name: String,
+    pub scores: CaptionScores,
+    pub answers: Vec<(String, String)>,
+}
+
+/// The generation actors, started once for every split of an evaluation.
+pub struct Evaluator {
+    engine: Engine,
+    cfg: DeemConfig,
     tok: Arc<DeemTokenizer>,
-    splits: Vec<Split>,
-    decoding: &Decoding,
-) -> anyhow::Result<Vec<SplitResult>> {
-    let engine = Engine::start(cfg, topo, weights, tok.clone(), Metrics::new()).await?;
-    let mut out = Vec::new();
-    if decoding.num_beams > cfg.serve.max_running {
-        bail!(
-            "--num-beams {}: at most serve.max_running = {} (every beam holds a sequence slot)",
-            decoding.num_beams,
-            cfg.serve.max_running
-        );
+    decoding: Decoding,
+    window: usize,
+}
+
+impl Evaluator {
+    pub async fn start(
+        cfg: &DeemConfig,
+        topo: &Topology,
+        weights: &Weights,
+        tok: Arc<DeemTokenizer>,
+        decoding: &Decoding,
+    ) -> anyhow::Result<Self> {
+        if decoding.num_beams > cfg.serve.max_running {
+            bail!(
+                "--num-beams {}: at most serve.max_running = {} (every beam holds a sequence slot)",
+                decoding.num_beams,
+                cfg.serve.max_running
+            );
+        }
+        let engine = Engine::start(cfg, topo, weights, tok.clone(), Metrics::new()).await?;
+        Ok(Evaluator {
+            engine,
+            cfg: cfg.clone(),
+            tok,
+            decoding: decoding.clone(),
+            window: cfg.serve.queue_capacity.clamp(1, 64),
+        })
     }
-    let window = cfg.serve.queue_capacity.clamp(1, 64);
-    for split in splits {
-        let mut answers = Vec::with_capacity(split.questions.len());
-        for chunk in split.questions.chunks(window) {
+
+    /// The answers to `n` requests (`build(i)` makes the i-th; `what(i)` names it in errors), as many at
+    /// once as the admission queue takes.
+    async fn answers(
+        &self,
+        n: usize,
+        build: impl Fn(usize) -> anyhow::Result<crate::serve::engine::Request>,
+        what: impl Fn(usize) -> String,
+    ) -> anyhow::Result<Vec<String>> {
+        let mut out = Vec::with_capacity(n);
+        for start in (0..n).step_by(self.window) {
+            let end = (start + self.window).min(n);
             let mut rxs = Vec::new();
-            for q in chunk {
-                let req = request(q, &split.base, cfg, &tok, decoding)?;
+            for i in start..end {
                 // The window never exceeds the queue, so a full queue is a bug, not backpressure.
-                let rx = match engine.submit(req) {
+                let rx = match self.engine.submit(build(i)?) {
                     Ok(rx) => rx,
                     Err(Rejected::QueueFull) => {
                         bail!("the admission queue is full; lower the evaluation window")
@@ -176,28 +272,80 @@ pub async fn run(
                 };
                 rxs.push(rx);
             }
-            for (q, rx) in chunk.iter().zip(rxs) {
+            for (i, rx) in (start..end).zip(rxs) {
                 let mut text = String::new();
                 while let Ok(ev) = rx.recv_async().await {
                     match ev {
                         Event::Text(t) => text.push_str(&t),
                         Event::Done { .. } => break,
-                        Event::Error { message, .. } => bail!("{}: {message}", q.image),
+                        Event::Error { message, .. } => bail!("{}: {message}", what(i)),
                         _ => {}
                     }
                 }
-                answers.push((q.clone(), text));
+                out.push(text);
             }
         }
+        Ok(out)
+    }
+
+    /// A yes/no split: answers parsed and scored.
+    pub async fn yes_no(&self, split: Split) -> anyhow::Result<SplitResult> {
+        let q = &split.questions;
+        let texts = self
+            .answers(
+                q.len(),
+                |i| request(&q[i], &split.base, &self.cfg, &self.tok, &self.decoding),
+                |i| q[i].image.clone(),
+            )
+            .await?;
+        let answers: Vec<(Question, String)> = split.questions.into_iter().zip(texts).collect();
         let pred: Vec<bool> = answers.iter().map(|(_, a)| eval::parse_yes_no(a)).collect();
         let label: Vec<bool> = answers.iter().map(|(q, _)| q.label == "yes").collect();
-        out.push(SplitResult {
+        Ok(SplitResult {
             name: split.name,
             scores: eval::score(&pred, &label),
             answers,
-        });
+        })
     }
-    engine.shutdown().await;
+
+    /// A region-captioning split: each region's caption scored against its reference.
+    pub async fn regions(&self, split: RegionSplit) -> anyhow::Result<CaptionResult> {
+        let r = &split.regions;
+        let texts = self
+            .answers(
+                r.len(),
+                |i| region_request(&r[i], &self.cfg, &self.tok, &self.decoding),
+                |i| format!("{} region {i}", split.name),
+            )
+            .await?;
+        let refs: Vec<String> = r.iter().map(|x| x.caption.clone()).collect();
+        Ok(CaptionResult {
+            name: split.name,
+            scores: eval::score_captions(&texts, &refs),
+            answers: refs.into_iter().zip(texts).collect(),
+        })
+    }
+
+    pub async fn shutdown(self) {
+        self.engine.shutdown().await;
+    }
+}
+
+/// Runs every yes/no split through one engine.
+pub async fn run(
+    cfg: &DeemConfig,
+    topo: &Topology,
+    weights: &Weights,
+    tok: Arc<DeemTokenizer>,
+    splits: Vec<Split>,
+    decoding: &Decoding,
+) -> anyhow::Result<Vec<SplitResult>> {
+    let ev = Evaluator::start(cfg, topo, weights, tok, decoding).await?;
+    let mut out = Vec::new();
+    for split in splits {
+        out.push(ev.yes_no(split).await?);
+    }
+    ev.shutdown().await;
     Ok(out)
 }
 
@@ -229,4 +377,37 @@ pub fn to_json(results: &[SplitResult]) -> serde_json::Value {
             })
         ))
         .collect::<BTreeMap<_, _>>())
+}
+
+/// Region-captioning results as a markdown table (CIDEr on coco-caption's 0–10 scale).
+pub fn caption_table(results: &[CaptionResult]) -> String {
+    let mut t =
+        String::from("| split | n | CIDEr | exact match | word F1 |\n|---|---|---|---|---|\n");
+    for r in results {
+        let s = &r.scores;
+        t.push_str(&format!(
+            "| {} | {} | {:.3} | {:.3} | {:.3} |\n",
+            r.name, s.n, s.cider, s.exact_match, s.word_f1
+        ));
+    }
+    t
+}
+
+/// Yes/no and captioning results as one JSON object keyed by split.
+pub fn all_to_json(results: &[SplitResult], captions: &[CaptionResult]) -> serde_json::Value {
+    let mut v = to_json(results);
+    if let Some(m) = v.as_object_mut() {
+        for r in captions {
+            m.insert(
+                r.name.clone(),
+                json!({
+                    "scores": r.scores,
+                    "answers": r.answers.iter().map(|(reference, a)| json!({
+                        "reference": reference, "answer": a,
+                    })).collect::<Vec<_>>(),
+                }),
+            );
+        }
+    }
+    v
 }

@@ -489,8 +489,9 @@ pub fn write(out: &Path, runs: &[Run], eval: &Value, notes: &[String]) -> anyhow
         md.push_str("\n## CSR reconstructions\n\nTop: input images (in distribution, then R, A, V); bottom: each drawn by the UNet from the encoder's own embedding (20 DDIM steps).\n\n![CSR reconstructions](csr_reconstructions.png)\n");
     }
     md.push_str("\n## Evaluation\n\n| split | n | accuracy | precision | recall | F1 | yes ratio |\n|---|---|---|---|---|---|---|\n");
+    let is_caption = |v: &Value| v["scores"].get("cider").is_some();
     if let Some(m) = eval.as_object() {
-        for (split, v) in m {
+        for (split, v) in m.iter().filter(|(_, v)| !is_caption(v)) {
             let s = &v["scores"];
             md.push_str(&format!(
                 "| {split} | {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |\n",
@@ -501,6 +502,22 @@ pub fn write(out: &Path, runs: &[Run], eval: &Value, notes: &[String]) -> anyhow
                 s["f1"].as_f64().unwrap_or(f64::NAN),
                 s["yes_ratio"].as_f64().unwrap_or(f64::NAN)
             ));
+        }
+    }
+    if let Some(m) = eval.as_object() {
+        let captions: Vec<_> = m.iter().filter(|(_, v)| is_caption(v)).collect();
+        if !captions.is_empty() {
+            md.push_str("\n## Region-level captioning\n\n| split | n | CIDEr | exact match | word F1 |\n|---|---|---|---|---|\n");
+            for (split, v) in captions {
+                let s = &v["scores"];
+                md.push_str(&format!(
+                    "| {split} | {} | {:.3} | {:.3} | {:.3} |\n",
+                    s["n"],
+                    s["cider"].as_f64().unwrap_or(f64::NAN),
+                    s["exact_match"].as_f64().unwrap_or(f64::NAN),
+                    s["word_f1"].as_f64().unwrap_or(f64::NAN)
+                ));
+            }
         }
     }
     std::fs::write(out.join("report.md"), md)?;

@@ -4,6 +4,9 @@
 //! Extensions (documented in the README):
 //! - request: `top_k`, `repetition_penalty`, `ddim_steps`, `guidance_scale`, `max_images`, `csr_score`,
 //!   `num_beams` (beam search: deterministic, text only, the text sent whole when the search ends);
+//!   region input: an image part's `image_url.mask`, a data URL of a PNG/JPEG the image's size whose
+//!   bright pixels (luma > 127) mark the region (the paper's referring prompt shows the image whole,
+//!   then again with its mask);
 //! - response: generated images are content parts `{"type": "image_url", "image_url": {"url":
 //!   "data:image/png;base64,…"}}` (in a stream, a chunk whose `delta.content` is a list of such parts);
 //!   the consistency scores of input images are in a top-level `deem.input_images` field.
@@ -107,6 +110,9 @@ pub struct ImageUrl {
     pub url: String,
     #[serde(default)]
     pub detail: Option<String>,
+    /// deem's region input: the region's mask as a data URL (bright pixels inside).
+    #[serde(default)]
+    pub mask: Option<String>,
 }
 
 /// A request error: HTTP status, message and the offending field.
@@ -387,6 +393,8 @@ pub fn build(
     let size = cfg.diffusion.image_size.max(cfg.vision.image_size) as u32;
     let mut ids = vec![cfg.llm.bos_token_id];
     let mut images: Vec<Tensor> = Vec::new();
+    // Per image up to the last one with a mask: its region mask (`None`: the whole image).
+    let mut masks: Vec<Option<Tensor>> = Vec::new();
     let system = r
         .messages
         .iter()
@@ -435,6 +443,27 @@ pub fn build(
                                 ));
                             }
                             let img = decode_image(&image_url.url, &f, s.max_image_side)?;
+                            if let Some(url) = &image_url.mask {
+                                let f = format!("{field}.content[{j}].image_url.mask");
+                                let m = decode_image(url, &f, s.max_image_side)?;
+                                if m.dimensions() != img.dimensions() {
+                                    let ((mw, mh), (w, h)) = (m.dimensions(), img.dimensions());
+                                    return Err(ApiError::invalid(
+                                        f,
+                                        format!("the mask is {mw}×{mh}; its image is {w}×{h}"),
+                                    ));
+                                }
+                                let inside: Vec<bool> = image::DynamicImage::ImageRgb8(m)
+                                    .to_luma8()
+                                    .pixels()
+                                    .map(|p| p.0[0] > 127)
+                                    .collect();
+                                let (w, h) = img.dimensions();
+                                while masks.len() < images.len() {
+                                    masks.push(None);
+                                }
+                                masks.push(deem::region::unit_mask(&inside, w, h, size));
+                            }
                             images.push(deem::vision::unit_pixels(&img, size));
                             ids.extend(&placeholder);
                         }
@@ -460,6 +489,16 @@ pub fn build(
     Ok(Request {
         id: uuid::Uuid::new_v4(),
         prompt: ids,
+        masks: (!masks.is_empty()).then(|| {
+            let whole = deem::region::whole_image_masks(1, size as i64).get(0);
+            let all: Vec<Tensor> = (0..images.len())
+                .map(|i| match masks.get(i) {
+                    Some(Some(m)) => m.shallow_clone(),
+                    _ => whole.shallow_clone(),
+                })
+                .collect();
+            Tensor::stack(&all, 0)
+        }),
         images: (!images.is_empty()).then(|| Tensor::stack(&images, 0)),
         params: std::sync::Arc::new(SamplingParams {
             temperature,

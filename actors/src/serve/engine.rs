@@ -52,6 +52,10 @@ pub struct Request {
     pub prompt: Vec<i64>,
     /// The prompt's images, [N, 3, S, S] in [0, 1], in placeholder order.
     pub images: Option<Tensor>,
+    /// Region input: one mask per image, [N, 1, S, S] in [0, 1] (whole images all ones); present when
+    /// any image of the request has a mask. Images the model draws join the context with an all-ones
+    /// mask then.
+    pub masks: Option<Tensor>,
     /// Shared with every decode row of the request.
     pub params: Arc<SamplingParams>,
     pub max_tokens: usize,
@@ -650,6 +654,7 @@ impl Scheduler {
                 let _ = self.vision.send(VisionJob {
                     seq: req.id,
                     pixels: px.shallow_clone(),
+                    masks: req.masks.as_ref().map(Tensor::shallow_clone),
                     generated: false,
                 });
                 SeqState::Encoding
@@ -1047,6 +1052,7 @@ impl Scheduler {
                                         seq,
                                         cond,
                                         pixels: px.shallow_clone(),
+                                        masks: s.req.masks.as_ref().map(Tensor::shallow_clone),
                                         timesteps: self.cfg.serve.csr_timesteps.clone(),
                                     });
                                 }
@@ -1067,9 +1073,14 @@ impl Scheduler {
                     Ok((pixels, png)) => {
                         self.metrics.generated_images.inc();
                         let _ = s.events.send(Event::Image(png));
+                        let masks = s.req.masks.as_ref().map(|_| {
+                            deem::region::whole_image_masks(1, pixels.size()[1])
+                                .to_device(pixels.device())
+                        });
                         let _ = self.vision.send(VisionJob {
                             seq,
                             pixels: pixels.unsqueeze(0),
+                            masks,
                             generated: true,
                         });
                     }

@@ -116,6 +116,8 @@ pub struct VisionJob {
     pub seq: Uuid,
     /// [N, 3, H, W] in [0, 1].
     pub pixels: Tensor,
+    /// Region input: [N, 1, H, W] in [0, 1] (see [`deem::model::Batch::masks`]).
+    pub masks: Option<Tensor>,
     pub generated: bool,
 }
 
@@ -134,6 +136,7 @@ pub enum DiffusionJob {
         seq: Uuid,
         cond: Tensor,
         pixels: Tensor,
+        masks: Option<Tensor>,
         timesteps: Vec<i64>,
     },
 }
@@ -536,7 +539,9 @@ impl VisionWorker {
     pub fn run(self) {
         while let Ok(job) = self.input.recv() {
             let out = tch::no_grad(|| {
-                let (v, c) = self.stage.forward(&job.pixels.to_device(self.device));
+                let (v, c) = self
+                    .stage
+                    .forward_regions(&job.pixels.to_device(self.device), job.masks.as_ref());
                 Ok((v, c))
             });
             let _ = self.output.send(Inbox::Encoded {
@@ -585,12 +590,14 @@ impl DiffusionWorker {
                         seq,
                         cond,
                         pixels,
+                        masks,
                         timesteps,
                     } => {
                         let scores = tch::no_grad(|| {
                             self.stage.csr_scores(
                                 &cond.to_device(self.device),
                                 &pixels.to_device(self.device),
+                                masks.as_ref(),
                                 &timesteps,
                                 0,
                             )
