@@ -4,7 +4,7 @@ SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 CARGO_TEST_FLAGS ?=
 
-.PHONY: setup build pretrained run experiment test bench bench-reference serve fmt clippy
+.PHONY: setup build data pretrained run experiment test bench bench-reference serve fmt clippy
 
 setup:
 	@bash scripts/setup.sh
@@ -23,23 +23,26 @@ DEEM_METRICS_ADDR ?= 127.0.0.1:9464
 COLOUR_EVAL = $(foreach s,id r a v,--pope $(DATA)/eval/colour_$(s).jsonl)
 PRETRAINED_FLAGS = --pretrained $(PRETRAINED)/encoder.safetensors --pretrained $(PRETRAINED)/decoder.safetensors --pretrained $(PRETRAINED)/llm.safetensors
 
+# The synthetic world and its evaluation sets, made once (a folder written by an older deem, without
+# the held-out region files, is made again).
+data: build
+	@test -f $(DATA)/SYNTH.json -a -f $(DATA)/eval/regions_id.json || ./target/release/deem data synth --out $(DATA) --seed 0
+	@test -f $(DATA)/robustvqa.json || ./target/release/deem data robustvqa --data $(DATA)
+	@test -f $(DATA)/pope/pope_random.jsonl || ./target/release/deem data pope --instances $(DATA)/eval/id/instances.json --out $(DATA)/pope
+
 # What DEEM starts from but the tiny config has no public checkpoint of: the encoder (a tiny open_clip,
 # contrastive on the pairs), the diffusion decoder (a tiny SD: VAE, then a UNet conditioned on that
 # CLIP's text tower) and the LLM (a tiny LLaMA, on scenes told in words and yes/no questions about them).
 # assets/tiny-pretrained ships the result (about 22 min on 2 cores);
 # `make pretrained` makes them again into runs/pretrained (then `make run PRETRAINED=runs/pretrained`).
-pretrained: build
-	@test -f $(DATA)/SYNTH.json -a -f $(DATA)/eval/colour_id.jsonl || ./target/release/deem data synth --out $(DATA) --seed 0
+pretrained: data
 	./target/release/deem pretrain encoder --data $(DATA) --out runs/pretrained
 	./target/release/deem pretrain decoder --data $(DATA) --clip runs/pretrained/clip.safetensors --out runs/pretrained
 	./target/release/deem pretrain llm --data $(DATA) --out runs/pretrained
 
-run: build
+run: data
 	./target/release/deem info
 	./target/release/deem topology check --topology topologies/cpu.toml --config configs/tiny.toml
-	@test -f $(DATA)/SYNTH.json -a -f $(DATA)/eval/colour_id.jsonl || ./target/release/deem data synth --out $(DATA) --seed 0
-	@test -f $(DATA)/robustvqa.json || ./target/release/deem data robustvqa --data $(DATA)
-	@test -f $(DATA)/pope/pope_random.jsonl || ./target/release/deem data pope --instances $(DATA)/eval/id/instances.json --out $(DATA)/pope
 	./target/release/deem train --topology topologies/cpu.toml --config configs/tiny.toml --data $(DATA) $(PRETRAINED_FLAGS) --run-dir runs/tiny-stage1 --metrics-addr $(DEEM_METRICS_ADDR)
 	./target/release/deem train --topology topologies/cpu.toml --config configs/tiny-stage2.toml --data $(DATA) --init-from runs/tiny-stage1 --run-dir runs/tiny --metrics-addr $(DEEM_METRICS_ADDR)
 	./target/release/deem eval --topology topologies/cpu.toml --config configs/tiny-stage2.toml --checkpoint runs/tiny --robustvqa $(DATA)/robustvqa.json --pope $(DATA)/pope/pope_random.jsonl --pope $(DATA)/pope/pope_popular.jsonl --pope $(DATA)/pope/pope_adversarial.jsonl $(COLOUR_EVAL) --out runs/tiny/eval.json
@@ -47,10 +50,7 @@ run: build
 		--checkpoint runs/tiny --config configs/tiny-stage2.toml $$(for s in id r a v; do ls $(DATA)/eval/$$s/*/*.png | head -2; done | sed 's/^/--image /')
 
 # The miniature CSR experiment (paper Table 6): λ_CSR = 5 vs 0, 3 seeds.
-experiment: build
-	@test -f $(DATA)/SYNTH.json -a -f $(DATA)/eval/colour_id.jsonl || ./target/release/deem data synth --out $(DATA) --seed 0
-	@test -f $(DATA)/robustvqa.json || ./target/release/deem data robustvqa --data $(DATA)
-	@test -f $(DATA)/pope/pope_random.jsonl || ./target/release/deem data pope --instances $(DATA)/eval/id/instances.json --out $(DATA)/pope
+experiment: data
 	./target/release/deem experiment csr --data $(DATA) --seeds 3 --stage1-steps 100 --stage2-steps 900 $(PRETRAINED_FLAGS)
 
 test:

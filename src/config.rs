@@ -99,6 +99,11 @@ pub struct VisionConfig {
     pub embed_dim: i64,
     /// Common width the per-stage adapters map to (1024 for base).
     pub adapter_width: i64,
+    /// Every image goes through the mask-aware extractor, with an all-ones mask unless it comes with a
+    /// region's (the paper's "the default value is 1"): on for a model tuned on region data (stage III),
+    /// so that whole images are read in evaluation and serving as they were in its training.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mask_aware: bool,
 }
 
 /// Q-Former-style Perceiver Resampler (HF `Blip2QFormerModel` names).

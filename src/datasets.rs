@@ -670,9 +670,56 @@ pub fn questions(s: &Scene, rng: &mut crate::rng::Stream) -> Vec<(String, String
     q
 }
 
+/// A COCO-style region annotation of `ob` (image `image_id`, `size` px): its mask (a polygon for squares
+/// and diamonds, uncompressed RLE otherwise, so both encodings are exercised), area, box, shape category
+/// and caption "the {label}".
+fn region_annotation(
+    ob: &world::Object,
+    id: usize,
+    image_id: usize,
+    size: u32,
+) -> serde_json::Value {
+    let seg = match ob.shape {
+        0 | 3 => {
+            let (c, r) = (ob.r * if ob.shape == 0 { 0.85 } else { 1.0 }, ob.r);
+            let (x, y) = (ob.cx, ob.cy);
+            let pts = if ob.shape == 0 {
+                vec![x - c, y - c, x + c, y - c, x + c, y + c, x - c, y + c]
+            } else {
+                vec![x, y - r, x + r, y, x, y + r, x - r, y]
+            };
+            json!([pts])
+        }
+        _ => json!({"size": [size, size], "counts": world::rle_counts(&ob.mask(size), size, size)}),
+    };
+    let area = ob.mask(size).iter().filter(|&&b| b).count();
+    json!({
+        "id": id, "image_id": image_id, "category_id": ob.shape,
+        "segmentation": seg, "area": area, "iscrowd": 0,
+        "bbox": [ob.cx - ob.r, ob.cy - ob.r, 2.0 * ob.r, 2.0 * ob.r],
+        "caption": format!("the {}", ob.label()),
+    })
+}
+
+/// Evaluation scene `index` of `split` for synth seed `seed` (a stream apart from the training scenes).
+pub fn eval_scene(seed: u64, split: Split, index: u64, size: u32) -> world::Scene {
+    world::scene(seed ^ 0xe7a1, split, index, size)
+}
+
+/// The region files' categories: the shapes.
+fn shape_categories() -> Vec<serde_json::Value> {
+    world::SHAPES
+        .iter()
+        .enumerate()
+        .map(|(i, n)| json!({"id": i, "name": n}))
+        .collect()
+}
+
 /// Writes the synthetic world under `out` in the real formats (see the module documentation), plus
-/// evaluation scenes: `eval/<split>/<colour>_<shape>/<index>.png` (ImageNet-style class folders) and
-/// `eval/<split>/instances.json` (COCO-style instances, for the POPE builder).
+/// evaluation scenes: `eval/<split>/<colour>_<shape>/<index>.png` (ImageNet-style class folders),
+/// `eval/<split>/instances.json` (COCO-style instances, for the POPE builder) and
+/// `eval/regions_<split>.json` (region data on the same scenes, every object with its mask and caption:
+/// held-out region-level captioning).
 pub fn synthesize(out: &Path, o: &SynthOptions) -> Result<SynthSummary, String> {
     for split in Split::ALL {
         let d = out.join("images").join(split.name());
@@ -784,55 +831,13 @@ pub fn synthesize(out: &Path, o: &SynthOptions) -> Result<SynthSummary, String> 
         let (s, rel) = w.scene(Split::Id)?;
         images.push(json!({"id": k, "file_name": rel, "width": o.size, "height": o.size}));
         for ob in &s.objects {
-            let seg = match ob.shape {
-                0 | 3 => {
-                    let (c, r) = (ob.r * if ob.shape == 0 { 0.85 } else { 1.0 }, ob.r);
-                    let pts = if ob.shape == 0 {
-                        vec![
-                            ob.cx - c,
-                            ob.cy - c,
-                            ob.cx + c,
-                            ob.cy - c,
-                            ob.cx + c,
-                            ob.cy + c,
-                            ob.cx - c,
-                            ob.cy + c,
-                        ]
-                    } else {
-                        vec![
-                            ob.cx,
-                            ob.cy - r,
-                            ob.cx + r,
-                            ob.cy,
-                            ob.cx,
-                            ob.cy + r,
-                            ob.cx - r,
-                            ob.cy,
-                        ]
-                    };
-                    json!([pts])
-                }
-                _ => {
-                    json!({"size": [o.size, o.size], "counts": world::rle_counts(&ob.mask(o.size), o.size, o.size)})
-                }
-            };
-            let area = ob.mask(o.size).iter().filter(|&&b| b).count();
-            anns.push(json!({
-                "id": anns.len(), "image_id": k, "category_id": ob.shape,
-                "segmentation": seg, "area": area, "iscrowd": 0,
-                "bbox": [ob.cx - ob.r, ob.cy - ob.r, 2.0 * ob.r, 2.0 * ob.r],
-                "caption": format!("the {}", ob.label()),
-            }));
+            anns.push(region_annotation(ob, anns.len(), k, o.size));
         }
     }
-    let categories: Vec<_> = world::SHAPES
-        .iter()
-        .enumerate()
-        .map(|(i, n)| json!({"id": i, "name": n}))
-        .collect();
     write_file(
         &out.join("regions.json"),
-        &json!({"images": images, "annotations": anns, "categories": categories}).to_string(),
+        &json!({"images": images, "annotations": anns, "categories": shape_categories()})
+            .to_string(),
     )?;
     files.insert("regions.json".into(), o.regions);
 
@@ -881,9 +886,11 @@ pub fn synthesize(out: &Path, o: &SynthOptions) -> Result<SynthSummary, String> 
         std::fs::create_dir_all(&base).map_err(|e| format!("{}: {e}", base.display()))?;
         let mut images = Vec::new();
         let mut anns = Vec::new();
+        let mut region_images = Vec::new();
+        let mut regions = Vec::new();
         let mut colour_qs = String::new();
         for k in 0..o.eval_per_split {
-            let s = world::scene(o.seed ^ 0xe7a1, split, k as u64, o.size);
+            let s = eval_scene(o.seed, split, k as u64, o.size);
             let class = s.main().label().replace(' ', "_");
             let rel = format!("{class}/{k:06}.png");
             // A colour of the scene (yes) and a colour it lacks (no), POPE-style balanced.
@@ -907,7 +914,9 @@ pub fn synthesize(out: &Path, o: &SynthOptions) -> Result<SynthSummary, String> 
                 .save(&p)
                 .map_err(|e| format!("{}: {e}", p.display()))?;
             images.push(json!({"id": k, "file_name": rel, "width": o.size, "height": o.size}));
+            region_images.push(json!({"id": k, "file_name": format!("{}/{rel}", split.name()), "width": o.size, "height": o.size}));
             for ob in &s.objects {
+                regions.push(region_annotation(ob, regions.len(), k, o.size));
                 anns.push(json!({
                     "id": anns.len(), "image_id": k,
                     "category_id": ob.colour * world::SHAPES.len() + ob.shape,
@@ -929,6 +938,13 @@ pub fn synthesize(out: &Path, o: &SynthOptions) -> Result<SynthSummary, String> 
         let f = format!("eval/colour_{}.jsonl", split.name());
         write_file(&out.join(&f), &colour_qs)?;
         files.insert(f, 2 * o.eval_per_split);
+        let f = format!("eval/regions_{}.json", split.name());
+        files.insert(f.clone(), regions.len());
+        write_file(
+            &out.join(f),
+            &json!({"images": region_images, "annotations": regions, "categories": shape_categories()})
+                .to_string(),
+        )?;
     }
     write_file(
         &out.join("SYNTH.json"),

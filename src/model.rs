@@ -137,6 +137,8 @@ pub struct VisionStage {
     pub resampler: Resampler,
     pub region: MaskExtractor,
     image_size: i64,
+    /// `vision.mask_aware`: images without a mask get an all-ones one.
+    mask_aware: bool,
 }
 
 impl VisionStage {
@@ -156,6 +158,7 @@ impl VisionStage {
                 cfg.train.seed,
             ),
             image_size: cfg.vision.image_size,
+            mask_aware: cfg.vision.mask_aware,
         }
     }
 
@@ -170,9 +173,19 @@ impl VisionStage {
     }
 
     /// [`Self::forward`] with region input: with `masks` `[N, 1, H, W]`, the mask-aware extractor masks
-    /// the encoder output and prepends its region tokens to the resampler's input.
+    /// the encoder output and prepends its region tokens to the resampler's input (with
+    /// `vision.mask_aware`, always: all-ones masks when none are given).
     pub fn forward_regions(&self, pixels: &Tensor, masks: Option<&Tensor>) -> (Tensor, Tensor) {
         let v = self.encoder.forward(&self.clip_pixels(pixels));
+        let ones;
+        let masks = match masks {
+            None if self.mask_aware => {
+                let (n, h, w) = (pixels.size()[0], pixels.size()[2], pixels.size()[3]);
+                ones = Tensor::ones([n, 1, h, w], (Kind::Float, pixels.device()));
+                Some(&ones)
+            }
+            m => m,
+        };
         let r = match masks {
             Some(m) => {
                 let mv = self.region.forward(&v, &m.to_device(pixels.device()));

@@ -176,26 +176,16 @@ fn every_reader_round_trips_what_synth_writes() {
     }
 }
 
-#[test]
-fn region_masks_equal_the_objects_they_describe() {
-    let dir = common::scratch("synth-regions");
-    let o = SynthOptions {
-        pairs: 0,
-        documents: 0,
-        instructions: 0,
-        regions: 6,
-        eval_per_split: 0,
-        ..small(5)
-    };
-    datasets::synthesize(&dir, &o).unwrap();
-    let regions = datasets::read_regions(&dir.join("regions.json")).unwrap();
+/// Every record of a region file against the scenes it was drawn from: caption, image and mask (RLE
+/// exact; the square and diamond polygons up to edge pixels).
+fn check_regions(records: &[datasets::Region], scenes: &[world::Scene], size: u32) {
     let mut i = 0;
-    for k in 0..o.regions as u64 {
-        let s = world::scene(o.seed, Split::Id, k, o.size);
+    for s in scenes {
         for ob in &s.objects {
-            let r = &regions.records[i];
+            let r = &records[i];
             assert_eq!(r.caption, format!("the {}", ob.label()));
-            let truth = ob.mask(o.size);
+            assert_eq!(r.image, s.render());
+            let truth = ob.mask(size);
             let inter = truth
                 .iter()
                 .zip(&r.mask)
@@ -206,7 +196,6 @@ fn region_masks_equal_the_objects_they_describe() {
                 .zip(&r.mask)
                 .filter(|(a, b)| **a || **b)
                 .count() as f64;
-            // RLE is exact; the square and diamond polygons match the shape up to edge pixels.
             let iou = inter / union;
             if ob.shape == 0 || ob.shape == 3 {
                 assert!(iou > 0.75, "{}: IoU {iou}", ob.label());
@@ -216,7 +205,36 @@ fn region_masks_equal_the_objects_they_describe() {
             i += 1;
         }
     }
-    assert_eq!(i, regions.records.len());
+    assert_eq!(i, records.len());
+}
+
+#[test]
+fn region_masks_equal_the_objects_they_describe() {
+    let dir = common::scratch("synth-regions");
+    let o = SynthOptions {
+        pairs: 0,
+        documents: 0,
+        instructions: 0,
+        regions: 6,
+        eval_per_split: 3,
+        ..small(5)
+    };
+    datasets::synthesize(&dir, &o).unwrap();
+    let regions = datasets::read_regions(&dir.join("regions.json")).unwrap();
+    let scenes: Vec<_> = (0..o.regions as u64)
+        .map(|k| world::scene(o.seed, Split::Id, k, o.size))
+        .collect();
+    check_regions(&regions.records, &scenes, o.size);
+    // Held-out regions per evaluation split, on the evaluation scenes.
+    for split in Split::ALL {
+        let f = dir.join(format!("eval/regions_{}.json", split.name()));
+        let r = datasets::read_regions(&f).unwrap();
+        assert!(r.bad.is_empty(), "{:?}", r.bad);
+        let scenes: Vec<_> = (0..o.eval_per_split as u64)
+            .map(|k| datasets::eval_scene(o.seed, split, k, o.size))
+            .collect();
+        check_regions(&r.records, &scenes, o.size);
+    }
 }
 
 #[test]

@@ -639,3 +639,32 @@ fn stage_three_trains_the_extractor_only_on_region_input() {
         assert!(all > 0 && moved == all, "{p}: {moved} of {all} moved");
     }
 }
+
+/// `vision.mask_aware`: whole images go through the extractor with all-ones masks (the paper's default
+/// mask), so a region-tuned model reads them as it was trained to.
+#[test]
+fn a_mask_aware_model_reads_whole_images_through_the_extractor() {
+    let mut cfg = tiny(Stage::III);
+    let batch = SyntheticBatches::new(&cfg, 3).batch(0);
+    let ones = Tensor::ones(
+        [batch.pixels.size()[0], 1, 8, 8],
+        (Kind::Float, Device::Cpu),
+    );
+    let plain = Trainer::new(&cfg, Device::Cpu).unwrap();
+    cfg.vision.mask_aware = true;
+    let aware = Trainer::new(&cfg, Device::Cpu).unwrap();
+    let (a, b, c) = tch::no_grad(|| {
+        (
+            plain.model.vision.forward(&batch.pixels).0,
+            aware.model.vision.forward(&batch.pixels).0,
+            plain.model.vision.forward_regions(&batch.pixels, Some(&ones)).0,
+        )
+    });
+    assert_eq!(b, c, "mask-aware = all-ones masks");
+    assert!((&a - &b).abs().max().double_value(&[]) > 1e-4);
+    // Off, the field stays out of the written config (so older run directories keep their hash).
+    let mut off = cfg.clone();
+    off.vision.mask_aware = false;
+    assert!(!toml::to_string(&off).unwrap().contains("mask_aware"));
+    assert!(toml::to_string(&cfg).unwrap().contains("mask_aware = true"));
+}

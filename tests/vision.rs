@@ -24,6 +24,7 @@ pub fn vision_cfg() -> VisionConfig {
         dims: vec![8, 16, 24, 32],
         embed_dim: 24,
         adapter_width: 24,
+        mask_aware: false,
     }
 }
 

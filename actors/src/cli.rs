@@ -105,8 +105,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub pope: Vec<PathBuf>,
     /// Region data (COCO-style annotations with masks and captions, as `deem train` reads; repeatable:
-    /// one split per file, `regions/<stem>`): region-level captioning with the paper's referring prompt,
-    /// scored by CIDEr-D, exact match and word F1.
+    /// one split per file, `regions_X.json` is `regions/X`): region-level captioning with the paper's
+    /// referring prompt, scored by CIDEr-D, exact match and word F1.
     #[arg(long)]
     pub regions: Vec<PathBuf>,
     /// Tokens per answer (the reference evaluation: 10).

@@ -67,8 +67,9 @@ pub struct RegionSplit {
     pub regions: Vec<deem::datasets::Region>,
 }
 
-/// A region file (COCO-style annotations with masks and captions, as `deem train` reads) as one split
-/// named `regions/<stem>`. Bad records are skipped and logged, as in training.
+/// A region file (COCO-style annotations with masks and captions, as `deem train` reads) as one split:
+/// `regions_X.json` is `regions/X`, any other file `regions/<stem>`. Bad records are skipped and
+/// logged, as in training.
 pub fn region_split(file: &Path) -> anyhow::Result<RegionSplit> {
     let r = deem::datasets::read_regions(file).map_err(anyhow::Error::msg)?;
     for b in &r.bad {
@@ -85,7 +86,7 @@ pub fn region_split(file: &Path) -> anyhow::Result<RegionSplit> {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     Ok(RegionSplit {
-        name: format!("regions/{stem}"),
+        name: format!("regions/{}", stem.strip_prefix("regions_").unwrap_or(&stem)),
         regions: r.records,
     })
 }

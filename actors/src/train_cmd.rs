@@ -176,6 +176,13 @@ pub fn dataset_batches(
             }
         }
     }
+    if sources.iter().any(|s| s.format == DataFormat::Regions) && !c.vision.mask_aware {
+        tracing::warn!(
+            "region data: every image of this run goes through the mask-aware extractor, but \
+             vision.mask_aware is off, so evaluation and serving will read whole images without it; \
+             set vision.mask_aware = true (as configs/tiny-stage3.toml does)"
+        );
+    }
     if m.too_long > 0 {
         tracing::warn!(
             dropped = m.too_long,
