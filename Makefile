@@ -4,7 +4,7 @@ SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 CARGO_TEST_FLAGS ?=
 
-.PHONY: setup build data pretrained run experiment test bench bench-reference serve fmt clippy
+.PHONY: setup build data pretrained run stage3 experiment test bench bench-reference serve fmt clippy
 
 setup:
 	@bash scripts/setup.sh
@@ -48,6 +48,14 @@ run: data
 	./target/release/deem eval --topology topologies/cpu.toml --config configs/tiny-stage2.toml --checkpoint runs/tiny --robustvqa $(DATA)/robustvqa.json --pope $(DATA)/pope/pope_random.jsonl --pope $(DATA)/pope/pope_popular.jsonl --pope $(DATA)/pope/pope_adversarial.jsonl $(COLOUR_EVAL) --out runs/tiny/eval.json
 	./target/release/deem report --out runs/report --run stage-I=runs/tiny-stage1 --run stage-II=runs/tiny --eval runs/tiny/eval.json --note "tiny DEEM on the synthetic world, 2 CPU cores, topologies/cpu.toml" \
 		--checkpoint runs/tiny --config configs/tiny-stage2.toml $$(for s in id r a v; do ls $(DATA)/eval/$$s/*/*.png | head -2; done | sed 's/^/--image /')
+
+# Stage III after `make run`: region-level tuning (regions in the referring template, the mask-aware
+# extractor on every image) from runs/tiny, then region-level captioning on the held-out regions (in
+# distribution, R, A, V) and the colour questions again.
+REGION_EVAL = $(foreach s,id r a v,--regions $(DATA)/eval/regions_$(s).json)
+stage3: data
+	./target/release/deem train --topology topologies/cpu.toml --config configs/tiny-stage3.toml --data $(DATA) --init-from runs/tiny --run-dir runs/tiny-stage3 --metrics-addr $(DEEM_METRICS_ADDR)
+	./target/release/deem eval --topology topologies/cpu.toml --config configs/tiny-stage3.toml --checkpoint runs/tiny-stage3 $(REGION_EVAL) $(COLOUR_EVAL) --out runs/tiny-stage3/eval.json
 
 # The miniature CSR experiment (paper Table 6): λ_CSR = 5 vs 0, 3 seeds.
 experiment: data
