@@ -31,6 +31,9 @@ pub struct ClipOptions {
     pub weight_decay: f64,
     /// Layers of the text tower.
     pub text_layers: i64,
+    /// The pairs come in groups of this many consecutive ones (a scene and its hard negatives), and a
+    /// batch takes whole groups; 1 = pairs drawn one by one.
+    pub group: usize,
 }
 
 impl Default for ClipOptions {
@@ -43,6 +46,7 @@ impl Default for ClipOptions {
             lr: 2e-3,
             weight_decay: 0.05,
             text_layers: 2,
+            group: 1,
         }
     }
 }
@@ -219,6 +223,14 @@ pub fn pretrain(
     if let Some(i) = captions.iter().position(|c| c.is_empty()) {
         return Err(format!("caption {i} has no ids"));
     }
+    let g = o.group.max(1);
+    if g > 1 && (images.len() % g != 0 || o.batch_size < 2 * g) {
+        return Err(format!(
+            "--group {g}: the {} pairs must split into groups of {g} and a batch ({}) hold at least two",
+            images.len(),
+            o.batch_size
+        ));
+    }
     let vs = nn::VarStore::new(tch::Device::Cpu);
     let clip = crate::with_init_lock(Some(o.seed), || Clip::new(&vs.root(), cfg, o.text_layers))?;
     let mut opt = nn::AdamW {
@@ -227,9 +239,8 @@ pub fn pretrain(
     }
     .build(&vs, o.lr)
     .map_err(|e| e.to_string())?;
-    let b = o.batch_size.clamp(2, images.len());
     for step in 0..o.steps {
-        let picks = Stream::new(o.seed, step, 1, Purpose::Data).below(b, images.len() as u64);
+        let picks = batch_picks(o, step, images.len());
         let pixels = stack_picks(images, &picks);
         let caps: Vec<&[i64]> = picks
             .iter()
@@ -250,6 +261,18 @@ pub fn pretrain(
         });
     }
     Ok(crate::train::cpu_weights(&vs))
+}
+
+/// The pairs of step `step` out of `n`: `batch_size / group` groups drawn from (seed, step) alone, each
+/// whole (`group` consecutive pairs).
+pub fn batch_picks(o: &ClipOptions, step: u64, n: usize) -> Vec<i64> {
+    let g = o.group.max(1);
+    let b = o.batch_size.clamp(2, n) / g;
+    Stream::new(o.seed, step, 1, Purpose::Data)
+        .below(b, (n / g) as u64)
+        .iter()
+        .flat_map(|&k| (0..g as i64).map(move |j| k * g as i64 + j))
+        .collect()
 }
 
 /// Whether a CLIP weight belongs to the image tower DEEM keeps (open_clip's `visual.trunk.…`,

@@ -485,6 +485,9 @@ pub struct SynthOptions {
     pub text_scenes: usize,
     /// Single-turn colour existence questions about images (`colour_questions.json`).
     pub colour_questions: usize,
+    /// Scenes written twice in `pairs_twins.jsonl`, as drawn and as their shape twin (consecutive
+    /// lines): contrastive pretraining with `--group 2` then meets negatives that differ only in shape.
+    pub shape_twins: usize,
     /// Evaluation scenes per split (in distribution, R, A, V).
     pub eval_per_split: usize,
 }
@@ -501,6 +504,7 @@ impl Default for SynthOptions {
             regions: 200,
             text_scenes: 20000,
             colour_questions: 20000,
+            shape_twins: 1000,
             eval_per_split: 100,
         }
     }
@@ -704,6 +708,11 @@ fn region_annotation(
 /// Evaluation scene `index` of `split` for synth seed `seed` (a stream apart from the training scenes).
 pub fn eval_scene(seed: u64, split: Split, index: u64, size: u32) -> world::Scene {
     world::scene(seed ^ 0xe7a1, split, index, size)
+}
+
+/// Scene `index` of `pairs_twins.jsonl` for synth seed `seed` (its line 2·index; its shape twin follows).
+pub fn twin_scene(seed: u64, index: u64, size: u32) -> world::Scene {
+    world::scene(seed ^ 0x7317, Split::Id, index, size)
 }
 
 /// The region files' categories: the shapes.
@@ -946,6 +955,24 @@ pub fn synthesize(out: &Path, o: &SynthOptions) -> Result<SynthSummary, String> 
                 .to_string(),
         )?;
     }
+    // Shape twins, from a stream of their own (the files above do not move).
+    let mut twins = String::new();
+    let dir = out.join("images").join("twins");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for k in 0..o.shape_twins {
+        let s = twin_scene(o.seed, k as u64, o.size);
+        for (scene, tag) in [(s.shape_twin(), "b"), (s, "a")].into_iter().rev() {
+            let rel = format!("images/twins/{k:06}{tag}.png");
+            scene
+                .render()
+                .save(out.join(&rel))
+                .map_err(|e| format!("{rel}: {e}"))?;
+            twins.push_str(&json!({"image": rel, "caption": scene.caption()}).to_string());
+            twins.push('\n');
+        }
+    }
+    write_file(&out.join("pairs_twins.jsonl"), &twins)?;
+    files.insert("pairs_twins.jsonl".into(), 2 * o.shape_twins);
     write_file(
         &out.join("SYNTH.json"),
         &json!({"seed": o.seed, "size": o.size, "files": files}).to_string(),

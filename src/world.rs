@@ -153,6 +153,18 @@ impl Scene {
         }
     }
 
+    /// The same scene with every object's shape changed to another one (same colours, places, sizes,
+    /// background and rendering): a hard negative that only shape tells apart.
+    pub fn shape_twin(&self) -> Scene {
+        let mut t = self.clone();
+        for (k, o) in t.objects.iter_mut().enumerate() {
+            let mut s = Stream::new(self.seed, self.index, 0x7a1 + k as u64, Purpose::Data);
+            let n = SHAPES.len() as u64;
+            o.shape = (o.shape + 1 + s.below(1, n - 1)[0] as usize) % n as usize;
+        }
+        t
+    }
+
     /// The main object (the largest; drawn last).
     pub fn main(&self) -> &Object {
         &self.objects[0]

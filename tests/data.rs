@@ -23,6 +23,7 @@ fn small(seed: u64) -> SynthOptions {
         regions: 4,
         text_scenes: 12,
         colour_questions: 7,
+        shape_twins: 3,
         eval_per_split: 5,
     }
 }
@@ -1106,4 +1107,33 @@ fn caption_scores_follow_coco_captions_cider_d() {
         ["the", "red", "circle"]
     );
     assert!(eval::caption_words("").is_empty());
+}
+
+/// A shape twin differs from its scene in every object's shape and in nothing else a caption says;
+/// synth writes each scene and its twin on consecutive lines of `pairs_twins.jsonl`.
+#[test]
+fn shape_twins_differ_only_in_shape() {
+    for k in 0..30 {
+        let s = world::scene(3, Split::Id, k, 64);
+        let t = s.shape_twin();
+        assert_eq!(s.objects.len(), t.objects.len());
+        for (a, b) in s.objects.iter().zip(&t.objects) {
+            assert_ne!(a.shape, b.shape);
+            assert_eq!((a.colour, a.cx, a.cy, a.r), (b.colour, b.cx, b.cy, b.r));
+        }
+        assert_ne!(s.render(), t.render());
+        assert_eq!(t, s.shape_twin(), "deterministic");
+    }
+    let dir = common::scratch("synth-twins");
+    let o = small(6);
+    datasets::synthesize(&dir, &o).unwrap();
+    let pairs = datasets::read_pairs_jsonl(&dir.join("pairs_twins.jsonl")).unwrap();
+    assert!(pairs.bad.is_empty());
+    assert_eq!(pairs.records.len(), 2 * o.shape_twins);
+    for (k, two) in pairs.records.chunks(2).enumerate() {
+        let s = datasets::twin_scene(o.seed, k as u64, o.size);
+        assert_eq!(two[0].caption, s.caption());
+        assert_eq!(two[1].caption, s.shape_twin().caption());
+        assert_eq!(two[1].image, s.shape_twin().render());
+    }
 }

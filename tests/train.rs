@@ -469,8 +469,46 @@ fn contrastive_pretraining_rejects_unusable_pairs() {
         err(&images[..1], &captions[..1]),
         "contrastive pretraining needs at least 2 image-caption pairs, found 1"
     );
+    let grouped = deem::clip::ClipOptions {
+        group: 3,
+        ..o.clone()
+    };
+    assert_eq!(
+        deem::clip::pretrain(&cfg, &images, &captions, &grouped, |_| {}).unwrap_err(),
+        "--group 3: the 10 pairs must split into groups of 3 and a batch (64) hold at least two"
+    );
     captions[4].clear();
     assert_eq!(err(&images, &captions), "caption 4 has no ids");
+}
+
+/// Grouped contrastive batches take whole groups (a scene and its hard negatives together); ungrouped,
+/// the sampler draws as it always did (so the shipped encoder stays reproducible).
+#[test]
+fn contrastive_batches_take_whole_groups() {
+    use deem::rng::{Purpose, Stream};
+    let o = deem::clip::ClipOptions {
+        group: 2,
+        batch_size: 8,
+        ..Default::default()
+    };
+    for step in 0..20 {
+        let p = deem::clip::batch_picks(&o, step, 100);
+        assert_eq!(p.len(), 8);
+        for pair in p.chunks(2) {
+            assert_eq!((pair[0] % 2, pair[1]), (0, pair[0] + 1), "{p:?}");
+        }
+        assert!(p.iter().all(|&i| (0..100).contains(&i)));
+    }
+    let one = deem::clip::ClipOptions {
+        batch_size: 8,
+        ..Default::default()
+    };
+    for step in 0..5 {
+        assert_eq!(
+            deem::clip::batch_picks(&one, step, 100),
+            Stream::new(one.seed, step, 1, Purpose::Data).below(8, 100)
+        );
+    }
 }
 
 #[test]
@@ -657,7 +695,11 @@ fn a_mask_aware_model_reads_whole_images_through_the_extractor() {
         (
             plain.model.vision.forward(&batch.pixels).0,
             aware.model.vision.forward(&batch.pixels).0,
-            plain.model.vision.forward_regions(&batch.pixels, Some(&ones)).0,
+            plain
+                .model
+                .vision
+                .forward_regions(&batch.pixels, Some(&ones))
+                .0,
         )
     });
     assert_eq!(b, c, "mask-aware = all-ones masks");

@@ -180,6 +180,13 @@ pub enum PretrainCommand {
         lr: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// The pairs file in DATA (`pairs_twins.jsonl`: each scene with its shape twin).
+        #[arg(long, default_value = "pairs.jsonl")]
+        pairs: String,
+        /// Pairs come in groups of this many consecutive lines (a scene and its hard negatives); a
+        /// batch takes whole groups.
+        #[arg(long, default_value_t = 1)]
+        group: usize,
         /// Hide the progress bar.
         #[arg(long)]
         quiet: bool,
@@ -266,6 +273,10 @@ pub enum DataCommand {
         /// Single-turn colour yes/no questions about images.
         #[arg(long, default_value_t = 20000)]
         colour_questions: usize,
+        /// Scenes written with their shape twins in `pairs_twins.jsonl` (hard negatives for
+        /// `deem pretrain encoder --pairs pairs_twins.jsonl --group 2`).
+        #[arg(long, default_value_t = 1000)]
+        shape_twins: usize,
         #[arg(long, default_value_t = 100)]
         eval_per_split: usize,
     },
@@ -883,6 +894,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             batch_size,
             lr,
             seed,
+            pairs,
+            group,
             quiet,
             config,
         }) => {
@@ -892,10 +905,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 steps,
                 batch_size,
                 lr,
+                group,
                 ..Default::default()
             };
             let metrics = crate::metrics::Metrics::new();
-            let r = crate::pretrain_cmd::encoder(&cfg.config, &data, &out, &o, !quiet, &metrics)?;
+            let r = crate::pretrain_cmd::encoder(
+                &cfg.config,
+                &data,
+                &pairs,
+                &out,
+                &o,
+                !quiet,
+                &metrics,
+            )?;
             println!(
                 "pretrained the encoder {} steps: contrastive loss {:.4}, in-batch accuracy {:.2}; wrote {}",
                 steps,

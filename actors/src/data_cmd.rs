@@ -128,6 +128,7 @@ pub fn run(cmd: DataCommand, metrics: &Metrics) -> anyhow::Result<String> {
             regions,
             text_scenes,
             colour_questions,
+            shape_twins,
             eval_per_split,
         } => {
             if !(16..=1024).contains(&size) {
@@ -143,6 +144,7 @@ pub fn run(cmd: DataCommand, metrics: &Metrics) -> anyhow::Result<String> {
                 regions,
                 text_scenes,
                 colour_questions,
+                shape_twins,
                 eval_per_split,
             };
             std::fs::create_dir_all(&out)?;

@@ -27,10 +27,11 @@ use crate::train_cmd::MAX_BAD_RATIO;
 fn pairs(
     cfg: &DeemConfig,
     data: &Path,
+    name: &str,
     size: i64,
     metrics: &Metrics,
 ) -> anyhow::Result<(Vec<tch::Tensor>, Vec<Vec<i64>>, DeemTokenizer)> {
-    let file = data.join("pairs.jsonl");
+    let file = data.join(name);
     if !file.exists() {
         anyhow::bail!(
             "{}: missing; pretraining needs the image-caption pairs `deem data synth` writes",
@@ -141,12 +142,13 @@ impl<'m> StepLog<'m> {
 pub fn encoder(
     cfg: &DeemConfig,
     data: &Path,
+    pairs_file: &str,
     out: &Path,
     o: &ClipOptions,
     progress: bool,
     metrics: &Metrics,
 ) -> anyhow::Result<ClipReport> {
-    let (images, captions, _) = pairs(cfg, data, cfg.vision.image_size, metrics)?;
+    let (images, captions, _) = pairs(cfg, data, pairs_file, cfg.vision.image_size, metrics)?;
     let mut log = StepLog::open(out, o.steps, "encoder", progress, metrics)?;
     tracing::info!(
         pairs = images.len(),
@@ -192,7 +194,8 @@ pub fn decoder(
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let clip = deem::clip::load(&vs, cfg, &w)
         .map_err(|e| anyhow::anyhow!("--clip {}: {e}", clip_file.display()))?;
-    let (images, captions, tok) = pairs(cfg, data, cfg.diffusion.image_size, metrics)?;
+    let (images, captions, tok) =
+        pairs(cfg, data, "pairs.jsonl", cfg.diffusion.image_size, metrics)?;
     let empty = caption_ids(cfg, &tok, "")?;
     let mut log = StepLog::open(
         out,

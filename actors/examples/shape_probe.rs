@@ -1,0 +1,97 @@
+//! Diagnostic: how much of an image's main object an encoder's tokens hold. A ridge probe (closed form,
+//! λ = 1, standardised features) on the flattened tokens of the ConvNeXt in ENCODER (open_clip names,
+//! `deem pretrain encoder`'s `encoder.safetensors`) learns the main object's shape and colour from
+//! N_TRAIN synthetic scenes and is scored on N_TEST others (chance: 1 / shapes, 1 / colours).
+//!
+//! cargo run --release -p deem-actors --example shape_probe -- CONFIG ENCODER [N_TRAIN N_TEST]
+
+use deem::world::{self, Split};
+use tch::{Kind, Tensor};
+
+/// The flattened tokens DEEM's resampler reads, and open_clip's image embedding.
+fn features(
+    enc: &deem::vision::VisionEncoder,
+    cfg: &deem::config::DeemConfig,
+    scenes: &[world::Scene],
+) -> (Tensor, Tensor) {
+    let px: Vec<Tensor> = scenes
+        .iter()
+        .map(|s| deem::vision::unit_pixels(&s.render(), cfg.vision.image_size as u32))
+        .collect();
+    let (mut tokens, mut embeddings) = (Vec::new(), Vec::new());
+    for chunk in px.chunks(64) {
+        let x = deem::model::clip_pixels(&Tensor::stack(chunk, 0), cfg.vision.image_size);
+        tch::no_grad(|| {
+            tokens.push(enc.forward(&x).tokens.flatten(1, -1));
+            embeddings.push(enc.embed(&x));
+        });
+    }
+    (Tensor::cat(&tokens, 0), Tensor::cat(&embeddings, 0))
+}
+
+fn one_hot(labels: &[usize], k: usize) -> Tensor {
+    let idx = Tensor::from_slice(&labels.iter().map(|&l| l as i64).collect::<Vec<_>>());
+    idx.one_hot(k as i64).to_kind(Kind::Float)
+}
+
+/// Top-1 accuracy of a ridge regression onto one-hot labels.
+fn probe(xtr: &Tensor, ytr: &[usize], xte: &Tensor, yte: &[usize], k: usize) -> f64 {
+    let d = xtr.size()[1];
+    let gram = xtr.transpose(0, 1).matmul(xtr) + Tensor::eye(d, (Kind::Float, tch::Device::Cpu));
+    let w = Tensor::linalg_solve(&gram, &xtr.transpose(0, 1).matmul(&one_hot(ytr, k)), true);
+    let pred = Vec::<i64>::try_from(xte.matmul(&w).argmax(1, false)).unwrap_or_default();
+    pred.iter()
+        .zip(yte)
+        .filter(|(p, y)| **p as usize == **y)
+        .count() as f64
+        / yte.len() as f64
+}
+
+fn main() -> anyhow::Result<()> {
+    let a: Vec<String> = std::env::args().skip(1).collect();
+    if a.len() < 2 {
+        anyhow::bail!("usage: shape_probe CONFIG ENCODER [N_TRAIN N_TEST]");
+    }
+    let cfg: deem::config::DeemConfig = toml::from_str(&std::fs::read_to_string(&a[0])?)?;
+    let n_train: u64 = a.get(2).map_or(Ok(1500), |x| x.parse())?;
+    let n_test: u64 = a.get(3).map_or(Ok(500), |x| x.parse())?;
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let enc = deem::with_init_lock(Some(0), || {
+        deem::vision::VisionEncoder::new(&(vs.root() / "visual"), &cfg.vision)
+    });
+    let ck = deem::checkpoint::Checkpoint::open(std::path::Path::new(&a[1]))?;
+    let mut spec = deem::vision::VisionEncoder::load_spec();
+    // The DEEM adapters are not open_clip's: they keep their seeded values.
+    spec.optional.push("visual.".into());
+    ck.load_into(&vs, &spec)?;
+    // Scenes from a stream no synth file uses.
+    let scenes: Vec<world::Scene> = (0..n_train + n_test)
+        .map(|k| world::scene(0x9b0be, Split::Id, k, 64))
+        .collect();
+    let (tokens, embeddings) = features(&enc, &cfg, &scenes);
+    let (tr, te) = scenes.split_at(n_train as usize);
+    let shape = |s: &[world::Scene]| s.iter().map(|s| s.main().shape).collect::<Vec<_>>();
+    let colour = |s: &[world::Scene]| s.iter().map(|s| s.main().colour).collect::<Vec<_>>();
+    println!(
+        "main object, {n_train} train / {n_test} test scenes (chance: shape {:.3}, colour {:.3})",
+        1.0 / world::SHAPES.len() as f64,
+        1.0 / world::COLOURS.len() as f64,
+    );
+    for (name, x) in [("encoder tokens", tokens), ("image embedding", embeddings)] {
+        let (mean, std) = (
+            x.mean_dim(0, true, Kind::Float),
+            x.std_dim(0, true, true) + 1e-6,
+        );
+        let x = (x - mean) / std;
+        let (xtr, xte) = (
+            x.narrow(0, 0, n_train as i64),
+            x.narrow(0, n_train as i64, n_test as i64),
+        );
+        println!(
+            "  {name:<16} shape {:.3}  colour {:.3}",
+            probe(&xtr, &shape(tr), &xte, &shape(te), world::SHAPES.len()),
+            probe(&xtr, &colour(tr), &xte, &colour(te), world::COLOURS.len()),
+        );
+    }
+    Ok(())
+}
