@@ -125,6 +125,16 @@ pub fn clip_pixels(pixels: &Tensor, size: i64) -> Tensor {
     (x - mean) / std
 }
 
+/// Region masks `[N, 1, H, W]` (any resolution) at the latents' resolution (bilinear: partly covered
+/// latent pixels weigh partly), as f32 on their device.
+fn latent_masks(masks: &Tensor, latents: &Tensor) -> Tensor {
+    let (h, w) = (latents.size()[2], latents.size()[3]);
+    masks
+        .to_device(latents.device())
+        .to_kind(Kind::Float)
+        .upsample_bilinear2d([h, w], false, None, None)
+}
+
 fn mse(a: &Tensor, b: &Tensor) -> Tensor {
     (a - b).square().mean(Kind::Float)
 }
@@ -321,11 +331,7 @@ impl DiffusionStage {
             let device = latents.device();
             // Region input: each image's error is averaged over its region (as CSR trains).
             let weights = masks.map(|m| {
-                let (h, w) = (latents.size()[2], latents.size()[3]);
-                let m = m
-                    .to_device(device)
-                    .to_kind(Kind::Float)
-                    .upsample_bilinear2d([h, w], false, None, None);
+                let m = latent_masks(m, &latents);
                 let area = m.sum_dim_intlist(&[1i64, 2, 3][..], false, Kind::Float)
                     * latents.size()[1] as f64;
                 (m, area.clamp_min(1e-6))
@@ -392,11 +398,7 @@ impl DiffusionStage {
         match masks {
             None => mse(&pred, &target),
             Some(m) => {
-                let (h, w) = (latents.size()[2], latents.size()[3]);
-                let m = m
-                    .to_device(latents.device())
-                    .to_kind(Kind::Float)
-                    .upsample_bilinear2d([h, w], false, None, None);
+                let m = latent_masks(m, latents);
                 let err = (pred - target).square().to_kind(Kind::Float);
                 (err * &m).sum(Kind::Float)
                     / (m.sum(Kind::Float) * latents.size()[1] as f64).clamp_min(1e-6)

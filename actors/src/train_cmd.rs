@@ -70,9 +70,9 @@ impl Batches for deem::mixer::Mixer {
 /// The stage's own mixture when the config names no `train.sources`: stage I `mmc4.jsonl` :
 /// `pairs.jsonl` = 2 : 1; stage II `llava.json` : `pairs.jsonl` = 2 : 1 (captions keep grounding the
 /// words for what the images show, as the paper's stage II mixes COCO captions into its instruction
-/// data), the pairs only when the folder has them; stage III `regions.json` : `llava.json` = 2 : 1 (the
+/// data), the pairs only when the folder has them; stage III `regions.json` : `llava.json` = 1 : 1 (the
 /// paper's stage III is region data; the image-level conversations keep their answers from being
-/// forgotten), the conversations only when the folder has them.
+/// forgotten: at 2 : 1 the tiny model forgot them), the conversations only when the folder has them.
 fn stage_sources(c: &deem::config::DeemConfig, dir: &std::path::Path) -> Vec<DataSource> {
     let source = |file: &str, format, weight| DataSource {
         file: file.into(),
@@ -92,7 +92,7 @@ fn stage_sources(c: &deem::config::DeemConfig, dir: &std::path::Path) -> Vec<Dat
             v
         }
         deem::config::Stage::III => {
-            let mut v = vec![source("regions.json", DataFormat::Regions, 2.0)];
+            let mut v = vec![source("regions.json", DataFormat::Regions, 1.0)];
             if dir.join("llava.json").exists() {
                 v.push(source("llava.json", DataFormat::Llava, 1.0));
             }
