@@ -98,8 +98,7 @@ fn draw(s: &mut Stream, size: i64, color: usize, shape: usize) -> Tensor {
     let y0 = (s.uniform() * (size - h) as f64) as i64;
     let img = Tensor::full([3, size, size], 0.5, (Kind::Float, tch::Device::Cpu));
     let c = Tensor::from_slice(&COLORS[color]).view([3, 1, 1]);
-    let _ = img
-        .narrow(1, y0, h)
+    img.narrow(1, y0, h)
         .narrow(2, x0, w)
         .copy_(&c.expand([3, h, w], false));
     img

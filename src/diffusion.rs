@@ -79,7 +79,8 @@ pub fn unet_config_from_diffusers(path: &Path) -> Result<UNetConfig, String> {
     let v = read_json(path)?;
     for (key, want) in UNET_FIXED {
         if let Some(found) = v.get(key) {
-            if found.to_string() != want {
+            let text = found.to_string();
+            if text != want {
                 return Err(format!(
                     "{}: {key}: deem supports {want} only, found {found}",
                     path.display()

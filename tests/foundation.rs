@@ -1117,7 +1117,7 @@ fn monitoring_config_and_rules_pass_promtool() {
     let mut used = std::collections::BTreeSet::new();
     for text in [&rules, &dashboard] {
         let mut rest = text.as_str();
-        while let Some(i) = rest.find(|c: char| c == 'd' || c == 'p') {
+        while let Some(i) = rest.find(['d', 'p']) {
             let tail = &rest[i..];
             let name: String = tail
                 .chars()

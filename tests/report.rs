@@ -175,9 +175,8 @@ fn the_model_classifier_scores_replies_as_incremental_decoding_does_and_mines_wi
                 deem::model::embed_for_generation(&model.llm, &prompt, Some(&visual), model.ids)
                     .unwrap();
             let mut h = model.llm.forward_layers(&e, 0, Some(&mut cache));
-            let mut pos = req.prompt.len() as i64;
             let mut want = 0.0;
-            for &t in &reply {
+            for (pos, &t) in (req.prompt.len() as i64..).zip(&reply) {
                 let last = h.narrow(1, h.size()[1] - 1, 1);
                 let logp = model
                     .llm
@@ -192,7 +191,6 @@ fn the_model_classifier_scores_replies_as_incremental_decoding_does_and_mines_wi
                 )
                 .unwrap();
                 h = model.llm.forward_layers(&e, pos, Some(&mut cache));
-                pos += 1;
             }
             assert!(
                 (got - want).abs() < 1e-3,

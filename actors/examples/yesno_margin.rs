@@ -45,7 +45,8 @@ fn main() -> anyhow::Result<()> {
                 let s = clf.reply_scores(image.as_deref(), &q.text, &replies)?;
                 m.push((s[0] - s[1], q.label == "yes"));
             }
-            let (pos, neg): (Vec<&(f64, bool)>, Vec<&(f64, bool)>) = m.iter().partition(|x| x.1);
+            let pos: Vec<&(f64, bool)> = m.iter().filter(|x| x.1).collect();
+            let neg: Vec<&(f64, bool)> = m.iter().filter(|x| !x.1).collect();
             let mut auc = 0.0;
             for p in &pos {
                 for n in &neg {

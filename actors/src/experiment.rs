@@ -39,6 +39,7 @@ fn with(cfg: &LoadedConfig, seed: u64, csr: f64) -> LoadedConfig {
     c
 }
 
+#[allow(clippy::too_many_arguments)]
 fn train(
     cfg: &LoadedConfig,
     topo: &Topology,

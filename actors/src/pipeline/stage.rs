@@ -101,9 +101,9 @@ pub struct StepOut {
 }
 
 enum Modules {
-    Vision(VisionStage),
-    Llm(LlamaShard),
-    Diffusion(DiffusionStage),
+    Vision(Box<VisionStage>),
+    Llm(Box<LlamaShard>),
+    Diffusion(Box<DiffusionStage>),
 }
 
 /// Activations kept from a microbatch's forward for its backward.
@@ -212,12 +212,12 @@ impl Worker {
         // them must not disturb a seeded build on another thread.
         let modules = deem::with_init_lock(None, || -> Result<Modules, String> {
             Ok(match role {
-                Role::Vision => Modules::Vision(VisionStage::new(&root, &cfg)),
-                Role::Llm { layers } => Modules::Llm(
+                Role::Vision => Modules::Vision(Box::new(VisionStage::new(&root, &cfg))),
+                Role::Llm { layers } => Modules::Llm(Box::new(
                     LlamaShard::new(&root, &LlamaConfig::from(&cfg.llm), layers)
                         .map_err(|e| e.to_string())?,
-                ),
-                Role::Diffusion => Modules::Diffusion(DiffusionStage::new(&root, &cfg)),
+                )),
+                Role::Diffusion => Modules::Diffusion(Box::new(DiffusionStage::new(&root, &cfg))),
             })
         })?;
         let opt = AdamW::for_stage(&vs, &cfg.train);
