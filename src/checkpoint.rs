@@ -151,13 +151,17 @@ fn open_file(path: &Path) -> Result<Arc<File>> {
     let f = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
     // SAFETY: the map is read-only; deem never writes checkpoint files it has open.
     let mmap = unsafe { Mmap::map(&f) }.map_err(|e| io_err(path, e))?;
-    if looks_like_pickle(path, &mmap[..mmap.len().min(4)]) {
-        return Err(pickle_err(path));
+    // A valid safetensors file first: its header length can begin with the byte a pickle stream does
+    // (0x80), so the pickle signs only explain a file that does not parse.
+    if let Err(e) = SafeTensors::deserialize(&mmap) {
+        if looks_like_pickle(path, &mmap[..mmap.len().min(4)]) {
+            return Err(pickle_err(path));
+        }
+        return Err(CheckpointError::Corrupt {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        });
     }
-    SafeTensors::deserialize(&mmap).map_err(|e| CheckpointError::Corrupt {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
     Ok(Arc::new(File {
         path: path.to_path_buf(),
         mmap,

@@ -315,7 +315,9 @@ pub fn save_shard(
 }
 
 /// Restores the parameters of `vs` and the moments of `opt` from a checkpoint holding them under their
-/// global names (written by [`save_shard`] from any topology), and the optimizer's step count.
+/// global names (written by [`save_shard`] from any topology), and the optimizer's step count. A
+/// checkpoint written before region support lacks the mask-aware extractor: it keeps its initial values
+/// and zero moments.
 pub fn load_shard(
     ck: &crate::checkpoint::Checkpoint,
     vs: &nn::VarStore,
@@ -327,12 +329,14 @@ pub fn load_shard(
         prefix_map: vec![],
         namespace: vec![],
         ignore: vec![],
-        optional: vec![],
+        optional: crate::region::key_prefixes(),
     };
     ck.load_into(vs, &spec)?;
     let missing: Vec<String> = opt
         .params
         .iter()
+        // An extractor absent from the checkpoint (written before region support) has no moments.
+        .filter(|p| !crate::region::is_extractor_key(&p.name) || ck.contains(&p.name))
         .flat_map(|p| {
             let (m, v) = moment_keys(&p.name);
             [m, v]

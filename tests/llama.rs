@@ -350,6 +350,32 @@ fn pickle_checkpoints_get_conversion_advice() {
     assert_eq!(load_err(&dir, 0..4), expected);
 }
 
+/// A safetensors file is one whatever its header length: one whose length begins with 0x80 (a pickle
+/// stream's first byte) opens, it is not taken for a pickle.
+#[test]
+fn a_safetensors_header_length_starting_with_0x80_is_not_a_pickle() {
+    let dir = scratch("header-0x80");
+    let path = dir.join("weights.safetensors");
+    // Lengthen the tensor name until the header's length has 0x80 as its low byte.
+    for n in 1..400 {
+        let name = "w".repeat(n);
+        deem::checkpoint::save(
+            &path,
+            &[(
+                name.clone(),
+                tch::Tensor::ones([2], (tch::Kind::Float, tch::Device::Cpu)),
+            )],
+        )
+        .unwrap();
+        if std::fs::read(&path).unwrap()[0] == 0x80 {
+            let ck = deem::checkpoint::Checkpoint::open(&path).unwrap();
+            assert!(ck.contains(&name));
+            return;
+        }
+    }
+    panic!("no name length gave a header length with 0x80 as its low byte");
+}
+
 #[test]
 fn an_index_naming_a_missing_file_is_reported() {
     let dir = scratch("index");

@@ -710,3 +710,40 @@ fn a_mask_aware_model_reads_whole_images_through_the_extractor() {
     assert!(!toml::to_string(&off).unwrap().contains("mask_aware"));
     assert!(toml::to_string(&cfg).unwrap().contains("mask_aware = true"));
 }
+
+/// A training checkpoint written before region support (no extractor weights or moments) still
+/// resumes: the extractor keeps its initial values, everything else is restored.
+#[test]
+fn a_checkpoint_without_the_extractor_resumes() {
+    let cfg = tiny(Stage::II);
+    let data = SyntheticBatches::new(&cfg, 3);
+    let mut t = Trainer::new(&cfg, Device::Cpu).unwrap();
+    t.step(&data.batch(0)).unwrap();
+    let dir = std::env::temp_dir().join(format!("deem-old-ckpt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let full = dir.join("full.safetensors");
+    deem::train::save_shard(&full, &t.vs, &t.opt).unwrap();
+    let ck = deem::checkpoint::Checkpoint::open(&full).unwrap();
+    let old: Vec<(String, Tensor)> = ck
+        .names()
+        .filter(|n| !deem::region::KEY_PREFIXES.iter().any(|p| n.contains(p)))
+        .map(|n| (n.to_string(), ck.tensor(n).unwrap().unwrap()))
+        .collect();
+    assert!(old.len() < ck.names().count());
+    let old_file = dir.join("old.safetensors");
+    deem::checkpoint::save(&old_file, &old).unwrap();
+
+    let mut fresh = Trainer::new(&cfg, Device::Cpu).unwrap();
+    let init = snapshot(&fresh);
+    let old_ck = deem::checkpoint::Checkpoint::open(&old_file).unwrap();
+    deem::train::load_shard(&old_ck, &fresh.vs, &mut fresh.opt, 1).unwrap();
+    let (trained, restored) = (snapshot(&t), snapshot(&fresh));
+    for (k, v) in &restored {
+        if deem::region::is_extractor_key(k) {
+            assert_eq!(v, &init[k], "{k} keeps its initial value");
+        } else {
+            assert_eq!(v, &trained[k], "{k} restored");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
