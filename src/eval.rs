@@ -294,15 +294,19 @@ pub fn build_pope(inst: &Instances, sampling: PopeSampling, k: usize, seed: u64)
 
 /// DreamLLM's POPE answer parsing: the first sentence; "no" if its words include `no` or `not`.
 pub fn parse_yes_no(answer: &str) -> bool {
-    let first = answer
-        .split(['.', '\n', '!', '?'])
-        .find(|s| !s.trim().is_empty())
-        .unwrap_or("");
-    let no = first
+    let no = first_sentence(answer)
         .split(|c: char| !c.is_alphanumeric())
         .map(|w| w.to_ascii_lowercase())
         .any(|w| w == "no" || w == "not");
     !no
+}
+
+/// The first non-blank sentence of an answer: up to `.`, `!`, `?` or a line break.
+fn first_sentence(answer: &str) -> &str {
+    answer
+        .split(['.', '\n', '!', '?'])
+        .find(|s| !s.trim().is_empty())
+        .unwrap_or("")
 }
 
 /// Yes/no metrics with "yes" as the positive class.
@@ -341,14 +345,10 @@ pub fn score(pred: &[bool], label: &[bool]) -> YesNoScores {
     }
 }
 
-/// The words of a caption as the caption metrics compare them: its first sentence (up to `.`, `!`, `?`
-/// or a line break), lowercase, split at anything but letters, digits and apostrophes.
+/// The words of a caption as the caption metrics compare them: its first sentence, lowercase, split at
+/// anything but letters, digits and apostrophes.
 pub fn caption_words(text: &str) -> Vec<String> {
-    let first = text
-        .split(['.', '!', '?', '\n'])
-        .find(|s| !s.trim().is_empty())
-        .unwrap_or("");
-    first
+    first_sentence(text)
         .to_lowercase()
         .split(|c: char| !(c.is_alphanumeric() || c == '\''))
         .filter(|w| !w.is_empty())

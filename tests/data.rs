@@ -628,6 +628,15 @@ fn two_turn_row(
     (ids, mask)
 }
 
+/// The ids a packed row trains on (those its loss mask marks), in order.
+fn ntp_targets(ids: &[i64], mask: &[bool]) -> Vec<i64> {
+    ids.iter()
+        .zip(mask)
+        .filter(|(_, &k)| k)
+        .map(|(&t, _)| t)
+        .collect()
+}
+
 fn two_turn_conversation() -> datasets::Conversation {
     datasets::Conversation {
         image: Some(world::scene(0, Split::Id, 0, 32).render()),
@@ -647,12 +656,7 @@ fn conversations_train_only_on_the_replies_and_captions_on_all_their_text() {
     let (ids, mask) = two_turn_row(&c, &tok);
     let eos = c.llm.eos_token_id;
     // The targets, in order, are exactly each reply followed by its EOS.
-    let targets: Vec<i64> = ids
-        .iter()
-        .zip(&mask)
-        .filter(|(_, &k)| k)
-        .map(|(&t, _)| t)
-        .collect();
+    let targets = ntp_targets(&ids, &mask);
     // The row packs the one conversation as often as it fits.
     let copies = ids.iter().filter(|&&t| t == c.llm.bos_token_id).count();
     assert!(copies >= 1);
@@ -978,12 +982,7 @@ fn region_samples_follow_the_referring_template_with_their_masks() {
     );
     // Targets: the caption and EOS, once per packed copy.
     let copies = ids.iter().filter(|&&t| t == c.llm.bos_token_id).count();
-    let targets: Vec<i64> = ids
-        .iter()
-        .zip(&mask)
-        .filter(|(_, &k)| k)
-        .map(|(&t, _)| t)
-        .collect();
+    let targets = ntp_targets(&ids, &mask);
     let mut one = caption.clone();
     one.push(c.llm.eos_token_id);
     assert_eq!(targets, one.repeat(copies));

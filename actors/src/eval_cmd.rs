@@ -125,6 +125,23 @@ pub fn request(
     chat_request(Some(&base.join(&q.image)), &q.text, cfg, tok, d)
 }
 
+/// The engine request of one user turn with `content` parts, decoded as `d` says (through the API's
+/// own parsing and validation, as a client's request goes); `Err` holds the API's message.
+fn user_turn(
+    content: Vec<serde_json::Value>,
+    cfg: &DeemConfig,
+    tok: &DeemTokenizer,
+    d: &Decoding,
+) -> Result<crate::serve::engine::Request, String> {
+    let body = json!({
+        "messages": [{"role": "user", "content": content}],
+        "temperature": 0, "max_tokens": d.max_tokens, "seed": 0, "csr_score": false, "max_images": 0,
+        "num_beams": d.num_beams,
+    });
+    let r = api::parse(body.to_string().as_bytes()).map_err(|e| e.message)?;
+    api::build(r, cfg, tok, &cfg.model.name).map_err(|e| e.message)
+}
+
 /// The engine request of one user turn: the image (if any), then `text`, decoded as `d` says.
 pub fn chat_request(
     image: Option<&Path>,
@@ -133,27 +150,16 @@ pub fn chat_request(
     tok: &DeemTokenizer,
     d: &Decoding,
 ) -> anyhow::Result<crate::serve::engine::Request> {
-    use base64::Engine as _;
     let mut content = Vec::new();
     if let Some(path) = image {
         let bytes = std::fs::read(path)
             .with_context(|| format!("{}: cannot read the image", path.display()))?;
-        let url = format!(
-            "data:image/png;base64,{}",
-            base64::engine::general_purpose::STANDARD.encode(bytes)
-        );
-        content.push(json!({"type": "image_url", "image_url": {"url": url}}));
+        content.push(json!({"type": "image_url", "image_url": {"url": api::png_data_url(&bytes)}}));
     }
     content.push(json!({"type": "text", "text": text}));
-    let body = json!({
-        "messages": [{"role": "user", "content": content}],
-        "temperature": 0, "max_tokens": d.max_tokens, "seed": 0, "csr_score": false, "max_images": 0,
-        "num_beams": d.num_beams,
-    });
-    let r = api::parse(body.to_string().as_bytes()).map_err(|e| anyhow::anyhow!(e.message))?;
-    let mut req = api::build(r, cfg, tok, &cfg.model.name).map_err(|e| match image {
-        Some(path) => anyhow::anyhow!("{}: {}", path.display(), e.message),
-        None => anyhow::anyhow!(e.message),
+    let mut req = user_turn(content, cfg, tok, d).map_err(|e| match image {
+        Some(path) => anyhow::anyhow!("{}: {e}", path.display()),
+        None => anyhow::anyhow!(e),
     })?;
     if !d.prime.is_empty() {
         req.prompt.extend(
@@ -165,14 +171,11 @@ pub fn chat_request(
     Ok(req)
 }
 
-fn png_data_url(img: &image::DynamicImage) -> anyhow::Result<String> {
-    use base64::Engine as _;
+/// An image as a PNG data: URL.
+fn png_url(img: image::DynamicImage) -> anyhow::Result<String> {
     let mut png = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
-    Ok(format!(
-        "data:image/png;base64,{}",
-        base64::engine::general_purpose::STANDARD.encode(png)
-    ))
+    Ok(api::png_data_url(&png))
 }
 
 /// The engine request of one region, as a client sends it: the image, the paper's referring prompt,
@@ -184,22 +187,17 @@ pub fn region_request(
     d: &Decoding,
 ) -> anyhow::Result<crate::serve::engine::Request> {
     let (w, h) = r.image.dimensions();
-    let image = png_data_url(&image::DynamicImage::ImageRgb8(r.image.clone()))?;
+    let image = png_url(image::DynamicImage::ImageRgb8(r.image.clone()))?;
     let mask = image::GrayImage::from_fn(w, h, |x, y| {
         image::Luma([if r.mask[(y * w + x) as usize] { 255 } else { 0 }])
     });
-    let mask = png_data_url(&image::DynamicImage::ImageLuma8(mask))?;
-    let body = json!({
-        "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": image}},
-            {"type": "text", "text": deem::mixer::REFERRING_PROMPT},
-            {"type": "image_url", "image_url": {"url": image, "mask": mask}},
-        ]}],
-        "temperature": 0, "max_tokens": d.max_tokens, "seed": 0, "csr_score": false, "max_images": 0,
-        "num_beams": d.num_beams,
-    });
-    let r = api::parse(body.to_string().as_bytes()).map_err(|e| anyhow::anyhow!(e.message))?;
-    api::build(r, cfg, tok, &cfg.model.name).map_err(|e| anyhow::anyhow!(e.message))
+    let mask = png_url(image::DynamicImage::ImageLuma8(mask))?;
+    let content = vec![
+        json!({"type": "image_url", "image_url": {"url": image}}),
+        json!({"type": "text", "text": deem::mixer::REFERRING_PROMPT}),
+        json!({"type": "image_url", "image_url": {"url": image, "mask": mask}}),
+    ];
+    user_turn(content, cfg, tok, d).map_err(anyhow::Error::msg)
 }
 
 /// Per split: the scores and every (question, answer) pair.

@@ -544,11 +544,16 @@ fn rand_seed() -> u64 {
     u.as_u64_pair().0
 }
 
+/// PNG bytes as a `data:image/png;base64,…` URL.
+pub fn png_data_url(png: &[u8]) -> String {
+    format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(png)
+    )
+}
+
 pub fn png_part(png: &[u8]) -> Value {
-    json!({
-        "type": "image_url",
-        "image_url": {"url": format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png))}
-    })
+    json!({"type": "image_url", "image_url": {"url": png_data_url(png)}})
 }
 
 pub fn csr_field(scores: &[CsrScore]) -> Value {
