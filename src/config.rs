@@ -138,6 +138,10 @@ pub struct LlmConfig {
     pub num_key_value_heads: i64,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
+    /// Scaled rotary embeddings (HF `rope_scaling` / `rope_parameters`), e.g. `{ rope_type = "linear",
+    /// factor = 4.0 }` for Vicuna-v1.5-16k or Llama 3.1's `rope_type = "llama3"`; absent: plain RoPE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
     pub max_position_embeddings: i64,
     pub tie_word_embeddings: bool,
     /// Beginning-of-sequence id (1 for LLaMA/Vicuna): NIP contexts start at the nearest BOS.
@@ -151,6 +155,64 @@ pub struct LlmConfig {
 
 fn default_eos() -> i64 {
     2
+}
+
+/// How scaled RoPE rewrites the inverse frequencies (transformers' `rope_type`s of the LLaMA family).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rope_type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum RopeScaling {
+    /// Position interpolation: every frequency divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1: low frequencies (wavelength above `original_max_position_embeddings /
+    /// low_freq_factor`) divided by `factor`, high ones (below `… / high_freq_factor`) kept, the band
+    /// between interpolated smoothly.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: i64,
+    },
+}
+
+impl RopeScaling {
+    /// The first field (its name under the scaling table) whose value cannot work, and what was expected.
+    pub fn problem(&self) -> Option<(&'static str, String)> {
+        let positive = |name: &'static str, v: f64| {
+            (!(v.is_finite() && v > 0.0))
+                .then(|| (name, format!("expected a positive number, found {v}")))
+        };
+        match *self {
+            RopeScaling::Linear { factor } => positive("factor", factor),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => positive("factor", factor)
+                .or_else(|| positive("low_freq_factor", low_freq_factor))
+                .or_else(|| positive("high_freq_factor", high_freq_factor))
+                .or_else(|| {
+                    (high_freq_factor <= low_freq_factor).then(|| {
+                        (
+                            "high_freq_factor",
+                            format!(
+                                "expected more than low_freq_factor ({low_freq_factor}), found {high_freq_factor}"
+                            ),
+                        )
+                    })
+                })
+                .or_else(|| {
+                    (original_max_position_embeddings <= 0).then(|| {
+                        (
+                            "original_max_position_embeddings",
+                            format!(
+                                "expected a positive number, found {original_max_position_embeddings}"
+                            ),
+                        )
+                    })
+                }),
+        }
+    }
 }
 
 /// The generation service: admission, batching, limits and per-request defaults.
@@ -550,6 +612,9 @@ impl DeemConfig {
         }
         c.positive_f("llm.rms_norm_eps", l.rms_norm_eps);
         c.positive_f("llm.rope_theta", l.rope_theta);
+        if let Some((field, message)) = l.rope_scaling.as_ref().and_then(RopeScaling::problem) {
+            c.check(false, &format!("llm.rope_scaling.{field}"), || message);
+        }
         c.positive("llm.max_position_embeddings", l.max_position_embeddings);
         for (key, id) in [
             ("llm.bos_token_id", l.bos_token_id),

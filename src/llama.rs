@@ -11,6 +11,8 @@ use std::ops::Range;
 use std::path::Path;
 
 use serde::Deserialize;
+
+use crate::config::RopeScaling;
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
@@ -79,6 +81,7 @@ pub struct LlamaConfig {
     pub head_dim: i64,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
+    pub rope_scaling: Option<RopeScaling>,
     pub max_position_embeddings: i64,
     pub tie_word_embeddings: bool,
     pub attention_bias: bool,
@@ -105,24 +108,14 @@ impl LlamaConfig {
                 return Err(format!("hidden_act: expected \"silu\", found {act:?}"));
             }
         }
-        if let Some(s) = &hf.rope_scaling {
-            if !s.is_null() {
-                return Err(format!(
-                    "rope_scaling: expected null (scaled RoPE is not supported yet), found {s}"
-                ));
-            }
-        }
         let mut rope_theta = hf.rope_theta.unwrap_or(10000.0);
-        if let Some(params) = &hf.rope_parameters {
-            let rope_type = params
-                .get("rope_type")
-                .and_then(|t| t.as_str())
-                .unwrap_or("default");
-            if rope_type != "default" {
-                return Err(format!(
-                    "rope_parameters.rope_type: expected \"default\" (scaled RoPE is not supported yet), found {rope_type:?}"
-                ));
-            }
+        let mut rope_scaling = None;
+        if let Some(s) = hf.rope_scaling.as_ref().filter(|s| !s.is_null()) {
+            rope_scaling = rope_scaling_from_hf("rope_scaling", s, hf.max_position_embeddings)?;
+        }
+        if let Some(params) = hf.rope_parameters.as_ref().filter(|s| !s.is_null()) {
+            rope_scaling =
+                rope_scaling_from_hf("rope_parameters", params, hf.max_position_embeddings)?;
             if let Some(t) = params.get("rope_theta").and_then(|t| t.as_f64()) {
                 rope_theta = t;
             }
@@ -153,11 +146,60 @@ impl LlamaConfig {
             head_dim,
             rms_norm_eps: hf.rms_norm_eps,
             rope_theta,
+            rope_scaling,
             max_position_embeddings: hf.max_position_embeddings,
             tie_word_embeddings: hf.tie_word_embeddings,
             attention_bias: hf.attention_bias,
             mlp_bias: hf.mlp_bias,
         })
+    }
+}
+
+/// Reads HF's scaled-RoPE object (`rope_scaling` in transformers 4.x, `rope_parameters` in 5.x; the type
+/// under `rope_type`, or `type` in older files): `None` for plain RoPE.
+/// A missing `original_max_position_embeddings` is the model's `max_position_embeddings`, as in
+/// transformers.
+fn rope_scaling_from_hf(
+    field: &str,
+    v: &serde_json::Value,
+    max_position_embeddings: i64,
+) -> Result<Option<RopeScaling>, String> {
+    let rope_type = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .map_or(Some("default"), |t| t.as_str());
+    let number = |name: &str| {
+        v.get(name).and_then(|x| x.as_f64()).ok_or_else(|| {
+            format!(
+                "{field}.{name}: expected a number, found {}",
+                v.get(name).map_or("nothing".to_string(), |x| x.to_string())
+            )
+        })
+    };
+    let scaling = match rope_type {
+        Some("default") => return Ok(None),
+        Some("linear") => RopeScaling::Linear {
+            factor: number("factor")?,
+        },
+        Some("llama3") => RopeScaling::Llama3 {
+            factor: number("factor")?,
+            low_freq_factor: number("low_freq_factor")?,
+            high_freq_factor: number("high_freq_factor")?,
+            original_max_position_embeddings: match v.get("original_max_position_embeddings") {
+                None => max_position_embeddings,
+                Some(_) => number("original_max_position_embeddings")? as i64,
+            },
+        },
+        _ => {
+            return Err(format!(
+                "{field}.rope_type: expected \"default\", \"linear\" or \"llama3\" (other scaled RoPE types are not supported yet), found {}",
+                v.get("rope_type").or_else(|| v.get("type")).map_or("nothing".to_string(), |t| t.to_string())
+            ))
+        }
+    };
+    match scaling.problem() {
+        Some((name, message)) => Err(format!("{field}.{name}: {message}")),
+        None => Ok(Some(scaling)),
     }
 }
 
@@ -174,6 +216,7 @@ impl From<&crate::config::LlmConfig> for LlamaConfig {
             head_dim: l.hidden_size / l.num_attention_heads,
             rms_norm_eps: l.rms_norm_eps,
             rope_theta: l.rope_theta,
+            rope_scaling: l.rope_scaling,
             max_position_embeddings: l.max_position_embeddings,
             tie_word_embeddings: l.tie_word_embeddings,
             attention_bias: false,
@@ -234,6 +277,10 @@ impl Rope {
             .to_kind(Kind::Float)
             / d as f64;
         let inv_freq = (inv_freq * cfg.rope_theta.ln()).exp().reciprocal();
+        let inv_freq = match cfg.rope_scaling {
+            None => inv_freq,
+            Some(s) => scale_inv_freq(&inv_freq, s),
+        };
         let pos = Tensor::arange(cfg.max_position_embeddings, (Kind::Float, device));
         let freqs = pos.outer(&inv_freq); // [P, D/2]
         let emb = Tensor::cat(&[&freqs, &freqs], -1); // [P, D]
@@ -262,6 +309,34 @@ impl Rope {
         let cos = self.cos.narrow(0, start, t).to_kind(x.kind());
         let sin = self.sin.narrow(0, start, t).to_kind(x.kind());
         rotate(x, &cos, &sin)
+    }
+}
+
+/// The inverse frequencies of scaled RoPE, as transformers' `ROPE_INIT_FUNCTIONS` compute them.
+fn scale_inv_freq(inv_freq: &Tensor, scaling: RopeScaling) -> Tensor {
+    match scaling {
+        RopeScaling::Linear { factor } => inv_freq / factor,
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
+            let old = original_max_position_embeddings as f64;
+            let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
+            let wavelen = inv_freq.reciprocal() * (2.0 * std::f64::consts::PI);
+            // Long wavelengths are interpolated, short ones kept, the band between blended.
+            let long = wavelen.gt(low_wavelen);
+            let scaled = (inv_freq / factor).where_self(&long, inv_freq);
+            let smooth = ((wavelen.reciprocal() * old) - low_freq_factor)
+                / (high_freq_factor - low_freq_factor);
+            let blended = (-&smooth + 1.0) * &scaled / factor + &smooth * &scaled;
+            let medium = wavelen
+                .lt(high_wavelen)
+                .logical_not()
+                .logical_and(&long.logical_not());
+            blended.where_self(&medium, &scaled)
+        }
     }
 }
 

@@ -245,6 +245,51 @@ fn semantic_errors_are_all_reported_with_their_origins() {
     );
 }
 
+/// `llm.rope_scaling` (scaled RoPE, HF's names): a valid table loads, a bad value is named with its
+/// origin, an unknown type lists the known ones, and a config without it writes no such key (so the
+/// config hash of existing runs is unchanged).
+#[test]
+fn rope_scaling_is_read_and_checked() {
+    use deem::config::RopeScaling;
+    let dir = scratch("rope");
+    let table = "rope_theta = 10000.0\nrope_scaling = { rope_type = \"llama3\", factor = 8.0, \
+                 low_freq_factor = 1.0, high_freq_factor = 4.0, original_max_position_embeddings = 256 }";
+    let p = tiny_with(&dir, "rope_theta = 10000.0", table);
+    assert_eq!(
+        load(&p, &[], &[]).unwrap().config.llm.rope_scaling,
+        Some(RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 256
+        })
+    );
+    let p = tiny_with(
+        &dir,
+        "rope_theta = 10000.0",
+        &table.replace("high_freq_factor = 4.0", "high_freq_factor = 0.5"),
+    );
+    assert_eq!(
+        load_err(&p, &[], &[]),
+        format!(
+            "{}: llm.rope_scaling.high_freq_factor: expected more than low_freq_factor (1), found 0.5",
+            p.display()
+        )
+    );
+    let p = tiny_with(
+        &dir,
+        "rope_theta = 10000.0",
+        "rope_theta = 10000.0\nrope_scaling = { rope_type = \"yarn\", factor = 4.0 }",
+    );
+    assert!(
+        load_err(&p, &[], &[]).contains("unknown variant `yarn`, expected `linear` or `llama3`"),
+        "{}",
+        load_err(&p, &[], &[])
+    );
+    let written = toml::to_string(&embedded_tiny().config).unwrap();
+    assert!(!written.contains("rope_scaling"), "{written}");
+}
+
 #[test]
 fn bad_sources_are_named() {
     let dir = scratch("sources");

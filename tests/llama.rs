@@ -54,6 +54,81 @@ fn logits_match_transformers_gqa() {
 }
 
 #[test]
+fn logits_match_transformers_with_linear_rope_scaling() {
+    assert!(whole_model_parity("llama_rope_linear") < TOL);
+}
+
+#[test]
+fn logits_match_transformers_with_llama3_rope_scaling() {
+    assert!(whole_model_parity("llama_rope_llama3") < TOL);
+}
+
+/// The scaled fixtures do depend on the scaling: read as plain RoPE they miss transformers' logits by far
+/// more than the tolerance (so the parity tests above can fail).
+#[test]
+fn scaled_rope_fixtures_differ_from_plain_rope() {
+    for name in ["llama_rope_linear", "llama_rope_llama3"] {
+        let dir = fixture(name);
+        let mut cfg = config(&dir, 0);
+        assert!(cfg.rope_scaling.is_some(), "{name}");
+        cfg.rope_scaling = None;
+        let (_vs, m) = shard(&cfg, 0..cfg.num_hidden_layers, &dir);
+        let ids = read(&dir.join("inputs.safetensors"), "input_ids");
+        let logits = tch::no_grad(|| m.forward_ids(&ids, 0, None));
+        let d = max_diff(&logits, &read(&dir.join("expected.safetensors"), "logits"));
+        eprintln!("{name} read as plain RoPE: max |logits - transformers| = {d:.3e}");
+        assert!(d > 100.0 * TOL, "{name}: plain RoPE is only {d:.2e} away");
+    }
+}
+
+/// transformers 4.x files: `rope_theta` and `rope_scaling` at the top level, the type under `type` in
+/// the oldest; the same model as the 5.x `rope_parameters`.
+#[test]
+fn transformers_4_rope_scaling_is_read() {
+    use deem::config::RopeScaling;
+    let dir = scratch("rope4");
+    let p = dir.join("config.json");
+    let mut hf: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("llama_rope_llama3/config.json")).unwrap(),
+    )
+    .unwrap();
+    let params = hf["rope_parameters"].take();
+    hf.as_object_mut().unwrap().remove("rope_parameters");
+    hf["rope_theta"] = params["rope_theta"].clone();
+    hf["rope_scaling"] = params.clone();
+    std::fs::write(&p, hf.to_string()).unwrap();
+    assert_eq!(config(&dir, 0), config(&fixture("llama_rope_llama3"), 0));
+    assert_eq!(
+        config(&dir, 0).rope_scaling,
+        Some(RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 16
+        })
+    );
+    hf["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 4.0});
+    std::fs::write(&p, hf.to_string()).unwrap();
+    assert_eq!(
+        config(&dir, 0).rope_scaling,
+        Some(RopeScaling::Linear { factor: 4.0 })
+    );
+    // Without original_max_position_embeddings, transformers takes max_position_embeddings.
+    hf["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0,
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0});
+    std::fs::write(&p, hf.to_string()).unwrap();
+    assert_eq!(
+        config(&dir, 0).rope_scaling,
+        Some(RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64
+        })
+    );
+}
+
+#[test]
 fn transformers_5_rope_parameters_are_read() {
     // llama_gqa's config.json has only `rope_parameters: {rope_theta: 500000}`.
     assert_eq!(config(&fixture("llama_gqa"), 0).rope_theta, 500000.0);
@@ -101,7 +176,13 @@ fn a_shard_owns_only_its_layers() {
 
 #[test]
 fn kv_cache_decode_equals_full_recompute() {
-    let dir = fixture("llama_gqa");
+    for name in ["llama_gqa", "llama_rope_llama3"] {
+        kv_cache_decode(name);
+    }
+}
+
+fn kv_cache_decode(name: &str) {
+    let dir = fixture(name);
     let cfg = config(&dir, 0);
     let (_vs, m) = shard(&cfg, 0..4, &dir);
     let ids = read(&dir.join("inputs.safetensors"), "input_ids");
@@ -120,8 +201,8 @@ fn kv_cache_decode_equals_full_recompute() {
         &decoded,
         &read(&dir.join("expected.safetensors"), "decoded_logits"),
     );
-    eprintln!("kv-cache decode: vs full recompute {d_self:.3e}, vs transformers cached decode {d_ref:.3e}");
-    assert!(d_self < TOL && d_ref < TOL);
+    eprintln!("{name} kv-cache decode: vs full recompute {d_self:.3e}, vs transformers cached decode {d_ref:.3e}");
+    assert!(d_self < TOL && d_ref < TOL, "{name}");
 }
 
 #[test]
@@ -406,10 +487,34 @@ fn unsupported_configs_are_rejected_with_the_field() {
     assert_eq!(
         LlamaConfig::from_hf_file(&p, 0).unwrap_err().to_string(),
         format!(
-            "{}: rope_parameters.rope_type: expected \"default\" (scaled RoPE is not supported yet), found \"yarn\"",
+            "{}: rope_parameters.rope_type: expected \"default\", \"linear\" or \"llama3\" (other scaled RoPE types are not supported yet), found \"yarn\"",
             p.display()
         )
     );
+    let llama3 = std::fs::read_to_string(fixture("llama_rope_llama3/config.json")).unwrap();
+    for (from, to, expected) in [
+        (
+            "\"high_freq_factor\": 4.0",
+            "\"high_freq_factor\": 1.0",
+            "rope_parameters.high_freq_factor: expected more than low_freq_factor (1), found 1",
+        ),
+        (
+            "\"factor\": 8.0",
+            "\"factor\": \"8\"",
+            "rope_parameters.factor: expected a number, found \"8\"",
+        ),
+        (
+            "\"factor\": 8.0",
+            "\"factor\": -2.0",
+            "rope_parameters.factor: expected a positive number, found -2",
+        ),
+    ] {
+        std::fs::write(&p, llama3.replace(from, to)).unwrap();
+        assert_eq!(
+            LlamaConfig::from_hf_file(&p, 0).unwrap_err().to_string(),
+            format!("{}: {expected}", p.display())
+        );
+    }
     std::fs::write(
         &p,
         base.replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3"),
