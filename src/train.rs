@@ -299,6 +299,34 @@ pub fn cpu_weights(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
         .collect()
 }
 
+/// Sets every variable of `vs` to its value in `weights` (global names; converted to the variable's dtype
+/// and device), e.g. a previous stage's model. Every name and shape is checked before any value is
+/// replaced, so a bad set leaves `vs` as it was. A variable without a value is an error, except the
+/// region extractor's (a model saved before region support): it keeps its initial values.
+pub fn set_variables(vs: &nn::VarStore, weights: &BTreeMap<String, Tensor>) -> Result<(), String> {
+    let mut pairs = Vec::new();
+    for (name, var) in vs.variables() {
+        match weights.get(&name) {
+            None if crate::region::is_extractor_key(&name) => {}
+            None => return Err(format!("the model has no `{name}`")),
+            Some(src) if src.size() != var.size() => {
+                return Err(format!(
+                    "`{name}` is {:?}, the model expects {:?}",
+                    src.size(),
+                    var.size()
+                ))
+            }
+            Some(src) => pairs.push((var, src)),
+        }
+    }
+    tch::no_grad(|| {
+        for (mut var, src) in pairs {
+            var.copy_(&src.to_kind(var.kind()).to_device(var.device()));
+        }
+    });
+    Ok(())
+}
+
 /// Writes the parameters of `vs` and the AdamW moments of `opt` to one safetensors file (atomically).
 pub fn save_shard(
     path: &std::path::Path,

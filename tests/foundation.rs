@@ -1736,3 +1736,78 @@ fn pretrained_files_overlay_the_initialisation_and_bad_ones_are_named() {
         Tensor::ones([4], tch::kind::FLOAT_CPU)
     );
 }
+
+/// `--init-from` a model of another shape, or one that lacks a parameter, is refused naming the tensor,
+/// by the reference trainer and by the actors alike (before, an actor copying a misshapen tensor
+/// panicked), and before any step runs.
+#[test]
+fn init_from_a_mismatched_model_names_the_tensor() {
+    use tch::Tensor;
+    let dir = scratch("init-from-bad");
+    let cfg = embedded_tiny();
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    deem::model::Deem::new(&vs.root(), &cfg.config).unwrap();
+    let weights: std::collections::BTreeMap<String, Tensor> =
+        deem::train::cpu_weights(&vs).into_iter().collect();
+    let hidden = cfg.config.llm.hidden_size;
+    let mut misshapen: std::collections::BTreeMap<String, Tensor> = weights
+        .iter()
+        .map(|(k, v)| (k.clone(), v.shallow_clone()))
+        .collect();
+    misshapen.insert(
+        "model.norm.weight".into(),
+        Tensor::ones([5], tch::kind::FLOAT_CPU),
+    );
+    let mut missing = weights;
+    missing.remove("model.norm.weight");
+    let cases = [
+        (
+            misshapen,
+            format!("`model.norm.weight` is [5], the model expects [{hidden}]"),
+        ),
+        (missing, "the model has no `model.norm.weight`".to_string()),
+    ];
+    for (k, (w, expected)) in cases.into_iter().enumerate() {
+        let file = dir.join(format!("model-{k}.safetensors"));
+        deem::checkpoint::save(&file, &w.into_iter().collect::<Vec<_>>()).unwrap();
+        let topo = Topology::parse(
+            deem_actors::topology::EMBEDDED_CPU,
+            "cpu.toml",
+            &cfg.config,
+            0,
+        )
+        .unwrap();
+        for mode in [
+            deem_actors::train_cmd::Mode::SingleProcess(deem::DeviceSpec::Cpu),
+            deem_actors::train_cmd::Mode::Pipeline(topo),
+        ] {
+            let run_dir = dir.join(format!("run-{k}"));
+            let job = deem_actors::train_cmd::TrainJob {
+                run_dir: run_dir.clone(),
+                steps: Some(1),
+                mode,
+                progress: false,
+                resume: false,
+                data: None,
+                init_from: Some(file.clone()),
+                pretrained: vec![],
+            };
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            let metrics = deem_actors::metrics::Metrics::new();
+            let err = format!(
+                "{:#}",
+                deem_actors::train_cmd::run(&job, &cfg, &metrics, &rt).unwrap_err()
+            );
+            assert!(
+                err.starts_with("--init-from: ") && err.ends_with(expected.as_str()),
+                "{err}"
+            );
+            assert!(
+                !run_dir.join("steps.jsonl").exists()
+                    || std::fs::read_to_string(run_dir.join("steps.jsonl"))
+                        .unwrap()
+                        .is_empty()
+            );
+        }
+    }
+}

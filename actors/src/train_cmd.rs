@@ -282,27 +282,11 @@ impl<'rt> Engine<'rt> {
         w: &std::collections::BTreeMap<String, tch::Tensor>,
     ) -> anyhow::Result<()> {
         match self {
-            Engine::Pipeline { trainer, rt } => rt.block_on(trainer.load_weights(w)),
-            Engine::Reference(t) => tch::no_grad(|| {
-                for (name, mut var) in t.vs.variables() {
-                    // A model saved before region support: the extractor keeps its initial values.
-                    if !w.contains_key(&name) && deem::region::is_extractor_key(&name) {
-                        continue;
-                    }
-                    let src = w
-                        .get(&name)
-                        .ok_or_else(|| anyhow::anyhow!("--init-from: the model has no `{name}`"))?;
-                    if src.size() != var.size() {
-                        bail!(
-                            "--init-from: `{name}` is {:?}, the model expects {:?}",
-                            src.size(),
-                            var.size()
-                        );
-                    }
-                    var.copy_(&src.to_kind(var.kind()).to_device(var.device()));
-                }
-                Ok(())
-            }),
+            Engine::Pipeline { trainer, rt } => rt
+                .block_on(trainer.load_weights(w))
+                .map_err(|e| anyhow::anyhow!("--init-from: {e:#}")),
+            Engine::Reference(t) => deem::train::set_variables(&t.vs, w)
+                .map_err(|e| anyhow::anyhow!("--init-from: {e}")),
         }
     }
 

@@ -469,19 +469,7 @@ impl Worker {
     }
 
     fn load(&mut self, weights: &BTreeMap<String, Tensor>) -> Result<(), String> {
-        tch::no_grad(|| {
-            for (name, mut var) in self.vs.variables() {
-                // A model saved before region support: the extractor keeps its initial values.
-                if !weights.contains_key(&name) && deem::region::is_extractor_key(&name) {
-                    continue;
-                }
-                let src = weights
-                    .get(&name)
-                    .ok_or_else(|| format!("{}: no initial value for {name}", self.name))?;
-                var.copy_(&src.to_device(self.device));
-            }
-            Ok(())
-        })
+        deem::train::set_variables(&self.vs, weights).map_err(|e| format!("{}: {e}", self.name))
     }
 
     /// A snapshot: copies, so later optimizer steps do not change it.
