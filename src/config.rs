@@ -97,6 +97,11 @@ pub struct VisionConfig {
     pub dims: Vec<i64>,
     /// open_clip head projection width (`convnext_base_w`: 640).
     pub embed_dim: i64,
+    /// open_clip's `timm_proj`: `linear` (`visual.head.proj`, bias-free; `convnext_base_w`,
+    /// `convnext_xxlarge`) or `mlp` (`visual.head.mlp.fc1` → GELU → bias-free `fc2`, hidden width
+    /// 2 × embed_dim; `convnext_large_d`).
+    #[serde(default, skip_serializing_if = "HeadProj::is_linear")]
+    pub head_proj: HeadProj,
     /// Common width the per-stage adapters map to (1024 for base).
     pub adapter_width: i64,
     /// Every image goes through the mask-aware extractor, with an all-ones mask unless it comes with a
@@ -104,6 +109,21 @@ pub struct VisionConfig {
     /// so that whole images are read in evaluation and serving as they were in its training.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub mask_aware: bool,
+}
+
+/// How open_clip projects the pooled ConvNeXt feature to its embedding (`timm_proj`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadProj {
+    #[default]
+    Linear,
+    Mlp,
+}
+
+impl HeadProj {
+    pub fn is_linear(&self) -> bool {
+        *self == HeadProj::Linear
+    }
 }
 
 /// Q-Former-style Perceiver Resampler (HF `Blip2QFormerModel` names).

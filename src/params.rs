@@ -37,7 +37,13 @@ pub fn convnext_trunk(v: &VisionConfig) -> i64 {
 /// `adapter_width`, one on the projected pooled feature).
 pub fn vision(v: &VisionConfig) -> i64 {
     let last = *v.dims.last().unwrap_or(&0);
-    let n = convnext_trunk(v) + linear(last, v.embed_dim, false);
+    let head = match v.head_proj {
+        crate::config::HeadProj::Linear => linear(last, v.embed_dim, false),
+        crate::config::HeadProj::Mlp => {
+            linear(last, 2 * v.embed_dim, true) + linear(2 * v.embed_dim, v.embed_dim, false)
+        }
+    };
+    let n = convnext_trunk(v) + head;
     let adapters: i64 = v
         .dims
         .iter()

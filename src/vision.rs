@@ -8,7 +8,7 @@
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use crate::config::VisionConfig;
+use crate::config::{HeadProj, VisionConfig};
 
 /// CLIP's normalisation constants (open_clip `OPENAI_DATASET_MEAN` / `_STD`).
 pub const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
@@ -90,6 +90,24 @@ struct Stage {
     blocks: Vec<Block>,
 }
 
+/// open_clip's projection of the pooled feature (`timm_proj`).
+#[derive(Debug)]
+enum Head {
+    /// `head.proj`, bias-free.
+    Linear(Tensor),
+    /// `head.mlp.fc1` (with bias) → exact GELU → `head.mlp.fc2` (bias-free).
+    Mlp { fc1: nn::Linear, fc2: Tensor },
+}
+
+impl Head {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        match self {
+            Head::Linear(w) => x.matmul(&w.tr()),
+            Head::Mlp { fc1, fc2 } => fc1.forward(x).gelu("none").matmul(&fc2.tr()),
+        }
+    }
+}
+
 /// ConvNeXt trunk + open_clip head projection + DEEM adapters.
 #[derive(Debug)]
 pub struct VisionEncoder {
@@ -97,7 +115,7 @@ pub struct VisionEncoder {
     stem_norm: LayerNorm2d,
     stages: Vec<Stage>,
     head_norm: LayerNorm2d,
-    head_proj: Tensor,
+    head: Head,
     adapters: Vec<nn::Linear>,
     adapter_cls: nn::Linear,
     /// Index of the stage whose map forms the token sequence (the third).
@@ -152,14 +170,22 @@ impl VisionEncoder {
             .collect();
         let last = *cfg.dims.last().expect("validated: at least one stage");
         let head_norm = LayerNorm2d::new(&t / "head" / "norm", last);
-        let head_proj = (p / "head" / "proj").var(
-            "weight",
-            &[cfg.embed_dim, last],
-            nn::Init::Randn {
-                mean: 0.0,
-                stdev: 0.02,
-            },
-        );
+        let init = nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        let head = match cfg.head_proj {
+            HeadProj::Linear => {
+                Head::Linear((p / "head" / "proj").var("weight", &[cfg.embed_dim, last], init))
+            }
+            HeadProj::Mlp => {
+                let m = p / "head" / "mlp";
+                Head::Mlp {
+                    fc1: nn::linear(&m / "fc1", last, 2 * cfg.embed_dim, Default::default()),
+                    fc2: (&m / "fc2").var("weight", &[cfg.embed_dim, 2 * cfg.embed_dim], init),
+                }
+            }
+        };
         let adapters = cfg
             .dims
             .iter()
@@ -184,7 +210,7 @@ impl VisionEncoder {
             stem_norm,
             stages,
             head_norm,
-            head_proj,
+            head,
             adapters,
             adapter_cls,
             token_stage: 2.min(cfg.dims.len() - 1),
@@ -192,7 +218,7 @@ impl VisionEncoder {
     }
 
     /// The trunk's stage maps and open_clip's image embedding `[B, embed_dim]` (timm head: global
-    /// average pool → LayerNorm2d → flatten; open_clip: bias-free projection).
+    /// average pool → LayerNorm2d → flatten; open_clip: its projection head).
     fn trunk(&self, pixels: &Tensor) -> (Vec<Tensor>, Tensor) {
         let mut x = self.stem_norm.forward(&self.stem_conv.forward(pixels));
         let mut maps = Vec::with_capacity(self.stages.len());
@@ -209,7 +235,7 @@ impl VisionEncoder {
             .head_norm
             .forward(&x.mean_dim(&[2i64, 3][..], true, x.kind()))
             .flatten(1, -1);
-        (maps, pooled.matmul(&self.head_proj.tr()))
+        (maps, self.head.forward(&pooled))
     }
 
     /// open_clip's image embedding `[B, embed_dim]` of CLIP-normalised images (what contrastive

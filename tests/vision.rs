@@ -6,7 +6,7 @@ mod common;
 use common::{fixture, max_diff, read};
 
 use deem::checkpoint::Checkpoint;
-use deem::config::{ResamplerConfig, VisionConfig};
+use deem::config::{HeadProj, ResamplerConfig, VisionConfig};
 use deem::resampler::Resampler;
 use deem::vision::VisionEncoder;
 use tch::{nn, Device, Kind, Tensor};
@@ -25,6 +25,7 @@ pub fn vision_cfg() -> VisionConfig {
         embed_dim: 24,
         adapter_width: 24,
         mask_aware: false,
+        head_proj: HeadProj::Linear,
     }
 }
 
@@ -73,6 +74,53 @@ fn convnext_and_adapters_match_timm() {
         "the loaded weights matter"
     );
     assert!(worst < TOL);
+}
+
+/// Real open_clip 3.3.0 CLIP checkpoints (its TimmModel around a timm ConvNeXt, text tower included),
+/// with each projection head open_clip's ConvNeXt configs use: `encode_image` is what `embed` computes.
+#[test]
+fn open_clip_checkpoints_load_and_embed_as_open_clip_does() {
+    for (name, head) in [
+        ("open_clip_linear", HeadProj::Linear),
+        ("open_clip_mlp", HeadProj::Mlp),
+    ] {
+        let dir = fixture(name);
+        let cfg = VisionConfig {
+            head_proj: head,
+            ..vision_cfg()
+        };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let enc = VisionEncoder::new(&(vs.root() / "visual"), &cfg);
+        let numel: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
+        assert_eq!(
+            deem::params::vision(&cfg),
+            numel,
+            "{name}: the parameter count"
+        );
+        Checkpoint::open(&dir)
+            .unwrap()
+            .load_into(&vs, &VisionEncoder::load_spec())
+            .unwrap();
+        let px = read(&dir.join("inputs.safetensors"), "pixel_values");
+        let got = tch::no_grad(|| enc.embed(&px));
+        let expected = read(&dir.join("expected.safetensors"), "embedding");
+        let d = max_diff(&got, &expected);
+        eprintln!("{name}: max |embed - open_clip encode_image| = {d:.3e}");
+        assert!(expected.abs().max().double_value(&[]) > 0.1, "{name}");
+        assert!(d < TOL, "{name}: {d:.3e}");
+    }
+    // The head of the file must be the configured one: a linear-head encoder names what differs.
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _enc = VisionEncoder::new(&(vs.root() / "visual"), &vision_cfg());
+    let err = Checkpoint::open(&fixture("open_clip_mlp"))
+        .unwrap()
+        .load_into(&vs, &VisionEncoder::load_spec())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("visual.head.proj.weight") && err.contains("visual.head.mlp.fc1.weight"),
+        "{err}"
+    );
 }
 
 #[test]
