@@ -428,7 +428,13 @@ impl Checkpoint {
 /// Writes named tensors as a safetensors file, atomically (temp file + rename).
 pub fn save(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let tmp = path.with_extension("safetensors.tmp");
-    let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    // safetensors stores dense row-major data: views (transposes, slices) are written as copies.
+    let dense: Vec<Tensor> = tensors.iter().map(|(_, t)| t.contiguous()).collect();
+    let named: Vec<(&str, &Tensor)> = tensors
+        .iter()
+        .zip(&dense)
+        .map(|((n, _), t)| (n.as_str(), t))
+        .collect();
     Tensor::write_safetensors(&named, &tmp).map_err(|e| io_err(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
 }

@@ -293,23 +293,36 @@ pub fn preprocess(img: &image::RgbImage, size: u32) -> Tensor {
     (t - mean) / std
 }
 
-/// Where a `w × h` image goes to become `size × size`: resized so its shorter side is `size`
-/// (`(new width, new height)`), then the centred crop at `(x0, y0)`.
+/// Where a `w × h` image goes to become `size × size`, as torchvision's `Resize(size)` +
+/// `CenterCrop(size)` (open_clip's evaluation transform) place it: the shorter side becomes `size`, the
+/// longer `⌊size · long / short⌋` (`(new width, new height)`); the crop starts at `round((n − size) / 2)`,
+/// halves to even, as Python rounds (`(x0, y0)`).
 pub fn square_crop(w: u32, h: u32, size: u32) -> (u32, u32, u32, u32) {
-    let scale = size as f64 / w.min(h) as f64;
-    let (nw, nh) = (
-        ((w as f64 * scale).round() as u32).max(size),
-        ((h as f64 * scale).round() as u32).max(size),
-    );
-    (nw, nh, (nw - size) / 2, (nh - size) / 2)
+    let long =
+        |l: u32, s: u32| ((size as u64 * l as u64) / s.max(1) as u64).max(size as u64) as u32;
+    let (nw, nh) = if w <= h {
+        (size, long(h, w))
+    } else {
+        (long(w, h), size)
+    };
+    let start = |n: u32| {
+        let d = n - size;
+        let half = d / 2;
+        if d % 2 == 1 && half % 2 == 1 {
+            half + 1
+        } else {
+            half
+        }
+    };
+    (nw, nh, start(nw), start(nh))
 }
 
-/// An image as `[3, size, size]` pixels in [0, 1]: the shorter side resized to `size` (bicubic), then
-/// centre-cropped (CLIP's geometry, without the normalisation).
+/// An image as `[3, size, size]` pixels in [0, 1]: the shorter side resized to `size` (bicubic, as
+/// Pillow computes it), then centre-cropped (CLIP's geometry, without the normalisation).
 pub fn unit_pixels(img: &image::RgbImage, size: u32) -> Tensor {
     let (w, h) = img.dimensions();
     let (nw, nh, x0, y0) = square_crop(w, h, size);
-    let resized = image::imageops::resize(img, nw, nh, image::imageops::FilterType::CatmullRom);
+    let resized = resize_bicubic(img, nw, nh);
     let crop = image::imageops::crop_imm(&resized, x0, y0, size, size).to_image();
     let data = crop.into_raw();
     Tensor::from_slice(&data)
@@ -317,6 +330,98 @@ pub fn unit_pixels(img: &image::RgbImage, size: u32) -> Tensor {
         .permute([2, 0, 1])
         .to_kind(Kind::Float)
         / 255.0
+}
+
+/// Pillow's bicubic resize (`Image.resize(…, BICUBIC)`, which torchvision's `Resize` calls on images),
+/// to the 8-bit value: Keys' cubic with a = −0.5, its support widened by the scale when shrinking
+/// (antialiasing), weights normalised and rounded to 22-bit fixed point, the horizontal pass first with
+/// its result rounded to 8 bits, then the vertical pass.
+pub fn resize_bicubic(img: &image::RgbImage, nw: u32, nh: u32) -> image::RgbImage {
+    let (w, h) = img.dimensions();
+    let src = img.as_raw();
+    let horizontal = if nw != w {
+        let taps = fixed_point_taps(w, nw);
+        let mut out = vec![0u8; (nw * h * 3) as usize];
+        for y in 0..h as usize {
+            let row = &src[y * w as usize * 3..(y + 1) * w as usize * 3];
+            for (x, (start, weights)) in taps.iter().enumerate() {
+                for c in 0..3 {
+                    let acc = weights
+                        .iter()
+                        .enumerate()
+                        .fold(1i64 << 21, |acc, (k, &wt)| {
+                            acc + row[(start + k) * 3 + c] as i64 * wt
+                        });
+                    out[(y * nw as usize + x) * 3 + c] = clip8(acc);
+                }
+            }
+        }
+        out
+    } else {
+        src.clone()
+    };
+    let out = if nh != h {
+        let taps = fixed_point_taps(h, nh);
+        let stride = nw as usize * 3;
+        let mut out = vec![0u8; (nw * nh * 3) as usize];
+        for (y, (start, weights)) in taps.iter().enumerate() {
+            for i in 0..stride {
+                let acc = weights
+                    .iter()
+                    .enumerate()
+                    .fold(1i64 << 21, |acc, (k, &wt)| {
+                        acc + horizontal[(start + k) * stride + i] as i64 * wt
+                    });
+                out[y * stride + i] = clip8(acc);
+            }
+        }
+        out
+    } else {
+        horizontal
+    };
+    image::RgbImage::from_raw(nw, nh, out).expect("nw × nh × 3 bytes")
+}
+
+/// A 22-bit fixed-point sum back to 8 bits, clamped.
+fn clip8(acc: i64) -> u8 {
+    (acc >> 22).clamp(0, 255) as u8
+}
+
+/// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for the bicubic filter: for each of the `n`
+/// outputs along an axis of `len` inputs, the first input it reads and its fixed-point weights.
+fn fixed_point_taps(len: u32, n: u32) -> Vec<(usize, Vec<i64>)> {
+    let cubic = |x: f64| {
+        let (a, x) = (-0.5, x.abs());
+        if x < 1.0 {
+            ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+        } else if x < 2.0 {
+            (((x - 5.0) * x + 8.0) * x - 4.0) * a
+        } else {
+            0.0
+        }
+    };
+    let scale = len as f64 / n as f64;
+    let filterscale = scale.max(1.0);
+    let (support, ss) = (2.0 * filterscale, 1.0 / filterscale);
+    (0..n)
+        .map(|i| {
+            let center = (i as f64 + 0.5) * scale;
+            let lo = ((center - support + 0.5) as i64).max(0) as usize;
+            let hi = ((center + support + 0.5) as i64).min(len as i64) as usize;
+            let w: Vec<f64> = (lo..hi)
+                .map(|x| cubic((x as f64 - center + 0.5) * ss))
+                .collect();
+            let total: f64 = w.iter().sum();
+            let fixed = w
+                .iter()
+                .map(|&v| {
+                    let v = if total != 0.0 { v / total } else { v } * (1u64 << 22) as f64;
+                    (if v < 0.0 { v - 0.5 } else { v + 0.5 }) as i64
+                })
+                .collect();
+            (lo, fixed)
+        })
+        .collect()
 }
 
 /// An 8-bit image of pixels `[3, H, W]` in [0, 1] (clamped, rounded).

@@ -590,3 +590,21 @@ fn packed_documents_compute_what_each_computes_alone() {
     assert!(max_diff(&plain.get(0).narrow(0, 0, 5), &alone(&a)) < 1e-5);
     assert!(max_diff(&plain.get(0).narrow(0, 5, 7), &alone(&b)) > 1e-3);
 }
+
+/// Views (a transpose, a column slice) are written as the values they show: safetensors holds dense
+/// row-major data, and libtorch refuses to write a strided view as it is.
+#[test]
+fn saving_views_writes_their_values() {
+    let dir = scratch("save-views");
+    let base = Tensor::arange(12, (Kind::Float, Device::Cpu)).view([3, 4]);
+    let views = [
+        ("t".to_string(), base.tr()),
+        ("cols".to_string(), base.narrow(1, 1, 2)),
+    ];
+    assert!(!views[0].1.is_contiguous() && !views[1].1.is_contiguous());
+    let path = dir.join("views.safetensors");
+    checkpoint::save(&path, &views).unwrap();
+    for (name, t) in &views {
+        assert_eq!(&read(&path, name), t, "{name}");
+    }
+}

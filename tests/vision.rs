@@ -216,6 +216,46 @@ fn preprocessing_resizes_crops_and_normalises() {
     assert!((at(2, 50, 60) - norm(1.0, 2)).abs() < 1e-5);
 }
 
+/// A real photograph (matplotlib's grace_hopper.jpg, cropped to 141 × 120 and 120 × 141 PNGs) becomes
+/// exactly the pixels open_clip's evaluation transform gives (torchvision's Resize + CenterCrop on the
+/// PIL image, written before normalisation as 8-bit PNGs by tests/fixtures/generate.py), shrunk and
+/// enlarged; crop offsets of 5.5 and 12.5 round as Python rounds. The JPEG itself differs only by its
+/// decoder (the image crate's, not libjpeg-turbo's): a few levels.
+#[test]
+fn real_photos_preprocess_as_open_clip_does() {
+    let dir = fixture("photo");
+    let pixels = |name: &str, size: u32| {
+        let img = image::open(dir.join(name)).unwrap().to_rgb8();
+        deem::vision::unit_pixels(&img, size) * 255.0
+    };
+    let expected = |name: &str| {
+        let img = image::open(dir.join(name)).unwrap().to_rgb8();
+        let (w, h) = img.dimensions();
+        deem::vision::unit_pixels(&img, w.min(h)) * 255.0
+    };
+    assert_eq!(deem::vision::square_crop(141, 120, 64), (75, 64, 6, 0));
+    assert_eq!(deem::vision::square_crop(141, 120, 144), (169, 144, 12, 0));
+    assert_eq!(deem::vision::square_crop(120, 141, 64), (64, 75, 0, 6));
+    for kind in ["landscape", "portrait"] {
+        for size in [64, 144] {
+            let got = pixels(&format!("{kind}.png"), size);
+            let want = expected(&format!("{kind}_{size}.png"));
+            assert_eq!(got.size(), vec![3, size as i64, size as i64]);
+            let d = max_diff(&got, &want);
+            assert!(d < 1e-3, "{kind} at {size} px: {d} levels off");
+        }
+    }
+    let got = pixels("grace_hopper.jpg", 64);
+    let want = expected("grace_hopper_64.png");
+    let d = (&got - &want).abs();
+    let (max, mean) = (
+        d.max().double_value(&[]),
+        d.mean(Kind::Float).double_value(&[]),
+    );
+    eprintln!("grace_hopper.jpg at 64 px: max {max} levels, mean {mean:.3} (decoders differ)");
+    assert!(max <= 4.0 && mean < 0.5, "max {max}, mean {mean}");
+}
+
 #[test]
 fn preprocessing_reports_undecodable_files() {
     let p = std::env::temp_dir().join(format!("deem-not-an-image-{}.png", std::process::id()));
