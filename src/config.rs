@@ -183,6 +183,10 @@ fn default_eos() -> i64 {
 pub enum RopeScaling {
     /// Position interpolation: every frequency divided by `factor`.
     Linear { factor: f64 },
+    /// NTK-aware dynamic scaling: the base grows only once a sequence passes `max_position_embeddings`,
+    /// which deem never lets one do (the context is capped there), so within it the frequencies are
+    /// plain RoPE's, as transformers computes them.
+    Dynamic { factor: f64 },
     /// Llama 3.1: low frequencies (wavelength above `original_max_position_embeddings /
     /// low_freq_factor`) divided by `factor`, high ones (below `… / high_freq_factor`) kept, the band
     /// between interpolated smoothly.
@@ -202,7 +206,9 @@ impl RopeScaling {
                 .then(|| (name, format!("expected a positive number, found {v}")))
         };
         match *self {
-            RopeScaling::Linear { factor } => positive("factor", factor),
+            RopeScaling::Linear { factor } | RopeScaling::Dynamic { factor } => {
+                positive("factor", factor)
+            }
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,

@@ -181,6 +181,9 @@ fn rope_scaling_from_hf(
         Some("linear") => RopeScaling::Linear {
             factor: number("factor")?,
         },
+        Some("dynamic") => RopeScaling::Dynamic {
+            factor: number("factor")?,
+        },
         Some("llama3") => RopeScaling::Llama3 {
             factor: number("factor")?,
             low_freq_factor: number("low_freq_factor")?,
@@ -192,7 +195,7 @@ fn rope_scaling_from_hf(
         },
         _ => {
             return Err(format!(
-                "{field}.rope_type: expected \"default\", \"linear\" or \"llama3\" (other scaled RoPE types are not supported yet), found {}",
+                "{field}.rope_type: expected \"default\", \"linear\", \"dynamic\" or \"llama3\" (other scaled RoPE types are not supported yet), found {}",
                 v.get("rope_type").or_else(|| v.get("type")).map_or("nothing".to_string(), |t| t.to_string())
             ))
         }
@@ -316,6 +319,7 @@ impl Rope {
 fn scale_inv_freq(inv_freq: &Tensor, scaling: RopeScaling) -> Tensor {
     match scaling {
         RopeScaling::Linear { factor } => inv_freq / factor,
+        RopeScaling::Dynamic { .. } => inv_freq.shallow_clone(),
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,

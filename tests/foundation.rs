@@ -282,7 +282,8 @@ fn rope_scaling_is_read_and_checked() {
         "rope_theta = 10000.0\nrope_scaling = { rope_type = \"yarn\", factor = 4.0 }",
     );
     assert!(
-        load_err(&p, &[], &[]).contains("unknown variant `yarn`, expected `linear` or `llama3`"),
+        load_err(&p, &[], &[])
+            .contains("unknown variant `yarn`, expected one of `linear`, `dynamic`, `llama3`"),
         "{}",
         load_err(&p, &[], &[])
     );

@@ -59,6 +59,16 @@ fn logits_match_transformers_with_linear_rope_scaling() {
 }
 
 #[test]
+fn logits_match_transformers_with_dynamic_rope_scaling() {
+    let cfg = config(&fixture("llama_rope_dynamic"), 0);
+    assert_eq!(
+        cfg.rope_scaling,
+        Some(deem::config::RopeScaling::Dynamic { factor: 4.0 })
+    );
+    assert!(whole_model_parity("llama_rope_dynamic") < TOL);
+}
+
+#[test]
 fn logits_match_transformers_with_llama3_rope_scaling() {
     assert!(whole_model_parity("llama_rope_llama3") < TOL);
 }
@@ -487,7 +497,7 @@ fn unsupported_configs_are_rejected_with_the_field() {
     assert_eq!(
         LlamaConfig::from_hf_file(&p, 0).unwrap_err().to_string(),
         format!(
-            "{}: rope_parameters.rope_type: expected \"default\", \"linear\" or \"llama3\" (other scaled RoPE types are not supported yet), found \"yarn\"",
+            "{}: rope_parameters.rope_type: expected \"default\", \"linear\", \"dynamic\" or \"llama3\" (other scaled RoPE types are not supported yet), found \"yarn\"",
             p.display()
         )
     );
