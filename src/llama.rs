@@ -11,10 +11,10 @@ use std::ops::Range;
 use std::path::Path;
 
 use serde::Deserialize;
-
-use crate::config::RopeScaling;
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
+
+use crate::config::RopeScaling;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LlamaError {
@@ -156,8 +156,7 @@ impl LlamaConfig {
 }
 
 /// Reads HF's scaled-RoPE object (`rope_scaling` in transformers 4.x, `rope_parameters` in 5.x; the type
-/// under `rope_type`, or `type` in older files): `None` for plain RoPE.
-/// A missing `original_max_position_embeddings` is the model's `max_position_embeddings`, as in
+/// under `rope_type`, or `type` in older files): `None` for plain RoPE. A missing `original_max_position_embeddings` is the model's `max_position_embeddings`, as in
 /// transformers.
 fn rope_scaling_from_hf(
     field: &str,

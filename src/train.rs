@@ -305,7 +305,9 @@ pub fn cpu_weights(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
 /// region extractor's (a model saved before region support): it keeps its initial values.
 pub fn set_variables(vs: &nn::VarStore, weights: &BTreeMap<String, Tensor>) -> Result<(), String> {
     let mut pairs = Vec::new();
-    for (name, var) in vs.variables() {
+    // In name order, so that of several faults the same one is reported every time.
+    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    for (name, var) in vars {
         match weights.get(&name) {
             None if crate::region::is_extractor_key(&name) => {}
             None => return Err(format!("the model has no `{name}`")),
