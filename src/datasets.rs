@@ -7,8 +7,9 @@
 //! - LLaVA-style instructions: a JSON list of `{"id", "image", "conversations": [{"from": "human" |
 //!   "gpt", "value"}]}` with `<image>` in the first human turn (`image` left out: a text-only
 //!   conversation);
-//! - region data: COCO-style `{"images", "annotations": [{"image_id", "segmentation" (uncompressed RLE
-//!   `{"size": [h, w], "counts": [...]}` or polygons), "caption"}], "categories"}`.
+//! - region data: COCO-style `{"images", "annotations": [{"image_id", "segmentation" (RLE
+//!   `{"size": [h, w], "counts": [...]}`, the counts a list or pycocotools' compressed string, or
+//!   polygons), "caption"}], "categories"}`.
 //!
 //! Readers never stop at a bad record (bad JSON, a missing or undecodable image, a malformed mask): it
 //! is skipped and reported with its file and line (or entry); [`ReadReport::check`] turns too high a
@@ -426,16 +427,18 @@ fn decode_segmentation(seg: &serde_json::Value, w: u32, h: u32) -> Result<Vec<bo
         if size != [h as u64, w as u64] {
             return Err(format!("RLE size {size:?}, expected [{h}, {w}]"));
         }
-        let counts: Vec<u32> = counts
-            .as_array()
-            .ok_or("compressed (string) RLE counts are not supported; give the counts as a list")?
-            .iter()
-            .map(|c| {
-                c.as_u64()
-                    .map(|c| c as u32)
-                    .ok_or("RLE counts must be integers")
-            })
-            .collect::<Result<_, _>>()?;
+        let counts: Vec<u32> = match counts {
+            serde_json::Value::String(s) => world::rle_from_string(s)?,
+            serde_json::Value::Array(list) => list
+                .iter()
+                .map(|c| {
+                    c.as_u64()
+                        .and_then(|c| u32::try_from(c).ok())
+                        .ok_or("RLE counts must be integers ≥ 0")
+                })
+                .collect::<Result<_, _>>()?,
+            _ => return Err("RLE counts must be a list of integers or a compressed string".into()),
+        };
         return world::rle_decode(&counts, w, h);
     }
     if let Some(polys) = seg.as_array() {

@@ -380,6 +380,73 @@ pub fn rle_counts(mask: &[bool], w: u32, h: u32) -> Vec<u32> {
     counts
 }
 
+/// The run lengths of a COCO compressed RLE string (pycocotools' `rleFrString`: each count in 5-bit
+/// groups, least significant first, as characters from '0' with 0x20 marking "more" and 0x10 the sign of
+/// the last group; from the third count on, each is stored as its difference from the count two before).
+pub fn rle_from_string(s: &str) -> Result<Vec<u32>, String> {
+    let bytes = s.as_bytes();
+    let mut counts: Vec<u32> = Vec::new();
+    let mut p = 0;
+    while p < bytes.len() {
+        let (mut x, mut k, mut more) = (0i64, 0u32, true);
+        while more {
+            let Some(&b) = bytes.get(p) else {
+                return Err(format!(
+                    "compressed RLE counts end inside a number (after {} counts)",
+                    counts.len()
+                ));
+            };
+            if !(48..48 + 64).contains(&b) || k > 6 {
+                return Err(format!(
+                    "compressed RLE counts: character {:?} at {p} is not a count digit",
+                    b as char
+                ));
+            }
+            let c = (b - 48) as i64;
+            x |= (c & 0x1f) << (5 * k);
+            more = c & 0x20 != 0;
+            p += 1;
+            k += 1;
+            if !more && c & 0x10 != 0 {
+                x |= -1i64 << (5 * k);
+            }
+        }
+        if counts.len() > 2 {
+            x += counts[counts.len() - 2] as i64;
+        }
+        let count = u32::try_from(x).map_err(|_| {
+            format!(
+                "compressed RLE counts: count {} decodes to {x}, expected a run length ≥ 0",
+                counts.len()
+            )
+        })?;
+        counts.push(count);
+    }
+    Ok(counts)
+}
+
+/// COCO's compressed RLE string of run lengths (pycocotools' `rleToString`; the inverse of
+/// [`rle_from_string`]).
+pub fn rle_to_string(counts: &[u32]) -> String {
+    let mut s = String::new();
+    for (i, &c) in counts.iter().enumerate() {
+        let mut x = c as i64 - if i > 2 { counts[i - 2] as i64 } else { 0 };
+        loop {
+            let mut digit = (x & 0x1f) as u8;
+            x >>= 5;
+            let more = if digit & 0x10 != 0 { x != -1 } else { x != 0 };
+            if more {
+                digit |= 0x20;
+            }
+            s.push((digit + 48) as char);
+            if !more {
+                break;
+            }
+        }
+    }
+    s
+}
+
 /// The row-major mask of COCO uncompressed RLE counts.
 pub fn rle_decode(counts: &[u32], w: u32, h: u32) -> Result<Vec<bool>, String> {
     let total: u64 = counts.iter().map(|&c| c as u64).sum();
