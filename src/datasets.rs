@@ -168,11 +168,20 @@ pub fn read_pairs_jsonl(path: &Path) -> Result<ReadReport<Pair>, String> {
     Ok(r)
 }
 
-/// Image-text pairs from a webdataset-style tar shard: members `<key>.png|jpg|jpeg` and `<key>.txt`.
+/// Image-text pairs from a webdataset-style tar shard (as img2dataset writes them): members
+/// `<key>.png|jpg|jpeg` and the caption in `<key>.txt`, or else in the `"caption"` of `<key>.json`. As
+/// in webdataset, the key is the member's path up to the first dot of its file name, the extension
+/// (lower-cased) the rest, so `x.seg.png` is not `x`'s image.
 pub fn read_pairs_tar(path: &Path) -> Result<ReadReport<Pair>, String> {
+    #[derive(Default)]
+    struct Sample {
+        image: Option<Vec<u8>>,
+        txt: Option<String>,
+        json: Option<Vec<u8>>,
+    }
     let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut archive = tar::Archive::new(f);
-    let mut parts: BTreeMap<String, (Option<Vec<u8>>, Option<String>)> = BTreeMap::new();
+    let mut parts: BTreeMap<String, Sample> = BTreeMap::new();
     let entries = archive
         .entries()
         .map_err(|e| format!("{}: not a tar file: {e}", path.display()))?;
@@ -188,11 +197,14 @@ pub fn read_pairs_tar(path: &Path) -> Result<ReadReport<Pair>, String> {
                 break;
             }
         };
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
         let name = entry
             .path()
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let Some((key, ext)) = name.rsplit_once('.') else {
+        let Some((key, ext)) = webdataset_key(&name) else {
             continue;
         };
         let mut buf = Vec::new();
@@ -203,28 +215,57 @@ pub fn read_pairs_tar(path: &Path) -> Result<ReadReport<Pair>, String> {
             );
             continue;
         }
-        let slot = parts.entry(key.to_string()).or_default();
-        match ext {
-            "png" | "jpg" | "jpeg" => slot.0 = Some(buf),
-            "txt" => slot.1 = Some(String::from_utf8_lossy(&buf).trim().to_string()),
+        let slot = parts.entry(key).or_default();
+        match ext.as_str() {
+            "png" | "jpg" | "jpeg" => slot.image = Some(buf),
+            "txt" => slot.txt = Some(String::from_utf8_lossy(&buf).trim().to_string()),
+            "json" => slot.json = Some(buf),
             _ => {}
         }
     }
-    for (key, (img, txt)) in parts {
+    for (key, sample) in parts {
         let at = format!("{}:{key}", path.display());
-        match (img, txt) {
-            (Some(bytes), Some(caption)) => match image::load_from_memory(&bytes) {
+        let caption = match (sample.txt, &sample.json) {
+            (Some(t), _) => Ok(t),
+            (None, Some(json)) => serde_json::from_slice::<serde_json::Value>(json)
+                .map_err(|e| format!("{key}.json: bad JSON: {e}"))
+                .and_then(|v| match v.get("caption") {
+                    Some(serde_json::Value::String(c)) => Ok(c.trim().to_string()),
+                    _ => Err(format!(
+                        "{key}.json has no \"caption\" string and there is no {key}.txt"
+                    )),
+                }),
+            (None, None) => Err("no caption member (.txt, or .json with \"caption\")".to_string()),
+        };
+        match (sample.image, caption) {
+            (None, _) => {
+                // Metadata without an image (img2dataset keeps the .json of failed downloads).
+                if sample.json.is_none() {
+                    r.skip(at, "no image member (.png/.jpg)");
+                } else {
+                    r.skip(at, "no image member (.png/.jpg); only its .json");
+                }
+            }
+            (Some(_), Err(e)) => r.skip(at, e),
+            (Some(bytes), Ok(caption)) => match image::load_from_memory(&bytes) {
                 Ok(i) => r.records.push(Pair {
                     image: i.to_rgb8(),
                     caption,
                 }),
                 Err(e) => r.skip(at, format!("cannot decode the image: {e}")),
             },
-            (None, _) => r.skip(at, "no image member (.png/.jpg)"),
-            (_, None) => r.skip(at, "no caption member (.txt)"),
         }
     }
     Ok(r)
+}
+
+/// webdataset's split of a member name into its sample key (the path up to the first dot of the file
+/// name) and extension (the rest, lower-cased); `None` for names without an extension.
+fn webdataset_key(name: &str) -> Option<(String, String)> {
+    let file_start = name.rfind('/').map_or(0, |i| i + 1);
+    let dot = name[file_start..].find('.')? + file_start;
+    let ext = &name[dot + 1..];
+    (dot > file_start && !ext.is_empty()).then(|| (name[..dot].to_string(), ext.to_lowercase()))
 }
 
 #[derive(Deserialize)]

@@ -325,6 +325,78 @@ fn region_files_with_compressed_rle_read_the_same_masks() {
     }
 }
 
+/// A shard as img2dataset writes it: keys under a folder, `.jpg` + `.txt` + `.json`, a sample with its
+/// caption only in `.json`, the `.json` of a failed download without an image, an extra `x.seg.png`
+/// member (webdataset's key is up to the first dot: it is not `x`'s image), upper-case extensions.
+#[test]
+fn img2dataset_style_shards_are_read_as_webdataset_keys_them() {
+    let dir = common::scratch("wds");
+    let png = |c: u8| {
+        let mut v = Vec::new();
+        image::RgbImage::from_pixel(4, 4, image::Rgb([c, 0, 0]))
+            .write_to(&mut std::io::Cursor::new(&mut v), image::ImageFormat::Png)
+            .unwrap();
+        v
+    };
+    let members: Vec<(&str, Vec<u8>)> = vec![
+        ("00000/000000001.PNG", png(10)),
+        ("00000/000000001.txt", b" a red dot \n".to_vec()),
+        (
+            "00000/000000001.json",
+            br#"{"caption": "ignored: the .txt wins"}"#.to_vec(),
+        ),
+        ("00000/000000001.seg.png", png(200)),
+        ("00000/000000002.png", png(20)),
+        (
+            "00000/000000002.json",
+            br#"{"caption": "from the json", "url": "x"}"#.to_vec(),
+        ),
+        (
+            "00000/000000003.json",
+            br#"{"caption": null, "status": "failed"}"#.to_vec(),
+        ),
+        ("00000/000000004.png", png(40)),
+        ("00000/000000004.json", br#"{"url": "x"}"#.to_vec()),
+    ];
+    let f = dir.join("shard.tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&f).unwrap());
+    for (name, data) in &members {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, data.as_slice()).unwrap();
+    }
+    b.finish().unwrap();
+    drop(b);
+    let r = datasets::read_pairs_tar(&f).unwrap();
+    let got: Vec<(&str, u8)> = r
+        .records
+        .iter()
+        .map(|p| (p.caption.as_str(), p.image.get_pixel(0, 0)[0]))
+        .collect();
+    assert_eq!(got, vec![("a red dot", 10), ("from the json", 20)]);
+    let bad: Vec<String> = r
+        .bad
+        .iter()
+        .map(|b| format!("{} | {}", b.at, b.reason))
+        .collect();
+    let at = |key: &str| format!("{}:00000/{key}", f.display());
+    assert_eq!(
+        bad,
+        vec![
+            format!(
+                "{} | no image member (.png/.jpg); only its .json",
+                at("000000003")
+            ),
+            format!(
+                "{} | 00000/000000004.json has no \"caption\" string and there is no 00000/000000004.txt",
+                at("000000004")
+            ),
+        ]
+    );
+}
+
 #[test]
 fn bad_records_are_skipped_counted_and_bounded() {
     let dir = common::scratch("bad-records");
