@@ -449,6 +449,11 @@ pub struct DataSource {
     pub format: DataFormat,
     /// Relative sampling probability among the sources.
     pub weight: f64,
+    /// Folder the records' image paths are relative to, relative to the data folder (or absolute);
+    /// absent: the file's own folder. For layouts that keep images apart (LLaVA's image folder, COCO's
+    /// `train2014/`, downloaded MMC4 images); tar shards carry their images and ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub images: Option<String>,
 }
 
 /// The dataset formats `deem train` reads.

@@ -11,6 +11,10 @@
 //!   `{"size": [h, w], "counts": [...]}`, the counts a list or pycocotools' compressed string, or
 //!   polygons), "caption"}], "categories"}`.
 //!
+//! Image paths in records are relative to an images folder: the file's own unless one is given
+//! (`train.sources[i].images`, `deem data check --images`), as LLaVA's `--image_folder` or COCO's
+//! `train2014/` sit apart from their annotation files. Tar shards carry their images.
+//!
 //! Readers never stop at a bad record (bad JSON, a missing or undecodable image, a malformed mask): it
 //! is skipped and reported with its file and line (or entry); [`ReadReport::check`] turns too high a
 //! share of bad records into an error.
@@ -148,9 +152,9 @@ struct PairLine {
     caption: String,
 }
 
-/// Image-text pairs from JSONL; image paths are relative to the file.
-pub fn read_pairs_jsonl(path: &Path) -> Result<ReadReport<Pair>, String> {
-    let base = base_of(path);
+/// Image-text pairs from JSONL; image paths are relative to `images` (default: the file's folder).
+pub fn read_pairs_jsonl(path: &Path, images: Option<&Path>) -> Result<ReadReport<Pair>, String> {
+    let base = images.map_or_else(|| base_of(path), Path::to_path_buf);
     let mut r = ReadReport::new();
     for (n, line) in jsonl_lines(path)? {
         let at = format!("{}:{n}", path.display());
@@ -172,7 +176,7 @@ pub fn read_pairs_jsonl(path: &Path) -> Result<ReadReport<Pair>, String> {
 /// `<key>.png|jpg|jpeg` and the caption in `<key>.txt`, or else in the `"caption"` of `<key>.json`. As
 /// in webdataset, the key is the member's path up to the first dot of its file name, the extension
 /// (lower-cased) the rest, so `x.seg.png` is not `x`'s image.
-pub fn read_pairs_tar(path: &Path) -> Result<ReadReport<Pair>, String> {
+pub fn read_pairs_tar(path: &Path, _images: Option<&Path>) -> Result<ReadReport<Pair>, String> {
     #[derive(Default)]
     struct Sample {
         image: Option<Vec<u8>>,
@@ -283,9 +287,10 @@ struct Mmc4Image {
     matched_sim: Option<f64>,
 }
 
-/// MMC4-style interleaved documents from JSONL; `image_name` is relative to the file.
-pub fn read_mmc4(path: &Path) -> Result<ReadReport<Document>, String> {
-    let base = base_of(path);
+/// MMC4-style interleaved documents from JSONL; `image_name` is relative to `images` (default: the
+/// file's folder).
+pub fn read_mmc4(path: &Path, images: Option<&Path>) -> Result<ReadReport<Document>, String> {
+    let base = images.map_or_else(|| base_of(path), Path::to_path_buf);
     let mut r = ReadReport::new();
     'lines: for (n, line) in jsonl_lines(path)? {
         let at = format!("{}:{n}", path.display());
@@ -339,8 +344,8 @@ struct LlavaTurn {
 }
 
 /// LLaVA-style instruction data (a JSON list); `image` is relative to the file.
-pub fn read_llava(path: &Path) -> Result<ReadReport<Conversation>, String> {
-    let base = base_of(path);
+pub fn read_llava(path: &Path, images: Option<&Path>) -> Result<ReadReport<Conversation>, String> {
+    let base = images.map_or_else(|| base_of(path), Path::to_path_buf);
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let entries: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
         format!(
@@ -387,8 +392,8 @@ pub fn read_llava(path: &Path) -> Result<ReadReport<Conversation>, String> {
 }
 
 /// Region data from a COCO-style JSON with captions on the annotations (RLE or polygon masks).
-pub fn read_regions(path: &Path) -> Result<ReadReport<Region>, String> {
-    let base = base_of(path);
+pub fn read_regions(path: &Path, images: Option<&Path>) -> Result<ReadReport<Region>, String> {
+    let base = images.map_or_else(|| base_of(path), Path::to_path_buf);
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;

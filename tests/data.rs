@@ -169,7 +169,7 @@ fn every_reader_round_trips_what_synth_writes() {
     let o = small(3);
     datasets::synthesize(&dir, &o).unwrap();
 
-    let pairs = datasets::read_pairs_jsonl(&dir.join("pairs.jsonl")).unwrap();
+    let pairs = datasets::read_pairs_jsonl(&dir.join("pairs.jsonl"), None).unwrap();
     assert!(pairs.bad.is_empty(), "{:?}", pairs.bad);
     assert_eq!(pairs.records.len(), o.pairs);
     for (i, p) in pairs.records.iter().enumerate() {
@@ -181,7 +181,7 @@ fn every_reader_round_trips_what_synth_writes() {
             "pair {i}: PNG is lossless"
         );
     }
-    let tar = datasets::read_pairs_tar(&dir.join("pairs-000000.tar")).unwrap();
+    let tar = datasets::read_pairs_tar(&dir.join("pairs-000000.tar"), None).unwrap();
     assert!(tar.bad.is_empty(), "{:?}", tar.bad);
     assert_eq!(tar.records.len(), o.pairs);
     for (t, j) in tar.records.iter().zip(&pairs.records) {
@@ -191,7 +191,7 @@ fn every_reader_round_trips_what_synth_writes() {
         );
     }
 
-    let docs = datasets::read_mmc4(&dir.join("mmc4.jsonl")).unwrap();
+    let docs = datasets::read_mmc4(&dir.join("mmc4.jsonl"), None).unwrap();
     assert!(docs.bad.is_empty(), "{:?}", docs.bad);
     assert_eq!(docs.records.len(), o.documents);
     for d in &docs.records {
@@ -205,7 +205,7 @@ fn every_reader_round_trips_what_synth_writes() {
         }
     }
 
-    let conv = datasets::read_llava(&dir.join("llava.json")).unwrap();
+    let conv = datasets::read_llava(&dir.join("llava.json"), None).unwrap();
     assert!(conv.bad.is_empty(), "{:?}", conv.bad);
     assert_eq!(conv.records.len(), o.instructions);
     assert!(conv
@@ -215,7 +215,7 @@ fn every_reader_round_trips_what_synth_writes() {
     let kinds: BTreeSet<&str> = conv.records.iter().map(|c| c.turns[0].1.as_str()).collect();
     assert!(kinds.contains("Yes") && kinds.contains("No"), "{kinds:?}");
 
-    let regions = datasets::read_regions(&dir.join("regions.json")).unwrap();
+    let regions = datasets::read_regions(&dir.join("regions.json"), None).unwrap();
     assert!(regions.bad.is_empty(), "{:?}", regions.bad);
     // One region per object of each region scene.
     assert!(regions.records.len() >= o.regions);
@@ -270,7 +270,7 @@ fn region_masks_equal_the_objects_they_describe() {
         ..small(5)
     };
     datasets::synthesize(&dir, &o).unwrap();
-    let regions = datasets::read_regions(&dir.join("regions.json")).unwrap();
+    let regions = datasets::read_regions(&dir.join("regions.json"), None).unwrap();
     let scenes: Vec<_> = (0..o.regions as u64)
         .map(|k| world::scene(o.seed, Split::Id, k, o.size))
         .collect();
@@ -278,7 +278,7 @@ fn region_masks_equal_the_objects_they_describe() {
     // Held-out regions per evaluation split, on the evaluation scenes.
     for split in Split::ALL {
         let f = dir.join(format!("eval/regions_{}.json", split.name()));
-        let r = datasets::read_regions(&f).unwrap();
+        let r = datasets::read_regions(&f, None).unwrap();
         assert!(r.bad.is_empty(), "{:?}", r.bad);
         let scenes: Vec<_> = (0..o.eval_per_split as u64)
             .map(|k| datasets::eval_scene(o.seed, split, k, o.size))
@@ -301,7 +301,7 @@ fn region_files_with_compressed_rle_read_the_same_masks() {
         ..small(7)
     };
     datasets::synthesize(&dir, &o).unwrap();
-    let plain = datasets::read_regions(&dir.join("regions.json")).unwrap();
+    let plain = datasets::read_regions(&dir.join("regions.json"), None).unwrap();
     let mut json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("regions.json")).unwrap()).unwrap();
     let mut compressed = 0;
@@ -316,7 +316,7 @@ fn region_files_with_compressed_rle_read_the_same_masks() {
     assert!(compressed > 0);
     let f = dir.join("regions_compressed.json");
     std::fs::write(&f, json.to_string()).unwrap();
-    let read = datasets::read_regions(&f).unwrap();
+    let read = datasets::read_regions(&f, None).unwrap();
     assert!(read.bad.is_empty(), "{:?}", read.bad);
     assert_eq!(read.records.len(), plain.records.len());
     for (a, b) in read.records.iter().zip(&plain.records) {
@@ -369,7 +369,7 @@ fn img2dataset_style_shards_are_read_as_webdataset_keys_them() {
     }
     b.finish().unwrap();
     drop(b);
-    let r = datasets::read_pairs_tar(&f).unwrap();
+    let r = datasets::read_pairs_tar(&f, None).unwrap();
     let got: Vec<(&str, u8)> = r
         .records
         .iter()
@@ -415,7 +415,7 @@ fn bad_records_are_skipped_counted_and_bounded() {
     lines.insert(5, "{\"image\": \"broken.png\", \"caption\": \"x\"}".into());
     let f = dir.join("mixed.jsonl");
     std::fs::write(&f, lines.join("\n")).unwrap();
-    let r = datasets::read_pairs_jsonl(&f).unwrap();
+    let r = datasets::read_pairs_jsonl(&f, None).unwrap();
     assert_eq!(r.records.len(), 6);
     assert_eq!(r.bad.len(), 3);
     let at: Vec<&str> = r
@@ -457,7 +457,7 @@ fn bad_records_are_skipped_counted_and_bounded() {
             {"nonsense": 1}]"#,
     )
     .unwrap();
-    let r = datasets::read_llava(&f).unwrap();
+    let r = datasets::read_llava(&f, None).unwrap();
     assert_eq!((r.records.len(), r.bad.len()), (1, 2));
     assert_eq!(
         r.bad[0].reason,
@@ -643,11 +643,11 @@ fn mixer(dir: &Path) -> deem::mixer::Mixer {
     let c = mixer_cfg();
     let tok = tiny_tokenizer();
     let mut m = deem::mixer::Mixer::new(&c, 5);
-    let docs = datasets::read_mmc4(&dir.join("mmc4.jsonl"))
+    let docs = datasets::read_mmc4(&dir.join("mmc4.jsonl"), None)
         .unwrap()
         .records;
     m.add_documents("mmc4", 2.0, &docs, &tok).unwrap();
-    let pairs = datasets::read_pairs_jsonl(&dir.join("pairs.jsonl"))
+    let pairs = datasets::read_pairs_jsonl(&dir.join("pairs.jsonl"), None)
         .unwrap()
         .records;
     m.add_pairs("pairs", 1.0, &pairs, &tok).unwrap();
@@ -865,7 +865,7 @@ fn instruction_conversations_are_multi_turn_and_answer_about_their_own_scene() {
     datasets::synthesize(&dir, &o).unwrap();
     let raw: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("llava.json")).unwrap()).unwrap();
-    let conv = datasets::read_llava(&dir.join("llava.json"))
+    let conv = datasets::read_llava(&dir.join("llava.json"), None)
         .unwrap()
         .records;
     assert_eq!(conv.len(), 40);
@@ -1033,7 +1033,7 @@ fn curriculum_questions_answer_about_their_scene() {
     };
 
     // Text-only: the scene in words, then one question about it.
-    let text = datasets::read_llava(&dir.join("text_scenes.json")).unwrap();
+    let text = datasets::read_llava(&dir.join("text_scenes.json"), None).unwrap();
     assert!(text.bad.is_empty(), "{:?}", text.bad);
     assert_eq!(text.records.len(), o.text_scenes);
     let mut kinds = BTreeMap::new();
@@ -1055,7 +1055,7 @@ fn curriculum_questions_answer_about_their_scene() {
     let raw: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("colour_questions.json")).unwrap())
             .unwrap();
-    let conv = datasets::read_llava(&dir.join("colour_questions.json")).unwrap();
+    let conv = datasets::read_llava(&dir.join("colour_questions.json"), None).unwrap();
     assert!(conv.bad.is_empty(), "{:?}", conv.bad);
     assert_eq!(conv.records.len(), o.colour_questions);
     let mut kinds = BTreeMap::new();
@@ -1285,7 +1285,7 @@ fn shape_twins_differ_only_in_shape() {
     let dir = common::scratch("synth-twins");
     let o = small(6);
     datasets::synthesize(&dir, &o).unwrap();
-    let pairs = datasets::read_pairs_jsonl(&dir.join("pairs_twins.jsonl")).unwrap();
+    let pairs = datasets::read_pairs_jsonl(&dir.join("pairs_twins.jsonl"), None).unwrap();
     assert!(pairs.bad.is_empty());
     assert_eq!(pairs.records.len(), 2 * o.shape_twins);
     for (k, two) in pairs.records.chunks(2).enumerate() {

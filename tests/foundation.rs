@@ -405,6 +405,48 @@ fn train_sources_choose_the_data_mixture_and_bad_ones_are_named() {
     );
     m.batch(0).unwrap();
 
+    // Annotations kept apart from their images (LLaVA's image folder, COCO's train2014/): `images`
+    // names the folder the records' paths are relative to.
+    std::fs::create_dir_all(data.join("ann")).unwrap();
+    std::fs::copy(
+        data.join("colour_questions.json"),
+        data.join("ann/questions.json"),
+    )
+    .unwrap();
+    let apart = with(&format!(
+        "{}images = \".\"\n",
+        source("ann/questions.json", "llava", 1.0)
+    ));
+    let cfg = load(&apart, &[], &[]).unwrap().config;
+    let m = deem_actors::train_cmd::dataset_batches(&cfg, &data, &metrics).unwrap();
+    assert_eq!(m.sources[0].len(), 10);
+    let lost = with(&source("ann/questions.json", "llava", 1.0));
+    let cfg = load(&lost, &[], &[]).unwrap().config;
+    let err = deem_actors::train_cmd::dataset_batches(&cfg, &data, &metrics)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("10 of 10 records are bad") && err.contains("missing image"),
+        "{err}"
+    );
+    let nowhere = with(&format!(
+        "{}images = \"pictures\"\n",
+        source("ann/questions.json", "llava", 1.0)
+    ));
+    let cfg = load(&nowhere, &[], &[]).unwrap().config;
+    let err = deem_actors::train_cmd::dataset_batches(&cfg, &data, &metrics)
+        .err()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        err,
+        format!(
+            "{} (train.sources[0].images): not a folder; expected the folder ann/questions.json's image paths are relative to",
+            data.join("pictures").display()
+        )
+    );
+
     let missing = with(&source("nowhere.json", "llava", 1.0));
     let cfg = load(&missing, &[], &[]).unwrap().config;
     let err = deem_actors::train_cmd::dataset_batches(&cfg, &data, &metrics)

@@ -285,6 +285,10 @@ pub enum DataCommand {
         #[arg(long, value_enum)]
         format: crate::data_cmd::Format,
         file: PathBuf,
+        /// Folder the records' image paths are relative to (default: the file's folder), e.g. LLaVA's
+        /// image folder or COCO's `train2014/`.
+        #[arg(long)]
+        images: Option<PathBuf>,
         /// Largest share of bad records accepted (0 to 1).
         #[arg(long, default_value_t = 0.05)]
         max_bad_ratio: f64,

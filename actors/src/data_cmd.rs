@@ -53,18 +53,32 @@ pub fn account<T>(r: &ReadReport<T>, format: Format, metrics: &Metrics) -> (usiz
 /// `max` of them are bad. Returns the good records and the bad count.
 pub fn read_checked<T>(
     file: &Path,
+    images: Option<&Path>,
     format: Format,
     max: f64,
     metrics: &Metrics,
-    read: fn(&Path) -> Result<ReadReport<T>, String>,
+    read: fn(&Path, Option<&Path>) -> Result<ReadReport<T>, String>,
 ) -> anyhow::Result<(Vec<T>, usize)> {
-    let r = read(file).map_err(anyhow::Error::msg)?;
+    if let Some(dir) = images.filter(|d| !d.is_dir()) {
+        bail!(
+            "{}: the images folder of {} is not a folder",
+            dir.display(),
+            file.display()
+        );
+    }
+    let r = read(file, images).map_err(anyhow::Error::msg)?;
     let (_, bad) = account(&r, format, metrics);
     r.check(file, max).map_err(anyhow::Error::msg)?;
     Ok((r.records, bad))
 }
 
-fn check(format: Format, file: &Path, max: f64, metrics: &Metrics) -> anyhow::Result<String> {
+fn check(
+    format: Format,
+    file: &Path,
+    images: Option<&Path>,
+    max: f64,
+    metrics: &Metrics,
+) -> anyhow::Result<String> {
     if !(0.0..=1.0).contains(&max) {
         bail!("--max-bad-ratio: expected a share in [0, 1], found {max}");
     }
@@ -74,6 +88,7 @@ fn check(format: Format, file: &Path, max: f64, metrics: &Metrics) -> anyhow::Re
     let (kept, bad) = match format {
         Format::Pairs => count(read_checked(
             file,
+            images,
             format,
             max,
             metrics,
@@ -81,6 +96,7 @@ fn check(format: Format, file: &Path, max: f64, metrics: &Metrics) -> anyhow::Re
         )?),
         Format::PairsTar => count(read_checked(
             file,
+            images,
             format,
             max,
             metrics,
@@ -88,6 +104,7 @@ fn check(format: Format, file: &Path, max: f64, metrics: &Metrics) -> anyhow::Re
         )?),
         Format::Mmc4 => count(read_checked(
             file,
+            images,
             format,
             max,
             metrics,
@@ -95,6 +112,7 @@ fn check(format: Format, file: &Path, max: f64, metrics: &Metrics) -> anyhow::Re
         )?),
         Format::Llava => count(read_checked(
             file,
+            images,
             format,
             max,
             metrics,
@@ -102,6 +120,7 @@ fn check(format: Format, file: &Path, max: f64, metrics: &Metrics) -> anyhow::Re
         )?),
         Format::Regions => count(read_checked(
             file,
+            images,
             format,
             max,
             metrics,
@@ -161,8 +180,9 @@ pub fn run(cmd: DataCommand, metrics: &Metrics) -> anyhow::Result<String> {
         DataCommand::Check {
             format,
             file,
+            images,
             max_bad_ratio,
-        } => check(format, &file, max_bad_ratio, metrics),
+        } => check(format, &file, images.as_deref(), max_bad_ratio, metrics),
         DataCommand::Robustvqa {
             data,
             only_misclassified,

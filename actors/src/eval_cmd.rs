@@ -71,7 +71,7 @@ pub struct RegionSplit {
 /// `regions_X.json` is `regions/X`, any other file `regions/<stem>`. Bad records are skipped and
 /// logged, as in training.
 pub fn region_split(file: &Path) -> anyhow::Result<RegionSplit> {
-    let r = deem::datasets::read_regions(file).map_err(anyhow::Error::msg)?;
+    let r = deem::datasets::read_regions(file, None).map_err(anyhow::Error::msg)?;
     for b in &r.bad {
         tracing::warn!(record = %b.at, "skipped: {}", b.reason);
     }

@@ -40,6 +40,7 @@ fn pairs(
     }
     let (pairs, _) = read_checked(
         &file,
+        None,
         Format::Pairs,
         MAX_BAD_RATIO,
         metrics,

@@ -78,6 +78,7 @@ fn stage_sources(c: &deem::config::DeemConfig, dir: &std::path::Path) -> Vec<Dat
         file: file.into(),
         format,
         weight,
+        images: None,
     };
     match c.train.stage {
         deem::config::Stage::I => vec![
@@ -129,11 +130,21 @@ pub fn dataset_batches(
         }
         // Each file is its own source, named by its file name.
         let name = src.file.as_str();
+        let images = src.images.as_ref().map(|d| dir.join(d));
+        if let Some(d) = images.as_ref().filter(|d| !d.is_dir()) {
+            bail!(
+                "{} (train.sources[{i}].images): not a folder; expected the folder {}'s image paths are relative to",
+                d.display(),
+                src.file
+            );
+        }
+        let images = images.as_deref();
         let err = anyhow::Error::msg;
         match src.format {
             DataFormat::Mmc4 => {
                 let (docs, _) = read_checked(
                     &p,
+                    images,
                     Format::Mmc4,
                     MAX_BAD_RATIO,
                     metrics,
@@ -143,18 +154,19 @@ pub fn dataset_batches(
                     .map_err(err)?;
             }
             DataFormat::Pairs | DataFormat::PairsTar => {
-                let (format, read): (_, fn(&std::path::Path) -> _) =
+                let (format, read): (_, fn(&std::path::Path, Option<&std::path::Path>) -> _) =
                     if src.format == DataFormat::Pairs {
                         (Format::Pairs, datasets::read_pairs_jsonl)
                     } else {
                         (Format::PairsTar, datasets::read_pairs_tar)
                     };
-                let (pairs, _) = read_checked(&p, format, MAX_BAD_RATIO, metrics, read)?;
+                let (pairs, _) = read_checked(&p, images, format, MAX_BAD_RATIO, metrics, read)?;
                 m.add_pairs(name, src.weight, &pairs, &tok).map_err(err)?;
             }
             DataFormat::Llava => {
                 let (convs, _) = read_checked(
                     &p,
+                    images,
                     Format::Llava,
                     MAX_BAD_RATIO,
                     metrics,
@@ -166,6 +178,7 @@ pub fn dataset_batches(
             DataFormat::Regions => {
                 let (regions, _) = read_checked(
                     &p,
+                    images,
                     Format::Regions,
                     MAX_BAD_RATIO,
                     metrics,
