@@ -196,6 +196,27 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: i64,
     },
+    /// YaRN: per-dimension blend of interpolated (`factor`) and original frequencies, ramped between
+    /// the dimensions that turn `beta_fast` and `beta_slow` times over the original context, and cos/sin
+    /// scaled by `attention_factor` (default 0.1 · ln(factor) + 1, or the `mscale` / `mscale_all_dim`
+    /// ratio when both are set).
+    Yarn {
+        factor: f64,
+        original_max_position_embeddings: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        beta_fast: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        beta_slow: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        attention_factor: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mscale: Option<f64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mscale_all_dim: Option<f64>,
+        /// Round the ramp's ends to whole dimensions (transformers' default, true).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        truncate: Option<bool>,
+    },
 }
 
 impl RopeScaling {
@@ -204,6 +225,14 @@ impl RopeScaling {
         let positive = |name: &'static str, v: f64| {
             (!(v.is_finite() && v > 0.0))
                 .then(|| (name, format!("expected a positive number, found {v}")))
+        };
+        let context = |n: i64| {
+            (n <= 0).then(|| {
+                (
+                    "original_max_position_embeddings",
+                    format!("expected a positive number, found {n}"),
+                )
+            })
         };
         match *self {
             RopeScaling::Linear { factor } | RopeScaling::Dynamic { factor } => {
@@ -227,16 +256,19 @@ impl RopeScaling {
                         )
                     })
                 })
-                .or_else(|| {
-                    (original_max_position_embeddings <= 0).then(|| {
-                        (
-                            "original_max_position_embeddings",
-                            format!(
-                                "expected a positive number, found {original_max_position_embeddings}"
-                            ),
-                        )
-                    })
-                }),
+                .or_else(|| context(original_max_position_embeddings)),
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                attention_factor,
+                ..
+            } => positive("factor", factor)
+                .or_else(|| context(original_max_position_embeddings))
+                .or_else(|| beta_fast.and_then(|b| positive("beta_fast", b)))
+                .or_else(|| beta_slow.and_then(|b| positive("beta_slow", b)))
+                .or_else(|| attention_factor.and_then(|a| positive("attention_factor", a))),
         }
     }
 }

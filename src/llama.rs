@@ -58,6 +58,8 @@ pub struct HfLlamaConfig {
     pub mlp_bias: bool,
     #[serde(default)]
     pub hidden_act: Option<String>,
+    #[serde(default)]
+    pub partial_rotary_factor: Option<f64>,
 }
 
 fn default_eps() -> f64 {
@@ -107,6 +109,17 @@ impl LlamaConfig {
             if act != "silu" {
                 return Err(format!("hidden_act: expected \"silu\", found {act:?}"));
             }
+        }
+        let partial = hf.partial_rotary_factor.or_else(|| {
+            hf.rope_parameters
+                .as_ref()
+                .and_then(|p| p.get("partial_rotary_factor"))
+                .and_then(|f| f.as_f64())
+        });
+        if let Some(f) = partial.filter(|&f| f != 1.0) {
+            return Err(format!(
+                "partial_rotary_factor: expected 1 (rotary embeddings on the whole head), found {f}"
+            ));
         }
         let mut rope_theta = hf.rope_theta.unwrap_or(10000.0);
         let mut rope_scaling = None;
@@ -192,9 +205,32 @@ fn rope_scaling_from_hf(
                 Some(_) => number("original_max_position_embeddings")? as i64,
             },
         },
+        Some("yarn") => {
+            let optional = |name: &str| match v.get(name) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(_) => number(name).map(Some),
+            };
+            RopeScaling::Yarn {
+                factor: number("factor")?,
+                original_max_position_embeddings: match v.get("original_max_position_embeddings") {
+                    None => max_position_embeddings,
+                    Some(_) => number("original_max_position_embeddings")? as i64,
+                },
+                beta_fast: optional("beta_fast")?,
+                beta_slow: optional("beta_slow")?,
+                attention_factor: optional("attention_factor")?,
+                mscale: optional("mscale")?,
+                mscale_all_dim: optional("mscale_all_dim")?,
+                truncate: match v.get("truncate") {
+                    None | Some(serde_json::Value::Null) => None,
+                    Some(serde_json::Value::Bool(b)) => Some(*b),
+                    Some(x) => return Err(format!("{field}.truncate: expected true or false, found {x}")),
+                },
+            }
+        }
         _ => {
             return Err(format!(
-                "{field}.rope_type: expected \"default\", \"linear\", \"dynamic\" or \"llama3\" (other scaled RoPE types are not supported yet), found {}",
+                "{field}.rope_type: expected \"default\", \"linear\", \"dynamic\", \"llama3\" or \"yarn\" (other scaled RoPE types are not supported yet), found {}",
                 v.get("rope_type").or_else(|| v.get("type")).map_or("nothing".to_string(), |t| t.to_string())
             ))
         }
@@ -279,16 +315,23 @@ impl Rope {
             .to_kind(Kind::Float)
             / d as f64;
         let inv_freq = (inv_freq * cfg.rope_theta.ln()).exp().reciprocal();
-        let inv_freq = match cfg.rope_scaling {
-            None => inv_freq,
-            Some(s) => scale_inv_freq(&inv_freq, s),
+        let (inv_freq, attention_factor) = match cfg.rope_scaling {
+            None => (inv_freq, 1.0),
+            Some(s) => scale_inv_freq(&inv_freq, s, cfg.rope_theta, d),
         };
         let pos = Tensor::arange(cfg.max_position_embeddings, (Kind::Float, device));
         let freqs = pos.outer(&inv_freq); // [P, D/2]
         let emb = Tensor::cat(&[&freqs, &freqs], -1); // [P, D]
-        Rope {
-            cos: emb.cos(),
-            sin: emb.sin(),
+        if attention_factor == 1.0 {
+            Rope {
+                cos: emb.cos(),
+                sin: emb.sin(),
+            }
+        } else {
+            Rope {
+                cos: emb.cos() * attention_factor,
+                sin: emb.sin() * attention_factor,
+            }
         }
     }
 
@@ -314,11 +357,60 @@ impl Rope {
     }
 }
 
-/// The inverse frequencies of scaled RoPE, as transformers' `ROPE_INIT_FUNCTIONS` compute them.
-fn scale_inv_freq(inv_freq: &Tensor, scaling: RopeScaling) -> Tensor {
+/// The inverse frequencies of scaled RoPE and the factor on cos/sin, as transformers'
+/// `ROPE_INIT_FUNCTIONS` compute them (`inv_freq`: plain RoPE's for base `theta`, head size `dim`).
+fn scale_inv_freq(inv_freq: &Tensor, scaling: RopeScaling, theta: f64, dim: i64) -> (Tensor, f64) {
     match scaling {
-        RopeScaling::Linear { factor } => inv_freq / factor,
-        RopeScaling::Dynamic { .. } => inv_freq.shallow_clone(),
+        RopeScaling::Linear { factor } => (inv_freq / factor, 1.0),
+        RopeScaling::Dynamic { .. } => (inv_freq.shallow_clone(), 1.0),
+        RopeScaling::Yarn {
+            factor,
+            original_max_position_embeddings,
+            beta_fast,
+            beta_slow,
+            attention_factor,
+            mscale,
+            mscale_all_dim,
+            truncate,
+        } => {
+            let get_mscale = |m: f64| {
+                if factor <= 1.0 {
+                    1.0
+                } else {
+                    0.1 * m * factor.ln() + 1.0
+                }
+            };
+            let attention = attention_factor.unwrap_or(match (mscale, mscale_all_dim) {
+                (Some(m), Some(a)) if m != 0.0 && a != 0.0 => get_mscale(m) / get_mscale(a),
+                _ => get_mscale(1.0),
+            });
+            // The dimension that turns `rotations` times over the original context.
+            let d = dim as f64;
+            let correction = |rotations: f64| {
+                d * (original_max_position_embeddings as f64
+                    / (rotations * 2.0 * std::f64::consts::PI))
+                    .ln()
+                    / (2.0 * theta.ln())
+            };
+            let (mut low, mut high) = (
+                correction(beta_fast.unwrap_or(32.0)),
+                correction(beta_slow.unwrap_or(1.0)),
+            );
+            if truncate.unwrap_or(true) {
+                (low, high) = (low.floor(), high.ceil());
+            }
+            let (low, mut high) = (low.max(0.0), high.min(d - 1.0));
+            if low == high {
+                high += 0.001;
+            }
+            let ramp = ((Tensor::arange(dim / 2, (Kind::Float, inv_freq.device())) - low)
+                / (high - low))
+                .clamp(0.0, 1.0);
+            // 1 keeps the original frequency (extrapolation), 0 interpolates it.
+            let keep = -ramp + 1.0;
+            let interpolated = inv_freq / factor;
+            (&interpolated * (-&keep + 1.0) + inv_freq * &keep, attention)
+        }
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,
@@ -338,7 +430,7 @@ fn scale_inv_freq(inv_freq: &Tensor, scaling: RopeScaling) -> Tensor {
                 .lt(high_wavelen)
                 .logical_not()
                 .logical_and(&long.logical_not());
-            blended.where_self(&medium, &scaled)
+            (blended.where_self(&medium, &scaled), 1.0)
         }
     }
 }

@@ -279,13 +279,33 @@ fn rope_scaling_is_read_and_checked() {
     let p = tiny_with(
         &dir,
         "rope_theta = 10000.0",
-        "rope_theta = 10000.0\nrope_scaling = { rope_type = \"yarn\", factor = 4.0 }",
+        "rope_theta = 10000.0\nrope_scaling = { rope_type = \"longrope\", factor = 4.0 }",
     );
     assert!(
-        load_err(&p, &[], &[])
-            .contains("unknown variant `yarn`, expected one of `linear`, `dynamic`, `llama3`"),
+        load_err(&p, &[], &[]).contains(
+            "unknown variant `longrope`, expected one of `linear`, `dynamic`, `llama3`, `yarn`"
+        ),
         "{}",
         load_err(&p, &[], &[])
+    );
+    let p = tiny_with(
+        &dir,
+        "rope_theta = 10000.0",
+        "rope_theta = 10000.0\nrope_scaling = { rope_type = \"yarn\", factor = 4.0, \
+         original_max_position_embeddings = 256, truncate = false }",
+    );
+    assert_eq!(
+        load(&p, &[], &[]).unwrap().config.llm.rope_scaling,
+        Some(RopeScaling::Yarn {
+            factor: 4.0,
+            original_max_position_embeddings: 256,
+            beta_fast: None,
+            beta_slow: None,
+            attention_factor: None,
+            mscale: None,
+            mscale_all_dim: None,
+            truncate: Some(false)
+        })
     );
     let written = toml::to_string(&embedded_tiny().config).unwrap();
     assert!(!written.contains("rope_scaling"), "{written}");

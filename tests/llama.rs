@@ -68,6 +68,14 @@ fn logits_match_transformers_with_dynamic_rope_scaling() {
     assert!(whole_model_parity("llama_rope_dynamic") < TOL);
 }
 
+/// YaRN with a fractional ramp (not truncated) and with the truncated ramp and an mscale ratio; both
+/// scale cos/sin (1.139 and 1.094).
+#[test]
+fn logits_match_transformers_with_yarn_rope_scaling() {
+    assert!(whole_model_parity("llama_rope_yarn") < TOL);
+    assert!(whole_model_parity("llama_rope_yarn_mscale") < TOL);
+}
+
 #[test]
 fn logits_match_transformers_with_llama3_rope_scaling() {
     assert!(whole_model_parity("llama_rope_llama3") < TOL);
@@ -77,7 +85,12 @@ fn logits_match_transformers_with_llama3_rope_scaling() {
 /// more than the tolerance (so the parity tests above can fail).
 #[test]
 fn scaled_rope_fixtures_differ_from_plain_rope() {
-    for name in ["llama_rope_linear", "llama_rope_llama3"] {
+    for name in [
+        "llama_rope_linear",
+        "llama_rope_llama3",
+        "llama_rope_yarn",
+        "llama_rope_yarn_mscale",
+    ] {
         let dir = fixture(name);
         let mut cfg = config(&dir, 0);
         assert!(cfg.rope_scaling.is_some(), "{name}");
@@ -491,18 +504,23 @@ fn unsupported_configs_are_rejected_with_the_field() {
     let base = std::fs::read_to_string(fixture("llama_gqa/config.json")).unwrap();
     std::fs::write(
         &p,
-        base.replace("\"rope_type\": \"default\"", "\"rope_type\": \"yarn\""),
+        base.replace("\"rope_type\": \"default\"", "\"rope_type\": \"longrope\""),
     )
     .unwrap();
     assert_eq!(
         LlamaConfig::from_hf_file(&p, 0).unwrap_err().to_string(),
         format!(
-            "{}: rope_parameters.rope_type: expected \"default\", \"linear\", \"dynamic\" or \"llama3\" (other scaled RoPE types are not supported yet), found \"yarn\"",
+            "{}: rope_parameters.rope_type: expected \"default\", \"linear\", \"dynamic\", \"llama3\" or \"yarn\" (other scaled RoPE types are not supported yet), found \"longrope\"",
             p.display()
         )
     );
     let llama3 = std::fs::read_to_string(fixture("llama_rope_llama3/config.json")).unwrap();
     for (from, to, expected) in [
+        (
+            "\"rope_theta\": 10000.0,",
+            "\"rope_theta\": 10000.0, \"partial_rotary_factor\": 0.5,",
+            "partial_rotary_factor: expected 1 (rotary embeddings on the whole head), found 0.5",
+        ),
         (
             "\"high_freq_factor\": 4.0",
             "\"high_freq_factor\": 1.0",
