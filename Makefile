@@ -57,9 +57,10 @@ stage3: data
 	./target/release/deem train --topology topologies/cpu.toml --config configs/tiny-stage3.toml --data $(DATA) --init-from runs/tiny --run-dir runs/tiny-stage3 --metrics-addr $(DEEM_METRICS_ADDR)
 	./target/release/deem eval --topology topologies/cpu.toml --config configs/tiny-stage3.toml --checkpoint runs/tiny-stage3 $(REGION_EVAL) $(COLOUR_EVAL) --out runs/tiny-stage3/eval.json
 
-# The miniature CSR experiment (paper Table 6): λ_CSR = 5 vs 0, 3 seeds.
+# The miniature CSR experiment (paper Table 6): λ_CSR = 5 vs 0, 3 seeds, each on make run's recipes
+# (200 stage I + 900 stage II steps).
 experiment: data
-	./target/release/deem experiment csr --data $(DATA) --seeds 3 --stage1-steps 100 --stage2-steps 900 $(PRETRAINED_FLAGS)
+	./target/release/deem experiment csr --data $(DATA) --seeds 3 $(PRETRAINED_FLAGS)
 
 test:
 	@bash scripts/setup.sh --test
