@@ -173,7 +173,7 @@ pub fn read_pairs_jsonl(path: &Path, images: Option<&Path>) -> Result<ReadReport
 }
 
 /// Image-text pairs from a webdataset-style tar shard (as img2dataset writes them): members
-/// `<key>.png|jpg|jpeg` and the caption in `<key>.txt`, or else in the `"caption"` of `<key>.json`. As
+/// `<key>.png|jpg|jpeg|webp` and the caption in `<key>.txt`, or else in the `"caption"` of `<key>.json`. As
 /// in webdataset, the key is the member's path up to the first dot of its file name, the extension
 /// (lower-cased) the rest, so `x.seg.png` is not `x`'s image.
 pub fn read_pairs_tar(path: &Path, _images: Option<&Path>) -> Result<ReadReport<Pair>, String> {
@@ -221,7 +221,7 @@ pub fn read_pairs_tar(path: &Path, _images: Option<&Path>) -> Result<ReadReport<
         }
         let slot = parts.entry(key).or_default();
         match ext.as_str() {
-            "png" | "jpg" | "jpeg" => slot.image = Some(buf),
+            "png" | "jpg" | "jpeg" | "webp" => slot.image = Some(buf),
             "txt" => slot.txt = Some(String::from_utf8_lossy(&buf).trim().to_string()),
             "json" => slot.json = Some(buf),
             _ => {}
@@ -245,9 +245,9 @@ pub fn read_pairs_tar(path: &Path, _images: Option<&Path>) -> Result<ReadReport<
             (None, _) => {
                 // Metadata without an image (img2dataset keeps the .json of failed downloads).
                 if sample.json.is_none() {
-                    r.skip(at, "no image member (.png/.jpg)");
+                    r.skip(at, "no image member (.png/.jpg/.webp)");
                 } else {
-                    r.skip(at, "no image member (.png/.jpg); only its .json");
+                    r.skip(at, "no image member (.png/.jpg/.webp); only its .json");
                 }
             }
             (Some(_), Err(e)) => r.skip(at, e),

@@ -327,7 +327,8 @@ fn region_files_with_compressed_rle_read_the_same_masks() {
 
 /// A shard as img2dataset writes it: keys under a folder, `.jpg` + `.txt` + `.json`, a sample with its
 /// caption only in `.json`, the `.json` of a failed download without an image, an extra `x.seg.png`
-/// member (webdataset's key is up to the first dot: it is not `x`'s image), upper-case extensions.
+/// member (webdataset's key is up to the first dot: it is not `x`'s image), upper-case extensions, a
+/// WebP image.
 #[test]
 fn img2dataset_style_shards_are_read_as_webdataset_keys_them() {
     let dir = common::scratch("wds");
@@ -335,6 +336,13 @@ fn img2dataset_style_shards_are_read_as_webdataset_keys_them() {
         let mut v = Vec::new();
         image::RgbImage::from_pixel(4, 4, image::Rgb([c, 0, 0]))
             .write_to(&mut std::io::Cursor::new(&mut v), image::ImageFormat::Png)
+            .unwrap();
+        v
+    };
+    let webp = |c: u8| {
+        let mut v = Vec::new();
+        image::RgbImage::from_pixel(4, 4, image::Rgb([c, 0, 0]))
+            .write_to(&mut std::io::Cursor::new(&mut v), image::ImageFormat::WebP)
             .unwrap();
         v
     };
@@ -356,6 +364,8 @@ fn img2dataset_style_shards_are_read_as_webdataset_keys_them() {
             br#"{"caption": null, "status": "failed"}"#.to_vec(),
         ),
         ("00000/000000004.png", png(40)),
+        ("00000/000000005.webp", webp(50)),
+        ("00000/000000005.txt", b"a webp".to_vec()),
         ("00000/000000004.json", br#"{"url": "x"}"#.to_vec()),
     ];
     let f = dir.join("shard.tar");
@@ -375,7 +385,10 @@ fn img2dataset_style_shards_are_read_as_webdataset_keys_them() {
         .iter()
         .map(|p| (p.caption.as_str(), p.image.get_pixel(0, 0)[0]))
         .collect();
-    assert_eq!(got, vec![("a red dot", 10), ("from the json", 20)]);
+    assert_eq!(
+        got,
+        vec![("a red dot", 10), ("from the json", 20), ("a webp", 50)]
+    );
     let bad: Vec<String> = r
         .bad
         .iter()
@@ -386,7 +399,7 @@ fn img2dataset_style_shards_are_read_as_webdataset_keys_them() {
         bad,
         vec![
             format!(
-                "{} | no image member (.png/.jpg); only its .json",
+                "{} | no image member (.png/.jpg/.webp); only its .json",
                 at("000000003")
             ),
             format!(

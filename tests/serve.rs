@@ -1124,3 +1124,54 @@ async fn region_captioning_evaluation_runs_through_the_generation_actors() {
     let json = deem_actors::eval_cmd::all_to_json(&[], std::slice::from_ref(&r));
     assert_eq!(json["regions/regions"]["answers"][0]["reference"], refs[0]);
 }
+
+/// Input images come in the formats OpenAI's API takes: PNG, JPEG, WebP and (non-animated) GIF. The
+/// lossless ones decode to the PNG's pixels exactly; a JPEG to the same size; a BMP is refused naming
+/// the field and the formats.
+#[test]
+fn image_urls_decode_png_jpeg_webp_and_gif() {
+    use base64::Engine as _;
+    use deem_actors::serve::api::decode_image;
+    let img = image::RgbImage::from_fn(24, 16, |x, y| {
+        if (x / 4 + y / 4) % 2 == 0 {
+            image::Rgb([220, 30, 30])
+        } else {
+            image::Rgb([20, 40, 200])
+        }
+    });
+    let url = |format: image::ImageFormat, mime: &str| {
+        let mut buf = std::io::Cursor::new(Vec::new());
+        image::DynamicImage::ImageRgb8(img.clone())
+            .write_to(&mut buf, format)
+            .unwrap();
+        format!(
+            "data:{mime};base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(buf.into_inner())
+        )
+    };
+    for (format, mime) in [
+        (image::ImageFormat::Png, "image/png"),
+        (image::ImageFormat::WebP, "image/webp"),
+        (image::ImageFormat::Gif, "image/gif"),
+    ] {
+        let got = decode_image(&url(format, mime), "f", 64).unwrap();
+        assert_eq!(got, img, "{mime}");
+    }
+    let jpeg = decode_image(&url(image::ImageFormat::Jpeg, "image/jpeg"), "f", 64).unwrap();
+    assert_eq!(jpeg.dimensions(), (24, 16));
+    // A BMP's signature: a format the server does not take.
+    let mut bmp = b"BM".to_vec();
+    bmp.resize(64, 0);
+    let bmp_url = format!(
+        "data:image/bmp;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bmp)
+    );
+    let err = decode_image(&bmp_url, "messages[0].content[0].image_url.url", 64).unwrap_err();
+    assert!(
+        err.message.starts_with(
+            "messages[0].content[0].image_url.url: cannot decode the image (PNG, JPEG, WebP or GIF expected)"
+        ),
+        "{}",
+        err.message
+    );
+}

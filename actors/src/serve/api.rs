@@ -172,8 +172,9 @@ pub fn parse(body: &[u8]) -> Result<ChatRequest, ApiError> {
     })
 }
 
-/// A decoded input image.
-fn decode_image(url: &str, field: &str, max_side: u32) -> Result<image::RgbImage, ApiError> {
+/// A decoded input image: a base64 `data:` URL of a PNG, JPEG, WebP or (first frame of a) GIF, the
+/// formats OpenAI's API takes; `field` names it in errors.
+pub fn decode_image(url: &str, field: &str, max_side: u32) -> Result<image::RgbImage, ApiError> {
     let Some(rest) = url.strip_prefix("data:") else {
         return Err(ApiError::invalid(
             field,
@@ -201,7 +202,7 @@ fn decode_image(url: &str, field: &str, max_side: u32) -> Result<image::RgbImage
     let (w, h) = reader.into_dimensions().map_err(|e| {
         ApiError::invalid(
             field,
-            format!("cannot decode the image (PNG or JPEG expected): {e}"),
+            format!("cannot decode the image (PNG, JPEG, WebP or GIF expected): {e}"),
         )
     })?;
     if w.max(h) > max_side || w == 0 || h == 0 {
@@ -215,7 +216,7 @@ fn decode_image(url: &str, field: &str, max_side: u32) -> Result<image::RgbImage
     let img = image::load_from_memory(&bytes).map_err(|e| {
         ApiError::invalid(
             field,
-            format!("cannot decode the image (PNG or JPEG expected): {e}"),
+            format!("cannot decode the image (PNG, JPEG, WebP or GIF expected): {e}"),
         )
     })?;
     Ok(img.to_rgb8())
