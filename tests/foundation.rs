@@ -425,6 +425,14 @@ fn train_sources_choose_the_data_mixture_and_bad_ones_are_named() {
     );
     m.batch(0).unwrap();
 
+    // The error of building the batches of the recipe at `path`.
+    let batches_err = |path: &Path| {
+        let cfg = load(path, &[], &[]).unwrap().config;
+        deem_actors::train_cmd::dataset_batches(&cfg, &data, &metrics)
+            .err()
+            .unwrap()
+            .to_string()
+    };
     // Annotations kept apart from their images (LLaVA's image folder, COCO's train2014/): `images`
     // names the folder the records' paths are relative to.
     std::fs::create_dir_all(data.join("ann")).unwrap();
@@ -441,11 +449,7 @@ fn train_sources_choose_the_data_mixture_and_bad_ones_are_named() {
     let m = deem_actors::train_cmd::dataset_batches(&cfg, &data, &metrics).unwrap();
     assert_eq!(m.sources[0].len(), 10);
     let lost = with(&source("ann/questions.json", "llava", 1.0));
-    let cfg = load(&lost, &[], &[]).unwrap().config;
-    let err = deem_actors::train_cmd::dataset_batches(&cfg, &data, &metrics)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = batches_err(&lost);
     assert!(
         err.contains("10 of 10 records are bad") && err.contains("missing image"),
         "{err}"
@@ -454,11 +458,7 @@ fn train_sources_choose_the_data_mixture_and_bad_ones_are_named() {
         "{}images = \"pictures\"\n",
         source("ann/questions.json", "llava", 1.0)
     ));
-    let cfg = load(&nowhere, &[], &[]).unwrap().config;
-    let err = deem_actors::train_cmd::dataset_batches(&cfg, &data, &metrics)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = batches_err(&nowhere);
     assert_eq!(
         err,
         format!(
@@ -468,11 +468,7 @@ fn train_sources_choose_the_data_mixture_and_bad_ones_are_named() {
     );
 
     let missing = with(&source("nowhere.json", "llava", 1.0));
-    let cfg = load(&missing, &[], &[]).unwrap().config;
-    let err = deem_actors::train_cmd::dataset_batches(&cfg, &data, &metrics)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = batches_err(&missing);
     assert_eq!(
         err,
         format!(
