@@ -129,9 +129,15 @@ fn load_image(base: &Path, rel: &str) -> Result<RgbImage, String> {
         .map_err(|e| format!("cannot decode image {}: {e}", p.display()))
 }
 
-fn base_of(path: &Path) -> PathBuf {
-    path.parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+/// The folder a file's image paths are relative to: `images` when given, else the file's own folder.
+fn image_root(path: &Path, images: Option<&Path>) -> PathBuf {
+    images.map_or_else(
+        || {
+            path.parent()
+                .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+        },
+        Path::to_path_buf,
+    )
 }
 
 fn jsonl_lines(path: &Path) -> Result<Vec<(usize, String)>, String> {
@@ -154,7 +160,7 @@ struct PairLine {
 
 /// Image-text pairs from JSONL; image paths are relative to `images` (default: the file's folder).
 pub fn read_pairs_jsonl(path: &Path, images: Option<&Path>) -> Result<ReadReport<Pair>, String> {
-    let base = images.map_or_else(|| base_of(path), Path::to_path_buf);
+    let base = image_root(path, images);
     let mut r = ReadReport::new();
     for (n, line) in jsonl_lines(path)? {
         let at = format!("{}:{n}", path.display());
@@ -290,7 +296,7 @@ struct Mmc4Image {
 /// MMC4-style interleaved documents from JSONL; `image_name` is relative to `images` (default: the
 /// file's folder).
 pub fn read_mmc4(path: &Path, images: Option<&Path>) -> Result<ReadReport<Document>, String> {
-    let base = images.map_or_else(|| base_of(path), Path::to_path_buf);
+    let base = image_root(path, images);
     let mut r = ReadReport::new();
     'lines: for (n, line) in jsonl_lines(path)? {
         let at = format!("{}:{n}", path.display());
@@ -343,9 +349,10 @@ struct LlavaTurn {
     value: String,
 }
 
-/// LLaVA-style instruction data (a JSON list); `image` is relative to the file.
+/// LLaVA-style instruction data (a JSON list); `image` is relative to `images` (default: the file's
+/// folder).
 pub fn read_llava(path: &Path, images: Option<&Path>) -> Result<ReadReport<Conversation>, String> {
-    let base = images.map_or_else(|| base_of(path), Path::to_path_buf);
+    let base = image_root(path, images);
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let entries: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
         format!(
@@ -393,7 +400,7 @@ pub fn read_llava(path: &Path, images: Option<&Path>) -> Result<ReadReport<Conve
 
 /// Region data from a COCO-style JSON with captions on the annotations (RLE or polygon masks).
 pub fn read_regions(path: &Path, images: Option<&Path>) -> Result<ReadReport<Region>, String> {
-    let base = images.map_or_else(|| base_of(path), Path::to_path_buf);
+    let base = image_root(path, images);
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;

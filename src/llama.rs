@@ -169,17 +169,14 @@ impl LlamaConfig {
 }
 
 /// Reads HF's scaled-RoPE object (`rope_scaling` in transformers 4.x, `rope_parameters` in 5.x; the type
-/// under `rope_type`, or `type` in older files): `None` for plain RoPE. A missing `original_max_position_embeddings` is the model's `max_position_embeddings`, as in
-/// transformers.
+/// under `rope_type`, or `type` in older files): `None` for plain RoPE. A missing
+/// `original_max_position_embeddings` is the model's `max_position_embeddings`, as in transformers.
 fn rope_scaling_from_hf(
     field: &str,
     v: &serde_json::Value,
     max_position_embeddings: i64,
 ) -> Result<Option<RopeScaling>, String> {
-    let rope_type = v
-        .get("rope_type")
-        .or_else(|| v.get("type"))
-        .map_or(Some("default"), |t| t.as_str());
+    let type_value = v.get("rope_type").or_else(|| v.get("type"));
     let number = |name: &str| {
         v.get(name).and_then(|x| x.as_f64()).ok_or_else(|| {
             format!(
@@ -188,7 +185,11 @@ fn rope_scaling_from_hf(
             )
         })
     };
-    let scaling = match rope_type {
+    let original = || match v.get("original_max_position_embeddings") {
+        None => Ok(max_position_embeddings),
+        Some(_) => number("original_max_position_embeddings").map(|n| n as i64),
+    };
+    let scaling = match type_value.map_or(Some("default"), |t| t.as_str()) {
         Some("default") => return Ok(None),
         Some("linear") => RopeScaling::Linear {
             factor: number("factor")?,
@@ -200,10 +201,7 @@ fn rope_scaling_from_hf(
             factor: number("factor")?,
             low_freq_factor: number("low_freq_factor")?,
             high_freq_factor: number("high_freq_factor")?,
-            original_max_position_embeddings: match v.get("original_max_position_embeddings") {
-                None => max_position_embeddings,
-                Some(_) => number("original_max_position_embeddings")? as i64,
-            },
+            original_max_position_embeddings: original()?,
         },
         Some("yarn") => {
             let optional = |name: &str| match v.get(name) {
@@ -212,10 +210,7 @@ fn rope_scaling_from_hf(
             };
             RopeScaling::Yarn {
                 factor: number("factor")?,
-                original_max_position_embeddings: match v.get("original_max_position_embeddings") {
-                    None => max_position_embeddings,
-                    Some(_) => number("original_max_position_embeddings")? as i64,
-                },
+                original_max_position_embeddings: original()?,
                 beta_fast: optional("beta_fast")?,
                 beta_slow: optional("beta_slow")?,
                 attention_factor: optional("attention_factor")?,
@@ -231,7 +226,7 @@ fn rope_scaling_from_hf(
         _ => {
             return Err(format!(
                 "{field}.rope_type: expected \"default\", \"linear\", \"dynamic\", \"llama3\" or \"yarn\" (other scaled RoPE types are not supported yet), found {}",
-                v.get("rope_type").or_else(|| v.get("type")).map_or("nothing".to_string(), |t| t.to_string())
+                type_value.map_or("nothing".to_string(), |t| t.to_string())
             ))
         }
     };
@@ -322,16 +317,10 @@ impl Rope {
         let pos = Tensor::arange(cfg.max_position_embeddings, (Kind::Float, device));
         let freqs = pos.outer(&inv_freq); // [P, D/2]
         let emb = Tensor::cat(&[&freqs, &freqs], -1); // [P, D]
-        if attention_factor == 1.0 {
-            Rope {
-                cos: emb.cos(),
-                sin: emb.sin(),
-            }
-        } else {
-            Rope {
-                cos: emb.cos() * attention_factor,
-                sin: emb.sin() * attention_factor,
-            }
+                                                      // YaRN scales cos and sin; every other kind has factor 1 (an exact multiplication).
+        Rope {
+            cos: emb.cos() * attention_factor,
+            sin: emb.sin() * attention_factor,
         }
     }
 

@@ -338,58 +338,58 @@ pub fn unit_pixels(img: &image::RgbImage, size: u32) -> Tensor {
 /// its result rounded to 8 bits, then the vertical pass.
 pub fn resize_bicubic(img: &image::RgbImage, nw: u32, nh: u32) -> image::RgbImage {
     let (w, h) = img.dimensions();
-    let src = img.as_raw();
+    let (w, h, nw, nh) = (w as usize, h as usize, nw as usize, nh as usize);
+    // Along each row: output x reads inputs start.. at a stride of one pixel (3 bytes).
     let horizontal = if nw != w {
         let taps = fixed_point_taps(w, nw);
-        let mut out = vec![0u8; (nw * h * 3) as usize];
-        for y in 0..h as usize {
-            let row = &src[y * w as usize * 3..(y + 1) * w as usize * 3];
+        let mut out = vec![0u8; nw * h * 3];
+        for y in 0..h {
+            let row = &img.as_raw()[y * w * 3..(y + 1) * w * 3];
             for (x, (start, weights)) in taps.iter().enumerate() {
                 for c in 0..3 {
-                    let acc = weights
-                        .iter()
-                        .enumerate()
-                        .fold(1i64 << 21, |acc, (k, &wt)| {
-                            acc + row[(start + k) * 3 + c] as i64 * wt
-                        });
-                    out[(y * nw as usize + x) * 3 + c] = clip8(acc);
+                    out[(y * nw + x) * 3 + c] = tap_sum(row, *start, 3, c, weights);
                 }
             }
         }
         out
     } else {
-        src.clone()
+        img.as_raw().clone()
     };
+    // Along each column: output y reads rows start.. at a stride of one row.
     let out = if nh != h {
         let taps = fixed_point_taps(h, nh);
-        let stride = nw as usize * 3;
-        let mut out = vec![0u8; (nw * nh * 3) as usize];
+        let stride = nw * 3;
+        let mut out = vec![0u8; nh * stride];
         for (y, (start, weights)) in taps.iter().enumerate() {
             for i in 0..stride {
-                let acc = weights
-                    .iter()
-                    .enumerate()
-                    .fold(1i64 << 21, |acc, (k, &wt)| {
-                        acc + horizontal[(start + k) * stride + i] as i64 * wt
-                    });
-                out[y * stride + i] = clip8(acc);
+                out[y * stride + i] = tap_sum(&horizontal, *start, stride, i, weights);
             }
         }
         out
     } else {
         horizontal
     };
-    image::RgbImage::from_raw(nw, nh, out).expect("nw × nh × 3 bytes")
+    image::RgbImage::from_raw(nw as u32, nh as u32, out).expect("nw × nh × 3 bytes")
 }
 
-/// A 22-bit fixed-point sum back to 8 bits, clamped.
-fn clip8(acc: i64) -> u8 {
-    (acc >> 22).clamp(0, 255) as u8
+/// Bits of Pillow's fixed-point resampling weights (`PRECISION_BITS` for 8-bit images).
+const PRECISION_BITS: u32 = 22;
+
+/// One output byte: the weighted sum of `data[(start + k) · step + offset]`, rounded from fixed point
+/// and clamped to 8 bits.
+fn tap_sum(data: &[u8], start: usize, step: usize, offset: usize, weights: &[i64]) -> u8 {
+    let acc = weights
+        .iter()
+        .enumerate()
+        .fold(1i64 << (PRECISION_BITS - 1), |acc, (k, &wt)| {
+            acc + data[(start + k) * step + offset] as i64 * wt
+        });
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
 /// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for the bicubic filter: for each of the `n`
 /// outputs along an axis of `len` inputs, the first input it reads and its fixed-point weights.
-fn fixed_point_taps(len: u32, n: u32) -> Vec<(usize, Vec<i64>)> {
+fn fixed_point_taps(len: usize, n: usize) -> Vec<(usize, Vec<i64>)> {
     let cubic = |x: f64| {
         let (a, x) = (-0.5, x.abs());
         if x < 1.0 {
@@ -415,7 +415,8 @@ fn fixed_point_taps(len: u32, n: u32) -> Vec<(usize, Vec<i64>)> {
             let fixed = w
                 .iter()
                 .map(|&v| {
-                    let v = if total != 0.0 { v / total } else { v } * (1u64 << 22) as f64;
+                    let v =
+                        if total != 0.0 { v / total } else { v } * (1u64 << PRECISION_BITS) as f64;
                     (if v < 0.0 { v - 0.5 } else { v + 0.5 }) as i64
                 })
                 .collect();

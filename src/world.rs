@@ -396,10 +396,16 @@ pub fn rle_from_string(s: &str) -> Result<Vec<u32>, String> {
                     counts.len()
                 ));
             };
-            if !(48..48 + 64).contains(&b) || k > 6 {
+            if !(48..48 + 64).contains(&b) {
                 return Err(format!(
                     "compressed RLE counts: character {:?} at {p} is not a count digit",
                     b as char
+                ));
+            }
+            if k > 6 {
+                return Err(format!(
+                    "compressed RLE counts: count {} runs past 7 digits at {p}, longer than any 32-bit count",
+                    counts.len()
                 ));
             }
             let c = (b - 48) as i64;

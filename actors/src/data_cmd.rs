@@ -49,8 +49,8 @@ pub fn account<T>(r: &ReadReport<T>, format: Format, metrics: &Metrics) -> (usiz
     (r.records.len(), r.bad.len())
 }
 
-/// Reads `file` with `read`, logs and counts its bad records as `format`, and fails when more than
-/// `max` of them are bad. Returns the good records and the bad count.
+/// Reads `file` with `read` (image paths relative to `images`, default the file's folder), logs and
+/// counts its bad records as `format`, and fails when more than `max` of them are bad. Returns the good records and the bad count.
 pub fn read_checked<T>(
     file: &Path,
     images: Option<&Path>,
@@ -59,13 +59,6 @@ pub fn read_checked<T>(
     metrics: &Metrics,
     read: fn(&Path, Option<&Path>) -> Result<ReadReport<T>, String>,
 ) -> anyhow::Result<(Vec<T>, usize)> {
-    if let Some(dir) = images.filter(|d| !d.is_dir()) {
-        bail!(
-            "{}: the images folder of {} is not a folder",
-            dir.display(),
-            file.display()
-        );
-    }
     let r = read(file, images).map_err(anyhow::Error::msg)?;
     let (_, bad) = account(&r, format, metrics);
     r.check(file, max).map_err(anyhow::Error::msg)?;
@@ -81,6 +74,9 @@ fn check(
 ) -> anyhow::Result<String> {
     if !(0.0..=1.0).contains(&max) {
         bail!("--max-bad-ratio: expected a share in [0, 1], found {max}");
+    }
+    if let Some(dir) = images.filter(|d| !d.is_dir()) {
+        bail!("--images {}: not a folder", dir.display());
     }
     fn count<T>(r: (Vec<T>, usize)) -> (usize, usize) {
         (r.0.len(), r.1)

@@ -132,15 +132,7 @@ fn whole_model_spec(component: &str, namespace: &[&str]) -> LoadSpec {
 fn load(vs: &nn::VarStore, source: &Source, spec: &LoadSpec) -> Result<(), String> {
     match source {
         Source::Checkpoint(ck) => ck.load_into(vs, spec).map_err(|e| e.to_string()),
-        Source::Init(w) => tch::no_grad(|| {
-            for (name, mut var) in vs.variables() {
-                let src = w
-                    .get(&name)
-                    .ok_or_else(|| format!("no initial value for {name}"))?;
-                var.copy_(&src.to_device(var.device()));
-            }
-            Ok(())
-        }),
+        Source::Init(w) => deem::train::set_variables(vs, w),
     }
 }
 
