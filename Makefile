@@ -24,9 +24,9 @@ COLOUR_EVAL = $(foreach s,id r a v,--pope $(DATA)/eval/colour_$(s).jsonl)
 PRETRAINED_FLAGS = --pretrained $(PRETRAINED)/encoder.safetensors --pretrained $(PRETRAINED)/decoder.safetensors --pretrained $(PRETRAINED)/llm.safetensors
 
 # The synthetic world and its evaluation sets, made once (a folder written by an older deem, without
-# the held-out region files, is made again).
+# the held-out region files or the label questions, is made again).
 data: build
-	@test -f $(DATA)/SYNTH.json -a -f $(DATA)/eval/regions_id.json || ./target/release/deem data synth --out $(DATA) --seed 0
+	@test -f $(DATA)/SYNTH.json -a -f $(DATA)/eval/regions_id.json -a -f $(DATA)/label_questions.json || ./target/release/deem data synth --out $(DATA) --seed 0
 	@test -f $(DATA)/robustvqa.json || ./target/release/deem data robustvqa --data $(DATA)
 	@test -f $(DATA)/pope/pope_random.jsonl || ./target/release/deem data pope --instances $(DATA)/eval/id/instances.json --out $(DATA)/pope
 

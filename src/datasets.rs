@@ -541,6 +541,10 @@ pub struct SynthOptions {
     pub text_scenes: usize,
     /// Single-turn colour existence questions about images (`colour_questions.json`).
     pub colour_questions: usize,
+    /// Single-turn label questions about images (`label_questions.json`), a fair coin between
+    /// existence ("Is there a red star in the image?", POPE's template) and main object ("Is red star
+    /// the main object in this image?", RobustVQA's).
+    pub label_questions: usize,
     /// Scenes written twice in `pairs_twins.jsonl`, as drawn and as their shape twin (consecutive
     /// lines): contrastive pretraining with `--group 2` then meets negatives that differ only in shape.
     pub shape_twins: usize,
@@ -560,6 +564,7 @@ impl Default for SynthOptions {
             regions: 200,
             text_scenes: 20000,
             colour_questions: 20000,
+            label_questions: 20000,
             shape_twins: 1000,
             eval_per_split: 100,
         }
@@ -706,28 +711,29 @@ pub fn questions(s: &Scene, rng: &mut crate::rng::Stream) -> Vec<(String, String
         "What is the main object in this image?".into(),
         format!("A {}.", main.label()),
     ));
-    // RobustVQA style: the main object (yes) or another label (no).
+    q.push(main_object_question(s, rng));
+    q
+}
+
+/// Whether a label is the scene's main object (RobustVQA style): its own label (yes) or (a fair coin)
+/// another shape in its colour (no), the negative only shape tells apart.
+pub fn main_object_question(s: &Scene, rng: &mut crate::rng::Stream) -> (String, String) {
+    let main = s.main();
     let other = loop {
         let shape = rng.below(1, world::SHAPES.len() as u64)[0] as usize;
         if shape != main.shape {
             break format!("{} {}", main.colour_name(), world::SHAPES[shape]);
         }
     };
-    q.push(if rng.uniform() < 0.5 {
-        (
-            format!(
-                "Is {} the main object in this image? Please answer yes or no.",
-                main.label()
-            ),
-            "Yes".into(),
-        )
+    let (label, answer) = if rng.uniform() < 0.5 {
+        (main.label(), "Yes")
     } else {
-        (
-            format!("Is {other} the main object in this image? Please answer yes or no."),
-            "No".into(),
-        )
-    });
-    q
+        (other, "No")
+    };
+    (
+        format!("Is {label} the main object in this image? Please answer yes or no."),
+        answer.into(),
+    )
 }
 
 /// A COCO-style region annotation of `ob` (image `image_id`, `size` px): its mask (a polygon for squares
@@ -769,6 +775,12 @@ pub fn eval_scene(seed: u64, split: Split, index: u64, size: u32) -> world::Scen
 /// Scene `index` of `pairs_twins.jsonl` for synth seed `seed` (its line 2·index; its shape twin follows).
 pub fn twin_scene(seed: u64, index: u64, size: u32) -> world::Scene {
     world::scene(seed ^ 0x7317, Split::Id, index, size)
+}
+
+/// Scene `index` of the stream `deem pretrain encoder --scenes` draws for synth seed `seed`: apart from
+/// every scene `synthesize` writes, the evaluation scenes included.
+pub fn pretrain_scene(seed: u64, index: u64, size: u32) -> world::Scene {
+    world::scene(seed ^ 0x9c1f, Split::Id, index, size)
 }
 
 /// The region files' categories: the shapes.
@@ -1029,6 +1041,23 @@ pub fn synthesize(out: &Path, o: &SynthOptions) -> Result<SynthSummary, String> 
     }
     write_file(&out.join("pairs_twins.jsonl"), &twins)?;
     files.insert("pairs_twins.jsonl".into(), 2 * o.shape_twins);
+    // Label questions, from a stream of their own and on new training scenes (the files above do not
+    // move).
+    let mut rng = crate::rng::Stream::new(o.seed, 0, 0x1abe, crate::rng::Purpose::Data);
+    let mut labels = Vec::new();
+    for i in 0..o.label_questions {
+        let (s, rel) = w.scene(Split::Id)?;
+        let (q, a) = if rng.uniform() < 0.5 {
+            let k = rng.below(1, s.objects.len() as u64)[0] as usize;
+            label_question(&s, k, &mut rng)
+        } else {
+            main_object_question(&s, &mut rng)
+        };
+        let mut v = single(Some(&rel), q, a);
+        v["id"] = json!(format!("label-{i:06}"));
+        labels.push(v);
+    }
+    write_list(out, "label_questions.json", &labels, &mut files)?;
     write_file(
         &out.join("SYNTH.json"),
         &json!({"seed": o.seed, "size": o.size, "files": files}).to_string(),

@@ -23,6 +23,7 @@ fn small(seed: u64) -> SynthOptions {
         regions: 4,
         text_scenes: 12,
         colour_questions: 7,
+        label_questions: 9,
         shape_twins: 3,
         eval_per_split: 5,
     }
@@ -1022,6 +1023,7 @@ fn curriculum_questions_answer_about_their_scene() {
         eval_per_split: 0,
         text_scenes: 200,
         colour_questions: 100,
+        label_questions: 200,
         ..small(4)
     };
     datasets::synthesize(&dir, &o).unwrap();
@@ -1090,6 +1092,53 @@ fn curriculum_questions_answer_about_their_scene() {
     let yes = kinds.get(&(true, true)).copied().unwrap_or(0);
     assert!((30..=70).contains(&yes), "{yes} of 100 yes");
     assert_eq!(yes + kinds.get(&(true, false)).copied().unwrap_or(0), 100);
+
+    // Label questions about images: existence (POPE's template) or main object (RobustVQA's, the "no"
+    // a shape of the main object's colour), answered about the scene drawn; each kind answered yes and
+    // no about equally often.
+    let raw: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("label_questions.json")).unwrap())
+            .unwrap();
+    let conv = datasets::read_llava(&dir.join("label_questions.json"), None).unwrap();
+    assert!(conv.bad.is_empty(), "{:?}", conv.bad);
+    assert_eq!(conv.records.len(), o.label_questions);
+    let mut kinds = BTreeMap::new();
+    for (c, r) in conv.records.iter().zip(&raw) {
+        let index: u64 = r["image"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("images/id/")
+            .trim_end_matches(".png")
+            .parse()
+            .unwrap();
+        let s = world::scene(o.seed, Split::Id, index, o.size);
+        assert_eq!(c.image.as_ref().unwrap().as_raw(), s.render().as_raw());
+        assert_eq!(c.turns.len(), 1);
+        let (q, a) = &c.turns[0];
+        let q = q.strip_prefix("<image>\n").unwrap();
+        let labels: Vec<String> = s.objects.iter().map(|ob| ob.label()).collect();
+        if let Some(l) = q.strip_prefix("Is ").and_then(|x| {
+            x.strip_suffix(" the main object in this image? Please answer yes or no.")
+        }) {
+            let main = s.main();
+            assert_eq!(
+                a,
+                if l == main.label() { "Yes" } else { "No" },
+                "{q} about {labels:?}"
+            );
+            assert_eq!(l.split(' ').next().unwrap(), main.colour_name(), "{q}");
+            *kinds.entry(("main", a.clone())).or_default() += 1;
+        } else {
+            let mut k = BTreeMap::new();
+            check(q, a, &labels, &mut k);
+            assert!(!k.keys().next().unwrap().0, "{q}");
+            *kinds.entry(("exists", a.clone())).or_default() += 1;
+        }
+    }
+    assert_eq!(kinds.len(), 4, "{kinds:?}");
+    for (k, n) in &kinds {
+        assert!((25..=75).contains(n), "{k:?}: {n} of 200 ({kinds:?})");
+    }
 }
 
 /// Region data follows the paper's referring template: the image whole, the prompt, the image again with

@@ -363,6 +363,7 @@ fn question_world(dir: &Path, text: usize, colour: usize) -> PathBuf {
             eval_per_split: 0,
             text_scenes: text,
             colour_questions: colour,
+            label_questions: 0,
             ..Default::default()
         },
     )
@@ -573,6 +574,96 @@ fn pretrain_llm_writes_the_llama_under_hf_names_for_pretrained() {
         )
     );
     assert!(!dir.join("none").exists());
+}
+
+#[test]
+fn pretrain_encoder_on_fresh_scenes_draws_a_stream_apart_from_the_written_files() {
+    use deem_actors::pretrain_cmd::{encoder, PairSource};
+    let dir = scratch("pretrain-encoder-scenes");
+    let data = question_world(&dir, 0, 0);
+    let cfg = load(&root().join("configs/tiny.toml"), &[], &[])
+        .unwrap()
+        .config;
+    let metrics = deem_actors::metrics::Metrics::new();
+    let o = deem::clip::ClipOptions {
+        steps: 2,
+        warmup_steps: 1,
+        batch_size: 4,
+        group: 2,
+        ..Default::default()
+    };
+    let run = |out: &str| {
+        let out = dir.join(out);
+        encoder(
+            &cfg,
+            &data,
+            &PairSource::Scenes(6),
+            &out,
+            &o,
+            false,
+            &metrics,
+        )
+        .unwrap();
+        let ck = deem::checkpoint::Checkpoint::open(&out.join("encoder.safetensors")).unwrap();
+        let names: Vec<String> = ck.names().map(String::from).collect();
+        names
+            .into_iter()
+            .map(|n| {
+                let t = ck.tensor(&n).unwrap().unwrap();
+                (n, t)
+            })
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let a = run("a");
+    assert!(a.keys().all(|n| deem::clip::is_image_tower(n)));
+    assert!(a.contains_key("visual.head.proj.weight"));
+    // Deterministic: the same scenes, batches and initialisation.
+    let b = run("b");
+    assert_eq!(a.len(), b.len());
+    for (n, t) in &a {
+        assert!(t.equal(&b[n]), "{n} differs between two identical runs");
+    }
+    // The stream is none of the scenes `deem data synth` writes (training or evaluation).
+    for k in 0..20 {
+        let fresh = deem::datasets::pretrain_scene(0, k, 64).render();
+        for written in [
+            deem::world::scene(0, deem::world::Split::Id, k, 64).render(),
+            deem::datasets::eval_scene(0, deem::world::Split::Id, k, 64).render(),
+            deem::datasets::twin_scene(0, k, 64).render(),
+        ] {
+            assert_ne!(fresh, written, "scene {k}");
+        }
+    }
+    // Bad requests are named before anything trains.
+    let err = |data: &Path, group: usize| {
+        let o = deem::clip::ClipOptions { group, ..o.clone() };
+        encoder(
+            &cfg,
+            data,
+            &PairSource::Scenes(6),
+            &dir.join("bad"),
+            &o,
+            false,
+            &metrics,
+        )
+        .err()
+        .unwrap()
+        .to_string()
+    };
+    assert_eq!(
+        err(&data, 3),
+        "--group 3 with --scenes: a scene has one shape twin, so the group is 1 or 2"
+    );
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    assert_eq!(
+        err(&empty, 2),
+        format!(
+            "{}: cannot read; --scenes draws from the synthetic world `deem data synth` wrote there",
+            empty.join("SYNTH.json").display()
+        )
+    );
+    assert!(!dir.join("bad").exists());
 }
 
 // ---------------------------------------------------------------- topologies

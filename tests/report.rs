@@ -108,6 +108,7 @@ fn the_model_classifier_scores_replies_as_incremental_decoding_does_and_mines_wi
         regions: 0,
         text_scenes: 0,
         colour_questions: 0,
+        label_questions: 0,
         shape_twins: 0,
         eval_per_split: 3,
     };

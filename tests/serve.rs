@@ -782,6 +782,7 @@ async fn pope_evaluation_runs_through_the_generation_actors() {
         regions: 0,
         text_scenes: 0,
         colour_questions: 0,
+        label_questions: 0,
         shape_twins: 0,
         eval_per_split: 3,
     };
@@ -1090,6 +1091,7 @@ async fn region_captioning_evaluation_runs_through_the_generation_actors() {
         regions: 2,
         text_scenes: 0,
         colour_questions: 0,
+        label_questions: 0,
         shape_twins: 0,
         eval_per_split: 0,
     };

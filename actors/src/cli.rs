@@ -187,6 +187,11 @@ pub enum PretrainCommand {
         /// batch takes whole groups.
         #[arg(long, default_value_t = 1)]
         group: usize,
+        /// Instead of the pairs file, draw this many fresh scenes of the synthetic world (DATA's seed,
+        /// a stream apart from every file `deem data synth` writes) with their captions, rendered in
+        /// memory; with `--group 2` each comes with its shape twin (2·N pairs).
+        #[arg(long, default_value_t = 0)]
+        scenes: usize,
         /// Hide the progress bar.
         #[arg(long)]
         quiet: bool,
@@ -273,6 +278,9 @@ pub enum DataCommand {
         /// Single-turn colour yes/no questions about images.
         #[arg(long, default_value_t = 20000)]
         colour_questions: usize,
+        /// Single-turn label yes/no questions about images (existence and main object).
+        #[arg(long, default_value_t = 20000)]
+        label_questions: usize,
         /// Scenes written with their shape twins in `pairs_twins.jsonl` (hard negatives for
         /// `deem pretrain encoder --pairs pairs_twins.jsonl --group 2`).
         #[arg(long, default_value_t = 1000)]
@@ -900,10 +908,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             pairs,
             group,
+            scenes,
             quiet,
             config,
         }) => {
             let cfg = config.load()?;
+            let pairs = if scenes > 0 {
+                crate::pretrain_cmd::PairSource::Scenes(scenes)
+            } else {
+                crate::pretrain_cmd::PairSource::File(pairs)
+            };
             let o = deem::clip::ClipOptions {
                 seed,
                 steps,

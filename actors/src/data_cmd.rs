@@ -143,6 +143,7 @@ pub fn run(cmd: DataCommand, metrics: &Metrics) -> anyhow::Result<String> {
             regions,
             text_scenes,
             colour_questions,
+            label_questions,
             shape_twins,
             eval_per_split,
         } => {
@@ -159,6 +160,7 @@ pub fn run(cmd: DataCommand, metrics: &Metrics) -> anyhow::Result<String> {
                 regions,
                 text_scenes,
                 colour_questions,
+                label_questions,
                 shape_twins,
                 eval_per_split,
             };

@@ -139,17 +139,78 @@ impl<'m> StepLog<'m> {
     }
 }
 
-/// Contrastive encoder pretraining on `data/pairs.jsonl`; returns the last step's report.
+/// Where the encoder's image-caption pairs come from.
+pub enum PairSource {
+    /// A pairs JSONL file in the data folder.
+    File(String),
+    /// This many fresh scenes of the synthetic world (with their shape twins when the group is 2),
+    /// rendered in memory.
+    Scenes(usize),
+}
+
+/// `n` fresh scenes of the synthetic world in `data` (its `SYNTH.json` seed and size; see
+/// [`deem::datasets::pretrain_scene`]) as pixels [3, S, S] in [0, 1] at `size` and caption ids; with
+/// `group` 2 each scene is followed by its shape twin.
+fn fresh_pairs(
+    cfg: &DeemConfig,
+    data: &Path,
+    n: usize,
+    group: usize,
+    size: i64,
+) -> anyhow::Result<(Vec<tch::Tensor>, Vec<Vec<i64>>)> {
+    let file = data.join("SYNTH.json");
+    let text = std::fs::read_to_string(&file).with_context(|| {
+        format!(
+            "{}: cannot read; --scenes draws from the synthetic world `deem data synth` wrote there",
+            file.display()
+        )
+    })?;
+    let synth: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", file.display()))?;
+    let (Some(seed), Some(synth_size)) = (synth["seed"].as_u64(), synth["size"].as_u64()) else {
+        anyhow::bail!(
+            "{}: expected the integer fields `seed` and `size`",
+            file.display()
+        );
+    };
+    if group > 2 {
+        anyhow::bail!(
+            "--group {group} with --scenes: a scene has one shape twin, so the group is 1 or 2"
+        );
+    }
+    let tok = crate::serve::load_tokenizer(None, Some(data), cfg)?;
+    let mut images = Vec::with_capacity(n * group.max(1));
+    let mut captions = Vec::with_capacity(n * group.max(1));
+    for k in 0..n as u64 {
+        let s = deem::datasets::pretrain_scene(seed, k, synth_size as u32);
+        let twin = (group == 2).then(|| s.shape_twin());
+        for scene in std::iter::once(s).chain(twin) {
+            images.push(deem::vision::unit_pixels(&scene.render(), size as u32));
+            captions.push(caption_ids(cfg, &tok, &scene.caption())?);
+        }
+    }
+    Ok((images, captions))
+}
+
+/// Contrastive encoder pretraining on a pairs file in `data` or on fresh scenes; returns the last
+/// step's report.
 pub fn encoder(
     cfg: &DeemConfig,
     data: &Path,
-    pairs_file: &str,
+    source: &PairSource,
     out: &Path,
     o: &ClipOptions,
     progress: bool,
     metrics: &Metrics,
 ) -> anyhow::Result<ClipReport> {
-    let (images, captions, _) = pairs(cfg, data, pairs_file, cfg.vision.image_size, metrics)?;
+    let size = cfg.vision.image_size;
+    let (images, captions) = match source {
+        PairSource::File(name) => {
+            let (images, captions, _) = pairs(cfg, data, name, size, metrics)?;
+            (images, captions)
+        }
+        PairSource::Scenes(n) => fresh_pairs(cfg, data, *n, o.group, size)?,
+    };
     let mut log = StepLog::open(out, o.steps, "encoder", progress, metrics)?;
     tracing::info!(
         pairs = images.len(),
