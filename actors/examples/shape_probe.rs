@@ -1,9 +1,12 @@
 //! Diagnostic: how much of an image's main object an encoder's tokens hold. A ridge probe (closed form,
 //! λ = 1, standardised features) on the flattened tokens of the ConvNeXt in ENCODER (open_clip names,
 //! `deem pretrain encoder`'s `encoder.safetensors`) learns the main object's shape and colour from
-//! N_TRAIN synthetic scenes and is scored on N_TEST others (chance: 1 / shapes, 1 / colours).
+//! N_TRAIN synthetic scenes and is scored on N_TEST others (chance: 1 / shapes, 1 / colours). When
+//! ENCODER is a trained DEEM run (a checkpoint directory), it probes the run's encoder and also the
+//! visual tokens its LLM reads (after the resampler and the projection into the LLM's width): where
+//! the two differ, the shape was lost between the encoder and the LLM.
 //!
-//! cargo run --release -p deem-actors --example shape_probe -- CONFIG ENCODER [N_TRAIN N_TEST]
+//! cargo run --release -p deem-actors --example shape_probe -- CONFIG ENCODER|RUN [N_TRAIN N_TEST]
 
 use deem::world::{self, Split};
 use tch::{Kind, Tensor};
@@ -59,15 +62,53 @@ fn main() -> anyhow::Result<()> {
     let enc = deem::with_init_lock(Some(0), || {
         deem::vision::VisionEncoder::new(&(vs.root() / "visual"), &cfg.vision)
     });
-    let ck = deem::checkpoint::Checkpoint::open(std::path::Path::new(&a[1]))?;
-    let mut spec = deem::vision::VisionEncoder::load_spec();
-    // The DEEM adapters are not open_clip's: they keep their seeded values.
-    spec.optional.push("visual.".into());
-    ck.load_into(&vs, &spec)?;
+    let path = std::path::Path::new(&a[1]);
     // Scenes from a stream no synth file uses.
     let scenes: Vec<world::Scene> = (0..n_train + n_test)
         .map(|k| world::scene(0x9b0be, Split::Id, k, 64))
         .collect();
+    let mut rows = Vec::new();
+    if path.is_dir() {
+        let (_mvs, model) = deem_actors::report::load_model(&cfg, path)?;
+        let px: Vec<Tensor> = scenes
+            .iter()
+            .map(|s| deem::vision::unit_pixels(&s.render(), cfg.vision.image_size as u32))
+            .collect();
+        let mut visual = Vec::new();
+        for chunk in px.chunks(64) {
+            visual.push(tch::no_grad(|| {
+                model.vision.forward(&Tensor::stack(chunk, 0)).0
+            }));
+        }
+        let visual = Tensor::cat(&visual, 0);
+        // Their mean and their best single token: what one attention read of them can get at most
+        // without mixing tokens, against what all 77 hold together.
+        let mean = visual.mean_dim(1, false, Kind::Float);
+        rows.push(("LLM's visual tokens", visual.flatten(1, -1)));
+        rows.push(("  their mean", mean));
+        for q in [0, visual.size()[1] / 2, visual.size()[1] - 1] {
+            let name: &'static str = Box::leak(format!("  token {q}").into_boxed_str());
+            rows.push((name, visual.select(1, q)));
+        }
+        // The run's own encoder (its trunk under the same names as the pretrained one's).
+        let weights = deem_actors::train_cmd::read_weights(path)?;
+        let mut loaded = 0;
+        for (n, mut v) in vs.variables() {
+            if let Some(t) = weights.get(&n) {
+                tch::no_grad(|| v.copy_(t));
+                loaded += 1;
+            }
+        }
+        if loaded == 0 {
+            anyhow::bail!("{}: no encoder weights under `visual.`", path.display());
+        }
+    } else {
+        let ck = deem::checkpoint::Checkpoint::open(path)?;
+        let mut spec = deem::vision::VisionEncoder::load_spec();
+        // The DEEM adapters are not open_clip's: they keep their seeded values.
+        spec.optional.push("visual.".into());
+        ck.load_into(&vs, &spec)?;
+    }
     let (tokens, embeddings) = features(&enc, &cfg, &scenes);
     let (tr, te) = scenes.split_at(n_train as usize);
     let shape = |s: &[world::Scene]| s.iter().map(|s| s.main().shape).collect::<Vec<_>>();
@@ -77,7 +118,11 @@ fn main() -> anyhow::Result<()> {
         1.0 / world::SHAPES.len() as f64,
         1.0 / world::COLOURS.len() as f64,
     );
-    for (name, x) in [("encoder tokens", tokens), ("image embedding", embeddings)] {
+    rows.splice(
+        0..0,
+        [("encoder tokens", tokens), ("image embedding", embeddings)],
+    );
+    for (name, x) in rows {
         let (mean, std) = (
             x.mean_dim(0, true, Kind::Float),
             x.std_dim(0, true, true) + 1e-6,
@@ -88,7 +133,7 @@ fn main() -> anyhow::Result<()> {
             x.narrow(0, n_train as i64, n_test as i64),
         );
         println!(
-            "  {name:<16} shape {:.3}  colour {:.3}",
+            "  {name:<20} shape {:.3}  colour {:.3}",
             probe(&xtr, &shape(tr), &xte, &shape(te), world::SHAPES.len()),
             probe(&xtr, &colour(tr), &xte, &colour(te), world::COLOURS.len()),
         );
