@@ -1066,28 +1066,41 @@ fn curriculum_questions_answer_about_their_scene() {
     }
     assert_eq!(kinds.len(), 4, "{kinds:?}");
 
+    // Single-turn questions about images in `file`: (question, answer, the scene its image draws), the
+    // image checked against the scene.
+    let single_turns = |file: &str, n: usize| -> Vec<(String, String, world::Scene)> {
+        let raw: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(file)).unwrap()).unwrap();
+        let conv = datasets::read_llava(&dir.join(file), None).unwrap();
+        assert!(conv.bad.is_empty(), "{:?}", conv.bad);
+        assert_eq!(conv.records.len(), n);
+        let mut out = Vec::new();
+        for (c, r) in conv.records.iter().zip(&raw) {
+            let index: u64 = r["image"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("images/id/")
+                .trim_end_matches(".png")
+                .parse()
+                .unwrap();
+            let s = world::scene(o.seed, Split::Id, index, o.size);
+            assert_eq!(c.image.as_ref().unwrap().as_raw(), s.render().as_raw());
+            assert_eq!(c.turns.len(), 1);
+            let (q, a) = &c.turns[0];
+            out.push((
+                q.strip_prefix("<image>\n").unwrap().to_string(),
+                a.clone(),
+                s,
+            ));
+        }
+        out
+    };
+
     // Colour questions about images: the answer is about the scene drawn.
-    let raw: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("colour_questions.json")).unwrap())
-            .unwrap();
-    let conv = datasets::read_llava(&dir.join("colour_questions.json"), None).unwrap();
-    assert!(conv.bad.is_empty(), "{:?}", conv.bad);
-    assert_eq!(conv.records.len(), o.colour_questions);
     let mut kinds = BTreeMap::new();
-    for (c, r) in conv.records.iter().zip(&raw) {
-        let index: u64 = r["image"]
-            .as_str()
-            .unwrap()
-            .trim_start_matches("images/id/")
-            .trim_end_matches(".png")
-            .parse()
-            .unwrap();
-        let s = world::scene(o.seed, Split::Id, index, o.size);
-        assert_eq!(c.image.as_ref().unwrap().as_raw(), s.render().as_raw());
-        assert_eq!(c.turns.len(), 1);
-        let (q, a) = &c.turns[0];
+    for (q, a, s) in single_turns("colour_questions.json", o.colour_questions) {
         let labels: Vec<String> = s.objects.iter().map(|ob| ob.label()).collect();
-        check(q.strip_prefix("<image>\n").unwrap(), a, &labels, &mut kinds);
+        check(&q, &a, &labels, &mut kinds);
     }
     let yes = kinds.get(&(true, true)).copied().unwrap_or(0);
     assert!((30..=70).contains(&yes), "{yes} of 100 yes");
@@ -1096,26 +1109,9 @@ fn curriculum_questions_answer_about_their_scene() {
     // Label questions about images: existence (POPE's template) or main object (RobustVQA's, the "no"
     // a shape of the main object's colour), answered about the scene drawn; each kind answered yes and
     // no about equally often.
-    let raw: Vec<serde_json::Value> =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("label_questions.json")).unwrap())
-            .unwrap();
-    let conv = datasets::read_llava(&dir.join("label_questions.json"), None).unwrap();
-    assert!(conv.bad.is_empty(), "{:?}", conv.bad);
-    assert_eq!(conv.records.len(), o.label_questions);
     let mut kinds = BTreeMap::new();
-    for (c, r) in conv.records.iter().zip(&raw) {
-        let index: u64 = r["image"]
-            .as_str()
-            .unwrap()
-            .trim_start_matches("images/id/")
-            .trim_end_matches(".png")
-            .parse()
-            .unwrap();
-        let s = world::scene(o.seed, Split::Id, index, o.size);
-        assert_eq!(c.image.as_ref().unwrap().as_raw(), s.render().as_raw());
-        assert_eq!(c.turns.len(), 1);
-        let (q, a) = &c.turns[0];
-        let q = q.strip_prefix("<image>\n").unwrap();
+    for (q, a, s) in single_turns("label_questions.json", o.label_questions) {
+        let q = q.as_str();
         let labels: Vec<String> = s.objects.iter().map(|ob| ob.label()).collect();
         if let Some(l) = q.strip_prefix("Is ").and_then(|x| {
             x.strip_suffix(" the main object in this image? Please answer yes or no.")
@@ -1130,7 +1126,7 @@ fn curriculum_questions_answer_about_their_scene() {
             *kinds.entry(("main", a.clone())).or_default() += 1;
         } else {
             let mut k = BTreeMap::new();
-            check(q, a, &labels, &mut k);
+            check(q, &a, &labels, &mut k);
             assert!(!k.keys().next().unwrap().0, "{q}");
             *kinds.entry(("exists", a.clone())).or_default() += 1;
         }
