@@ -53,63 +53,66 @@ fn probe(xtr: &Tensor, ytr: &[usize], xte: &Tensor, yte: &[usize], k: usize) -> 
 fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().skip(1).collect();
     if a.len() < 2 {
-        anyhow::bail!("usage: shape_probe CONFIG ENCODER [N_TRAIN N_TEST]");
+        anyhow::bail!("usage: shape_probe CONFIG ENCODER|RUN [N_TRAIN N_TEST]");
     }
     let cfg: deem::config::DeemConfig = toml::from_str(&std::fs::read_to_string(&a[0])?)?;
     let n_train: u64 = a.get(2).map_or(Ok(1500), |x| x.parse())?;
     let n_test: u64 = a.get(3).map_or(Ok(500), |x| x.parse())?;
-    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let enc = deem::with_init_lock(Some(0), || {
-        deem::vision::VisionEncoder::new(&(vs.root() / "visual"), &cfg.vision)
-    });
     let path = std::path::Path::new(&a[1]);
     // Scenes from a stream no synth file uses.
     let scenes: Vec<world::Scene> = (0..n_train + n_test)
         .map(|k| world::scene(0x9b0be, Split::Id, k, 64))
         .collect();
-    let mut rows = Vec::new();
-    if path.is_dir() {
-        let (_mvs, model) = deem_actors::report::load_model(&cfg, path)?;
-        let px: Vec<Tensor> = scenes
-            .iter()
-            .map(|s| deem::vision::unit_pixels(&s.render(), cfg.vision.image_size as u32))
-            .collect();
+    // A run directory: the whole model (its own encoder included); a file: the encoder alone.
+    let run = if path.is_dir() {
+        Some(deem_actors::report::load_model(&cfg, path)?)
+    } else {
+        None
+    };
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let standalone;
+    let enc = match &run {
+        Some((_, model)) => &model.vision.encoder,
+        None => {
+            standalone = deem::with_init_lock(Some(0), || {
+                deem::vision::VisionEncoder::new(&(vs.root() / "visual"), &cfg.vision)
+            });
+            let mut spec = deem::vision::VisionEncoder::load_spec();
+            // The DEEM adapters are not open_clip's: they keep their seeded values.
+            spec.optional.push("visual.".into());
+            deem::checkpoint::Checkpoint::open(path)?.load_into(&vs, &spec)?;
+            &standalone
+        }
+    };
+    let (tokens, embeddings) = features(enc, &cfg, &scenes);
+    let mut rows = vec![
+        ("encoder tokens".to_string(), tokens),
+        ("image embedding".to_string(), embeddings),
+    ];
+    if let Some((_, model)) = &run {
         let mut visual = Vec::new();
-        for chunk in px.chunks(64) {
+        for chunk in scenes.chunks(64) {
+            let px: Vec<Tensor> = chunk
+                .iter()
+                .map(|s| deem::vision::unit_pixels(&s.render(), cfg.vision.image_size as u32))
+                .collect();
             visual.push(tch::no_grad(|| {
-                model.vision.forward(&Tensor::stack(chunk, 0)).0
+                model.vision.forward(&Tensor::stack(&px, 0)).0
             }));
         }
         let visual = Tensor::cat(&visual, 0);
-        // Their mean and their best single token: what one attention read of them can get at most
-        // without mixing tokens, against what all 77 hold together.
-        let mean = visual.mean_dim(1, false, Kind::Float);
-        rows.push(("LLM's visual tokens", visual.flatten(1, -1)));
-        rows.push(("  their mean", mean));
-        for q in [0, visual.size()[1] / 2, visual.size()[1] - 1] {
-            let name: &'static str = Box::leak(format!("  token {q}").into_boxed_str());
-            rows.push((name, visual.select(1, q)));
+        // All the tokens together, their mean and three single tokens (first, middle, last): what one
+        // attention read can get without mixing tokens, against what the 77 hold together.
+        rows.push(("LLM's visual tokens".into(), visual.flatten(1, -1)));
+        rows.push((
+            "  their mean".into(),
+            visual.mean_dim(1, false, Kind::Float),
+        ));
+        let q = visual.size()[1];
+        for t in [0, q / 2, q - 1] {
+            rows.push((format!("  token {t}"), visual.select(1, t)));
         }
-        // The run's own encoder (its trunk under the same names as the pretrained one's).
-        let weights = deem_actors::train_cmd::read_weights(path)?;
-        let mut loaded = 0;
-        for (n, mut v) in vs.variables() {
-            if let Some(t) = weights.get(&n) {
-                tch::no_grad(|| v.copy_(t));
-                loaded += 1;
-            }
-        }
-        if loaded == 0 {
-            anyhow::bail!("{}: no encoder weights under `visual.`", path.display());
-        }
-    } else {
-        let ck = deem::checkpoint::Checkpoint::open(path)?;
-        let mut spec = deem::vision::VisionEncoder::load_spec();
-        // The DEEM adapters are not open_clip's: they keep their seeded values.
-        spec.optional.push("visual.".into());
-        ck.load_into(&vs, &spec)?;
     }
-    let (tokens, embeddings) = features(&enc, &cfg, &scenes);
     let (tr, te) = scenes.split_at(n_train as usize);
     let shape = |s: &[world::Scene]| s.iter().map(|s| s.main().shape).collect::<Vec<_>>();
     let colour = |s: &[world::Scene]| s.iter().map(|s| s.main().colour).collect::<Vec<_>>();
@@ -117,10 +120,6 @@ fn main() -> anyhow::Result<()> {
         "main object, {n_train} train / {n_test} test scenes (chance: shape {:.3}, colour {:.3})",
         1.0 / world::SHAPES.len() as f64,
         1.0 / world::COLOURS.len() as f64,
-    );
-    rows.splice(
-        0..0,
-        [("encoder tokens", tokens), ("image embedding", embeddings)],
     );
     for (name, x) in rows {
         let (mean, std) = (

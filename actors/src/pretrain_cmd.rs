@@ -158,6 +158,11 @@ fn fresh_pairs(
     group: usize,
     size: i64,
 ) -> anyhow::Result<(Vec<tch::Tensor>, Vec<Vec<i64>>)> {
+    if group > 2 {
+        anyhow::bail!(
+            "--group {group} with --scenes: a scene has one shape twin, so the group is 1 or 2"
+        );
+    }
     let file = data.join("SYNTH.json");
     let text = std::fs::read_to_string(&file).with_context(|| {
         format!(
@@ -173,11 +178,6 @@ fn fresh_pairs(
             file.display()
         );
     };
-    if group > 2 {
-        anyhow::bail!(
-            "--group {group} with --scenes: a scene has one shape twin, so the group is 1 or 2"
-        );
-    }
     let tok = crate::serve::load_tokenizer(None, Some(data), cfg)?;
     let mut images = Vec::with_capacity(n * group.max(1));
     let mut captions = Vec::with_capacity(n * group.max(1));
