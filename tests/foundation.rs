@@ -1961,3 +1961,121 @@ fn init_from_a_mismatched_model_names_the_tensor() {
         }
     }
 }
+
+#[test]
+fn binary_experiment_keeps_finished_runs_adds_seeds_and_refuses_another_recipe() {
+    let dir = scratch("experiment-resume");
+    let data = dir.join("data");
+    let out = dir.join("exp");
+    let s = |p: &Path| p.display().to_string();
+    let synth = [
+        "data",
+        "synth",
+        "--out",
+        &s(&data),
+        "--seed",
+        "3",
+        "--pairs",
+        "16",
+        "--documents",
+        "8",
+        "--instructions",
+        "0",
+        "--regions",
+        "0",
+        "--text-scenes",
+        "0",
+        "--colour-questions",
+        "16",
+        "--label-questions",
+        "0",
+        "--shape-twins",
+        "0",
+        "--eval-per-split",
+        "2",
+    ];
+    let (ok, _, err) = deem(&synth, &[]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = deem(&["data", "robustvqa", "--data", &s(&data)], &[]);
+    assert!(ok, "{err}");
+    let instances = data.join("eval/id/instances.json");
+    let pope = data.join("pope");
+    let (ok, _, err) = deem(
+        &[
+            "data",
+            "pope",
+            "--instances",
+            &s(&instances),
+            "--out",
+            &s(&pope),
+            "--k",
+            "1",
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    let experiment = |seeds: &str, stage2_steps: &str| {
+        deem(
+            &[
+                "experiment",
+                "csr",
+                "--data",
+                &s(&data),
+                "--out",
+                &s(&out),
+                "--seeds",
+                seeds,
+                "--stage1-steps",
+                "2",
+                "--stage2-steps",
+                stage2_steps,
+            ],
+            &[("DEEM_LOG", "deem_actors::experiment=info,warn")],
+        )
+    };
+    let (ok, table1, err) = experiment("1", "2");
+    assert!(ok, "{err}");
+    assert!(table1.contains("over 1 seeds"), "{table1}");
+    let model = out.join("seed0-csr5-stage2-1/model.safetensors");
+    let written = std::fs::metadata(&model).unwrap().modified().unwrap();
+    let json = |p: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let first = json(&out.join("csr.json"));
+
+    // Two seeds on the same folder: seed 0's six runs are kept, seed 1's are trained.
+    let (ok, table2, err) = experiment("2", "2");
+    assert!(ok, "{err}");
+    assert!(table2.contains("over 2 seeds"), "{table2}");
+    assert_eq!(
+        err.matches("kept: finished by an earlier run").count(),
+        4,
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::metadata(&model).unwrap().modified().unwrap(),
+        written
+    );
+    assert!(out.join("seed1-csr5-stage2-1/model.safetensors").exists());
+    let second = json(&out.join("csr.json"));
+    for (model, splits) in first.as_object().unwrap() {
+        for (split, acc) in splits.as_object().unwrap() {
+            // Seed 0's accuracy is the same number, re-evaluated from the kept weights.
+            assert_eq!(second[model][split][0], acc[0], "{model} {split}");
+            assert_eq!(second[model][split].as_array().unwrap().len(), 2);
+        }
+    }
+
+    // Another stage II length is another experiment: refused before anything is trained or written.
+    let (ok, _, err) = experiment("2", "3");
+    assert!(!ok);
+    let file = out.join("experiment.json");
+    assert!(
+        err.contains(&format!(
+            "{}: the folder holds another experiment (stage2 differs:",
+            file.display()
+        )) && err.contains("choose another --out or remove it"),
+        "{err}"
+    );
+    assert_eq!(json(&out.join("csr.json")), second);
+}

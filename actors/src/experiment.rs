@@ -50,17 +50,99 @@ fn train(
     pretrained: &[PathBuf],
     rt: &tokio::runtime::Runtime,
 ) -> anyhow::Result<()> {
+    // A run an earlier invocation finished is kept; one it left part-way resumes from its latest
+    // checkpoint, which must be of this very recipe (seed, λ_CSR and steps included).
+    let resume = crate::pipeline::checkpoint::checkpoints_dir(dir)
+        .join("latest")
+        .exists();
+    if resume {
+        let mut full = cfg.config.clone();
+        full.train.steps = steps;
+        let (_, manifest) = crate::pipeline::checkpoint::latest_of(dir, &full)?;
+        if manifest.step >= steps && dir.join("model.safetensors").exists() {
+            tracing::info!(run_dir = %dir.display(), steps, "kept: finished by an earlier run");
+            return Ok(());
+        }
+        tracing::info!(run_dir = %dir.display(), step = manifest.step, steps, "resuming");
+    }
     let job = TrainJob {
         run_dir: dir.to_path_buf(),
         steps: Some(steps),
         mode: Mode::Pipeline(topo.clone()),
         progress: true,
-        resume: false,
+        resume,
         data: Some(data.to_path_buf()),
         init_from: init.map(Path::to_path_buf),
         pretrained: pretrained.to_vec(),
     };
     crate::train_cmd::run(&job, cfg, &Metrics::new(), rt).map(|_| ())
+}
+
+/// What makes two invocations the same experiment, so that the second may keep the runs of the first:
+/// every recipe (as resolved, with its steps), the pretrained files (by content), the data folder and the
+/// λ_CSR values. The number of seeds is not part of it: `--seeds 3` on a folder of `--seeds 1` keeps seed
+/// 0 and adds seeds 1 and 2.
+fn identity(e: &Experiment) -> anyhow::Result<serde_json::Value> {
+    let recipe = |c: &LoadedConfig, steps: u64| {
+        let mut full = c.config.clone();
+        full.train.steps = steps;
+        serde_json::json!({
+            "config_fnv1a": crate::pipeline::checkpoint::fnv1a(&crate::settings::to_toml(&full)),
+            "steps": steps,
+        })
+    };
+    let mut pretrained = Vec::new();
+    for f in &e.pretrained {
+        let bytes = std::fs::read(f).with_context(|| format!("--pretrained {}", f.display()))?;
+        pretrained.push(serde_json::json!({
+            "file": f.display().to_string(),
+            "fnv1a": crate::pipeline::checkpoint::fnv1a_bytes(&bytes),
+        }));
+    }
+    Ok(serde_json::json!({
+        "stage1": recipe(&e.stage1.0, e.stage1.1),
+        "stage2": e.stage2.iter().map(|(c, n)| recipe(c, *n)).collect::<Vec<_>>(),
+        "pretrained": pretrained,
+        "data": e.data.display().to_string(),
+        "csr_loss_weights": e.weights,
+    }))
+}
+
+/// Writes `out/experiment.json`, or checks that the one there describes this experiment (the pretrained
+/// files are compared by content, not by name).
+fn claim_out(e: &Experiment) -> anyhow::Result<()> {
+    let path = e.out.join("experiment.json");
+    let this = identity(e)?;
+    if path.exists() {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let there: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+        let strip = |v: &serde_json::Value| {
+            let mut v = v.clone();
+            if let Some(p) = v.get_mut("pretrained").and_then(|p| p.as_array_mut()) {
+                for f in p {
+                    if let Some(o) = f.as_object_mut() {
+                        o.remove("file");
+                    }
+                }
+            }
+            v
+        };
+        for key in ["stage1", "stage2", "pretrained", "data", "csr_loss_weights"] {
+            if strip(&there).get(key) != strip(&this).get(key) {
+                anyhow::bail!(
+                    "{}: the folder holds another experiment ({key} differs: {} there, {} here); choose another --out or remove it",
+                    path.display(),
+                    there.get(key).unwrap_or(&serde_json::Value::Null),
+                    this.get(key).unwrap_or(&serde_json::Value::Null)
+                );
+            }
+        }
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&this)?)
+        .with_context(|| format!("{}: cannot write", path.display()))?;
+    Ok(())
 }
 
 /// Runs the experiment; returns the markdown table (also written to `out/csr.md`, with `out/csr.json`).
@@ -98,6 +180,7 @@ pub fn run(e: &Experiment, rt: &tokio::runtime::Runtime) -> anyhow::Result<Strin
         &last.config,
     )?);
     std::fs::create_dir_all(&e.out)?;
+    claim_out(e)?;
     // The baseline first: its model mines the seed's hard negatives.
     let mut weights = e.weights.clone();
     weights.sort_by_key(|w| *w != 0.0);

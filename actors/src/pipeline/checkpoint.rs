@@ -49,8 +49,13 @@ fn config_hash(cfg: &deem::config::DeemConfig) -> String {
 
 /// FNV-1a 64 of a string (stable across builds, unlike `DefaultHasher`).
 pub fn fnv1a(text: &str) -> String {
+    fnv1a_bytes(text.as_bytes())
+}
+
+/// FNV-1a 64 of bytes.
+pub fn fnv1a_bytes(bytes: &[u8]) -> String {
     let mut h: u64 = 0xcbf29ce484222325;
-    for b in text.bytes() {
+    for &b in bytes {
         h ^= b as u64;
         h = h.wrapping_mul(0x100000001b3);
     }
