@@ -160,6 +160,16 @@ fn shipped_configs_are_valid_and_the_embedded_default_is_tiny() {
         (5.0, 5.0)
     );
     assert_eq!(big.config.train.context_length, 2048);
+    // The CSR experiment's stage II is make run's, with the label questions mixed in 1 : 1.
+    let stage2 = preset("tiny-stage2.toml").config;
+    let mut labels = preset("tiny-stage2-labels.toml").config;
+    let added = labels.train.sources.pop().unwrap();
+    assert_eq!(
+        (added.file.as_str(), added.weight),
+        ("label_questions.json", 1.0)
+    );
+    labels.train.steps = stage2.train.steps;
+    assert_eq!(labels, stage2);
 }
 
 // ---------------------------------------------------------------- configuration errors
@@ -2078,4 +2088,28 @@ fn binary_experiment_keeps_finished_runs_adds_seeds_and_refuses_another_recipe()
         "{err}"
     );
     assert_eq!(json(&out.join("csr.json")), second);
+}
+
+#[test]
+fn shipped_pretrained_components_load_into_the_tiny_model() {
+    let c = preset("tiny.toml").config;
+    let mut w = deem_actors::pipeline::driver::initial_weights(&c).unwrap();
+    let dir = root().join("assets/tiny-pretrained");
+    let mut counts = Vec::new();
+    for f in ["encoder", "encoder-scenes", "decoder", "llm"] {
+        let file = dir.join(format!("{f}.safetensors"));
+        counts.push(deem_actors::train_cmd::overlay(&mut w, &file).unwrap());
+    }
+    // The two encoders are the same image tower (open_clip names), trained on other data.
+    assert_eq!(counts[0], counts[1]);
+    assert!(counts.iter().all(|&n| n > 0), "{counts:?}");
+    let a = deem::checkpoint::Checkpoint::open(&dir.join("encoder.safetensors")).unwrap();
+    let b = deem::checkpoint::Checkpoint::open(&dir.join("encoder-scenes.safetensors")).unwrap();
+    let names = |ck: &deem::checkpoint::Checkpoint| {
+        let mut v: Vec<String> = ck.names().map(String::from).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&a), names(&b));
+    assert!(names(&a).iter().all(|n| n.starts_with("visual.")));
 }
