@@ -93,10 +93,11 @@ fn identity(e: &Experiment) -> anyhow::Result<serde_json::Value> {
     };
     let mut pretrained = Vec::new();
     for f in &e.pretrained {
-        let bytes = std::fs::read(f).with_context(|| format!("--pretrained {}", f.display()))?;
+        let hash = crate::pipeline::checkpoint::fnv1a_file(f)
+            .with_context(|| format!("--pretrained {}", f.display()))?;
         pretrained.push(serde_json::json!({
             "file": f.display().to_string(),
-            "fnv1a": crate::pipeline::checkpoint::fnv1a_bytes(&bytes),
+            "fnv1a": hash,
         }));
     }
     Ok(serde_json::json!({
@@ -129,8 +130,9 @@ fn claim_out(e: &Experiment) -> anyhow::Result<()> {
             }
             v
         };
+        let (a, b) = (strip(&there), strip(&this));
         for key in ["stage1", "stage2", "pretrained", "data", "csr_loss_weights"] {
-            if strip(&there).get(key) != strip(&this).get(key) {
+            if a.get(key) != b.get(key) {
                 anyhow::bail!(
                     "{}: the folder holds another experiment ({key} differs: {} there, {} here); choose another --out or remove it",
                     path.display(),

@@ -49,17 +49,33 @@ fn config_hash(cfg: &deem::config::DeemConfig) -> String {
 
 /// FNV-1a 64 of a string (stable across builds, unlike `DefaultHasher`).
 pub fn fnv1a(text: &str) -> String {
-    fnv1a_bytes(text.as_bytes())
+    format!("{:016x}", fnv1a_update(FNV1A_START, text.as_bytes()))
 }
 
-/// FNV-1a 64 of bytes.
-pub fn fnv1a_bytes(bytes: &[u8]) -> String {
-    let mut h: u64 = 0xcbf29ce484222325;
+/// FNV-1a 64 of a file's bytes, read in 1 MiB pieces (a pretrained checkpoint can be larger than
+/// memory).
+pub fn fnv1a_file(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut h = FNV1A_START;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(format!("{h:016x}"));
+        }
+        h = fnv1a_update(h, &buf[..n]);
+    }
+}
+
+const FNV1A_START: u64 = 0xcbf29ce484222325;
+
+fn fnv1a_update(mut h: u64, bytes: &[u8]) -> u64 {
     for &b in bytes {
         h ^= b as u64;
         h = h.wrapping_mul(0x100000001b3);
     }
-    format!("{h:016x}")
+    h
 }
 
 pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
