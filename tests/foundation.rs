@@ -2088,6 +2088,15 @@ fn binary_experiment_keeps_finished_runs_adds_seeds_and_refuses_another_recipe()
         "{err}"
     );
     assert_eq!(json(&out.join("csr.json")), second);
+
+    // No seeds is refused too, and leaves the table as it was.
+    let (ok, _, err) = experiment("0", "2");
+    assert!(!ok);
+    assert!(
+        err.contains("--seeds: expected at least 1, found 0"),
+        "{err}"
+    );
+    assert_eq!(json(&out.join("csr.json")), second);
 }
 
 #[test]

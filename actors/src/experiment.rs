@@ -173,6 +173,9 @@ pub fn run(e: &Experiment, rt: &tokio::runtime::Runtime) -> anyhow::Result<Strin
         }
         Ok(s)
     };
+    if e.seeds == 0 {
+        anyhow::bail!("--seeds: expected at least 1, found 0");
+    }
     let Some((last, _)) = e.stage2.last() else {
         anyhow::bail!("--stage2-config: expected at least one stage II recipe");
     };
