@@ -507,13 +507,32 @@ pub fn nip_inputs(
     gather_contexts(hidden, ids, s.bos, s.soi)
 }
 
-/// Which loss terms a stage trains, and their weights in the total.
-pub fn loss_weights(cfg: &DeemConfig) -> (f64, f64) {
-    let t = &cfg.train;
-    match t.stage {
-        Stage::I => (t.nip_loss_weight, t.csr_loss_weight),
-        Stage::II => (0.0, t.csr_loss_weight),
-        Stage::III => (0.0, 0.0),
+/// Which loss terms a stage trains, and their weights in the total (0 for a term it does not train).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossWeights {
+    pub nip: f64,
+    pub csr: f64,
+}
+
+impl LossWeights {
+    pub fn of(cfg: &DeemConfig) -> Self {
+        let t = &cfg.train;
+        let (nip, csr) = match t.stage {
+            Stage::I => (t.nip_loss_weight, t.csr_loss_weight),
+            Stage::II => (0.0, t.csr_loss_weight),
+            Stage::III => (0.0, 0.0),
+        };
+        LossWeights { nip, csr }
+    }
+
+    /// The loss DEEM trains, NTP + λ_NIP · NIP + λ_CSR · CSR, summed in that order: the one combine
+    /// both trainers use, on loss tensors (the reference trainer, the diffusion stage with NTP zero) and
+    /// on their values (the pipeline driver's report).
+    pub fn combine<T>(&self, ntp: T, nip: T, csr: T) -> T
+    where
+        T: std::ops::Add<Output = T> + std::ops::Mul<f64, Output = T>,
+    {
+        ntp + nip * self.nip + csr * self.csr
     }
 }
 
@@ -548,7 +567,7 @@ impl Deem {
         microbatch: u64,
     ) -> Result<Losses, ModelError> {
         let key = (seed, step, microbatch);
-        let (nip_w, csr_w) = loss_weights(&self.cfg);
+        let w = LossWeights::of(&self.cfg);
         let zero = || Tensor::zeros([], (Kind::Float, batch.input_ids.device()));
         let ids = &batch.input_ids;
         let n_images = batch.pixels.size()[0];
@@ -571,7 +590,7 @@ impl Deem {
 
         // 3. NIP: the image after each SoI, drawn from its LLM context.
         let mut nip = zero();
-        if nip_w > 0.0 && n_images > 0 {
+        if w.nip > 0.0 && n_images > 0 {
             if let Some((ctx, mask, index)) = nip_inputs(&hidden, ids, self.ids) {
                 let pixels = batch
                     .pixels
@@ -582,12 +601,16 @@ impl Deem {
 
         // 4. CSR: every input image reconstructed from its own encoder embedding.
         let mut csr = zero();
-        if let (true, Some((_, cond))) = (csr_w > 0.0, &vision) {
+        if let (true, Some((_, cond))) = (w.csr > 0.0, &vision) {
             csr = self
                 .diffusion
                 .csr_loss_regions(cond, &batch.pixels, masks, key);
         }
-        let total = &ntp + &nip * nip_w + &csr * csr_w;
+        let total = w.combine(
+            ntp.shallow_clone(),
+            nip.shallow_clone(),
+            csr.shallow_clone(),
+        );
         Ok(Losses {
             total,
             ntp,
@@ -595,6 +618,21 @@ impl Deem {
             csr,
         })
     }
+}
+
+/// The whole model's initial weights for `cfg.train.seed` (CPU, reference key names, detached): what
+/// both trainers and every pipeline stage start from, and what `deem serve` runs without a checkpoint.
+/// Built under the init lock, so the draw is the same whatever other threads build meanwhile.
+pub fn initial_weights(
+    cfg: &DeemConfig,
+) -> Result<std::collections::BTreeMap<String, Tensor>, ModelError> {
+    let vs = nn::VarStore::new(tch::Device::Cpu);
+    crate::with_init_lock(Some(cfg.train.seed), || Deem::new(&vs.root(), cfg))?;
+    Ok(vs
+        .variables()
+        .into_iter()
+        .map(|(k, v)| (k, v.detach()))
+        .collect())
 }
 
 /// A training forward of `shard` over packed rows `ids` (hidden states `hidden`): documents isolated

@@ -31,6 +31,42 @@ pub enum TokenizerError {
     },
     #[error("tokenizer: {0}")]
     Encode(String),
+    /// Neither a tokenizer file nor one beside the checkpoint, and the built-in one does not fit.
+    #[error("no tokenizer given (--tokenizer, or tokenizer.json beside the checkpoint) and the built-in tiny tokenizer does not fit: {0}")]
+    NoneFits(Box<TokenizerError>),
+}
+
+/// The tiny model's tokenizer (built by `scripts/make_tiny_tokenizer.py`), used when neither an
+/// explicit file nor the checkpoint's directory gives one.
+pub const TINY_TOKENIZER: &str = include_str!("../assets/tiny-tokenizer.json");
+
+/// Finds the tokenizer of a model: `explicit`, else `tokenizer.json` beside the checkpoint (a directory
+/// or a file), else the built-in tiny tokenizer (whose base vocabulary must match `llm.vocab_size`).
+pub fn load_tokenizer(
+    explicit: Option<&Path>,
+    checkpoint: Option<&Path>,
+    cfg: &crate::config::DeemConfig,
+) -> Result<DeemTokenizer, TokenizerError> {
+    let vocab = Some(cfg.llm.vocab_size as u32);
+    let beside = checkpoint.map(|c| {
+        if c.is_dir() {
+            c.join("tokenizer.json")
+        } else {
+            c.with_file_name("tokenizer.json")
+        }
+    });
+    if let Some(p) = explicit
+        .map(|p| p.to_path_buf())
+        .or(beside.filter(|p| p.exists()))
+    {
+        return DeemTokenizer::from_file(&p, vocab);
+    }
+    DeemTokenizer::from_bytes(
+        TINY_TOKENIZER.as_bytes(),
+        "the built-in tiny tokenizer",
+        vocab,
+    )
+    .map_err(|e| TokenizerError::NoneFits(Box::new(e)))
 }
 
 /// A tokenizer with DEEM's special tokens at known ids.

@@ -8,8 +8,8 @@ use common::{fixture, root, scratch};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use deem_actors::runtime::topology::{Component, Topology};
 use deem_actors::settings::{self, BaseFile, ConfigError, Layers, LoadedConfig};
-use deem_actors::topology::{Component, Topology};
 
 fn tiny_text() -> String {
     std::fs::read_to_string(root().join("configs/tiny.toml")).unwrap()
@@ -420,8 +420,8 @@ fn train_sources_choose_the_data_mixture_and_bad_ones_are_named() {
         source("colour_questions.json", "llava", 1.0)
     ));
     let cfg = load(&p, &[], &[]).unwrap().config;
-    let metrics = deem_actors::metrics::Metrics::new();
-    let m = deem_actors::train_cmd::dataset_batches(&cfg, &data, &metrics).unwrap();
+    let metrics = deem_actors::runtime::metrics::Metrics::new();
+    let m = deem_actors::cli::train::dataset_batches(&cfg, &data, &metrics).unwrap();
     let got: Vec<(&str, usize, f64)> = m
         .sources
         .iter()
@@ -439,7 +439,7 @@ fn train_sources_choose_the_data_mixture_and_bad_ones_are_named() {
     // The error of building the batches of the recipe at `path`.
     let batches_err = |path: &Path| {
         let cfg = load(path, &[], &[]).unwrap().config;
-        deem_actors::train_cmd::dataset_batches(&cfg, &data, &metrics)
+        deem_actors::cli::train::dataset_batches(&cfg, &data, &metrics)
             .err()
             .unwrap()
             .to_string()
@@ -457,7 +457,7 @@ fn train_sources_choose_the_data_mixture_and_bad_ones_are_named() {
         source("ann/questions.json", "llava", 1.0)
     ));
     let cfg = load(&apart, &[], &[]).unwrap().config;
-    let m = deem_actors::train_cmd::dataset_batches(&cfg, &data, &metrics).unwrap();
+    let m = deem_actors::cli::train::dataset_batches(&cfg, &data, &metrics).unwrap();
     assert_eq!(m.sources[0].len(), 10);
     let lost = with(&source("ann/questions.json", "llava", 1.0));
     let err = batches_err(&lost);
@@ -501,8 +501,8 @@ fn pretrain_llm_writes_the_llama_under_hf_names_for_pretrained() {
     .unwrap();
     let out = dir.join("out");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let metrics = std::sync::Arc::new(deem_actors::metrics::Metrics::new());
-    let (first, last) = deem_actors::pretrain_cmd::llm(
+    let metrics = std::sync::Arc::new(deem_actors::runtime::metrics::Metrics::new());
+    let (first, last) = deem_actors::cli::pretrain::llm(
         &cfg,
         &data,
         &out,
@@ -549,21 +549,21 @@ fn pretrain_llm_writes_the_llama_under_hf_names_for_pretrained() {
     want.sort();
     assert_eq!(names, want);
     // `deem train --pretrained` takes it: every tensor replaces the trained run's own.
-    let mut w = deem_actors::train_cmd::read_weights(&out.join("llm-run")).unwrap();
+    let mut w = deem_actors::cli::train::read_weights(&out.join("llm-run")).unwrap();
     let trained = w["model.layers.0.mlp.up_proj.weight"].copy();
     w.insert(
         "model.layers.0.mlp.up_proj.weight".into(),
         trained.zeros_like(),
     );
     assert_eq!(
-        deem_actors::train_cmd::overlay(&mut w, &file).unwrap(),
+        deem_actors::cli::train::overlay(&mut w, &file).unwrap(),
         want.len()
     );
     assert!(w["model.layers.0.mlp.up_proj.weight"].equal(&trained));
 
     // A recipe without text sources is refused before anything trains.
     let tiny = load(&root().join("configs/tiny.toml"), &[], &[]).unwrap();
-    let err = deem_actors::pretrain_cmd::llm(
+    let err = deem_actors::cli::pretrain::llm(
         &tiny,
         &data,
         &dir.join("none"),
@@ -588,13 +588,13 @@ fn pretrain_llm_writes_the_llama_under_hf_names_for_pretrained() {
 
 #[test]
 fn pretrain_encoder_on_fresh_scenes_draws_a_stream_apart_from_the_written_files() {
-    use deem_actors::pretrain_cmd::{encoder, PairSource};
+    use deem_actors::cli::pretrain::{encoder, PairSource};
     let dir = scratch("pretrain-encoder-scenes");
     let data = question_world(&dir, 0, 0);
     let cfg = load(&root().join("configs/tiny.toml"), &[], &[])
         .unwrap()
         .config;
-    let metrics = deem_actors::metrics::Metrics::new();
+    let metrics = deem_actors::runtime::metrics::Metrics::new();
     let o = deem::clip::ClipOptions {
         steps: 2,
         warmup_steps: 1,
@@ -948,10 +948,10 @@ fn scrape_text(body: &str) -> prometheus_parse::Scrape {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_endpoint_serves_parseable_prometheus_text() {
-    let metrics = deem_actors::metrics::Metrics::new();
-    let server = deem_actors::http::Server::start(
+    let metrics = deem_actors::runtime::metrics::Metrics::new();
+    let server = deem_actors::runtime::http::Server::start(
         "127.0.0.1:0".parse().unwrap(),
-        deem_actors::http::router(metrics),
+        deem_actors::runtime::http::router(metrics),
     )
     .await
     .unwrap();
@@ -1275,8 +1275,8 @@ fn monitoring_config_and_rules_pass_promtool() {
     );
     // Every deem_* / process_* metric the rules and the dashboard use is one deem exports: populate every
     // family with a short pipelined run and a request, then look each name up.
-    let metrics = deem_actors::metrics::Metrics::new();
-    let labels = deem_actors::metrics::HttpLabels {
+    let metrics = deem_actors::runtime::metrics::Metrics::new();
+    let labels = deem_actors::runtime::metrics::HttpLabels {
         route: "/metrics".into(),
         status: "200".into(),
     };
@@ -1285,28 +1285,28 @@ fn monitoring_config_and_rules_pass_promtool() {
     let serve = &metrics.serve;
     serve
         .requests
-        .get_or_create(&deem_actors::metrics::RequestLabels {
+        .get_or_create(&deem_actors::runtime::metrics::RequestLabels {
             status: "stop".into(),
         })
         .inc();
     serve
         .kv_cache_bytes
-        .get_or_create(&deem_actors::metrics::ShardLabels {
+        .get_or_create(&deem_actors::runtime::metrics::ShardLabels {
             shard: "llm0".into(),
         })
         .set(0);
     let cfg = embedded_tiny();
     let topo = Topology::parse(
-        deem_actors::topology::EMBEDDED_CPU,
+        deem_actors::runtime::topology::EMBEDDED_CPU,
         "cpu.toml",
         &cfg.config,
         0,
     )
     .unwrap();
-    let job = deem_actors::train_cmd::TrainJob {
+    let job = deem_actors::cli::train::TrainJob {
         run_dir: scratch("monitoring"),
         steps: Some(1),
-        mode: deem_actors::train_cmd::Mode::Pipeline(topo),
+        mode: deem_actors::cli::train::Mode::Pipeline(topo),
         progress: false,
         resume: false,
         data: None,
@@ -1314,8 +1314,8 @@ fn monitoring_config_and_rules_pass_promtool() {
         pretrained: vec![],
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
-    deem_actors::train_cmd::run(&job, &cfg, &metrics, &rt).unwrap();
-    let exported = deem_actors::metrics::to_classic_text(&metrics.encode());
+    deem_actors::cli::train::run_job(&job, &cfg, &metrics, &rt).unwrap();
+    let exported = deem_actors::runtime::metrics::to_classic_text(&metrics.encode());
     let rules = std::fs::read_to_string(dir.join("alerts.yml")).unwrap();
     let dashboard = std::fs::read_to_string(dir.join("grafana-training.json")).unwrap();
     let _: serde_json::Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
@@ -1679,18 +1679,18 @@ fn binary_trains_with_the_reference_trainer() {
 fn training_exports_its_metrics() {
     let dir = scratch("train-metrics");
     let cfg = embedded_tiny();
-    let metrics = deem_actors::metrics::Metrics::new();
+    let metrics = deem_actors::runtime::metrics::Metrics::new();
     let topo = Topology::parse(
-        deem_actors::topology::EMBEDDED_CPU,
+        deem_actors::runtime::topology::EMBEDDED_CPU,
         "cpu.toml",
         &cfg.config,
         0,
     )
     .unwrap();
-    let job = deem_actors::train_cmd::TrainJob {
+    let job = deem_actors::cli::train::TrainJob {
         run_dir: dir,
         steps: Some(2),
-        mode: deem_actors::train_cmd::Mode::Pipeline(topo),
+        mode: deem_actors::cli::train::Mode::Pipeline(topo),
         progress: false,
         resume: false,
         data: None,
@@ -1698,8 +1698,8 @@ fn training_exports_its_metrics() {
         pretrained: vec![],
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let reports = deem_actors::train_cmd::run(&job, &cfg, &metrics, &rt).unwrap();
-    let text = deem_actors::metrics::to_classic_text(&metrics.encode());
+    let reports = deem_actors::cli::train::run_job(&job, &cfg, &metrics, &rt).unwrap();
+    let text = deem_actors::runtime::metrics::to_classic_text(&metrics.encode());
     assert!(text.contains("deem_train_steps_total 2\n"), "{text}");
     assert!(text.contains("deem_train_step_seconds_count 2\n"), "{text}");
     let scrape = scrape_text(&text);
@@ -1845,7 +1845,7 @@ fn pretrained_files_overlay_the_initialisation_and_bad_ones_are_named() {
     let good = dir.join("good.safetensors");
     let stem = Tensor::arange(6, tch::kind::FLOAT_CPU).view([2, 3]);
     deem::checkpoint::save(&good, &[("visual.trunk.stem.0.weight".into(), stem.copy())]).unwrap();
-    assert_eq!(deem_actors::train_cmd::overlay(&mut w, &good).unwrap(), 1);
+    assert_eq!(deem_actors::cli::train::overlay(&mut w, &good).unwrap(), 1);
     assert_eq!(w["visual.trunk.stem.0.weight"], stem);
     assert_eq!(
         w["model.norm.weight"],
@@ -1866,7 +1866,7 @@ fn pretrained_files_overlay_the_initialisation_and_bad_ones_are_named() {
         ],
     )
     .unwrap();
-    let err = deem_actors::train_cmd::overlay(&mut w, &unknown).unwrap_err();
+    let err = deem_actors::cli::train::overlay(&mut w, &unknown).unwrap_err();
     assert_eq!(
         err.to_string(),
         format!(
@@ -1883,7 +1883,7 @@ fn pretrained_files_overlay_the_initialisation_and_bad_ones_are_named() {
         )],
     )
     .unwrap();
-    let err = deem_actors::train_cmd::overlay(&mut w, &shape).unwrap_err();
+    let err = deem_actors::cli::train::overlay(&mut w, &shape).unwrap_err();
     assert_eq!(
         err.to_string(),
         format!(
@@ -1931,18 +1931,18 @@ fn init_from_a_mismatched_model_names_the_tensor() {
         let file = dir.join(format!("model-{k}.safetensors"));
         deem::checkpoint::save(&file, &w.into_iter().collect::<Vec<_>>()).unwrap();
         let topo = Topology::parse(
-            deem_actors::topology::EMBEDDED_CPU,
+            deem_actors::runtime::topology::EMBEDDED_CPU,
             "cpu.toml",
             &cfg.config,
             0,
         )
         .unwrap();
         for mode in [
-            deem_actors::train_cmd::Mode::SingleProcess(deem::DeviceSpec::Cpu),
-            deem_actors::train_cmd::Mode::Pipeline(topo),
+            deem_actors::cli::train::Mode::SingleProcess(deem::DeviceSpec::Cpu),
+            deem_actors::cli::train::Mode::Pipeline(topo),
         ] {
             let run_dir = dir.join(format!("run-{k}"));
-            let job = deem_actors::train_cmd::TrainJob {
+            let job = deem_actors::cli::train::TrainJob {
                 run_dir: run_dir.clone(),
                 steps: Some(1),
                 mode,
@@ -1953,10 +1953,10 @@ fn init_from_a_mismatched_model_names_the_tensor() {
                 pretrained: vec![],
             };
             let rt = tokio::runtime::Runtime::new().unwrap();
-            let metrics = deem_actors::metrics::Metrics::new();
+            let metrics = deem_actors::runtime::metrics::Metrics::new();
             let err = format!(
                 "{:#}",
-                deem_actors::train_cmd::run(&job, &cfg, &metrics, &rt).unwrap_err()
+                deem_actors::cli::train::run_job(&job, &cfg, &metrics, &rt).unwrap_err()
             );
             assert!(
                 err.starts_with("--init-from: ") && err.ends_with(expected.as_str()),
@@ -2040,7 +2040,7 @@ fn binary_experiment_keeps_finished_runs_adds_seeds_and_refuses_another_recipe()
                 "--stage2-steps",
                 stage2_steps,
             ],
-            &[("DEEM_LOG", "deem_actors::experiment=info,warn")],
+            &[("DEEM_LOG", "deem_actors::cli::experiment=info,warn")],
         )
     };
     let (ok, table1, err) = experiment("1", "2");
@@ -2102,12 +2102,12 @@ fn binary_experiment_keeps_finished_runs_adds_seeds_and_refuses_another_recipe()
 #[test]
 fn shipped_pretrained_components_load_into_the_tiny_model() {
     let c = preset("tiny.toml").config;
-    let mut w = deem_actors::pipeline::driver::initial_weights(&c).unwrap();
+    let mut w = deem::model::initial_weights(&c).unwrap();
     let dir = root().join("assets/tiny-pretrained");
     let mut counts = Vec::new();
     for f in ["encoder", "encoder-scenes", "decoder", "llm"] {
         let file = dir.join(format!("{f}.safetensors"));
-        counts.push(deem_actors::train_cmd::overlay(&mut w, &file).unwrap());
+        counts.push(deem_actors::cli::train::overlay(&mut w, &file).unwrap());
     }
     // The two encoders are the same image tower (open_clip names), trained on other data.
     assert_eq!(counts[0], counts[1]);

@@ -10,7 +10,7 @@ use deem::data::SyntheticBatches;
 use deem::model::Batch;
 use deem::train::Trainer;
 use deem_actors::pipeline::PipelineTrainer;
-use deem_actors::topology::Topology;
+use deem_actors::runtime::topology::Topology;
 use tch::{Device, Tensor};
 
 /// Pieces computed on separate actors are summed in a different order than in one graph (gradient
@@ -306,7 +306,7 @@ fn train(
     steps: u64,
 ) -> (
     Vec<deem::train::StepReport>,
-    std::sync::Arc<deem_actors::metrics::Metrics>,
+    std::sync::Arc<deem_actors::runtime::metrics::Metrics>,
 ) {
     let loaded = deem_actors::settings::load(&deem_actors::settings::Layers {
         base: deem_actors::settings::BaseFile::Embedded {
@@ -317,11 +317,11 @@ fn train(
         overrides: vec![],
     })
     .unwrap();
-    let metrics = deem_actors::metrics::Metrics::new();
-    let job = deem_actors::train_cmd::TrainJob {
+    let metrics = deem_actors::runtime::metrics::Metrics::new();
+    let job = deem_actors::cli::train::TrainJob {
         run_dir: dir.to_path_buf(),
         steps: Some(steps),
-        mode: deem_actors::train_cmd::Mode::Pipeline(topology(c)),
+        mode: deem_actors::cli::train::Mode::Pipeline(topology(c)),
         progress: false,
         resume: false,
         data: None,
@@ -333,7 +333,7 @@ fn train(
         .enable_all()
         .build()
         .unwrap();
-    let reports = deem_actors::train_cmd::run(&job, &loaded, &metrics, &rt).unwrap();
+    let reports = deem_actors::cli::train::run_job(&job, &loaded, &metrics, &rt).unwrap();
     (reports, metrics)
 }
 
@@ -350,7 +350,7 @@ fn a_killed_actor_restarts_from_the_checkpoint_and_the_run_ends_as_if_nothing_ha
         at_step: 3,
     });
     let (faulty, metrics) = train(&c, &root.join("faulty"), 6);
-    let text = deem_actors::metrics::to_classic_text(&metrics.encode());
+    let text = deem_actors::runtime::metrics::to_classic_text(&metrics.encode());
     assert!(text.contains("deem_train_restarts_total 1\n"), "{text}");
     let log = std::fs::read_to_string(root.join("faulty/steps.jsonl")).unwrap();
     assert!(
@@ -391,7 +391,7 @@ async fn a_topology_that_cannot_be_built_fails_clearly_and_leaves_no_actor_runni
     let mut c = cfg(PipelineSchedule::Gpipe, Stage::I);
     c.llm.tie_word_embeddings = true;
     // Actor names of their own, so other tests' actors running meanwhile are not counted.
-    let text = deem_actors::topology::EMBEDDED_CPU.replace("name = \"", "name = \"t-");
+    let text = deem_actors::runtime::topology::EMBEDDED_CPU.replace("name = \"", "name = \"t-");
     let topo = Topology::parse(&text, "cpu.toml", &c, 0).unwrap();
     let err = match PipelineTrainer::start(&c, &topo).await {
         Ok(_) => panic!("a tied head cannot be split across shards"),

@@ -23,7 +23,7 @@ fn the_report_has_losses_scores_and_reconstructions() {
         .collect();
     std::fs::write(run.join("steps.jsonl"), steps.join("\n")).unwrap();
     let c = cfg();
-    let weights: Vec<(String, tch::Tensor)> = deem_actors::pipeline::driver::initial_weights(&c)
+    let weights: Vec<(String, tch::Tensor)> = deem::model::initial_weights(&c)
         .unwrap()
         .into_iter()
         .collect();
@@ -37,7 +37,7 @@ fn the_report_has_losses_scores_and_reconstructions() {
         .collect();
     let out = dir.join("report");
     std::fs::create_dir_all(&out).unwrap();
-    deem_actors::report::plot_reconstructions(
+    deem_actors::cli::report::plot_reconstructions(
         &c,
         &run,
         &images,
@@ -50,8 +50,8 @@ fn the_report_has_losses_scores_and_reconstructions() {
         (3 * 68 * 3, (2 * 64 + 4) * 3)
     );
     let eval = json!({"pope/random": {"scores": {"n": 4, "accuracy": 0.75, "precision": 0.5, "recall": 1.0, "f1": 0.667, "yes_ratio": 0.75}}});
-    let r = deem_actors::report::read_run("stage-I", &run).unwrap();
-    deem_actors::report::write(&out, &[r], &eval, &["a note".into()]).unwrap();
+    let r = deem_actors::cli::report::read_run("stage-I", &run).unwrap();
+    deem_actors::cli::report::write(&out, &[r], &eval, &["a note".into()]).unwrap();
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(
         md.contains("| stage-I | 5 | 10.0000 | 6.0000 | 6.0000 | 0.5000 |"),
@@ -71,7 +71,7 @@ fn the_report_has_losses_scores_and_reconstructions() {
 #[test]
 fn the_prototype_classifier_names_clean_in_distribution_objects() {
     // A lone, centred object is classified as itself (its prototype is the nearest).
-    let clf = deem_actors::report::PrototypeClassifier::new(64);
+    let clf = deem_actors::cli::report::PrototypeClassifier::new(64);
     let mut right = 0;
     for (c, s) in [(0usize, 1usize), (2, 6), (3, 0), (5, 3), (7, 7)] {
         let scene = world::Scene::single(
@@ -94,7 +94,7 @@ fn the_prototype_classifier_names_clean_in_distribution_objects() {
 
 #[test]
 fn the_model_classifier_scores_replies_as_incremental_decoding_does_and_mines_with_them() {
-    use deem_actors::report::{Miner, ModelClassifier, MAIN_OBJECT_QUESTION};
+    use deem_actors::cli::report::{Miner, ModelClassifier, MAIN_OBJECT_QUESTION};
     let c = cfg();
     let dir = common::scratch("model-miner");
     let data = dir.join("data");
@@ -113,15 +113,14 @@ fn the_model_classifier_scores_replies_as_incremental_decoding_does_and_mines_wi
         eval_per_split: 3,
     };
     deem::datasets::synthesize(&data, &o).unwrap();
-    let init = deem_actors::pipeline::driver::initial_weights(&c).unwrap();
+    let init = deem::model::initial_weights(&c).unwrap();
     let weights: Vec<(String, tch::Tensor)> = init
         .iter()
         .map(|(k, v)| (k.clone(), v.shallow_clone()))
         .collect();
     let ck = dir.join("model.safetensors");
     deem::checkpoint::save(&ck, &weights).unwrap();
-    let tok =
-        std::sync::Arc::new(deem_actors::serve::load_tokenizer(None, Some(&data), &c).unwrap());
+    let tok = std::sync::Arc::new(deem::tokenizer::load_tokenizer(None, Some(&data), &c).unwrap());
     let clf = ModelClassifier::new(&c, &ck, tok.clone()).unwrap();
     let image = std::fs::read_dir(data.join("eval/id"))
         .unwrap()
@@ -151,12 +150,12 @@ fn the_model_classifier_scores_replies_as_incremental_decoding_does_and_mines_wi
         text: MAIN_OBJECT_QUESTION.into(),
         label: String::new(),
     };
-    let req = deem_actors::eval_cmd::request(
+    let req = deem_actors::cli::eval::request(
         &q,
         std::path::Path::new(""),
         &c,
         &tok,
-        &deem_actors::eval_cmd::Decoding::default(),
+        &deem_actors::cli::eval::Decoding::default(),
     )
     .unwrap();
     tch::no_grad(|| {
@@ -207,9 +206,14 @@ fn the_model_classifier_scores_replies_as_incremental_decoding_does_and_mines_wi
     sorted.sort_by(|a, b| b.1.total_cmp(&a.1));
     assert_eq!(rank, sorted.iter().map(|s| s.0.clone()).collect::<Vec<_>>());
     let out = dir.join("mined.json");
-    let counts =
-        deem_actors::report::build_robustvqa(&data, &[Split::Id], false, Miner::Model(&clf), &out)
-            .unwrap();
+    let counts = deem_actors::cli::report::build_robustvqa(
+        &data,
+        &[Split::Id],
+        false,
+        Miner::Model(&clf),
+        &out,
+    )
+    .unwrap();
     assert_eq!(counts["synthetic_id"], 3);
     let mined: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();

@@ -9,10 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deem::config::DeemConfig;
-use deem_actors::metrics::Metrics;
-use deem_actors::serve::engine::{Engine, Event, Weights};
-use deem_actors::serve::{api, load_tokenizer, Service};
-use deem_actors::topology::Topology;
+use deem::tokenizer::load_tokenizer;
+use deem_actors::runtime::metrics::Metrics;
+use deem_actors::runtime::topology::Topology;
+use deem_actors::serve::{openai, validation, Service};
+use deem_actors::serve::{Engine, Event, Weights};
 use serde_json::{json, Value};
 use tch::Tensor;
 
@@ -66,15 +67,14 @@ fn png_data_url(side: u32) -> String {
 }
 
 /// The whole response of one request as (text, images, finish reason).
-async fn collect(rx: flume::Receiver<Event>) -> (String, usize, String) {
+async fn collect(rx: deem_actors::serve::events::Events) -> (String, usize, String) {
     let (mut text, mut images) = (String::new(), 0);
     while let Ok(ev) = rx.recv_async().await {
-        match ev {
+        match ev.unwrap_or_else(|message| panic!("generation failed: {message}")) {
             Event::Text(t) => text.push_str(&t),
             Event::Image(_) => images += 1,
             Event::Csr(_) => {}
             Event::Done { finish_reason, .. } => return (text, images, finish_reason.into()),
-            Event::Error { message, .. } => panic!("generation failed: {message}"),
         }
     }
     panic!("the stream ended without Done")
@@ -87,9 +87,9 @@ fn request_of(
     b: &Value,
     c: &DeemConfig,
     tok: &deem::tokenizer::DeemTokenizer,
-) -> deem_actors::serve::engine::Request {
-    api::build(
-        api::parse(b.to_string().as_bytes()).unwrap(),
+) -> deem_actors::serve::ValidRequest {
+    validation::validate(
+        openai::parse(b.to_string().as_bytes()).unwrap(),
         c,
         tok,
         "tiny",
@@ -622,6 +622,86 @@ async fn a_timeout_ends_the_request_with_504_or_an_sse_error() {
     s.stop().await.unwrap();
 }
 
+/// A serving worker's compute thread dies mid-stream (the `[fault]` hook: the last LLM shard panics at
+/// its fourth tick): its supervisor marks it failed, the stream in flight gets an error event and
+/// `[DONE]`, `/ready` turns 503 naming the worker, a new request gets 503, the failure is counted, and
+/// the service still shuts down — each step bounded in time, so nothing can hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_worker_fails_its_streams_and_turns_ready_503() {
+    let mut c = cfg();
+    c.fault = Some(deem::config::FaultConfig {
+        kill_actor: "llm1".into(),
+        at_step: 3,
+    });
+    let s = service(c, None).await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let ready = client.get(url(&s, "/ready")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 200);
+    let long = json!({"messages": [{"role": "user", "content": "talk"}], "max_tokens": 1000,
+                      "stream": true, "logit_bias": {"2": -100}});
+    let text = post_as(&client, &s, None, &long)
+        .await
+        .text()
+        .await
+        .unwrap();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(*events.last().unwrap(), "[DONE]", "{text}");
+    let err: Value = serde_json::from_str(events[events.len() - 2]).unwrap();
+    assert_eq!(err["error"]["type"], "server_error", "{text}");
+    let message = err["error"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("actor llm1 failed (actor llm1: the compute thread died: fault injection: actor llm1 killed at job 3)"),
+        "{message}"
+    );
+
+    let ready = client.get(url(&s, "/ready")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+    let v: Value = ready.json().await.unwrap();
+    assert_eq!(v["failed"], json!(["llm1"]), "{v}");
+    let states: Vec<&str> = v["actors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["running", "running", "failed", "running"], "{v}");
+    // Three ticks went through; the fourth killed the shard (counted as it began).
+    assert_eq!(v["actors"][2]["jobs"], 4, "{v}");
+
+    let (status, v) = post(
+        &client,
+        &s,
+        json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"]["type"], "server_error");
+    assert!(
+        error_message(&v).starts_with(
+            "the service is not ready: actor llm1 failed: actor llm1: the compute thread died"
+        ),
+        "{v}"
+    );
+    assert_eq!(
+        metric(&client, &s, "deem_actor_failures_total{actor=\"llm1\"}").await,
+        1.0
+    );
+    assert_eq!(
+        metric(&client, &s, "deem_serve_requests_total{status=\"error\"}").await,
+        1.0
+    );
+    tokio::time::timeout(Duration::from_secs(30), s.stop())
+        .await
+        .expect("the service stops after a worker died")
+        .unwrap();
+}
+
 /// A free TCP port on the loopback.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -721,7 +801,7 @@ async fn a_checkpoint_directory_serves_the_weights_it_holds() {
     let c = cfg();
     let tok = Arc::new(load_tokenizer(None, None, &c).unwrap());
     let dir = common::scratch("serve-checkpoint");
-    let weights = deem_actors::pipeline::driver::initial_weights(&c).unwrap();
+    let weights = deem::model::initial_weights(&c).unwrap();
     let named: Vec<(String, tch::Tensor)> = weights.into_iter().collect();
     deem::checkpoint::save(&dir.join("model.safetensors"), &named).unwrap();
     let body = json!({"messages": [{"role": "user", "content": "same weights"}], "max_tokens": 8,
@@ -731,8 +811,8 @@ async fn a_checkpoint_directory_serves_the_weights_it_holds() {
         let engine = Engine::start(&c, &topology(&c), &w, tok.clone(), Metrics::new())
             .await
             .unwrap();
-        let r = api::build(
-            api::parse(body.to_string().as_bytes()).unwrap(),
+        let r = validation::validate(
+            openai::parse(body.to_string().as_bytes()).unwrap(),
             &c,
             &tok,
             "tiny",
@@ -795,16 +875,16 @@ async fn pope_evaluation_runs_through_the_generation_actors() {
         .collect();
     let f = dir.join("eval/a/pope_adversarial.jsonl");
     std::fs::write(&f, lines.join("\n")).unwrap();
-    let split = deem_actors::eval_cmd::pope_split(&f).unwrap();
+    let split = deem_actors::cli::eval::pope_split(&f).unwrap();
     assert_eq!(split.name, "pope/adversarial");
     let tok = Arc::new(load_tokenizer(None, None, &c).unwrap());
-    let results = deem_actors::eval_cmd::run(
+    let results = deem_actors::cli::eval::evaluate(
         &c,
         &topology(&c),
         &Weights::Init,
         tok,
         vec![split],
-        &deem_actors::eval_cmd::Decoding {
+        &deem_actors::cli::eval::Decoding {
             max_tokens: 4,
             ..Default::default()
         },
@@ -822,7 +902,7 @@ async fn pope_evaluation_runs_through_the_generation_actors() {
         .collect();
     let label: Vec<bool> = r.answers.iter().map(|(q, _)| q.label == "yes").collect();
     assert_eq!(r.scores, deem::eval::score(&pred, &label));
-    let table = deem_actors::eval_cmd::table(&results);
+    let table = deem_actors::cli::eval::table(&results);
     assert!(
         table.contains(&format!("| pope/adversarial | {} |", qs.len())),
         "{table}"
@@ -835,7 +915,7 @@ fn reference_beam(
     c: &DeemConfig,
     shard: &deem::llama::LlamaShard,
     tok: &deem::tokenizer::DeemTokenizer,
-    req: &deem_actors::serve::engine::Request,
+    req: &deem_actors::serve::ValidRequest,
 ) -> (String, bool) {
     use deem::sampling::{top_log_probs, BeamSearch};
     let ids = deem::model::special_ids(c);
@@ -922,7 +1002,12 @@ async fn beam_search_through_the_actors_equals_whole_sequence_beam_search() {
     // Every cache was freed, forks included.
     let mut held = usize::MAX;
     for _ in 0..50 {
-        held = engine.status().await.iter().map(|s| s.sequences).sum();
+        held = engine
+            .status()
+            .await
+            .iter()
+            .map(|s| s.detail.sequences)
+            .sum();
         if held == 0 {
             break;
         }
@@ -931,7 +1016,7 @@ async fn beam_search_through_the_actors_equals_whole_sequence_beam_search() {
     engine.shutdown().await;
     assert_eq!(held, 0, "beam caches left on the shards");
 
-    let weights = deem_actors::pipeline::driver::initial_weights(&c).unwrap();
+    let weights = deem::model::initial_weights(&c).unwrap();
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let shard = deem::llama::LlamaShard::new(
         &vs.root(),
@@ -1053,10 +1138,9 @@ async fn region_masks_reach_the_vision_and_diffusion_actors() {
             .unwrap();
         let mut got = None;
         while let Ok(ev) = rx.recv_async().await {
-            match ev {
+            match ev.unwrap_or_else(|message| panic!("{message}")) {
                 Event::Csr(s) => got = Some(s.iter().map(|x| x.csr_loss).collect::<Vec<_>>()),
                 Event::Done { .. } => break,
-                Event::Error { message, .. } => panic!("{message}"),
                 _ => {}
             }
         }
@@ -1096,17 +1180,17 @@ async fn region_captioning_evaluation_runs_through_the_generation_actors() {
         eval_per_split: 0,
     };
     deem::datasets::synthesize(&dir, &o).unwrap();
-    let split = deem_actors::eval_cmd::region_split(&dir.join("regions.json")).unwrap();
+    let split = deem_actors::cli::eval::region_split(&dir.join("regions.json")).unwrap();
     assert_eq!(split.name, "regions/regions");
     let refs: Vec<String> = split.regions.iter().map(|r| r.caption.clone()).collect();
     let tok = Arc::new(load_tokenizer(None, None, &c).unwrap());
-    let decoding = deem_actors::eval_cmd::Decoding {
+    let decoding = deem_actors::cli::eval::Decoding {
         max_tokens: 4,
         num_beams: 1,
         ..Default::default()
     };
     let ev =
-        deem_actors::eval_cmd::Evaluator::start(&c, &topology(&c), &Weights::Init, tok, &decoding)
+        deem_actors::cli::eval::Evaluator::start(&c, &topology(&c), &Weights::Init, tok, &decoding)
             .await
             .unwrap();
     let r = ev.regions(split).await.unwrap();
@@ -1118,12 +1202,12 @@ async fn region_captioning_evaluation_runs_through_the_generation_actors() {
         refs
     );
     assert_eq!(r.scores, deem::eval::score_captions(&answers, &refs));
-    let table = deem_actors::eval_cmd::caption_table(std::slice::from_ref(&r));
+    let table = deem_actors::cli::eval::caption_table(std::slice::from_ref(&r));
     assert!(
         table.contains(&format!("| regions/regions | {} |", refs.len())),
         "{table}"
     );
-    let json = deem_actors::eval_cmd::all_to_json(&[], std::slice::from_ref(&r));
+    let json = deem_actors::cli::eval::all_to_json(&[], std::slice::from_ref(&r));
     assert_eq!(json["regions/regions"]["answers"][0]["reference"], refs[0]);
 }
 
@@ -1133,7 +1217,7 @@ async fn region_captioning_evaluation_runs_through_the_generation_actors() {
 #[test]
 fn image_urls_decode_png_jpeg_webp_and_gif() {
     use base64::Engine as _;
-    use deem_actors::serve::api::decode_image;
+    use deem_actors::serve::validation::decode_image;
     let img = image::RgbImage::from_fn(24, 16, |x, y| {
         if (x / 4 + y / 4) % 2 == 0 {
             image::Rgb([220, 30, 30])
@@ -1170,10 +1254,10 @@ fn image_urls_decode_png_jpeg_webp_and_gif() {
     );
     let err = decode_image(&bmp_url, "messages[0].content[0].image_url.url", 64).unwrap_err();
     assert!(
-        err.message.starts_with(
+        err.to_string().starts_with(
             "messages[0].content[0].image_url.url: cannot decode the image (PNG, JPEG, WebP or GIF expected)"
         ),
         "{}",
-        err.message
+        err
     );
 }

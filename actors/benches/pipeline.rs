@@ -15,7 +15,7 @@ use deem::data::SyntheticBatches;
 use deem::train::Trainer;
 use deem_actors::pipeline::schedule::bubble_fraction;
 use deem_actors::pipeline::PipelineTrainer;
-use deem_actors::topology::Topology;
+use deem_actors::runtime::topology::Topology;
 use tch::{Device, Kind, Tensor};
 
 const WARMUP: u64 = 1;
@@ -48,7 +48,13 @@ fn reference_seconds(c: &DeemConfig) -> f64 {
 
 /// (seconds per step, summed stage busy seconds per step, largest stage busy seconds per step)
 fn pipelined_seconds(rt: &tokio::runtime::Runtime, c: &DeemConfig) -> (f64, f64, f64) {
-    let topo = Topology::parse(deem_actors::topology::EMBEDDED_CPU, "cpu.toml", c, 0).unwrap();
+    let topo = Topology::parse(
+        deem_actors::runtime::topology::EMBEDDED_CPU,
+        "cpu.toml",
+        c,
+        0,
+    )
+    .unwrap();
     rt.block_on(async {
         let mut p = PipelineTrainer::start(c, &topo).await.unwrap();
         let data = SyntheticBatches::new(c, 1);

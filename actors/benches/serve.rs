@@ -11,10 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deem::config::DeemConfig;
-use deem_actors::metrics::Metrics;
-use deem_actors::serve::engine::{Engine, Event, Weights};
-use deem_actors::serve::{api, load_tokenizer};
-use deem_actors::topology::Topology;
+use deem::tokenizer::load_tokenizer;
+use deem_actors::runtime::metrics::Metrics;
+use deem_actors::runtime::topology::Topology;
+use deem_actors::serve::{openai, validation};
+use deem_actors::serve::{Engine, Event, Weights};
 use serde_json::json;
 
 const TOKENS: usize = 48;
@@ -45,8 +46,8 @@ fn run(
             body["max_tokens"] = json!(2);
             body["max_images"] = json!(1);
         }
-        let r = api::build(
-            api::parse(body.to_string().as_bytes()).unwrap(),
+        let r = validation::validate(
+            openai::parse(body.to_string().as_bytes()).unwrap(),
             cfg,
             tok,
             "tiny",
@@ -61,14 +62,13 @@ fn run(
             std::thread::spawn(move || {
                 let mut first = None;
                 while let Ok(ev) = rx.recv() {
-                    match ev {
+                    match ev.unwrap_or_else(|message| panic!("{message}")) {
                         Event::Text(_) | Event::Image(_) => {
                             first.get_or_insert_with(|| sent.elapsed().as_secs_f64());
                         }
                         Event::Done {
                             completion_tokens, ..
                         } => return (completion_tokens, first.unwrap_or(f64::NAN)),
-                        Event::Error { message, .. } => panic!("{message}"),
                         Event::Csr(_) => {}
                     }
                 }

@@ -12,11 +12,11 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("usage: image_use CONFIG CHECKPOINT DATA [BATCHES]");
     }
     let cfg: deem::config::DeemConfig = toml::from_str(&std::fs::read_to_string(&a[0])?)?;
-    let (_vs, model) = deem_actors::report::load_model(&cfg, Path::new(&a[1]))?;
-    let batches = deem_actors::train_cmd::dataset_batches(
+    let (_vs, model) = deem_actors::cli::report::load_model(&cfg, Path::new(&a[1]))?;
+    let batches = deem_actors::cli::train::dataset_batches(
         &cfg,
         Path::new(&a[2]),
-        &deem_actors::metrics::Metrics::new(),
+        &deem_actors::runtime::metrics::Metrics::new(),
     )?;
     let n: u64 = a.get(3).map_or(Ok(20), |x| x.parse())?;
     let (mut own, mut rotated) = (0.0, 0.0);

@@ -14,12 +14,12 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("usage: main_object CONFIG CHECKPOINT DATA ROOT [PER_CLASS]");
     }
     let cfg: deem::config::DeemConfig = toml::from_str(&std::fs::read_to_string(&a[0])?)?;
-    let tok = Arc::new(deem_actors::serve::load_tokenizer(
+    let tok = Arc::new(deem::tokenizer::load_tokenizer(
         None,
         Some(Path::new(&a[2])),
         &cfg,
     )?);
-    let clf = deem_actors::report::ModelClassifier::new(&cfg, Path::new(&a[1]), tok)?;
+    let clf = deem_actors::cli::report::ModelClassifier::new(&cfg, Path::new(&a[1]), tok)?;
     let per_class: usize = a.get(4).map_or(Ok(2), |x| x.parse())?;
     let (mut n, mut label, mut colour, mut shape) = (0, 0, 0, 0);
     let mut classes: Vec<_> = std::fs::read_dir(&a[3])?.filter_map(|e| e.ok()).collect();

@@ -65,7 +65,7 @@ fn main() -> anyhow::Result<()> {
         .collect();
     // A run directory: the whole model (its own encoder included); a file: the encoder alone.
     let run = if path.is_dir() {
-        Some(deem_actors::report::load_model(&cfg, path)?)
+        Some(deem_actors::cli::report::load_model(&cfg, path)?)
     } else {
         None
     };

@@ -9,9 +9,12 @@ fn main() -> anyhow::Result<()> {
     let cfg: deem::config::DeemConfig = toml::from_str(&std::fs::read_to_string(&a[0])?)?;
     let dir = std::path::Path::new(&a[1]);
     let index: u64 = a.get(2).map_or(Ok(0), |x| x.parse())?;
-    let m =
-        deem_actors::train_cmd::dataset_batches(&cfg, dir, &deem_actors::metrics::Metrics::new())?;
-    let tok = deem_actors::serve::load_tokenizer(None, Some(dir), &cfg)?;
+    let m = deem_actors::cli::train::dataset_batches(
+        &cfg,
+        dir,
+        &deem_actors::runtime::metrics::Metrics::new(),
+    )?;
+    let tok = deem::tokenizer::load_tokenizer(None, Some(dir), &cfg)?;
     let b = m.batch(index).map_err(anyhow::Error::msg)?;
     let ids: Vec<Vec<i64>> = Vec::try_from(&b.input_ids)?;
     // Without a loss mask (stage I) every id is a target under ntp_loss's own rules.

@@ -15,12 +15,12 @@ fn main() -> anyhow::Result<()> {
     }
     let cfg: deem::config::DeemConfig = toml::from_str(&std::fs::read_to_string(&a[0])?)?;
     let data = Path::new(&a[2]);
-    let tok = Arc::new(deem_actors::serve::load_tokenizer(None, Some(data), &cfg)?);
-    let clf = deem_actors::report::ModelClassifier::new(&cfg, Path::new(&a[1]), tok.clone())?;
+    let tok = Arc::new(deem::tokenizer::load_tokenizer(None, Some(data), &cfg)?);
+    let clf = deem_actors::cli::report::ModelClassifier::new(&cfg, Path::new(&a[1]), tok.clone())?;
     let eos = cfg.llm.eos_token_id;
     let replies = [
-        deem_actors::report::reply_ids(&tok, " Yes", eos)?,
-        deem_actors::report::reply_ids(&tok, " No", eos)?,
+        deem_actors::cli::report::reply_ids(&tok, " Yes", eos)?,
+        deem_actors::cli::report::reply_ids(&tok, " No", eos)?,
     ];
     for f in &a[3..] {
         let f = Path::new(f);

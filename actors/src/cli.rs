@@ -1,13 +1,29 @@
-//! The `deem` command line. Every flag can also come from a `DEEM_*` environment variable (shown in
-//! `--help`); config keys come from `DEEM_<SECTION>__<KEY>` variables and `--set` (see `settings`).
+//! The `deem` command line, after clap's derive style: this file holds only the argument types and the
+//! dispatch; each subcommand's body is `cli/<command>.rs` with a `run(args)`. Every flag can also come
+//! from a `DEEM_*` environment variable (shown in `--help`); config keys come from
+//! `DEEM_<SECTION>__<KEY>` variables and `--set` (see `settings`). This is the only layer that imports
+//! both `pipeline/` and `serve/`, and (with the tests) the only one that uses anyhow.
+
+pub mod bench;
+pub mod config;
+pub mod data;
+pub mod eval;
+pub mod experiment;
+pub mod forward;
+pub mod info;
+pub mod pretrain;
+pub mod report;
+pub mod serve;
+pub mod topology;
+pub mod train;
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::runtime::telemetry::{self, LogFormat};
+use crate::runtime::topology::{self as topo, Topology};
 use crate::settings::{self, BaseFile, Layers, LoadedConfig};
-use crate::telemetry::{self, LogFormat};
-use crate::topology::{self, Topology};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,26 +66,7 @@ pub enum Command {
     /// topology's actors, with /metrics, /ready and a playground page at /.
     Serve(ServeArgs),
     /// Write a report folder (report.md, report.json, losses.png) from training runs and an evaluation.
-    Report {
-        #[arg(long)]
-        out: PathBuf,
-        /// `NAME=RUN_DIR` (repeatable, in training order).
-        #[arg(long = "run", value_name = "NAME=DIR")]
-        runs: Vec<String>,
-        /// The JSON `deem eval --out` wrote.
-        #[arg(long)]
-        eval: Option<PathBuf>,
-        /// A line for the report's head (repeatable).
-        #[arg(long = "note")]
-        notes: Vec<String>,
-        /// Plot CSR reconstructions of these images by this model (with --config).
-        #[arg(long)]
-        checkpoint: Option<PathBuf>,
-        #[arg(long = "image")]
-        images: Vec<PathBuf>,
-        #[command(flatten)]
-        config: ConfigArgs,
-    },
+    Report(ReportArgs),
     /// RobustVQA and POPE through the generation actors (batched, greedy): a table and a JSON report.
     Eval(EvalArgs),
     /// The synthetic world and dataset files.
@@ -86,6 +83,28 @@ pub enum Command {
     /// Time deem on a reference checkpoint (deem's side of scripts/bench_reference.py).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    #[arg(long)]
+    pub out: PathBuf,
+    /// `NAME=RUN_DIR` (repeatable, in training order).
+    #[arg(long = "run", value_name = "NAME=DIR")]
+    pub runs: Vec<String>,
+    /// The JSON `deem eval --out` wrote.
+    #[arg(long)]
+    pub eval: Option<PathBuf>,
+    /// A line for the report's head (repeatable).
+    #[arg(long = "note")]
+    pub notes: Vec<String>,
+    /// Plot CSR reconstructions of these images by this model (with --config).
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    #[arg(long = "image")]
+    pub images: Vec<PathBuf>,
+    #[command(flatten)]
+    pub config: ConfigArgs,
 }
 
 #[derive(Debug, Args)]
@@ -291,7 +310,7 @@ pub enum DataCommand {
     /// Read a dataset file, report (and log) every bad record, and fail above a bad-record share.
     Check {
         #[arg(long, value_enum)]
-        format: crate::data_cmd::Format,
+        format: crate::cli::data::Format,
         file: PathBuf,
         /// Folder the records' image paths are relative to (default: the file's folder), e.g. LLaVA's
         /// image folder or COCO's `train2014/`.
@@ -435,7 +454,7 @@ pub struct ForwardArgs {
     /// noise_pred), `vae-encode` (pixel_values → latent_mean), `vae-decode` (latents → pixel_values) or
     /// `sample` (noise, encoder_hidden_states [, uncond_hidden_states] → latents, DDIM).
     #[arg(value_enum)]
-    pub component: crate::forward::Component,
+    pub component: crate::cli::forward::Component,
     /// Checkpoint file or directory (HF `save_pretrained` output, open_clip's safetensors, sharded index).
     #[arg(long)]
     pub checkpoint: PathBuf,
@@ -521,12 +540,12 @@ impl TopologyArgs {
         &self,
         cfg: &LoadedConfig,
         cuda_devices: usize,
-    ) -> Result<Topology, topology::TopologyError> {
+    ) -> Result<Topology, topo::TopologyError> {
         match &self.topology {
             Some(p) => Topology::load(p, &cfg.config, cuda_devices),
             None => Topology::parse(
-                topology::EMBEDDED_CPU,
-                topology::EMBEDDED_CPU_NAME,
+                topo::EMBEDDED_CPU,
+                topo::EMBEDDED_CPU_NAME,
                 &cfg.config,
                 cuda_devices,
             ),
@@ -534,90 +553,16 @@ impl TopologyArgs {
     }
 }
 
-/// `deem info` text.
-pub fn info_text() -> String {
-    let cuda = deem::device::cuda_device_count();
-    let cuda_line = if cuda == 0 {
-        "not available (0 devices)".to_string()
-    } else {
-        let cudnn = if tch::Cuda::cudnn_is_available() {
-            format!(", cuDNN {}", tch::utils::version_cudnn())
-        } else {
-            String::new()
-        };
-        format!(
-            "{cuda} device(s): {}{cudnn}",
-            (0..cuda)
-                .map(|i| format!("cuda:{i}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        )
-    };
-    let yes = |b: bool| if b { "yes" } else { "no" };
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mut s = String::new();
-    s.push_str(&format!("deem {}\n", deem::VERSION));
-    s.push_str(&format!("  tch crate         {}\n", deem::TCH_VERSION));
-    s.push_str(&format!(
-        "  libtorch          {} ({})\n",
-        deem::LIBTORCH_VERSION.unwrap_or("unknown"),
-        deem::LIBTORCH_LIB_DIR.unwrap_or("location unknown")
-    ));
-    s.push_str(&format!("  CUDA              {cuda_line}\n"));
-    s.push_str(&format!(
-        "  threads           intra-op {}, inter-op {} ({cores} cores available)\n",
-        tch::get_num_threads(),
-        tch::get_num_interop_threads()
-    ));
-    s.push_str(&format!(
-        "  MKL / oneDNN / OpenMP  {} / {} / {}\n",
-        yes(tch::utils::has_mkl()),
-        yes(tch::utils::has_mkldnn()),
-        yes(tch::utils::has_openmp())
-    ));
-    s
-}
-
-/// `deem topology check` text for a validated topology.
-pub fn topology_report(topo: &Topology, cfg: &LoadedConfig) -> String {
-    let mut s = String::new();
-    let desc = topo
-        .description
-        .as_deref()
-        .map(|d| format!(" — {d}"))
-        .unwrap_or_default();
-    s.push_str(&format!(
-        "topology  {}{desc}  [{}]\n",
-        topo.name, topo.origin
-    ));
-    s.push_str(&format!(
-        "config    {}, dtype {}, {} LLM layers  [{}]\n\n",
-        cfg.config.model.name,
-        cfg.config.model.dtype,
-        cfg.config.llm.num_hidden_layers,
-        cfg.base_origin
-    ));
-    s.push_str(&topo.table());
-    let devices: Vec<String> = topo.devices().iter().map(ToString::to_string).collect();
-    s.push_str(&format!(
-        "\nok: {} actors on {} device(s) ({})\n",
-        topo.actors.len(),
-        devices.len(),
-        devices.join(", ")
-    ));
-    s
-}
-
-/// A `--device` value that this machine has.
 /// The runtime the training commands (train, experiment, pretrain llm) drive their actors from.
-fn training_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+pub(crate) fn training_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
 }
 
-fn parse_device(s: &str) -> anyhow::Result<deem::DeviceSpec> {
+/// A `--device` value that this machine has.
+pub(crate) fn parse_device(s: &str) -> anyhow::Result<deem::DeviceSpec> {
     let device: deem::DeviceSpec = s.parse().map_err(|e| anyhow::anyhow!("--device: {e}"))?;
     if let deem::DeviceSpec::Cuda(n) = device {
         let have = deem::device::cuda_device_count();
@@ -634,416 +579,17 @@ fn parse_device(s: &str) -> anyhow::Result<deem::DeviceSpec> {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     telemetry::init(&cli.log, cli.log_format)?;
     match cli.command {
-        Command::Info => print!("{}", info_text()),
-        Command::Topology(TopologyCommand::Check {
-            topology,
-            config,
-            assume_cuda_devices,
-        }) => {
-            let cfg = config.load()?;
-            let cuda = assume_cuda_devices.unwrap_or_else(deem::device::cuda_device_count);
-            let topo = topology.load(&cfg, cuda)?;
-            tracing::debug!(actors = topo.actors.len(), "topology valid");
-            print!("{}", topology_report(&topo, &cfg));
-        }
-        Command::Forward(args) => {
-            let cfg = args.config.load()?;
-            let device = parse_device(&args.device)?;
-            let job = crate::forward::ForwardJob {
-                component: args.component,
-                checkpoint: args.checkpoint,
-                inputs: args.inputs,
-                output: args.output,
-                device,
-                steps: args.steps,
-                guidance: args.guidance,
-            };
-            let written = crate::forward::run_to_file(&job, &cfg)?;
-            println!("wrote {}: {}", job.output.display(), written.join(", "));
-        }
-        Command::Train(args) => {
-            let cfg = args.config.load()?;
-            let mode = if args.single_process {
-                crate::train_cmd::Mode::SingleProcess(parse_device(&args.device)?)
-            } else {
-                crate::train_cmd::Mode::Pipeline(
-                    args.topology
-                        .load(&cfg, deem::device::cuda_device_count())?,
-                )
-            };
-            let job = crate::train_cmd::TrainJob {
-                run_dir: args.run_dir,
-                steps: args.steps,
-                mode,
-                progress: !args.quiet,
-                resume: args.resume,
-                data: args.data,
-                init_from: args.init_from,
-                pretrained: args.pretrained,
-            };
-            let metrics = crate::metrics::Metrics::new();
-            let runtime = training_runtime()?;
-            let server = match args.metrics_addr {
-                Some(addr) => Some(runtime.block_on(crate::http::Server::start(
-                    addr,
-                    crate::http::router(metrics.clone()),
-                ))?),
-                None => None,
-            };
-            let reports = crate::train_cmd::run(&job, &cfg, &metrics, &runtime)?;
-            if let Some(s) = server {
-                runtime.block_on(s.stop())?;
-            }
-            if let (Some(first), Some(last)) = (reports.first(), reports.last()) {
-                println!(
-                    "trained {} steps: loss {:.4} → {:.4}; wrote {}",
-                    reports.len(),
-                    first.total,
-                    last.total,
-                    job.run_dir.display()
-                );
-            }
-        }
-        Command::Serve(args) => {
-            let cfg = args.config.load()?;
-            let topo = args
-                .topology
-                .load(&cfg, deem::device::cuda_device_count())?;
-            let tokenizer = crate::serve::load_tokenizer(
-                args.tokenizer.as_deref(),
-                args.checkpoint.as_deref(),
-                &cfg.config,
-            )?;
-            let weights = match &args.checkpoint {
-                Some(p) => crate::serve::engine::Weights::Checkpoint(p.clone()),
-                None => {
-                    tracing::warn!(
-                        "no --checkpoint: serving the untrained initialisation for train.seed"
-                    );
-                    crate::serve::engine::Weights::Init
-                }
-            };
-            let metrics = crate::metrics::Metrics::new();
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(async {
-                let service = crate::serve::Service::start(
-                    args.addr,
-                    cfg.config.clone(),
-                    &topo,
-                    &weights,
-                    tokenizer,
-                    args.api_key.clone(),
-                    metrics,
-                )
-                .await?;
-                println!("deem serve: listening on http://{}", service.addr);
-                crate::serve::shutdown_signal().await;
-                tracing::info!("shutting down: draining in-flight requests");
-                service.stop().await
-            })?;
-        }
-        Command::Eval(args) => {
-            let cfg = args.config.load()?;
-            let topo = args
-                .topology
-                .load(&cfg, deem::device::cuda_device_count())?;
-            let tok = crate::serve::load_tokenizer(
-                args.tokenizer.as_deref(),
-                args.checkpoint.as_deref(),
-                &cfg.config,
-            )?;
-            let mut splits = Vec::new();
-            if let Some(f) = &args.robustvqa {
-                splits.extend(crate::eval_cmd::robustvqa_splits(f)?);
-            }
-            for f in &args.pope {
-                splits.push(crate::eval_cmd::pope_split(f)?);
-            }
-            let mut region_splits = Vec::new();
-            for f in &args.regions {
-                region_splits.push(crate::eval_cmd::region_split(f)?);
-            }
-            if splits.is_empty() && region_splits.is_empty() {
-                anyhow::bail!(
-                    "nothing to evaluate: give --robustvqa FILE, --pope FILE and/or --regions FILE"
-                );
-            }
-            let weights = match &args.checkpoint {
-                Some(p) => crate::serve::engine::Weights::Checkpoint(p.clone()),
-                None => crate::serve::engine::Weights::Init,
-            };
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
-            let decoding = crate::eval_cmd::Decoding {
-                max_tokens: args.max_tokens,
-                num_beams: args.num_beams,
-                prime: args.prime.clone(),
-            };
-            let (results, captions) = runtime.block_on(async {
-                let ev = crate::eval_cmd::Evaluator::start(
-                    &cfg.config,
-                    &topo,
-                    &weights,
-                    std::sync::Arc::new(tok),
-                    &decoding,
-                )
-                .await?;
-                let (mut results, mut captions) = (Vec::new(), Vec::new());
-                for s in splits {
-                    results.push(ev.yes_no(s).await?);
-                }
-                for s in region_splits {
-                    captions.push(ev.regions(s).await?);
-                }
-                ev.shutdown().await;
-                anyhow::Ok((results, captions))
-            })?;
-            if !results.is_empty() {
-                print!("{}", crate::eval_cmd::table(&results));
-            }
-            if !captions.is_empty() {
-                print!("{}", crate::eval_cmd::caption_table(&captions));
-            }
-            if let Some(out) = &args.out {
-                std::fs::write(
-                    out,
-                    serde_json::to_string_pretty(&crate::eval_cmd::all_to_json(
-                        &results, &captions,
-                    ))?,
-                )?;
-                println!("wrote {}", out.display());
-            }
-        }
-        Command::Experiment(ExperimentCommand::Csr {
-            topology,
-            data,
-            out,
-            seeds,
-            stage1_config,
-            stage2_config,
-            stage1_steps,
-            stage2_steps,
-            pretrained,
-        }) => {
-            let load = |p: PathBuf| {
-                ConfigArgs {
-                    config: Some(p),
-                    overrides: vec![],
-                }
-                .load()
-            };
-            if !stage2_steps.is_empty() && stage2_steps.len() != stage2_config.len() {
-                anyhow::bail!(
-                    "--stage2-steps: expected one step count per --stage2-config ({}), found {}",
-                    stage2_config.len(),
-                    stage2_steps.len()
-                );
-            }
-            let stage1 = load(stage1_config)?;
-            let stage1_steps = stage1_steps.unwrap_or(stage1.config.train.steps);
-            let mut stage2 = Vec::new();
-            for (i, p) in stage2_config.into_iter().enumerate() {
-                let c = load(p)?;
-                let steps = stage2_steps.get(i).copied().unwrap_or(c.config.train.steps);
-                stage2.push((c, steps));
-            }
-            let topo = topology.load(&stage1, deem::device::cuda_device_count())?;
-            let e = crate::experiment::Experiment {
-                stage1: (stage1, stage1_steps),
-                stage2,
-                topology: topo,
-                data,
-                out,
-                seeds,
-                weights: vec![5.0, 0.0],
-                pretrained,
-            };
-            let runtime = training_runtime()?;
-            print!("{}", crate::experiment::run(&e, &runtime)?);
-        }
-        Command::Report {
-            out,
-            runs,
-            eval,
-            notes,
-            checkpoint,
-            images,
-            config,
-        } => {
-            if let (Some(ck), false) = (&checkpoint, images.is_empty()) {
-                std::fs::create_dir_all(&out)?;
-                let cfg = config.load()?;
-                crate::report::plot_reconstructions(
-                    &cfg.config,
-                    ck,
-                    &images,
-                    &out.join("csr_reconstructions.png"),
-                )?;
-            }
-            let runs = runs
-                .iter()
-                .map(|r| {
-                    let (name, dir) = r
-                        .split_once('=')
-                        .ok_or_else(|| anyhow::anyhow!("--run {r}: expected NAME=RUN_DIR"))?;
-                    crate::report::read_run(name, std::path::Path::new(dir))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let eval = match eval {
-                Some(p) => serde_json::from_str(&std::fs::read_to_string(&p)?)?,
-                None => serde_json::Value::Null,
-            };
-            crate::report::write(&out, &runs, &eval, &notes)?;
-            println!("wrote {}/report.md, report.json, losses.png", out.display());
-        }
-        Command::Pretrain(PretrainCommand::Encoder {
-            data,
-            out,
-            steps,
-            batch_size,
-            lr,
-            seed,
-            pairs,
-            group,
-            scenes,
-            quiet,
-            config,
-        }) => {
-            let cfg = config.load()?;
-            let pairs = if scenes > 0 {
-                crate::pretrain_cmd::PairSource::Scenes(scenes)
-            } else {
-                crate::pretrain_cmd::PairSource::File(pairs)
-            };
-            let o = deem::clip::ClipOptions {
-                seed,
-                steps,
-                batch_size,
-                lr,
-                group,
-                ..Default::default()
-            };
-            let metrics = crate::metrics::Metrics::new();
-            let r = crate::pretrain_cmd::encoder(
-                &cfg.config,
-                &data,
-                &pairs,
-                &out,
-                &o,
-                !quiet,
-                &metrics,
-            )?;
-            println!(
-                "pretrained the encoder {} steps: contrastive loss {:.4}, in-batch accuracy {:.2}; wrote {}",
-                steps,
-                r.loss,
-                r.accuracy,
-                out.join("encoder.safetensors").display()
-            );
-        }
-        Command::Pretrain(PretrainCommand::Decoder {
-            data,
-            clip,
-            out,
-            vae_steps,
-            unet_steps,
-            batch_size,
-            seed,
-            quiet,
-            config,
-        }) => {
-            let cfg = config.load()?;
-            let o = deem::sd::DecoderOptions {
-                seed,
-                vae_steps,
-                unet_steps,
-                batch_size,
-                ..Default::default()
-            };
-            let metrics = crate::metrics::Metrics::new();
-            let (vae, unet) = crate::pretrain_cmd::decoder(
-                &cfg.config,
-                &data,
-                &clip,
-                &out,
-                &o,
-                !quiet,
-                &metrics,
-            )?;
-            println!(
-                "pretrained the decoder: VAE reconstruction loss {vae:.4}, UNet diffusion loss {unet:.4}; wrote {}",
-                out.join("decoder.safetensors").display()
-            );
-        }
-        Command::Pretrain(PretrainCommand::Llm {
-            data,
-            out,
-            steps,
-            device,
-            quiet,
-            config,
-            overrides,
-        }) => {
-            let cfg = ConfigArgs {
-                config: Some(config),
-                overrides,
-            }
-            .load()?;
-            let device = parse_device(&device)?;
-            let runtime = training_runtime()?;
-            let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
-            let (first, last) = crate::pretrain_cmd::llm(
-                &cfg, &data, &out, steps, device, !quiet, &metrics, &runtime,
-            )?;
-            println!(
-                "pretrained the LLM: NTP loss {first:.4} → {last:.4}; wrote {}",
-                out.join("llm.safetensors").display()
-            );
-        }
-        Command::Data(d) => {
-            let metrics = crate::metrics::Metrics::new();
-            print!("{}", crate::data_cmd::run(d, &metrics)?);
-        }
-        Command::Bench(b) => {
-            let out = match b {
-                BenchCommand::Decode {
-                    checkpoint,
-                    prompt_tokens,
-                    new_tokens,
-                    repeats,
-                    threads,
-                } => {
-                    if let Some(n) = threads {
-                        tch::set_num_threads(n);
-                    }
-                    crate::bench_cmd::decode(&checkpoint, prompt_tokens, new_tokens, repeats)?
-                }
-                BenchCommand::Unet {
-                    checkpoint,
-                    steps,
-                    context_tokens,
-                    repeats,
-                    threads,
-                } => {
-                    if let Some(n) = threads {
-                        tch::set_num_threads(n);
-                    }
-                    crate::bench_cmd::unet(&checkpoint, steps, context_tokens, repeats)?
-                }
-            };
-            println!("{out}");
-        }
-        Command::Config(ConfigCommand::Show { config }) => {
-            let cfg = config.load()?;
-            print!(
-                "# resolved from {} (+ DEEM_* variables and --set flags)\n{}",
-                cfg.base_origin,
-                settings::to_toml(&cfg.config)
-            );
-        }
+        Command::Info => info::run(),
+        Command::Topology(c) => topology::run(c),
+        Command::Config(c) => config::run(c),
+        Command::Forward(a) => forward::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Serve(a) => serve::run(a),
+        Command::Report(a) => report::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Data(c) => data::run(c),
+        Command::Pretrain(c) => pretrain::run(c),
+        Command::Experiment(c) => experiment::run(c),
+        Command::Bench(c) => bench::run(c),
     }
-    Ok(())
 }

@@ -1,20 +1,10 @@
-//! deem-actors — the deem runtime: topologies that place the vision encoder, LLM shards and diffusion
-//! decoder on devices, layered configuration, observability (tracing, Prometheus metrics, the HTTP
-//! endpoint) and the `deem` command line. Model math lives in the `deem` crate, which never imports this.
+//! deem-actors — the deem runtime, after DESIGN.md's layering: `runtime/` (the supervised compute actor,
+//! topologies, metrics, the observability endpoint), `pipeline/` (training across actors), `serve/` (the
+//! generation service, split as a request travels) and `cli/` (the `deem` commands, the only layer that
+//! imports both pipeline and serve). Model math lives in the `deem` crate, which never imports this.
 
-pub mod bench_cmd;
 pub mod cli;
-pub mod data_cmd;
-pub mod eval_cmd;
-pub mod experiment;
-pub mod forward;
-pub mod http;
-pub mod metrics;
 pub mod pipeline;
-pub mod pretrain_cmd;
-pub mod report;
+pub mod runtime;
 pub mod serve;
 pub mod settings;
-pub mod telemetry;
-pub mod topology;
-pub mod train_cmd;

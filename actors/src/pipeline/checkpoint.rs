@@ -6,7 +6,9 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use super::error::PipelineError;
+
+type Result<T, E = PipelineError> = std::result::Result<T, E>;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -83,68 +85,69 @@ pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
 }
 
 /// Creates an empty `step-N.tmp` directory to write into.
-pub fn begin(run_dir: &Path, step: u64) -> anyhow::Result<PathBuf> {
+pub fn begin(run_dir: &Path, step: u64) -> Result<PathBuf> {
     let tmp = checkpoints_dir(run_dir).join(format!("step-{step}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    std::fs::create_dir_all(&tmp).map_err(PipelineError::io(&tmp))?;
     Ok(tmp)
 }
 
 /// Writes the manifest into `tmp`, renames it to `step-N` and points `latest` at it.
-pub fn commit(run_dir: &Path, tmp: &Path, manifest: &Manifest) -> anyhow::Result<PathBuf> {
-    std::fs::write(
-        tmp.join("manifest.json"),
-        serde_json::to_string_pretty(manifest)?,
-    )?;
+pub fn commit(run_dir: &Path, tmp: &Path, manifest: &Manifest) -> Result<PathBuf> {
+    let path = tmp.join("manifest.json");
+    let text = serde_json::to_string_pretty(manifest)
+        .map_err(|e| PipelineError::checkpoint(&path, e.to_string()))?;
+    std::fs::write(&path, text).map_err(PipelineError::io(&path))?;
     let dir = checkpoints_dir(run_dir);
     let done = dir.join(format!("step-{}", manifest.step));
     let _ = std::fs::remove_dir_all(&done);
-    std::fs::rename(tmp, &done).with_context(|| format!("{}: cannot rename", tmp.display()))?;
+    std::fs::rename(tmp, &done).map_err(PipelineError::io(tmp))?;
     let latest_tmp = dir.join("latest.tmp");
-    std::fs::write(&latest_tmp, format!("step-{}\n", manifest.step))?;
-    std::fs::rename(&latest_tmp, dir.join("latest"))?;
+    std::fs::write(&latest_tmp, format!("step-{}\n", manifest.step))
+        .map_err(PipelineError::io(&latest_tmp))?;
+    std::fs::rename(&latest_tmp, dir.join("latest")).map_err(PipelineError::io(&latest_tmp))?;
     Ok(done)
 }
 
 /// The latest complete checkpoint of a run directory and its manifest.
-pub fn latest(run_dir: &Path) -> anyhow::Result<(PathBuf, Manifest)> {
+pub fn latest(run_dir: &Path) -> Result<(PathBuf, Manifest)> {
     let dir = checkpoints_dir(run_dir);
     let pointer = dir.join("latest");
-    let name = std::fs::read_to_string(&pointer)
-        .with_context(|| format!("{}: no checkpoint to resume from", pointer.display()))?;
+    let name = std::fs::read_to_string(&pointer).map_err(|source| PipelineError::NoCheckpoint {
+        path: pointer.clone(),
+        source,
+    })?;
     let ck = dir.join(name.trim());
     let manifest_path = ck.join("manifest.json");
-    let text = std::fs::read_to_string(&manifest_path)
-        .with_context(|| format!("{}: cannot read", manifest_path.display()))?;
-    let manifest: Manifest = serde_json::from_str(&text).with_context(|| {
-        format!(
-            "{}: not a deem checkpoint manifest",
-            manifest_path.display()
+    let text =
+        std::fs::read_to_string(&manifest_path).map_err(PipelineError::io(&manifest_path))?;
+    let manifest: Manifest = serde_json::from_str(&text).map_err(|e| {
+        PipelineError::checkpoint(
+            &manifest_path,
+            format!("not a deem checkpoint manifest: {e}"),
         )
     })?;
     if manifest.format != 1 {
-        bail!(
-            "{}: format {} is not supported (expected 1)",
-            manifest_path.display(),
-            manifest.format
-        );
+        return Err(PipelineError::checkpoint(
+            &manifest_path,
+            format!("format {} is not supported (expected 1)", manifest.format),
+        ));
     }
     Ok((ck, manifest))
 }
 
 /// [`latest`], refusing a checkpoint trained with another configuration than `cfg`.
-pub fn latest_of(
-    run_dir: &Path,
-    cfg: &deem::config::DeemConfig,
-) -> anyhow::Result<(PathBuf, Manifest)> {
+pub fn latest_of(run_dir: &Path, cfg: &deem::config::DeemConfig) -> Result<(PathBuf, Manifest)> {
     let (dir, manifest) = latest(run_dir)?;
     let hash = config_hash(cfg);
     if manifest.config_hash != hash {
-        bail!(
-            "{}: the checkpoint was trained with another configuration (hash {}, this one {hash}); resume with the same config (and the same --steps, which sets train.steps)",
-            dir.display(),
-            manifest.config_hash
-        );
+        return Err(PipelineError::checkpoint(
+            &dir,
+            format!(
+                "the checkpoint was trained with another configuration (hash {}, this one {hash}); resume with the same config (and the same --steps, which sets train.steps)",
+                manifest.config_hash
+            ),
+        ));
     }
     Ok((dir, manifest))
 }

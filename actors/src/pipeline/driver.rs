@@ -5,23 +5,29 @@
 //! step its own AdamW groups with the shared LR schedule.
 
 use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
 
-use anyhow::{bail, Context};
 use deem::config::DeemConfig;
-use deem::model::{loss_weights, special_ids, Batch, Deem};
+use deem::model::{special_ids, Batch, LossWeights};
 use deem::train::{update_plan, Group, StepReport};
-use tch::{nn, Tensor};
+use tch::Tensor;
 
+use super::checkpoint;
+use super::error::PipelineError;
 use super::schedule::{self, Op};
 use super::stage::{Links, MbData, Packet, Role, StageArgs, StageHandle, StepOut};
-use crate::topology::{Component, Topology};
+use crate::runtime::metrics::Metrics;
+use crate::runtime::topology::{Component, Topology};
+use crate::runtime::{Policy, Supervisor};
+
+type Result<T, E = PipelineError> = std::result::Result<T, E>;
 
 /// One running stage.
 pub struct Stage {
     pub name: String,
     pub role: Role,
     pub handle: StageHandle,
-    join: tokio::task::JoinHandle<()>,
 }
 
 /// Timing of one pipelined step, per stage (pipeline order).
@@ -36,124 +42,172 @@ pub struct StepTiming {
 pub struct PipelineTrainer {
     pub cfg: DeemConfig,
     pub stages: Vec<Stage>,
+    topo: Topology,
+    /// Every stage is its child; it owns the restart policy (`train.max_restarts`).
+    supervisor: Supervisor,
     schedule: Vec<Vec<Op>>,
     step: u64,
     pub last_timing: Option<StepTiming>,
 }
 
+/// Spawns one stage actor per placement of `topo` under `supervisor`, wired by the DAG's channels, and
+/// loads the reference initialisation into each. On failure no actor is left running.
+async fn spawn_stages(
+    cfg: &DeemConfig,
+    topo: &Topology,
+    supervisor: &Supervisor,
+) -> Result<Vec<Stage>> {
+    let m = cfg.train.microbatches as usize;
+    let order = topo.pipeline_order();
+    let p = order.len();
+    if p < 3 {
+        return Err(PipelineError::Topology {
+            origin: topo.origin.clone(),
+            problem: "a pipeline needs vision, at least one llm shard and diffusion".into(),
+        });
+    }
+    // Edges: a forward and a gradient channel between consecutive stages, plus vision ⇄ diffusion.
+    let mut links: Vec<Links> = (0..p).map(|_| Links::default()).collect();
+    for i in 0..p - 1 {
+        let (ftx, frx) = flume::bounded::<Packet>(m);
+        let (gtx, grx) = flume::bounded::<Packet>(m);
+        links[i].fwd_out = Some(ftx);
+        links[i].grad_in = Some(grx);
+        links[i + 1].fwd_in = Some(frx);
+        links[i + 1].grad_out = Some(gtx);
+    }
+    let (ctx, crx) = flume::bounded::<Packet>(m);
+    let (cgtx, cgrx) = flume::bounded::<Packet>(m);
+    links[0].csr_out = Some(ctx);
+    links[0].csr_grad_in = Some(cgrx);
+    links[p - 1].csr_in = Some(crx);
+    links[p - 1].csr_grad_out = Some(cgtx);
+
+    let mut stages: Vec<Stage> = Vec::with_capacity(p);
+    for (placement, l) in order.iter().zip(links) {
+        let role = match placement.component {
+            Component::Vision => Role::Vision,
+            Component::Diffusion => Role::Diffusion,
+            Component::Llm => Role::Llm {
+                layers: placement.layers.clone().unwrap_or(0..0),
+            },
+        };
+        let args = StageArgs {
+            threads: topo.cpu_threads(placement),
+            name: placement.name.clone(),
+            role: role.clone(),
+            cfg: cfg.clone(),
+            device: placement.device,
+            links: l,
+        };
+        match StageHandle::spawn(supervisor, args).await {
+            Ok(handle) => stages.push(Stage {
+                name: placement.name.clone(),
+                role,
+                handle,
+            }),
+            Err(e) => {
+                stop_all(stages).await;
+                return Err(e);
+            }
+        }
+    }
+    let init = deem::model::initial_weights(cfg)?;
+    for s in &stages {
+        if let Err(e) = s.handle.load(shallow(&init)).await {
+            stop_all(stages).await;
+            return Err(e);
+        }
+    }
+    Ok(stages)
+}
+
+fn shallow(w: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+    w.iter()
+        .map(|(k, v)| (k.clone(), v.shallow_clone()))
+        .collect()
+}
+
+/// Stops every stage's actor and waits for its compute thread.
+async fn stop_all(stages: Vec<Stage>) {
+    for s in stages {
+        s.handle.stop().await;
+    }
+}
+
 impl PipelineTrainer {
     /// Spawns the stages of `topo` for `cfg` and loads the reference initialisation (the weights
     /// `deem::train::Trainer::new` builds for the same seed).
-    pub async fn start(cfg: &DeemConfig, topo: &Topology) -> anyhow::Result<Self> {
-        let m = cfg.train.microbatches as usize;
-        // Pipeline order: vision, the shards by layer range, diffusion.
-        let mut order: Vec<&crate::topology::Placement> = topo.actors.iter().collect();
-        order.sort_by_key(|a| {
-            let rank = match a.component {
-                Component::Vision => 0,
-                Component::Llm => 1,
-                Component::Diffusion => 2,
-            };
-            (rank, a.layers.as_ref().map_or(0, |r| r.start))
-        });
-        let p = order.len();
-        if p < 3 {
-            bail!(
-                "topology {}: a pipeline needs vision, at least one llm shard and diffusion",
-                topo.origin
-            );
-        }
+    pub async fn start(cfg: &DeemConfig, topo: &Topology) -> Result<Self> {
+        Self::start_with(cfg, topo, None).await
+    }
 
-        // Edges: a forward and a gradient channel between consecutive stages, plus vision ⇄ diffusion.
-        let mut links: Vec<Links> = (0..p).map(|_| Links::default()).collect();
-        for i in 0..p - 1 {
-            let (ftx, frx) = flume::bounded::<Packet>(m);
-            let (gtx, grx) = flume::bounded::<Packet>(m);
-            links[i].fwd_out = Some(ftx);
-            links[i].grad_in = Some(grx);
-            links[i + 1].fwd_in = Some(frx);
-            links[i + 1].grad_out = Some(gtx);
-        }
-        let (ctx, crx) = flume::bounded::<Packet>(m);
-        let (cgtx, cgrx) = flume::bounded::<Packet>(m);
-        links[0].csr_out = Some(ctx);
-        links[0].csr_grad_in = Some(cgrx);
-        links[p - 1].csr_in = Some(crx);
-        links[p - 1].csr_grad_out = Some(cgtx);
-
-        let mut stages = Vec::with_capacity(p);
-        for (placement, l) in order.iter().zip(links) {
-            let role = match placement.component {
-                Component::Vision => Role::Vision,
-                Component::Diffusion => Role::Diffusion,
-                Component::Llm => Role::Llm {
-                    layers: placement.layers.clone().unwrap_or(0..0),
-                },
-            };
-            let on_cpu = order
-                .iter()
-                .filter(|a| a.device == deem::DeviceSpec::Cpu)
-                .count()
-                .max(1);
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let threads =
-                (placement.device == deem::DeviceSpec::Cpu).then(|| (cores / on_cpu).max(1) as i32);
-            let args = StageArgs {
-                threads,
-                name: placement.name.clone(),
-                role: role.clone(),
-                cfg: cfg.clone(),
-                device: placement.device.into(),
-                links: l,
-            };
-            match StageHandle::spawn(args).await {
-                Ok((handle, join)) => stages.push(Stage {
-                    name: placement.name.clone(),
-                    role,
-                    handle,
-                    join,
-                }),
-                Err(e) => {
-                    // Leave no actor running.
-                    for s in stages {
-                        s.handle.stop();
-                        let _ = s.join.await;
-                    }
-                    bail!("cannot start actor {}: {e:#}", placement.name);
-                }
+    /// [`Self::start`], with the supervisor counting actor failures and restarts in `metrics`.
+    pub async fn start_with(
+        cfg: &DeemConfig,
+        topo: &Topology,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Result<Self> {
+        let policy = Policy::RestartAll {
+            max_restarts: cfg.train.max_restarts,
+        };
+        let supervisor = Supervisor::start("training", policy, None, metrics).await?;
+        let stages = match spawn_stages(cfg, topo, &supervisor).await {
+            Ok(s) => s,
+            Err(e) => {
+                supervisor.stop().await;
+                return Err(e);
             }
-        }
-        let schedule = schedule::build(cfg.train.schedule, p, m as u32);
-        let trainer = PipelineTrainer {
+        };
+        let m = cfg.train.microbatches;
+        Ok(PipelineTrainer {
             cfg: cfg.clone(),
+            schedule: schedule::build(cfg.train.schedule, stages.len(), m as u32),
             stages,
-            schedule,
+            topo: topo.clone(),
+            supervisor,
             step: 0,
             last_timing: None,
-        };
-        let init = reference_init(cfg)?;
-        for s in &trainer.stages {
-            let weights = init.clone_shallow();
-            s.handle.load(weights).await?;
-        }
-        Ok(trainer)
+        })
+    }
+
+    /// The supervisor's restart policy after a failed step (`failed` says how it failed): every stage is
+    /// stopped, spawned afresh and restored from the latest checkpoint of `run_dir`; returns the step it
+    /// resumes at. Refused once `train.max_restarts` restarts are used.
+    pub async fn restart(&mut self, run_dir: &Path, failed: String) -> Result<u64> {
+        let (cfg, topo, supervisor) = (&self.cfg, &self.topo, &self.supervisor);
+        let stages = &mut self.stages;
+        let at = supervisor
+            .restart_all(failed, || async move {
+                stop_all(std::mem::take(stages)).await;
+                *stages = spawn_stages(cfg, topo, supervisor).await?;
+                let (dir, manifest) = checkpoint::latest_of(run_dir, cfg)?;
+                for s in stages.iter() {
+                    s.handle.restore(dir.clone(), manifest.step).await?;
+                }
+                Ok::<u64, PipelineError>(manifest.step)
+            })
+            .await?;
+        self.step = at;
+        Ok(at)
+    }
+
+    /// Restarts the supervisor has done.
+    pub fn restarts(&self) -> u32 {
+        self.supervisor.restarts()
     }
 
     /// Replaces every actor's parameters with `weights` (global names; each actor takes its own), e.g.
     /// a previous stage's model for `deem train --init-from`.
-    pub async fn load_weights(&self, weights: &BTreeMap<String, Tensor>) -> anyhow::Result<()> {
+    pub async fn load_weights(&self, weights: &BTreeMap<String, Tensor>) -> Result<()> {
         for s in &self.stages {
-            let w = weights
-                .iter()
-                .map(|(k, v)| (k.clone(), v.shallow_clone()))
-                .collect();
-            s.handle.load(w).await?;
+            s.handle.load(shallow(weights)).await?;
         }
         Ok(())
     }
 
     /// One optimizer step over `batch` (split into `train.microbatches` microbatches).
-    pub async fn step(&mut self, batch: &Batch) -> anyhow::Result<StepReport> {
+    pub async fn step(&mut self, batch: &Batch) -> Result<StepReport> {
         self.step_with_fault(batch, None).await
     }
 
@@ -162,7 +216,7 @@ impl PipelineTrainer {
         &mut self,
         batch: &Batch,
         kill: Option<&str>,
-    ) -> anyhow::Result<StepReport> {
+    ) -> Result<StepReport> {
         let t = &self.cfg.train;
         let m = t.microbatches as i64;
         let ids = special_ids(&self.cfg);
@@ -216,12 +270,15 @@ impl PipelineTrainer {
         for (s, c) in self.stages.iter().zip(calls) {
             match c.await {
                 Ok(Ok(out)) => outs.push(out),
-                Ok(Err(e)) => failures.push(format!("{e:#}")),
+                Ok(Err(e)) => failures.push(e.to_string()),
                 Err(e) => failures.push(format!("stage {}: {e}", s.name)),
             }
         }
         if !failures.is_empty() {
-            bail!("step {step} failed: {}", failures.join("; "));
+            return Err(PipelineError::Step {
+                step,
+                failures: failures.join("; "),
+            });
         }
         let sq: f64 = outs.iter().map(|o| o.sq_grad_norm).sum();
         let (grad_norm, clip, lrs) = update_plan(t, step, sq);
@@ -230,14 +287,14 @@ impl PipelineTrainer {
             s.handle.apply(lrs, clip).await?;
         }
         self.step += 1;
-        let (nip_w, csr_w) = loss_weights(&self.cfg);
+        let w = LossWeights::of(&self.cfg);
         let per = |f: fn(&StepOut) -> &Vec<f64>| -> Vec<f64> {
             outs.iter().flat_map(|o| f(o).iter().copied()).collect()
         };
         let (ntp, nip, csr) = (per(|o| &o.ntp), per(|o| &o.nip), per(|o| &o.csr));
         let mean = |v: &[f64]| v.iter().sum::<f64>() / m as f64;
         let total: f64 = (0..m as usize)
-            .map(|i| ntp[i] + nip_w * nip[i] + csr_w * csr[i])
+            .map(|i| w.combine(ntp[i], nip[i], csr[i]))
             .sum::<f64>()
             / m as f64;
         self.last_timing = Some(StepTiming {
@@ -266,24 +323,21 @@ impl PipelineTrainer {
         &self,
         run_dir: &std::path::Path,
         topology: &str,
-    ) -> anyhow::Result<std::path::PathBuf> {
-        let tmp = super::checkpoint::begin(run_dir, self.step)?;
+    ) -> Result<std::path::PathBuf> {
+        let tmp = checkpoint::begin(run_dir, self.step)?;
         for s in &self.stages {
             let dir = tmp.clone();
             s.handle.save(dir).await?;
         }
         let stages = self.stages.iter().map(|s| s.name.clone()).collect();
-        let manifest = super::checkpoint::Manifest::new(&self.cfg, self.step, topology, stages);
-        super::checkpoint::commit(run_dir, &tmp, &manifest)
+        let manifest = checkpoint::Manifest::new(&self.cfg, self.step, topology, stages);
+        checkpoint::commit(run_dir, &tmp, &manifest)
     }
 
     /// Restores every stage from the latest checkpoint of `run_dir` (written by any topology); returns
     /// its manifest. The configuration must be the one the checkpoint was trained with.
-    pub async fn resume(
-        &mut self,
-        run_dir: &std::path::Path,
-    ) -> anyhow::Result<super::checkpoint::Manifest> {
-        let (dir, manifest) = super::checkpoint::latest_of(run_dir, &self.cfg)?;
+    pub async fn resume(&mut self, run_dir: &std::path::Path) -> Result<checkpoint::Manifest> {
+        let (dir, manifest) = checkpoint::latest_of(run_dir, &self.cfg)?;
         for s in &self.stages {
             let (d, steps) = (dir.clone(), manifest.step);
             s.handle.restore(d, steps).await?;
@@ -293,7 +347,7 @@ impl PipelineTrainer {
     }
 
     /// Every stage's parameters under their global names.
-    pub async fn weights(&self) -> anyhow::Result<BTreeMap<String, Tensor>> {
+    pub async fn weights(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut all = BTreeMap::new();
         for s in &self.stages {
             let w = s.handle.weights().await?;
@@ -302,41 +356,9 @@ impl PipelineTrainer {
         Ok(all)
     }
 
-    /// Stops every actor and waits for their compute threads.
+    /// Stops every actor and waits for their compute threads, then the supervisor.
     pub async fn stop(self) {
-        for s in self.stages {
-            s.handle.stop();
-            let _ = s.join.await;
-        }
+        stop_all(self.stages).await;
+        self.supervisor.stop().await;
     }
-}
-
-/// The reference initialisation: the weights `Trainer::new` creates for `cfg.train.seed`, on the CPU.
-struct Init(BTreeMap<String, Tensor>);
-
-impl Init {
-    fn clone_shallow(&self) -> BTreeMap<String, Tensor> {
-        self.0
-            .iter()
-            .map(|(k, v)| (k.clone(), v.shallow_clone()))
-            .collect()
-    }
-}
-
-fn reference_init(cfg: &DeemConfig) -> anyhow::Result<Init> {
-    let vs = nn::VarStore::new(tch::Device::Cpu);
-    deem::with_init_lock(Some(cfg.train.seed), || Deem::new(&vs.root(), cfg))
-        .context("building the reference initialisation")?;
-    Ok(Init(
-        vs.variables()
-            .into_iter()
-            .map(|(k, v)| (k, v.detach()))
-            .collect(),
-    ))
-}
-
-/// The whole model's initial weights for `cfg.train.seed` (CPU, reference key names): what a
-/// pipeline starts training from, and what `deem serve` runs without a checkpoint.
-pub fn initial_weights(cfg: &DeemConfig) -> anyhow::Result<BTreeMap<String, Tensor>> {
-    reference_init(cfg).map(|i| i.0)
 }

@@ -1,6 +1,6 @@
-//! One pipeline stage: a ractor actor for control (run a step, apply the optimizer, hand over weights)
-//! in front of a compute thread that owns the stage's modules, VarStore, optimizer state and KV-free
-//! training activations. Activations and gradients travel between compute threads through bounded
+//! One pipeline stage, after GPipe's and 1F1B's stage model: the work of a runtime compute actor
+//! ([`crate::runtime::compute`]) that owns the stage's modules, VarStore, optimizer state and training
+//! activations, and answers control messages (run a step, apply the optimizer, hand over weights). Activations and gradients travel between compute threads through bounded
 //! flume channels, one per DAG edge, each message tagged with its microbatch.
 
 use std::collections::{BTreeMap, HashMap};
@@ -9,16 +9,21 @@ use std::time::{Duration, Instant};
 use deem::config::DeemConfig;
 use deem::llama::{LlamaConfig, LlamaShard};
 use deem::model::{
-    embed_sequence, llm_forward, loss_weights, nip_inputs, ntp_loss, special_ids, DiffusionStage,
+    embed_sequence, llm_forward, nip_inputs, ntp_loss, special_ids, DiffusionStage, LossWeights,
     SpecialIds, VisionStage,
 };
 use deem::rng::ints;
 use deem::train::{AdamW, Group};
 use flume::{Receiver, Sender};
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::RpcReplyPort;
 use tch::{nn, Kind, Tensor};
 
+use super::error::PipelineError;
 use super::schedule::Op;
+use crate::runtime::compute::{BuildError, NoDetail};
+use crate::runtime::{ComputeCtx, ComputeHandle, ComputeSpec, Supervisor, Work};
+
+type Result<T, E = PipelineError> = std::result::Result<T, E>;
 
 /// What a stage computes.
 #[derive(Debug, Clone, PartialEq)]
@@ -120,7 +125,8 @@ struct Saved {
     loss: Option<Tensor>,
 }
 
-struct Worker {
+/// A stage's work on its compute thread.
+pub struct StageWork {
     name: String,
     cfg: DeemConfig,
     ids: SpecialIds,
@@ -153,19 +159,25 @@ fn recv(
     id: uuid::Uuid,
     edge: &str,
     idle: &mut Duration,
-) -> Result<Packet, String> {
+) -> Result<Packet> {
     let rx = rx
         .as_ref()
-        .ok_or_else(|| format!("{name}: no {edge} channel"))?;
+        .ok_or_else(|| PipelineError::stage(name, format!("no {edge} channel")))?;
     let waited = Instant::now();
-    let p = rx
-        .recv()
-        .map_err(|_| format!("{name}: the {edge} channel closed (a neighbour stopped)"))?;
+    let p = rx.recv().map_err(|_| {
+        PipelineError::stage(
+            name,
+            format!("the {edge} channel closed (a neighbour stopped)"),
+        )
+    })?;
     *idle += waited.elapsed();
     if p.mb != mb || p.id != id {
-        return Err(format!(
-            "{name}: expected microbatch {mb} ({id}) on {edge}, got {} ({})",
-            p.mb, p.id
+        return Err(PipelineError::stage(
+            name,
+            format!(
+                "expected microbatch {mb} ({id}) on {edge}, got {} ({})",
+                p.mb, p.id
+            ),
         ));
     }
     Ok(p)
@@ -178,7 +190,7 @@ fn send(
     edge: &str,
     idle: &mut Duration,
     edges: &mut BTreeMap<String, (u64, usize)>,
-) -> Result<(), String> {
+) -> Result<()> {
     let bytes: u64 = p
         .tensors
         .iter()
@@ -187,10 +199,14 @@ fn send(
         .sum();
     let tx = tx
         .as_ref()
-        .ok_or_else(|| format!("{name}: no {edge} channel"))?;
+        .ok_or_else(|| PipelineError::stage(name, format!("no {edge} channel")))?;
     let waited = Instant::now();
-    tx.send(p)
-        .map_err(|_| format!("{name}: the {edge} channel closed (a neighbour stopped)"))?;
+    tx.send(p).map_err(|_| {
+        PipelineError::stage(
+            name,
+            format!("the {edge} channel closed (a neighbour stopped)"),
+        )
+    })?;
     let e = edges.entry(format!("{name}: {edge}")).or_insert((0, 0));
     e.0 += bytes;
     e.1 = e.1.max(tx.len());
@@ -198,30 +214,31 @@ fn send(
     Ok(())
 }
 
-impl Worker {
+impl StageWork {
     fn new(
         name: String,
         role: Role,
         cfg: DeemConfig,
         device: tch::Device,
         links: Links,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, BuildError> {
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         // Built under the init lock: the values are replaced by the reference initialisation, but drawing
         // them must not disturb a seeded build on another thread.
-        let modules = deem::with_init_lock(None, || -> Result<Modules, String> {
+        let modules = deem::with_init_lock(None, || -> Result<Modules, BuildError> {
             Ok(match role {
                 Role::Vision => Modules::Vision(Box::new(VisionStage::new(&root, &cfg))),
-                Role::Llm { layers } => Modules::Llm(Box::new(
-                    LlamaShard::new(&root, &LlamaConfig::from(&cfg.llm), layers)
-                        .map_err(|e| e.to_string())?,
-                )),
+                Role::Llm { layers } => Modules::Llm(Box::new(LlamaShard::new(
+                    &root,
+                    &LlamaConfig::from(&cfg.llm),
+                    layers,
+                )?)),
                 Role::Diffusion => Modules::Diffusion(Box::new(DiffusionStage::new(&root, &cfg))),
             })
         })?;
         let opt = AdamW::for_stage(&vs, &cfg.train);
-        Ok(Worker {
+        Ok(StageWork {
             name,
             ids: special_ids(&cfg),
             cfg,
@@ -243,8 +260,8 @@ impl Worker {
         step: u64,
         m: u32,
         out: &mut StepOut,
-    ) -> Result<(), String> {
-        let (nip_w, csr_w) = loss_weights(&self.cfg);
+    ) -> Result<()> {
+        let w = LossWeights::of(&self.cfg);
         let key = (self.cfg.train.seed, step, mb as u64);
         let dev = self.device;
         let name = self.name.as_str();
@@ -261,11 +278,11 @@ impl Worker {
                 let pixels = data
                     .pixels
                     .as_ref()
-                    .ok_or("vision stage without pixels")?
+                    .ok_or_else(|| PipelineError::stage(name, "no pixels in the step's data"))?
                     .to_device(dev);
                 let (vis, csr) = if pixels.size()[0] > 0 {
                     let (vis, csr) = v.forward_regions(&pixels, data.masks.as_ref());
-                    (Some(vis), (csr_w > 0.0).then_some(csr))
+                    (Some(vis), (w.csr > 0.0).then_some(csr))
                 } else {
                     (None, None)
                 };
@@ -286,17 +303,19 @@ impl Worker {
                 let ids = data
                     .ids
                     .as_ref()
-                    .ok_or("llm stage without ids")?
+                    .ok_or_else(|| PipelineError::stage(name, "no token ids in the step's data"))?
                     .to_device(dev);
                 let p = recv(name, &links.fwd_in, mb, id, "llm input", &mut idle)?;
                 let input = p.tensors.as_ref().map(|t| leaf(&t[0], dev));
                 let h_in = if shard.is_first() {
                     embed_sequence(shard, &ids, input.as_ref(), self.ids)
-                        .map_err(|e| e.to_string())?
+                        .map_err(|e| PipelineError::stage(name, e.to_string()))?
                 } else {
                     input
                         .as_ref()
-                        .ok_or("a middle shard got no hidden states")?
+                        .ok_or_else(|| {
+                            PipelineError::stage(name, "a middle shard got no hidden states")
+                        })?
                         .shallow_clone()
                 };
                 let h = llm_forward(shard, &h_in, &ids, &self.cfg);
@@ -311,7 +330,7 @@ impl Worker {
                     out.ntp.push(ntp.double_value(&[]));
                     saved.loss = Some(ntp / m as f64);
                     // No image in the microbatch: nip_inputs finds no context and returns None.
-                    match (nip_w > 0.0)
+                    match (w.nip > 0.0)
                         .then(|| nip_inputs(&hidden, &ids, self.ids))
                         .flatten()
                     {
@@ -337,7 +356,7 @@ impl Worker {
                 let pixels = data
                     .pixels
                     .as_ref()
-                    .ok_or("diffusion stage without pixels")?
+                    .ok_or_else(|| PipelineError::stage(name, "no pixels in the step's data"))?
                     .to_device(dev);
                 let csr_p = recv(name, &links.csr_in, mb, id, "vision→diffusion", &mut idle)?;
                 let nip_p = recv(name, &links.fwd_in, mb, id, "llm→diffusion", &mut idle)?;
@@ -358,7 +377,8 @@ impl Worker {
                 }
                 out.nip.push(nip.double_value(&[]));
                 out.csr.push(csr.double_value(&[]));
-                saved.loss = Some((nip * nip_w + csr * csr_w) / m as f64);
+                // NTP is the last shard's; this stage adds its weighted diffusion terms.
+                saved.loss = Some(w.combine(zero(), nip, csr) / m as f64);
             }
         }
         for (tx, p, edge) in sends {
@@ -369,14 +389,16 @@ impl Worker {
         Ok(())
     }
 
-    fn backward(&mut self, mb: u32) -> Result<(), String> {
+    fn backward(&mut self, mb: u32) -> Result<()> {
         let name = self.name.as_str();
         let dev = self.device;
         let mut idle = Duration::ZERO;
-        let saved = self
-            .saved
-            .remove(&mb)
-            .ok_or_else(|| format!("{name}: backward of microbatch {mb} before its forward"))?;
+        let saved = self.saved.remove(&mb).ok_or_else(|| {
+            PipelineError::stage(
+                name,
+                format!("backward of microbatch {mb} before its forward"),
+            )
+        })?;
         let id = saved.id;
         // Gradients of what this stage sent downstream.
         let g_out = match &self.links.grad_in {
@@ -440,7 +462,7 @@ impl Worker {
         Ok(())
     }
 
-    fn run_step(&mut self, step: u64, data: Vec<MbData>, ops: Vec<Op>) -> Result<StepOut, String> {
+    fn run_step(&mut self, step: u64, data: Vec<MbData>, ops: Vec<Op>) -> Result<StepOut> {
         let started = Instant::now();
         self.idle = Duration::ZERO;
         self.edges.clear();
@@ -468,8 +490,9 @@ impl Worker {
         Ok(out)
     }
 
-    fn load(&mut self, weights: &BTreeMap<String, Tensor>) -> Result<(), String> {
-        deem::train::set_variables(&self.vs, weights).map_err(|e| format!("{}: {e}", self.name))
+    fn load(&mut self, weights: &BTreeMap<String, Tensor>) -> Result<()> {
+        deem::train::set_variables(&self.vs, weights)
+            .map_err(|e| PipelineError::stage(&self.name, e.to_string()))
     }
 
     /// A snapshot: copies, so later optimizer steps do not change it.
@@ -489,7 +512,7 @@ pub enum StageMsg {
         ops: Vec<Op>,
         /// Fault injection: the compute thread panics instead of running the step.
         fail: bool,
-        reply: RpcReplyPort<Result<StepOut, String>>,
+        reply: RpcReplyPort<Result<StepOut>>,
     },
     Apply {
         lrs: BTreeMap<Group, f64>,
@@ -498,7 +521,7 @@ pub enum StageMsg {
     },
     Load {
         weights: BTreeMap<String, Tensor>,
-        reply: RpcReplyPort<Result<(), String>>,
+        reply: RpcReplyPort<Result<()>>,
     },
     Weights {
         reply: RpcReplyPort<Vec<(String, Tensor)>>,
@@ -506,174 +529,122 @@ pub enum StageMsg {
     /// Write parameters and optimizer moments to `dir/<stage>.safetensors`.
     Save {
         dir: std::path::PathBuf,
-        reply: RpcReplyPort<Result<(), String>>,
+        reply: RpcReplyPort<Result<()>>,
     },
     /// Restore parameters, moments and the optimizer step count from a checkpoint directory.
     Restore {
         dir: std::path::PathBuf,
         steps: u64,
-        reply: RpcReplyPort<Result<(), String>>,
+        reply: RpcReplyPort<Result<()>>,
     },
 }
 
-enum Command {
-    Msg(StageMsg),
-    Stop,
+impl Work for StageWork {
+    type Msg = StageMsg;
+    type Detail = NoDetail;
+
+    fn run(mut self, inbox: Receiver<StageMsg>, ctx: ComputeCtx<NoDetail>) {
+        while let Ok(msg) = inbox.recv() {
+            self.handle(msg, &ctx);
+        }
+    }
 }
 
-pub struct StageActor;
+impl StageWork {
+    fn handle(&mut self, msg: StageMsg, ctx: &ComputeCtx<NoDetail>) {
+        match msg {
+            StageMsg::Step {
+                step,
+                data,
+                ops,
+                fail,
+                reply,
+            } => {
+                if fail {
+                    ctx.fail(&format!("step {step}"));
+                }
+                ctx.job();
+                let result = self.run_step(step, data, ops);
+                if result.is_err() {
+                    // Close this stage's channels so its neighbours fail instead of waiting forever.
+                    self.links = Links::default();
+                }
+                let _ = reply.send(result);
+            }
+            StageMsg::Apply { lrs, clip, reply } => {
+                self.opt.step(&lrs, clip);
+                self.opt.zero_grad();
+                let _ = reply.send(());
+            }
+            StageMsg::Load { weights, reply } => {
+                let _ = reply.send(self.load(&weights));
+            }
+            StageMsg::Weights { reply } => {
+                let _ = reply.send(self.weights());
+            }
+            StageMsg::Save { dir, reply } => {
+                let path = dir.join(format!("{}.safetensors", self.name));
+                let r = deem::train::save_shard(&path, &self.vs, &self.opt)
+                    .map_err(|e| PipelineError::checkpoint(&path, e.to_string()));
+                let _ = reply.send(r);
+            }
+            StageMsg::Restore { dir, steps, reply } => {
+                let r = deem::checkpoint::Checkpoint::open(&dir)
+                    .and_then(|ck| deem::train::load_shard(&ck, &self.vs, &mut self.opt, steps))
+                    .map_err(|e| PipelineError::checkpoint(&dir, e.to_string()));
+                let _ = reply.send(r);
+            }
+        }
+    }
+}
 
+/// How to build one stage.
 pub struct StageArgs {
-    /// Intra-op threads of this actor's compute thread (`None`: libtorch's default). Actors sharing
-    /// the CPU split its cores, so they compute side by side instead of fighting over every core.
+    /// Intra-op threads of this actor's compute thread (`None`: libtorch's default); see
+    /// [`crate::runtime::topology::Topology::cpu_threads`].
     pub threads: Option<i32>,
     pub name: String,
     pub role: Role,
     pub cfg: DeemConfig,
-    pub device: tch::Device,
+    pub device: deem::DeviceSpec,
     pub links: Links,
-}
-
-pub struct StageState {
-    commands: flume::Sender<Command>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Actor for StageActor {
-    type Msg = StageMsg;
-    type State = StageState;
-    type Arguments = StageArgs;
-
-    async fn pre_start(
-        &self,
-        _me: ActorRef<StageMsg>,
-        args: StageArgs,
-    ) -> Result<StageState, ActorProcessingErr> {
-        let (tx, rx) = flume::unbounded::<Command>();
-        let (ready_tx, ready_rx) = flume::bounded::<Result<(), String>>(1);
-        let name = args.name.clone();
-        let threads = args.threads;
-        // Tensor work runs on this thread, never on tokio's workers.
-        let thread = std::thread::Builder::new()
-            .name(format!("deem-{name}"))
-            .spawn(move || {
-                if let Some(n) = threads {
-                    tch::set_num_threads(n);
-                }
-                let mut w =
-                    match Worker::new(args.name, args.role, args.cfg, args.device, args.links) {
-                        Ok(w) => {
-                            let _ = ready_tx.send(Ok(()));
-                            w
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                while let Ok(Command::Msg(msg)) = rx.recv() {
-                    match msg {
-                        StageMsg::Step {
-                            step,
-                            data,
-                            ops,
-                            fail,
-                            reply,
-                        } => {
-                            if fail {
-                                panic!("fault injection: actor {} killed at step {step}", w.name);
-                            }
-                            let result = w.run_step(step, data, ops);
-                            if result.is_err() {
-                                // Close this stage's channels so its neighbours fail instead of waiting forever.
-                                w.links = Links::default();
-                            }
-                            let _ = reply.send(result);
-                        }
-                        StageMsg::Apply { lrs, clip, reply } => {
-                            w.opt.step(&lrs, clip);
-                            w.opt.zero_grad();
-                            let _ = reply.send(());
-                        }
-                        StageMsg::Load { weights, reply } => {
-                            let _ = reply.send(w.load(&weights));
-                        }
-                        StageMsg::Weights { reply } => {
-                            let _ = reply.send(w.weights());
-                        }
-                        StageMsg::Save { dir, reply } => {
-                            let path = dir.join(format!("{}.safetensors", w.name));
-                            let r = deem::train::save_shard(&path, &w.vs, &w.opt)
-                                .map_err(|e| e.to_string());
-                            let _ = reply.send(r);
-                        }
-                        StageMsg::Restore { dir, steps, reply } => {
-                            let r = deem::checkpoint::Checkpoint::open(&dir)
-                                .and_then(|ck| {
-                                    deem::train::load_shard(&ck, &w.vs, &mut w.opt, steps)
-                                })
-                                .map_err(|e| e.to_string());
-                            let _ = reply.send(r);
-                        }
-                    }
-                }
-            })?;
-        let ready = tokio::task::spawn_blocking(move || ready_rx.recv()).await?;
-        match ready {
-            Ok(Ok(())) => Ok(StageState {
-                commands: tx,
-                thread: Some(thread),
-            }),
-            Ok(Err(e)) => Err(format!("stage {name}: {e}").into()),
-            Err(_) => Err(format!("stage {name}: the compute thread died while building").into()),
-        }
-    }
-
-    async fn handle(
-        &self,
-        _me: ActorRef<StageMsg>,
-        msg: StageMsg,
-        state: &mut StageState,
-    ) -> Result<(), ActorProcessingErr> {
-        state
-            .commands
-            .send(Command::Msg(msg))
-            .map_err(|_| "the compute thread has stopped")?;
-        Ok(())
-    }
-
-    async fn post_stop(
-        &self,
-        _me: ActorRef<StageMsg>,
-        state: &mut StageState,
-    ) -> Result<(), ActorProcessingErr> {
-        let _ = state.commands.send(Command::Stop);
-        if let Some(t) = state.thread.take() {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
-        }
-        Ok(())
-    }
 }
 
 /// A typed handle to a stage actor: callers use async methods and never build messages.
 #[derive(Clone)]
 pub struct StageHandle {
     pub name: String,
-    actor: ActorRef<StageMsg>,
-}
-
-fn rpc_err(name: &str, e: impl std::fmt::Display) -> anyhow::Error {
-    anyhow::anyhow!("stage {name}: {e}")
+    actor: ComputeHandle<StageWork>,
 }
 
 impl StageHandle {
-    /// Spawns the actor (its compute thread builds the stage's modules before this returns).
-    pub async fn spawn(args: StageArgs) -> anyhow::Result<(Self, tokio::task::JoinHandle<()>)> {
+    /// Spawns the stage's actor under `supervisor` (its compute thread builds the stage's modules
+    /// before this returns).
+    pub async fn spawn(supervisor: &Supervisor, args: StageArgs) -> Result<Self> {
         let name = args.name.clone();
-        let (actor, handle) = Actor::spawn(None, StageActor, args)
+        let StageArgs {
+            threads,
+            name: n,
+            role,
+            cfg,
+            device,
+            links,
+        } = args;
+        let spec = ComputeSpec {
+            name: name.clone(),
+            device: device.to_string(),
+            threads,
+            build: Box::new(move || StageWork::new(n, role, cfg, device.into(), links)),
+            fault_at_job: None,
+        };
+        let actor = supervisor
+            .spawn(spec)
             .await
-            .map_err(|e| rpc_err(&name, e))?;
-        Ok((StageHandle { name, actor }, handle))
+            .map_err(|source| PipelineError::Start {
+                actor: name.clone(),
+                source,
+            })?;
+        Ok(StageHandle { name, actor })
     }
 
     /// Runs the step's ops; with `fail` the compute thread panics instead (fault injection).
@@ -683,47 +654,49 @@ impl StageHandle {
         data: Vec<MbData>,
         ops: Vec<Op>,
         fail: bool,
-    ) -> anyhow::Result<StepOut> {
-        ractor::call!(self.actor, |reply| StageMsg::Step {
-            step,
-            data,
-            ops,
-            fail,
-            reply
-        })
-        .map_err(|e| rpc_err(&self.name, e))?
-        .map_err(|e| rpc_err(&self.name, e))
+    ) -> Result<StepOut> {
+        self.actor
+            .call(|reply| StageMsg::Step {
+                step,
+                data,
+                ops,
+                fail,
+                reply,
+            })
+            .await?
     }
 
-    pub async fn apply(&self, lrs: BTreeMap<Group, f64>, clip: f64) -> anyhow::Result<()> {
-        ractor::call!(self.actor, |reply| StageMsg::Apply { lrs, clip, reply })
-            .map_err(|e| rpc_err(&self.name, e))
+    pub async fn apply(&self, lrs: BTreeMap<Group, f64>, clip: f64) -> Result<()> {
+        Ok(self
+            .actor
+            .call(|reply| StageMsg::Apply { lrs, clip, reply })
+            .await?)
     }
 
-    pub async fn load(&self, weights: BTreeMap<String, Tensor>) -> anyhow::Result<()> {
-        ractor::call!(self.actor, |reply| StageMsg::Load { weights, reply })
-            .map_err(|e| rpc_err(&self.name, e))?
-            .map_err(|e| rpc_err(&self.name, e))
+    pub async fn load(&self, weights: BTreeMap<String, Tensor>) -> Result<()> {
+        self.actor
+            .call(|reply| StageMsg::Load { weights, reply })
+            .await?
     }
 
-    pub async fn weights(&self) -> anyhow::Result<Vec<(String, Tensor)>> {
-        ractor::call!(self.actor, |reply| StageMsg::Weights { reply })
-            .map_err(|e| rpc_err(&self.name, e))
+    pub async fn weights(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(self.actor.call(|reply| StageMsg::Weights { reply }).await?)
     }
 
-    pub async fn save(&self, dir: std::path::PathBuf) -> anyhow::Result<()> {
-        ractor::call!(self.actor, |reply| StageMsg::Save { dir, reply })
-            .map_err(|e| rpc_err(&self.name, e))?
-            .map_err(|e| rpc_err(&self.name, e))
+    pub async fn save(&self, dir: std::path::PathBuf) -> Result<()> {
+        self.actor
+            .call(|reply| StageMsg::Save { dir, reply })
+            .await?
     }
 
-    pub async fn restore(&self, dir: std::path::PathBuf, steps: u64) -> anyhow::Result<()> {
-        ractor::call!(self.actor, |reply| StageMsg::Restore { dir, steps, reply })
-            .map_err(|e| rpc_err(&self.name, e))?
-            .map_err(|e| rpc_err(&self.name, e))
+    pub async fn restore(&self, dir: std::path::PathBuf, steps: u64) -> Result<()> {
+        self.actor
+            .call(|reply| StageMsg::Restore { dir, steps, reply })
+            .await?
     }
 
-    pub fn stop(&self) {
-        self.actor.stop(None);
+    /// Stops the actor and waits for its compute thread.
+    pub async fn stop(self) {
+        self.actor.stop().await
     }
 }

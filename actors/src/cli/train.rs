@@ -15,12 +15,13 @@ use deem::model::Batch;
 use deem::train::{StepReport, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::metrics::{ActorLabels, LossLabels, Metrics};
 use crate::pipeline::checkpoint;
 use crate::pipeline::driver::StepTiming;
-use crate::pipeline::PipelineTrainer;
+use crate::pipeline::{PipelineError, PipelineTrainer};
+use crate::runtime::metrics::{ActorLabels, LossLabels, Metrics};
+use crate::runtime::topology::Topology;
+use crate::runtime::RuntimeError;
 use crate::settings::LoadedConfig;
-use crate::topology::Topology;
 
 /// Where the steps run.
 pub enum Mode {
@@ -109,9 +110,9 @@ pub fn dataset_batches(
     dir: &std::path::Path,
     metrics: &Metrics,
 ) -> anyhow::Result<deem::mixer::Mixer> {
-    use crate::data_cmd::{read_checked, Format};
+    use crate::cli::data::{read_checked, Format};
     use deem::datasets;
-    let tok = crate::serve::load_tokenizer(None, Some(dir), c)?;
+    let tok = deem::tokenizer::load_tokenizer(None, Some(dir), c)?;
     let mut m = deem::mixer::Mixer::new(c, c.train.seed);
     let sources = if c.train.sources.is_empty() {
         stage_sources(c, dir)
@@ -277,13 +278,18 @@ impl<'rt> Engine<'rt> {
         mode: &Mode,
         c: &deem::config::DeemConfig,
         rt: &'rt tokio::runtime::Runtime,
+        metrics: &Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         Ok(match mode {
             Mode::SingleProcess(device) => {
                 Engine::Reference(Box::new(Trainer::new(c, (*device).into())?))
             }
             Mode::Pipeline(topo) => Engine::Pipeline {
-                trainer: Box::new(rt.block_on(PipelineTrainer::start(c, topo))?),
+                trainer: Box::new(rt.block_on(PipelineTrainer::start_with(
+                    c,
+                    topo,
+                    Some(metrics.clone()),
+                ))?),
                 rt,
             },
         })
@@ -306,7 +312,27 @@ impl<'rt> Engine<'rt> {
     fn step(&mut self, batch: &Batch, kill: Option<&str>) -> anyhow::Result<StepReport> {
         match self {
             Engine::Reference(t) => Ok(t.step(batch)?),
-            Engine::Pipeline { trainer, rt } => rt.block_on(trainer.step_with_fault(batch, kill)),
+            Engine::Pipeline { trainer, rt } => {
+                Ok(rt.block_on(trainer.step_with_fault(batch, kill))?)
+            }
+        }
+    }
+
+    /// After a failed step: the supervisor's restart policy (every actor afresh from the latest
+    /// checkpoint; returns the step it resumes at), or `None` when it refuses (the budget is spent, or
+    /// the reference trainer, which has no actors).
+    fn restart(
+        &mut self,
+        run_dir: &std::path::Path,
+        failed: String,
+    ) -> Option<anyhow::Result<u64>> {
+        let Engine::Pipeline { trainer, rt } = self else {
+            return None;
+        };
+        match rt.block_on(trainer.restart(run_dir, failed)) {
+            Ok(at) => Some(Ok(at)),
+            Err(PipelineError::Runtime(RuntimeError::RestartsExhausted { .. })) => None,
+            Err(e) => Some(Err(anyhow::Error::new(e).context("restarting the actors"))),
         }
     }
 
@@ -422,7 +448,7 @@ fn record(
         let (busy, idle): (f64, f64) = (t.busy_seconds.iter().sum(), t.idle_seconds.iter().sum());
         m.train_bubble_ratio.set(idle / (busy + idle).max(1e-12));
         for (edge, (bytes, depth)) in t.edges {
-            let l = crate::metrics::EdgeLabels { edge };
+            let l = crate::runtime::metrics::EdgeLabels { edge };
             m.pipeline_edge_bytes.get_or_create(&l).inc_by(bytes);
             m.pipeline_edge_queue_depth
                 .get_or_create(&l)
@@ -433,7 +459,7 @@ fn record(
 
 /// Runs the job; returns the per-step reports (the last report of every step index). `rt` drives the
 /// actors in pipeline mode.
-pub fn run(
+pub fn run_job(
     job: &TrainJob,
     cfg: &LoadedConfig,
     metrics: &Arc<Metrics>,
@@ -458,7 +484,7 @@ pub fn run(
         Mode::SingleProcess(_) => "single-process".to_string(),
         Mode::Pipeline(t) => t.name.clone(),
     };
-    let mut engine = Engine::start(&job.mode, c, rt)?;
+    let mut engine = Engine::start(&job.mode, c, rt, metrics)?;
     if job.resume {
         let at = engine.resume(&job.run_dir, c)?;
         tracing::info!(
@@ -541,7 +567,6 @@ fn train_loop<'rt>(
     };
     tracing::info!(steps, stage = ?c.train.stage, schedule = ?c.train.schedule, run_dir = %job.run_dir.display(), "training, {mode}");
     let mut reports: Vec<StepReport> = Vec::with_capacity(steps as usize);
-    let mut restarts = 0u32;
     let mut fault_fired = false;
     bar.set_position(engine.cursor());
     while engine.cursor() < steps {
@@ -556,31 +581,20 @@ fn train_loop<'rt>(
         let started = std::time::Instant::now();
         let r = match engine.step(&batch, kill.as_deref()) {
             Ok(r) => r,
-            Err(e) if restarts < c.train.max_restarts && matches!(job.mode, Mode::Pipeline(_)) => {
-                restarts += 1;
-                metrics.train_restarts.inc();
-                tracing::error!(
-                    step = i,
-                    restarts,
-                    "step failed, restarting the actors from the last checkpoint: {e:#}"
-                );
-                let rt: &'rt tokio::runtime::Runtime = match engine {
-                    Engine::Pipeline { rt, .. } => rt,
-                    Engine::Reference(_) => unreachable!("only pipelines restart"),
-                };
-                let fresh = Engine::start(&job.mode, c, rt)?;
-                std::mem::replace(engine, fresh).stop();
-                let at = engine.resume(&job.run_dir, c)?;
-                writeln!(
-                    log,
-                    "{}",
-                    serde_json::json!({"event": "restart", "failed_step": i, "resumed_at": at, "error": format!("{e:#}")})
-                )?;
-                reports.truncate(at as usize);
-                bar.set_position(at);
-                continue;
-            }
-            Err(e) => return Err(e.context(format!("step {i} failed"))),
+            Err(e) => match engine.restart(&job.run_dir, format!("{e:#}")) {
+                Some(at) => {
+                    let at = at?;
+                    writeln!(
+                        log,
+                        "{}",
+                        serde_json::json!({"event": "restart", "failed_step": i, "resumed_at": at, "error": format!("{e:#}")})
+                    )?;
+                    reports.truncate(at as usize);
+                    bar.set_position(at);
+                    continue;
+                }
+                None => return Err(e.context(format!("step {i} failed"))),
+            },
         };
         let secs = started.elapsed().as_secs_f64();
         let samples_per_second = c.train.batch_size as f64 / secs.max(1e-9);
@@ -614,4 +628,50 @@ fn train_loop<'rt>(
     bar.finish();
     log.flush()?;
     Ok(reports)
+}
+
+/// `deem train`.
+pub fn run(args: super::TrainArgs) -> anyhow::Result<()> {
+    let cfg = args.config.load()?;
+    let mode = if args.single_process {
+        crate::cli::train::Mode::SingleProcess(super::parse_device(&args.device)?)
+    } else {
+        crate::cli::train::Mode::Pipeline(
+            args.topology
+                .load(&cfg, deem::device::cuda_device_count())?,
+        )
+    };
+    let job = crate::cli::train::TrainJob {
+        run_dir: args.run_dir,
+        steps: args.steps,
+        mode,
+        progress: !args.quiet,
+        resume: args.resume,
+        data: args.data,
+        init_from: args.init_from,
+        pretrained: args.pretrained,
+    };
+    let metrics = crate::runtime::metrics::Metrics::new();
+    let runtime = super::training_runtime()?;
+    let server = match args.metrics_addr {
+        Some(addr) => Some(runtime.block_on(crate::runtime::http::Server::start(
+            addr,
+            crate::runtime::http::router(metrics.clone()),
+        ))?),
+        None => None,
+    };
+    let reports = run_job(&job, &cfg, &metrics, &runtime)?;
+    if let Some(s) = server {
+        runtime.block_on(s.stop())?;
+    }
+    if let (Some(first), Some(last)) = (reports.first(), reports.last()) {
+        println!(
+            "trained {} steps: loss {:.4} → {:.4}; wrote {}",
+            reports.len(),
+            first.total,
+            last.total,
+            job.run_dir.display()
+        );
+    }
+    Ok(())
 }

@@ -13,10 +13,10 @@ use deem::eval::{self, CaptionScores, Question, YesNoScores};
 use deem::tokenizer::DeemTokenizer;
 use serde_json::json;
 
-use crate::metrics::Metrics;
-use crate::serve::api;
-use crate::serve::engine::{Engine, Event, Rejected, Weights};
-use crate::topology::Topology;
+use crate::runtime::metrics::Metrics;
+use crate::runtime::topology::Topology;
+use crate::serve::engine::{Engine, Weights};
+use crate::serve::{openai, validation, Event, ServeError, ValidRequest};
 
 /// One split to evaluate: its questions and the folder their image paths are relative to.
 pub struct Split {
@@ -121,7 +121,7 @@ pub fn request(
     cfg: &DeemConfig,
     tok: &DeemTokenizer,
     d: &Decoding,
-) -> anyhow::Result<crate::serve::engine::Request> {
+) -> anyhow::Result<ValidRequest> {
     chat_request(Some(&base.join(&q.image)), &q.text, cfg, tok, d)
 }
 
@@ -132,14 +132,14 @@ fn user_turn(
     cfg: &DeemConfig,
     tok: &DeemTokenizer,
     d: &Decoding,
-) -> Result<crate::serve::engine::Request, String> {
+) -> Result<ValidRequest, ServeError> {
     let body = json!({
         "messages": [{"role": "user", "content": content}],
         "temperature": 0, "max_tokens": d.max_tokens, "seed": 0, "csr_score": false, "max_images": 0,
         "num_beams": d.num_beams,
     });
-    let r = api::parse(body.to_string().as_bytes()).map_err(|e| e.message)?;
-    api::build(r, cfg, tok, &cfg.model.name).map_err(|e| e.message)
+    let r = openai::parse(body.to_string().as_bytes())?;
+    validation::validate(r, cfg, tok, &cfg.model.name)
 }
 
 /// The engine request of one user turn: the image (if any), then `text`, decoded as `d` says.
@@ -149,12 +149,13 @@ pub fn chat_request(
     cfg: &DeemConfig,
     tok: &DeemTokenizer,
     d: &Decoding,
-) -> anyhow::Result<crate::serve::engine::Request> {
+) -> anyhow::Result<ValidRequest> {
     let mut content = Vec::new();
     if let Some(path) = image {
         let bytes = std::fs::read(path)
             .with_context(|| format!("{}: cannot read the image", path.display()))?;
-        content.push(json!({"type": "image_url", "image_url": {"url": api::png_data_url(&bytes)}}));
+        content
+            .push(json!({"type": "image_url", "image_url": {"url": openai::png_data_url(&bytes)}}));
     }
     content.push(json!({"type": "text", "text": text}));
     let mut req = user_turn(content, cfg, tok, d).map_err(|e| match image {
@@ -175,7 +176,7 @@ pub fn chat_request(
 fn png_url(img: image::DynamicImage) -> anyhow::Result<String> {
     let mut png = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
-    Ok(api::png_data_url(&png))
+    Ok(openai::png_data_url(&png))
 }
 
 /// The engine request of one region, as a client sends it: the image, the paper's referring prompt,
@@ -185,7 +186,7 @@ pub fn region_request(
     cfg: &DeemConfig,
     tok: &DeemTokenizer,
     d: &Decoding,
-) -> anyhow::Result<crate::serve::engine::Request> {
+) -> anyhow::Result<ValidRequest> {
     let (w, h) = r.image.dimensions();
     let image = png_url(image::DynamicImage::ImageRgb8(r.image.clone()))?;
     let mask = image::GrayImage::from_fn(w, h, |x, y| {
@@ -197,7 +198,7 @@ pub fn region_request(
         json!({"type": "text", "text": deem::mixer::REFERRING_PROMPT}),
         json!({"type": "image_url", "image_url": {"url": image, "mask": mask}}),
     ];
-    user_turn(content, cfg, tok, d).map_err(anyhow::Error::msg)
+    Ok(user_turn(content, cfg, tok, d)?)
 }
 
 /// Per split: the scores and every (question, answer) pair.
@@ -253,7 +254,7 @@ impl Evaluator {
     async fn answers(
         &self,
         n: usize,
-        build: impl Fn(usize) -> anyhow::Result<crate::serve::engine::Request>,
+        build: impl Fn(usize) -> anyhow::Result<ValidRequest>,
         what: impl Fn(usize) -> String,
     ) -> anyhow::Result<Vec<String>> {
         let mut out = Vec::with_capacity(n);
@@ -264,10 +265,10 @@ impl Evaluator {
                 // The window never exceeds the queue, so a full queue is a bug, not backpressure.
                 let rx = match self.engine.submit(build(i)?) {
                     Ok(rx) => rx,
-                    Err(Rejected::QueueFull) => {
+                    Err(ServeError::QueueFull { .. }) => {
                         bail!("the admission queue is full; lower the evaluation window")
                     }
-                    Err(Rejected::ShuttingDown) => bail!("the engine stopped"),
+                    Err(e) => bail!("the engine refused the request: {e}"),
                 };
                 rxs.push(rx);
             }
@@ -275,10 +276,10 @@ impl Evaluator {
                 let mut text = String::new();
                 while let Ok(ev) = rx.recv_async().await {
                     match ev {
-                        Event::Text(t) => text.push_str(&t),
-                        Event::Done { .. } => break,
-                        Event::Error { message, .. } => bail!("{}: {message}", what(i)),
-                        _ => {}
+                        Ok(Event::Text(t)) => text.push_str(&t),
+                        Ok(Event::Done { .. }) => break,
+                        Err(e) => bail!("{}: {e}", what(i)),
+                        Ok(_) => {}
                     }
                 }
                 out.push(text);
@@ -331,7 +332,7 @@ impl Evaluator {
 }
 
 /// Runs every yes/no split through one engine.
-pub async fn run(
+pub async fn evaluate(
     cfg: &DeemConfig,
     topo: &Topology,
     weights: &Weights,
@@ -409,4 +410,78 @@ pub fn all_to_json(results: &[SplitResult], captions: &[CaptionResult]) -> serde
         }
     }
     v
+}
+
+/// `deem eval`.
+pub fn run(args: super::EvalArgs) -> anyhow::Result<()> {
+    let cfg = args.config.load()?;
+    let topo = args
+        .topology
+        .load(&cfg, deem::device::cuda_device_count())?;
+    let tok = deem::tokenizer::load_tokenizer(
+        args.tokenizer.as_deref(),
+        args.checkpoint.as_deref(),
+        &cfg.config,
+    )?;
+    let mut splits = Vec::new();
+    if let Some(f) = &args.robustvqa {
+        splits.extend(crate::cli::eval::robustvqa_splits(f)?);
+    }
+    for f in &args.pope {
+        splits.push(crate::cli::eval::pope_split(f)?);
+    }
+    let mut region_splits = Vec::new();
+    for f in &args.regions {
+        region_splits.push(crate::cli::eval::region_split(f)?);
+    }
+    if splits.is_empty() && region_splits.is_empty() {
+        anyhow::bail!(
+            "nothing to evaluate: give --robustvqa FILE, --pope FILE and/or --regions FILE"
+        );
+    }
+    let weights = match &args.checkpoint {
+        Some(p) => crate::serve::engine::Weights::Checkpoint(p.clone()),
+        None => crate::serve::engine::Weights::Init,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let decoding = crate::cli::eval::Decoding {
+        max_tokens: args.max_tokens,
+        num_beams: args.num_beams,
+        prime: args.prime.clone(),
+    };
+    let (results, captions) = runtime.block_on(async {
+        let ev = crate::cli::eval::Evaluator::start(
+            &cfg.config,
+            &topo,
+            &weights,
+            std::sync::Arc::new(tok),
+            &decoding,
+        )
+        .await?;
+        let (mut results, mut captions) = (Vec::new(), Vec::new());
+        for s in splits {
+            results.push(ev.yes_no(s).await?);
+        }
+        for s in region_splits {
+            captions.push(ev.regions(s).await?);
+        }
+        ev.shutdown().await;
+        anyhow::Ok((results, captions))
+    })?;
+    if !results.is_empty() {
+        print!("{}", crate::cli::eval::table(&results));
+    }
+    if !captions.is_empty() {
+        print!("{}", crate::cli::eval::caption_table(&captions));
+    }
+    if let Some(out) = &args.out {
+        std::fs::write(
+            out,
+            serde_json::to_string_pretty(&crate::cli::eval::all_to_json(&results, &captions))?,
+        )?;
+        println!("wrote {}", out.display());
+    }
+    Ok(())
 }

@@ -13,7 +13,7 @@ use deem::DeviceSpec;
 use serde::Deserialize;
 
 /// The topology compiled into the binary: `topologies/cpu.toml`.
-pub const EMBEDDED_CPU: &str = include_str!("../../topologies/cpu.toml");
+pub const EMBEDDED_CPU: &str = include_str!("../../../topologies/cpu.toml");
 pub const EMBEDDED_CPU_NAME: &str = "topologies/cpu.toml (embedded default)";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
@@ -105,6 +105,35 @@ impl fmt::Display for TopologyError {
 }
 
 impl Topology {
+    /// The placements in pipeline order: vision, the LLM shards by their first layer, diffusion. Training
+    /// and serving both wire their actors in this order.
+    pub fn pipeline_order(&self) -> Vec<&Placement> {
+        let mut order: Vec<&Placement> = self.actors.iter().collect();
+        order.sort_by_key(|a| {
+            let rank = match a.component {
+                Component::Vision => 0,
+                Component::Llm => 1,
+                Component::Diffusion => 2,
+            };
+            (rank, a.layers.as_ref().map_or(0, |r| r.start))
+        });
+        order
+    }
+
+    /// Intra-op threads of an actor's compute thread: the actors placed on the CPU split its cores, so
+    /// they compute side by side instead of fighting over every core; `None` (libtorch's default) for an
+    /// actor on a GPU.
+    pub fn cpu_threads(&self, placement: &Placement) -> Option<i32> {
+        let on_cpu = self
+            .actors
+            .iter()
+            .filter(|a| a.device == DeviceSpec::Cpu)
+            .count()
+            .max(1);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (placement.device == DeviceSpec::Cpu).then(|| (cores / on_cpu).max(1) as i32)
+    }
+
     /// Reads and validates a topology file for `cfg` on a machine with `cuda_devices` CUDA devices.
     pub fn load(path: &Path, cfg: &DeemConfig, cuda_devices: usize) -> Result<Self, TopologyError> {
         let origin = path.display().to_string();

@@ -255,12 +255,12 @@ impl ModelClassifier {
         replies: &[Vec<i64>],
     ) -> anyhow::Result<Vec<f64>> {
         let cfg = &self.model.cfg;
-        let req = crate::eval_cmd::chat_request(
+        let req = crate::cli::eval::chat_request(
             image,
             question,
             cfg,
             &self.tok,
-            &crate::eval_cmd::Decoding::default(),
+            &crate::cli::eval::Decoding::default(),
         )?;
         let p = req.prompt.len();
         let longest = replies.iter().map(Vec::len).max().unwrap_or(0);
@@ -535,5 +535,44 @@ pub fn write(out: &Path, runs: &[Run], eval: &Value, notes: &[String]) -> anyhow
             &json!({"runs": runs_json, "evaluation": scores, "notes": notes}),
         )?,
     )?;
+    Ok(())
+}
+
+/// `deem report`.
+pub fn run(args: super::ReportArgs) -> anyhow::Result<()> {
+    let super::ReportArgs {
+        out,
+        runs,
+        eval,
+        notes,
+        checkpoint,
+        images,
+        config,
+    } = args;
+    if let (Some(ck), false) = (&checkpoint, images.is_empty()) {
+        std::fs::create_dir_all(&out)?;
+        let cfg = config.load()?;
+        crate::cli::report::plot_reconstructions(
+            &cfg.config,
+            ck,
+            &images,
+            &out.join("csr_reconstructions.png"),
+        )?;
+    }
+    let runs = runs
+        .iter()
+        .map(|r| {
+            let (name, dir) = r
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--run {r}: expected NAME=RUN_DIR"))?;
+            crate::cli::report::read_run(name, std::path::Path::new(dir))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let eval = match eval {
+        Some(p) => serde_json::from_str(&std::fs::read_to_string(&p)?)?,
+        None => serde_json::Value::Null,
+    };
+    crate::cli::report::write(&out, &runs, &eval, &notes)?;
+    println!("wrote {}/report.md, report.json, losses.png", out.display());
     Ok(())
 }

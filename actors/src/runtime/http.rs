@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 
-use crate::metrics::{
+use crate::runtime::metrics::{
     to_classic_text, HttpLabels, Metrics, CLASSIC_CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE,
 };
 

@@ -202,6 +202,9 @@ pub struct Metrics {
     pub train_actor_idle_seconds: Family<ActorLabels, F64Counter>,
     pub train_bubble_ratio: F64Gauge,
     pub train_restarts: Counter,
+    /// Compute threads that died, per actor (training stages and serving workers), as their supervisor
+    /// heard it.
+    pub actor_failures: Family<ActorLabels, Counter>,
     pub train_samples: Counter,
     pub train_tokens: Counter,
     pub pipeline_edge_bytes: Family<EdgeLabels, Counter>,
@@ -333,6 +336,12 @@ impl Metrics {
             "Times the actors were restarted from the last checkpoint after a failed step",
             train_restarts.clone(),
         );
+        let actor_failures = Family::<ActorLabels, Counter>::default();
+        registry.register(
+            "deem_actor_failures",
+            "Compute threads that died, per actor, as their supervisor heard it",
+            actor_failures.clone(),
+        );
         let train_samples = Counter::default();
         registry.register(
             "deem_train_samples",
@@ -398,6 +407,7 @@ impl Metrics {
             train_actor_idle_seconds,
             train_bubble_ratio,
             train_restarts,
+            actor_failures,
             train_samples,
             train_tokens,
             pipeline_edge_bytes,

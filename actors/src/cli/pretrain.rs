@@ -18,9 +18,9 @@ use deem::sd::DecoderOptions;
 use deem::tokenizer::DeemTokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::data_cmd::{read_checked, Format};
-use crate::metrics::Metrics;
-use crate::train_cmd::MAX_BAD_RATIO;
+use crate::cli::data::{read_checked, Format};
+use crate::cli::train::MAX_BAD_RATIO;
+use crate::runtime::metrics::Metrics;
 
 /// The image-caption pairs of `data/pairs.jsonl`: pixels [3, S, S] in [0, 1] at `size` and caption
 /// ids (`" {caption}"` + EOS).
@@ -46,7 +46,7 @@ fn pairs(
         metrics,
         deem::datasets::read_pairs_jsonl,
     )?;
-    let tok = crate::serve::load_tokenizer(None, Some(data), cfg)?;
+    let tok = deem::tokenizer::load_tokenizer(None, Some(data), cfg)?;
     let mut images = Vec::with_capacity(pairs.len());
     let mut captions = Vec::with_capacity(pairs.len());
     for p in &pairs {
@@ -120,7 +120,7 @@ impl<'m> StepLog<'m> {
     fn record(&mut self, part: &str, loss: f64, line: serde_json::Value, message: String) {
         self.metrics
             .train_loss
-            .get_or_create(&crate::metrics::LossLabels { part: part.into() })
+            .get_or_create(&crate::runtime::metrics::LossLabels { part: part.into() })
             .set(loss);
         if let Err(e) = writeln!(self.log, "{line}") {
             self.err.get_or_insert(e);
@@ -178,7 +178,7 @@ fn fresh_pairs(
             file.display()
         );
     };
-    let tok = crate::serve::load_tokenizer(None, Some(data), cfg)?;
+    let tok = deem::tokenizer::load_tokenizer(None, Some(data), cfg)?;
     let mut images = Vec::with_capacity(n * group.max(1));
     let mut captions = Vec::with_capacity(n * group.max(1));
     for k in 0..n as u64 {
@@ -251,7 +251,7 @@ pub fn decoder(
     progress: bool,
     metrics: &Metrics,
 ) -> anyhow::Result<(f64, f64)> {
-    let w = crate::train_cmd::read_weights(clip_file)
+    let w = crate::cli::train::read_weights(clip_file)
         .with_context(|| format!("--clip {}", clip_file.display()))?;
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let clip = deem::clip::load(&vs, cfg, &w)
@@ -314,21 +314,21 @@ pub fn llm(
         );
     }
     let run_dir = out.join("llm-run");
-    let job = crate::train_cmd::TrainJob {
+    let job = crate::cli::train::TrainJob {
         run_dir: run_dir.clone(),
         steps,
-        mode: crate::train_cmd::Mode::SingleProcess(device),
+        mode: crate::cli::train::Mode::SingleProcess(device),
         progress,
         resume: false,
         data: Some(data.to_path_buf()),
         init_from: None,
         pretrained: vec![],
     };
-    let reports = crate::train_cmd::run(&job, cfg, metrics, rt)?;
+    let reports = crate::cli::train::run_job(&job, cfg, metrics, rt)?;
     let (Some(first), Some(last)) = (reports.first(), reports.last()) else {
         anyhow::bail!("--steps: expected at least 1 step");
     };
-    let llm: Vec<(String, tch::Tensor)> = crate::train_cmd::read_weights(&run_dir)?
+    let llm: Vec<(String, tch::Tensor)> = crate::cli::train::read_weights(&run_dir)?
         .into_iter()
         .filter(|(n, _)| deem::train::is_base_llm(n))
         .collect();
@@ -337,4 +337,115 @@ pub fn llm(
     std::fs::copy(&steps_file, out.join("llm.jsonl"))
         .with_context(|| format!("{}: cannot copy to {}", steps_file.display(), out.display()))?;
     Ok((first.ntp, last.ntp))
+}
+
+/// `deem pretrain encoder | decoder | llm`.
+pub fn run(cmd: super::PretrainCommand) -> anyhow::Result<()> {
+    match cmd {
+        super::PretrainCommand::Encoder {
+            data,
+            out,
+            steps,
+            batch_size,
+            lr,
+            seed,
+            pairs,
+            group,
+            scenes,
+            quiet,
+            config,
+        } => {
+            let cfg = config.load()?;
+            let pairs = if scenes > 0 {
+                crate::cli::pretrain::PairSource::Scenes(scenes)
+            } else {
+                crate::cli::pretrain::PairSource::File(pairs)
+            };
+            let o = deem::clip::ClipOptions {
+                seed,
+                steps,
+                batch_size,
+                lr,
+                group,
+                ..Default::default()
+            };
+            let metrics = crate::runtime::metrics::Metrics::new();
+            let r = crate::cli::pretrain::encoder(
+                &cfg.config,
+                &data,
+                &pairs,
+                &out,
+                &o,
+                !quiet,
+                &metrics,
+            )?;
+            println!(
+                "pretrained the encoder {} steps: contrastive loss {:.4}, in-batch accuracy {:.2}; wrote {}",
+                steps,
+                r.loss,
+                r.accuracy,
+                out.join("encoder.safetensors").display()
+            );
+        }
+        super::PretrainCommand::Decoder {
+            data,
+            clip,
+            out,
+            vae_steps,
+            unet_steps,
+            batch_size,
+            seed,
+            quiet,
+            config,
+        } => {
+            let cfg = config.load()?;
+            let o = deem::sd::DecoderOptions {
+                seed,
+                vae_steps,
+                unet_steps,
+                batch_size,
+                ..Default::default()
+            };
+            let metrics = crate::runtime::metrics::Metrics::new();
+            let (vae, unet) = crate::cli::pretrain::decoder(
+                &cfg.config,
+                &data,
+                &clip,
+                &out,
+                &o,
+                !quiet,
+                &metrics,
+            )?;
+            println!(
+                "pretrained the decoder: VAE reconstruction loss {vae:.4}, UNet diffusion loss {unet:.4}; wrote {}",
+                out.join("decoder.safetensors").display()
+            );
+        }
+        super::PretrainCommand::Llm {
+            data,
+            out,
+            steps,
+            device,
+            quiet,
+            config,
+            overrides,
+        } => {
+            let cfg = super::ConfigArgs {
+                config: Some(config),
+                overrides,
+            }
+            .load()?;
+            let device = super::parse_device(&device)?;
+            let runtime = super::training_runtime()?;
+            let metrics = std::sync::Arc::new(crate::runtime::metrics::Metrics::new());
+            let (first, last) = crate::cli::pretrain::llm(
+                &cfg, &data, &out, steps, device, !quiet, &metrics, &runtime,
+            )?;
+            println!(
+                "pretrained the LLM: NTP loss {first:.4} → {last:.4}; wrote {}",
+                out.join("llm.safetensors").display()
+            );
+        }
+    }
+    Ok(())
 }

@@ -117,7 +117,7 @@ fn load_vae(job: &ForwardJob, ck: &Checkpoint, vs: &nn::VarStore) -> anyhow::Res
 }
 
 /// Runs the job in f32; `cfg` supplies the vision/resampler sizes (the llm reads its HF config.json).
-pub fn run(job: &ForwardJob, cfg: &LoadedConfig) -> anyhow::Result<Vec<(String, Tensor)>> {
+pub fn compute(job: &ForwardJob, cfg: &LoadedConfig) -> anyhow::Result<Vec<(String, Tensor)>> {
     let device: tch::Device = job.device.into();
     let ck = Checkpoint::open(&job.checkpoint)?;
     let inputs = Checkpoint::open(&job.inputs).with_context(|| "reading the inputs")?;
@@ -268,10 +268,28 @@ pub fn run(job: &ForwardJob, cfg: &LoadedConfig) -> anyhow::Result<Vec<(String, 
 
 /// Runs the job and writes the outputs (atomically).
 pub fn run_to_file(job: &ForwardJob, cfg: &LoadedConfig) -> anyhow::Result<Vec<String>> {
-    let outputs = run(job, cfg)?;
+    let outputs = compute(job, cfg)?;
     checkpoint::save(&job.output, &outputs)?;
     Ok(outputs
         .iter()
         .map(|(n, t)| format!("{n} {:?}", t.size()))
         .collect())
+}
+
+/// `deem forward`.
+pub fn run(args: super::ForwardArgs) -> anyhow::Result<()> {
+    let cfg = args.config.load()?;
+    let device = super::parse_device(&args.device)?;
+    let job = crate::cli::forward::ForwardJob {
+        component: args.component,
+        checkpoint: args.checkpoint,
+        inputs: args.inputs,
+        output: args.output,
+        device,
+        steps: args.steps,
+        guidance: args.guidance,
+    };
+    let written = crate::cli::forward::run_to_file(&job, &cfg)?;
+    println!("wrote {}: {}", job.output.display(), written.join(", "));
+    Ok(())
 }

@@ -11,11 +11,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use deem::config::DeemConfig;
 
-use crate::metrics::Metrics;
+use crate::cli::train::{Mode, TrainJob};
+use crate::runtime::metrics::Metrics;
+use crate::runtime::topology::Topology;
 use crate::serve::engine::Weights;
 use crate::settings::LoadedConfig;
-use crate::topology::Topology;
-use crate::train_cmd::{Mode, TrainJob};
 
 pub struct Experiment {
     /// Stage I's recipe and steps.
@@ -75,7 +75,7 @@ fn train(
         init_from: init.map(Path::to_path_buf),
         pretrained: pretrained.to_vec(),
     };
-    crate::train_cmd::run(&job, cfg, &Metrics::new(), rt).map(|_| ())
+    crate::cli::train::run_job(&job, cfg, &Metrics::new(), rt).map(|_| ())
 }
 
 /// What makes two invocations the same experiment, so that the second may keep the runs of the first:
@@ -150,17 +150,17 @@ fn claim_out(e: &Experiment) -> anyhow::Result<()> {
 /// Runs the experiment; returns the markdown table (also written to `out/csr.md`, with `out/csr.json`).
 ///
 /// Per seed the λ_CSR = 0 baseline trains first; its RobustVQA hard negatives are mined with that
-/// baseline ([`crate::report::ModelClassifier`], as the paper mined with CLIP) into
+/// baseline ([`crate::cli::report::ModelClassifier`], as the paper mined with CLIP) into
 /// `out/robustvqa-seed{seed}.json`, and every model of the seed answers those questions. Without a
 /// λ = 0 run, the data folder's `robustvqa.json` is used.
-pub fn run(e: &Experiment, rt: &tokio::runtime::Runtime) -> anyhow::Result<String> {
+pub fn run_experiment(e: &Experiment, rt: &tokio::runtime::Runtime) -> anyhow::Result<String> {
     let pope_dir = e.data.join("pope");
-    let splits_of = |rv: &Path| -> anyhow::Result<Vec<crate::eval_cmd::Split>> {
-        let mut s = crate::eval_cmd::robustvqa_splits(rv)
+    let splits_of = |rv: &Path| -> anyhow::Result<Vec<crate::cli::eval::Split>> {
+        let mut s = crate::cli::eval::robustvqa_splits(rv)
             .context("run `deem data robustvqa --data DIR` first")?;
         for p in ["random", "popular", "adversarial"] {
             s.push(
-                crate::eval_cmd::pope_split(&pope_dir.join(format!("pope_{p}.jsonl")))
+                crate::cli::eval::pope_split(&pope_dir.join(format!("pope_{p}.jsonl")))
                     .context("run `deem data pope` into DIR/pope first")?,
             );
         }
@@ -168,7 +168,7 @@ pub fn run(e: &Experiment, rt: &tokio::runtime::Runtime) -> anyhow::Result<Strin
         for split in deem::world::Split::ALL {
             let f = e.data.join(format!("eval/colour_{}.jsonl", split.name()));
             if f.exists() {
-                s.push(crate::eval_cmd::pope_split(&f)?);
+                s.push(crate::cli::eval::pope_split(&f)?);
             }
         }
         Ok(s)
@@ -179,7 +179,7 @@ pub fn run(e: &Experiment, rt: &tokio::runtime::Runtime) -> anyhow::Result<Strin
     let Some((last, _)) = e.stage2.last() else {
         anyhow::bail!("--stage2-config: expected at least one stage II recipe");
     };
-    let tok = Arc::new(crate::serve::load_tokenizer(
+    let tok = Arc::new(deem::tokenizer::load_tokenizer(
         None,
         Some(&e.data),
         &last.config,
@@ -227,28 +227,28 @@ pub fn run(e: &Experiment, rt: &tokio::runtime::Runtime) -> anyhow::Result<Strin
             let c2: DeemConfig = with(last, seed, w).config;
             if w == 0.0 {
                 let mined = e.out.join(format!("robustvqa-seed{seed}.json"));
-                let clf = crate::report::ModelClassifier::new(&c2, &d2, tok.clone())?;
-                let counts = crate::report::build_robustvqa(
+                let clf = crate::cli::report::ModelClassifier::new(&c2, &d2, tok.clone())?;
+                let counts = crate::cli::report::build_robustvqa(
                     &e.data,
                     &deem::world::Split::ALL,
                     false,
-                    crate::report::Miner::Model(&clf),
+                    crate::cli::report::Miner::Model(&clf),
                     &mined,
                 )?;
                 tracing::info!(seed, file = %mined.display(), ?counts, "hard negatives mined by the baseline");
                 rv = mined;
             }
-            let results = rt.block_on(crate::eval_cmd::run(
+            let results = rt.block_on(crate::cli::eval::evaluate(
                 &c2,
                 &e.topology,
                 &Weights::Checkpoint(d2.clone()),
                 tok.clone(),
                 splits_of(&rv)?,
-                &crate::eval_cmd::Decoding::default(),
+                &crate::cli::eval::Decoding::default(),
             ))?;
             std::fs::write(
                 d2.join("eval.json"),
-                serde_json::to_string_pretty(&crate::eval_cmd::to_json(&results))?,
+                serde_json::to_string_pretty(&crate::cli::eval::to_json(&results))?,
             )?;
             for r in results {
                 acc.entry(format!("λ_CSR = {w}"))
@@ -299,4 +299,55 @@ pub fn run(e: &Experiment, rt: &tokio::runtime::Runtime) -> anyhow::Result<Strin
     std::fs::write(e.out.join("csr.md"), &md)?;
     std::fs::write(e.out.join("csr.json"), serde_json::to_string_pretty(&json)?)?;
     Ok(md)
+}
+
+/// `deem experiment csr`.
+pub fn run(cmd: super::ExperimentCommand) -> anyhow::Result<()> {
+    let super::ExperimentCommand::Csr {
+        topology,
+        data,
+        out,
+        seeds,
+        stage1_config,
+        stage2_config,
+        stage1_steps,
+        stage2_steps,
+        pretrained,
+    } = cmd;
+    let load = |p: PathBuf| {
+        super::ConfigArgs {
+            config: Some(p),
+            overrides: vec![],
+        }
+        .load()
+    };
+    if !stage2_steps.is_empty() && stage2_steps.len() != stage2_config.len() {
+        anyhow::bail!(
+            "--stage2-steps: expected one step count per --stage2-config ({}), found {}",
+            stage2_config.len(),
+            stage2_steps.len()
+        );
+    }
+    let stage1 = load(stage1_config)?;
+    let stage1_steps = stage1_steps.unwrap_or(stage1.config.train.steps);
+    let mut stage2 = Vec::new();
+    for (i, p) in stage2_config.into_iter().enumerate() {
+        let c = load(p)?;
+        let steps = stage2_steps.get(i).copied().unwrap_or(c.config.train.steps);
+        stage2.push((c, steps));
+    }
+    let topo = topology.load(&stage1, deem::device::cuda_device_count())?;
+    let e = crate::cli::experiment::Experiment {
+        stage1: (stage1, stage1_steps),
+        stage2,
+        topology: topo,
+        data,
+        out,
+        seeds,
+        weights: vec![5.0, 0.0],
+        pretrained,
+    };
+    let runtime = super::training_runtime()?;
+    print!("{}", run_experiment(&e, &runtime)?);
+    Ok(())
 }

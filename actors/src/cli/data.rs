@@ -7,7 +7,7 @@ use deem::datasets::{self, BadRecord, ReadReport, SynthOptions};
 use deem::eval::{self, PopeSampling};
 
 use crate::cli::DataCommand;
-use crate::metrics::{FormatLabels, Metrics};
+use crate::runtime::metrics::{FormatLabels, Metrics};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -130,7 +130,7 @@ fn check(
     ))
 }
 
-pub fn run(cmd: DataCommand, metrics: &Metrics) -> anyhow::Result<String> {
+pub fn render(cmd: DataCommand, metrics: &Metrics) -> anyhow::Result<String> {
     match cmd {
         DataCommand::Synth {
             out,
@@ -192,23 +192,29 @@ pub fn run(cmd: DataCommand, metrics: &Metrics) -> anyhow::Result<String> {
             let model = match &checkpoint {
                 Some(ck) => {
                     let cfg = config.load()?.config;
-                    let tok = crate::serve::load_tokenizer(None, Some(&data), &cfg)?;
-                    Some(crate::report::ModelClassifier::new(&cfg, ck, tok.into())?)
+                    let tok = deem::tokenizer::load_tokenizer(None, Some(&data), &cfg)?;
+                    Some(crate::cli::report::ModelClassifier::new(
+                        &cfg,
+                        ck,
+                        tok.into(),
+                    )?)
                 }
                 None => None,
             };
             let miner = match &model {
-                Some(m) => crate::report::Miner::Model(m),
-                None => crate::report::Miner::Prototype(crate::report::PrototypeClassifier::new(
-                    serde_json::from_str::<serde_json::Value>(
-                        &std::fs::read_to_string(data.join("SYNTH.json")).unwrap_or_default(),
-                    )
-                    .ok()
-                    .and_then(|v| v["size"].as_u64())
-                    .unwrap_or(64) as u32,
-                )),
+                Some(m) => crate::cli::report::Miner::Model(m),
+                None => crate::cli::report::Miner::Prototype(
+                    crate::cli::report::PrototypeClassifier::new(
+                        serde_json::from_str::<serde_json::Value>(
+                            &std::fs::read_to_string(data.join("SYNTH.json")).unwrap_or_default(),
+                        )
+                        .ok()
+                        .and_then(|v| v["size"].as_u64())
+                        .unwrap_or(64) as u32,
+                    ),
+                ),
             };
-            let counts = crate::report::build_robustvqa(
+            let counts = crate::cli::report::build_robustvqa(
                 &data,
                 &deem::world::Split::ALL,
                 only_misclassified,
@@ -253,4 +259,11 @@ pub fn run(cmd: DataCommand, metrics: &Metrics) -> anyhow::Result<String> {
             Ok(text)
         }
     }
+}
+
+/// `deem data …`.
+pub fn run(cmd: DataCommand) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    print!("{}", render(cmd, &metrics)?);
+    Ok(())
 }

@@ -1,0 +1,50 @@
+//! `deem topology check`: a topology validated against a config, printed as its placement (memory per
+//! device, layers per shard).
+
+use super::TopologyCommand;
+use crate::runtime::topology::Topology;
+use crate::settings::LoadedConfig;
+
+/// `deem topology check` text for a validated topology.
+pub fn topology_report(topo: &Topology, cfg: &LoadedConfig) -> String {
+    let mut s = String::new();
+    let desc = topo
+        .description
+        .as_deref()
+        .map(|d| format!(" — {d}"))
+        .unwrap_or_default();
+    s.push_str(&format!(
+        "topology  {}{desc}  [{}]\n",
+        topo.name, topo.origin
+    ));
+    s.push_str(&format!(
+        "config    {}, dtype {}, {} LLM layers  [{}]\n\n",
+        cfg.config.model.name,
+        cfg.config.model.dtype,
+        cfg.config.llm.num_hidden_layers,
+        cfg.base_origin
+    ));
+    s.push_str(&topo.table());
+    let devices: Vec<String> = topo.devices().iter().map(ToString::to_string).collect();
+    s.push_str(&format!(
+        "\nok: {} actors on {} device(s) ({})\n",
+        topo.actors.len(),
+        devices.len(),
+        devices.join(", ")
+    ));
+    s
+}
+
+pub fn run(cmd: TopologyCommand) -> anyhow::Result<()> {
+    let TopologyCommand::Check {
+        topology,
+        config,
+        assume_cuda_devices,
+    } = cmd;
+    let cfg = config.load()?;
+    let cuda = assume_cuda_devices.unwrap_or_else(deem::device::cuda_device_count);
+    let topo = topology.load(&cfg, cuda)?;
+    tracing::debug!(actors = topo.actors.len(), "topology valid");
+    print!("{}", topology_report(&topo, &cfg));
+    Ok(())
+}

@@ -1,0 +1,300 @@
+//! The HTTP front, after text-generation-inference's server: axum routes for `POST /v1/chat/completions`
+//! (OpenAI format, SSE when `stream: true`), `GET /v1/models`, `/ready`, the playground at `/`, and (from
+//! the runtime) `/health` and `/metrics`. A request travels: bearer check → parse → validation →
+//! admission → the engine's event stream → SSE or one body. Every refusal maps to a status and a stable
+//! `error_type` ([`ServeError`]).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use deem::config::DeemConfig;
+use deem::tokenizer::DeemTokenizer;
+use serde_json::json;
+
+use super::engine::{Engine, EngineError, Weights};
+use super::error::ServeError;
+use super::sse::{complete_response, json_response, stream_response, ChunkHead};
+use super::{openai, validation};
+use crate::runtime::metrics::{Metrics, RequestLabels};
+
+const PLAYGROUND: &str = include_str!("playground.html");
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub cfg: Arc<DeemConfig>,
+    pub tokenizer: Arc<DeemTokenizer>,
+    pub model: String,
+    pub api_key: Option<String>,
+    /// False while shutting down.
+    pub ready: Arc<AtomicBool>,
+    pub metrics: Arc<Metrics>,
+}
+
+fn count(m: &Metrics, status: &str) {
+    m.serve
+        .requests
+        .get_or_create(&RequestLabels {
+            status: status.to_string(),
+        })
+        .inc();
+}
+
+fn error_response(e: &ServeError) -> Response {
+    let mut r = json_response(e.status(), e.body());
+    match e {
+        ServeError::Unauthorized => {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        ServeError::QueueFull { .. } => {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        _ => {}
+    }
+    r
+}
+
+fn authorized(st: &AppState, headers: &HeaderMap) -> bool {
+    let Some(key) = &st.api_key else {
+        return true;
+    };
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|given| given.trim() == key)
+}
+
+/// Parse and validate off the async workers (images are decoded here).
+async fn validated(
+    st: &AppState,
+    body: Bytes,
+) -> Result<(validation::ValidRequest, bool, bool), ServeError> {
+    let st = st.clone();
+    tokio::task::spawn_blocking(move || {
+        let r = openai::parse(&body)?;
+        let stream = r.stream;
+        let usage = r.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        validation::validate(r, &st.cfg, &st.tokenizer, &st.model).map(|req| (req, stream, usage))
+    })
+    .await
+    .map_err(|e| ServeError::Internal(e.to_string()))?
+}
+
+async fn chat(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    if !authorized(&st, &headers) {
+        count(&st.metrics, "unauthorized");
+        return error_response(&ServeError::Unauthorized);
+    }
+    if !st.ready.load(Ordering::SeqCst) {
+        return error_response(&ServeError::ShuttingDown);
+    }
+    let (req, stream, include_usage) = match validated(&st, body).await {
+        Ok(x) => x,
+        Err(e) => {
+            if matches!(
+                e,
+                ServeError::Invalid { .. }
+                    | ServeError::NotJson(_)
+                    | ServeError::UnknownModel { .. }
+            ) {
+                count(&st.metrics, "invalid");
+            }
+            return error_response(&e);
+        }
+    };
+    let events = match st.engine.generate(req) {
+        Ok(events) => events,
+        Err(e) => {
+            if matches!(e, ServeError::QueueFull { .. }) {
+                count(&st.metrics, "rejected");
+            }
+            return error_response(&e);
+        }
+    };
+    let head = ChunkHead {
+        id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+        model: st.model.clone(),
+        created: openai::now_unix(),
+    };
+    if stream {
+        stream_response(head, include_usage, events)
+    } else {
+        match complete_response(head, Box::pin(events)).await {
+            Ok(body) => Json(body).into_response(),
+            Err(e) => json_response(e.status(), e.body()),
+        }
+    }
+}
+
+async fn models(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    if !authorized(&st, &headers) {
+        return error_response(&ServeError::Unauthorized);
+    }
+    Json(json!({"object": "list", "data": [{
+        "id": st.model, "object": "model", "created": 0, "owned_by": "deem",
+        "max_model_len": st.cfg.llm.max_position_embeddings
+    }]}))
+    .into_response()
+}
+
+/// 200 while every worker's compute thread runs; 503 while shutting down or once one has failed (its
+/// supervisor marked it), naming the workers that are down.
+async fn ready(State(st): State<AppState>) -> Response {
+    if !st.ready.load(Ordering::SeqCst) {
+        return json_response(503, json!({"status": "shutting down"}));
+    }
+    let actors = st.engine.status().await;
+    let down: Vec<&str> = actors
+        .iter()
+        .filter(|a| a.state != crate::runtime::ComputeState::Running)
+        .map(|a| a.name.as_str())
+        .collect();
+    if down.is_empty() && st.engine.is_healthy() {
+        Json(json!({"status": "ready", "model": st.model, "actors": actors})).into_response()
+    } else {
+        json_response(
+            503,
+            json!({"status": "actors failed", "failed": down, "actors": actors}),
+        )
+    }
+}
+
+async fn playground() -> Html<&'static str> {
+    Html(PLAYGROUND)
+}
+
+/// Every route of the service, with `/metrics`, `/health` and request counting.
+pub fn router(st: AppState) -> Router {
+    let limit = st.cfg.serve.max_body_bytes;
+    let metrics = st.metrics.clone();
+    let routes = Router::new()
+        .route("/", get(playground))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/models", get(models))
+        .route("/ready", get(ready))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(st);
+    crate::runtime::http::instrument(routes, metrics)
+}
+
+/// Why the service did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the HTTP server failed: {0}")]
+    Server(String),
+}
+
+/// A started service: the engine and the HTTP server on `addr`.
+pub struct Service {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    shutdown: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Service {
+    /// Starts the workers and binds `addr` (port 0 picks one).
+    pub async fn start(
+        addr: SocketAddr,
+        cfg: DeemConfig,
+        topo: &crate::runtime::topology::Topology,
+        weights: &Weights,
+        tokenizer: DeemTokenizer,
+        api_key: Option<String>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ServiceError> {
+        let tokenizer = Arc::new(tokenizer);
+        let engine = Engine::start(&cfg, topo, weights, tokenizer.clone(), metrics.clone()).await?;
+        let state = AppState {
+            engine: Arc::new(engine),
+            model: cfg.model.name.clone(),
+            cfg: Arc::new(cfg),
+            tokenizer,
+            api_key,
+            ready: Arc::new(AtomicBool::new(true)),
+            metrics,
+        };
+        let bind = |source| ServiceError::Bind { addr, source };
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(bind)?;
+        let addr = listener.local_addr().map_err(bind)?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let app = router(state.clone());
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await
+        });
+        tracing::info!(%addr, model = %state.model, "serving /v1/chat/completions, /v1/models, /ready, /metrics and the playground at /");
+        Ok(Service {
+            addr,
+            state,
+            shutdown: tx,
+            task,
+        })
+    }
+
+    /// Graceful shutdown: not ready, no new connections, in-flight streams run to their end, then the
+    /// workers stop.
+    pub async fn stop(self) -> Result<(), ServiceError> {
+        self.state.ready.store(false, Ordering::SeqCst);
+        let _ = self.shutdown.send(());
+        self.task
+            .await
+            .map_err(|e| ServiceError::Server(e.to_string()))?
+            .map_err(|e| ServiceError::Server(e.to_string()))?;
+        let engine = self.state.engine.clone();
+        drop(self.state);
+        match Arc::try_unwrap(engine) {
+            Ok(e) => e.shutdown().await,
+            Err(_) => {
+                tracing::warn!("the engine is still shared; its workers stop with the process")
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Resolves when the process gets Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,144 @@
+//! The messages between the scheduler and the generation workers, after text-generation-inference's
+//! router ⇄ shard protocol: decode ticks down the LLM shards (`ShardIn`), jobs for the vision and
+//! diffusion workers, and every result back in the scheduler's `Inbox` — a worker's failure included,
+//! from its supervisor.
+
+use std::sync::Arc;
+
+use deem::sampling::SamplingParams;
+use flume::Sender;
+use tch::Tensor;
+use uuid::Uuid;
+
+use crate::runtime::Failure;
+use crate::serve::error::InferError;
+
+/// How the next token of a row is drawn (last shard).
+pub struct SampleSpec {
+    pub params: Arc<SamplingParams>,
+    /// Ids in the context, for the repetition penalty.
+    pub seen: Vec<i64>,
+    /// Ids that may not be sampled.
+    pub banned: Vec<i64>,
+    /// Index of the token in the response (keys the random draw).
+    pub index: u64,
+    /// Beam search: instead of drawing, return this many most likely ids with their log-probabilities
+    /// (0 = draw).
+    pub beam: usize,
+}
+
+/// One sequence's part of a decode tick.
+pub struct RowMeta {
+    pub seq: Uuid,
+    /// Position of the row's first input (the sequence's cached length).
+    pub start: i64,
+    pub sample: Option<SampleSpec>,
+    /// Return the NIP context: the last shard's hidden states from this position to the row's last,
+    /// nearest first (the row feeds `<|startofimage|>`).
+    pub context_from: Option<i64>,
+}
+
+/// What the first shard embeds for a row.
+pub enum RowInput {
+    /// Token ids, with the visual tokens [N, K, L] of the images whose placeholders they hold.
+    Ids {
+        ids: Vec<i64>,
+        visual: Option<Tensor>,
+    },
+    /// Ready embeddings [T, L]: the visual tokens of an image the model just drew.
+    Embeds(Tensor),
+}
+
+pub enum ShardIn {
+    Tick {
+        group: usize,
+        rows: Vec<RowMeta>,
+        /// First shard only.
+        inputs: Vec<RowInput>,
+        /// Later shards: the rows' hidden states.
+        hidden: Hidden,
+        /// An earlier shard failed this tick; pass it on.
+        error: Option<InferError>,
+    },
+    /// Drop these sequences' caches (passed down the pipeline, after any tick that used them).
+    Free(Vec<Uuid>),
+    /// Copy each `(from, to)`: `to` starts with `from`'s cache (a beam hypothesis forking; passed down
+    /// the pipeline before the next tick).
+    Fork(Vec<(Uuid, Uuid)>),
+}
+
+/// A tick's hidden states between shards: the single-token rows as one batch, the others one by one.
+#[derive(Default)]
+pub struct Hidden {
+    /// Row indices of the batched rows, and their states [B, 1, L].
+    pub batch: Option<(Vec<usize>, Tensor)>,
+    /// The other rows' states [1, T, L], by row index.
+    pub rows: Vec<(usize, Tensor)>,
+}
+
+pub struct RowOut {
+    pub seq: Uuid,
+    pub token: Option<i64>,
+    /// Beam rows: the most likely next ids with their log-probabilities, best first.
+    pub top: Vec<(i64, f64)>,
+    pub context: Option<Tensor>,
+}
+
+/// Results coming back to the scheduler.
+pub enum Inbox {
+    Tick {
+        group: usize,
+        out: Result<Vec<RowOut>, InferError>,
+    },
+    Encoded {
+        seq: Uuid,
+        generated: bool,
+        /// Visual tokens [N, K, L] and CSR conditions [N, Q, C].
+        out: Result<(Tensor, Tensor), InferError>,
+    },
+    Drawn {
+        seq: Uuid,
+        /// Pixels [3, H, W] in [0, 1] and their PNG.
+        out: Result<(Tensor, Vec<u8>), InferError>,
+    },
+    Scored {
+        seq: Uuid,
+        out: Result<Vec<f64>, InferError>,
+    },
+    /// A worker's compute thread died (from its supervisor): every request in flight fails.
+    WorkerFailed(Failure),
+}
+
+pub struct VisionJob {
+    pub seq: Uuid,
+    /// [N, 3, H, W] in [0, 1].
+    pub pixels: Tensor,
+    /// Region input: [N, 1, H, W] in [0, 1] (see [`deem::model::Batch::masks`]).
+    pub masks: Option<Tensor>,
+    pub generated: bool,
+}
+
+pub enum DiffusionJob {
+    Draw {
+        seq: Uuid,
+        /// NIP context [N, L], nearest position first.
+        context: Tensor,
+        steps: i64,
+        guidance: f64,
+        seed: u64,
+        /// The image's index in its response (keys the initial noise).
+        image: u64,
+    },
+    Score {
+        seq: Uuid,
+        cond: Tensor,
+        pixels: Tensor,
+        masks: Option<Tensor>,
+        timesteps: Vec<i64>,
+    },
+}
+
+pub enum ShardNext {
+    Shard(Sender<ShardIn>),
+    Scheduler(Sender<Inbox>),
+}
