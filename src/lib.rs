@@ -1,32 +1,23 @@
 //! deem — the DEEM model library: pure tch compute, no actors, no async.
 //!
 //! DEEM ("Diffusion Models Serve as the EyEs of Large Language Models for Image Perception") joins a
-//! ConvNeXt encoder, a Perceiver Resampler, a LLaMA decoder and a Stable-Diffusion UNet. This crate holds
-//! the typed configuration, the parameter accounting and (in later modules) the layers themselves; the
-//! runtime crate `deem-actors` places them on devices.
+//! ConvNeXt encoder, a Perceiver Resampler, a LLaMA decoder and a Stable-Diffusion UNet. This crate is
+//! laid out by concern: `models/` (the layers and their DEEM composition, the losses), `text/`
+//! (tokenizer, sequences, sampling), `data/` (formats and readers, the synthetic world, the mixer),
+//! `train/` (optimizer, reference trainer, pretraining), `eval`, and beside them the configuration,
+//! checkpoints, devices, parameter accounting and seeded random streams. The runtime crate
+//! `deem-actors` places these on devices.
 
 pub mod checkpoint;
-pub mod clip;
 pub mod config;
 pub mod data;
-pub mod datasets;
 pub mod device;
-pub mod diffusion;
 pub mod eval;
-pub mod llama;
-pub mod mixer;
-pub mod model;
+pub mod models;
 pub mod params;
-pub mod region;
-pub mod resampler;
 pub mod rng;
-pub mod sampling;
-pub mod sd;
-pub mod sequence;
-pub mod tokenizer;
+pub mod text;
 pub mod train;
-pub mod vision;
-pub mod world;
 
 pub use config::DeemConfig;
 pub use device::DeviceSpec;

@@ -74,7 +74,7 @@ pub fn resampler(r: &ResamplerConfig, llm_width: i64, unet_context: i64) -> i64 
 
 /// DEEM's mask-aware extractor: one pooled-feature linear per stage and the 112×112 mask-shape MLP.
 pub fn mask_extractor(v: &VisionConfig) -> i64 {
-    let (w, side) = (v.adapter_width, crate::region::MASK_SHAPE_SIDE);
+    let (w, side) = (v.adapter_width, crate::models::region::MASK_SHAPE_SIDE);
     v.dims.len() as i64 * linear(w, w, true) + linear(side * side, w, true) + 2 * linear(w, w, true)
 }
 
@@ -324,21 +324,25 @@ mod tests {
         let cfg = tiny();
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);
         let (l, d) = (&cfg.llm, &cfg.diffusion);
-        crate::vision::VisionEncoder::new(&(vs.root() / "visual"), &cfg.vision);
+        crate::models::vision::VisionEncoder::new(&(vs.root() / "visual"), &cfg.vision);
         assert_eq!(count(&vs), vision(&cfg.vision));
         let vt = vs.root() / "visual_tokenizer";
-        crate::resampler::Resampler::new(
+        crate::models::resampler::Resampler::new(
             &vt,
             &cfg.resampler,
             l.hidden_size,
             d.unet.cross_attention_dim,
         );
-        crate::region::MaskExtractor::new(&vt, cfg.vision.dims.len(), cfg.vision.adapter_width);
+        crate::models::region::MaskExtractor::new(
+            &vt,
+            cfg.vision.dims.len(),
+            cfg.vision.adapter_width,
+        );
         assert_eq!(count(&vs), ComponentParams::of(&cfg).vision);
-        let llama = crate::llama::LlamaConfig::from(l);
+        let llama = crate::models::llama::LlamaConfig::from(l);
         for range in [0..1, 1..3, 3..4, 0..4] {
             let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-            crate::llama::LlamaShard::new(&vs.root(), &llama, range.clone()).unwrap();
+            crate::models::llama::LlamaShard::new(&vs.root(), &llama, range.clone()).unwrap();
             assert_eq!(
                 count(&vs),
                 llm_shard(l, range.start, range.end),

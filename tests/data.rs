@@ -7,9 +7,10 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use deem::datasets::{self, SynthOptions};
+use deem::data::readers;
+use deem::data::synth::{self, SynthOptions};
+use deem::data::world::{self, Split};
 use deem::eval::{self, PopeSampling};
-use deem::world::{self, Split};
 use tch::Tensor;
 
 fn small(seed: u64) -> SynthOptions {
@@ -148,9 +149,9 @@ fn synthesis_is_deterministic_per_seed() {
         common::scratch("synth-b"),
         common::scratch("synth-c"),
     );
-    datasets::synthesize(&a, &small(7)).unwrap();
-    datasets::synthesize(&b, &small(7)).unwrap();
-    datasets::synthesize(&c, &small(8)).unwrap();
+    synth::synthesize(&a, &small(7)).unwrap();
+    synth::synthesize(&b, &small(7)).unwrap();
+    synth::synthesize(&c, &small(8)).unwrap();
     let (fa, fb, fc) = (files_under(&a), files_under(&b), files_under(&c));
     assert!(fa.len() > 50, "{} files", fa.len());
     assert_eq!(fa, fb, "same seed, same bytes");
@@ -168,9 +169,9 @@ fn synthesis_is_deterministic_per_seed() {
 fn every_reader_round_trips_what_synth_writes() {
     let dir = common::scratch("synth-read");
     let o = small(3);
-    datasets::synthesize(&dir, &o).unwrap();
+    synth::synthesize(&dir, &o).unwrap();
 
-    let pairs = datasets::read_pairs_jsonl(&dir.join("pairs.jsonl"), None).unwrap();
+    let pairs = readers::read_pairs_jsonl(&dir.join("pairs.jsonl"), None).unwrap();
     assert!(pairs.bad.is_empty(), "{:?}", pairs.bad);
     assert_eq!(pairs.records.len(), o.pairs);
     for (i, p) in pairs.records.iter().enumerate() {
@@ -182,7 +183,7 @@ fn every_reader_round_trips_what_synth_writes() {
             "pair {i}: PNG is lossless"
         );
     }
-    let tar = datasets::read_pairs_tar(&dir.join("pairs-000000.tar"), None).unwrap();
+    let tar = readers::read_pairs_tar(&dir.join("pairs-000000.tar"), None).unwrap();
     assert!(tar.bad.is_empty(), "{:?}", tar.bad);
     assert_eq!(tar.records.len(), o.pairs);
     for (t, j) in tar.records.iter().zip(&pairs.records) {
@@ -192,7 +193,7 @@ fn every_reader_round_trips_what_synth_writes() {
         );
     }
 
-    let docs = datasets::read_mmc4(&dir.join("mmc4.jsonl"), None).unwrap();
+    let docs = readers::read_mmc4(&dir.join("mmc4.jsonl"), None).unwrap();
     assert!(docs.bad.is_empty(), "{:?}", docs.bad);
     assert_eq!(docs.records.len(), o.documents);
     for d in &docs.records {
@@ -206,7 +207,7 @@ fn every_reader_round_trips_what_synth_writes() {
         }
     }
 
-    let conv = datasets::read_llava(&dir.join("llava.json"), None).unwrap();
+    let conv = readers::read_llava(&dir.join("llava.json"), None).unwrap();
     assert!(conv.bad.is_empty(), "{:?}", conv.bad);
     assert_eq!(conv.records.len(), o.instructions);
     assert!(conv
@@ -216,7 +217,7 @@ fn every_reader_round_trips_what_synth_writes() {
     let kinds: BTreeSet<&str> = conv.records.iter().map(|c| c.turns[0].1.as_str()).collect();
     assert!(kinds.contains("Yes") && kinds.contains("No"), "{kinds:?}");
 
-    let regions = datasets::read_regions(&dir.join("regions.json"), None).unwrap();
+    let regions = readers::read_regions(&dir.join("regions.json"), None).unwrap();
     assert!(regions.bad.is_empty(), "{:?}", regions.bad);
     // One region per object of each region scene.
     assert!(regions.records.len() >= o.regions);
@@ -229,7 +230,7 @@ fn every_reader_round_trips_what_synth_writes() {
 
 /// Every record of a region file against the scenes it was drawn from: caption, image and mask (RLE
 /// exact; the square and diamond polygons up to edge pixels).
-fn check_regions(records: &[datasets::Region], scenes: &[world::Scene], size: u32) {
+fn check_regions(records: &[readers::Region], scenes: &[world::Scene], size: u32) {
     let mut i = 0;
     for s in scenes {
         for ob in &s.objects {
@@ -270,8 +271,8 @@ fn region_masks_equal_the_objects_they_describe() {
         eval_per_split: 3,
         ..small(5)
     };
-    datasets::synthesize(&dir, &o).unwrap();
-    let regions = datasets::read_regions(&dir.join("regions.json"), None).unwrap();
+    synth::synthesize(&dir, &o).unwrap();
+    let regions = readers::read_regions(&dir.join("regions.json"), None).unwrap();
     let scenes: Vec<_> = (0..o.regions as u64)
         .map(|k| world::scene(o.seed, Split::Id, k, o.size))
         .collect();
@@ -279,10 +280,10 @@ fn region_masks_equal_the_objects_they_describe() {
     // Held-out regions per evaluation split, on the evaluation scenes.
     for split in Split::ALL {
         let f = dir.join(format!("eval/regions_{}.json", split.name()));
-        let r = datasets::read_regions(&f, None).unwrap();
+        let r = readers::read_regions(&f, None).unwrap();
         assert!(r.bad.is_empty(), "{:?}", r.bad);
         let scenes: Vec<_> = (0..o.eval_per_split as u64)
-            .map(|k| datasets::eval_scene(o.seed, split, k, o.size))
+            .map(|k| synth::eval_scene(o.seed, split, k, o.size))
             .collect();
         check_regions(&r.records, &scenes, o.size);
     }
@@ -301,8 +302,8 @@ fn region_files_with_compressed_rle_read_the_same_masks() {
         eval_per_split: 0,
         ..small(7)
     };
-    datasets::synthesize(&dir, &o).unwrap();
-    let plain = datasets::read_regions(&dir.join("regions.json"), None).unwrap();
+    synth::synthesize(&dir, &o).unwrap();
+    let plain = readers::read_regions(&dir.join("regions.json"), None).unwrap();
     let mut json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("regions.json")).unwrap()).unwrap();
     let mut compressed = 0;
@@ -317,7 +318,7 @@ fn region_files_with_compressed_rle_read_the_same_masks() {
     assert!(compressed > 0);
     let f = dir.join("regions_compressed.json");
     std::fs::write(&f, json.to_string()).unwrap();
-    let read = datasets::read_regions(&f, None).unwrap();
+    let read = readers::read_regions(&f, None).unwrap();
     assert!(read.bad.is_empty(), "{:?}", read.bad);
     assert_eq!(read.records.len(), plain.records.len());
     for (a, b) in read.records.iter().zip(&plain.records) {
@@ -380,7 +381,7 @@ fn img2dataset_style_shards_are_read_as_webdataset_keys_them() {
     }
     b.finish().unwrap();
     drop(b);
-    let r = datasets::read_pairs_tar(&f, None).unwrap();
+    let r = readers::read_pairs_tar(&f, None).unwrap();
     let got: Vec<(&str, u8)> = r
         .records
         .iter()
@@ -414,7 +415,7 @@ fn img2dataset_style_shards_are_read_as_webdataset_keys_them() {
 #[test]
 fn bad_records_are_skipped_counted_and_bounded() {
     let dir = common::scratch("bad-records");
-    datasets::synthesize(&dir, &small(2)).unwrap();
+    synth::synthesize(&dir, &small(2)).unwrap();
     let good = std::fs::read_to_string(dir.join("pairs.jsonl")).unwrap();
     std::fs::write(dir.join("broken.png"), b"not a png").unwrap();
     let mut lines: Vec<String> = good.lines().map(String::from).collect();
@@ -429,7 +430,7 @@ fn bad_records_are_skipped_counted_and_bounded() {
     lines.insert(5, "{\"image\": \"broken.png\", \"caption\": \"x\"}".into());
     let f = dir.join("mixed.jsonl");
     std::fs::write(&f, lines.join("\n")).unwrap();
-    let r = datasets::read_pairs_jsonl(&f, None).unwrap();
+    let r = readers::read_pairs_jsonl(&f, None).unwrap();
     assert_eq!(r.records.len(), 6);
     assert_eq!(r.bad.len(), 3);
     let at: Vec<&str> = r
@@ -471,7 +472,7 @@ fn bad_records_are_skipped_counted_and_bounded() {
             {"nonsense": 1}]"#,
     )
     .unwrap();
-    let r = datasets::read_llava(&f, None).unwrap();
+    let r = readers::read_llava(&f, None).unwrap();
     assert_eq!((r.records.len(), r.bad.len()), (1, 2));
     assert_eq!(
         r.bad[0].reason,
@@ -645,23 +646,23 @@ fn mixer_cfg() -> deem::config::DeemConfig {
     c
 }
 
-fn tiny_tokenizer() -> deem::tokenizer::DeemTokenizer {
-    deem::tokenizer::DeemTokenizer::from_file(
+fn tiny_tokenizer() -> deem::text::tokenizer::DeemTokenizer {
+    deem::text::tokenizer::DeemTokenizer::from_file(
         &common::root().join("assets/tiny-tokenizer.json"),
         Some(1024),
     )
     .unwrap()
 }
 
-fn mixer(dir: &Path) -> deem::mixer::Mixer {
+fn mixer(dir: &Path) -> deem::data::mixer::Mixer {
     let c = mixer_cfg();
     let tok = tiny_tokenizer();
-    let mut m = deem::mixer::Mixer::new(&c, 5);
-    let docs = datasets::read_mmc4(&dir.join("mmc4.jsonl"), None)
+    let mut m = deem::data::mixer::Mixer::new(&c, 5);
+    let docs = readers::read_mmc4(&dir.join("mmc4.jsonl"), None)
         .unwrap()
         .records;
     m.add_documents("mmc4", 2.0, &docs, &tok).unwrap();
-    let pairs = datasets::read_pairs_jsonl(&dir.join("pairs.jsonl"), None)
+    let pairs = readers::read_pairs_jsonl(&dir.join("pairs.jsonl"), None)
         .unwrap()
         .records;
     m.add_pairs("pairs", 1.0, &pairs, &tok).unwrap();
@@ -671,7 +672,7 @@ fn mixer(dir: &Path) -> deem::mixer::Mixer {
 #[test]
 fn packing_fills_rows_with_whole_samples_and_whole_images() {
     let dir = common::scratch("mixer-pack");
-    datasets::synthesize(
+    synth::synthesize(
         &dir,
         &SynthOptions {
             pairs: 20,
@@ -738,7 +739,7 @@ fn packing_fills_rows_with_whole_samples_and_whole_images() {
 #[test]
 fn the_mix_follows_its_weights_and_documents_keep_six_images() {
     let dir = common::scratch("mixer-mix");
-    datasets::synthesize(
+    synth::synthesize(
         &dir,
         &SynthOptions {
             pairs: 20,
@@ -762,14 +763,14 @@ fn the_mix_follows_its_weights_and_documents_keep_six_images() {
 
     // A document with 8 images keeps 6.
     let img = world::scene(0, Split::Id, 0, 32).render();
-    let doc = datasets::Document {
+    let doc = readers::Document {
         texts: (0..8).map(|i| format!("sentence {i}.")).collect(),
         images: (0..8).map(|i| (img.clone(), i)).collect(),
     };
     let mut c = mixer_cfg();
     c.train.batch_size = 1;
     c.train.context_length = 1024;
-    let mut m = deem::mixer::Mixer::new(&c, 0);
+    let mut m = deem::data::mixer::Mixer::new(&c, 0);
     m.add_documents("one", 1.0, &[doc], &tiny_tokenizer())
         .unwrap();
     assert_eq!(m.batch(0).unwrap().pixels.size()[0] % 6, 0);
@@ -784,9 +785,9 @@ fn the_mix_follows_its_weights_and_documents_keep_six_images() {
 /// NTP targets.
 fn two_turn_row(
     c: &deem::config::DeemConfig,
-    tok: &deem::tokenizer::DeemTokenizer,
+    tok: &deem::text::tokenizer::DeemTokenizer,
 ) -> (Vec<i64>, Vec<bool>) {
-    let mut m = deem::mixer::Mixer::new(c, 0);
+    let mut m = deem::data::mixer::Mixer::new(c, 0);
     m.add_conversations(
         "c",
         1.0,
@@ -810,8 +811,8 @@ fn ntp_targets(ids: &[i64], mask: &[bool]) -> Vec<i64> {
         .collect()
 }
 
-fn two_turn_conversation() -> datasets::Conversation {
-    datasets::Conversation {
+fn two_turn_conversation() -> readers::Conversation {
+    readers::Conversation {
         image: Some(world::scene(0, Split::Id, 0, 32).render()),
         turns: vec![
             ("<image>\nIs there a red circle?".into(), "Yes".into()),
@@ -848,8 +849,8 @@ fn conversations_train_only_on_the_replies_and_captions_on_all_their_text() {
     assert_eq!(ids[0], c.llm.bos_token_id);
 
     // A caption pair: every id but BOS and the padding is marked (ntp_loss masks the placeholders).
-    let mut m = deem::mixer::Mixer::new(&c, 0);
-    let pair = datasets::Pair {
+    let mut m = deem::data::mixer::Mixer::new(&c, 0);
+    let pair = readers::Pair {
         image: img,
         caption: "a red circle".into(),
     };
@@ -876,10 +877,10 @@ fn instruction_conversations_are_multi_turn_and_answer_about_their_own_scene() {
         eval_per_split: 0,
         ..small(3)
     };
-    datasets::synthesize(&dir, &o).unwrap();
+    synth::synthesize(&dir, &o).unwrap();
     let raw: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("llava.json")).unwrap()).unwrap();
-    let conv = datasets::read_llava(&dir.join("llava.json"), None)
+    let conv = readers::read_llava(&dir.join("llava.json"), None)
         .unwrap()
         .records;
     assert_eq!(conv.len(), 40);
@@ -954,7 +955,7 @@ fn with_loss_on_prompts_conversations_train_on_every_text_id() {
     c.train.batch_size = 1;
     c.train.loss_on_prompts = true;
     let (ids, mask) = two_turn_row(&c, &tok);
-    let s = deem::model::special_ids(&c);
+    let s = deem::models::deem::special_ids(&c);
     // Targets: every id but BOS, the image (SoI and placeholders) and the padding.
     for (i, (&t, &k)) in ids.iter().zip(&mask).enumerate() {
         let context = t == s.bos || t == s.soi || t == s.sniffer || t == s.pad;
@@ -983,7 +984,7 @@ fn instruction_yes_no_answers_are_drawn_independently() {
     let (mut yes, mut total, mut only_yes, mut only_no) = (0, 0, 0, 0);
     for i in 0..400 {
         let s = world::scene(5, Split::Id, i, 64);
-        let answers: Vec<bool> = datasets::questions(&s, &mut rng)
+        let answers: Vec<bool> = synth::questions(&s, &mut rng)
             .into_iter()
             .filter(|(q, _)| q.ends_with("Please answer yes or no."))
             .map(|(_, a)| a == "Yes")
@@ -1026,7 +1027,7 @@ fn curriculum_questions_answer_about_their_scene() {
         label_questions: 200,
         ..small(4)
     };
-    datasets::synthesize(&dir, &o).unwrap();
+    synth::synthesize(&dir, &o).unwrap();
     let colours: Vec<&str> = world::COLOURS.iter().map(|c| c.0).collect();
     let check = |q: &str, a: &str, labels: &[String], kinds: &mut BTreeMap<(bool, bool), usize>| {
         let colour_of = |l: &String| l.split(' ').next().unwrap().to_string();
@@ -1048,7 +1049,7 @@ fn curriculum_questions_answer_about_their_scene() {
     };
 
     // Text-only: the scene in words, then one question about it.
-    let text = datasets::read_llava(&dir.join("text_scenes.json"), None).unwrap();
+    let text = readers::read_llava(&dir.join("text_scenes.json"), None).unwrap();
     assert!(text.bad.is_empty(), "{:?}", text.bad);
     assert_eq!(text.records.len(), o.text_scenes);
     let mut kinds = BTreeMap::new();
@@ -1071,7 +1072,7 @@ fn curriculum_questions_answer_about_their_scene() {
     let single_turns = |file: &str, n: usize| -> Vec<(String, String, world::Scene)> {
         let raw: Vec<serde_json::Value> =
             serde_json::from_str(&std::fs::read_to_string(dir.join(file)).unwrap()).unwrap();
-        let conv = datasets::read_llava(&dir.join(file), None).unwrap();
+        let conv = readers::read_llava(&dir.join(file), None).unwrap();
         assert!(conv.bad.is_empty(), "{:?}", conv.bad);
         assert_eq!(conv.records.len(), n);
         let mut out = Vec::new();
@@ -1149,13 +1150,13 @@ fn region_samples_follow_the_referring_template_with_their_masks() {
     let s = world::scene(0, Split::Id, 0, size as u32);
     let ob = &s.objects[0];
     let truth = ob.mask(size as u32);
-    let region = datasets::Region {
+    let region = readers::Region {
         image: s.render(),
         mask: truth.clone(),
         caption: format!("the {}", ob.label()),
     };
     let system = "You are a helpful assistant.";
-    let mut m = deem::mixer::Mixer::new(&c, 0);
+    let mut m = deem::data::mixer::Mixer::new(&c, 0);
     m.add_regions("r", 1.0, &[region], system, &tok).unwrap();
     let b = m.batch(0).unwrap();
     let ids: Vec<i64> = Vec::try_from(b.input_ids.reshape([-1])).unwrap();
@@ -1218,7 +1219,7 @@ fn region_samples_follow_the_referring_template_with_their_masks() {
     }
 
     // Mixed with conversations, whole images get all-ones masks; without region data, no masks.
-    let mut plain = deem::mixer::Mixer::new(&c, 0);
+    let mut plain = deem::data::mixer::Mixer::new(&c, 0);
     plain
         .add_conversations("c", 1.0, &[two_turn_conversation()], system, &tok)
         .unwrap();
@@ -1233,12 +1234,12 @@ fn region_samples_follow_the_referring_template_with_their_masks() {
     );
 
     // A mask that does not cover its image is refused, naming the source.
-    let bad = datasets::Region {
+    let bad = readers::Region {
         image: s.render(),
         mask: vec![true; 5],
         caption: "x".into(),
     };
-    let err = deem::mixer::Mixer::new(&c, 0)
+    let err = deem::data::mixer::Mixer::new(&c, 0)
         .add_regions("regions.json", 1.0, &[bad], system, &tok)
         .err()
         .unwrap();
@@ -1265,13 +1266,15 @@ fn region_masks_stay_on_their_pixels_through_resizing() {
     let mask: Vec<bool> = (0..h)
         .flat_map(|y| (0..w).map(move |x| inside(x, y)))
         .collect();
-    let px = deem::vision::unit_pixels(&img, size).get(0);
-    let m = deem::region::unit_mask(&mask, w, h, size).unwrap().get(0);
+    let px = deem::models::vision::unit_pixels(&img, size).get(0);
+    let m = deem::models::region::unit_mask(&mask, w, h, size)
+        .unwrap()
+        .get(0);
     assert_eq!(m.size(), [size as i64, size as i64]);
     let diff = (&px - &m).abs().mean(tch::Kind::Float).double_value(&[]);
     assert!(diff < 0.03, "mean |pixels − mask| {diff}");
     assert!(m.sum(tch::Kind::Float).double_value(&[]) > 50.0);
-    assert!(deem::region::unit_mask(&mask[1..], w, h, size).is_none());
+    assert!(deem::models::region::unit_mask(&mask[1..], w, h, size).is_none());
 }
 
 /// CIDEr-D equals coco-caption's (values from pycocoevalcap 1.2 on the same captions:
@@ -1342,12 +1345,12 @@ fn shape_twins_differ_only_in_shape() {
     }
     let dir = common::scratch("synth-twins");
     let o = small(6);
-    datasets::synthesize(&dir, &o).unwrap();
-    let pairs = datasets::read_pairs_jsonl(&dir.join("pairs_twins.jsonl"), None).unwrap();
+    synth::synthesize(&dir, &o).unwrap();
+    let pairs = readers::read_pairs_jsonl(&dir.join("pairs_twins.jsonl"), None).unwrap();
     assert!(pairs.bad.is_empty());
     assert_eq!(pairs.records.len(), 2 * o.shape_twins);
     for (k, two) in pairs.records.chunks(2).enumerate() {
-        let s = datasets::twin_scene(o.seed, k as u64, o.size);
+        let s = synth::twin_scene(o.seed, k as u64, o.size);
         assert_eq!(two[0].caption, s.caption());
         assert_eq!(two[1].caption, s.shape_twin().caption());
         assert_eq!(two[1].image, s.shape_twin().render());

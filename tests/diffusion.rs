@@ -5,7 +5,7 @@ use common::{fixture, max_diff, read};
 
 use deem::checkpoint::Checkpoint;
 use deem::config::{BetaSchedule, PredictionType, SchedulerConfig};
-use deem::diffusion::{self, AutoencoderKL, Ddim, Ddpm, UNet2DCondition};
+use deem::models::diffusion::{self, AutoencoderKL, Ddim, Ddpm, UNet2DCondition};
 use tch::{nn, Device, Tensor};
 
 /// fp32 parity bound against diffusers.

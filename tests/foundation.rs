@@ -363,9 +363,9 @@ fn bad_sources_are_named() {
 /// A synthetic world of only `text` text scenes and `colour` colour questions, in `dir/data`.
 fn question_world(dir: &Path, text: usize, colour: usize) -> PathBuf {
     let data = dir.join("data");
-    deem::datasets::synthesize(
+    deem::data::synth::synthesize(
         &data,
-        &deem::datasets::SynthOptions {
+        &deem::data::synth::SynthOptions {
             pairs: 0,
             documents: 0,
             instructions: 0,
@@ -595,7 +595,7 @@ fn pretrain_encoder_on_fresh_scenes_draws_a_stream_apart_from_the_written_files(
         .unwrap()
         .config;
     let metrics = deem_actors::runtime::metrics::Metrics::new();
-    let o = deem::clip::ClipOptions {
+    let o = deem::train::clip::ClipOptions {
         steps: 2,
         warmup_steps: 1,
         batch_size: 4,
@@ -625,7 +625,7 @@ fn pretrain_encoder_on_fresh_scenes_draws_a_stream_apart_from_the_written_files(
             .collect::<std::collections::BTreeMap<_, _>>()
     };
     let a = run("a");
-    assert!(a.keys().all(|n| deem::clip::is_image_tower(n)));
+    assert!(a.keys().all(|n| deem::train::clip::is_image_tower(n)));
     assert!(a.contains_key("visual.head.proj.weight"));
     // Deterministic: the same scenes, batches and initialisation.
     let b = run("b");
@@ -635,18 +635,18 @@ fn pretrain_encoder_on_fresh_scenes_draws_a_stream_apart_from_the_written_files(
     }
     // The stream is none of the scenes `deem data synth` writes (training or evaluation).
     for k in 0..20 {
-        let fresh = deem::datasets::pretrain_scene(0, k, 64).render();
+        let fresh = deem::data::synth::pretrain_scene(0, k, 64).render();
         for written in [
-            deem::world::scene(0, deem::world::Split::Id, k, 64).render(),
-            deem::datasets::eval_scene(0, deem::world::Split::Id, k, 64).render(),
-            deem::datasets::twin_scene(0, k, 64).render(),
+            deem::data::world::scene(0, deem::data::world::Split::Id, k, 64).render(),
+            deem::data::synth::eval_scene(0, deem::data::world::Split::Id, k, 64).render(),
+            deem::data::synth::twin_scene(0, k, 64).render(),
         ] {
             assert_ne!(fresh, written, "scene {k}");
         }
     }
     // Bad requests are named before anything trains.
     let err = |data: &Path, group: usize| {
-        let o = deem::clip::ClipOptions { group, ..o.clone() };
+        let o = deem::train::clip::ClipOptions { group, ..o.clone() };
         encoder(
             &cfg,
             data,
@@ -1731,7 +1731,7 @@ fn training_exports_its_metrics() {
         })
         .expect("bytes on the llm0 → llm1 edge");
     // 2 steps × 4 rows × T tokens × 64 channels × 4 bytes of hidden states.
-    let t = deem::data::SyntheticBatches::new(&cfg.config, 0).row_len();
+    let t = deem::data::batches::SyntheticBatches::new(&cfg.config, 0).row_len();
     assert_eq!(
         edge_bytes.value,
         prometheus_parse::Value::Counter((2 * 4 * t * 64 * 4) as f64)
@@ -1906,7 +1906,7 @@ fn init_from_a_mismatched_model_names_the_tensor() {
     let dir = scratch("init-from-bad");
     let cfg = embedded_tiny();
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    deem::model::Deem::new(&vs.root(), &cfg.config).unwrap();
+    deem::models::deem::Deem::new(&vs.root(), &cfg.config).unwrap();
     let weights: std::collections::BTreeMap<String, Tensor> =
         deem::train::cpu_weights(&vs).into_iter().collect();
     let hidden = cfg.config.llm.hidden_size;
@@ -2102,7 +2102,7 @@ fn binary_experiment_keeps_finished_runs_adds_seeds_and_refuses_another_recipe()
 #[test]
 fn shipped_pretrained_components_load_into_the_tiny_model() {
     let c = preset("tiny.toml").config;
-    let mut w = deem::model::initial_weights(&c).unwrap();
+    let mut w = deem::models::deem::initial_weights(&c).unwrap();
     let dir = root().join("assets/tiny-pretrained");
     let mut counts = Vec::new();
     for f in ["encoder", "encoder-scenes", "decoder", "llm"] {

@@ -7,7 +7,7 @@ use common::{fixture, max_diff, read, scratch};
 use std::path::{Path, PathBuf};
 
 use deem::checkpoint::{self, Checkpoint};
-use deem::llama::{LlamaConfig, LlamaShard};
+use deem::models::llama::{LlamaConfig, LlamaShard};
 use tch::{nn, Device, Kind, Tensor};
 
 /// fp32 parity bound against the reference library (the stated tolerance).
@@ -577,7 +577,7 @@ fn packed_documents_compute_what_each_computes_alone() {
     let row0: Vec<i64> = [a.clone(), b.clone(), vec![0; 3]].concat();
     let row1: Vec<i64> = [fragment.clone(), c.clone(), d.clone()].concat();
     let ids = Tensor::from_slice(&[row0.clone(), row1].concat()).view([2, 15]);
-    let docs = deem::llama::Documents::from_ids(&ids, bos);
+    let docs = deem::models::llama::Documents::from_ids(&ids, bos);
     assert_eq!(
         Vec::<Vec<i64>>::try_from(docs.positions()).unwrap(),
         vec![

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use deem::config::{DeemConfig, PipelineSchedule, Stage};
-use deem::data::SyntheticBatches;
-use deem::model::Batch;
+use deem::data::batches::SyntheticBatches;
+use deem::models::deem::Batch;
 use deem::train::Trainer;
 use deem_actors::pipeline::PipelineTrainer;
 use deem_actors::runtime::topology::Topology;

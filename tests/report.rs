@@ -3,7 +3,7 @@
 
 mod common;
 
-use deem::world::{self, Split};
+use deem::data::world::{self, Split};
 use serde_json::json;
 
 fn cfg() -> deem::config::DeemConfig {
@@ -23,7 +23,7 @@ fn the_report_has_losses_scores_and_reconstructions() {
         .collect();
     std::fs::write(run.join("steps.jsonl"), steps.join("\n")).unwrap();
     let c = cfg();
-    let weights: Vec<(String, tch::Tensor)> = deem::model::initial_weights(&c)
+    let weights: Vec<(String, tch::Tensor)> = deem::models::deem::initial_weights(&c)
         .unwrap()
         .into_iter()
         .collect();
@@ -98,7 +98,7 @@ fn the_model_classifier_scores_replies_as_incremental_decoding_does_and_mines_wi
     let c = cfg();
     let dir = common::scratch("model-miner");
     let data = dir.join("data");
-    let o = deem::datasets::SynthOptions {
+    let o = deem::data::synth::SynthOptions {
         seed: 2,
         size: 64,
         pairs: 0,
@@ -112,15 +112,16 @@ fn the_model_classifier_scores_replies_as_incremental_decoding_does_and_mines_wi
         shape_twins: 0,
         eval_per_split: 3,
     };
-    deem::datasets::synthesize(&data, &o).unwrap();
-    let init = deem::model::initial_weights(&c).unwrap();
+    deem::data::synth::synthesize(&data, &o).unwrap();
+    let init = deem::models::deem::initial_weights(&c).unwrap();
     let weights: Vec<(String, tch::Tensor)> = init
         .iter()
         .map(|(k, v)| (k.clone(), v.shallow_clone()))
         .collect();
     let ck = dir.join("model.safetensors");
     deem::checkpoint::save(&ck, &weights).unwrap();
-    let tok = std::sync::Arc::new(deem::tokenizer::load_tokenizer(None, Some(&data), &c).unwrap());
+    let tok =
+        std::sync::Arc::new(deem::text::tokenizer::load_tokenizer(None, Some(&data), &c).unwrap());
     let clf = ModelClassifier::new(&c, &ck, tok.clone()).unwrap();
     let image = std::fs::read_dir(data.join("eval/id"))
         .unwrap()
@@ -139,7 +140,7 @@ fn the_model_classifier_scores_replies_as_incremental_decoding_does_and_mines_wi
 
     // Reference: each reply decoded one id at a time through a KV cache, unbatched and unpadded.
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let model = deem::model::Deem::new(&vs.root(), &c).unwrap();
+    let model = deem::models::deem::Deem::new(&vs.root(), &c).unwrap();
     tch::no_grad(|| {
         for (name, mut v) in vs.variables() {
             v.copy_(&init[&name]);
@@ -171,9 +172,13 @@ fn the_model_classifier_scores_replies_as_incremental_decoding_does_and_mines_wi
             reply.push(c.llm.eos_token_id);
             let mut cache = model.llm.new_cache();
             let prompt = tch::Tensor::from_slice(&req.prompt).unsqueeze(0);
-            let e =
-                deem::model::embed_for_generation(&model.llm, &prompt, Some(&visual), model.ids)
-                    .unwrap();
+            let e = deem::models::deem::embed_for_generation(
+                &model.llm,
+                &prompt,
+                Some(&visual),
+                model.ids,
+            )
+            .unwrap();
             let mut h = model.llm.forward_layers(&e, 0, Some(&mut cache));
             let mut want = 0.0;
             for (pos, &t) in (req.prompt.len() as i64..).zip(&reply) {
@@ -183,7 +188,7 @@ fn the_model_classifier_scores_replies_as_incremental_decoding_does_and_mines_wi
                     .logits(&model.llm.norm(&last))
                     .log_softmax(-1, tch::Kind::Double);
                 want += logp.reshape([-1]).double_value(&[t]);
-                let e = deem::model::embed_for_generation(
+                let e = deem::models::deem::embed_for_generation(
                     &model.llm,
                     &tch::Tensor::from_slice(&[t]).unsqueeze(0),
                     None,

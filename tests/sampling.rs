@@ -2,7 +2,7 @@
 //! and determinism per (seed, token index); beam search against greedy decoding and against an
 //! exhaustive search.
 
-use deem::sampling::{sample, top_log_probs, BeamSearch, Hypothesis, SamplingParams};
+use deem::text::sampling::{sample, top_log_probs, BeamSearch, Hypothesis, SamplingParams};
 use tch::Tensor;
 
 fn logits(v: &[f64]) -> Tensor {

@@ -4,8 +4,8 @@
 mod common;
 use common::fixture;
 
-use deem::sequence::{splice_images, SequenceError};
-use deem::tokenizer::{DeemTokenizer, SPECIAL_TOKENS};
+use deem::text::sequence::{splice_images, SequenceError};
+use deem::text::tokenizer::{DeemTokenizer, SPECIAL_TOKENS};
 use tch::{Device, Kind, Tensor};
 
 fn expected() -> serde_json::Value {

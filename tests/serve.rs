@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deem::config::DeemConfig;
-use deem::tokenizer::load_tokenizer;
+use deem::text::tokenizer::load_tokenizer;
 use deem_actors::runtime::metrics::Metrics;
 use deem_actors::runtime::topology::Topology;
 use deem_actors::serve::{openai, validation, Service};
@@ -86,7 +86,7 @@ type Reply = (String, usize, String);
 fn request_of(
     b: &Value,
     c: &DeemConfig,
-    tok: &deem::tokenizer::DeemTokenizer,
+    tok: &deem::text::tokenizer::DeemTokenizer,
 ) -> deem_actors::serve::ValidRequest {
     validation::validate(
         openai::parse(b.to_string().as_bytes()).unwrap(),
@@ -103,7 +103,7 @@ async fn together_then_alone(
     engine: &Engine,
     bodies: &[Value],
     c: &DeemConfig,
-    tok: &deem::tokenizer::DeemTokenizer,
+    tok: &deem::text::tokenizer::DeemTokenizer,
 ) -> (Vec<Reply>, Vec<Reply>) {
     let build = |b: &Value| request_of(b, c, tok);
     let rxs: Vec<_> = bodies
@@ -801,7 +801,7 @@ async fn a_checkpoint_directory_serves_the_weights_it_holds() {
     let c = cfg();
     let tok = Arc::new(load_tokenizer(None, None, &c).unwrap());
     let dir = common::scratch("serve-checkpoint");
-    let weights = deem::model::initial_weights(&c).unwrap();
+    let weights = deem::models::deem::initial_weights(&c).unwrap();
     let named: Vec<(String, tch::Tensor)> = weights.into_iter().collect();
     deem::checkpoint::save(&dir.join("model.safetensors"), &named).unwrap();
     let body = json!({"messages": [{"role": "user", "content": "same weights"}], "max_tokens": 8,
@@ -852,7 +852,7 @@ async fn a_checkpoint_directory_serves_the_weights_it_holds() {
 async fn pope_evaluation_runs_through_the_generation_actors() {
     let c = cfg();
     let dir = common::scratch("eval-pope");
-    let o = deem::datasets::SynthOptions {
+    let o = deem::data::synth::SynthOptions {
         seed: 1,
         size: 32,
         pairs: 0,
@@ -866,7 +866,7 @@ async fn pope_evaluation_runs_through_the_generation_actors() {
         shape_twins: 0,
         eval_per_split: 3,
     };
-    deem::datasets::synthesize(&dir, &o).unwrap();
+    deem::data::synth::synthesize(&dir, &o).unwrap();
     let inst = deem::eval::read_instances(&dir.join("eval/a/instances.json")).unwrap();
     let qs = deem::eval::build_pope(&inst, deem::eval::PopeSampling::Adversarial, 2, 0);
     let lines: Vec<String> = qs
@@ -913,12 +913,12 @@ async fn pope_evaluation_runs_through_the_generation_actors() {
 /// engine's forked caches. Returns the best hypothesis' text and whether it ended with EOS.
 fn reference_beam(
     c: &DeemConfig,
-    shard: &deem::llama::LlamaShard,
-    tok: &deem::tokenizer::DeemTokenizer,
+    shard: &deem::models::llama::LlamaShard,
+    tok: &deem::text::tokenizer::DeemTokenizer,
     req: &deem_actors::serve::ValidRequest,
 ) -> (String, bool) {
-    use deem::sampling::{top_log_probs, BeamSearch};
-    let ids = deem::model::special_ids(c);
+    use deem::text::sampling::{top_log_probs, BeamSearch};
+    let ids = deem::models::deem::special_ids(c);
     let eos = c.llm.eos_token_id;
     let mut b = BeamSearch::new(req.num_beams, eos, req.max_tokens, 1.0);
     while !b.is_done() {
@@ -1016,11 +1016,11 @@ async fn beam_search_through_the_actors_equals_whole_sequence_beam_search() {
     engine.shutdown().await;
     assert_eq!(held, 0, "beam caches left on the shards");
 
-    let weights = deem::model::initial_weights(&c).unwrap();
+    let weights = deem::models::deem::initial_weights(&c).unwrap();
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let shard = deem::llama::LlamaShard::new(
+    let shard = deem::models::llama::LlamaShard::new(
         &vs.root(),
-        &deem::llama::LlamaConfig::from(&c.llm),
+        &deem::models::llama::LlamaConfig::from(&c.llm),
         0..c.llm.num_hidden_layers,
     )
     .unwrap();
@@ -1086,7 +1086,7 @@ async fn region_masks_reach_the_vision_and_diffusion_actors() {
         }
         json!({"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": png_data_url(32)}},
-            {"type": "text", "text": deem::mixer::REFERRING_PROMPT},
+            {"type": "text", "text": deem::data::mixer::REFERRING_PROMPT},
             {"type": "image_url", "image_url": region},
         ]}], "max_tokens": 2, "csr_score": true, "temperature": 0})
     };
@@ -1103,14 +1103,14 @@ async fn region_masks_reach_the_vision_and_diffusion_actors() {
     );
     // The 32-px mask goes through the image's own resize to the model's side.
     let top: Vec<bool> = (0..32 * 32).map(|i| i < 32 * 16).collect();
-    let want = deem::region::unit_mask(&top, 32, 32, side as u32).unwrap();
+    let want = deem::models::region::unit_mask(&top, 32, 32, side as u32).unwrap();
     assert_eq!(masks.get(1), want);
     assert!(request_of(&body(false), &c, &tok).masks.is_none());
 
     // The model's own CSR scores on the initial weights, with and without the masks.
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let model = deem::with_init_lock(Some(c.train.seed), || {
-        deem::model::Deem::new(&vs.root(), &c)
+        deem::models::deem::Deem::new(&vs.root(), &c)
     })
     .unwrap();
     let px = req.images.as_ref().unwrap();
@@ -1165,7 +1165,7 @@ async fn region_masks_reach_the_vision_and_diffusion_actors() {
 async fn region_captioning_evaluation_runs_through_the_generation_actors() {
     let c = cfg();
     let dir = common::scratch("eval-regions");
-    let o = deem::datasets::SynthOptions {
+    let o = deem::data::synth::SynthOptions {
         seed: 2,
         size: 32,
         pairs: 0,
@@ -1179,7 +1179,7 @@ async fn region_captioning_evaluation_runs_through_the_generation_actors() {
         shape_twins: 0,
         eval_per_split: 0,
     };
-    deem::datasets::synthesize(&dir, &o).unwrap();
+    deem::data::synth::synthesize(&dir, &o).unwrap();
     let split = deem_actors::cli::eval::region_split(&dir.join("regions.json")).unwrap();
     assert_eq!(split.name, "regions/regions");
     let refs: Vec<String> = split.regions.iter().map(|r| r.caption.clone()).collect();

@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 
 use deem::config::{DeemConfig, Stage};
-use deem::data::SyntheticBatches;
-use deem::model::{csr_timesteps, Batch};
+use deem::data::batches::SyntheticBatches;
+use deem::models::deem::Batch;
+use deem::models::losses::csr_timesteps;
 use deem::rng::{ints, Purpose, Stream};
 use deem::train::{group_of, lr_factor, Group, Trainer};
 use tch::{Device, Kind, Tensor};
@@ -51,7 +52,7 @@ fn ntp_loss_masks_pad_placeholders_bos_and_the_bos_soi_transition() {
     // when to draw), hole (masked), bos (masked), 9 (kept), pad (masked).
     let ids = Tensor::from_slice(&[bos, soi, hole, 7, soi, hole, bos, 9, pad]).view([1, 9]);
     let logits = Stream::new(0, 0, 0, Purpose::NipNoise).normal(&[1, 9, 1030]);
-    let loss = deem::model::ntp_loss(&logits, &ids, None, m.ids).double_value(&[]);
+    let loss = deem::models::losses::ntp_loss(&logits, &ids, None, m.ids).double_value(&[]);
     let lp = logits.log_softmax(-1, Kind::Float);
     let kept = [(2i64, 7i64), (3, soi), (6, 9)]; // (position predicting, target)
     let want: f64 = kept
@@ -67,7 +68,7 @@ fn ntp_loss_masks_pad_placeholders_bos_and_the_bos_soi_transition() {
     keep[2] = true;
     keep[3] = true;
     let mask = Tensor::from_slice(&keep).view([1, 9]);
-    let loss = deem::model::ntp_loss(&logits, &ids, Some(&mask), m.ids).double_value(&[]);
+    let loss = deem::models::losses::ntp_loss(&logits, &ids, Some(&mask), m.ids).double_value(&[]);
     let want = -lp.double_value(&[0, 2, 7]);
     assert!((loss - want).abs() < 1e-5, "{loss} vs {want}");
 }
@@ -115,7 +116,7 @@ fn nip_loss_is_the_diffusion_loss_of_the_llm_context_condition() {
     let l = tch::no_grad(|| m.losses(&batch, 13, 2, 0).unwrap());
     let want = tch::no_grad(|| {
         let visual = m.vision.forward(&batch.pixels).0;
-        let embeds = deem::sequence::splice_images(
+        let embeds = deem::text::sequence::splice_images(
             &m.llm.embed(&batch.input_ids),
             &batch.input_ids,
             &visual,
@@ -125,7 +126,8 @@ fn nip_loss_is_the_diffusion_loss_of_the_llm_context_condition() {
         )
         .unwrap();
         let hidden = m.llm.norm(&m.llm.forward_layers(&embeds, 0, None));
-        let (ctx, mask, index) = deem::model::nip_inputs(&hidden, &batch.input_ids, m.ids).unwrap();
+        let (ctx, mask, index) =
+            deem::models::losses::nip_inputs(&hidden, &batch.input_ids, m.ids).unwrap();
         // Every row has two images, both with text before them: all are drawn.
         assert_eq!(index, (0..batch.pixels.size()[0]).collect::<Vec<_>>());
         let k = index.len();
@@ -172,7 +174,7 @@ fn nip_contexts_run_back_to_the_nearest_bos_and_skip_bare_images() {
     let hidden = Tensor::arange(8, (Kind::Float, Device::Cpu))
         .view([1, 8, 1])
         .expand([1, 8, 64], true);
-    let (ctx, mask, index) = deem::model::nip_inputs(&hidden, &ids, m.ids).unwrap();
+    let (ctx, mask, index) = deem::models::losses::nip_inputs(&hidden, &ids, m.ids).unwrap();
     assert_eq!(
         index,
         vec![1],
@@ -367,7 +369,7 @@ fn tiny_deem_overfits_one_batch() {
 /// Solid-colour images, captioned with their colour names, for contrastive pretraining.
 fn colour_pairs(cfg: &DeemConfig) -> (Vec<Tensor>, Vec<Vec<i64>>) {
     let s = cfg.vision.image_size;
-    deem::world::COLOURS
+    deem::data::world::COLOURS
         .iter()
         .enumerate()
         .map(|(i, (_, rgb))| {
@@ -385,21 +387,22 @@ fn colour_pairs(cfg: &DeemConfig) -> (Vec<Tensor>, Vec<Vec<i64>>) {
 fn contrastive_pretraining_aligns_images_with_their_captions() {
     let cfg = tiny(Stage::I);
     let (images, captions) = colour_pairs(&cfg);
-    let o = deem::clip::ClipOptions {
+    let o = deem::train::clip::ClipOptions {
         steps: 200,
         warmup_steps: 5,
         batch_size: images.len(),
         ..Default::default()
     };
     let mut reports = Vec::new();
-    let weights = deem::clip::pretrain(&cfg, &images, &captions, &o, |r| reports.push(*r)).unwrap();
+    let weights =
+        deem::train::clip::pretrain(&cfg, &images, &captions, &o, |r| reports.push(*r)).unwrap();
     assert_eq!(reports.len(), 200);
     let first = reports[..5].iter().map(|r| r.loss).sum::<f64>() / 5.0;
     let last = reports[195..].iter().map(|r| r.loss).sum::<f64>() / 5.0;
     assert!(last < 0.5 * first, "loss {first} → {last}");
     // Every CLIP weight comes back, under the names a CLIP for this configuration has.
     let vs = tch::nn::VarStore::new(Device::Cpu);
-    let _shape = deem::clip::Clip::new(&vs.root(), &cfg, o.text_layers).unwrap();
+    let _shape = deem::train::clip::Clip::new(&vs.root(), &cfg, o.text_layers).unwrap();
     let model: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
     assert_eq!(
         weights.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
@@ -411,7 +414,7 @@ fn contrastive_pretraining_aligns_images_with_their_captions() {
     let tower: Vec<&str> = weights
         .iter()
         .map(|(n, _)| n.as_str())
-        .filter(|n| deem::clip::is_image_tower(n))
+        .filter(|n| deem::train::clip::is_image_tower(n))
         .collect();
     assert!(
         tower.contains(&"visual.head.proj.weight") && tower.contains(&"visual.trunk.stem.0.weight")
@@ -430,9 +433,9 @@ fn contrastive_pretraining_aligns_images_with_their_captions() {
         .map(|(n, t)| (n.clone(), t.shallow_clone()))
         .collect();
     let vs2 = tch::nn::VarStore::new(Device::Cpu);
-    let clip = deem::clip::load(&vs2, &cfg, &w).unwrap();
+    let clip = deem::train::clip::load(&vs2, &cfg, &w).unwrap();
     let caps: Vec<&[i64]> = captions.iter().map(Vec::as_slice).collect();
-    let (ids, last) = deem::clip::pad_captions(&caps, cfg.llm.pad_token_id);
+    let (ids, last) = deem::train::clip::pad_captions(&caps, cfg.llm.pad_token_id);
     let sim = tch::no_grad(|| {
         clip.image_embeddings(&Tensor::stack(&images, 0))
             .matmul(&clip.text_embeddings(&ids, &last).tr())
@@ -447,7 +450,7 @@ fn contrastive_pretraining_aligns_images_with_their_captions() {
         "{found} of 10 colours retrieve their own caption"
     );
     // A repeat run is the same run (batches and init from the seed).
-    let again = deem::clip::pretrain(&cfg, &images, &captions, &o, |_| {}).unwrap();
+    let again = deem::train::clip::pretrain(&cfg, &images, &captions, &o, |_| {}).unwrap();
     for ((a, x), (b, y)) in weights.iter().zip(&again) {
         assert_eq!(a, b);
         assert_eq!(x, y, "{a}");
@@ -458,23 +461,24 @@ fn contrastive_pretraining_aligns_images_with_their_captions() {
 fn contrastive_pretraining_rejects_unusable_pairs() {
     let cfg = tiny(Stage::I);
     let (images, mut captions) = colour_pairs(&cfg);
-    let o = deem::clip::ClipOptions {
+    let o = deem::train::clip::ClipOptions {
         steps: 1,
         ..Default::default()
     };
-    let err =
-        |i: &[Tensor], c: &[Vec<i64>]| deem::clip::pretrain(&cfg, i, c, &o, |_| {}).unwrap_err();
+    let err = |i: &[Tensor], c: &[Vec<i64>]| {
+        deem::train::clip::pretrain(&cfg, i, c, &o, |_| {}).unwrap_err()
+    };
     assert_eq!(err(&images, &captions[..3]), "10 images but 3 captions");
     assert_eq!(
         err(&images[..1], &captions[..1]),
         "contrastive pretraining needs at least 2 image-caption pairs, found 1"
     );
-    let grouped = deem::clip::ClipOptions {
+    let grouped = deem::train::clip::ClipOptions {
         group: 3,
         ..o.clone()
     };
     assert_eq!(
-        deem::clip::pretrain(&cfg, &images, &captions, &grouped, |_| {}).unwrap_err(),
+        deem::train::clip::pretrain(&cfg, &images, &captions, &grouped, |_| {}).unwrap_err(),
         "--group 3: the 10 pairs must split into groups of 3 and a batch (64) hold at least two"
     );
     captions[4].clear();
@@ -486,26 +490,26 @@ fn contrastive_pretraining_rejects_unusable_pairs() {
 #[test]
 fn contrastive_batches_take_whole_groups() {
     use deem::rng::{Purpose, Stream};
-    let o = deem::clip::ClipOptions {
+    let o = deem::train::clip::ClipOptions {
         group: 2,
         batch_size: 8,
         ..Default::default()
     };
     for step in 0..20 {
-        let p = deem::clip::batch_picks(&o, step, 100);
+        let p = deem::train::clip::batch_picks(&o, step, 100);
         assert_eq!(p.len(), 8);
         for pair in p.chunks(2) {
             assert_eq!((pair[0] % 2, pair[1]), (0, pair[0] + 1), "{p:?}");
         }
         assert!(p.iter().all(|&i| (0..100).contains(&i)));
     }
-    let one = deem::clip::ClipOptions {
+    let one = deem::train::clip::ClipOptions {
         batch_size: 8,
         ..Default::default()
     };
     for step in 0..5 {
         assert_eq!(
-            deem::clip::batch_picks(&one, step, 100),
+            deem::train::clip::batch_picks(&one, step, 100),
             Stream::new(one.seed, step, 1, Purpose::Data).below(8, 100)
         );
     }
@@ -513,7 +517,7 @@ fn contrastive_batches_take_whole_groups() {
 
 #[test]
 fn padded_captions_point_at_their_last_id() {
-    let (ids, last) = deem::clip::pad_captions(&[&[5, 6, 2], &[7, 2]], 0);
+    let (ids, last) = deem::train::clip::pad_captions(&[&[5, 6, 2], &[7, 2]], 0);
     assert_eq!(ids, Tensor::from_slice(&[5i64, 6, 2, 7, 2, 0]).view([2, 3]));
     assert_eq!(last, Tensor::from_slice(&[2i64, 1]));
 }
@@ -523,8 +527,8 @@ fn decoder_pretraining_learns_to_reconstruct_and_scales_its_latents_as_sd() {
     let cfg = tiny(Stage::I);
     let (images, captions) = colour_pairs(&cfg);
     let vs = tch::nn::VarStore::new(Device::Cpu);
-    let clip = deem::clip::Clip::new(&vs.root(), &cfg, 2).unwrap();
-    let o = deem::sd::DecoderOptions {
+    let clip = deem::train::clip::Clip::new(&vs.root(), &cfg, 2).unwrap();
+    let o = deem::train::sd::DecoderOptions {
         vae_steps: 60,
         unet_steps: 10,
         warmup_steps: 2,
@@ -534,13 +538,14 @@ fn decoder_pretraining_learns_to_reconstruct_and_scales_its_latents_as_sd() {
     let empty = vec![cfg.llm.eos_token_id];
     let mut vae = Vec::new();
     let mut unet = Vec::new();
-    let weights = deem::sd::pretrain(&cfg, &clip, &images, &captions, &empty, &o, |r| {
-        match r.part {
-            "vae" => vae.push(r.loss),
-            _ => unet.push(r.loss),
-        }
-    })
-    .unwrap();
+    let weights =
+        deem::train::sd::pretrain(&cfg, &clip, &images, &captions, &empty, &o, |r| {
+            match r.part {
+                "vae" => vae.push(r.loss),
+                _ => unet.push(r.loss),
+            }
+        })
+        .unwrap();
     assert_eq!((vae.len(), unet.len()), (60, 10));
     assert!(
         vae[55..].iter().sum::<f64>() < 0.5 * vae[..5].iter().sum::<f64>(),
@@ -574,10 +579,10 @@ fn decoder_pretraining_rejects_unusable_pairs() {
     let cfg = tiny(Stage::I);
     let (images, captions) = colour_pairs(&cfg);
     let vs = tch::nn::VarStore::new(Device::Cpu);
-    let clip = deem::clip::Clip::new(&vs.root(), &cfg, 2).unwrap();
-    let o = deem::sd::DecoderOptions::default();
+    let clip = deem::train::clip::Clip::new(&vs.root(), &cfg, 2).unwrap();
+    let o = deem::train::sd::DecoderOptions::default();
     let run = |c: &[Vec<i64>], empty: &[i64]| {
-        deem::sd::pretrain(&cfg, &clip, &images, c, empty, &o, |_| {}).unwrap_err()
+        deem::train::sd::pretrain(&cfg, &clip, &images, c, empty, &o, |_| {}).unwrap_err()
     };
     assert_eq!(
         run(&captions[..2], &[2]),
@@ -661,7 +666,7 @@ fn stage_three_trains_the_extractor_only_on_region_input() {
     let r = t.step(&data.batch(0)).unwrap();
     assert_eq!((r.nip, r.csr), (0.0, 0.0), "stage III is NTP only");
     let after = snapshot(&t);
-    for p in deem::region::KEY_PREFIXES {
+    for p in deem::models::region::KEY_PREFIXES {
         assert_eq!(
             changed(&before, &after, p).0,
             0,
@@ -672,7 +677,7 @@ fn stage_three_trains_the_extractor_only_on_region_input() {
     b.masks = Some(top_rows_masks(&b));
     t.step(&b).unwrap();
     let last = snapshot(&t);
-    for p in deem::region::KEY_PREFIXES {
+    for p in deem::models::region::KEY_PREFIXES {
         let (moved, all) = changed(&after, &last, p);
         assert!(all > 0 && moved == all, "{p}: {moved} of {all} moved");
     }
@@ -726,7 +731,11 @@ fn a_checkpoint_without_the_extractor_resumes() {
     let ck = deem::checkpoint::Checkpoint::open(&full).unwrap();
     let old: Vec<(String, Tensor)> = ck
         .names()
-        .filter(|n| !deem::region::KEY_PREFIXES.iter().any(|p| n.contains(p)))
+        .filter(|n| {
+            !deem::models::region::KEY_PREFIXES
+                .iter()
+                .any(|p| n.contains(p))
+        })
         .map(|n| (n.to_string(), ck.tensor(n).unwrap().unwrap()))
         .collect();
     assert!(old.len() < ck.names().count());
@@ -739,7 +748,7 @@ fn a_checkpoint_without_the_extractor_resumes() {
     deem::train::load_shard(&old_ck, &fresh.vs, &mut fresh.opt, 1).unwrap();
     let (trained, restored) = (snapshot(&t), snapshot(&fresh));
     for (k, v) in &restored {
-        if deem::region::is_extractor_key(k) {
+        if deem::models::region::is_extractor_key(k) {
             assert_eq!(v, &init[k], "{k} keeps its initial value");
         } else {
             assert_eq!(v, &trained[k], "{k} restored");

@@ -7,8 +7,8 @@ use common::{fixture, max_diff, read};
 
 use deem::checkpoint::Checkpoint;
 use deem::config::{HeadProj, ResamplerConfig, VisionConfig};
-use deem::resampler::Resampler;
-use deem::vision::VisionEncoder;
+use deem::models::resampler::Resampler;
+use deem::models::vision::VisionEncoder;
 use tch::{nn, Device, Kind, Tensor};
 
 /// fp32 parity bound against the reference libraries.
@@ -206,10 +206,12 @@ fn preprocessing_resizes_crops_and_normalises() {
             image::Rgb([0, 0, 255])
         }
     });
-    let t = deem::vision::preprocess(&img, 64);
+    let t = deem::models::vision::preprocess(&img, 64);
     assert_eq!(t.size(), vec![3, 64, 64]);
     let at = |c: i64, y: i64, x: i64| t.double_value(&[c, y, x]);
-    let norm = |v: f64, c: usize| (v - deem::vision::CLIP_MEAN[c]) / deem::vision::CLIP_STD[c];
+    let norm = |v: f64, c: usize| {
+        (v - deem::models::vision::CLIP_MEAN[c]) / deem::models::vision::CLIP_STD[c]
+    };
     assert!((at(0, 10, 5) - norm(1.0, 0)).abs() < 1e-5);
     assert!((at(2, 10, 5) - norm(0.0, 2)).abs() < 1e-5);
     assert!((at(0, 50, 60) - norm(0.0, 0)).abs() < 1e-5);
@@ -226,16 +228,25 @@ fn real_photos_preprocess_as_open_clip_does() {
     let dir = fixture("photo");
     let pixels = |name: &str, size: u32| {
         let img = image::open(dir.join(name)).unwrap().to_rgb8();
-        deem::vision::unit_pixels(&img, size) * 255.0
+        deem::models::vision::unit_pixels(&img, size) * 255.0
     };
     let expected = |name: &str| {
         let img = image::open(dir.join(name)).unwrap().to_rgb8();
         let (w, h) = img.dimensions();
-        deem::vision::unit_pixels(&img, w.min(h)) * 255.0
+        deem::models::vision::unit_pixels(&img, w.min(h)) * 255.0
     };
-    assert_eq!(deem::vision::square_crop(141, 120, 64), (75, 64, 6, 0));
-    assert_eq!(deem::vision::square_crop(141, 120, 144), (169, 144, 12, 0));
-    assert_eq!(deem::vision::square_crop(120, 141, 64), (64, 75, 0, 6));
+    assert_eq!(
+        deem::models::vision::square_crop(141, 120, 64),
+        (75, 64, 6, 0)
+    );
+    assert_eq!(
+        deem::models::vision::square_crop(141, 120, 144),
+        (169, 144, 12, 0)
+    );
+    assert_eq!(
+        deem::models::vision::square_crop(120, 141, 64),
+        (64, 75, 0, 6)
+    );
     for kind in ["landscape", "portrait"] {
         for size in [64, 144] {
             let got = pixels(&format!("{kind}.png"), size);
@@ -260,7 +271,7 @@ fn real_photos_preprocess_as_open_clip_does() {
 fn preprocessing_reports_undecodable_files() {
     let p = std::env::temp_dir().join(format!("deem-not-an-image-{}.png", std::process::id()));
     std::fs::write(&p, b"not a png").unwrap();
-    let err = deem::vision::preprocess_file(&p, 64).unwrap_err();
+    let err = deem::models::vision::preprocess_file(&p, 64).unwrap_err();
     assert!(
         err.starts_with(&format!("{}: cannot decode the image: ", p.display())),
         "{err}"
@@ -278,7 +289,7 @@ fn loaded_encoder(vs: &nn::VarStore) -> VisionEncoder {
 
 #[test]
 fn mask_extractor_with_an_all_ones_mask_is_the_plain_encoder_and_mean_pools() {
-    use deem::region::MaskExtractor;
+    use deem::models::region::MaskExtractor;
     let vs = nn::VarStore::new(Device::Cpu);
     let enc = loaded_encoder(&vs);
     let ext = MaskExtractor::new(&(vs.root() / "visual_tokenizer"), 4, 24);
@@ -320,7 +331,7 @@ fn mask_extractor_with_an_all_ones_mask_is_the_plain_encoder_and_mean_pools() {
 
 #[test]
 fn a_half_mask_zeroes_the_other_half_and_an_empty_mask_stays_finite() {
-    use deem::region::MaskExtractor;
+    use deem::models::region::MaskExtractor;
     let vs = nn::VarStore::new(Device::Cpu);
     let enc = loaded_encoder(&vs);
     let ext = MaskExtractor::new(&(vs.root() / "visual_tokenizer"), 4, 24);

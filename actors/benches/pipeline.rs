@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use deem::config::{DeemConfig, PipelineSchedule, Stage};
-use deem::data::SyntheticBatches;
+use deem::data::batches::SyntheticBatches;
 use deem::train::Trainer;
 use deem_actors::pipeline::schedule::bubble_fraction;
 use deem_actors::pipeline::PipelineTrainer;

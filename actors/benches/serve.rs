@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deem::config::DeemConfig;
-use deem::tokenizer::load_tokenizer;
+use deem::text::tokenizer::load_tokenizer;
 use deem_actors::runtime::metrics::Metrics;
 use deem_actors::runtime::topology::Topology;
 use deem_actors::serve::{openai, validation};
@@ -29,7 +29,7 @@ struct Run {
 fn run(
     engine: &Engine,
     cfg: &DeemConfig,
-    tok: &deem::tokenizer::DeemTokenizer,
+    tok: &deem::text::tokenizer::DeemTokenizer,
     streams: usize,
     images: bool,
 ) -> Run {

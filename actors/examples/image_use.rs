@@ -23,7 +23,7 @@ fn main() -> anyhow::Result<()> {
     for i in 0..n {
         let b = batches.batch(10_000 + i).map_err(anyhow::Error::msg)?;
         let k = b.pixels.size()[0];
-        let other = deem::model::Batch {
+        let other = deem::models::deem::Batch {
             input_ids: b.input_ids.shallow_clone(),
             pixels: b.pixels.roll([1], [0]),
             loss_mask: b.loss_mask.as_ref().map(|m| m.shallow_clone()),

@@ -14,7 +14,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("usage: main_object CONFIG CHECKPOINT DATA ROOT [PER_CLASS]");
     }
     let cfg: deem::config::DeemConfig = toml::from_str(&std::fs::read_to_string(&a[0])?)?;
-    let tok = Arc::new(deem::tokenizer::load_tokenizer(
+    let tok = Arc::new(deem::text::tokenizer::load_tokenizer(
         None,
         Some(Path::new(&a[2])),
         &cfg,

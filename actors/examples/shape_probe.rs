@@ -8,22 +8,22 @@
 //!
 //! cargo run --release -p deem-actors --example shape_probe -- CONFIG ENCODER|RUN [N_TRAIN N_TEST]
 
-use deem::world::{self, Split};
+use deem::data::world::{self, Split};
 use tch::{Kind, Tensor};
 
 /// The flattened tokens DEEM's resampler reads, and open_clip's image embedding.
 fn features(
-    enc: &deem::vision::VisionEncoder,
+    enc: &deem::models::vision::VisionEncoder,
     cfg: &deem::config::DeemConfig,
     scenes: &[world::Scene],
 ) -> (Tensor, Tensor) {
     let px: Vec<Tensor> = scenes
         .iter()
-        .map(|s| deem::vision::unit_pixels(&s.render(), cfg.vision.image_size as u32))
+        .map(|s| deem::models::vision::unit_pixels(&s.render(), cfg.vision.image_size as u32))
         .collect();
     let (mut tokens, mut embeddings) = (Vec::new(), Vec::new());
     for chunk in px.chunks(64) {
-        let x = deem::model::clip_pixels(&Tensor::stack(chunk, 0), cfg.vision.image_size);
+        let x = deem::models::deem::clip_pixels(&Tensor::stack(chunk, 0), cfg.vision.image_size);
         tch::no_grad(|| {
             tokens.push(enc.forward(&x).tokens.flatten(1, -1));
             embeddings.push(enc.embed(&x));
@@ -75,9 +75,9 @@ fn main() -> anyhow::Result<()> {
         Some((_, model)) => &model.vision.encoder,
         None => {
             standalone = deem::with_init_lock(Some(0), || {
-                deem::vision::VisionEncoder::new(&(vs.root() / "visual"), &cfg.vision)
+                deem::models::vision::VisionEncoder::new(&(vs.root() / "visual"), &cfg.vision)
             });
-            let mut spec = deem::vision::VisionEncoder::load_spec();
+            let mut spec = deem::models::vision::VisionEncoder::load_spec();
             // The DEEM adapters are not open_clip's: they keep their seeded values.
             spec.optional.push("visual.".into());
             deem::checkpoint::Checkpoint::open(path)?.load_into(&vs, &spec)?;
@@ -94,7 +94,9 @@ fn main() -> anyhow::Result<()> {
         for chunk in scenes.chunks(64) {
             let px: Vec<Tensor> = chunk
                 .iter()
-                .map(|s| deem::vision::unit_pixels(&s.render(), cfg.vision.image_size as u32))
+                .map(|s| {
+                    deem::models::vision::unit_pixels(&s.render(), cfg.vision.image_size as u32)
+                })
                 .collect();
             visual.push(tch::no_grad(|| {
                 model.vision.forward(&Tensor::stack(&px, 0)).0

@@ -14,7 +14,7 @@ fn main() -> anyhow::Result<()> {
         dir,
         &deem_actors::runtime::metrics::Metrics::new(),
     )?;
-    let tok = deem::tokenizer::load_tokenizer(None, Some(dir), &cfg)?;
+    let tok = deem::text::tokenizer::load_tokenizer(None, Some(dir), &cfg)?;
     let b = m.batch(index).map_err(anyhow::Error::msg)?;
     let ids: Vec<Vec<i64>> = Vec::try_from(&b.input_ids)?;
     // Without a loss mask (stage I) every id is a target under ntp_loss's own rules.
@@ -22,7 +22,7 @@ fn main() -> anyhow::Result<()> {
         Some(m) => Vec::try_from(&m.to_kind(tch::Kind::Bool))?,
         None => ids.iter().map(|r| vec![true; r.len()]).collect(),
     };
-    let s = deem::model::special_ids(&cfg);
+    let s = deem::models::deem::special_ids(&cfg);
     for (row, m) in ids.iter().zip(&mask).take(2) {
         let mut out = String::new();
         for (&t, &k) in row.iter().zip(m) {

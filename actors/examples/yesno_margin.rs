@@ -15,7 +15,11 @@ fn main() -> anyhow::Result<()> {
     }
     let cfg: deem::config::DeemConfig = toml::from_str(&std::fs::read_to_string(&a[0])?)?;
     let data = Path::new(&a[2]);
-    let tok = Arc::new(deem::tokenizer::load_tokenizer(None, Some(data), &cfg)?);
+    let tok = Arc::new(deem::text::tokenizer::load_tokenizer(
+        None,
+        Some(data),
+        &cfg,
+    )?);
     let clf = deem_actors::cli::report::ModelClassifier::new(&cfg, Path::new(&a[1]), tok.clone())?;
     let eos = cfg.llm.eos_token_id;
     let replies = [

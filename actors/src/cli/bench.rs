@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use deem::checkpoint::Checkpoint;
-use deem::diffusion::{self, Ddim, UNet2DCondition};
-use deem::llama::{LlamaConfig, LlamaShard};
+use deem::models::diffusion::{self, Ddim, UNet2DCondition};
+use deem::models::llama::{LlamaConfig, LlamaShard};
 use serde_json::json;
 use tch::{nn, Kind, Tensor};
 

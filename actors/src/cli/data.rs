@@ -3,7 +3,8 @@
 use std::path::Path;
 
 use anyhow::bail;
-use deem::datasets::{self, BadRecord, ReadReport, SynthOptions};
+use deem::data::readers::{self, BadRecord, ReadReport};
+use deem::data::synth::{self, SynthOptions};
 use deem::eval::{self, PopeSampling};
 
 use crate::cli::DataCommand;
@@ -88,7 +89,7 @@ fn check(
             format,
             max,
             metrics,
-            datasets::read_pairs_jsonl,
+            readers::read_pairs_jsonl,
         )?),
         Format::PairsTar => count(read_checked(
             file,
@@ -96,7 +97,7 @@ fn check(
             format,
             max,
             metrics,
-            datasets::read_pairs_tar,
+            readers::read_pairs_tar,
         )?),
         Format::Mmc4 => count(read_checked(
             file,
@@ -104,7 +105,7 @@ fn check(
             format,
             max,
             metrics,
-            datasets::read_mmc4,
+            readers::read_mmc4,
         )?),
         Format::Llava => count(read_checked(
             file,
@@ -112,7 +113,7 @@ fn check(
             format,
             max,
             metrics,
-            datasets::read_llava,
+            readers::read_llava,
         )?),
         Format::Regions => count(read_checked(
             file,
@@ -120,7 +121,7 @@ fn check(
             format,
             max,
             metrics,
-            datasets::read_regions,
+            readers::read_regions,
         )?),
     };
     Ok(format!(
@@ -165,7 +166,7 @@ pub fn render(cmd: DataCommand, metrics: &Metrics) -> anyhow::Result<String> {
                 eval_per_split,
             };
             std::fs::create_dir_all(&out)?;
-            let s = datasets::synthesize(&out, &o).map_err(anyhow::Error::msg)?;
+            let s = synth::synthesize(&out, &o).map_err(anyhow::Error::msg)?;
             let mut text = format!(
                 "wrote the synthetic world (seed {seed}, {size} px) to {}:\n",
                 out.display()
@@ -192,7 +193,7 @@ pub fn render(cmd: DataCommand, metrics: &Metrics) -> anyhow::Result<String> {
             let model = match &checkpoint {
                 Some(ck) => {
                     let cfg = config.load()?.config;
-                    let tok = deem::tokenizer::load_tokenizer(None, Some(&data), &cfg)?;
+                    let tok = deem::text::tokenizer::load_tokenizer(None, Some(&data), &cfg)?;
                     Some(crate::cli::report::ModelClassifier::new(
                         &cfg,
                         ck,
@@ -216,7 +217,7 @@ pub fn render(cmd: DataCommand, metrics: &Metrics) -> anyhow::Result<String> {
             };
             let counts = crate::cli::report::build_robustvqa(
                 &data,
-                &deem::world::Split::ALL,
+                &deem::data::world::Split::ALL,
                 only_misclassified,
                 miner,
                 &out,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use deem::config::DeemConfig;
 use deem::eval::{self, CaptionScores, Question, YesNoScores};
-use deem::tokenizer::DeemTokenizer;
+use deem::text::tokenizer::DeemTokenizer;
 use serde_json::json;
 
 use crate::runtime::metrics::Metrics;
@@ -64,14 +64,14 @@ pub fn pope_split(file: &Path) -> anyhow::Result<Split> {
 /// One region-captioning split: regions (image, mask) with their reference captions.
 pub struct RegionSplit {
     pub name: String,
-    pub regions: Vec<deem::datasets::Region>,
+    pub regions: Vec<deem::data::readers::Region>,
 }
 
 /// A region file (COCO-style annotations with masks and captions, as `deem train` reads) as one split:
 /// `regions_X.json` is `regions/X`, any other file `regions/<stem>`. Bad records are skipped and
 /// logged, as in training.
 pub fn region_split(file: &Path) -> anyhow::Result<RegionSplit> {
-    let r = deem::datasets::read_regions(file, None).map_err(anyhow::Error::msg)?;
+    let r = deem::data::readers::read_regions(file, None).map_err(anyhow::Error::msg)?;
     for b in &r.bad {
         tracing::warn!(record = %b.at, "skipped: {}", b.reason);
     }
@@ -182,7 +182,7 @@ fn png_url(img: image::DynamicImage) -> anyhow::Result<String> {
 /// The engine request of one region, as a client sends it: the image, the paper's referring prompt,
 /// then the image again with the region's mask (`image_url.mask`).
 pub fn region_request(
-    r: &deem::datasets::Region,
+    r: &deem::data::readers::Region,
     cfg: &DeemConfig,
     tok: &DeemTokenizer,
     d: &Decoding,
@@ -195,7 +195,7 @@ pub fn region_request(
     let mask = png_url(image::DynamicImage::ImageLuma8(mask))?;
     let content = vec![
         json!({"type": "image_url", "image_url": {"url": image}}),
-        json!({"type": "text", "text": deem::mixer::REFERRING_PROMPT}),
+        json!({"type": "text", "text": deem::data::mixer::REFERRING_PROMPT}),
         json!({"type": "image_url", "image_url": {"url": image, "mask": mask}}),
     ];
     Ok(user_turn(content, cfg, tok, d)?)
@@ -418,7 +418,7 @@ pub fn run(args: super::EvalArgs) -> anyhow::Result<()> {
     let topo = args
         .topology
         .load(&cfg, deem::device::cuda_device_count())?;
-    let tok = deem::tokenizer::load_tokenizer(
+    let tok = deem::text::tokenizer::load_tokenizer(
         args.tokenizer.as_deref(),
         args.checkpoint.as_deref(),
         &cfg.config,

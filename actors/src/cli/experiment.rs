@@ -165,7 +165,7 @@ pub fn run_experiment(e: &Experiment, rt: &tokio::runtime::Runtime) -> anyhow::R
             );
         }
         // The held-out colour questions `deem data synth` writes, where the folder has them.
-        for split in deem::world::Split::ALL {
+        for split in deem::data::world::Split::ALL {
             let f = e.data.join(format!("eval/colour_{}.jsonl", split.name()));
             if f.exists() {
                 s.push(crate::cli::eval::pope_split(&f)?);
@@ -179,7 +179,7 @@ pub fn run_experiment(e: &Experiment, rt: &tokio::runtime::Runtime) -> anyhow::R
     let Some((last, _)) = e.stage2.last() else {
         anyhow::bail!("--stage2-config: expected at least one stage II recipe");
     };
-    let tok = Arc::new(deem::tokenizer::load_tokenizer(
+    let tok = Arc::new(deem::text::tokenizer::load_tokenizer(
         None,
         Some(&e.data),
         &last.config,
@@ -230,7 +230,7 @@ pub fn run_experiment(e: &Experiment, rt: &tokio::runtime::Runtime) -> anyhow::R
                 let clf = crate::cli::report::ModelClassifier::new(&c2, &d2, tok.clone())?;
                 let counts = crate::cli::report::build_robustvqa(
                     &e.data,
-                    &deem::world::Split::ALL,
+                    &deem::data::world::Split::ALL,
                     false,
                     crate::cli::report::Miner::Model(&clf),
                     &mined,

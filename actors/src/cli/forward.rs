@@ -15,10 +15,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use deem::checkpoint::{self, Checkpoint};
-use deem::diffusion::{self, AutoencoderKL, Ddim, UNet2DCondition};
-use deem::llama::{LlamaConfig, LlamaShard};
-use deem::resampler::Resampler;
-use deem::vision::VisionEncoder;
+use deem::models::diffusion::{self, AutoencoderKL, Ddim, UNet2DCondition};
+use deem::models::llama::{LlamaConfig, LlamaShard};
+use deem::models::resampler::Resampler;
+use deem::models::vision::VisionEncoder;
 use deem::DeviceSpec;
 use tch::{nn, Kind, Tensor};
 

@@ -1,6 +1,6 @@
 //! `deem pretrain encoder`: contrastive image-caption pretraining of the vision encoder (see
-//! `deem::clip`), and `deem pretrain decoder`: text-to-image pretraining of the VAE and UNet (see
-//! `deem::sd`), and `deem pretrain llm`: the LLM from scratch on text, for configurations with no
+//! `deem::train::clip`), and `deem pretrain decoder`: text-to-image pretraining of the VAE and UNet (see
+//! `deem::train::sd`), and `deem pretrain llm`: the LLM from scratch on text, for configurations with no
 //! pretrained open_clip / Stable Diffusion / LLaMA checkpoints to start from. All write into one
 //! folder: the encoder run `encoder.safetensors` (the image tower under open_clip's names, for
 //! `deem train --pretrained`), `clip.safetensors` (both towers, for the decoder run) and
@@ -12,10 +12,10 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
-use deem::clip::{ClipOptions, ClipReport};
 use deem::config::DeemConfig;
-use deem::sd::DecoderOptions;
-use deem::tokenizer::DeemTokenizer;
+use deem::text::tokenizer::DeemTokenizer;
+use deem::train::clip::{ClipOptions, ClipReport};
+use deem::train::sd::DecoderOptions;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cli::data::{read_checked, Format};
@@ -44,13 +44,13 @@ fn pairs(
         Format::Pairs,
         MAX_BAD_RATIO,
         metrics,
-        deem::datasets::read_pairs_jsonl,
+        deem::data::readers::read_pairs_jsonl,
     )?;
-    let tok = deem::tokenizer::load_tokenizer(None, Some(data), cfg)?;
+    let tok = deem::text::tokenizer::load_tokenizer(None, Some(data), cfg)?;
     let mut images = Vec::with_capacity(pairs.len());
     let mut captions = Vec::with_capacity(pairs.len());
     for p in &pairs {
-        images.push(deem::vision::unit_pixels(&p.image, size as u32));
+        images.push(deem::models::vision::unit_pixels(&p.image, size as u32));
         captions.push(caption_ids(cfg, &tok, &p.caption)?);
     }
     Ok((images, captions, tok))
@@ -149,7 +149,7 @@ pub enum PairSource {
 }
 
 /// `n` fresh scenes of the synthetic world in `data` (its `SYNTH.json` seed and size; see
-/// [`deem::datasets::pretrain_scene`]) as pixels [3, S, S] in [0, 1] at `size` and caption ids; with
+/// [`deem::data::synth::pretrain_scene`]) as pixels [3, S, S] in [0, 1] at `size` and caption ids; with
 /// `group` 2 each scene is followed by its shape twin.
 fn fresh_pairs(
     cfg: &DeemConfig,
@@ -178,14 +178,17 @@ fn fresh_pairs(
             file.display()
         );
     };
-    let tok = deem::tokenizer::load_tokenizer(None, Some(data), cfg)?;
+    let tok = deem::text::tokenizer::load_tokenizer(None, Some(data), cfg)?;
     let mut images = Vec::with_capacity(n * group.max(1));
     let mut captions = Vec::with_capacity(n * group.max(1));
     for k in 0..n as u64 {
-        let s = deem::datasets::pretrain_scene(seed, k, synth_size as u32);
+        let s = deem::data::synth::pretrain_scene(seed, k, synth_size as u32);
         let twin = (group == 2).then(|| s.shape_twin());
         for scene in std::iter::once(s).chain(twin) {
-            images.push(deem::vision::unit_pixels(&scene.render(), size as u32));
+            images.push(deem::models::vision::unit_pixels(
+                &scene.render(),
+                size as u32,
+            ));
             captions.push(caption_ids(cfg, &tok, &scene.caption())?);
         }
     }
@@ -219,7 +222,7 @@ pub fn encoder(
         "contrastive encoder pretraining"
     );
     let mut last = None;
-    let weights = deem::clip::pretrain(cfg, &images, &captions, o, |r| {
+    let weights = deem::train::clip::pretrain(cfg, &images, &captions, o, |r| {
         log.record(
             "contrastive",
             r.loss,
@@ -232,7 +235,7 @@ pub fn encoder(
     log.finish()?;
     let tower: Vec<(String, tch::Tensor)> = weights
         .iter()
-        .filter(|(n, _)| deem::clip::is_image_tower(n))
+        .filter(|(n, _)| deem::train::clip::is_image_tower(n))
         .map(|(n, t)| (n.clone(), t.shallow_clone()))
         .collect();
     deem::checkpoint::save(&out.join("encoder.safetensors"), &tower)?;
@@ -254,7 +257,7 @@ pub fn decoder(
     let w = crate::cli::train::read_weights(clip_file)
         .with_context(|| format!("--clip {}", clip_file.display()))?;
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let clip = deem::clip::load(&vs, cfg, &w)
+    let clip = deem::train::clip::load(&vs, cfg, &w)
         .map_err(|e| anyhow::anyhow!("--clip {}: {e}", clip_file.display()))?;
     let (images, captions, tok) =
         pairs(cfg, data, "pairs.jsonl", cfg.diffusion.image_size, metrics)?;
@@ -274,7 +277,7 @@ pub fn decoder(
         "text-to-image decoder pretraining"
     );
     let mut last = (f64::NAN, f64::NAN);
-    let weights = deem::sd::pretrain(cfg, &clip, &images, &captions, &empty, o, |r| {
+    let weights = deem::train::sd::pretrain(cfg, &clip, &images, &captions, &empty, o, |r| {
         log.record(
             r.part,
             r.loss,
@@ -361,7 +364,7 @@ pub fn run(cmd: super::PretrainCommand) -> anyhow::Result<()> {
             } else {
                 crate::cli::pretrain::PairSource::File(pairs)
             };
-            let o = deem::clip::ClipOptions {
+            let o = deem::train::clip::ClipOptions {
                 seed,
                 steps,
                 batch_size,
@@ -399,7 +402,7 @@ pub fn run(cmd: super::PretrainCommand) -> anyhow::Result<()> {
             config,
         } => {
             let cfg = config.load()?;
-            let o = deem::sd::DecoderOptions {
+            let o = deem::train::sd::DecoderOptions {
                 seed,
                 vae_steps,
                 unet_steps,

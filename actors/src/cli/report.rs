@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use deem::world::{self, Object, Scene, Split};
+use deem::data::world::{self, Object, Scene, Split};
 use plotters::prelude::*;
 use serde_json::{json, Value};
 
@@ -200,8 +200,8 @@ pub const MAIN_OBJECT_QUESTION: &str = "What is the main object in this image?";
 /// mined with CLIP.
 pub struct ModelClassifier {
     _vs: tch::nn::VarStore,
-    model: deem::model::Deem,
-    tok: std::sync::Arc<deem::tokenizer::DeemTokenizer>,
+    model: deem::models::deem::Deem,
+    tok: std::sync::Arc<deem::text::tokenizer::DeemTokenizer>,
     labels: Vec<String>,
     /// Each label's reply ids (EOS included).
     replies: Vec<Vec<i64>>,
@@ -212,7 +212,7 @@ impl ModelClassifier {
     pub fn new(
         cfg: &deem::config::DeemConfig,
         checkpoint: &Path,
-        tok: std::sync::Arc<deem::tokenizer::DeemTokenizer>,
+        tok: std::sync::Arc<deem::text::tokenizer::DeemTokenizer>,
     ) -> anyhow::Result<Self> {
         let (vs, model) = load_model(cfg, checkpoint)?;
         let labels: Vec<String> = world::COLOURS
@@ -278,7 +278,7 @@ impl ModelClassifier {
                 .images
                 .as_ref()
                 .map(|px| self.model.vision.forward(px).0.repeat([n, 1, 1]));
-            let embeds = deem::model::embed_sequence(
+            let embeds = deem::models::deem::embed_sequence(
                 &self.model.llm,
                 &ids,
                 visual.as_ref(),
@@ -309,7 +309,7 @@ impl ModelClassifier {
 
 /// A reply's ids as [`ModelClassifier::reply_scores`] takes them: `text`'s tokens, then EOS.
 pub fn reply_ids(
-    tok: &deem::tokenizer::DeemTokenizer,
+    tok: &deem::text::tokenizer::DeemTokenizer,
     text: &str,
     eos: i64,
 ) -> anyhow::Result<Vec<i64>> {
@@ -385,9 +385,9 @@ pub fn build_robustvqa(
 pub fn load_model(
     cfg: &deem::config::DeemConfig,
     checkpoint: &Path,
-) -> anyhow::Result<(tch::nn::VarStore, deem::model::Deem)> {
+) -> anyhow::Result<(tch::nn::VarStore, deem::models::deem::Deem)> {
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let model = deem::with_init_lock(None, || deem::model::Deem::new(&vs.root(), cfg))?;
+    let model = deem::with_init_lock(None, || deem::models::deem::Deem::new(&vs.root(), cfg))?;
     let file = if checkpoint.is_dir() {
         checkpoint.join("model.safetensors")
     } else {
@@ -400,7 +400,7 @@ pub fn load_model(
         &deem::checkpoint::LoadSpec {
             component: "DEEM".into(),
             namespace: vec![String::new()],
-            optional: deem::region::key_prefixes(),
+            optional: deem::models::region::key_prefixes(),
             ..Default::default()
         },
     )?;
@@ -423,7 +423,7 @@ pub fn plot_reconstructions(
             let img = image::open(p)
                 .with_context(|| format!("{}", p.display()))?
                 .to_rgb8();
-            Ok(deem::vision::unit_pixels(&img, size as u32))
+            Ok(deem::models::vision::unit_pixels(&img, size as u32))
         })
         .collect::<anyhow::Result<_>>()?;
     let px = tch::Tensor::stack(&pixels, 0);
@@ -435,7 +435,8 @@ pub fn plot_reconstructions(
         image::RgbImage::from_pixel(n * (s + 4), 2 * s + 4, image::Rgb([255, 255, 255]));
     for (row, t) in [(0u32, &px), (1, &rec)] {
         for i in 0..n {
-            let img = deem::vision::to_rgb_image(&t.get(i as i64)).map_err(anyhow::Error::msg)?;
+            let img =
+                deem::models::vision::to_rgb_image(&t.get(i as i64)).map_err(anyhow::Error::msg)?;
             image::imageops::replace(
                 &mut sheet,
                 &img,

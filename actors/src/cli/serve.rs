@@ -7,7 +7,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let topo = args
         .topology
         .load(&cfg, deem::device::cuda_device_count())?;
-    let tokenizer = deem::tokenizer::load_tokenizer(
+    let tokenizer = deem::text::tokenizer::load_tokenizer(
         args.tokenizer.as_deref(),
         args.checkpoint.as_deref(),
         &cfg.config,

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use deem::config::{DataFormat, DataSource};
-use deem::data::SyntheticBatches;
-use deem::model::Batch;
+use deem::data::batches::SyntheticBatches;
+use deem::models::deem::Batch;
 use deem::train::{StepReport, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -62,9 +62,9 @@ impl Batches for SyntheticBatches {
     }
 }
 
-impl Batches for deem::mixer::Mixer {
+impl Batches for deem::data::mixer::Mixer {
     fn batch(&self, index: u64) -> anyhow::Result<Batch> {
-        deem::mixer::Mixer::batch(self, index).map_err(anyhow::Error::msg)
+        deem::data::mixer::Mixer::batch(self, index).map_err(anyhow::Error::msg)
     }
 }
 
@@ -109,11 +109,11 @@ pub fn dataset_batches(
     c: &deem::config::DeemConfig,
     dir: &std::path::Path,
     metrics: &Metrics,
-) -> anyhow::Result<deem::mixer::Mixer> {
+) -> anyhow::Result<deem::data::mixer::Mixer> {
     use crate::cli::data::{read_checked, Format};
-    use deem::datasets;
-    let tok = deem::tokenizer::load_tokenizer(None, Some(dir), c)?;
-    let mut m = deem::mixer::Mixer::new(c, c.train.seed);
+    use deem::data::readers;
+    let tok = deem::text::tokenizer::load_tokenizer(None, Some(dir), c)?;
+    let mut m = deem::data::mixer::Mixer::new(c, c.train.seed);
     let sources = if c.train.sources.is_empty() {
         stage_sources(c, dir)
     } else {
@@ -149,7 +149,7 @@ pub fn dataset_batches(
                     Format::Mmc4,
                     MAX_BAD_RATIO,
                     metrics,
-                    datasets::read_mmc4,
+                    readers::read_mmc4,
                 )?;
                 m.add_documents(name, src.weight, &docs, &tok)
                     .map_err(err)?;
@@ -157,9 +157,9 @@ pub fn dataset_batches(
             DataFormat::Pairs | DataFormat::PairsTar => {
                 let (format, read): (_, fn(&std::path::Path, Option<&std::path::Path>) -> _) =
                     if src.format == DataFormat::Pairs {
-                        (Format::Pairs, datasets::read_pairs_jsonl)
+                        (Format::Pairs, readers::read_pairs_jsonl)
                     } else {
-                        (Format::PairsTar, datasets::read_pairs_tar)
+                        (Format::PairsTar, readers::read_pairs_tar)
                     };
                 let (pairs, _) = read_checked(&p, images, format, MAX_BAD_RATIO, metrics, read)?;
                 m.add_pairs(name, src.weight, &pairs, &tok).map_err(err)?;
@@ -171,7 +171,7 @@ pub fn dataset_batches(
                     Format::Llava,
                     MAX_BAD_RATIO,
                     metrics,
-                    datasets::read_llava,
+                    readers::read_llava,
                 )?;
                 m.add_conversations(name, src.weight, &convs, &c.serve.system_prompt, &tok)
                     .map_err(err)?;
@@ -183,7 +183,7 @@ pub fn dataset_batches(
                     Format::Regions,
                     MAX_BAD_RATIO,
                     metrics,
-                    datasets::read_regions,
+                    readers::read_regions,
                 )?;
                 m.add_regions(name, src.weight, &regions, &c.serve.system_prompt, &tok)
                     .map_err(err)?;

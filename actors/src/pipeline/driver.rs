@@ -9,7 +9,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use deem::config::DeemConfig;
-use deem::model::{special_ids, Batch, LossWeights};
+use deem::models::deem::{special_ids, Batch};
+use deem::models::losses::LossWeights;
 use deem::train::{update_plan, Group, StepReport};
 use tch::Tensor;
 
@@ -112,7 +113,7 @@ async fn spawn_stages(
             }
         }
     }
-    let init = deem::model::initial_weights(cfg)?;
+    let init = deem::models::deem::initial_weights(cfg)?;
     for s in &stages {
         if let Err(e) = s.handle.load(shallow(&init)).await {
             stop_all(stages).await;

@@ -7,11 +7,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use deem::config::DeemConfig;
-use deem::llama::{LlamaConfig, LlamaShard};
-use deem::model::{
-    embed_sequence, llm_forward, nip_inputs, ntp_loss, special_ids, DiffusionStage, LossWeights,
-    SpecialIds, VisionStage,
+use deem::models::deem::{
+    embed_sequence, llm_forward, special_ids, DiffusionStage, SpecialIds, VisionStage,
 };
+use deem::models::llama::{LlamaConfig, LlamaShard};
+use deem::models::losses::{nip_inputs, ntp_loss, LossWeights};
 use deem::rng::ints;
 use deem::train::{AdamW, Group};
 use flume::{Receiver, Sender};
@@ -83,10 +83,10 @@ pub struct MbData {
     /// The driver's span for this microbatch; the stage works inside it.
     pub span: tracing::Span,
     pub ids: Option<Tensor>,
-    /// Shards: which ids are NTP targets ([`deem::model::Batch::loss_mask`]).
+    /// Shards: which ids are NTP targets ([`deem::models::deem::Batch::loss_mask`]).
     pub loss_mask: Option<Tensor>,
     pub pixels: Option<Tensor>,
-    /// Vision and diffusion: the images' region masks ([`deem::model::Batch::masks`]).
+    /// Vision and diffusion: the images' region masks ([`deem::models::deem::Batch::masks`]).
     pub masks: Option<Tensor>,
 }
 

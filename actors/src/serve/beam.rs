@@ -3,7 +3,7 @@
 //! with log-probabilities, the search advances, the caches of hypotheses that continue twice are forked
 //! (`Fork` down the shards) and those that ended are freed. The text is sent whole when the search ends.
 
-use deem::sampling::BeamSearch;
+use deem::text::sampling::BeamSearch;
 use uuid::Uuid;
 
 use super::messages::{RowInput, RowMeta, RowOut, SampleSpec, ShardIn};
@@ -151,7 +151,7 @@ impl Scheduler {
             .beam
             .as_ref()
             .and_then(|b| b.search.best().cloned())
-            .unwrap_or(deem::sampling::Hypothesis {
+            .unwrap_or(deem::text::sampling::Hypothesis {
                 tokens: Vec::new(),
                 log_prob: 0.0,
             });

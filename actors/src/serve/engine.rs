@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use deem::checkpoint::{Checkpoint, LoadSpec};
 use deem::config::DeemConfig;
-use deem::llama::{LlamaConfig, LlamaShard};
-use deem::model::{special_ids, DiffusionStage, VisionStage};
-use deem::tokenizer::DeemTokenizer;
+use deem::models::deem::{special_ids, DiffusionStage, VisionStage};
+use deem::models::llama::{LlamaConfig, LlamaShard};
+use deem::text::tokenizer::DeemTokenizer;
 use flume::Sender;
 use futures_util::Stream;
 use tch::{nn, Tensor};
@@ -60,7 +60,7 @@ pub enum EngineError {
         source: deem::checkpoint::CheckpointError,
     },
     #[error("building the initial weights: {0}")]
-    Init(#[from] deem::model::ModelError),
+    Init(#[from] deem::models::deem::ModelError),
     #[error("cannot start actor {actor}: {source}")]
     Start {
         actor: String,
@@ -83,7 +83,7 @@ type SharedSource = Arc<Mutex<Source>>;
 
 fn open_source(cfg: &DeemConfig, weights: &Weights) -> Result<Source, EngineError> {
     Ok(match weights {
-        Weights::Init => Source::Init(deem::model::initial_weights(cfg)?),
+        Weights::Init => Source::Init(deem::models::deem::initial_weights(cfg)?),
         Weights::Checkpoint(p) => {
             let file = if p.is_dir() && p.join("model.safetensors").exists() {
                 p.join("model.safetensors")
@@ -400,7 +400,7 @@ async fn spawn_workers(
         let vs = nn::VarStore::new(device);
         let stage = deem::with_init_lock(None, || VisionStage::new(&vs.root(), &c));
         let spec = LoadSpec {
-            optional: deem::region::key_prefixes(),
+            optional: deem::models::region::key_prefixes(),
             ..whole_model_spec("vision", &["visual.", "visual_tokenizer."])
         };
         load(&vs, &src, &spec)?;

@@ -15,7 +15,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use deem::config::DeemConfig;
-use deem::tokenizer::DeemTokenizer;
+use deem::text::tokenizer::DeemTokenizer;
 use serde_json::json;
 
 use super::engine::{Engine, EngineError, Weights};

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use deem::sampling::SamplingParams;
+use deem::text::sampling::SamplingParams;
 use flume::Sender;
 use tch::Tensor;
 use uuid::Uuid;
@@ -113,7 +113,7 @@ pub struct VisionJob {
     pub seq: Uuid,
     /// [N, 3, H, W] in [0, 1].
     pub pixels: Tensor,
-    /// Region input: [N, 1, H, W] in [0, 1] (see [`deem::model::Batch::masks`]).
+    /// Region input: [N, 1, H, W] in [0, 1] (see [`deem::models::deem::Batch::masks`]).
     pub masks: Option<Tensor>,
     pub generated: bool,
 }

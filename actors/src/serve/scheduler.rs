@@ -15,9 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deem::config::DeemConfig;
-use deem::model::SpecialIds;
-use deem::sampling::BeamSearch;
-use deem::tokenizer::DeemTokenizer;
+use deem::models::deem::SpecialIds;
+use deem::text::sampling::BeamSearch;
+use deem::text::tokenizer::DeemTokenizer;
 use flume::Sender;
 use tch::Tensor;
 use uuid::Uuid;
@@ -476,7 +476,7 @@ impl Scheduler {
                         self.metrics.generated_images.inc();
                         let _ = s.events.send(Ok(Event::Image(png)));
                         let masks = s.req.masks.as_ref().map(|_| {
-                            deem::region::whole_image_masks(1, pixels.size()[1])
+                            deem::models::region::whole_image_masks(1, pixels.size()[1])
                                 .to_device(pixels.device())
                         });
                         let _ = self.vision.send(VisionJob {

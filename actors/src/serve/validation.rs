@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use deem::config::{DeemConfig, ServeConfig};
-use deem::sampling::SamplingParams;
-use deem::tokenizer::DeemTokenizer;
+use deem::text::sampling::SamplingParams;
+use deem::text::tokenizer::DeemTokenizer;
 use tch::Tensor;
 
 use super::error::ServeError;
@@ -394,9 +394,9 @@ fn validate_prompt(
                                 while masks.len() < images.len() {
                                     masks.push(None);
                                 }
-                                masks.push(deem::region::unit_mask(&inside, w, h, size));
+                                masks.push(deem::models::region::unit_mask(&inside, w, h, size));
                             }
-                            images.push(deem::vision::unit_pixels(&img, size));
+                            images.push(deem::models::vision::unit_pixels(&img, size));
                             ids.extend(&placeholder);
                         }
                     }
@@ -421,7 +421,7 @@ fn validate_prompt(
     Ok(ValidPrompt {
         ids,
         masks: (!masks.is_empty()).then(|| {
-            let whole = deem::region::whole_image_masks(1, size as i64).get(0);
+            let whole = deem::models::region::whole_image_masks(1, size as i64).get(0);
             let all: Vec<Tensor> = (0..images.len())
                 .map(|i| match masks.get(i) {
                     Some(Some(m)) => m.shallow_clone(),

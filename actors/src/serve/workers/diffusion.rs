@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use deem::model::DiffusionStage;
+use deem::models::deem::DiffusionStage;
 use flume::{Receiver, Sender};
 use tch::{Kind, Tensor};
 use uuid::Uuid;
@@ -146,7 +146,7 @@ impl DiffusionWorker {
         );
         for (i, d) in batch.iter().enumerate() {
             let p = pixels.get(i as i64);
-            let out = deem::vision::png_bytes(&p)
+            let out = deem::models::vision::png_bytes(&p)
                 .map(|png| (p, png))
                 .map_err(|e| InferError::Worker {
                     actor: self.name.clone(),

@@ -4,9 +4,9 @@
 
 use std::collections::HashMap;
 
-use deem::llama::{KvPool, LlamaShard};
-use deem::model::{embed_for_generation, SpecialIds};
-use deem::sampling::{sample_slice, top_log_probs};
+use deem::models::deem::{embed_for_generation, SpecialIds};
+use deem::models::llama::{KvPool, LlamaShard};
+use deem::text::sampling::{sample_slice, top_log_probs};
 use flume::Receiver;
 use tch::{Kind, Tensor};
 use uuid::Uuid;

@@ -1,7 +1,7 @@
 //! The vision worker's generation work: images → visual tokens and CSR conditions (prompt images, and
 //! each image the model draws before it joins the context). It runs as a runtime compute actor.
 
-use deem::model::VisionStage;
+use deem::models::deem::VisionStage;
 use flume::{Receiver, Sender};
 
 use crate::runtime::compute::NoDetail;

@@ -7,7 +7,7 @@ use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
 use crate::config::ConditionConfig;
-use crate::resampler::sincos_1d;
+use crate::models::resampler::sincos_1d;
 
 #[derive(Debug)]
 struct PerceiverLayer {

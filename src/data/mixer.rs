@@ -21,10 +21,10 @@
 use tch::{Kind, Tensor};
 
 use crate::config::DeemConfig;
-use crate::datasets::{Conversation, Document, Pair, Region};
-use crate::model::Batch;
+use crate::data::readers::{Conversation, Document, Pair, Region};
+use crate::models::deem::Batch;
 use crate::rng::{Purpose, Stream};
-use crate::tokenizer::DeemTokenizer;
+use crate::text::tokenizer::DeemTokenizer;
 
 /// Most images a document keeps.
 pub const MAX_IMAGES_PER_DOCUMENT: usize = 6;
@@ -128,7 +128,7 @@ impl Mixer {
 
     fn image(&mut self, img: &image::RgbImage) -> ImageRef {
         self.images
-            .push(crate::vision::unit_pixels(img, self.size as u32));
+            .push(crate::models::vision::unit_pixels(img, self.size as u32));
         ImageRef::whole(self.images.len() - 1)
     }
 
@@ -293,8 +293,8 @@ impl Mixer {
         let mut samples = Vec::new();
         for r in regions {
             let (w, h) = r.image.dimensions();
-            let mask =
-                crate::region::unit_mask(&r.mask, w, h, self.size as u32).ok_or_else(|| {
+            let mask = crate::models::region::unit_mask(&r.mask, w, h, self.size as u32)
+                .ok_or_else(|| {
                     format!(
                         "{name}: a region's mask holds {} values, its image is {w}×{h}",
                         r.mask.len()
@@ -452,7 +452,7 @@ impl Mixer {
             )
         };
         let masks = self.regions.then(|| {
-            let whole = crate::region::whole_image_masks(1, self.size).squeeze_dim(0);
+            let whole = crate::models::region::whole_image_masks(1, self.size).squeeze_dim(0);
             let all: Vec<&Tensor> = order
                 .iter()
                 .map(|r| r.mask.map_or(&whole, |m| &self.masks[m]))

@@ -7,8 +7,8 @@
 use tch::nn::{self, Module};
 use tch::Tensor;
 
+use crate::models::vision::VisionOutput;
 use crate::rng::{Purpose, Stream};
-use crate::vision::VisionOutput;
 
 /// Side of the mask image the shape MLP reads.
 pub const MASK_SHAPE_SIDE: i64 = 112;
@@ -31,13 +31,13 @@ pub fn is_extractor_key(name: &str) -> bool {
 }
 
 /// A `w × h` row-major mask as `[1, size, size]` in [0, 1], with the geometry of
-/// [`crate::vision::unit_pixels`] (shorter side to `size`, bilinear, centre crop), so it stays on its
+/// [`crate::models::vision::unit_pixels`] (shorter side to `size`, bilinear, centre crop), so it stays on its
 /// image's pixels. `None` if `mask` does not hold `w × h` values.
 pub fn unit_mask(mask: &[bool], w: u32, h: u32, size: u32) -> Option<Tensor> {
     if mask.len() != (w as usize) * (h as usize) || w == 0 || h == 0 {
         return None;
     }
-    let (nw, nh, x0, y0) = crate::vision::square_crop(w, h, size);
+    let (nw, nh, x0, y0) = crate::models::vision::square_crop(w, h, size);
     let m: Vec<f32> = mask.iter().map(|&b| b as u8 as f32).collect();
     let m = Tensor::from_slice(&m).view([1, 1, h as i64, w as i64]);
     let m = if (nw, nh) == (w, h) {

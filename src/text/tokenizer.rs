@@ -38,7 +38,7 @@ pub enum TokenizerError {
 
 /// The tiny model's tokenizer (built by `scripts/make_tiny_tokenizer.py`), used when neither an
 /// explicit file nor the checkpoint's directory gives one.
-pub const TINY_TOKENIZER: &str = include_str!("../assets/tiny-tokenizer.json");
+pub const TINY_TOKENIZER: &str = include_str!("../../assets/tiny-tokenizer.json");
 
 /// Finds the tokenizer of a model: `explicit`, else `tokenizer.json` beside the checkpoint (a directory
 /// or a file), else the built-in tiny tokenizer (whose base vocabulary must match `llm.vocab_size`).

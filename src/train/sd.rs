@@ -17,11 +17,11 @@
 use tch::nn::OptimizerConfig;
 use tch::{nn, Kind, Tensor};
 
-use crate::clip::{pad_captions, stack_picks, Clip};
 use crate::config::DeemConfig;
-use crate::diffusion::{AutoencoderKL, Ddpm, UNet2DCondition};
-use crate::model::resize;
+use crate::models::deem::resize;
+use crate::models::diffusion::{AutoencoderKL, Ddpm, UNet2DCondition};
 use crate::rng::{ints, Purpose, Stream};
+use crate::train::clip::{pad_captions, stack_picks, Clip};
 
 /// How the decoder is pretrained.
 #[derive(Debug, Clone)]

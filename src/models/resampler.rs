@@ -233,7 +233,7 @@ impl Resampler {
             // The encoder and the mask-aware extractor live under the same prefix in DEEM checkpoints.
             ignore: [
                 vec!["visual_tokenizer.encoder.".into()],
-                crate::region::key_prefixes(),
+                crate::models::region::key_prefixes(),
             ]
             .concat(),
             optional: vec![],

@@ -8,16 +8,16 @@
 //! layers, pooled at the caption's EOS, as CLIP's text transformer pools at its EOT token) with the
 //! symmetric InfoNCE loss and a learned temperature. DEEM keeps the image tower ([`is_image_tower`]):
 //! its weights carry open_clip's names, so `deem train --pretrained` loads them as it would a real
-//! open_clip file; the text tower conditions the diffusion decoder's pretraining (`crate::sd`).
+//! open_clip file; the text tower conditions the diffusion decoder's pretraining (`crate::train::sd`).
 
 use tch::nn::OptimizerConfig;
 use tch::{nn, Kind, Tensor};
 
 use crate::config::DeemConfig;
-use crate::llama::{LlamaConfig, LlamaShard};
-use crate::model::clip_pixels;
+use crate::models::deem::clip_pixels;
+use crate::models::llama::{LlamaConfig, LlamaShard};
+use crate::models::vision::VisionEncoder;
 use crate::rng::{Purpose, Stream};
-use crate::vision::VisionEncoder;
 
 /// How the encoder is pretrained.
 #[derive(Debug, Clone)]
@@ -84,7 +84,7 @@ impl Clip {
             ));
         }
         // The text tower is as wide as the UNet's context: its states condition the diffusion decoder
-        // when that is pretrained (`crate::sd`), as OpenCLIP's text states condition SD 2.
+        // when that is pretrained (`crate::train::sd`), as OpenCLIP's text states condition SD 2.
         let width = cfg.diffusion.unet.cross_attention_dim;
         let mut l = LlamaConfig::from(&cfg.llm);
         if width % l.num_attention_heads != 0 {

@@ -1,0 +1,518 @@
+//! Readers of the dataset formats users train DEEM on (the synthetic world writes them: `synth.rs`):
+//!
+//! - image-text pairs: JSONL `{"image": path, "caption": text}` and webdataset-style tar shards
+//!   (`<key>.png` + `<key>.txt` members);
+//! - MMC4-style interleaved documents: JSONL `{"text_list": [...], "image_info": [{"image_name",
+//!   "matched_text_index", "matched_sim"}]}` with local image paths;
+//! - LLaVA-style instructions: a JSON list of `{"id", "image", "conversations": [{"from": "human" |
+//!   "gpt", "value"}]}` with `<image>` in the first human turn (`image` left out: a text-only
+//!   conversation);
+//! - region data: COCO-style `{"images", "annotations": [{"image_id", "segmentation" (RLE
+//!   `{"size": [h, w], "counts": [...]}`, the counts a list or pycocotools' compressed string, or
+//!   polygons), "caption"}], "categories"}`.
+//!
+//! Image paths in records are relative to an images folder: the file's own unless one is given
+//! (`train.sources[i].images`, `deem data check --images`), as LLaVA's `--image_folder` or COCO's
+//! `train2014/` sit apart from their annotation files. Tar shards carry their images.
+//!
+//! Readers never stop at a bad record (bad JSON, a missing or undecodable image, a malformed mask): it
+//! is skipped and reported with its file and line (or entry); [`ReadReport::check`] turns too high a
+//! share of bad records into an error.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+use image::RgbImage;
+use serde::Deserialize;
+
+use crate::data::world;
+
+/// A skipped record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadRecord {
+    /// `file:line` (JSONL), `file[entry]` (JSON lists) or `file:member` (tar).
+    pub at: String,
+    pub reason: String,
+}
+
+/// What a reader returns: the good records and the skipped ones.
+#[derive(Debug)]
+pub struct ReadReport<T> {
+    pub records: Vec<T>,
+    pub bad: Vec<BadRecord>,
+}
+
+impl<T> ReadReport<T> {
+    fn new() -> Self {
+        ReadReport {
+            records: Vec::new(),
+            bad: Vec::new(),
+        }
+    }
+
+    fn skip(&mut self, at: String, reason: impl Into<String>) {
+        let reason = reason.into();
+        self.bad.push(BadRecord { at, reason });
+    }
+
+    /// Share of bad records among all records read.
+    pub fn bad_ratio(&self) -> f64 {
+        let total = self.records.len() + self.bad.len();
+        if total == 0 {
+            0.0
+        } else {
+            self.bad.len() as f64 / total as f64
+        }
+    }
+
+    /// An error when more than `max_ratio` of the records were bad, naming the file and the first few.
+    pub fn check(&self, file: &Path, max_ratio: f64) -> Result<(), String> {
+        if self.bad_ratio() > max_ratio {
+            let first: Vec<String> = self
+                .bad
+                .iter()
+                .take(3)
+                .map(|b| format!("{}: {}", b.at, b.reason))
+                .collect();
+            return Err(format!(
+                "{}: {} of {} records are bad ({:.1}%, above the allowed {:.1}%); first: {}",
+                file.display(),
+                self.bad.len(),
+                self.records.len() + self.bad.len(),
+                100.0 * self.bad_ratio(),
+                100.0 * max_ratio,
+                first.join("; ")
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// An image-text pair.
+#[derive(Debug, Clone)]
+pub struct Pair {
+    pub image: RgbImage,
+    pub caption: String,
+}
+
+/// An interleaved document: its sentences, and each image with the sentence it belongs to.
+#[derive(Debug, Clone)]
+pub struct Document {
+    pub texts: Vec<String>,
+    pub images: Vec<(RgbImage, usize)>,
+}
+
+/// One instruction conversation: the image (if any) and (human, assistant) turns.
+#[derive(Debug, Clone)]
+pub struct Conversation {
+    pub image: Option<RgbImage>,
+    pub turns: Vec<(String, String)>,
+}
+
+/// A region: the image, the region's mask (row-major, image-sized) and its caption.
+#[derive(Debug, Clone)]
+pub struct Region {
+    pub image: RgbImage,
+    pub mask: Vec<bool>,
+    pub caption: String,
+}
+
+fn load_image(base: &Path, rel: &str) -> Result<RgbImage, String> {
+    let p = base.join(rel);
+    if !p.exists() {
+        return Err(format!("missing image {}", p.display()));
+    }
+    image::open(&p)
+        .map(|i| i.to_rgb8())
+        .map_err(|e| format!("cannot decode image {}: {e}", p.display()))
+}
+
+/// The folder a file's image paths are relative to: `images` when given, else the file's own folder.
+fn image_root(path: &Path, images: Option<&Path>) -> PathBuf {
+    images.map_or_else(
+        || {
+            path.parent()
+                .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+        },
+        Path::to_path_buf,
+    )
+}
+
+fn jsonl_lines(path: &Path) -> Result<Vec<(usize, String)>, String> {
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))?;
+        if !line.trim().is_empty() {
+            out.push((i + 1, line));
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Deserialize)]
+struct PairLine {
+    image: String,
+    caption: String,
+}
+
+/// Image-text pairs from JSONL; image paths are relative to `images` (default: the file's folder).
+pub fn read_pairs_jsonl(path: &Path, images: Option<&Path>) -> Result<ReadReport<Pair>, String> {
+    let base = image_root(path, images);
+    let mut r = ReadReport::new();
+    for (n, line) in jsonl_lines(path)? {
+        let at = format!("{}:{n}", path.display());
+        match serde_json::from_str::<PairLine>(&line) {
+            Err(e) => r.skip(at, format!("bad JSON: {e}")),
+            Ok(p) => match load_image(&base, &p.image) {
+                Ok(image) => r.records.push(Pair {
+                    image,
+                    caption: p.caption,
+                }),
+                Err(e) => r.skip(at, e),
+            },
+        }
+    }
+    Ok(r)
+}
+
+/// Image-text pairs from a webdataset-style tar shard (as img2dataset writes them): members
+/// `<key>.png|jpg|jpeg|webp` and the caption in `<key>.txt`, or else in the `"caption"` of `<key>.json`. As
+/// in webdataset, the key is the member's path up to the first dot of its file name, the extension
+/// (lower-cased) the rest, so `x.seg.png` is not `x`'s image.
+pub fn read_pairs_tar(path: &Path, _images: Option<&Path>) -> Result<ReadReport<Pair>, String> {
+    #[derive(Default)]
+    struct Sample {
+        image: Option<Vec<u8>>,
+        txt: Option<String>,
+        json: Option<Vec<u8>>,
+    }
+    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut archive = tar::Archive::new(f);
+    let mut parts: BTreeMap<String, Sample> = BTreeMap::new();
+    let entries = archive
+        .entries()
+        .map_err(|e| format!("{}: not a tar file: {e}", path.display()))?;
+    let mut r = ReadReport::new();
+    for entry in entries {
+        let mut entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                r.skip(
+                    format!("{}", path.display()),
+                    format!("unreadable member: {e}"),
+                );
+                break;
+            }
+        };
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let name = entry
+            .path()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let Some((key, ext)) = webdataset_key(&name) else {
+            continue;
+        };
+        let mut buf = Vec::new();
+        if let Err(e) = std::io::Read::read_to_end(&mut entry, &mut buf) {
+            r.skip(
+                format!("{}:{name}", path.display()),
+                format!("unreadable member: {e}"),
+            );
+            continue;
+        }
+        let slot = parts.entry(key).or_default();
+        match ext.as_str() {
+            "png" | "jpg" | "jpeg" | "webp" => slot.image = Some(buf),
+            "txt" => slot.txt = Some(String::from_utf8_lossy(&buf).trim().to_string()),
+            "json" => slot.json = Some(buf),
+            _ => {}
+        }
+    }
+    for (key, sample) in parts {
+        let at = format!("{}:{key}", path.display());
+        let caption = match (sample.txt, &sample.json) {
+            (Some(t), _) => Ok(t),
+            (None, Some(json)) => serde_json::from_slice::<serde_json::Value>(json)
+                .map_err(|e| format!("{key}.json: bad JSON: {e}"))
+                .and_then(|v| match v.get("caption") {
+                    Some(serde_json::Value::String(c)) => Ok(c.trim().to_string()),
+                    _ => Err(format!(
+                        "{key}.json has no \"caption\" string and there is no {key}.txt"
+                    )),
+                }),
+            (None, None) => Err("no caption member (.txt, or .json with \"caption\")".to_string()),
+        };
+        match (sample.image, caption) {
+            (None, _) => {
+                // Metadata without an image (img2dataset keeps the .json of failed downloads).
+                if sample.json.is_none() {
+                    r.skip(at, "no image member (.png/.jpg/.webp)");
+                } else {
+                    r.skip(at, "no image member (.png/.jpg/.webp); only its .json");
+                }
+            }
+            (Some(_), Err(e)) => r.skip(at, e),
+            (Some(bytes), Ok(caption)) => match image::load_from_memory(&bytes) {
+                Ok(i) => r.records.push(Pair {
+                    image: i.to_rgb8(),
+                    caption,
+                }),
+                Err(e) => r.skip(at, format!("cannot decode the image: {e}")),
+            },
+        }
+    }
+    Ok(r)
+}
+
+/// webdataset's split of a member name into its sample key (the path up to the first dot of the file
+/// name) and extension (the rest, lower-cased); `None` for names without an extension.
+fn webdataset_key(name: &str) -> Option<(String, String)> {
+    let file_start = name.rfind('/').map_or(0, |i| i + 1);
+    let dot = name[file_start..].find('.')? + file_start;
+    let ext = &name[dot + 1..];
+    (dot > file_start && !ext.is_empty()).then(|| (name[..dot].to_string(), ext.to_lowercase()))
+}
+
+#[derive(Deserialize)]
+struct Mmc4Line {
+    text_list: Vec<String>,
+    image_info: Vec<Mmc4Image>,
+}
+
+#[derive(Deserialize)]
+struct Mmc4Image {
+    image_name: String,
+    matched_text_index: usize,
+    #[serde(default)]
+    #[allow(dead_code)]
+    matched_sim: Option<f64>,
+}
+
+/// MMC4-style interleaved documents from JSONL; `image_name` is relative to `images` (default: the
+/// file's folder).
+pub fn read_mmc4(path: &Path, images: Option<&Path>) -> Result<ReadReport<Document>, String> {
+    let base = image_root(path, images);
+    let mut r = ReadReport::new();
+    'lines: for (n, line) in jsonl_lines(path)? {
+        let at = format!("{}:{n}", path.display());
+        let d: Mmc4Line = match serde_json::from_str(&line) {
+            Ok(d) => d,
+            Err(e) => {
+                r.skip(at, format!("bad JSON: {e}"));
+                continue;
+            }
+        };
+        let mut images = Vec::new();
+        for info in &d.image_info {
+            if info.matched_text_index >= d.text_list.len() {
+                r.skip(
+                    at,
+                    format!(
+                        "matched_text_index {} is past the {} sentences",
+                        info.matched_text_index,
+                        d.text_list.len()
+                    ),
+                );
+                continue 'lines;
+            }
+            match load_image(&base, &info.image_name) {
+                Ok(i) => images.push((i, info.matched_text_index)),
+                Err(e) => {
+                    r.skip(at, e);
+                    continue 'lines;
+                }
+            }
+        }
+        r.records.push(Document {
+            texts: d.text_list,
+            images,
+        });
+    }
+    Ok(r)
+}
+
+#[derive(Deserialize)]
+struct LlavaEntry {
+    #[serde(default)]
+    image: Option<String>,
+    conversations: Vec<LlavaTurn>,
+}
+
+#[derive(Deserialize)]
+struct LlavaTurn {
+    from: String,
+    value: String,
+}
+
+/// LLaVA-style instruction data (a JSON list); `image` is relative to `images` (default: the file's
+/// folder).
+pub fn read_llava(path: &Path, images: Option<&Path>) -> Result<ReadReport<Conversation>, String> {
+    let base = image_root(path, images);
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
+        format!(
+            "{}: expected a JSON list of conversations: {e}",
+            path.display()
+        )
+    })?;
+    let mut r = ReadReport::new();
+    for (i, v) in entries.into_iter().enumerate() {
+        let at = format!("{}[{i}]", path.display());
+        let e: LlavaEntry = match serde_json::from_value(v) {
+            Ok(e) => e,
+            Err(err) => {
+                r.skip(at, format!("bad entry: {err}"));
+                continue;
+            }
+        };
+        let mut turns = Vec::new();
+        let mut ok = e.conversations.len() % 2 == 0 && !e.conversations.is_empty();
+        for pair in e.conversations.chunks(2) {
+            if pair.len() == 2 && pair[0].from == "human" && pair[1].from == "gpt" {
+                turns.push((pair[0].value.clone(), pair[1].value.clone()));
+            } else {
+                ok = false;
+            }
+        }
+        if !ok {
+            r.skip(at, "conversations must alternate human, gpt turns");
+            continue;
+        }
+        let image = match &e.image {
+            None => None,
+            Some(rel) => match load_image(&base, rel) {
+                Ok(i) => Some(i),
+                Err(err) => {
+                    r.skip(at, err);
+                    continue;
+                }
+            },
+        };
+        r.records.push(Conversation { image, turns });
+    }
+    Ok(r)
+}
+
+/// Region data from a COCO-style JSON with captions on the annotations (RLE or polygon masks).
+pub fn read_regions(path: &Path, images: Option<&Path>) -> Result<ReadReport<Region>, String> {
+    let base = image_root(path, images);
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+    let mut files: BTreeMap<i64, (String, u32, u32)> = BTreeMap::new();
+    for im in v["images"].as_array().into_iter().flatten() {
+        if let (Some(id), Some(f)) = (im["id"].as_i64(), im["file_name"].as_str()) {
+            let (w, h) = (
+                im["width"].as_u64().unwrap_or(0),
+                im["height"].as_u64().unwrap_or(0),
+            );
+            files.insert(id, (f.to_string(), w as u32, h as u32));
+        }
+    }
+    let mut r = ReadReport::new();
+    let mut cache: BTreeMap<i64, RgbImage> = BTreeMap::new();
+    for (i, a) in v["annotations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let at = format!("{}:annotations[{i}]", path.display());
+        let Some((file, w, h)) = a["image_id"]
+            .as_i64()
+            .and_then(|id| files.get(&id).cloned())
+        else {
+            r.skip(at, "image_id names no entry of `images`");
+            continue;
+        };
+        let caption = a["caption"].as_str().unwrap_or("").to_string();
+        let mask = match decode_segmentation(&a["segmentation"], w, h) {
+            Ok(m) => m,
+            Err(e) => {
+                r.skip(at, e);
+                continue;
+            }
+        };
+        let id = a["image_id"].as_i64().unwrap_or(-1);
+        let image = match cache.get(&id) {
+            Some(i) => i.clone(),
+            None => match load_image(&base, &file) {
+                Ok(i) => {
+                    cache.insert(id, i.clone());
+                    i
+                }
+                Err(e) => {
+                    r.skip(at, e);
+                    continue;
+                }
+            },
+        };
+        if image.dimensions() != (w, h) {
+            r.skip(
+                at,
+                format!(
+                    "the image is {:?}, the annotation says {w}×{h}",
+                    image.dimensions()
+                ),
+            );
+            continue;
+        }
+        r.records.push(Region {
+            image,
+            mask,
+            caption,
+        });
+    }
+    Ok(r)
+}
+
+fn decode_segmentation(seg: &serde_json::Value, w: u32, h: u32) -> Result<Vec<bool>, String> {
+    if let Some(counts) = seg.get("counts") {
+        let size: Vec<u64> = seg["size"]
+            .as_array()
+            .map(|s| s.iter().filter_map(|x| x.as_u64()).collect())
+            .unwrap_or_default();
+        if size != [h as u64, w as u64] {
+            return Err(format!("RLE size {size:?}, expected [{h}, {w}]"));
+        }
+        let counts: Vec<u32> = match counts {
+            serde_json::Value::String(s) => world::rle_from_string(s)?,
+            serde_json::Value::Array(list) => list
+                .iter()
+                .map(|c| {
+                    c.as_u64()
+                        .and_then(|c| u32::try_from(c).ok())
+                        .ok_or("RLE counts must be integers ≥ 0")
+                })
+                .collect::<Result<_, _>>()?,
+            _ => return Err("RLE counts must be a list of integers or a compressed string".into()),
+        };
+        return world::rle_decode(&counts, w, h);
+    }
+    if let Some(polys) = seg.as_array() {
+        let mut m = vec![false; (w * h) as usize];
+        for p in polys {
+            let pts: Vec<f64> = p
+                .as_array()
+                .ok_or("a polygon must be a list of numbers")?
+                .iter()
+                .map(|x| x.as_f64().ok_or("a polygon must be a list of numbers"))
+                .collect::<Result<_, _>>()?;
+            if pts.len() < 6 || pts.len() % 2 != 0 {
+                return Err(format!(
+                    "a polygon needs an even number ≥ 6 of coordinates, found {}",
+                    pts.len()
+                ));
+            }
+            for (a, b) in m.iter_mut().zip(world::polygon_mask(&pts, w, h)) {
+                *a |= b;
+            }
+        }
+        return Ok(m);
+    }
+    Err("segmentation must be an RLE object or a list of polygons".into())
+}

@@ -1,0 +1,308 @@
+//! A pipeline shard of the LLaMA decoder, after transformers' `LlamaForCausalLM` parameter names: layers
+//! `[a, b)`, plus the embedding on the first shard and the final norm and heads on the last.
+
+use std::ops::Range;
+
+use tch::nn::{self, Module};
+use tch::Tensor;
+
+use super::attention::*;
+use super::cache::*;
+use super::config::*;
+use super::layer::*;
+use super::rope::*;
+
+/// Embedding rows: the base vocabulary (HF `model.embed_tokens`) and DEEM's appended tokens.
+#[derive(Debug)]
+pub(crate) struct Embedding {
+    pub(crate) base: Tensor,
+    pub(crate) new: Option<Tensor>,
+    pub(crate) soi: Tensor,
+}
+
+/// Where a checkpoint may keep the decoder: plain HF names, a multimodal wrapper's `language_model.`,
+/// and DEEM's whole-model `mm_decoder.`; the HF name is the module's own.
+pub(crate) const MODEL_PREFIXES: [&str; 3] = ["model.", "language_model.model.", "mm_decoder."];
+pub(crate) const HEAD_PREFIXES: [&str; 3] =
+    ["lm_head", "language_model.lm_head", "mm_decoder.lm_head"];
+
+/// LLaMA layers `[start, end)`, with the embedding if `start == 0` and norm + heads if `end == layers`.
+#[derive(Debug)]
+pub struct LlamaShard {
+    pub cfg: LlamaConfig,
+    pub range: Range<i64>,
+    pub(crate) embed: Option<Embedding>,
+    pub(crate) layers: Vec<DecoderLayer>,
+    pub(crate) norm: Option<RmsNorm>,
+    pub(crate) lm_head: Option<Tensor>,
+    pub(crate) lm_head_new: Option<Tensor>,
+    pub(crate) rope: Rope,
+}
+
+impl LlamaShard {
+    /// Builds the shard's modules under `root` (the VarStore root: names are `model.…`, `lm_head`).
+    pub fn new(root: &nn::Path, cfg: &LlamaConfig, range: Range<i64>) -> Result<Self, LlamaError> {
+        if range.start < 0 || range.start >= range.end || range.end > cfg.num_hidden_layers {
+            return Err(LlamaError::Range {
+                start: range.start,
+                end: range.end,
+                layers: cfg.num_hidden_layers,
+            });
+        }
+        if cfg.tie_word_embeddings && range.start > 0 && range.end == cfg.num_hidden_layers {
+            return Err(LlamaError::TiedAcrossShards {
+                start: range.start,
+                end: range.end,
+            });
+        }
+        let model = root / "model";
+        let (h, v, n) = (cfg.hidden_size, cfg.vocab_size, cfg.num_new_tokens);
+        let init = nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        let embed = (range.start == 0).then(|| Embedding {
+            base: (&model / "embed_tokens").var("weight", &[v, h], init),
+            new: (n > 0).then(|| (&model / "embed_tokens_new").var("weight", &[n, h], init)),
+            soi: model.zeros("soi_embedding", &[h]),
+        });
+        let layers = range
+            .clone()
+            .map(|i| DecoderLayer::new(&model / "layers" / i, cfg))
+            .collect();
+        let last = range.end == cfg.num_hidden_layers;
+        let norm = last.then(|| RmsNorm::new(&model / "norm", h, cfg.rms_norm_eps));
+        let lm_head = (last && !cfg.tie_word_embeddings)
+            .then(|| (root / "lm_head").var("weight", &[v, h], init));
+        let lm_head_new =
+            (last && n > 0).then(|| (root / "lm_head_new").var("weight", &[n, h], init));
+        let rope = Rope::new(cfg, root.device());
+        Ok(LlamaShard {
+            cfg: cfg.clone(),
+            range,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            lm_head_new,
+            rope,
+        })
+    }
+
+    pub fn is_first(&self) -> bool {
+        self.range.start == 0
+    }
+
+    pub fn is_last(&self) -> bool {
+        self.range.end == self.cfg.num_hidden_layers
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Token embeddings [B, T, C] of ids [B, T]; ids at or above `vocab_size` are DEEM's new tokens.
+    /// First shard only.
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        let e = self
+            .embed
+            .as_ref()
+            .expect("embed() is called on the first shard only");
+        match &e.new {
+            None => Tensor::embedding(&e.base, ids, -1, false, false),
+            Some(new) => {
+                // Two lookups joined row by row: concatenating the tables would copy the whole
+                // vocabulary's embedding on every call.
+                let v = e.base.size()[0];
+                let is_new = ids.ge(v);
+                let zero = Tensor::zeros_like(ids);
+                let base_ids = ids.where_self(&is_new.logical_not(), &zero);
+                let new_ids = (ids - v).where_self(&is_new, &zero);
+                let eb = Tensor::embedding(&e.base, &base_ids, -1, false, false);
+                let en = Tensor::embedding(new, &new_ids, -1, false, false);
+                en.where_self(&is_new.unsqueeze(-1), &eb)
+            }
+        }
+    }
+
+    /// The learnable vector added to the embedding of `<|startofimage|>` (first shard only).
+    pub fn soi_embedding(&self) -> Option<&Tensor> {
+        self.embed.as_ref().map(|e| &e.soi)
+    }
+
+    /// Runs this shard's layers on hidden states [B, T, C] at positions `[start, start + T)`, appending
+    /// to `cache` when given.
+    pub fn forward_layers(
+        &self,
+        hidden: &Tensor,
+        start: i64,
+        mut cache: Option<&mut KvCache>,
+    ) -> Tensor {
+        let mut h = hidden.shallow_clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            h = layer.forward(&h, |a, x| a.forward(x, &self.rope, start, slot));
+        }
+        h
+    }
+
+    /// Runs this shard's layers on packed training rows [B, T, C], each document isolated (no cache).
+    pub fn forward_documents(&self, hidden: &Tensor, docs: &Documents) -> Tensor {
+        let mut h = hidden.shallow_clone();
+        for layer in &self.layers {
+            h = layer.forward(&h, |a, x| a.forward_documents(x, &self.rope, docs));
+        }
+        h
+    }
+
+    /// A KV pool of `slots` sequences of up to `max_position_embeddings` positions each, for this
+    /// shard's layers, in the dtype of its weights.
+    pub fn new_pool(&self, slots: i64) -> KvPool {
+        let kind = self.layers[0].self_attn.k_proj.ws.kind();
+        let device = self.layers[0].self_attn.k_proj.ws.device();
+        let shape = [
+            slots,
+            self.cfg.num_key_value_heads,
+            self.cfg.max_position_embeddings,
+            self.cfg.head_dim,
+        ];
+        KvPool {
+            layers: self
+                .layers
+                .iter()
+                .map(|_| {
+                    (
+                        Tensor::zeros(shape, (kind, device)),
+                        Tensor::zeros(shape, (kind, device)),
+                    )
+                })
+                .collect(),
+            bytes_per_position: (self.layers.len() as i64 * 2 * shape[1] * shape[3]) as u64
+                * kind.elt_size_in_bytes() as u64,
+        }
+    }
+
+    /// Runs this shard's layers for one sequence in pool slot `slot`: `hidden` [1, T, C] continues at
+    /// position `start` (a prompt, or an image's visual tokens). Inference only.
+    pub fn forward_slot(
+        &self,
+        hidden: &Tensor,
+        slot: i64,
+        start: i64,
+        pool: &mut KvPool,
+    ) -> Tensor {
+        let mut h = hidden.shallow_clone();
+        for (layer, kv) in self.layers.iter().zip(&pool.layers) {
+            h = layer.forward(&h, |a, x| a.forward_slot(x, &self.rope, start, kv, slot));
+        }
+        h
+    }
+
+    /// Batched decode over sequences of different lengths: `hidden` [B, 1, C] holds one new position
+    /// per row; row `b` sits in pool slot `slots[b]` at position `positions[b]`. Gives each row what
+    /// [`LlamaShard::forward_slot`] gives it alone (up to the rounding of batched products).
+    pub fn forward_slots(
+        &self,
+        hidden: &Tensor,
+        slots: &[i64],
+        positions: &[i64],
+        pool: &mut KvPool,
+    ) -> Tensor {
+        let dev = hidden.device();
+        let longest = positions.iter().copied().max().unwrap_or(0) + 1;
+        let mask: Vec<f32> = positions
+            .iter()
+            .flat_map(|&p| (0..longest).map(move |j| if j <= p { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let batch = SlotBatch {
+            slots: Tensor::from_slice(slots).to_device(dev),
+            positions: Tensor::from_slice(positions).to_device(dev),
+            longest,
+            mask: Tensor::from_slice(&mask).to_device(dev).view([
+                slots.len() as i64,
+                1,
+                1,
+                longest,
+            ]),
+        };
+        let mut h = hidden.shallow_clone();
+        for (layer, kv) in self.layers.iter().zip(pool.layers.iter_mut()) {
+            h = layer.forward(&h, |a, x| a.forward_slots(x, &self.rope, &batch, kv));
+        }
+        h
+    }
+
+    /// Final norm (last shard only).
+    pub fn norm(&self, hidden: &Tensor) -> Tensor {
+        self.norm
+            .as_ref()
+            .expect("norm() is called on the last shard only")
+            .forward(hidden)
+    }
+
+    /// Logits [B, T, vocab + new tokens] of already normed hidden states (last shard only).
+    pub fn logits(&self, normed: &Tensor) -> Tensor {
+        let head = match (&self.lm_head, &self.embed) {
+            (Some(w), _) => w.shallow_clone(),
+            (None, Some(e)) => e.base.shallow_clone(),
+            (None, None) => panic!("tied embeddings need the embedding on the last shard"),
+        };
+        let base = normed.matmul(&head.tr());
+        match &self.lm_head_new {
+            Some(new) => Tensor::cat(&[base, normed.matmul(&new.tr())], -1),
+            None => base,
+        }
+    }
+
+    /// Whole-model convenience: ids → logits, for a shard that is both first and last.
+    pub fn forward_ids(&self, ids: &Tensor, start: i64, cache: Option<&mut KvCache>) -> Tensor {
+        let h = self.forward_layers(&self.embed(ids), start, cache);
+        self.logits(&self.norm(&h))
+    }
+
+    /// Checkpoint loading rules for this shard: other shards' layers and HF buffers are skipped, DEEM's
+    /// additions may be absent from a plain HF checkpoint, and DEEM whole-model names map onto HF names.
+    pub fn load_spec(&self) -> crate::checkpoint::LoadSpec {
+        let mut ignore = Vec::new();
+        for p in MODEL_PREFIXES {
+            ignore.extend(
+                (0..self.cfg.num_hidden_layers)
+                    .filter(|i| !self.range.contains(i))
+                    .map(|i| format!("{p}layers.{i}.")),
+            );
+            ignore.push(format!("{p}rotary_emb."));
+            if !self.is_first() {
+                ignore.extend([format!("{p}embed_tokens"), format!("{p}soi_embedding")]);
+            }
+            if !self.is_last() {
+                ignore.push(format!("{p}norm."));
+            }
+        }
+        if !self.is_last() {
+            ignore.extend(HEAD_PREFIXES.map(String::from));
+        }
+        crate::checkpoint::LoadSpec {
+            component: format!("llm shard [{}, {})", self.range.start, self.range.end),
+            prefix_map: MODEL_PREFIXES[1..]
+                .iter()
+                .map(|p| ("model.".to_string(), p.to_string()))
+                .chain(
+                    HEAD_PREFIXES[1..]
+                        .iter()
+                        .map(|p| ("lm_head".to_string(), p.to_string())),
+                )
+                .collect(),
+            namespace: MODEL_PREFIXES
+                .iter()
+                .chain(&HEAD_PREFIXES)
+                .map(|p| p.to_string())
+                .collect(),
+            ignore,
+            optional: vec![
+                "model.embed_tokens_new.".into(),
+                "lm_head_new.".into(),
+                "model.soi_embedding".into(),
+            ],
+        }
+    }
+}
