@@ -7,3 +7,27 @@ pub mod mixer;
 pub mod readers;
 pub mod synth;
 pub mod world;
+
+/// The data layer's error: a dataset file, record, mask or synthetic-world write that failed; every
+/// message names the file (and line, entry or member) and what was expected there.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::text::tokenizer::TokenizerError),
+    #[error(transparent)]
+    Model(#[from] crate::models::ModelError),
+}
+
+impl From<String> for DataError {
+    fn from(message: String) -> Self {
+        DataError::Invalid(message)
+    }
+}
+
+impl From<&str> for DataError {
+    fn from(message: &str) -> Self {
+        DataError::Invalid(message.to_string())
+    }
+}

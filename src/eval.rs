@@ -17,6 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+use crate::data::DataError;
 use serde::{Deserialize, Serialize};
 
 /// One yes/no question about an image.
@@ -47,8 +48,9 @@ pub struct RobustEntry {
 }
 
 /// RobustVQA questions per split from its JSON file.
-pub fn read_robustvqa(path: &Path) -> Result<BTreeMap<String, Vec<Question>>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+pub fn read_robustvqa(path: &Path) -> Result<BTreeMap<String, Vec<Question>>, DataError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| DataError::from(format!("{}: {e}", path.display())))?;
     let data: BTreeMap<String, Vec<RobustEntry>> = serde_json::from_str(&text).map_err(|e| {
         format!(
             "{}: expected {{split: [{{file_name, gt_caption, error_caption}}]}}: {e}",
@@ -88,10 +90,10 @@ pub fn build_robustvqa(
     folder: &Path,
     prefix: &str,
     only_misclassified: bool,
-    mut classify: impl FnMut(&Path) -> Result<Vec<String>, String>,
-) -> Result<Vec<RobustEntry>, String> {
+    mut classify: impl FnMut(&Path) -> Result<Vec<String>, DataError>,
+) -> Result<Vec<RobustEntry>, DataError> {
     let mut classes: Vec<_> = std::fs::read_dir(folder)
-        .map_err(|e| format!("{}: {e}", folder.display()))?
+        .map_err(|e| DataError::from(format!("{}: {e}", folder.display())))?
         .filter_map(|e| e.ok())
         .filter(|e| e.path().is_dir())
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -100,7 +102,7 @@ pub fn build_robustvqa(
     let mut out = Vec::new();
     for class in classes {
         let mut files: Vec<_> = std::fs::read_dir(folder.join(&class))
-            .map_err(|e| e.to_string())?
+            .map_err(|e| DataError::from(e.to_string()))?
             .filter_map(|e| e.ok())
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
@@ -125,18 +127,19 @@ pub fn build_robustvqa(
 }
 
 /// POPE questions from JSON lines `{image, text, label}`.
-pub fn read_pope(path: &Path) -> Result<Vec<Question>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+pub fn read_pope(path: &Path) -> Result<Vec<Question>, DataError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| DataError::from(format!("{}: {e}", path.display())))?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
             serde_json::from_str::<Question>(l).map_err(|e| {
-                format!(
+                DataError::from(format!(
                     "{}:{}: expected {{image, text, label}}: {e}",
                     path.display(),
                     i + 1
-                )
+                ))
             })
         })
         .collect()
@@ -173,13 +176,14 @@ pub struct Instances {
     pub categories: Vec<String>,
 }
 
-pub fn read_instances(path: &Path) -> Result<Instances, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+pub fn read_instances(path: &Path) -> Result<Instances, DataError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| DataError::from(format!("{}: {e}", path.display())))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| DataError::from(format!("{}: not JSON: {e}", path.display())))?;
     let cats: BTreeMap<i64, String> = v["categories"]
         .as_array()
-        .ok_or_else(|| format!("{}: no `categories` list", path.display()))?
+        .ok_or_else(|| DataError::from(format!("{}: no `categories` list", path.display())))?
         .iter()
         .filter_map(|c| Some((c["id"].as_i64()?, c["name"].as_str()?.to_string())))
         .collect();
@@ -194,7 +198,7 @@ pub fn read_instances(path: &Path) -> Result<Instances, String> {
     }
     let images = v["images"]
         .as_array()
-        .ok_or_else(|| format!("{}: no `images` list", path.display()))?
+        .ok_or_else(|| DataError::from(format!("{}: no `images` list", path.display())))?
         .iter()
         .filter_map(|im| {
             let id = im["id"].as_i64()?;

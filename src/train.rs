@@ -12,3 +12,31 @@ pub use optimizer::{
     group_of, is_base_llm, lr_factor, moment_keys, update_plan, AdamW, Group, Param, StepReport,
 };
 pub use trainer::{cpu_weights, load_shard, save_shard, set_variables, Trainer};
+
+/// The training layer's error: a trainer, an optimizer state or a pretraining run that cannot go on;
+/// lower layers' errors chain in.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Model(#[from] crate::models::ModelError),
+    #[error(transparent)]
+    Llama(#[from] crate::models::llama::LlamaError),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    #[error(transparent)]
+    Tensor(#[from] tch::TchError),
+}
+
+impl From<String> for TrainError {
+    fn from(message: String) -> Self {
+        TrainError::Invalid(message)
+    }
+}
+
+impl From<&str> for TrainError {
+    fn from(message: &str) -> Self {
+        TrainError::Invalid(message.to_string())
+    }
+}

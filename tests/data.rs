@@ -81,7 +81,9 @@ fn rle_and_polygons_round_trip() {
     assert_eq!(counts.iter().sum::<u32>(), 48 * 48);
     assert_eq!(world::rle_decode(&counts, 48, 48).unwrap(), m);
     assert_eq!(
-        world::rle_decode(&counts[1..], 48, 48).unwrap_err(),
+        world::rle_decode(&counts[1..], 48, 48)
+            .unwrap_err()
+            .to_string(),
         format!(
             "RLE counts sum to {}, expected width × height = 2304",
             2304 - counts[0]
@@ -133,11 +135,11 @@ fn compressed_rle_strings_decode_as_pycocotools_encodes_them() {
         "1122ON3050I1O00O1001OO1110OO010O0080L0K040M00121ON10N001O020022MM"
     );
     assert_eq!(
-        world::rle_from_string("0 ").unwrap_err(),
+        world::rle_from_string("0 ").unwrap_err().to_string(),
         "compressed RLE counts: character ' ' at 1 is not a count digit"
     );
     assert_eq!(
-        world::rle_from_string("1a").unwrap_err(),
+        world::rle_from_string("1a").unwrap_err().to_string(),
         "compressed RLE counts end inside a number (after 1 counts)"
     );
 }
@@ -455,7 +457,7 @@ fn bad_records_are_skipped_counted_and_bounded() {
         r.bad[2].reason
     );
     assert!(r.check(&f, 0.5).is_ok());
-    let err = r.check(&f, 0.2).unwrap_err();
+    let err = r.check(&f, 0.2).unwrap_err().to_string();
     assert!(
         err.starts_with(&format!(
             "{}: 3 of 9 records are bad (33.3%, above the allowed 20.0%); first: ",
@@ -590,7 +592,7 @@ fn robustvqa_builder_mines_the_classifiers_best_wrong_class() {
         }
     }
     // A fake classifier: right on 1.png and 3.png, wrong on the others.
-    let classify = |p: &Path| -> Result<Vec<String>, String> {
+    let classify = |p: &Path| -> Result<Vec<String>, deem::data::DataError> {
         let f = p.file_name().unwrap().to_string_lossy().into_owned();
         Ok(match f.as_str() {
             "1.png" => vec!["red circle".into(), "red square".into()],
@@ -1242,7 +1244,8 @@ fn region_samples_follow_the_referring_template_with_their_masks() {
     let err = deem::data::mixer::Mixer::new(&c, 0)
         .add_regions("regions.json", 1.0, &[bad], system, &tok)
         .err()
-        .unwrap();
+        .unwrap()
+        .to_string();
     assert_eq!(
         err,
         format!("regions.json: a region's mask holds 5 values, its image is {size}×{size}")

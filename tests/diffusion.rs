@@ -124,7 +124,9 @@ fn unsupported_unet_options_are_named() {
     )
     .unwrap();
     assert_eq!(
-        diffusion::unet_config_from_diffusers(&p).unwrap_err(),
+        diffusion::unet_config_from_diffusers(&p)
+            .unwrap_err()
+            .to_string(),
         format!(
             "{}: class_embed_type: deem supports null only, found \"timestep\"",
             p.display()

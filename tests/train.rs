@@ -466,7 +466,9 @@ fn contrastive_pretraining_rejects_unusable_pairs() {
         ..Default::default()
     };
     let err = |i: &[Tensor], c: &[Vec<i64>]| {
-        deem::train::clip::pretrain(&cfg, i, c, &o, |_| {}).unwrap_err()
+        deem::train::clip::pretrain(&cfg, i, c, &o, |_| {})
+            .unwrap_err()
+            .to_string()
     };
     assert_eq!(err(&images, &captions[..3]), "10 images but 3 captions");
     assert_eq!(
@@ -478,7 +480,9 @@ fn contrastive_pretraining_rejects_unusable_pairs() {
         ..o.clone()
     };
     assert_eq!(
-        deem::train::clip::pretrain(&cfg, &images, &captions, &grouped, |_| {}).unwrap_err(),
+        deem::train::clip::pretrain(&cfg, &images, &captions, &grouped, |_| {})
+            .unwrap_err()
+            .to_string(),
         "--group 3: the 10 pairs must split into groups of 3 and a batch (64) hold at least two"
     );
     captions[4].clear();
@@ -582,7 +586,9 @@ fn decoder_pretraining_rejects_unusable_pairs() {
     let clip = deem::train::clip::Clip::new(&vs.root(), &cfg, 2).unwrap();
     let o = deem::train::sd::DecoderOptions::default();
     let run = |c: &[Vec<i64>], empty: &[i64]| {
-        deem::train::sd::pretrain(&cfg, &clip, &images, c, empty, &o, |_| {}).unwrap_err()
+        deem::train::sd::pretrain(&cfg, &clip, &images, c, empty, &o, |_| {})
+            .unwrap_err()
+            .to_string()
     };
     assert_eq!(
         run(&captions[..2], &[2]),

@@ -271,7 +271,9 @@ fn real_photos_preprocess_as_open_clip_does() {
 fn preprocessing_reports_undecodable_files() {
     let p = std::env::temp_dir().join(format!("deem-not-an-image-{}.png", std::process::id()));
     std::fs::write(&p, b"not a png").unwrap();
-    let err = deem::models::vision::preprocess_file(&p, 64).unwrap_err();
+    let err = deem::models::vision::preprocess_file(&p, 64)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.starts_with(&format!("{}: cannot decode the image: ", p.display())),
         "{err}"

@@ -22,6 +22,7 @@ use tch::{Kind, Tensor};
 
 use crate::config::DeemConfig;
 use crate::data::readers::{Conversation, Document, Pair, Region};
+use crate::data::DataError;
 use crate::models::deem::Batch;
 use crate::rng::{Purpose, Stream};
 use crate::text::tokenizer::DeemTokenizer;
@@ -172,10 +173,10 @@ impl Mixer {
         });
     }
 
-    fn text(tok: &DeemTokenizer, s: &str) -> Result<Vec<i64>, String> {
+    fn text(tok: &DeemTokenizer, s: &str) -> Result<Vec<i64>, DataError> {
         tok.encode(s, false)
             .map(|v| v.into_iter().map(i64::from).collect())
-            .map_err(|e| e.to_string())
+            .map_err(|e| DataError::from(e.to_string()))
     }
 
     /// Image-text pairs: the image before or after its caption.
@@ -185,7 +186,7 @@ impl Mixer {
         weight: f64,
         pairs: &[Pair],
         tok: &DeemTokenizer,
-    ) -> Result<(), String> {
+    ) -> Result<(), DataError> {
         let mut samples = Vec::new();
         for p in pairs {
             let image = self.image(&p.image);
@@ -207,7 +208,7 @@ impl Mixer {
         weight: f64,
         docs: &[Document],
         tok: &DeemTokenizer,
-    ) -> Result<(), String> {
+    ) -> Result<(), DataError> {
         let mut samples = Vec::new();
         for d in docs {
             let mut segs = Vec::new();
@@ -244,7 +245,7 @@ impl Mixer {
         convs: &[Conversation],
         system: &str,
         tok: &DeemTokenizer,
-    ) -> Result<(), String> {
+    ) -> Result<(), DataError> {
         let mut samples = Vec::new();
         for c in convs {
             let mut segs = vec![self.prompt(Self::text(tok, system)?, vec![])];
@@ -288,7 +289,7 @@ impl Mixer {
         regions: &[Region],
         system: &str,
         tok: &DeemTokenizer,
-    ) -> Result<(), String> {
+    ) -> Result<(), DataError> {
         self.regions = true;
         let mut samples = Vec::new();
         for r in regions {
@@ -370,12 +371,12 @@ impl Mixer {
     }
 
     /// Batch number `index`: `train.batch_size` rows of `train.context_length` ids.
-    pub fn batch(&self, index: u64) -> Result<Batch, String> {
+    pub fn batch(&self, index: u64) -> Result<Batch, DataError> {
         self.batch_with_counts(index).map(|(b, _)| b)
     }
 
     /// [`Mixer::batch`] and how many samples each source gave it.
-    pub fn batch_with_counts(&self, index: u64) -> Result<(Batch, Vec<usize>), String> {
+    pub fn batch_with_counts(&self, index: u64) -> Result<(Batch, Vec<usize>), DataError> {
         let mut counts = vec![0usize; self.sources.len()];
         let total: f64 = self
             .sources
@@ -384,7 +385,9 @@ impl Mixer {
             .map(|s| s.weight)
             .sum();
         if total <= 0.0 {
-            return Err("the data mix has no samples (every source is empty or weighs 0)".into());
+            return Err(DataError::from(
+                "the data mix has no samples (every source is empty or weighs 0)",
+            ));
         }
         let mut ids = Vec::with_capacity(self.rows * self.context);
         let mut mask = Vec::with_capacity(self.rows * self.context);

@@ -27,6 +27,7 @@ use image::RgbImage;
 use serde::Deserialize;
 
 use crate::data::world;
+use crate::data::DataError;
 
 /// A skipped record.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,8 +52,8 @@ impl<T> ReadReport<T> {
         }
     }
 
-    fn skip(&mut self, at: String, reason: impl Into<String>) {
-        let reason = reason.into();
+    fn skip(&mut self, at: String, reason: impl std::fmt::Display) {
+        let reason = reason.to_string();
         self.bad.push(BadRecord { at, reason });
     }
 
@@ -67,7 +68,7 @@ impl<T> ReadReport<T> {
     }
 
     /// An error when more than `max_ratio` of the records were bad, naming the file and the first few.
-    pub fn check(&self, file: &Path, max_ratio: f64) -> Result<(), String> {
+    pub fn check(&self, file: &Path, max_ratio: f64) -> Result<(), DataError> {
         if self.bad_ratio() > max_ratio {
             let first: Vec<String> = self
                 .bad
@@ -75,7 +76,7 @@ impl<T> ReadReport<T> {
                 .take(3)
                 .map(|b| format!("{}: {}", b.at, b.reason))
                 .collect();
-            return Err(format!(
+            return Err(DataError::from(format!(
                 "{}: {} of {} records are bad ({:.1}%, above the allowed {:.1}%); first: {}",
                 file.display(),
                 self.bad.len(),
@@ -83,7 +84,7 @@ impl<T> ReadReport<T> {
                 100.0 * self.bad_ratio(),
                 100.0 * max_ratio,
                 first.join("; ")
-            ));
+            )));
         }
         Ok(())
     }
@@ -118,14 +119,14 @@ pub struct Region {
     pub caption: String,
 }
 
-fn load_image(base: &Path, rel: &str) -> Result<RgbImage, String> {
+fn load_image(base: &Path, rel: &str) -> Result<RgbImage, DataError> {
     let p = base.join(rel);
     if !p.exists() {
-        return Err(format!("missing image {}", p.display()));
+        return Err(DataError::from(format!("missing image {}", p.display())));
     }
     image::open(&p)
         .map(|i| i.to_rgb8())
-        .map_err(|e| format!("cannot decode image {}: {e}", p.display()))
+        .map_err(|e| DataError::from(format!("cannot decode image {}: {e}", p.display())))
 }
 
 /// The folder a file's image paths are relative to: `images` when given, else the file's own folder.
@@ -139,11 +140,13 @@ fn image_root(path: &Path, images: Option<&Path>) -> PathBuf {
     )
 }
 
-fn jsonl_lines(path: &Path) -> Result<Vec<(usize, String)>, String> {
-    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+fn jsonl_lines(path: &Path) -> Result<Vec<(usize, String)>, DataError> {
+    let f = std::fs::File::open(path)
+        .map_err(|e| DataError::from(format!("{}: {e}", path.display())))?;
     let mut out = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line.map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))?;
+        let line =
+            line.map_err(|e| DataError::from(format!("{}:{}: {e}", path.display(), i + 1)))?;
         if !line.trim().is_empty() {
             out.push((i + 1, line));
         }
@@ -158,7 +161,7 @@ struct PairLine {
 }
 
 /// Image-text pairs from JSONL; image paths are relative to `images` (default: the file's folder).
-pub fn read_pairs_jsonl(path: &Path, images: Option<&Path>) -> Result<ReadReport<Pair>, String> {
+pub fn read_pairs_jsonl(path: &Path, images: Option<&Path>) -> Result<ReadReport<Pair>, DataError> {
     let base = image_root(path, images);
     let mut r = ReadReport::new();
     for (n, line) in jsonl_lines(path)? {
@@ -181,19 +184,20 @@ pub fn read_pairs_jsonl(path: &Path, images: Option<&Path>) -> Result<ReadReport
 /// `<key>.png|jpg|jpeg|webp` and the caption in `<key>.txt`, or else in the `"caption"` of `<key>.json`. As
 /// in webdataset, the key is the member's path up to the first dot of its file name, the extension
 /// (lower-cased) the rest, so `x.seg.png` is not `x`'s image.
-pub fn read_pairs_tar(path: &Path, _images: Option<&Path>) -> Result<ReadReport<Pair>, String> {
+pub fn read_pairs_tar(path: &Path, _images: Option<&Path>) -> Result<ReadReport<Pair>, DataError> {
     #[derive(Default)]
     struct Sample {
         image: Option<Vec<u8>>,
         txt: Option<String>,
         json: Option<Vec<u8>>,
     }
-    let f = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let f = std::fs::File::open(path)
+        .map_err(|e| DataError::from(format!("{}: {e}", path.display())))?;
     let mut archive = tar::Archive::new(f);
     let mut parts: BTreeMap<String, Sample> = BTreeMap::new();
     let entries = archive
         .entries()
-        .map_err(|e| format!("{}: not a tar file: {e}", path.display()))?;
+        .map_err(|e| DataError::from(format!("{}: not a tar file: {e}", path.display())))?;
     let mut r = ReadReport::new();
     for entry in entries {
         let mut entry = match entry {
@@ -237,14 +241,16 @@ pub fn read_pairs_tar(path: &Path, _images: Option<&Path>) -> Result<ReadReport<
         let caption = match (sample.txt, &sample.json) {
             (Some(t), _) => Ok(t),
             (None, Some(json)) => serde_json::from_slice::<serde_json::Value>(json)
-                .map_err(|e| format!("{key}.json: bad JSON: {e}"))
+                .map_err(|e| DataError::from(format!("{key}.json: bad JSON: {e}")))
                 .and_then(|v| match v.get("caption") {
                     Some(serde_json::Value::String(c)) => Ok(c.trim().to_string()),
-                    _ => Err(format!(
+                    _ => Err(DataError::from(format!(
                         "{key}.json has no \"caption\" string and there is no {key}.txt"
-                    )),
+                    ))),
                 }),
-            (None, None) => Err("no caption member (.txt, or .json with \"caption\")".to_string()),
+            (None, None) => Err(DataError::from(
+                "no caption member (.txt, or .json with \"caption\")",
+            )),
         };
         match (sample.image, caption) {
             (None, _) => {
@@ -294,7 +300,7 @@ struct Mmc4Image {
 
 /// MMC4-style interleaved documents from JSONL; `image_name` is relative to `images` (default: the
 /// file's folder).
-pub fn read_mmc4(path: &Path, images: Option<&Path>) -> Result<ReadReport<Document>, String> {
+pub fn read_mmc4(path: &Path, images: Option<&Path>) -> Result<ReadReport<Document>, DataError> {
     let base = image_root(path, images);
     let mut r = ReadReport::new();
     'lines: for (n, line) in jsonl_lines(path)? {
@@ -350,9 +356,13 @@ struct LlavaTurn {
 
 /// LLaVA-style instruction data (a JSON list); `image` is relative to `images` (default: the file's
 /// folder).
-pub fn read_llava(path: &Path, images: Option<&Path>) -> Result<ReadReport<Conversation>, String> {
+pub fn read_llava(
+    path: &Path,
+    images: Option<&Path>,
+) -> Result<ReadReport<Conversation>, DataError> {
     let base = image_root(path, images);
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| DataError::from(format!("{}: {e}", path.display())))?;
     let entries: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
         format!(
             "{}: expected a JSON list of conversations: {e}",
@@ -398,11 +408,12 @@ pub fn read_llava(path: &Path, images: Option<&Path>) -> Result<ReadReport<Conve
 }
 
 /// Region data from a COCO-style JSON with captions on the annotations (RLE or polygon masks).
-pub fn read_regions(path: &Path, images: Option<&Path>) -> Result<ReadReport<Region>, String> {
+pub fn read_regions(path: &Path, images: Option<&Path>) -> Result<ReadReport<Region>, DataError> {
     let base = image_root(path, images);
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| DataError::from(format!("{}: {e}", path.display())))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| DataError::from(format!("{}: not JSON: {e}", path.display())))?;
     let mut files: BTreeMap<i64, (String, u32, u32)> = BTreeMap::new();
     for im in v["images"].as_array().into_iter().flatten() {
         if let (Some(id), Some(f)) = (im["id"].as_i64(), im["file_name"].as_str()) {
@@ -470,14 +481,16 @@ pub fn read_regions(path: &Path, images: Option<&Path>) -> Result<ReadReport<Reg
     Ok(r)
 }
 
-fn decode_segmentation(seg: &serde_json::Value, w: u32, h: u32) -> Result<Vec<bool>, String> {
+fn decode_segmentation(seg: &serde_json::Value, w: u32, h: u32) -> Result<Vec<bool>, DataError> {
     if let Some(counts) = seg.get("counts") {
         let size: Vec<u64> = seg["size"]
             .as_array()
             .map(|s| s.iter().filter_map(|x| x.as_u64()).collect())
             .unwrap_or_default();
         if size != [h as u64, w as u64] {
-            return Err(format!("RLE size {size:?}, expected [{h}, {w}]"));
+            return Err(DataError::from(format!(
+                "RLE size {size:?}, expected [{h}, {w}]"
+            )));
         }
         let counts: Vec<u32> = match counts {
             serde_json::Value::String(s) => world::rle_from_string(s)?,
@@ -489,7 +502,11 @@ fn decode_segmentation(seg: &serde_json::Value, w: u32, h: u32) -> Result<Vec<bo
                         .ok_or("RLE counts must be integers ≥ 0")
                 })
                 .collect::<Result<_, _>>()?,
-            _ => return Err("RLE counts must be a list of integers or a compressed string".into()),
+            _ => {
+                return Err(DataError::from(
+                    "RLE counts must be a list of integers or a compressed string",
+                ))
+            }
         };
         return world::rle_decode(&counts, w, h);
     }
@@ -503,10 +520,10 @@ fn decode_segmentation(seg: &serde_json::Value, w: u32, h: u32) -> Result<Vec<bo
                 .map(|x| x.as_f64().ok_or("a polygon must be a list of numbers"))
                 .collect::<Result<_, _>>()?;
             if pts.len() < 6 || pts.len() % 2 != 0 {
-                return Err(format!(
+                return Err(DataError::from(format!(
                     "a polygon needs an even number ≥ 6 of coordinates, found {}",
                     pts.len()
-                ));
+                )));
             }
             for (a, b) in m.iter_mut().zip(world::polygon_mask(&pts, w, h)) {
                 *a |= b;
@@ -514,5 +531,7 @@ fn decode_segmentation(seg: &serde_json::Value, w: u32, h: u32) -> Result<Vec<bo
         }
         return Ok(m);
     }
-    Err("segmentation must be an RLE object or a list of polygons".into())
+    Err(DataError::from(
+        "segmentation must be an RLE object or a list of polygons",
+    ))
 }

@@ -10,6 +10,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::data::world::{self, Scene, Split};
+use crate::data::DataError;
 
 /// How much `deem data synth` writes.
 #[derive(Debug, Clone)]
@@ -78,7 +79,7 @@ struct Writer<'a> {
 impl Writer<'_> {
     /// A new scene of `split`, written to `images/<split>/<index>.png`; returns it and its path
     /// relative to the output folder.
-    fn scene(&mut self, split: Split) -> Result<(Scene, String), String> {
+    fn scene(&mut self, split: Split) -> Result<(Scene, String), DataError> {
         let i = self.next.entry(split).or_insert(0);
         let s = world::scene(self.seed, split, *i, self.size);
         *i += 1;
@@ -86,16 +87,16 @@ impl Writer<'_> {
         let p = self.out.join(&rel);
         s.render()
             .save(&p)
-            .map_err(|e| format!("{}: {e}", p.display()))?;
+            .map_err(|e| DataError::from(format!("{}: {e}", p.display())))?;
         Ok((s, rel))
     }
 }
 
-fn write_file(path: &Path, text: &str) -> Result<(), String> {
+fn write_file(path: &Path, text: &str) -> Result<(), DataError> {
     // Written whole to a temporary name, then renamed: a crash never leaves half a file.
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    std::fs::write(&tmp, text).map_err(|e| DataError::from(format!("{}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(|e| DataError::from(format!("{}: {e}", path.display())))
 }
 
 /// Writes `list` as the JSON list `out/name` and counts it in `files`.
@@ -104,10 +105,10 @@ fn write_list(
     name: &str,
     list: &[serde_json::Value],
     files: &mut BTreeMap<String, usize>,
-) -> Result<(), String> {
+) -> Result<(), DataError> {
     write_file(
         &out.join(name),
-        &serde_json::to_string(list).map_err(|e| e.to_string())?,
+        &serde_json::to_string(list).map_err(|e| DataError::from(e.to_string()))?,
     )?;
     files.insert(name.into(), list.len());
     Ok(())
@@ -287,10 +288,11 @@ fn shape_categories() -> Vec<serde_json::Value> {
 /// `eval/<split>/instances.json` (COCO-style instances, for the POPE builder) and
 /// `eval/regions_<split>.json` (region data on the same scenes, every object with its mask and caption:
 /// held-out region-level captioning).
-pub fn synthesize(out: &Path, o: &SynthOptions) -> Result<SynthSummary, String> {
+pub fn synthesize(out: &Path, o: &SynthOptions) -> Result<SynthSummary, DataError> {
     for split in Split::ALL {
         let d = out.join("images").join(split.name());
-        std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+        std::fs::create_dir_all(&d)
+            .map_err(|e| DataError::from(format!("{}: {e}", d.display())))?;
     }
     let mut s = Synth {
         out,
@@ -346,14 +348,14 @@ struct Synth<'a> {
 
 impl Synth<'_> {
     /// Pairs: JSONL and a webdataset tar shard with the same records.
-    fn pairs(&mut self) -> Result<(), String> {
+    fn pairs(&mut self) -> Result<(), DataError> {
         // Pairs: JSONL and a webdataset tar shard with the same records.
         let mut jsonl = String::new();
         let tar_path = self.out.join("pairs-000000.tar");
         let tar_tmp = tar_path.with_extension("tmp");
         {
             let f = std::fs::File::create(&tar_tmp)
-                .map_err(|e| format!("{}: {e}", tar_tmp.display()))?;
+                .map_err(|e| DataError::from(format!("{}: {e}", tar_tmp.display())))?;
             let mut tb = tar::Builder::new(f);
             for _ in 0..self.o.pairs {
                 let (s, rel) = self.w.scene(Split::Id)?;
@@ -361,7 +363,8 @@ impl Synth<'_> {
                 jsonl.push_str(&json!({"image": rel, "caption": cap}).to_string());
                 jsonl.push('\n');
                 let key = format!("{:06}", s.index);
-                let png = std::fs::read(self.out.join(&rel)).map_err(|e| e.to_string())?;
+                let png = std::fs::read(self.out.join(&rel))
+                    .map_err(|e| DataError::from(e.to_string()))?;
                 for (name, data) in [
                     (format!("{key}.png"), png),
                     (format!("{key}.txt"), cap.into_bytes()),
@@ -371,14 +374,15 @@ impl Synth<'_> {
                     h.set_mode(0o644);
                     h.set_cksum();
                     tb.append_data(&mut h, &name, data.as_slice())
-                        .map_err(|e| format!("{}: {e}", tar_tmp.display()))?;
+                        .map_err(|e| DataError::from(format!("{}: {e}", tar_tmp.display())))?;
                 }
             }
             tb.into_inner()
                 .and_then(|mut f| f.flush())
-                .map_err(|e| format!("{}: {e}", tar_tmp.display()))?;
+                .map_err(|e| DataError::from(format!("{}: {e}", tar_tmp.display())))?;
         }
-        std::fs::rename(&tar_tmp, &tar_path).map_err(|e| format!("{}: {e}", tar_path.display()))?;
+        std::fs::rename(&tar_tmp, &tar_path)
+            .map_err(|e| DataError::from(format!("{}: {e}", tar_path.display())))?;
         write_file(&self.out.join("pairs.jsonl"), &jsonl)?;
         self.files.insert("pairs.jsonl".into(), self.o.pairs);
         self.files.insert("pairs-000000.tar".into(), self.o.pairs);
@@ -386,7 +390,7 @@ impl Synth<'_> {
     }
 
     /// Interleaved documents: 2–4 images, a sentence about each, and filler sentences between.
-    fn documents(&mut self) -> Result<(), String> {
+    fn documents(&mut self) -> Result<(), DataError> {
         // Interleaved documents: 2–4 images, a sentence about each, and filler sentences between.
         let fillers = [
             "Here is another picture.",
@@ -421,7 +425,7 @@ impl Synth<'_> {
     }
 
     /// Instructions: multi-turn LLaVA-style conversations about one image.
-    fn instructions(&mut self) -> Result<(), String> {
+    fn instructions(&mut self) -> Result<(), DataError> {
         // Instructions: multi-turn conversations (as LLaVA's are) of 1 to `max_turns` questions about one
         // image, in random order; the first question's kind cycles, so every kind leads equally often.
         let mut llava = Vec::new();
@@ -450,7 +454,7 @@ impl Synth<'_> {
     }
 
     /// Regions: every object's mask with its label, COCO-style.
-    fn regions(&mut self) -> Result<(), String> {
+    fn regions(&mut self) -> Result<(), DataError> {
         // Regions: every object's mask (RLE; polygons for squares and diamonds) with its label.
         let mut images = Vec::new();
         let mut anns = Vec::new();
@@ -473,7 +477,7 @@ impl Synth<'_> {
     }
 
     /// The tiny LLM's pretraining text and stage II's colour questions.
-    fn text_and_colour_questions(&mut self) -> Result<(), String> {
+    fn text_and_colour_questions(&mut self) -> Result<(), DataError> {
         // The tiny LLM's pretraining text, the yes/no comparison in words (text-only conversations; a fair
         // coin between a colour and a label question), and stage II's colour questions about images.
         let mut text = Vec::new();
@@ -504,12 +508,13 @@ impl Synth<'_> {
     }
 
     /// Evaluation scenes of one split.
-    fn eval_split(&mut self, split: Split) -> Result<(), String> {
+    fn eval_split(&mut self, split: Split) -> Result<(), DataError> {
         // Evaluation scenes: ImageNet-style class folders (class = the main object's label) and COCO-style
         // instances (category = colour + shape) per split; and per split, POPE-format colour questions about
         // them (`eval/colour_<split>.jsonl`), stage II's questions held out.
         let base = self.out.join("eval").join(split.name());
-        std::fs::create_dir_all(&base).map_err(|e| format!("{}: {e}", base.display()))?;
+        std::fs::create_dir_all(&base)
+            .map_err(|e| DataError::from(format!("{}: {e}", base.display())))?;
         let mut images = Vec::new();
         let mut anns = Vec::new();
         let mut region_images = Vec::new();
@@ -538,10 +543,10 @@ impl Synth<'_> {
             }
             let p = base.join(&rel);
             std::fs::create_dir_all(p.parent().expect("has a parent"))
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| DataError::from(e.to_string()))?;
             s.render()
                 .save(&p)
-                .map_err(|e| format!("{}: {e}", p.display()))?;
+                .map_err(|e| DataError::from(format!("{}: {e}", p.display())))?;
             images.push(
                 json!({"id": k, "file_name": rel, "width": self.o.size, "height": self.o.size}),
             );
@@ -581,11 +586,12 @@ impl Synth<'_> {
     }
 
     /// Shape twins.
-    fn twins(&mut self) -> Result<(), String> {
+    fn twins(&mut self) -> Result<(), DataError> {
         // Shape twins, from a stream of their own (the files above do not move).
         let mut twins = String::new();
         let dir = self.out.join("images").join("twins");
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| DataError::from(format!("{}: {e}", dir.display())))?;
         for k in 0..self.o.shape_twins {
             let s = twin_scene(self.o.seed, k as u64, self.o.size);
             for (scene, tag) in [(s.shape_twin(), "b"), (s, "a")].into_iter().rev() {
@@ -593,7 +599,7 @@ impl Synth<'_> {
                 scene
                     .render()
                     .save(self.out.join(&rel))
-                    .map_err(|e| format!("{rel}: {e}"))?;
+                    .map_err(|e| DataError::from(format!("{rel}: {e}")))?;
                 twins.push_str(&json!({"image": rel, "caption": scene.caption()}).to_string());
                 twins.push('\n');
             }
@@ -605,7 +611,7 @@ impl Synth<'_> {
     }
 
     /// Label questions.
-    fn label_questions(&mut self) -> Result<(), String> {
+    fn label_questions(&mut self) -> Result<(), DataError> {
         // Label questions, from a stream of their own and on new training scenes (the files above do not
         // move).
         let mut rng = crate::rng::Stream::new(self.o.seed, 0, 0x1abe, crate::rng::Purpose::Data);

@@ -11,6 +11,7 @@
 
 use image::{Rgb, RgbImage};
 
+use crate::data::DataError;
 use crate::rng::{Purpose, Stream};
 
 pub const SHAPES: [&str; 9] = [
@@ -383,7 +384,7 @@ pub fn rle_counts(mask: &[bool], w: u32, h: u32) -> Vec<u32> {
 /// The run lengths of a COCO compressed RLE string (pycocotools' `rleFrString`: each count in 5-bit
 /// groups, least significant first, as characters from '0' with 0x20 marking "more" and 0x10 the sign of
 /// the last group; from the third count on, each is stored as its difference from the count two before).
-pub fn rle_from_string(s: &str) -> Result<Vec<u32>, String> {
+pub fn rle_from_string(s: &str) -> Result<Vec<u32>, DataError> {
     let bytes = s.as_bytes();
     let mut counts: Vec<u32> = Vec::new();
     let mut p = 0;
@@ -391,22 +392,22 @@ pub fn rle_from_string(s: &str) -> Result<Vec<u32>, String> {
         let (mut x, mut k, mut more) = (0i64, 0u32, true);
         while more {
             let Some(&b) = bytes.get(p) else {
-                return Err(format!(
+                return Err(DataError::from(format!(
                     "compressed RLE counts end inside a number (after {} counts)",
                     counts.len()
-                ));
+                )));
             };
             if !(48..48 + 64).contains(&b) {
-                return Err(format!(
+                return Err(DataError::from(format!(
                     "compressed RLE counts: character {:?} at {p} is not a count digit",
                     b as char
-                ));
+                )));
             }
             if k > 6 {
-                return Err(format!(
+                return Err(DataError::from(format!(
                     "compressed RLE counts: count {} runs past 7 digits at {p}, longer than any 32-bit count",
                     counts.len()
-                ));
+                )));
             }
             let c = (b - 48) as i64;
             x |= (c & 0x1f) << (5 * k);
@@ -454,13 +455,13 @@ pub fn rle_to_string(counts: &[u32]) -> String {
 }
 
 /// The row-major mask of COCO uncompressed RLE counts.
-pub fn rle_decode(counts: &[u32], w: u32, h: u32) -> Result<Vec<bool>, String> {
+pub fn rle_decode(counts: &[u32], w: u32, h: u32) -> Result<Vec<bool>, DataError> {
     let total: u64 = counts.iter().map(|&c| c as u64).sum();
     if total != (w as u64) * (h as u64) {
-        return Err(format!(
+        return Err(DataError::from(format!(
             "RLE counts sum to {total}, expected width × height = {}",
             w as u64 * h as u64
-        ));
+        )));
     }
     let mut m = vec![false; (w * h) as usize];
     let mut i = 0u64;

@@ -15,20 +15,10 @@ use crate::models::llama::{LlamaConfig, LlamaShard};
 use crate::models::region::MaskExtractor;
 use crate::models::resampler::Resampler;
 use crate::models::vision::{VisionEncoder, CLIP_MEAN, CLIP_STD};
-use crate::rng::{ints, Purpose, Stream};
-use crate::text::sequence::{splice_images, SequenceError};
+use crate::rng::{Purpose, Stream};
+use crate::text::sequence::splice_images;
 
-use super::losses::{nip_inputs, ntp_loss, LossWeights, Losses};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ModelError {
-    #[error(transparent)]
-    Llama(#[from] crate::models::llama::LlamaError),
-    #[error("batch: {0}")]
-    Sequence(#[from] SequenceError),
-    #[error("batch: {0}")]
-    Batch(String),
-}
+use super::ModelError;
 
 /// A training batch: token ids with image placeholders, and the images in order of appearance.
 #[derive(Debug)]
@@ -313,67 +303,6 @@ impl Deem {
             vision: VisionStage::new(root, cfg),
             llm: LlamaShard::new(root, &LlamaConfig::from(l), 0..l.num_hidden_layers)?,
             diffusion: DiffusionStage::new(root, cfg),
-        })
-    }
-
-    /// All losses of one microbatch. Random draws come from streams keyed by `(seed, step, microbatch)`.
-    pub fn losses(
-        &self,
-        batch: &Batch,
-        seed: u64,
-        step: u64,
-        microbatch: u64,
-    ) -> Result<Losses, ModelError> {
-        let key = (seed, step, microbatch);
-        let w = LossWeights::of(&self.cfg);
-        let zero = || Tensor::zeros([], (Kind::Float, batch.input_ids.device()));
-        let ids = &batch.input_ids;
-        let n_images = batch.pixels.size()[0];
-
-        // 1. Vision → resampler: visual tokens and the CSR condition.
-        let masks = batch.masks.as_ref();
-        let vision = (n_images > 0).then(|| self.vision.forward_regions(&batch.pixels, masks));
-
-        // 2. LLM over the spliced sequence.
-        let embeds = embed_sequence(&self.llm, ids, vision.as_ref().map(|v| &v.0), self.ids)?;
-        let hidden = self
-            .llm
-            .norm(&llm_forward(&self.llm, &embeds, ids, &self.cfg));
-        let ntp = ntp_loss(
-            &self.llm.logits(&hidden),
-            ids,
-            batch.loss_mask.as_ref(),
-            self.ids,
-        );
-
-        // 3. NIP: the image after each SoI, drawn from its LLM context.
-        let mut nip = zero();
-        if w.nip > 0.0 && n_images > 0 {
-            if let Some((ctx, mask, index)) = nip_inputs(&hidden, ids, self.ids) {
-                let pixels = batch
-                    .pixels
-                    .index_select(0, &ints(&index).to_device(ids.device()));
-                nip = self.diffusion.nip_loss(&ctx, &mask, &pixels, key);
-            }
-        }
-
-        // 4. CSR: every input image reconstructed from its own encoder embedding.
-        let mut csr = zero();
-        if let (true, Some((_, cond))) = (w.csr > 0.0, &vision) {
-            csr = self
-                .diffusion
-                .csr_loss_regions(cond, &batch.pixels, masks, key);
-        }
-        let total = w.combine(
-            ntp.shallow_clone(),
-            nip.shallow_clone(),
-            csr.shallow_clone(),
-        );
-        Ok(Losses {
-            total,
-            ntp,
-            nip,
-            csr,
         })
     }
 }

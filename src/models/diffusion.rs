@@ -17,27 +17,34 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::config::{UNetConfig, VaeConfig};
+use crate::models::ModelError;
 
-fn read_json(path: &Path) -> Result<Value, String> {
+fn read_json(path: &Path) -> Result<Value, ModelError> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("{}: invalid JSON: {e}", path.display()))
+        .map_err(|e| ModelError::from(format!("{}: cannot read: {e}", path.display())))?;
+    serde_json::from_str(&text)
+        .map_err(|e| ModelError::from(format!("{}: invalid JSON: {e}", path.display())))
 }
 
-fn int(v: &Value, key: &str, path: &Path) -> Result<i64, String> {
+fn int(v: &Value, key: &str, path: &Path) -> Result<i64, ModelError> {
     v.get(key)
         .and_then(Value::as_i64)
-        .ok_or_else(|| format!("{}: {key}: expected an integer", path.display()))
+        .ok_or_else(|| ModelError::from(format!("{}: {key}: expected an integer", path.display())))
 }
 
-fn ints(v: &Value, key: &str, path: &Path) -> Result<Vec<i64>, String> {
+fn ints(v: &Value, key: &str, path: &Path) -> Result<Vec<i64>, ModelError> {
     v.get(key)
         .and_then(Value::as_array)
         .and_then(|a| a.iter().map(Value::as_i64).collect::<Option<Vec<_>>>())
-        .ok_or_else(|| format!("{}: {key}: expected a list of integers", path.display()))
+        .ok_or_else(|| {
+            ModelError::from(format!(
+                "{}: {key}: expected a list of integers",
+                path.display()
+            ))
+        })
 }
 
-fn strings(v: &Value, key: &str, path: &Path) -> Result<Vec<String>, String> {
+fn strings(v: &Value, key: &str, path: &Path) -> Result<Vec<String>, ModelError> {
     v.get(key)
         .and_then(Value::as_array)
         .and_then(|a| {
@@ -45,18 +52,23 @@ fn strings(v: &Value, key: &str, path: &Path) -> Result<Vec<String>, String> {
                 .map(|x| x.as_str().map(String::from))
                 .collect::<Option<Vec<_>>>()
         })
-        .ok_or_else(|| format!("{}: {key}: expected a list of strings", path.display()))
+        .ok_or_else(|| {
+            ModelError::from(format!(
+                "{}: {key}: expected a list of strings",
+                path.display()
+            ))
+        })
 }
 
 /// An int broadcast to every block, or a per-block list.
-fn per_block(v: &Value, key: &str, blocks: usize, path: &Path) -> Result<Vec<i64>, String> {
+fn per_block(v: &Value, key: &str, blocks: usize, path: &Path) -> Result<Vec<i64>, ModelError> {
     match v.get(key) {
         Some(Value::Number(n)) => Ok(vec![n.as_i64().unwrap_or(0); blocks]),
         Some(Value::Array(_)) => ints(v, key, path),
-        _ => Err(format!(
+        _ => Err(ModelError::from(format!(
             "{}: {key}: expected an integer or a list of integers",
             path.display()
-        )),
+        ))),
     }
 }
 
@@ -75,16 +87,16 @@ const UNET_FIXED: [(&str, &str); 10] = [
 ];
 
 /// Reads a diffusers `unet/config.json`.
-pub fn unet_config_from_diffusers(path: &Path) -> Result<UNetConfig, String> {
+pub fn unet_config_from_diffusers(path: &Path) -> Result<UNetConfig, ModelError> {
     let v = read_json(path)?;
     for (key, want) in UNET_FIXED {
         if let Some(found) = v.get(key) {
             let text = found.to_string();
             if text != want {
-                return Err(format!(
+                return Err(ModelError::from(format!(
                     "{}: {key}: deem supports {want} only, found {found}",
                     path.display()
-                ));
+                )));
             }
         }
     }
@@ -98,10 +110,10 @@ pub fn unet_config_from_diffusers(path: &Path) -> Result<UNetConfig, String> {
     };
     let tlpb = per_block(&v, "transformer_layers_per_block", n, path)?;
     if tlpb.iter().any(|&t| t != tlpb[0]) {
-        return Err(format!(
+        return Err(ModelError::from(format!(
             "{}: transformer_layers_per_block: deem supports one value for every block",
             path.display()
-        ));
+        )));
     }
     Ok(UNetConfig {
         in_channels: int(&v, "in_channels", path)?,
@@ -122,7 +134,7 @@ pub fn unet_config_from_diffusers(path: &Path) -> Result<UNetConfig, String> {
 }
 
 /// Reads a diffusers `vae/config.json`.
-pub fn vae_config_from_diffusers(path: &Path) -> Result<VaeConfig, String> {
+pub fn vae_config_from_diffusers(path: &Path) -> Result<VaeConfig, ModelError> {
     let v = read_json(path)?;
     Ok(VaeConfig {
         in_channels: int(&v, "in_channels", path)?,

@@ -5,8 +5,9 @@
 
 use tch::{Kind, Tensor};
 
-use super::deem::{resize, DiffusionStage, SpecialIds};
+use super::deem::{embed_sequence, llm_forward, resize, Batch, Deem, DiffusionStage, SpecialIds};
 use super::diffusion::condition::gather_contexts;
+use super::ModelError;
 use crate::config::{DeemConfig, Stage};
 use crate::rng::{ints, Purpose, Stream};
 
@@ -265,4 +266,67 @@ pub fn csr_timesteps(s: &mut Stream, n: usize) -> Vec<i64> {
                 .clamp(200.0, 799.0) as i64
         })
         .collect()
+}
+
+impl Deem {
+    /// All losses of one microbatch. Random draws come from streams keyed by `(seed, step, microbatch)`.
+    pub fn losses(
+        &self,
+        batch: &Batch,
+        seed: u64,
+        step: u64,
+        microbatch: u64,
+    ) -> Result<Losses, ModelError> {
+        let key = (seed, step, microbatch);
+        let w = LossWeights::of(&self.cfg);
+        let zero = || Tensor::zeros([], (Kind::Float, batch.input_ids.device()));
+        let ids = &batch.input_ids;
+        let n_images = batch.pixels.size()[0];
+
+        // 1. Vision → resampler: visual tokens and the CSR condition.
+        let masks = batch.masks.as_ref();
+        let vision = (n_images > 0).then(|| self.vision.forward_regions(&batch.pixels, masks));
+
+        // 2. LLM over the spliced sequence.
+        let embeds = embed_sequence(&self.llm, ids, vision.as_ref().map(|v| &v.0), self.ids)?;
+        let hidden = self
+            .llm
+            .norm(&llm_forward(&self.llm, &embeds, ids, &self.cfg));
+        let ntp = ntp_loss(
+            &self.llm.logits(&hidden),
+            ids,
+            batch.loss_mask.as_ref(),
+            self.ids,
+        );
+
+        // 3. NIP: the image after each SoI, drawn from its LLM context.
+        let mut nip = zero();
+        if w.nip > 0.0 && n_images > 0 {
+            if let Some((ctx, mask, index)) = nip_inputs(&hidden, ids, self.ids) {
+                let pixels = batch
+                    .pixels
+                    .index_select(0, &ints(&index).to_device(ids.device()));
+                nip = self.diffusion.nip_loss(&ctx, &mask, &pixels, key);
+            }
+        }
+
+        // 4. CSR: every input image reconstructed from its own encoder embedding.
+        let mut csr = zero();
+        if let (true, Some((_, cond))) = (w.csr > 0.0, &vision) {
+            csr = self
+                .diffusion
+                .csr_loss_regions(cond, &batch.pixels, masks, key);
+        }
+        let total = w.combine(
+            ntp.shallow_clone(),
+            nip.shallow_clone(),
+            csr.shallow_clone(),
+        );
+        Ok(Losses {
+            total,
+            ntp,
+            nip,
+            csr,
+        })
+    }
 }

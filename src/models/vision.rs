@@ -9,6 +9,7 @@ use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
 use crate::config::{HeadProj, VisionConfig};
+use crate::models::ModelError;
 
 /// CLIP's normalisation constants (open_clip `OPENAI_DATASET_MEAN` / `_STD`).
 pub const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
@@ -275,9 +276,10 @@ impl VisionEncoder {
 
 /// Loads an image file and turns it into a CLIP-normalised `[3, size, size]` tensor: resize the shorter
 /// side to `size` (bicubic), centre-crop, scale to [0, 1], normalise.
-pub fn preprocess_file(path: &std::path::Path, size: u32) -> Result<Tensor, String> {
-    let img = image::open(path)
-        .map_err(|e| format!("{}: cannot decode the image: {e}", path.display()))?;
+pub fn preprocess_file(path: &std::path::Path, size: u32) -> Result<Tensor, ModelError> {
+    let img = image::open(path).map_err(|e| {
+        ModelError::from(format!("{}: cannot decode the image: {e}", path.display()))
+    })?;
     Ok(preprocess(&img.to_rgb8(), size))
 }
 
@@ -426,8 +428,10 @@ fn fixed_point_taps(len: usize, n: usize) -> Vec<(usize, Vec<i64>)> {
 }
 
 /// An 8-bit image of pixels `[3, H, W]` in [0, 1] (clamped, rounded).
-pub fn to_rgb_image(pixels: &Tensor) -> Result<image::RgbImage, String> {
-    let (_, h, w) = pixels.size3().map_err(|e| e.to_string())?;
+pub fn to_rgb_image(pixels: &Tensor) -> Result<image::RgbImage, ModelError> {
+    let (_, h, w) = pixels
+        .size3()
+        .map_err(|e| ModelError::from(e.to_string()))?;
     let data: Vec<u8> = Vec::try_from(
         (pixels
             .to_device(tch::Device::Cpu)
@@ -440,16 +444,16 @@ pub fn to_rgb_image(pixels: &Tensor) -> Result<image::RgbImage, String> {
             .contiguous()
             .reshape([-1]),
     )
-    .map_err(|e: tch::TchError| e.to_string())?;
+    .map_err(|e: tch::TchError| ModelError::from(e.to_string()))?;
     image::RgbImage::from_raw(w as u32, h as u32, data)
-        .ok_or_else(|| "pixel buffer does not match the image size".to_string())
+        .ok_or_else(|| ModelError::from("pixel buffer does not match the image size"))
 }
 
 /// PNG bytes of pixels `[3, H, W]` in [0, 1].
-pub fn png_bytes(pixels: &Tensor) -> Result<Vec<u8>, String> {
+pub fn png_bytes(pixels: &Tensor) -> Result<Vec<u8>, ModelError> {
     let mut out = std::io::Cursor::new(Vec::new());
     to_rgb_image(pixels)?
         .write_to(&mut out, image::ImageFormat::Png)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| ModelError::from(e.to_string()))?;
     Ok(out.into_inner())
 }

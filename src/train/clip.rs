@@ -18,6 +18,7 @@ use crate::models::deem::clip_pixels;
 use crate::models::llama::{LlamaConfig, LlamaShard};
 use crate::models::vision::VisionEncoder;
 use crate::rng::{Purpose, Stream};
+use crate::train::TrainError;
 
 /// How the encoder is pretrained.
 #[derive(Debug, Clone)]
@@ -77,21 +78,21 @@ pub struct ClipReport {
 
 impl Clip {
     /// Builds the towers under `root`: `visual.…` (open_clip names) and `text.…`.
-    pub fn new(root: &nn::Path, cfg: &DeemConfig, text_layers: i64) -> Result<Self, String> {
+    pub fn new(root: &nn::Path, cfg: &DeemConfig, text_layers: i64) -> Result<Self, TrainError> {
         if text_layers < 1 {
-            return Err(format!(
+            return Err(TrainError::from(format!(
                 "text_layers: expected at least 1, found {text_layers}"
-            ));
+            )));
         }
         // The text tower is as wide as the UNet's context: its states condition the diffusion decoder
         // when that is pretrained (`crate::train::sd`), as OpenCLIP's text states condition SD 2.
         let width = cfg.diffusion.unet.cross_attention_dim;
         let mut l = LlamaConfig::from(&cfg.llm);
         if width % l.num_attention_heads != 0 {
-            return Err(format!(
+            return Err(TrainError::from(format!(
                 "the text tower is diffusion.unet.cross_attention_dim ({width}) wide, which llm.num_attention_heads ({}) must divide",
                 l.num_attention_heads
-            ));
+            )));
         }
         l.intermediate_size = l.intermediate_size * width / l.hidden_size;
         l.hidden_size = width;
@@ -101,7 +102,8 @@ impl Clip {
         // Tied: the tower has no LM head (it never predicts ids).
         l.tie_word_embeddings = true;
         let text = root / "text";
-        let layers = LlamaShard::new(&text, &l, 0..text_layers).map_err(|e| e.to_string())?;
+        let layers = LlamaShard::new(&text, &l, 0..text_layers)
+            .map_err(|e| TrainError::from(e.to_string()))?;
         let proj = (&text / "proj").var(
             "weight",
             &[cfg.vision.embed_dim, width],
@@ -206,30 +208,30 @@ pub fn pretrain(
     captions: &[Vec<i64>],
     o: &ClipOptions,
     mut on_step: impl FnMut(&ClipReport),
-) -> Result<Vec<(String, Tensor)>, String> {
+) -> Result<Vec<(String, Tensor)>, TrainError> {
     if images.len() != captions.len() {
-        return Err(format!(
+        return Err(TrainError::from(format!(
             "{} images but {} captions",
             images.len(),
             captions.len()
-        ));
+        )));
     }
     if images.len() < 2 {
-        return Err(format!(
+        return Err(TrainError::from(format!(
             "contrastive pretraining needs at least 2 image-caption pairs, found {}",
             images.len()
-        ));
+        )));
     }
     if let Some(i) = captions.iter().position(|c| c.is_empty()) {
-        return Err(format!("caption {i} has no ids"));
+        return Err(TrainError::from(format!("caption {i} has no ids")));
     }
     let g = o.group.max(1);
     if g > 1 && (images.len() % g != 0 || o.batch_size < 2 * g) {
-        return Err(format!(
+        return Err(TrainError::from(format!(
             "--group {g}: the {} pairs must split into groups of {g} and a batch ({}) hold at least two",
             images.len(),
             o.batch_size
-        ));
+        )));
     }
     let vs = nn::VarStore::new(tch::Device::Cpu);
     let clip = crate::with_init_lock(Some(o.seed), || Clip::new(&vs.root(), cfg, o.text_layers))?;
@@ -238,7 +240,7 @@ pub fn pretrain(
         ..Default::default()
     }
     .build(&vs, o.lr)
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| TrainError::from(e.to_string()))?;
     for step in 0..o.steps {
         let picks = batch_picks(o, step, images.len());
         let pixels = stack_picks(images, &picks);
@@ -252,7 +254,9 @@ pub fn pretrain(
         opt.backward_step(&loss);
         let loss = loss.double_value(&[]);
         if !loss.is_finite() {
-            return Err(format!("step {step}: the contrastive loss is {loss}"));
+            return Err(TrainError::from(format!(
+                "step {step}: the contrastive loss is {loss}"
+            )));
         }
         on_step(&ClipReport {
             step,
@@ -287,7 +291,7 @@ pub fn load(
     vs: &nn::VarStore,
     cfg: &DeemConfig,
     weights: &std::collections::BTreeMap<String, Tensor>,
-) -> Result<Clip, String> {
+) -> Result<Clip, TrainError> {
     let text_layers = weights
         .keys()
         .filter_map(|k| {
@@ -304,13 +308,13 @@ pub fn load(
         for (name, mut var) in vs.variables() {
             let w = weights
                 .get(&name)
-                .ok_or_else(|| format!("the CLIP weights have no `{name}`"))?;
+                .ok_or_else(|| TrainError::from(format!("the CLIP weights have no `{name}`")))?;
             if w.size() != var.size() {
-                return Err(format!(
+                return Err(TrainError::from(format!(
                     "`{name}` is {:?}, the CLIP for this configuration expects {:?}",
                     w.size(),
                     var.size()
-                ));
+                )));
             }
             var.copy_(w);
         }

@@ -22,6 +22,7 @@ use crate::models::deem::resize;
 use crate::models::diffusion::{AutoencoderKL, Ddpm, UNet2DCondition};
 use crate::rng::{ints, Purpose, Stream};
 use crate::train::clip::{pad_captions, stack_picks, Clip};
+use crate::train::TrainError;
 
 /// How the decoder is pretrained.
 #[derive(Debug, Clone)]
@@ -79,16 +80,18 @@ pub fn pretrain(
     empty: &[i64],
     o: &DecoderOptions,
     mut on_step: impl FnMut(&DecoderReport),
-) -> Result<Vec<(String, Tensor)>, String> {
+) -> Result<Vec<(String, Tensor)>, TrainError> {
     if images.len() != captions.len() || images.is_empty() {
-        return Err(format!(
+        return Err(TrainError::from(format!(
             "expected as many captions as images (at least one), found {} images and {} captions",
             images.len(),
             captions.len()
-        ));
+        )));
     }
     if empty.is_empty() || captions.iter().any(|c| c.is_empty()) {
-        return Err("every caption, the empty one too, needs at least its EOS id".into());
+        return Err(TrainError::from(
+            "every caption, the empty one too, needs at least its EOS id",
+        ));
     }
     let d = &cfg.diffusion;
     let vs = nn::VarStore::new(tch::Device::Cpu);
@@ -106,7 +109,7 @@ pub fn pretrain(
     // 1. The VAE (the UNet's variables get no gradient here, so AdamW leaves them as they are).
     let mut opt = nn::AdamW::default()
         .build(&vs, o.vae_lr)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| TrainError::from(e.to_string()))?;
     for step in 0..o.vae_steps {
         let picks = Stream::new(o.seed, step, 2, Purpose::Data).below(b, n);
         let x = vae_input(images, &picks, size);
@@ -122,9 +125,9 @@ pub fn pretrain(
         opt.backward_step(&loss);
         let loss = recon.double_value(&[]);
         if !loss.is_finite() {
-            return Err(format!(
+            return Err(TrainError::from(format!(
                 "VAE step {step}: the reconstruction loss is {loss}"
-            ));
+            )));
         }
         on_step(&DecoderReport {
             part: "vae",
@@ -134,7 +137,7 @@ pub fn pretrain(
     }
     // Latents × scaling_factor get unit variance on the data (measured on up to 256 images): the
     // encoder's mean channels are scaled by c and the decoder's first 1×1 convolution by 1/c.
-    tch::no_grad(|| -> Result<(), String> {
+    tch::no_grad(|| -> Result<(), TrainError> {
         let probe: Vec<i64> = (0..n.min(256) as i64).collect();
         let std = vae
             .encode(&vae_input(images, &probe, size))
@@ -142,7 +145,9 @@ pub fn pretrain(
             .std(true)
             .double_value(&[]);
         if !(std.is_finite() && std > 0.0) {
-            return Err(format!("the VAE's latents have standard deviation {std}"));
+            return Err(TrainError::from(format!(
+                "the VAE's latents have standard deviation {std}"
+            )));
         }
         let c = 1.0 / (std * vae.scaling_factor);
         let vars = vs.variables();
@@ -168,7 +173,7 @@ pub fn pretrain(
     });
     let mut opt = nn::AdamW::default()
         .build(&vs, o.unet_lr)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| TrainError::from(e.to_string()))?;
     for step in 0..o.unet_steps {
         let picks = Stream::new(o.seed, step, 3, Purpose::Data).below(b, n);
         let drop = Stream::new(o.seed, step, 3, Purpose::NullCondition).bernoulli(b, o.uncond_prob);
@@ -200,7 +205,9 @@ pub fn pretrain(
         opt.backward_step(&loss);
         let loss = loss.double_value(&[]);
         if !loss.is_finite() {
-            return Err(format!("UNet step {step}: the diffusion loss is {loss}"));
+            return Err(TrainError::from(format!(
+                "UNet step {step}: the diffusion loss is {loss}"
+            )));
         }
         on_step(&DecoderReport {
             part: "unet",

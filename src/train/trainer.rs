@@ -9,7 +9,9 @@ use tch::{nn, Tensor};
 
 use super::optimizer::{moment_keys, update_plan, AdamW, Group, StepReport};
 use crate::config::DeemConfig;
-use crate::models::deem::{Batch, Deem, ModelError};
+use crate::models::deem::{Batch, Deem};
+use crate::models::ModelError;
+use crate::train::TrainError;
 
 /// The single-process reference trainer.
 pub struct Trainer {
@@ -77,20 +79,23 @@ pub fn cpu_weights(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
 /// and device), e.g. a previous stage's model. Every name and shape is checked before any value is
 /// replaced, so a bad set leaves `vs` as it was. A variable without a value is an error, except the
 /// region extractor's (a model saved before region support): it keeps its initial values.
-pub fn set_variables(vs: &nn::VarStore, weights: &BTreeMap<String, Tensor>) -> Result<(), String> {
+pub fn set_variables(
+    vs: &nn::VarStore,
+    weights: &BTreeMap<String, Tensor>,
+) -> Result<(), TrainError> {
     let mut pairs = Vec::new();
     // In name order, so that of several faults the same one is reported every time.
     let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
     for (name, var) in vars {
         match weights.get(&name) {
             None if crate::models::region::is_extractor_key(&name) => {}
-            None => return Err(format!("the model has no `{name}`")),
+            None => return Err(TrainError::from(format!("the model has no `{name}`"))),
             Some(src) if src.size() != var.size() => {
-                return Err(format!(
+                return Err(TrainError::from(format!(
                     "`{name}` is {:?}, the model expects {:?}",
                     src.size(),
                     var.size()
-                ))
+                )))
             }
             Some(src) => pairs.push((var, src)),
         }

@@ -58,7 +58,7 @@ pub fn read_checked<T>(
     format: Format,
     max: f64,
     metrics: &Metrics,
-    read: fn(&Path, Option<&Path>) -> Result<ReadReport<T>, String>,
+    read: fn(&Path, Option<&Path>) -> Result<ReadReport<T>, deem::data::DataError>,
 ) -> anyhow::Result<(Vec<T>, usize)> {
     let r = read(file, images).map_err(anyhow::Error::msg)?;
     let (_, bad) = account(&r, format, metrics);

@@ -2,6 +2,7 @@
 //! curves drawn with plotters) and the RobustVQA builder's classifiers (a pixel-prototype baseline, and a
 //! trained DEEM model asked what the main object is).
 
+use deem::data::DataError;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -330,15 +331,15 @@ pub enum Miner<'a> {
 
 impl Miner<'_> {
     /// Every label for the image at `path`, best first.
-    fn rank(&self, path: &Path) -> Result<Vec<String>, String> {
+    fn rank(&self, path: &Path) -> Result<Vec<String>, DataError> {
         match self {
             Miner::Prototype(clf) => {
                 let img = image::open(path)
-                    .map_err(|e| format!("{}: {e}", path.display()))?
+                    .map_err(|e| DataError::from(format!("{}: {e}", path.display())))?
                     .to_rgb8();
                 Ok(clf.rank(&img))
             }
-            Miner::Model(m) => m.rank(path).map_err(|e| format!("{e:#}")),
+            Miner::Model(m) => m.rank(path).map_err(|e| DataError::from(format!("{e:#}"))),
         }
     }
 }
@@ -367,9 +368,10 @@ pub fn build_robustvqa(
     for &s in splits {
         let folder = data.join("eval").join(s.name());
         let prefix = format!("{}/", root.join("eval").join(s.name()).display());
-        let entries =
-            deem::eval::build_robustvqa(&folder, &prefix, only_misclassified, |p| miner.rank(p))
-                .map_err(anyhow::Error::msg)?;
+        let entries = deem::eval::build_robustvqa(&folder, &prefix, only_misclassified, |p| {
+            miner.rank(p).map_err(deem::data::DataError::from)
+        })
+        .map_err(anyhow::Error::msg)?;
         counts.insert(format!("synthetic_{}", s.name()), entries.len());
         all.insert(format!("synthetic_{}", s.name()), entries);
     }

@@ -29,7 +29,7 @@ pub enum PipelineError {
     Step { step: u64, failures: String },
     /// The batch cannot be split into the configured microbatches.
     #[error(transparent)]
-    Batch(#[from] deem::models::deem::ModelError),
+    Batch(#[from] deem::models::ModelError),
     /// A checkpoint directory or manifest is missing, unreadable or of another configuration.
     #[error("{}: {message}", path.display())]
     Checkpoint { path: PathBuf, message: String },

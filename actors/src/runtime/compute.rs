@@ -150,7 +150,7 @@ impl<W: Work> Actor for ComputeActor<W> {
         (spec, status): (ComputeSpec<W>, Shared<W::Detail>),
     ) -> Result<Self::State, ActorProcessingErr> {
         let (tx, rx) = flume::unbounded::<W::Msg>();
-        let (ready_tx, ready_rx) = flume::bounded::<Result<(), String>>(1);
+        let (ready_tx, ready_rx) = flume::bounded::<Result<(), BuildError>>(1);
         let ctx = ComputeCtx {
             name: spec.name.clone(),
             status: status.clone(),
@@ -167,7 +167,7 @@ impl<W: Work> Actor for ComputeActor<W> {
                 let work = match catch_unwind(AssertUnwindSafe(build)) {
                     Ok(Ok(w)) => w,
                     Ok(Err(e)) => {
-                        let _ = ready_tx.send(Err(e.to_string()));
+                        let _ = ready_tx.send(Err(e));
                         return;
                     }
                     // The ready channel drops unanswered: "died while building".
@@ -190,9 +190,9 @@ impl<W: Work> Actor for ComputeActor<W> {
                     status,
                 })
             }
-            Ok(Err(message)) => Err(RuntimeError::Build {
+            Ok(Err(e)) => Err(RuntimeError::Build {
                 actor: name,
-                message,
+                message: e.to_string(),
             }
             .into()),
             Err(_) => Err(RuntimeError::DiedBuilding { actor: name }.into()),

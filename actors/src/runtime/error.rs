@@ -29,6 +29,9 @@ pub enum RuntimeError {
     /// The supervisor's restart budget is spent.
     #[error("{failed}; not restarting: all {max} restarts allowed (train.max_restarts) are used")]
     RestartsExhausted { max: u32, failed: String },
+    /// The log filter or subscriber could not be set up.
+    #[error("{0}")]
+    Logging(String),
     /// The supervisor itself is gone.
     #[error("the supervisor has stopped: {0}")]
     Supervisor(String),
@@ -44,7 +47,9 @@ impl RuntimeError {
             | RuntimeError::Spawn { actor, .. }
             | RuntimeError::Call { actor, .. }
             | RuntimeError::Work { actor, .. } => Some(actor),
-            RuntimeError::RestartsExhausted { .. } | RuntimeError::Supervisor(_) => None,
+            RuntimeError::RestartsExhausted { .. }
+            | RuntimeError::Supervisor(_)
+            | RuntimeError::Logging(_) => None,
         }
     }
 }

@@ -261,15 +261,28 @@ pub fn to_classic_text(openmetrics: &str) -> String {
     out
 }
 
+/// `deem_build_info`, registered and set.
+fn build_info(registry: &mut Registry) -> Family<BuildLabels, Gauge> {
+    let build_info = Family::<BuildLabels, Gauge>::default();
+    registry.register(
+        "deem_build_info",
+        "Build of this deem process: crate version, libtorch version and visible CUDA devices (always 1)",
+        build_info.clone(),
+    );
+    build_info
+        .get_or_create(&BuildLabels {
+            version: deem::VERSION.to_string(),
+            libtorch: deem::LIBTORCH_VERSION.unwrap_or("unknown").to_string(),
+            cuda_devices: deem::device::cuda_device_count().to_string(),
+        })
+        .set(1);
+    build_info
+}
+
 impl Metrics {
     pub fn new() -> Arc<Self> {
         let mut registry = Registry::default();
-        let build_info = Family::<BuildLabels, Gauge>::default();
-        registry.register(
-            "deem_build_info",
-            "Build of this deem process: crate version, libtorch version and visible CUDA devices (always 1)",
-            build_info.clone(),
-        );
+        let build_info = build_info(&mut registry);
         let http_requests = Family::<HttpLabels, Counter>::default();
         registry.register(
             "deem_http_requests",
@@ -386,13 +399,6 @@ impl Metrics {
             data_bad_records.clone(),
         );
         registry.register_collector(Box::new(ProcessCollector));
-        build_info
-            .get_or_create(&BuildLabels {
-                version: deem::VERSION.to_string(),
-                libtorch: deem::LIBTORCH_VERSION.unwrap_or("unknown").to_string(),
-                cuda_devices: deem::device::cuda_device_count().to_string(),
-            })
-            .set(1);
         Arc::new(Metrics {
             registry,
             build_info,

@@ -192,19 +192,32 @@ impl Topology {
     }
 }
 
-fn device_problem(at: &str, spec: &str, cuda_devices: usize) -> Result<DeviceSpec, String> {
-    let device: DeviceSpec = spec.parse().map_err(|e| format!("{at}.device: {e}"))?;
+/// The device an actor names, or (with its problem recorded) the CPU in its place.
+fn checked_device(
+    at: &str,
+    spec: &str,
+    cuda_devices: usize,
+    problems: &mut Vec<String>,
+) -> DeviceSpec {
+    let device: DeviceSpec = match spec.parse() {
+        Ok(d) => d,
+        Err(e) => {
+            problems.push(format!("{at}.device: {e}"));
+            return DeviceSpec::Cpu;
+        }
+    };
     match device {
-        DeviceSpec::Cuda(_) if cuda_devices == 0 => Err(format!(
+        DeviceSpec::Cuda(_) if cuda_devices == 0 => problems.push(format!(
             "{at}.device: \"{spec}\" is not available: this machine has no CUDA devices; use device = \"cpu\""
         )),
-        DeviceSpec::Cuda(n) if n >= cuda_devices => Err(format!(
+        DeviceSpec::Cuda(n) if n >= cuda_devices => problems.push(format!(
             "{at}.device: \"{spec}\" is out of range: this machine has {cuda_devices} CUDA device(s) \
              (cuda:0..cuda:{}); use one of them or device = \"cpu\"",
             cuda_devices - 1
         )),
-        d => Ok(d),
+        d => return d,
     }
+    DeviceSpec::Cpu
 }
 
 fn place(
@@ -233,13 +246,7 @@ fn place(
                 a.name
             ));
         }
-        match device_problem(&at, &a.device, cuda_devices) {
-            Ok(d) => devices.push(d),
-            Err(p) => {
-                problems.push(p);
-                devices.push(DeviceSpec::Cpu);
-            }
-        }
+        devices.push(checked_device(&at, &a.device, cuda_devices, problems));
         if a.component != Component::Llm && a.layers.is_some() {
             problems.push(format!(
                 "{at}.layers: only llm shards have a layer range; remove it from this {} actor",

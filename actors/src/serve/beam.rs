@@ -3,20 +3,10 @@
 //! with log-probabilities, the search advances, the caches of hypotheses that continue twice are forked
 //! (`Fork` down the shards) and those that ended are freed. The text is sent whole when the search ends.
 
-use deem::text::sampling::BeamSearch;
 use uuid::Uuid;
 
 use super::messages::{RowInput, RowMeta, RowOut, SampleSpec, ShardIn};
 use super::scheduler::{Feed, Scheduler, SeqState};
-
-/// A beam-search request's state.
-pub(super) struct Beam {
-    pub(super) search: BeamSearch,
-    /// The cache (shard sequence id) of each live hypothesis.
-    pub(super) caches: Vec<Uuid>,
-    /// This step's candidates, per live hypothesis.
-    pub(super) got: Vec<Option<Vec<(i64, f64)>>>,
-}
 
 impl Scheduler {
     /// A beam-search sequence's rows: its prompt, or the newest id of every live hypothesis (each in its

@@ -60,7 +60,7 @@ pub enum EngineError {
         source: deem::checkpoint::CheckpointError,
     },
     #[error("building the initial weights: {0}")]
-    Init(#[from] deem::models::deem::ModelError),
+    Init(#[from] deem::models::ModelError),
     #[error("cannot start actor {actor}: {source}")]
     Start {
         actor: String,

@@ -8,7 +8,7 @@
 //! diffusion worker draws its image and the vision worker encodes it, then continues with the image's
 //! visual tokens in its context. Finished, failed and cancelled sequences free their caches at once (a
 //! `Free` message follows their last tick down the shards). A worker's death (from its supervisor)
-//! fails every sequence in flight and every request admitted after it. Beam search lives in `beam.rs`.
+//! fails every sequence in flight and every request admitted after it. Beam search's steps live in `beam.rs`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,7 +23,6 @@ use tch::Tensor;
 use uuid::Uuid;
 
 use super::admission::{AdmissionQueue, Queued};
-use super::beam::Beam;
 use super::error::InferError;
 use super::events::{CsrScore, Event};
 use super::messages::{
@@ -49,6 +48,15 @@ pub(super) enum Feed {
     Image(Tensor),
     /// Beam search: the newest id of each live hypothesis, in the order of the beam's caches.
     Beams(Vec<i64>),
+}
+
+/// A beam-search request's state.
+pub(super) struct Beam {
+    pub(super) search: BeamSearch,
+    /// The cache (shard sequence id) of each live hypothesis.
+    pub(super) caches: Vec<Uuid>,
+    /// This step's candidates, per live hypothesis.
+    pub(super) got: Vec<Option<Vec<(i64, f64)>>>,
 }
 
 pub(super) enum SeqState {

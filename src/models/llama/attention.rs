@@ -4,9 +4,21 @@
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use super::config::*;
-use super::layer::*;
-use super::rope::*;
+use super::config::LlamaConfig;
+use super::rope::Rope;
+
+/// A linear layer without or with bias, as HF's `nn.Linear(..., bias=...)`.
+pub(crate) fn linear(p: nn::Path, i: i64, o: i64, bias: bool) -> nn::Linear {
+    nn::linear(
+        p,
+        i,
+        o,
+        nn::LinearConfig {
+            bias,
+            ..Default::default()
+        },
+    )
+}
 
 #[derive(Debug)]
 pub(crate) struct Attention {

@@ -15,6 +15,15 @@ pub enum LlamaError {
     Range { start: i64, end: i64, layers: i64 },
     #[error("llm.tie_word_embeddings = true: the last shard [{start}, {end}) would need the first shard's embedding; untie the head or place the LLM in one shard")]
     TiedAcrossShards { start: i64, end: i64 },
+    /// A config value that is not supported; the message names the field.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<String> for LlamaError {
+    fn from(message: String) -> Self {
+        LlamaError::Invalid(message)
+    }
 }
 
 /// HF `config.json` of a LLaMA-family model (fields deem uses; others are ignored, as transformers does).
@@ -92,13 +101,15 @@ impl LlamaConfig {
         let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
         let hf: HfLlamaConfig = serde_json::from_str(&text)
             .map_err(|e| err(format!("not a LLaMA config.json: {e}")))?;
-        Self::from_hf(&hf, num_new_tokens).map_err(err)
+        Self::from_hf(&hf, num_new_tokens).map_err(|e| err(e.to_string()))
     }
 
-    pub fn from_hf(hf: &HfLlamaConfig, num_new_tokens: i64) -> Result<Self, String> {
+    pub fn from_hf(hf: &HfLlamaConfig, num_new_tokens: i64) -> Result<Self, LlamaError> {
         if let Some(act) = hf.hidden_act.as_deref() {
             if act != "silu" {
-                return Err(format!("hidden_act: expected \"silu\", found {act:?}"));
+                return Err(LlamaError::from(format!(
+                    "hidden_act: expected \"silu\", found {act:?}"
+                )));
             }
         }
         let partial = hf.partial_rotary_factor.or_else(|| {
@@ -108,9 +119,9 @@ impl LlamaConfig {
                 .and_then(|f| f.as_f64())
         });
         if let Some(f) = partial.filter(|&f| f != 1.0) {
-            return Err(format!(
+            return Err(LlamaError::from(format!(
                 "partial_rotary_factor: expected 1 (rotary embeddings on the whole head), found {f}"
-            ));
+            )));
         }
         let mut rope_theta = hf.rope_theta.unwrap_or(10000.0);
         let mut rope_scaling = None;
@@ -126,18 +137,18 @@ impl LlamaConfig {
         }
         let kv = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
         if hf.num_attention_heads <= 0 || kv <= 0 || hf.num_attention_heads % kv != 0 {
-            return Err(format!(
+            return Err(LlamaError::from(format!(
                 "num_key_value_heads: expected a positive divisor of num_attention_heads ({}), found {kv}",
                 hf.num_attention_heads
-            ));
+            )));
         }
         let head_dim = hf
             .head_dim
             .unwrap_or(hf.hidden_size / hf.num_attention_heads);
         if head_dim <= 0 || head_dim % 2 != 0 {
-            return Err(format!(
+            return Err(LlamaError::from(format!(
                 "head_dim: expected a positive even number, found {head_dim}"
-            ));
+            )));
         }
         Ok(LlamaConfig {
             vocab_size: hf.vocab_size,
@@ -166,7 +177,7 @@ pub(crate) fn rope_scaling_from_hf(
     field: &str,
     v: &serde_json::Value,
     max_position_embeddings: i64,
-) -> Result<Option<RopeScaling>, String> {
+) -> Result<Option<RopeScaling>, LlamaError> {
     let type_value = v.get("rope_type").or_else(|| v.get("type"));
     let number = |name: &str| {
         v.get(name).and_then(|x| x.as_f64()).ok_or_else(|| {
@@ -210,19 +221,19 @@ pub(crate) fn rope_scaling_from_hf(
                 truncate: match v.get("truncate") {
                     None | Some(serde_json::Value::Null) => None,
                     Some(serde_json::Value::Bool(b)) => Some(*b),
-                    Some(x) => return Err(format!("{field}.truncate: expected true or false, found {x}")),
+                    Some(x) => return Err(LlamaError::from(format!("{field}.truncate: expected true or false, found {x}"))),
                 },
             }
         }
         _ => {
-            return Err(format!(
+            return Err(LlamaError::from(format!(
                 "{field}.rope_type: expected \"default\", \"linear\", \"dynamic\", \"llama3\" or \"yarn\" (other scaled RoPE types are not supported yet), found {}",
                 type_value.map_or("nothing".to_string(), |t| t.to_string())
-            ))
+            )))
         }
     };
     match scaling.problem() {
-        Some((name, message)) => Err(format!("{field}.{name}: {message}")),
+        Some((name, message)) => Err(LlamaError::from(format!("{field}.{name}: {message}"))),
         None => Ok(Some(scaling)),
     }
 }

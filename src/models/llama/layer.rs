@@ -3,8 +3,8 @@
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use super::attention::*;
-use super::config::*;
+use super::attention::{linear, Attention};
+use super::config::LlamaConfig;
 
 /// RMSNorm computed in f32 and cast back, as HF does.
 #[derive(Debug)]
@@ -30,18 +30,6 @@ impl Module for RmsNorm {
         let h = h * (var + self.eps).rsqrt();
         &self.weight * h.to_kind(kind)
     }
-}
-
-pub(crate) fn linear(p: nn::Path, i: i64, o: i64, bias: bool) -> nn::Linear {
-    nn::linear(
-        p,
-        i,
-        o,
-        nn::LinearConfig {
-            bias,
-            ..Default::default()
-        },
-    )
 }
 
 #[derive(Debug)]

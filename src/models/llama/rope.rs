@@ -5,7 +5,7 @@ use tch::{Kind, Tensor};
 
 use crate::config::RopeScaling;
 
-use super::config::*;
+use super::config::LlamaConfig;
 
 /// Rotary embedding tables for positions `[0, max)`.
 #[derive(Debug)]

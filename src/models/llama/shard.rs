@@ -6,11 +6,11 @@ use std::ops::Range;
 use tch::nn::{self, Module};
 use tch::Tensor;
 
-use super::attention::*;
-use super::cache::*;
-use super::config::*;
-use super::layer::*;
-use super::rope::*;
+use super::attention::{Documents, SlotBatch};
+use super::cache::{KvCache, KvPool};
+use super::config::{LlamaConfig, LlamaError};
+use super::layer::{DecoderLayer, RmsNorm};
+use super::rope::Rope;
 
 /// Embedding rows: the base vocabulary (HF `model.embed_tokens`) and DEEM's appended tokens.
 #[derive(Debug)]
