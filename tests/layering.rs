@@ -146,7 +146,11 @@ fn no_two_modules_import_each_other() {
                 }
             }
         }
-        assert!(cycles.is_empty(), "{krate}: modules importing each other:\n{}", cycles.join("\n"));
+        assert!(
+            cycles.is_empty(),
+            "{krate}: modules importing each other:\n{}",
+            cycles.join("\n")
+        );
     }
 }
 
@@ -157,9 +161,16 @@ fn function_lengths(text: &str) -> Vec<(usize, usize, String)> {
     for (i, l) in lines.iter().enumerate() {
         let t = l.trim_start();
         let indent = l.len() - t.len();
-        let sig = ["fn ", "pub fn ", "pub(crate) fn ", "pub(super) fn ", "async fn ", "pub async fn "]
-            .iter()
-            .any(|p| t.starts_with(p));
+        let sig = [
+            "fn ",
+            "pub fn ",
+            "pub(crate) fn ",
+            "pub(super) fn ",
+            "async fn ",
+            "pub async fn ",
+        ]
+        .iter()
+        .any(|p| t.starts_with(p));
         if !sig || l.trim_end().ends_with(';') {
             continue;
         }
@@ -183,7 +194,10 @@ fn library_files_and_functions_stay_small_and_say_what_they_follow() {
             }
             for (at, len, sig) in function_lengths(&text) {
                 if len > 150 {
-                    problems.push(format!("{}:{at}: {sig}… is {len} lines (at most 150)", f.display()));
+                    problems.push(format!(
+                        "{}:{at}: {sig}… is {len} lines (at most 150)",
+                        f.display()
+                    ));
                 }
             }
             if !text.starts_with("//!") {

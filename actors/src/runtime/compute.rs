@@ -270,6 +270,14 @@ pub struct ComputeHandle<W: Work> {
     status: Shared<W::Detail>,
 }
 
+impl<W: Work> std::fmt::Debug for ComputeHandle<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ComputeHandle")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<W: Work> Clone for ComputeHandle<W> {
     /// Another handle to the same actor (only the first one waits for it in [`Self::stop`]).
     fn clone(&self) -> Self {
@@ -345,5 +353,162 @@ impl<W: Work> ComputeHandle<W> {
         if let Some(j) = self.join.take() {
             let _ = j.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use ractor::RpcReplyPort;
+
+    use super::{ComputeCtx, ComputeSpec, ComputeState, NoDetail, Work};
+    use crate::runtime::{Failure, Policy, RuntimeError, Supervisor};
+
+    /// Echoes numbers; panics on a negative one.
+    struct Echo;
+
+    impl Work for Echo {
+        type Msg = (i64, RpcReplyPort<i64>);
+        type Detail = NoDetail;
+
+        fn run(self, inbox: flume::Receiver<Self::Msg>, ctx: ComputeCtx<NoDetail>) {
+            while let Ok((x, reply)) = inbox.recv() {
+                ctx.job();
+                assert!(x >= 0, "boom: {x}");
+                let _ = reply.send(x * 2);
+            }
+        }
+    }
+
+    fn spec(name: &str, build: Result<(), &'static str>) -> ComputeSpec<Echo> {
+        ComputeSpec {
+            name: name.into(),
+            device: "cpu".into(),
+            threads: None,
+            build: Box::new(move || build.map(|_| Echo).map_err(Into::into)),
+            fault_at_job: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_compute_actor_answers_counts_its_jobs_and_stops_its_thread() {
+        let sup = Supervisor::start("test", Policy::MarkFailed, None, None)
+            .await
+            .unwrap();
+        let a = sup.spawn(spec("echo", Ok(()))).await.unwrap();
+        assert_eq!(a.call(|r| (21, r)).await.unwrap(), 42);
+        assert_eq!(a.call(|r| (2, r)).await.unwrap(), 4);
+        let s = a.status().await;
+        assert_eq!(
+            (s.name.as_str(), s.state, s.jobs),
+            ("echo", ComputeState::Running, 2)
+        );
+        let other = a.clone();
+        a.stop().await;
+        assert_eq!(other.status().await.state, ComputeState::Stopped);
+        let err = other.call(|r| (1, r)).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("actor echo: the actor has stopped"),
+            "{err}"
+        );
+        sup.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_build_error_fails_the_spawn_naming_the_actor() {
+        let sup = Supervisor::start("test", Policy::MarkFailed, None, None)
+            .await
+            .unwrap();
+        let err = sup
+            .spawn(spec("vision", Err("no weights for visual.trunk")))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RuntimeError::Build { .. }), "{err:?}");
+        assert_eq!(err.to_string(), "actor vision: no weights for visual.trunk");
+        sup.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_compute_thread_is_marked_failed_and_its_supervisor_hears_of_it() {
+        let heard: Arc<Mutex<Vec<Failure>>> = Arc::default();
+        let hook = {
+            let heard = heard.clone();
+            Arc::new(move |f: &Failure| heard.lock().unwrap().push(f.clone()))
+        };
+        let sup = Supervisor::start("test", Policy::MarkFailed, Some(hook), None)
+            .await
+            .unwrap();
+        let a = sup.spawn(spec("llm1", Ok(()))).await.unwrap();
+        let err = a.call(|r| (-1, r)).await.unwrap_err();
+        assert!(
+            err.to_string().contains("stopped before it answered"),
+            "{err}"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while heard.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let heard = heard.lock().unwrap().clone();
+        assert_eq!(heard.len(), 1);
+        assert_eq!(heard[0].actor, "llm1");
+        assert!(
+            heard[0]
+                .error
+                .starts_with("actor llm1: the compute thread died: boom: -1"),
+            "{heard:?}"
+        );
+        assert_eq!(sup.failures(), heard);
+        let s = a.status().await;
+        assert_eq!(s.state, ComputeState::Failed);
+        assert_eq!(
+            s.error.as_deref(),
+            Some("the compute thread died: boom: -1")
+        );
+        // The supervisor outlives its child and spawns again.
+        let b = sup.spawn(spec("llm1", Ok(()))).await.unwrap();
+        assert_eq!(b.call(|r| (5, r)).await.unwrap(), 10);
+        b.stop().await;
+        sup.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_restart_budget_bounds_restart_all() {
+        let sup = Supervisor::start("test", Policy::RestartAll { max_restarts: 1 }, None, None)
+            .await
+            .unwrap();
+        let first: Result<u64, RuntimeError> = sup
+            .restart_all("step 3 failed".into(), || async { Ok(2) })
+            .await;
+        assert_eq!(first.unwrap(), 2);
+        assert_eq!(sup.restarts(), 1);
+        let ran = Arc::new(Mutex::new(false));
+        let second: Result<u64, RuntimeError> = sup
+            .restart_all("step 5 failed".into(), || {
+                let ran = ran.clone();
+                async move {
+                    *ran.lock().unwrap() = true;
+                    Ok(4)
+                }
+            })
+            .await;
+        assert_eq!(
+            second.unwrap_err().to_string(),
+            "step 5 failed; not restarting: all 1 restarts allowed (train.max_restarts) are used"
+        );
+        assert!(!*ran.lock().unwrap(), "a refused restart runs nothing");
+        sup.stop().await;
+        let serving = Supervisor::start("test", Policy::MarkFailed, None, None)
+            .await
+            .unwrap();
+        let refused: Result<u64, RuntimeError> =
+            serving.restart_all("x".into(), || async { Ok(0) }).await;
+        assert!(matches!(
+            refused,
+            Err(RuntimeError::RestartsExhausted { max: 0, .. })
+        ));
+        serving.stop().await;
     }
 }

@@ -102,14 +102,7 @@ async fn chat(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Re
     let (req, stream, include_usage) = match validated(&st, body).await {
         Ok(x) => x,
         Err(e) => {
-            if matches!(
-                e,
-                ServeError::Invalid { .. }
-                    | ServeError::NotJson(_)
-                    | ServeError::UnknownModel { .. }
-            ) {
-                count(&st.metrics, "invalid");
-            }
+            count(&st.metrics, "invalid");
             return error_response(&e);
         }
     };
