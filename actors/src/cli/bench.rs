@@ -116,31 +116,29 @@ pub fn unet(
 
 /// `deem bench decode | unet`.
 pub fn run(b: super::BenchCommand) -> anyhow::Result<()> {
+    let threads = match &b {
+        super::BenchCommand::Decode { threads, .. } | super::BenchCommand::Unet { threads, .. } => {
+            *threads
+        }
+    };
+    if let Some(n) = threads {
+        tch::set_num_threads(n);
+    }
     let out = match b {
         super::BenchCommand::Decode {
             checkpoint,
             prompt_tokens,
             new_tokens,
             repeats,
-            threads,
-        } => {
-            if let Some(n) = threads {
-                tch::set_num_threads(n);
-            }
-            crate::cli::bench::decode(&checkpoint, prompt_tokens, new_tokens, repeats)?
-        }
+            ..
+        } => decode(&checkpoint, prompt_tokens, new_tokens, repeats)?,
         super::BenchCommand::Unet {
             checkpoint,
             steps,
             context_tokens,
             repeats,
-            threads,
-        } => {
-            if let Some(n) = threads {
-                tch::set_num_threads(n);
-            }
-            crate::cli::bench::unet(&checkpoint, steps, context_tokens, repeats)?
-        }
+            ..
+        } => unet(&checkpoint, steps, context_tokens, repeats)?,
     };
     println!("{out}");
     Ok(())
