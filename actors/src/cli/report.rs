@@ -368,10 +368,9 @@ pub fn build_robustvqa(
     for &s in splits {
         let folder = data.join("eval").join(s.name());
         let prefix = format!("{}/", root.join("eval").join(s.name()).display());
-        let entries = deem::eval::build_robustvqa(&folder, &prefix, only_misclassified, |p| {
-            miner.rank(p).map_err(deem::data::DataError::from)
-        })
-        .map_err(anyhow::Error::msg)?;
+        let entries =
+            deem::eval::build_robustvqa(&folder, &prefix, only_misclassified, |p| miner.rank(p))
+                .map_err(anyhow::Error::msg)?;
         counts.insert(format!("synthetic_{}", s.name()), entries.len());
         all.insert(format!("synthetic_{}", s.name()), entries);
     }

@@ -57,7 +57,7 @@ pub enum EngineError {
     Checkpoint {
         path: PathBuf,
         #[source]
-        source: deem::checkpoint::CheckpointError,
+        source: Box<deem::checkpoint::CheckpointError>,
     },
     #[error("building the initial weights: {0}")]
     Init(#[from] deem::models::ModelError),
@@ -92,7 +92,7 @@ fn open_source(cfg: &DeemConfig, weights: &Weights) -> Result<Source, EngineErro
             };
             let ck = Checkpoint::open(&file).map_err(|source| EngineError::Checkpoint {
                 path: p.clone(),
-                source,
+                source: Box::new(source),
             })?;
             Source::Checkpoint(ck)
         }
