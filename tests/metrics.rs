@@ -272,6 +272,13 @@ fn monitoring_config_and_rules_pass_promtool() {
             shard: "llm0".into(),
         })
         .set(0);
+    // Likewise the actor failures (the supervision tests make them).
+    metrics
+        .actor_failures
+        .get_or_create(&deem_actors::runtime::metrics::ActorLabels {
+            actor: "vision".into(),
+        })
+        .inc_by(0);
     let cfg = embedded_tiny();
     let topo = Topology::parse(
         deem_actors::runtime::topology::EMBEDDED_CPU,
