@@ -553,28 +553,6 @@ impl TopologyArgs {
     }
 }
 
-/// The runtime the training commands (train, experiment, pretrain llm) drive their actors from.
-pub(crate) fn training_runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-}
-
-/// A `--device` value that this machine has.
-pub(crate) fn parse_device(s: &str) -> anyhow::Result<deem::DeviceSpec> {
-    let device: deem::DeviceSpec = s.parse().map_err(|e| anyhow::anyhow!("--device: {e}"))?;
-    if let deem::DeviceSpec::Cuda(n) = device {
-        let have = deem::device::cuda_device_count();
-        if n >= have {
-            anyhow::bail!(
-                "--device: \"{device}\" is not available ({have} CUDA device(s)); use --device cpu"
-            );
-        }
-    }
-    Ok(device)
-}
-
 /// Runs a parsed command line; the binary is a thin wrapper around this.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     telemetry::init(&cli.log, cli.log_format)?;

@@ -347,7 +347,7 @@ pub fn run(cmd: super::ExperimentCommand) -> anyhow::Result<()> {
         weights: vec![5.0, 0.0],
         pretrained,
     };
-    let runtime = super::training_runtime()?;
+    let runtime = super::train::training_runtime()?;
     print!("{}", run_experiment(&e, &runtime)?);
     Ok(())
 }

@@ -279,7 +279,7 @@ pub fn run_to_file(job: &ForwardJob, cfg: &LoadedConfig) -> anyhow::Result<Vec<S
 /// `deem forward`.
 pub fn run(args: super::ForwardArgs) -> anyhow::Result<()> {
     let cfg = args.config.load()?;
-    let device = super::parse_device(&args.device)?;
+    let device = super::train::parse_device(&args.device)?;
     let job = crate::cli::forward::ForwardJob {
         component: args.component,
         checkpoint: args.checkpoint,

@@ -438,8 +438,8 @@ pub fn run(cmd: super::PretrainCommand) -> anyhow::Result<()> {
                 overrides,
             }
             .load()?;
-            let device = super::parse_device(&device)?;
-            let runtime = super::training_runtime()?;
+            let device = super::train::parse_device(&device)?;
+            let runtime = super::train::training_runtime()?;
             let metrics = std::sync::Arc::new(crate::runtime::metrics::Metrics::new());
             let (first, last) = crate::cli::pretrain::llm(
                 &cfg, &data, &out, steps, device, !quiet, &metrics, &runtime,

@@ -630,11 +630,33 @@ fn train_loop<'rt>(
     Ok(reports)
 }
 
+/// The runtime the training commands (train, experiment, pretrain llm) drive their actors from.
+pub(crate) fn training_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+/// A `--device` value that this machine has.
+pub(crate) fn parse_device(s: &str) -> anyhow::Result<deem::DeviceSpec> {
+    let device: deem::DeviceSpec = s.parse().map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+    if let deem::DeviceSpec::Cuda(n) = device {
+        let have = deem::device::cuda_device_count();
+        if n >= have {
+            anyhow::bail!(
+                "--device: \"{device}\" is not available ({have} CUDA device(s)); use --device cpu"
+            );
+        }
+    }
+    Ok(device)
+}
+
 /// `deem train`.
 pub fn run(args: super::TrainArgs) -> anyhow::Result<()> {
     let cfg = args.config.load()?;
     let mode = if args.single_process {
-        crate::cli::train::Mode::SingleProcess(super::parse_device(&args.device)?)
+        crate::cli::train::Mode::SingleProcess(parse_device(&args.device)?)
     } else {
         crate::cli::train::Mode::Pipeline(
             args.topology
@@ -652,7 +674,7 @@ pub fn run(args: super::TrainArgs) -> anyhow::Result<()> {
         pretrained: args.pretrained,
     };
     let metrics = crate::runtime::metrics::Metrics::new();
-    let runtime = super::training_runtime()?;
+    let runtime = training_runtime()?;
     let server = match args.metrics_addr {
         Some(addr) => Some(runtime.block_on(crate::runtime::http::Server::start(
             addr,
