@@ -32,13 +32,16 @@ pub struct DeemConfig {
     pub fault: Option<FaultConfig>,
 }
 
-/// Makes an actor fail (panic) once, at the start of a step, so restarts can be rehearsed.
+/// Makes an actor's compute thread fail (panic) once, so its supervisor's policy can be rehearsed:
+/// in training at the start of a step (the actors restart from the latest checkpoint), in serving at
+/// one of its jobs (the worker is marked failed, its requests get an error, `/ready` turns 503).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FaultConfig {
     /// Name of the topology actor to kill.
     pub kill_actor: String,
-    /// Step (0-based optimizer step) at which it fails.
+    /// Training: the optimizer step (0-based) at which it fails. Serving: the actor's job (0-based;
+    /// a decode tick for an LLM shard, a batch of images for vision and diffusion).
     pub at_step: u64,
 }
 
