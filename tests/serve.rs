@@ -1018,11 +1018,15 @@ async fn beam_search_through_the_actors_equals_whole_sequence_beam_search() {
 
     let weights = deem::models::deem::initial_weights(&c).unwrap();
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let shard = deem::models::llama::LlamaShard::new(
-        &vs.root(),
-        &deem::models::llama::LlamaConfig::from(&c.llm),
-        0..c.llm.num_hidden_layers,
-    )
+    // Built under the init lock, as every module is: drawing its (overwritten) initial values must not
+    // disturb a seeded build in another test running meanwhile.
+    let shard = deem::with_init_lock(None, || {
+        deem::models::llama::LlamaShard::new(
+            &vs.root(),
+            &deem::models::llama::LlamaConfig::from(&c.llm),
+            0..c.llm.num_hidden_layers,
+        )
+    })
     .unwrap();
     tch::no_grad(|| {
         for (name, mut v) in vs.variables() {

@@ -110,11 +110,12 @@ impl Shared {
                 })
                 .inc();
         }
+        // Recorded before the owner hears of it, so whatever the hook makes visible can name it.
+        if let Ok(mut all) = self.failures.lock() {
+            all.push(failure.clone());
+        }
         if let Some(f) = &self.on_failure {
             f(&failure);
-        }
-        if let Ok(mut all) = self.failures.lock() {
-            all.push(failure);
         }
     }
 }
