@@ -16,8 +16,6 @@ pub enum DataError {
     Invalid(String),
     #[error(transparent)]
     Tokenizer(#[from] crate::text::tokenizer::TokenizerError),
-    #[error(transparent)]
-    Model(#[from] crate::models::ModelError),
 }
 
 impl From<String> for DataError {

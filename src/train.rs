@@ -20,11 +20,7 @@ pub enum TrainError {
     #[error("{0}")]
     Invalid(String),
     #[error(transparent)]
-    Model(#[from] crate::models::ModelError),
-    #[error(transparent)]
     Llama(#[from] crate::models::llama::LlamaError),
-    #[error(transparent)]
-    Checkpoint(#[from] crate::checkpoint::CheckpointError),
     #[error(transparent)]
     Tensor(#[from] tch::TchError),
 }

@@ -176,7 +176,7 @@ impl Mixer {
     fn text(tok: &DeemTokenizer, s: &str) -> Result<Vec<i64>, DataError> {
         tok.encode(s, false)
             .map(|v| v.into_iter().map(i64::from).collect())
-            .map_err(|e| DataError::from(e.to_string()))
+            .map_err(DataError::from)
     }
 
     /// Image-text pairs: the image before or after its caption.

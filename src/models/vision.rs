@@ -429,9 +429,7 @@ fn fixed_point_taps(len: usize, n: usize) -> Vec<(usize, Vec<i64>)> {
 
 /// An 8-bit image of pixels `[3, H, W]` in [0, 1] (clamped, rounded).
 pub fn to_rgb_image(pixels: &Tensor) -> Result<image::RgbImage, ModelError> {
-    let (_, h, w) = pixels
-        .size3()
-        .map_err(|e| ModelError::from(e.to_string()))?;
+    let (_, h, w) = pixels.size3()?;
     let data: Vec<u8> = Vec::try_from(
         (pixels
             .to_device(tch::Device::Cpu)
@@ -443,8 +441,7 @@ pub fn to_rgb_image(pixels: &Tensor) -> Result<image::RgbImage, ModelError> {
             .permute([1, 2, 0])
             .contiguous()
             .reshape([-1]),
-    )
-    .map_err(|e: tch::TchError| ModelError::from(e.to_string()))?;
+    )?;
     image::RgbImage::from_raw(w as u32, h as u32, data)
         .ok_or_else(|| ModelError::from("pixel buffer does not match the image size"))
 }

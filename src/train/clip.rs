@@ -102,8 +102,7 @@ impl Clip {
         // Tied: the tower has no LM head (it never predicts ids).
         l.tie_word_embeddings = true;
         let text = root / "text";
-        let layers = LlamaShard::new(&text, &l, 0..text_layers)
-            .map_err(|e| TrainError::from(e.to_string()))?;
+        let layers = LlamaShard::new(&text, &l, 0..text_layers)?;
         let proj = (&text / "proj").var(
             "weight",
             &[cfg.vision.embed_dim, width],
@@ -239,8 +238,7 @@ pub fn pretrain(
         wd: o.weight_decay,
         ..Default::default()
     }
-    .build(&vs, o.lr)
-    .map_err(|e| TrainError::from(e.to_string()))?;
+    .build(&vs, o.lr)?;
     for step in 0..o.steps {
         let picks = batch_picks(o, step, images.len());
         let pixels = stack_picks(images, &picks);

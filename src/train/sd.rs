@@ -107,9 +107,7 @@ pub fn pretrain(
     let size = d.image_size;
 
     // 1. The VAE (the UNet's variables get no gradient here, so AdamW leaves them as they are).
-    let mut opt = nn::AdamW::default()
-        .build(&vs, o.vae_lr)
-        .map_err(|e| TrainError::from(e.to_string()))?;
+    let mut opt = nn::AdamW::default().build(&vs, o.vae_lr)?;
     for step in 0..o.vae_steps {
         let picks = Stream::new(o.seed, step, 2, Purpose::Data).below(b, n);
         let x = vae_input(images, &picks, size);
@@ -171,9 +169,7 @@ pub fn pretrain(
             })
             .collect()
     });
-    let mut opt = nn::AdamW::default()
-        .build(&vs, o.unet_lr)
-        .map_err(|e| TrainError::from(e.to_string()))?;
+    let mut opt = nn::AdamW::default().build(&vs, o.unet_lr)?;
     for step in 0..o.unet_steps {
         let picks = Stream::new(o.seed, step, 3, Purpose::Data).below(b, n);
         let drop = Stream::new(o.seed, step, 3, Purpose::NullCondition).bernoulli(b, o.uncond_prob);

@@ -129,6 +129,20 @@ fn shallow(w: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
         .collect()
 }
 
+/// Restores every stage from the latest checkpoint of `run_dir` (written by any topology, with the
+/// configuration `cfg`); returns its manifest.
+async fn restore_all(
+    stages: &[Stage],
+    run_dir: &Path,
+    cfg: &DeemConfig,
+) -> Result<checkpoint::Manifest> {
+    let (dir, manifest) = checkpoint::latest_of(run_dir, cfg)?;
+    for s in stages {
+        s.handle.restore(dir.clone(), manifest.step).await?;
+    }
+    Ok(manifest)
+}
+
 /// Stops every stage's actor and waits for its compute thread.
 async fn stop_all(stages: Vec<Stage>) {
     for s in stages {
@@ -182,20 +196,11 @@ impl PipelineTrainer {
             .restart_all(failed, || async move {
                 stop_all(std::mem::take(stages)).await;
                 *stages = spawn_stages(cfg, topo, supervisor).await?;
-                let (dir, manifest) = checkpoint::latest_of(run_dir, cfg)?;
-                for s in stages.iter() {
-                    s.handle.restore(dir.clone(), manifest.step).await?;
-                }
-                Ok::<u64, PipelineError>(manifest.step)
+                Ok::<u64, PipelineError>(restore_all(stages, run_dir, cfg).await?.step)
             })
             .await?;
         self.step = at;
         Ok(at)
-    }
-
-    /// Restarts the supervisor has done.
-    pub fn restarts(&self) -> u32 {
-        self.supervisor.restarts()
     }
 
     /// Replaces every actor's parameters with `weights` (global names; each actor takes its own), e.g.
@@ -338,11 +343,7 @@ impl PipelineTrainer {
     /// Restores every stage from the latest checkpoint of `run_dir` (written by any topology); returns
     /// its manifest. The configuration must be the one the checkpoint was trained with.
     pub async fn resume(&mut self, run_dir: &std::path::Path) -> Result<checkpoint::Manifest> {
-        let (dir, manifest) = checkpoint::latest_of(run_dir, &self.cfg)?;
-        for s in &self.stages {
-            let (d, steps) = (dir.clone(), manifest.step);
-            s.handle.restore(d, steps).await?;
-        }
+        let manifest = restore_all(&self.stages, run_dir, &self.cfg).await?;
         self.step = manifest.step;
         Ok(manifest)
     }

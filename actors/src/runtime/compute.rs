@@ -71,10 +71,6 @@ pub struct ComputeCtx<D> {
 }
 
 impl<D> ComputeCtx<D> {
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// Counts one job. With a fault configured for this actor at this job ([`ComputeSpec::fault_at_job`],
     /// 0-based), the compute thread panics instead: the supervisor's failure path, rehearsed.
     pub fn job(&self) {

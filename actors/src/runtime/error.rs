@@ -36,20 +36,3 @@ pub enum RuntimeError {
     #[error("the supervisor has stopped: {0}")]
     Supervisor(String),
 }
-
-impl RuntimeError {
-    /// The actor the error is about, where it is about one.
-    pub fn actor(&self) -> Option<&str> {
-        match self {
-            RuntimeError::Build { actor, .. }
-            | RuntimeError::DiedBuilding { actor }
-            | RuntimeError::Thread { actor, .. }
-            | RuntimeError::Spawn { actor, .. }
-            | RuntimeError::Call { actor, .. }
-            | RuntimeError::Work { actor, .. } => Some(actor),
-            RuntimeError::RestartsExhausted { .. }
-            | RuntimeError::Supervisor(_)
-            | RuntimeError::Logging(_) => None,
-        }
-    }
-}

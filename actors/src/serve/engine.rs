@@ -29,8 +29,7 @@ use crate::runtime::compute::BuildError;
 use crate::runtime::metrics::Metrics;
 use crate::runtime::topology::{Component, Placement, Topology};
 use crate::runtime::{
-    ComputeHandle, ComputeSpec, ComputeState, ComputeStatus, Failure, Policy, RuntimeError,
-    Supervisor, Work,
+    ComputeHandle, ComputeSpec, ComputeStatus, Failure, Policy, RuntimeError, Supervisor, Work,
 };
 
 /// Where the weights come from.
@@ -340,15 +339,6 @@ impl Engine {
             out.push(widen(d.status().await));
         }
         out
-    }
-
-    /// Workers whose compute thread is not running (failed or stopped).
-    pub async fn down(&self) -> Vec<WorkerStatus> {
-        self.status()
-            .await
-            .into_iter()
-            .filter(|s| s.state != ComputeState::Running)
-            .collect()
     }
 
     /// Stops taking requests, lets every queued and running one finish, then stops the workers.
