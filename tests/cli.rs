@@ -1,22 +1,13 @@
 //! The `deem` binary itself: info, errors on stderr, `forward` against the reference outputs, training with the reference trainer and with data sources, and `experiment csr`.
 
 mod common;
+
 #[path = "common/runtime.rs"]
 mod rt;
-#[allow(unused_imports)]
-use common::{fixture, root, scratch};
-#[allow(unused_imports)]
+use common::{fixture, scratch};
 use rt::*;
 
-#[allow(unused_imports)]
-use std::path::{Path, PathBuf};
-#[allow(unused_imports)]
-use std::process::Command;
-
-#[allow(unused_imports)]
-use deem_actors::runtime::topology::{Component, Topology};
-#[allow(unused_imports)]
-use deem_actors::settings::{self, BaseFile, ConfigError, Layers, LoadedConfig};
+use std::path::Path;
 
 #[test]
 fn train_sources_choose_the_data_mixture_and_bad_ones_are_named() {
@@ -125,6 +116,7 @@ fn train_sources_choose_the_data_mixture_and_bad_ones_are_named() {
         )
     );
 }
+
 #[test]
 fn binary_info_reports_libtorch_and_devices() {
     let (ok, out, err) = deem(&["info"], &[]);
@@ -137,6 +129,7 @@ fn binary_info_reports_libtorch_and_devices() {
     assert!(out.contains("CUDA"), "{out}");
     assert!(out.contains("threads           intra-op"), "{out}");
 }
+
 #[test]
 fn binary_reports_errors_on_stderr_with_failure_status() {
     let (ok, out, err) = deem(
@@ -161,6 +154,7 @@ fn binary_reports_errors_on_stderr_with_failure_status() {
         "{err}"
     );
 }
+
 fn max_abs_diff(out: &Path, expected: &Path, names: &[&str]) -> f64 {
     let a = deem::checkpoint::Checkpoint::open(out).unwrap();
     let b = deem::checkpoint::Checkpoint::open(expected).unwrap();
@@ -176,6 +170,7 @@ fn max_abs_diff(out: &Path, expected: &Path, names: &[&str]) -> f64 {
         })
         .fold(0.0, f64::max)
 }
+
 /// Config flags that size the vision/resampler like tests/fixtures/generate.py does.
 const FIXTURE_SIZES: [&str; 20] = [
     "--set",
@@ -199,6 +194,7 @@ const FIXTURE_SIZES: [&str; 20] = [
     "--set",
     "llm.hidden_size=32",
 ];
+
 #[test]
 fn binary_forward_reproduces_the_reference_outputs() {
     let dir = scratch("forward");
@@ -258,6 +254,7 @@ fn binary_forward_reproduces_the_reference_outputs() {
         assert!(d < 1e-4, "{component} {fx}: {d}");
     }
 }
+
 #[test]
 fn binary_forward_names_bad_inputs() {
     let dir = scratch("forward-bad");
@@ -315,6 +312,7 @@ fn binary_forward_names_bad_inputs() {
         "no output is written on failure"
     );
 }
+
 #[test]
 fn binary_forward_runs_the_diffusion_components() {
     let dir = scratch("forward-diffusion");
@@ -376,6 +374,7 @@ fn binary_forward_runs_the_diffusion_components() {
     let dec = forward("vae-decode", &vae, &vae.join("inputs.safetensors"), &[]);
     assert!(max_abs_diff(&dec, &vae.join("expected.safetensors"), &["pixel_values"]) < 1e-4);
 }
+
 #[test]
 fn binary_trains_with_the_reference_trainer() {
     let dir = scratch("train");
@@ -444,6 +443,7 @@ fn binary_trains_with_the_reference_trainer() {
         }
     }
 }
+
 #[test]
 fn binary_experiment_keeps_finished_runs_adds_seeds_and_refuses_another_recipe() {
     let dir = scratch("experiment-resume");

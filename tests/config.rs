@@ -1,22 +1,11 @@
 //! Layered configuration (file < env < CLI), its error messages and semantic validation, RoPE scaling, data sources, and `deem config show`.
 
 mod common;
+
 #[path = "common/runtime.rs"]
 mod rt;
-#[allow(unused_imports)]
-use common::{fixture, root, scratch};
-#[allow(unused_imports)]
+use common::scratch;
 use rt::*;
-
-#[allow(unused_imports)]
-use std::path::{Path, PathBuf};
-#[allow(unused_imports)]
-use std::process::Command;
-
-#[allow(unused_imports)]
-use deem_actors::runtime::topology::{Component, Topology};
-#[allow(unused_imports)]
-use deem_actors::settings::{self, BaseFile, ConfigError, Layers, LoadedConfig};
 
 #[test]
 fn layering_order_is_file_then_env_then_cli() {
@@ -62,6 +51,7 @@ fn layering_order_is_file_then_env_then_cli() {
     assert_eq!(with_cli.config.train.steps, 200);
     assert_eq!(with_cli.origin_of("train.steps"), file);
 }
+
 #[test]
 fn env_vars_without_double_underscore_are_cli_flags_not_config_keys() {
     let dir = scratch("cli-env");
@@ -78,6 +68,7 @@ fn env_vars_without_double_underscore_are_cli_flags_not_config_keys() {
     .unwrap();
     assert_eq!(cfg.config.train.seed, 0);
 }
+
 #[test]
 fn unquoted_strings_and_nested_keys_work_on_the_command_line() {
     let dir = scratch("nested");
@@ -100,6 +91,7 @@ fn unquoted_strings_and_nested_keys_work_on_the_command_line() {
         deem::config::PipelineSchedule::Gpipe
     );
 }
+
 #[test]
 fn shipped_configs_are_valid_and_the_embedded_default_is_tiny() {
     let tiny = preset("tiny.toml");
@@ -143,6 +135,7 @@ fn unknown_key_in_file_names_file_key_and_expected_keys() {
         )
     );
 }
+
 #[test]
 fn unknown_section_from_cli_names_the_flag() {
     let dir = scratch("unknown-cli");
@@ -153,6 +146,7 @@ fn unknown_section_from_cli_names_the_flag() {
          `diffusion`, `train`, `serve`, `fault`"
     );
 }
+
 #[test]
 fn wrong_type_names_origin_key_and_expectation() {
     let dir = scratch("type");
@@ -174,6 +168,7 @@ fn wrong_type_names_origin_key_and_expectation() {
         "--set train.stage: train.stage: unknown variant `IV`, expected one of `I`, `II`, `III`"
     );
 }
+
 #[test]
 fn missing_key_names_the_full_path() {
     let dir = scratch("missing");
@@ -186,6 +181,7 @@ fn missing_key_names_the_full_path() {
         )
     );
 }
+
 #[test]
 fn semantic_errors_are_all_reported_with_their_origins() {
     let dir = scratch("semantic");
@@ -205,6 +201,7 @@ fn semantic_errors_are_all_reported_with_their_origins() {
         )
     );
 }
+
 /// `llm.rope_scaling` (scaled RoPE, HF's names): a valid table loads, a bad value is named with its
 /// origin, an unknown type lists the known ones, and a config without it writes no such key (so the
 /// config hash of existing runs is unchanged).
@@ -270,6 +267,7 @@ fn rope_scaling_is_read_and_checked() {
     let written = toml::to_string(&embedded_tiny().config).unwrap();
     assert!(!written.contains("rope_scaling"), "{written}");
 }
+
 #[test]
 fn bad_sources_are_named() {
     let dir = scratch("sources");
@@ -308,6 +306,7 @@ fn bad_sources_are_named() {
         "environment variable DEEM_TRAIN____LR: expected DEEM_<SECTION>__<KEY> with letters, digits and single underscores in each part"
     );
 }
+
 #[test]
 fn binary_config_show_round_trips() {
     let (ok, out, err) = deem(&["config", "show", "--set", "train.steps=70"], &[]);

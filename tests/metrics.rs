@@ -1,22 +1,15 @@
 //! Observability: the `/metrics` + `/health` endpoint scraped and parsed as Prometheus text, promtool on the exposition and the monitoring rules, training's metrics, and a real Prometheus scraping a running training.
 
 mod common;
+
 #[path = "common/runtime.rs"]
 mod rt;
-#[allow(unused_imports)]
-use common::{fixture, root, scratch};
-#[allow(unused_imports)]
+use common::{root, scratch};
 use rt::*;
 
-#[allow(unused_imports)]
-use std::path::{Path, PathBuf};
-#[allow(unused_imports)]
 use std::process::Command;
 
-#[allow(unused_imports)]
-use deem_actors::runtime::topology::{Component, Topology};
-#[allow(unused_imports)]
-use deem_actors::settings::{self, BaseFile, ConfigError, Layers, LoadedConfig};
+use deem_actors::runtime::topology::Topology;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_endpoint_serves_parseable_prometheus_text() {
@@ -168,6 +161,7 @@ async fn metrics_endpoint_serves_parseable_prometheus_text() {
     promtool_check(&body);
     server.stop().await.unwrap();
 }
+
 /// `name{labels} value` with an optional timestamp, as the exposition formats allow.
 fn regex_lite_sample() -> impl Fn(&str) -> bool {
     |line: &str| {
@@ -191,6 +185,7 @@ fn regex_lite_sample() -> impl Fn(&str) -> bool {
         name_ok && value_ok
     }
 }
+
 /// Lints the exposition with the real Prometheus `promtool` where it is installed (CI installs it).
 fn promtool_check(body: &str) {
     use std::io::Write;
@@ -332,6 +327,7 @@ fn monitoring_config_and_rules_pass_promtool() {
         );
     }
 }
+
 #[test]
 fn training_exports_its_metrics() {
     let dir = scratch("train-metrics");
@@ -395,6 +391,7 @@ fn training_exports_its_metrics() {
     );
     promtool_check(&text);
 }
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_scrapes_a_running_training() {
     if Command::new("prometheus")

@@ -1,22 +1,15 @@
 //! Pretraining the tiny components (`deem pretrain llm | encoder`), pretrained files and `--init-from` overlaying the initialisation, and the shipped pretrained files.
 
 mod common;
+
 #[path = "common/runtime.rs"]
 mod rt;
-#[allow(unused_imports)]
-use common::{fixture, root, scratch};
-#[allow(unused_imports)]
+use common::{root, scratch};
 use rt::*;
 
-#[allow(unused_imports)]
-use std::path::{Path, PathBuf};
-#[allow(unused_imports)]
-use std::process::Command;
+use std::path::Path;
 
-#[allow(unused_imports)]
-use deem_actors::runtime::topology::{Component, Topology};
-#[allow(unused_imports)]
-use deem_actors::settings::{self, BaseFile, ConfigError, Layers, LoadedConfig};
+use deem_actors::runtime::topology::Topology;
 
 #[test]
 fn pretrain_llm_writes_the_llama_under_hf_names_for_pretrained() {
@@ -114,6 +107,7 @@ fn pretrain_llm_writes_the_llama_under_hf_names_for_pretrained() {
     );
     assert!(!dir.join("none").exists());
 }
+
 #[test]
 fn pretrain_encoder_on_fresh_scenes_draws_a_stream_apart_from_the_written_files() {
     use deem_actors::cli::pretrain::{encoder, PairSource};
@@ -276,6 +270,7 @@ fn pretrained_files_overlay_the_initialisation_and_bad_ones_are_named() {
         Tensor::ones([4], tch::kind::FLOAT_CPU)
     );
 }
+
 /// `--init-from` a model of another shape, or one that lacks a parameter, is refused naming the tensor,
 /// by the reference trainer and by the actors alike (before, an actor copying a misshapen tensor
 /// panicked), and before any step runs.
@@ -350,6 +345,7 @@ fn init_from_a_mismatched_model_names_the_tensor() {
         }
     }
 }
+
 #[test]
 fn shipped_pretrained_components_load_into_the_tiny_model() {
     let c = preset("tiny.toml").config;

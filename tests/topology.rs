@@ -1,30 +1,23 @@
 //! Topology validation and its error messages, the placement table, and `deem topology check`.
 
 mod common;
+
 #[path = "common/runtime.rs"]
 mod rt;
-#[allow(unused_imports)]
-use common::{fixture, root, scratch};
-#[allow(unused_imports)]
+use common::root;
 use rt::*;
 
-#[allow(unused_imports)]
-use std::path::{Path, PathBuf};
-#[allow(unused_imports)]
-use std::process::Command;
-
-#[allow(unused_imports)]
 use deem_actors::runtime::topology::{Component, Topology};
-#[allow(unused_imports)]
-use deem_actors::settings::{self, BaseFile, ConfigError, Layers, LoadedConfig};
 
 const HEAD: &str = "name = \"t\"\n";
+
 fn actor(name: &str, component: &str, device: &str, layers: Option<(i64, i64)>) -> String {
     let layers = layers
         .map(|(a, b)| format!("layers = [{a}, {b}]\n"))
         .unwrap_or_default();
     format!("\n[[actor]]\nname = \"{name}\"\ncomponent = \"{component}\"\ndevice = \"{device}\"\n{layers}")
 }
+
 fn four(vision: &str, l0: Option<(i64, i64)>, l1: Option<(i64, i64)>, diffusion: &str) -> String {
     format!(
         "{HEAD}{}{}{}{}",
@@ -34,14 +27,17 @@ fn four(vision: &str, l0: Option<(i64, i64)>, l1: Option<(i64, i64)>, diffusion:
         actor("diffusion", "diffusion", diffusion, None)
     )
 }
+
 fn topo_err(text: &str, cuda: usize) -> String {
     Topology::parse(text, "t.toml", &embedded_tiny().config, cuda)
         .expect_err("topology should be rejected")
         .to_string()
 }
+
 fn topo_ok(text: &str, cuda: usize) -> Topology {
     Topology::parse(text, "t.toml", &embedded_tiny().config, cuda).unwrap()
 }
+
 #[test]
 fn even_split_and_explicit_ranges_place_every_layer_once() {
     let t = topo_ok(&four("cpu", None, None, "cpu"), 0);
@@ -63,6 +59,7 @@ fn even_split_and_explicit_ranges_place_every_layer_once() {
     let ranges: Vec<_> = t.actors.iter().filter_map(|a| a.layers.clone()).collect();
     assert_eq!(ranges, vec![0..2, 2..3, 3..4]);
 }
+
 #[test]
 fn shard_parameters_add_up_to_the_whole_llm() {
     let cfg = embedded_tiny().config;
@@ -82,6 +79,7 @@ fn shard_parameters_add_up_to_the_whole_llm() {
         );
     }
 }
+
 #[test]
 fn layer_gap_overlap_start_and_end_errors() {
     assert_eq!(
@@ -120,6 +118,7 @@ fn layer_gap_overlap_start_and_end_errors() {
          layers are split evenly)"
     );
 }
+
 #[test]
 fn too_many_even_shards() {
     let mut t = HEAD.to_string()
@@ -133,6 +132,7 @@ fn too_many_even_shards() {
         "t.toml: 5 llm shards but the model has 4 layers (llm.num_hidden_layers); place at most one shard per layer"
     );
 }
+
 #[test]
 fn components_placed_exactly_once() {
     let twice = four("cpu", None, None, "cpu") + &actor("vision2", "vision", "cpu", None);
@@ -168,6 +168,7 @@ fn components_placed_exactly_once() {
         "t.toml: actor[0].layers: only llm shards have a layer range; remove it from this vision actor"
     );
 }
+
 #[test]
 fn cuda_devices_must_exist_and_cpu_is_suggested() {
     assert_eq!(
@@ -193,6 +194,7 @@ fn cuda_devices_must_exist_and_cpu_is_suggested() {
         ]
     );
 }
+
 #[test]
 fn malformed_topology_files_are_named() {
     assert_eq!(
@@ -214,6 +216,7 @@ fn malformed_topology_files_are_named() {
         "t.toml: name: missing; every key must be set"
     );
 }
+
 #[test]
 fn shipped_topologies_fit_their_configs() {
     let tiny = preset("tiny.toml");
@@ -244,6 +247,7 @@ fn shipped_topologies_fit_their_configs() {
         "{err}"
     );
 }
+
 #[test]
 fn placement_table_lists_every_actor_and_the_total() {
     let cfg = preset("deem-7b.toml");
@@ -294,6 +298,7 @@ fn binary_topology_check_defaults_flags_and_env() {
     );
     assert!(out.contains("[0, 3)") && out.contains("[3, 6)"), "{out}");
 }
+
 #[test]
 fn binary_plans_gpu_topologies_with_assumed_devices() {
     let args = [

@@ -11,6 +11,7 @@ use crate::common::root;
 pub fn tiny_text() -> String {
     std::fs::read_to_string(root().join("configs/tiny.toml")).unwrap()
 }
+
 /// Writes tiny.toml with `edit` applied (a plain text replacement) and returns its path.
 pub fn tiny_with(dir: &Path, from: &str, to: &str) -> PathBuf {
     let text = tiny_text();
@@ -19,6 +20,7 @@ pub fn tiny_with(dir: &Path, from: &str, to: &str) -> PathBuf {
     std::fs::write(&p, text.replacen(from, to, 1)).unwrap();
     p
 }
+
 pub fn load(path: &Path, env: &[(&str, &str)], sets: &[&str]) -> Result<LoadedConfig, ConfigError> {
     settings::load(&Layers {
         base: BaseFile::Path(path),
@@ -29,11 +31,13 @@ pub fn load(path: &Path, env: &[(&str, &str)], sets: &[&str]) -> Result<LoadedCo
         overrides: sets.iter().map(|s| s.to_string()).collect(),
     })
 }
+
 pub fn load_err(path: &Path, env: &[(&str, &str)], sets: &[&str]) -> String {
     load(path, env, sets)
         .expect_err("config should be rejected")
         .to_string()
 }
+
 pub fn embedded_tiny() -> LoadedConfig {
     settings::load(&Layers {
         base: BaseFile::Embedded {
@@ -45,6 +49,7 @@ pub fn embedded_tiny() -> LoadedConfig {
     })
     .unwrap()
 }
+
 pub fn preset(name: &str) -> LoadedConfig {
     load(&root().join("configs").join(name), &[], &[]).unwrap()
 }
@@ -69,9 +74,11 @@ pub fn question_world(dir: &Path, text: usize, colour: usize) -> PathBuf {
     .unwrap();
     data
 }
+
 pub fn scrape_text(body: &str) -> prometheus_parse::Scrape {
     prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap()
 }
+
 pub fn deem(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_deem"));
     cmd.args(args).current_dir(root());
@@ -86,6 +93,7 @@ pub fn deem(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
 /// The JSON lines of a run's steps.jsonl.
 pub fn read_steps(run_dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run_dir.join("steps.jsonl"))
@@ -94,6 +102,7 @@ pub fn read_steps(run_dir: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -101,8 +110,10 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
 /// Kills the child when dropped, so a failed assertion leaves nothing running.
 pub struct Reaped(pub std::process::Child);
+
 impl Drop for Reaped {
     fn drop(&mut self) {
         let _ = self.0.kill();
