@@ -413,6 +413,19 @@ async fn a_full_queue_answers_429_and_a_disconnect_frees_the_sequence() {
     s.stop().await.unwrap();
 }
 
+/// A streamed request that fails: the stream must end with `[DONE]`; returns the error object sent just
+/// before it, and the whole stream.
+async fn stream_error(client: &reqwest::Client, s: &Service, body: &Value) -> (Value, String) {
+    let text = post_as(client, s, None, body).await.text().await.unwrap();
+    let events: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last().copied(), Some("[DONE]"), "{text}");
+    let err = serde_json::from_str(events[events.len() - 2]).unwrap();
+    (err, text)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_ends_the_request_with_504_or_an_sse_error() {
     let mut c = cfg();
@@ -430,18 +443,8 @@ async fn a_timeout_ends_the_request_with_504_or_an_sse_error() {
     // In a stream the timeout is an SSE error event, then [DONE].
     let mut streaming = never_ends.clone();
     streaming["stream"] = json!(true);
-    let text = post_as(&client, &s, None, &streaming)
-        .await
-        .text()
-        .await
-        .unwrap();
-    let events: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .collect();
-    let err: Value = serde_json::from_str(events[events.len() - 2]).unwrap();
+    let (err, text) = stream_error(&client, &s, &streaming).await;
     assert_eq!(err["error"]["type"], "timeout", "{text}");
-    assert_eq!(*events.last().unwrap(), "[DONE]");
 
     s.stop().await.unwrap();
 }
@@ -466,17 +469,7 @@ async fn a_dead_worker_fails_its_streams_and_turns_ready_503() {
     assert_eq!(ready.status().as_u16(), 200);
     let long = json!({"messages": [{"role": "user", "content": "talk"}], "max_tokens": 1000,
                       "stream": true, "logit_bias": {"2": -100}});
-    let text = post_as(&client, &s, None, &long)
-        .await
-        .text()
-        .await
-        .unwrap();
-    let events: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .collect();
-    assert_eq!(*events.last().unwrap(), "[DONE]", "{text}");
-    let err: Value = serde_json::from_str(events[events.len() - 2]).unwrap();
+    let (err, text) = stream_error(&client, &s, &long).await;
     assert_eq!(err["error"]["type"], "server_error", "{text}");
     let message = err["error"]["message"].as_str().unwrap();
     assert!(
