@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what deem needs to build and run, idempotently:
-# a project-local virtualenv (.venv) holding torch==2.13.0 from PyPI, the libtorch that tch 0.26 links.
+# a project-local virtualenv (.venv) holding torch==2.13.0 from PyPI, the libtorch that tch 0.26 links, and
+# Debian's libgloo-dev (Gloo's headers, which the c10d bridge compiles against; the wheel ships none).
 # It skips every step whose result is already present. Python >= 3.9 with venv and pip is required.
 # --test also installs what the tests drive deem with: the official `openai` Python client (into .venv)
 # and headless Chromium + ChromeDriver (Debian packages, when apt-get is usable).
@@ -45,6 +46,18 @@ if [ "$have_torch" != "$TORCH_VERSION" ]; then
         || die "pip could not install torch==$TORCH_VERSION (is PyPI reachable?)"
 else
     say "torch $TORCH_VERSION already in $VENV"
+fi
+
+if [ ! -f /usr/include/gloo/config.h ]; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        say "installing libgloo-dev (Gloo headers for the c10d bridge)"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libgloo-dev) >/dev/null \
+            || die "apt-get could not install libgloo-dev"
+    else
+        die "Gloo's headers (/usr/include/gloo) are missing and apt-get is not usable here; install Debian's libgloo-dev"
+    fi
+else
+    say "libgloo-dev already installed"
 fi
 
 OPENAI_MIN="1.40"
