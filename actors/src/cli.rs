@@ -443,6 +443,10 @@ pub struct TrainArgs {
     /// tensors all name parameters of the model, e.g. `deem pretrain encoder`'s `encoder.safetensors`.
     #[arg(long = "pretrained", value_name = "FILE")]
     pub pretrained: Vec<PathBuf>,
+    /// Launched as one process of a world (torchrun, `deem launch`, Slurm): seconds any wait on another
+    /// rank (rendezvous, activations, gradients, all_reduce) may take before it fails naming the rank.
+    #[arg(long, env = "DEEM_PEER_TIMEOUT", default_value_t = 300, value_name = "SECS")]
+    pub peer_timeout: u64,
     #[command(flatten)]
     pub config: ConfigArgs,
 }
@@ -489,6 +493,9 @@ pub enum TopologyCommand {
         /// Check as if this machine had N CUDA devices (plan a GPU topology from a laptop).
         #[arg(long, value_name = "N")]
         assume_cuda_devices: Option<usize>,
+        /// Check against this many processes (default: the launcher's WORLD_SIZE, when set).
+        #[arg(long, value_name = "N", env = "WORLD_SIZE")]
+        world_size: Option<i64>,
     },
 }
 

@@ -5,7 +5,9 @@
 //! from `serve/` or `cli/`.
 
 pub mod checkpoint;
+pub mod distributed;
 pub mod driver;
+pub mod edge;
 pub mod error;
 pub mod schedule;
 pub mod stage;

@@ -32,6 +32,23 @@ pub fn topology_report(topo: &Topology, cfg: &LoadedConfig) -> String {
         devices.len(),
         devices.join(", ")
     ));
+    for r in 0..topo.pipeline_ranks {
+        let on: Vec<&crate::runtime::topology::Placement> =
+            topo.actors.iter().filter(|a| a.rank == r).collect();
+        let bytes: u64 = on.iter().map(|a| a.param_bytes).sum();
+        let names: Vec<&str> = on.iter().map(|a| a.name.as_str()).collect();
+        s.push_str(&format!(
+            "rank {r}: {} — {} of parameters\n",
+            names.join(", "),
+            crate::runtime::topology::human_bytes(bytes)
+        ));
+    }
+    s.push_str(&format!(
+        "processes: {} rank(s) per pipeline × data_parallel {} = WORLD_SIZE {}\n",
+        topo.pipeline_ranks,
+        topo.data_parallel,
+        topo.world_size()
+    ));
     s
 }
 
@@ -40,10 +57,14 @@ pub fn run(cmd: TopologyCommand) -> anyhow::Result<()> {
         topology,
         config,
         assume_cuda_devices,
+        world_size,
     } = cmd;
     let cfg = config.load()?;
     let cuda = assume_cuda_devices.unwrap_or_else(deem::device::cuda_device_count);
     let topo = topology.load(&cfg, cuda)?;
+    if let Some(n) = world_size {
+        topo.check_world(n)?;
+    }
     tracing::debug!(actors = topo.actors.len(), "topology valid");
     print!("{}", topology_report(&topo, &cfg));
     Ok(())

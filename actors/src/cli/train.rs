@@ -16,6 +16,7 @@ use deem::train::{StepReport, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::pipeline::checkpoint;
+use crate::pipeline::distributed::DistPlan;
 use crate::pipeline::driver::StepTiming;
 use crate::pipeline::{PipelineError, PipelineTrainer};
 use crate::runtime::metrics::{ActorLabels, LossLabels, Metrics};
@@ -29,6 +30,8 @@ pub enum Mode {
     SingleProcess(deem::DeviceSpec),
     /// The actors of a topology.
     Pipeline(Topology),
+    /// This process's share of a topology spread over the processes of a launched world.
+    Distributed(Topology, Arc<DistPlan>),
 }
 
 pub struct TrainJob {
@@ -292,6 +295,15 @@ impl<'rt> Engine<'rt> {
                 ))?),
                 rt,
             },
+            Mode::Distributed(topo, plan) => Engine::Pipeline {
+                trainer: Box::new(rt.block_on(PipelineTrainer::start_on(
+                    c,
+                    topo,
+                    Some(metrics.clone()),
+                    Some(plan.clone()),
+                ))?),
+                rt,
+            },
         })
     }
 
@@ -329,6 +341,11 @@ impl<'rt> Engine<'rt> {
         let Engine::Pipeline { trainer, rt } = self else {
             return None;
         };
+        if trainer.is_distributed() {
+            // The other processes cannot be restarted from here: this process fails, and the
+            // launcher (deem launch, torchrun) restarts the world from the latest checkpoint.
+            return None;
+        }
         match rt.block_on(trainer.restart(run_dir, failed)) {
             Ok(at) => Some(Ok(at)),
             Err(PipelineError::Runtime(RuntimeError::RestartsExhausted { .. })) => None,
@@ -391,9 +408,18 @@ impl<'rt> Engine<'rt> {
         }
     }
 
-    fn weights(&self) -> anyhow::Result<Vec<(String, tch::Tensor)>> {
+    /// The whole model's parameters (across processes: those of the run's latest checkpoint).
+    fn weights(
+        &self,
+        run_dir: &std::path::Path,
+        c: &deem::config::DeemConfig,
+    ) -> anyhow::Result<Vec<(String, tch::Tensor)>> {
         match self {
             Engine::Reference(t) => Ok(deem::train::cpu_weights(&t.vs)),
+            Engine::Pipeline { trainer, rt } if trainer.is_distributed() => {
+                let _ = c;
+                Ok(rt.block_on(trainer.model_weights(run_dir))?.into_iter().collect())
+            }
             Engine::Pipeline { trainer, rt } => {
                 Ok(rt.block_on(trainer.weights())?.into_iter().collect())
             }
@@ -482,7 +508,7 @@ pub fn run_job(
         .with_context(|| format!("{}: cannot create the run directory", job.run_dir.display()))?;
     let topology_name = match &job.mode {
         Mode::SingleProcess(_) => "single-process".to_string(),
-        Mode::Pipeline(t) => t.name.clone(),
+        Mode::Pipeline(t) | Mode::Distributed(t, _) => t.name.clone(),
     };
     let mut engine = Engine::start(&job.mode, c, rt, metrics)?;
     if job.resume {
@@ -494,8 +520,12 @@ pub fn run_job(
         );
     } else {
         if !job.pretrained.is_empty() {
-            let mut w: std::collections::BTreeMap<String, tch::Tensor> =
-                engine.weights()?.into_iter().collect();
+            // Across processes no rank holds the whole model: start from the reference
+            // initialisation, which every stage loaded.
+            let mut w: std::collections::BTreeMap<String, tch::Tensor> = match &job.mode {
+                Mode::Distributed(..) => deem::models::deem::initial_weights(c)?,
+                _ => engine.weights(&job.run_dir, c)?.into_iter().collect(),
+            };
             for file in &job.pretrained {
                 let n = overlay(&mut w, file)?;
                 tracing::info!(tensors = n, "loaded pretrained {}", file.display());
@@ -512,17 +542,27 @@ pub fn run_job(
         engine.save_checkpoint(&job.run_dir, c, &topology_name)?;
     }
     let result = train_loop(&mut engine, job, cfg, metrics, steps, &topology_name);
+    let leader = leads(&job.mode);
     let final_state = result.as_ref().ok().map(|_| {
         engine
             .save_checkpoint(&job.run_dir, c, &topology_name)
-            .and_then(|_| engine.weights())
+            .and_then(|_| engine.weights(&job.run_dir, c))
     });
     engine.stop();
     let reports = result?;
     if let Some(w) = final_state {
-        deem::checkpoint::save(&job.run_dir.join("model.safetensors"), &w?)?;
+        let w = w?;
+        if leader {
+            deem::checkpoint::save(&job.run_dir.join("model.safetensors"), &w)?;
+        }
     }
     Ok(reports)
+}
+
+/// Whether this process writes the run's files (`steps.jsonl`, `model.safetensors`): every process but
+/// the ranks above 0 of a world.
+fn leads(mode: &Mode) -> bool {
+    !matches!(mode, Mode::Distributed(_, d) if d.world.rank() != 0)
 }
 
 fn train_loop<'rt>(
@@ -539,13 +579,19 @@ fn train_loop<'rt>(
         None => Box::new(SyntheticBatches::new(c, c.train.seed)),
     };
     let steps_path = job.run_dir.join("steps.jsonl");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(job.resume)
-        .write(true)
-        .truncate(!job.resume)
-        .open(&steps_path)
-        .with_context(|| format!("{}: cannot open", steps_path.display()))?;
+    let file: Box<dyn Write> = if leads(&job.mode) {
+        Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(job.resume)
+                .write(true)
+                .truncate(!job.resume)
+                .open(&steps_path)
+                .with_context(|| format!("{}: cannot open", steps_path.display()))?,
+        )
+    } else {
+        Box::new(std::io::sink())
+    };
     let mut log = std::io::BufWriter::new(file);
     let bar = if job.progress {
         ProgressBar::new(steps)
@@ -564,10 +610,22 @@ fn train_loop<'rt>(
             t.name,
             t.actors.len()
         ),
+        Mode::Distributed(t, d) => format!(
+            "rank {} of {}: pipeline rank {} of replica {} of topology {} ({} actors over {} processes)",
+            d.world.rank(),
+            d.world.size(),
+            d.pipeline_rank,
+            d.replica,
+            t.name,
+            t.actors.len(),
+            t.world_size()
+        ),
     };
     tracing::info!(steps, stage = ?c.train.stage, schedule = ?c.train.schedule, run_dir = %job.run_dir.display(), "training, {mode}");
     let mut reports: Vec<StepReport> = Vec::with_capacity(steps as usize);
-    let mut fault_fired = false;
+    // A world the launcher restarted does not inject its fault again.
+    let mut fault_fired =
+        matches!(&job.mode, Mode::Distributed(_, d) if d.world.env.restart_count > 0);
     bar.set_position(engine.cursor());
     while engine.cursor() < steps {
         let i = engine.cursor();
@@ -652,30 +710,68 @@ pub(crate) fn parse_device(s: &str) -> anyhow::Result<deem::DeviceSpec> {
     Ok(device)
 }
 
+/// A launched world this process joins instead of running every actor itself: `None` without a
+/// launcher's variables, with `--single-process`, or for a world of one process and a topology of one.
+fn join_world(
+    args: &super::TrainArgs,
+    cfg: &LoadedConfig,
+    topo: &Topology,
+) -> anyhow::Result<Option<Arc<DistPlan>>> {
+    let Some(env) = crate::dist::LaunchEnv::from_env()? else {
+        return Ok(None);
+    };
+    if env.world_size == 1 && topo.world_size() == 1 {
+        return Ok(None);
+    }
+    topo.check_world(env.world_size)?;
+    let timeout = std::time::Duration::from_secs(args.peer_timeout);
+    tracing::info!(rank = env.rank, world = env.world_size, master = %format!("{}:{}", env.master_addr, env.master_port), source = env.source, "joining the world");
+    let world = Arc::new(crate::dist::World::join(env, timeout)?);
+    Ok(Some(Arc::new(DistPlan::new(world, topo, &cfg.config)?)))
+}
+
 /// `deem train`.
 pub fn run(args: super::TrainArgs) -> anyhow::Result<()> {
     let cfg = args.config.load()?;
+    let mut resume = args.resume;
+    let mut metrics_addr = args.metrics_addr;
+    let mut metrics = crate::runtime::metrics::Metrics::new();
     let mode = if args.single_process {
-        crate::cli::train::Mode::SingleProcess(parse_device(&args.device)?)
+        Mode::SingleProcess(parse_device(&args.device)?)
     } else {
-        crate::cli::train::Mode::Pipeline(
-            args.topology
-                .load(&cfg, deem::device::cuda_device_count())?,
-        )
+        let topo = args
+            .topology
+            .load(&cfg, deem::device::cuda_device_count())?;
+        match join_world(&args, &cfg, &topo)? {
+            None => Mode::Pipeline(topo),
+            Some(plan) => {
+                let env = &plan.world.env;
+                metrics = crate::runtime::metrics::Metrics::for_rank(env.rank, &env.node);
+                // Every rank of a node serves /metrics on the base port + its local rank.
+                if let Some(a) = metrics_addr.as_mut() {
+                    a.set_port(a.port() + env.local_rank as u16);
+                }
+                // A world the launcher restarted continues from the latest checkpoint.
+                if env.restart_count > 0 && checkpoint::latest(&args.run_dir).is_ok() {
+                    tracing::info!(restart = env.restart_count, "restarted by the launcher: resuming");
+                    resume = true;
+                }
+                Mode::Distributed(topo, plan)
+            }
+        }
     };
-    let job = crate::cli::train::TrainJob {
-        run_dir: args.run_dir,
+    let job = TrainJob {
+        run_dir: args.run_dir.clone(),
         steps: args.steps,
         mode,
         progress: !args.quiet,
-        resume: args.resume,
-        data: args.data,
-        init_from: args.init_from,
-        pretrained: args.pretrained,
+        resume,
+        data: args.data.clone(),
+        init_from: args.init_from.clone(),
+        pretrained: args.pretrained.clone(),
     };
-    let metrics = crate::runtime::metrics::Metrics::new();
     let runtime = training_runtime()?;
-    let server = match args.metrics_addr {
+    let server = match metrics_addr {
         Some(addr) => Some(runtime.block_on(crate::runtime::http::Server::start(
             addr,
             crate::runtime::http::router(metrics.clone()),
@@ -687,13 +783,15 @@ pub fn run(args: super::TrainArgs) -> anyhow::Result<()> {
         runtime.block_on(s.stop())?;
     }
     if let (Some(first), Some(last)) = (reports.first(), reports.last()) {
-        println!(
-            "trained {} steps: loss {:.4} → {:.4}; wrote {}",
-            reports.len(),
-            first.total,
-            last.total,
-            job.run_dir.display()
-        );
+        if leads(&job.mode) {
+            println!(
+                "trained {} steps: loss {:.4} → {:.4}; wrote {}",
+                reports.len(),
+                first.total,
+                last.total,
+                job.run_dir.display()
+            );
+        }
     }
     Ok(())
 }

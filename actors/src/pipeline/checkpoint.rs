@@ -84,9 +84,31 @@ pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
 }
 
+/// The directory a checkpoint of `step` is written into before it is committed.
+pub fn tmp_dir(run_dir: &Path, step: u64) -> PathBuf {
+    checkpoints_dir(run_dir).join(format!("step-{step}.tmp"))
+}
+
+/// The parameters (no optimizer moments) of the checkpoint in `dir`, under their global names.
+pub fn model_of(dir: &Path) -> Result<std::collections::BTreeMap<String, tch::Tensor>> {
+    let ck = deem::checkpoint::Checkpoint::open(dir)
+        .map_err(|e| PipelineError::checkpoint(dir, e.to_string()))?;
+    let mut out = std::collections::BTreeMap::new();
+    let names: Vec<String> = ck.names().map(String::from).collect();
+    for name in names.into_iter().filter(|n| !n.starts_with("optimizer.")) {
+        if let Some(t) = ck
+            .tensor(&name)
+            .map_err(|e| PipelineError::checkpoint(dir, e.to_string()))?
+        {
+            out.insert(name, t);
+        }
+    }
+    Ok(out)
+}
+
 /// Creates an empty `step-N.tmp` directory to write into.
 pub fn begin(run_dir: &Path, step: u64) -> Result<PathBuf> {
-    let tmp = checkpoints_dir(run_dir).join(format!("step-{step}.tmp"));
+    let tmp = tmp_dir(run_dir, step);
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(PipelineError::io(&tmp))?;
     Ok(tmp)

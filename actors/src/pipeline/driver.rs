@@ -2,7 +2,10 @@
 //! the DAG's edges with bounded channels, initialises every stage from the same reference weights, and
 //! runs steps: each stage executes its schedule's F/B list over the microbatches, then the driver forms
 //! the global gradient norm from every stage's share and has every stage clip by the same factor and
-//! step its own AdamW groups with the shared LR schedule.
+//! step its own AdamW groups with the shared LR schedule. Across processes ([`DistPlan`]) each process
+//! spawns the stages of its pipeline rank; edges to stages elsewhere go through c10d, replicas
+//! all-reduce their gradients, and the norm and losses are gathered over the world
+//! ([`super::distributed`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,9 +18,11 @@ use deem::train::{update_plan, Group, StepReport};
 use tch::Tensor;
 
 use super::checkpoint;
+use super::distributed::{gather, DistPlan, BUCKET_BYTES};
+use super::edge::{EdgeRx, EdgeTx, Remote};
 use super::error::PipelineError;
 use super::schedule::{self, Op};
-use super::stage::{Links, MbData, Packet, Role, StageArgs, StageHandle, StepOut};
+use super::stage::{Links, MbData, MbPlan, Role, StageArgs, StageHandle, StepOut};
 use crate::runtime::metrics::Metrics;
 use crate::runtime::topology::{Component, Topology};
 use crate::runtime::{Policy, Supervisor};
@@ -26,6 +31,8 @@ type Result<T, E = PipelineError> = std::result::Result<T, E>;
 
 /// One running stage.
 pub struct Stage {
+    /// Its position in the pipeline order (over every process).
+    pub index: usize,
     pub name: String,
     pub role: Role,
     pub handle: StageHandle,
@@ -38,6 +45,10 @@ pub struct StepTiming {
     pub idle_seconds: Vec<f64>,
     /// Per edge (`"<sender>: <edge>"`): bytes sent and the deepest queue seen.
     pub edges: BTreeMap<String, (u64, usize)>,
+    /// Per cross-process edge end: bytes and seconds through c10d.
+    pub p2p: BTreeMap<String, super::edge::Traffic>,
+    /// Gradient all_reduce over the replicas: bytes and seconds.
+    pub all_reduce: (u64, f64),
 }
 
 pub struct PipelineTrainer {
@@ -49,16 +60,86 @@ pub struct PipelineTrainer {
     schedule: Vec<Vec<Op>>,
     step: u64,
     pub last_timing: Option<StepTiming>,
+    /// This process's place in a multi-process pipeline (`None`: every stage is here).
+    dist: Option<Arc<DistPlan>>,
 }
 
-/// Spawns one stage actor per placement of `topo` under `supervisor`, wired by the DAG's channels, and
-/// loads the reference initialisation into each. On failure no actor is left running.
+/// Which end of an edge to set.
+#[derive(Clone, Copy)]
+enum Edge {
+    Fwd,
+    Grad,
+    Csr,
+    CsrGrad,
+}
+
+/// Wires the edge `from → to` (pipeline indices): a channel when both stages run here, the local end of
+/// a c10d stream when one does, nothing when neither does.
+fn connect(
+    links: &mut [Links],
+    local: &dyn Fn(usize) -> bool,
+    dist: Option<&DistPlan>,
+    names: &[&str],
+    ranks: &[u32],
+    (from, to, kind, m): (usize, usize, Edge, usize),
+) {
+    let tag = match kind {
+        Edge::Fwd => 2 * from as i32,
+        Edge::Grad => 2 * to as i32 + 1,
+        Edge::Csr => 1 << 20,
+        Edge::CsrGrad => (1 << 20) + 1,
+    };
+    let what = match kind {
+        Edge::Fwd | Edge::Csr => "activation",
+        Edge::Grad | Edge::CsrGrad => "gradient",
+    };
+    let remote = |peer: usize| {
+        dist.map(|d| Remote {
+            group: d.p2p.clone(),
+            peer: d.world_rank_of(ranks[peer]),
+            tag,
+            edge: format!("{}→{} {what}", names[from], names[to]),
+        })
+    };
+    let (tx, rx) = match (local(from), local(to)) {
+        (true, true) => {
+            let (tx, rx) = flume::bounded(m);
+            (Some(EdgeTx::Local(tx)), Some(EdgeRx::Local(rx)))
+        }
+        (true, false) => (remote(to).map(|r| EdgeTx::remote(r, m)), None),
+        (false, true) => (None, remote(from).map(EdgeRx::remote)),
+        (false, false) => (None, None),
+    };
+    if let Some(tx) = tx {
+        let l = &mut links[from];
+        match kind {
+            Edge::Fwd => l.fwd_out = Some(tx),
+            Edge::Grad => l.grad_out = Some(tx),
+            Edge::Csr => l.csr_out = Some(tx),
+            Edge::CsrGrad => l.csr_grad_out = Some(tx),
+        }
+    }
+    if let Some(rx) = rx {
+        let l = &mut links[to];
+        match kind {
+            Edge::Fwd => l.fwd_in = Some(rx),
+            Edge::Grad => l.grad_in = Some(rx),
+            Edge::Csr => l.csr_in = Some(rx),
+            Edge::CsrGrad => l.csr_grad_in = Some(rx),
+        }
+    }
+}
+
+/// Spawns one stage actor per placement of `topo` that this process hosts (every placement without
+/// `dist`) under `supervisor`, wired along the DAG, and loads the reference initialisation into each.
+/// On failure no actor is left running.
 async fn spawn_stages(
     cfg: &DeemConfig,
     topo: &Topology,
     supervisor: &Supervisor,
+    dist: Option<&DistPlan>,
 ) -> Result<Vec<Stage>> {
-    let m = cfg.train.microbatches as usize;
+    let m = dist.map_or(cfg.train.microbatches, |d| d.per_replica(cfg.train.microbatches)) as usize;
     let order = topo.pipeline_order();
     let p = order.len();
     if p < 3 {
@@ -67,25 +148,25 @@ async fn spawn_stages(
             problem: "a pipeline needs vision, at least one llm shard and diffusion".into(),
         });
     }
-    // Edges: a forward and a gradient channel between consecutive stages, plus vision ⇄ diffusion.
+    let names: Vec<&str> = order.iter().map(|a| a.name.as_str()).collect();
+    let ranks: Vec<u32> = order.iter().map(|a| a.rank).collect();
+    let local = |i: usize| dist.is_none_or(|d| ranks[i] == d.pipeline_rank);
+    // Edges: a forward and a gradient edge between consecutive stages, plus vision ⇄ diffusion.
     let mut links: Vec<Links> = (0..p).map(|_| Links::default()).collect();
     for i in 0..p - 1 {
-        let (ftx, frx) = flume::bounded::<Packet>(m);
-        let (gtx, grx) = flume::bounded::<Packet>(m);
-        links[i].fwd_out = Some(ftx);
-        links[i].grad_in = Some(grx);
-        links[i + 1].fwd_in = Some(frx);
-        links[i + 1].grad_out = Some(gtx);
+        for (from, to, kind) in [(i, i + 1, Edge::Fwd), (i + 1, i, Edge::Grad)] {
+            connect(&mut links, &local, dist, &names, &ranks, (from, to, kind, m));
+        }
     }
-    let (ctx, crx) = flume::bounded::<Packet>(m);
-    let (cgtx, cgrx) = flume::bounded::<Packet>(m);
-    links[0].csr_out = Some(ctx);
-    links[0].csr_grad_in = Some(cgrx);
-    links[p - 1].csr_in = Some(crx);
-    links[p - 1].csr_grad_out = Some(cgtx);
+    for (from, to, kind) in [(0, p - 1, Edge::Csr), (p - 1, 0, Edge::CsrGrad)] {
+        connect(&mut links, &local, dist, &names, &ranks, (from, to, kind, m));
+    }
 
     let mut stages: Vec<Stage> = Vec::with_capacity(p);
-    for (placement, l) in order.iter().zip(links) {
+    for (index, (placement, l)) in order.iter().zip(links).enumerate() {
+        if !local(index) {
+            continue;
+        }
         let role = match placement.component {
             Component::Vision => Role::Vision,
             Component::Diffusion => Role::Diffusion,
@@ -94,7 +175,10 @@ async fn spawn_stages(
             },
         };
         let args = StageArgs {
-            threads: topo.cpu_threads(placement),
+            threads: match dist {
+                Some(d) => topo.cpu_threads_in(placement, Some(d.local_procs)),
+                None => topo.cpu_threads(placement),
+            },
             name: placement.name.clone(),
             role: role.clone(),
             cfg: cfg.clone(),
@@ -103,6 +187,7 @@ async fn spawn_stages(
         };
         match StageHandle::spawn(supervisor, args).await {
             Ok(handle) => stages.push(Stage {
+                index,
                 name: placement.name.clone(),
                 role,
                 handle,
@@ -121,6 +206,37 @@ async fn spawn_stages(
         }
     }
     Ok(stages)
+}
+
+/// The inputs of `role` for each microbatch: token ids for shards, pixels for vision and diffusion.
+fn stage_data(role: &Role, mbs: &[Batch], ids_spans: &[(uuid::Uuid, tracing::Span)]) -> Vec<MbData> {
+    mbs.iter()
+        .zip(ids_spans)
+        .map(|(mb, (id, span))| {
+            let (ids, loss_mask, pixels, masks) = match role {
+                Role::Llm { .. } => (
+                    Some(mb.input_ids.shallow_clone()),
+                    mb.loss_mask.as_ref().map(Tensor::shallow_clone),
+                    None,
+                    None,
+                ),
+                _ => (
+                    None,
+                    None,
+                    Some(mb.pixels.shallow_clone()),
+                    mb.masks.as_ref().map(Tensor::shallow_clone),
+                ),
+            };
+            MbData {
+                id: *id,
+                span: span.clone(),
+                ids,
+                loss_mask,
+                pixels,
+                masks,
+            }
+        })
+        .collect()
 }
 
 fn shallow(w: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
@@ -163,27 +279,48 @@ impl PipelineTrainer {
         topo: &Topology,
         metrics: Option<Arc<Metrics>>,
     ) -> Result<Self> {
+        Self::start_on(cfg, topo, metrics, None).await
+    }
+
+    /// [`Self::start_with`] as one process of a multi-process pipeline (`dist`): only the stages of
+    /// this process's pipeline rank are spawned here.
+    pub async fn start_on(
+        cfg: &DeemConfig,
+        topo: &Topology,
+        metrics: Option<Arc<Metrics>>,
+        dist: Option<Arc<DistPlan>>,
+    ) -> Result<Self> {
         let policy = Policy::RestartAll {
             max_restarts: cfg.train.max_restarts,
         };
         let supervisor = Supervisor::start("training", policy, None, metrics).await?;
-        let stages = match spawn_stages(cfg, topo, &supervisor).await {
+        let stages = match spawn_stages(cfg, topo, &supervisor, dist.as_deref()).await {
             Ok(s) => s,
             Err(e) => {
                 supervisor.stop().await;
                 return Err(e);
             }
         };
-        let m = cfg.train.microbatches;
+        let m = match &dist {
+            Some(d) => d.per_replica(cfg.train.microbatches),
+            None => cfg.train.microbatches,
+        };
         Ok(PipelineTrainer {
             cfg: cfg.clone(),
-            schedule: schedule::build(cfg.train.schedule, stages.len(), m as u32),
+            schedule: schedule::build(cfg.train.schedule, topo.actors.len(), m as u32),
             stages,
             topo: topo.clone(),
             supervisor,
             step: 0,
             last_timing: None,
+            dist,
         })
+    }
+
+    /// Whether the pipeline spans processes (a failure then ends this process; the launcher restarts
+    /// the world).
+    pub fn is_distributed(&self) -> bool {
+        self.dist.is_some()
     }
 
     /// The supervisor's restart policy after a failed step (`failed` says how it failed): every stage is
@@ -195,7 +332,7 @@ impl PipelineTrainer {
         let at = supervisor
             .restart_all(failed, || async move {
                 stop_all(std::mem::take(stages)).await;
-                *stages = spawn_stages(cfg, topo, supervisor).await?;
+                *stages = spawn_stages(cfg, topo, supervisor, None).await?;
                 Ok::<u64, PipelineError>(restore_all(stages, run_dir, cfg).await?.step)
             })
             .await?;
@@ -224,51 +361,35 @@ impl PipelineTrainer {
         kill: Option<&str>,
     ) -> Result<StepReport> {
         let t = &self.cfg.train;
-        let m = t.microbatches as i64;
+        let total = t.microbatches as u32;
+        let (per, replica) = match &self.dist {
+            Some(d) => (d.per_replica(t.microbatches) as u32, d.replica),
+            None => (total, 0),
+        };
         let ids = special_ids(&self.cfg);
-        let mbs = batch.split(m, ids.soi)?;
+        // Every replica splits the global batch the same way and takes its own run of microbatches.
+        let all = batch.split(total as i64, ids.soi)?;
+        let plan = MbPlan {
+            offset: replica * per,
+            total,
+        };
+        let mbs = &all[plan.offset as usize..(plan.offset + per) as usize];
         let step = self.step;
-        // One id and span per microbatch; every stage works on it inside that span.
+        // One id and span per microbatch (the same on every process); every stage works inside it.
         let ids_spans: Vec<(uuid::Uuid, tracing::Span)> = (0..mbs.len())
             .map(|i| {
-                let id = uuid::Uuid::new_v4();
-                (id, tracing::debug_span!("microbatch", step, mb = i, %id))
+                let global = (plan.offset as usize + i) as u64;
+                let id = uuid::Uuid::from_u64_pair(step, global);
+                (id, tracing::debug_span!("microbatch", step, mb = global, %id))
             })
             .collect();
         let mut calls = Vec::with_capacity(self.stages.len());
-        for (s, ops) in self.stages.iter().zip(&self.schedule) {
-            let data: Vec<MbData> = mbs
-                .iter()
-                .zip(&ids_spans)
-                .map(|(mb, (id, span))| {
-                    let (ids, loss_mask, pixels, masks) = match s.role {
-                        Role::Llm { .. } => (
-                            Some(mb.input_ids.shallow_clone()),
-                            mb.loss_mask.as_ref().map(Tensor::shallow_clone),
-                            None,
-                            None,
-                        ),
-                        _ => (
-                            None,
-                            None,
-                            Some(mb.pixels.shallow_clone()),
-                            mb.masks.as_ref().map(Tensor::shallow_clone),
-                        ),
-                    };
-                    MbData {
-                        id: *id,
-                        span: span.clone(),
-                        ids,
-                        loss_mask,
-                        pixels,
-                        masks,
-                    }
-                })
-                .collect();
-            let (handle, ops) = (s.handle.clone(), ops.clone());
+        for s in &self.stages {
+            let data = stage_data(&s.role, mbs, &ids_spans);
+            let (handle, ops) = (s.handle.clone(), self.schedule[s.index].clone());
             let fail = kill == Some(s.name.as_str());
             calls.push(tokio::spawn(async move {
-                handle.step(step, data, ops, fail).await
+                handle.step(step, data, ops, plan, fail).await
             }));
         }
         let mut outs: Vec<StepOut> = Vec::with_capacity(calls.len());
@@ -286,7 +407,25 @@ impl PipelineTrainer {
                 failures: failures.join("; "),
             });
         }
-        let sq: f64 = outs.iter().map(|o| o.sq_grad_norm).sum();
+        let mut all_reduce = (0u64, 0.0f64);
+        if let Some(group) = self.dist.as_ref().and_then(|d| d.replicas.clone()) {
+            for (s, out) in self.stages.iter().zip(outs.iter_mut()) {
+                let (sq, bytes, secs) = s.handle.reduce(group.clone(), BUCKET_BYTES).await?;
+                out.sq_grad_norm = sq;
+                all_reduce.0 += bytes;
+                all_reduce.1 += secs;
+            }
+        }
+        let placed: Vec<(usize, &StepOut)> =
+            self.stages.iter().map(|s| s.index).zip(outs.iter()).collect();
+        let g = gather(
+            &placed,
+            self.topo.actors.len(),
+            plan.offset as usize,
+            total as usize,
+            self.dist.as_deref(),
+        )?;
+        let sq: f64 = g.sq_norms.iter().sum();
         let (grad_norm, clip, lrs) = update_plan(t, step, sq);
         for s in &self.stages {
             let lrs = lrs.clone();
@@ -294,26 +433,25 @@ impl PipelineTrainer {
         }
         self.step += 1;
         let w = LossWeights::of(&self.cfg);
-        let per = |f: fn(&StepOut) -> &Vec<f64>| -> Vec<f64> {
-            outs.iter().flat_map(|o| f(o).iter().copied()).collect()
-        };
-        let (ntp, nip, csr) = (per(|o| &o.ntp), per(|o| &o.nip), per(|o| &o.csr));
+        let m = total as usize;
         let mean = |v: &[f64]| v.iter().sum::<f64>() / m as f64;
-        let total: f64 = (0..m as usize)
-            .map(|i| w.combine(ntp[i], nip[i], csr[i]))
+        let loss: f64 = (0..m)
+            .map(|i| w.combine(g.ntp[i], g.nip[i], g.csr[i]))
             .sum::<f64>()
             / m as f64;
         self.last_timing = Some(StepTiming {
             busy_seconds: outs.iter().map(|o| o.busy.as_secs_f64()).collect(),
             idle_seconds: outs.iter().map(|o| o.idle.as_secs_f64()).collect(),
             edges: outs.iter().flat_map(|o| o.edges.clone()).collect(),
+            p2p: outs.iter().flat_map(|o| o.p2p.clone()).collect(),
+            all_reduce,
         });
         Ok(StepReport {
             step,
-            total,
-            ntp: mean(&ntp),
-            nip: mean(&nip),
-            csr: mean(&csr),
+            total: loss,
+            ntp: mean(&g.ntp),
+            nip: mean(&g.nip),
+            csr: mean(&g.csr),
             grad_norm,
             lr: lrs[&Group::Other],
         })
@@ -324,20 +462,61 @@ impl PipelineTrainer {
         self.step
     }
 
-    /// Writes a checkpoint of every stage into `run_dir/checkpoints/step-N` (see `checkpoint`).
+    /// Writes a checkpoint of every stage into `run_dir/checkpoints/step-N` (see `checkpoint`). Across
+    /// processes, rank 0 creates the directory, the first replica's ranks write their stages' files,
+    /// and rank 0 writes the manifest and commits, each after a barrier; every rank returns once the
+    /// checkpoint is committed.
     pub async fn save_checkpoint(
         &self,
         run_dir: &std::path::Path,
         topology: &str,
     ) -> Result<std::path::PathBuf> {
-        let tmp = checkpoint::begin(run_dir, self.step)?;
-        for s in &self.stages {
-            let dir = tmp.clone();
-            s.handle.save(dir).await?;
+        let Some(d) = &self.dist else {
+            let tmp = checkpoint::begin(run_dir, self.step)?;
+            for s in &self.stages {
+                s.handle.save(tmp.clone()).await?;
+            }
+            let stages = self.stages.iter().map(|s| s.name.clone()).collect();
+            let manifest = checkpoint::Manifest::new(&self.cfg, self.step, topology, stages);
+            return checkpoint::commit(run_dir, &tmp, &manifest);
+        };
+        let rank0 = d.world.rank() == 0;
+        let group = &d.world.group;
+        let tmp = checkpoint::tmp_dir(run_dir, self.step);
+        // A failure on rank 0 must not leave the others waiting at the barrier: they see it fail.
+        let begun = if rank0 { checkpoint::begin(run_dir, self.step).map(|_| ()) } else { Ok(()) };
+        group.barrier()?;
+        begun?;
+        if d.replica == 0 {
+            for s in &self.stages {
+                s.handle.save(tmp.clone()).await?;
+            }
         }
-        let stages = self.stages.iter().map(|s| s.name.clone()).collect();
-        let manifest = checkpoint::Manifest::new(&self.cfg, self.step, topology, stages);
-        checkpoint::commit(run_dir, &tmp, &manifest)
+        group.barrier()?;
+        let done = if rank0 {
+            let stages = self
+                .topo
+                .pipeline_order()
+                .iter()
+                .map(|a| a.name.clone())
+                .collect();
+            let manifest = checkpoint::Manifest::new(&self.cfg, self.step, topology, stages);
+            checkpoint::commit(run_dir, &tmp, &manifest)
+        } else {
+            Ok(checkpoint::checkpoints_dir(run_dir).join(format!("step-{}", self.step)))
+        };
+        group.barrier()?;
+        done
+    }
+
+    /// The whole model's parameters: every stage's, or across processes those of the latest
+    /// checkpoint of `run_dir` (every rank's stages wrote there).
+    pub async fn model_weights(&self, run_dir: &Path) -> Result<BTreeMap<String, Tensor>> {
+        if self.dist.is_none() {
+            return self.weights().await;
+        }
+        let (dir, _) = checkpoint::latest_of(run_dir, &self.cfg)?;
+        checkpoint::model_of(&dir)
     }
 
     /// Restores every stage from the latest checkpoint of `run_dir` (written by any topology); returns

@@ -11,6 +11,9 @@ pub enum PipelineError {
     /// A compute actor could not be called, or its supervisor refused a restart.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    /// A c10d call or the world failed (a peer gone, a timeout).
+    #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
     /// The topology cannot be run as a pipeline.
     #[error("topology {origin}: {problem}")]
     Topology { origin: String, problem: String },

@@ -1,7 +1,9 @@
 //! One pipeline stage, after GPipe's and 1F1B's stage model: the work of a runtime compute actor
 //! ([`crate::runtime::compute`]) that owns the stage's modules, VarStore, optimizer state and training
-//! activations, and answers control messages (run a step, apply the optimizer, hand over weights). Activations and gradients travel between compute threads through bounded
-//! flume channels, one per DAG edge, each message tagged with its microbatch.
+//! activations, and answers control messages (run a step, all-reduce its gradients with its replicas,
+//! apply the optimizer, hand over weights). Activations and gradients travel along the DAG's edges
+//! ([`super::edge`]: a bounded flume channel within a process, c10d point-to-point across processes),
+//! each message tagged with its microbatch.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -14,12 +16,15 @@ use deem::models::llama::{LlamaConfig, LlamaShard};
 use deem::models::losses::{nip_inputs, ntp_loss, LossWeights};
 use deem::rng::ints;
 use deem::train::{AdamW, Group};
-use flume::{Receiver, Sender};
+use flume::Receiver;
 use ractor::RpcReplyPort;
 use tch::{nn, Kind, Tensor};
 
+use super::edge::{EdgeRx, EdgeTx, Traffic};
+pub use super::edge::{Links, Packet};
 use super::error::PipelineError;
 use super::schedule::Op;
+use crate::dist::Group as DistGroup;
 use crate::runtime::compute::{BuildError, NoDetail};
 use crate::runtime::{ComputeCtx, ComputeHandle, ComputeSpec, Supervisor, Work};
 
@@ -33,48 +38,13 @@ pub enum Role {
     Diffusion,
 }
 
-/// An activation or gradient on an edge; `None` when the microbatch has nothing for this edge (no images,
-/// no NIP context, a loss term the stage does not train).
-pub struct Packet {
-    pub mb: u32,
-    /// The microbatch's id (unique per step and microbatch), checked by the receiver.
-    pub id: uuid::Uuid,
-    pub tensors: Option<Vec<Tensor>>,
-    /// The images a NIP context draws (last shard → diffusion).
-    pub index: Vec<i64>,
-}
-
-impl Packet {
-    /// A packet of microbatch `mb` (`id`) carrying `tensors` (no NIP image index).
-    pub fn new(mb: u32, id: uuid::Uuid, tensors: Option<Vec<Tensor>>) -> Self {
-        Packet {
-            mb,
-            id,
-            tensors,
-            index: vec![],
-        }
-    }
-}
-
-/// The channel ends of one stage (unused ones are `None`).
-#[derive(Default)]
-pub struct Links {
-    /// Vision: to the first shard. Shards: to the next shard, or from the last to diffusion (NIP).
-    pub fwd_out: Option<Sender<Packet>>,
-    /// Vision → diffusion: the CSR condition.
-    pub csr_out: Option<Sender<Packet>>,
-    /// Shards: from vision or the previous shard. Diffusion: from the last shard (NIP).
-    pub fwd_in: Option<Receiver<Packet>>,
-    /// Diffusion: from vision.
-    pub csr_in: Option<Receiver<Packet>>,
-    /// Gradient of what `fwd_out` sent, coming back.
-    pub grad_in: Option<Receiver<Packet>>,
-    /// Vision: gradient of the CSR condition, from diffusion.
-    pub csr_grad_in: Option<Receiver<Packet>>,
-    /// Gradient of what `fwd_in` delivered, going back.
-    pub grad_out: Option<Sender<Packet>>,
-    /// Diffusion: gradient of the CSR condition, to vision.
-    pub csr_grad_out: Option<Sender<Packet>>,
+/// Where a replica's microbatches sit in the global batch.
+#[derive(Debug, Clone, Copy)]
+pub struct MbPlan {
+    /// Global index of this replica's first microbatch (the diffusion noise key uses global indices).
+    pub offset: u32,
+    /// Microbatches of the global batch, over every replica (each loss is divided by it).
+    pub total: u32,
 }
 
 /// The inputs of one microbatch a stage needs (ids for shards, pixels for vision and diffusion).
@@ -103,6 +73,8 @@ pub struct StepOut {
     pub idle: Duration,
     /// Per outgoing edge: bytes sent and the deepest queue seen right after a send.
     pub edges: BTreeMap<String, (u64, usize)>,
+    /// Per cross-process edge end: bytes and seconds through c10d.
+    pub p2p: BTreeMap<String, Traffic>,
 }
 
 enum Modules {
@@ -154,22 +126,19 @@ fn grad_of(t: &Option<Tensor>) -> Option<Vec<Tensor>> {
 
 fn recv(
     name: &str,
-    rx: &Option<Receiver<Packet>>,
-    mb: u32,
-    id: uuid::Uuid,
+    rx: &Option<EdgeRx>,
+    want: (u32, uuid::Uuid, tch::Device),
     edge: &str,
     idle: &mut Duration,
 ) -> Result<Packet> {
+    let (mb, id, device) = want;
     let rx = rx
         .as_ref()
         .ok_or_else(|| PipelineError::stage(name, format!("no {edge} channel")))?;
     let waited = Instant::now();
-    let p = rx.recv().map_err(|_| {
-        PipelineError::stage(
-            name,
-            format!("the {edge} channel closed (a neighbour stopped)"),
-        )
-    })?;
+    let p = rx
+        .recv(device)
+        .map_err(|e| PipelineError::stage(name, format!("the {edge} edge: {e}")))?;
     *idle += waited.elapsed();
     if p.mb != mb || p.id != id {
         return Err(PipelineError::stage(
@@ -185,7 +154,7 @@ fn recv(
 
 fn send(
     name: &str,
-    tx: &Option<Sender<Packet>>,
+    tx: &Option<EdgeTx>,
     p: Packet,
     edge: &str,
     idle: &mut Duration,
@@ -201,15 +170,11 @@ fn send(
         .as_ref()
         .ok_or_else(|| PipelineError::stage(name, format!("no {edge} channel")))?;
     let waited = Instant::now();
-    tx.send(p).map_err(|_| {
-        PipelineError::stage(
-            name,
-            format!("the {edge} channel closed (a neighbour stopped)"),
-        )
-    })?;
+    tx.send(p)
+        .map_err(|e| PipelineError::stage(name, format!("the {edge} edge: {e}")))?;
     let e = edges.entry(format!("{name}: {edge}")).or_insert((0, 0));
     e.0 += bytes;
-    e.1 = e.1.max(tx.len());
+    e.1 = e.1.max(tx.depth());
     *idle += waited.elapsed();
     Ok(())
 }
@@ -258,11 +223,12 @@ impl StageWork {
         mb: u32,
         data: &MbData,
         step: u64,
-        m: u32,
+        plan: MbPlan,
         out: &mut StepOut,
     ) -> Result<()> {
         let w = LossWeights::of(&self.cfg);
-        let key = (self.cfg.train.seed, step, mb as u64);
+        let m = plan.total;
+        let key = (self.cfg.train.seed, step, (plan.offset + mb) as u64);
         let dev = self.device;
         let name = self.name.as_str();
         let links = &self.links;
@@ -272,7 +238,7 @@ impl StageWork {
             id,
             ..Default::default()
         };
-        let mut sends: Vec<(&Option<Sender<Packet>>, Packet, &str)> = Vec::new();
+        let mut sends: Vec<(&Option<EdgeTx>, Packet, &str)> = Vec::new();
         match &self.modules {
             Modules::Vision(v) => {
                 let pixels = data
@@ -305,7 +271,7 @@ impl StageWork {
                     .as_ref()
                     .ok_or_else(|| PipelineError::stage(name, "no token ids in the step's data"))?
                     .to_device(dev);
-                let p = recv(name, &links.fwd_in, mb, id, "llm input", &mut idle)?;
+                let p = recv(name, &links.fwd_in, (mb, id, dev), "llm input", &mut idle)?;
                 let input = p.tensors.as_ref().map(|t| leaf(&t[0], dev));
                 let h_in = if shard.is_first() {
                     embed_sequence(shard, &ids, input.as_ref(), self.ids)
@@ -358,8 +324,8 @@ impl StageWork {
                     .as_ref()
                     .ok_or_else(|| PipelineError::stage(name, "no pixels in the step's data"))?
                     .to_device(dev);
-                let csr_p = recv(name, &links.csr_in, mb, id, "vision→diffusion", &mut idle)?;
-                let nip_p = recv(name, &links.fwd_in, mb, id, "llm→diffusion", &mut idle)?;
+                let csr_p = recv(name, &links.csr_in, (mb, id, dev), "vision→diffusion", &mut idle)?;
+                let nip_p = recv(name, &links.fwd_in, (mb, id, dev), "llm→diffusion", &mut idle)?;
                 let zero = || Tensor::zeros([], (Kind::Float, dev));
                 let mut nip = zero();
                 if let Some(t) = &nip_p.tensors {
@@ -402,7 +368,9 @@ impl StageWork {
         let id = saved.id;
         // Gradients of what this stage sent downstream.
         let g_out = match &self.links.grad_in {
-            Some(_) => recv(name, &self.links.grad_in, mb, id, "gradient in", &mut idle)?.tensors,
+            Some(_) => {
+                recv(name, &self.links.grad_in, (mb, id, dev), "gradient in", &mut idle)?.tensors
+            }
             None => None,
         };
         let g_csr = match &self.links.csr_grad_in {
@@ -410,8 +378,7 @@ impl StageWork {
                 recv(
                     name,
                     &self.links.csr_grad_in,
-                    mb,
-                    id,
+                    (mb, id, dev),
                     "csr gradient in",
                     &mut idle,
                 )?
@@ -462,11 +429,16 @@ impl StageWork {
         Ok(())
     }
 
-    fn run_step(&mut self, step: u64, data: Vec<MbData>, ops: Vec<Op>) -> Result<StepOut> {
+    fn run_step(
+        &mut self,
+        step: u64,
+        data: Vec<MbData>,
+        ops: Vec<Op>,
+        plan: MbPlan,
+    ) -> Result<StepOut> {
         let started = Instant::now();
         self.idle = Duration::ZERO;
         self.edges.clear();
-        let m = data.len() as u32;
         let mut out = StepOut::default();
         for op in ops {
             match op {
@@ -474,7 +446,7 @@ impl StageWork {
                     let d = &data[mb as usize];
                     let _in_span = d.span.enter();
                     tracing::trace!(stage = %self.name, mb, "forward");
-                    self.forward(mb, d, step, m, &mut out)?
+                    self.forward(mb, d, step, plan, &mut out)?
                 }
                 Op::Backward(mb) => {
                     let _in_span = data[mb as usize].span.enter();
@@ -483,11 +455,63 @@ impl StageWork {
                 }
             }
         }
+        let waited = Instant::now();
+        out.p2p = self.links.settle(&self.name)?;
+        self.idle += waited.elapsed();
         out.sq_grad_norm = self.opt.grad_sq_norm();
         out.idle = self.idle;
         out.edges = std::mem::take(&mut self.edges);
         out.busy = started.elapsed().saturating_sub(self.idle);
         Ok(out)
+    }
+
+    /// Sums this stage's gradients with its replicas' (data parallelism) in buckets of
+    /// `bucket_bytes`; returns the new squared gradient norm, the bytes reduced and the seconds it took.
+    /// A parameter with a gradient on any replica gets one (zeros) on every replica first, so every
+    /// replica reduces the same tensors and the optimizer updates the same parameters.
+    fn reduce(&mut self, group: &DistGroup, bucket_bytes: usize) -> Result<(f64, u64, f64)> {
+        let started = Instant::now();
+        let fail = |e: crate::dist::DistError| PipelineError::stage(&self.name, e.to_string());
+        let defined: Vec<f32> = self
+            .opt
+            .params
+            .iter()
+            .map(|p| f32::from(u8::from(p.tensor.grad().defined())))
+            .collect();
+        let mask = Tensor::from_slice(&defined);
+        group.all_reduce(&mask).map_err(fail)?;
+        let mask = Vec::<f32>::try_from(&mask).map_err(|e| PipelineError::stage(&self.name, e.to_string()))?;
+        let missing: Vec<Tensor> = self
+            .opt
+            .params
+            .iter()
+            .zip(&mask)
+            .filter(|(p, &any)| any > 0.0 && !p.tensor.grad().defined())
+            .map(|(p, _)| (&p.tensor * 0.0).sum(Kind::Float))
+            .collect();
+        if let Some(zero) = missing.into_iter().reduce(|a, b| a + b) {
+            zero.backward();
+        }
+        let grads: Vec<Tensor> = self
+            .opt
+            .params
+            .iter()
+            .map(|p| p.tensor.grad())
+            .filter(Tensor::defined)
+            .collect();
+        let on_cpu = grads.iter().all(|g| g.device() == tch::Device::Cpu);
+        let bytes = if on_cpu {
+            group.all_reduce_buckets(&grads, bucket_bytes).map_err(fail)?
+        } else {
+            // Gloo reduces host tensors: stage through the CPU (NCCL groups reduce in place).
+            let host: Vec<Tensor> = grads.iter().map(|g| g.to_device(tch::Device::Cpu)).collect();
+            let n = group.all_reduce_buckets(&host, bucket_bytes).map_err(fail)?;
+            for (g, h) in grads.iter().zip(&host) {
+                g.shallow_clone().copy_(h);
+            }
+            n
+        };
+        Ok((self.opt.grad_sq_norm(), bytes, started.elapsed().as_secs_f64()))
     }
 
     fn load(&mut self, weights: &BTreeMap<String, Tensor>) -> Result<()> {
@@ -510,9 +534,16 @@ pub enum StageMsg {
         step: u64,
         data: Vec<MbData>,
         ops: Vec<Op>,
+        plan: MbPlan,
         /// Fault injection: the compute thread panics instead of running the step.
         fail: bool,
         reply: RpcReplyPort<Result<StepOut>>,
+    },
+    /// All-reduce the step's gradients over the stage's replicas: (squared norm, bytes, seconds).
+    Reduce {
+        group: std::sync::Arc<DistGroup>,
+        bucket_bytes: usize,
+        reply: RpcReplyPort<Result<(f64, u64, f64)>>,
     },
     Apply {
         lrs: BTreeMap<Group, f64>,
@@ -557,6 +588,7 @@ impl StageWork {
                 step,
                 data,
                 ops,
+                plan,
                 fail,
                 reply,
             } => {
@@ -564,12 +596,19 @@ impl StageWork {
                     ctx.fail(&format!("step {step}"));
                 }
                 ctx.job();
-                let result = self.run_step(step, data, ops);
+                let result = self.run_step(step, data, ops, plan);
                 if result.is_err() {
                     // Close this stage's channels so its neighbours fail instead of waiting forever.
                     self.links = Links::default();
                 }
                 let _ = reply.send(result);
+            }
+            StageMsg::Reduce {
+                group,
+                bucket_bytes,
+                reply,
+            } => {
+                let _ = reply.send(self.reduce(&group, bucket_bytes));
             }
             StageMsg::Apply { lrs, clip, reply } => {
                 self.opt.step(&lrs, clip);
@@ -653,6 +692,7 @@ impl StageHandle {
         step: u64,
         data: Vec<MbData>,
         ops: Vec<Op>,
+        plan: MbPlan,
         fail: bool,
     ) -> Result<StepOut> {
         self.actor
@@ -660,7 +700,23 @@ impl StageHandle {
                 step,
                 data,
                 ops,
+                plan,
                 fail,
+                reply,
+            })
+            .await?
+    }
+
+    /// All-reduces the stage's gradients over `group`: (squared norm after, bytes, seconds).
+    pub async fn reduce(
+        &self,
+        group: std::sync::Arc<DistGroup>,
+        bucket_bytes: usize,
+    ) -> Result<(f64, u64, f64)> {
+        self.actor
+            .call(|reply| StageMsg::Reduce {
+                group,
+                bucket_bytes,
                 reply,
             })
             .await?

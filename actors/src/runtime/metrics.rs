@@ -10,6 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::borrow::Cow;
 
 /// Labels of `deem_build_info`.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -209,6 +210,12 @@ pub struct Metrics {
     pub train_tokens: Counter,
     pub pipeline_edge_bytes: Family<EdgeLabels, Counter>,
     pub pipeline_edge_queue_depth: Family<EdgeLabels, Gauge>,
+    /// Cross-process edges: bytes and seconds through c10d point-to-point, per edge end.
+    pub p2p_bytes: Family<EdgeLabels, Counter>,
+    pub p2p_seconds: Family<EdgeLabels, F64Counter>,
+    /// Gradient all_reduce over the data-parallel replicas.
+    pub allreduce_bytes: Counter,
+    pub allreduce_seconds: F64Counter,
     pub train_checkpoint_seconds: Histogram,
     pub serve: ServeMetrics,
     pub data_records: Family<FormatLabels, Counter>,
@@ -281,7 +288,20 @@ fn build_info(registry: &mut Registry) -> Family<BuildLabels, Gauge> {
 
 impl Metrics {
     pub fn new() -> Arc<Self> {
-        let mut registry = Registry::default();
+        Self::in_registry(Registry::default())
+    }
+
+    /// Metrics of one rank of a multi-process job: every sample carries `rank` and `node` labels, so
+    /// one Prometheus scraping every rank tells them apart.
+    pub fn for_rank(rank: i64, node: &str) -> Arc<Self> {
+        let labels = [
+            (Cow::Borrowed("rank"), Cow::Owned(rank.to_string())),
+            (Cow::Borrowed("node"), Cow::Owned(node.to_string())),
+        ];
+        Self::in_registry(Registry::with_labels(labels.into_iter()))
+    }
+
+    fn in_registry(mut registry: Registry) -> Arc<Self> {
         let build_info = build_info(&mut registry);
         let http_requests = Family::<HttpLabels, Counter>::default();
         registry.register(
@@ -379,6 +399,30 @@ impl Metrics {
             "Deepest queue of each pipeline edge during the last step, in messages",
             pipeline_edge_queue_depth.clone(),
         );
+        let p2p_bytes = Family::<EdgeLabels, Counter>::default();
+        registry.register(
+            "deem_p2p_bytes",
+            "Bytes of activations and gradients through c10d point-to-point, per cross-process edge end",
+            p2p_bytes.clone(),
+        );
+        let p2p_seconds = Family::<EdgeLabels, F64Counter>::default();
+        registry.register(
+            "deem_p2p_seconds",
+            "Seconds spent sending and receiving through c10d point-to-point (waiting for the peer included), per cross-process edge end",
+            p2p_seconds.clone(),
+        );
+        let allreduce_bytes = Counter::default();
+        registry.register(
+            "deem_allreduce_bytes",
+            "Gradient bytes all-reduced over the data-parallel replicas",
+            allreduce_bytes.clone(),
+        );
+        let allreduce_seconds = F64Counter::default();
+        registry.register(
+            "deem_allreduce_seconds",
+            "Seconds spent all-reducing gradients over the data-parallel replicas (waiting for the slowest included)",
+            allreduce_seconds.clone(),
+        );
         let train_checkpoint_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 14));
         registry.register(
             "deem_train_checkpoint_seconds",
@@ -418,6 +462,10 @@ impl Metrics {
             train_tokens,
             pipeline_edge_bytes,
             pipeline_edge_queue_depth,
+            p2p_bytes,
+            p2p_seconds,
+            allreduce_bytes,
+            allreduce_seconds,
             train_checkpoint_seconds,
             serve,
             data_records,

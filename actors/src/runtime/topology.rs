@@ -1,7 +1,10 @@
 //! Topologies: which actor runs which component on which device. A topology file lists `[[actor]]`
 //! entries; the vision encoder and the diffusion decoder are placed exactly once, the LLM one or more
 //! times as pipeline shards with layer ranges `[start, end)` that cover the model's layers exactly once,
-//! in order. Shards may leave `layers` out, and the layers are then split evenly.
+//! in order. Shards may leave `layers` out, and the layers are then split evenly. Across processes each
+//! actor names the `rank` that hosts it (or the file says `ranks = N` and the actors, in pipeline order,
+//! are split over N ranks), and `data_parallel = R` replicates that pipeline R times: the world is
+//! R × N processes, rank = replica × N + pipeline rank.
 
 use std::fmt;
 use std::ops::Range;
@@ -48,6 +51,12 @@ struct TopologyFile {
     name: String,
     #[serde(default)]
     description: Option<String>,
+    /// Ranks one pipeline spans (when the actors name no `rank`).
+    #[serde(default)]
+    ranks: Option<u32>,
+    /// Replicas of the pipeline (data parallelism).
+    #[serde(default)]
+    data_parallel: Option<u32>,
     #[serde(rename = "actor", default)]
     actors: Vec<ActorSpec>,
 }
@@ -60,6 +69,9 @@ struct ActorSpec {
     device: String,
     #[serde(default)]
     layers: Option<[i64; 2]>,
+    /// The process (pipeline rank) hosting this actor.
+    #[serde(default)]
+    rank: Option<u32>,
 }
 
 /// One actor, placed and sized.
@@ -74,6 +86,8 @@ pub struct Placement {
     pub params: i64,
     /// Estimated bytes of those parameters in the configured dtype.
     pub param_bytes: u64,
+    /// The pipeline rank (process within one replica) hosting the actor.
+    pub rank: u32,
 }
 
 /// A validated topology for one configuration.
@@ -84,6 +98,10 @@ pub struct Topology {
     /// How the file is named in messages.
     pub origin: String,
     pub actors: Vec<Placement>,
+    /// Processes one pipeline spans.
+    pub pipeline_ranks: u32,
+    /// Replicas of the pipeline.
+    pub data_parallel: u32,
 }
 
 /// Every problem of a topology file, one per line, each starting with the file.
@@ -122,16 +140,45 @@ impl Topology {
 
     /// Intra-op threads of an actor's compute thread: the actors placed on the CPU split its cores, so
     /// they compute side by side instead of fighting over every core; `None` (libtorch's default) for an
-    /// actor on a GPU.
+    /// actor on a GPU. Every actor runs in this one process.
     pub fn cpu_threads(&self, placement: &Placement) -> Option<i32> {
+        self.cpu_threads_in(placement, None)
+    }
+
+    /// [`Self::cpu_threads`] when the actors are spread over processes: `Some(procs)` counts only the
+    /// CPU actors of the placement's rank, and the node's cores are shared by `procs` processes.
+    pub fn cpu_threads_in(&self, placement: &Placement, procs: Option<usize>) -> Option<i32> {
         let on_cpu = self
             .actors
             .iter()
-            .filter(|a| a.device == DeviceSpec::Cpu)
+            .filter(|a| a.device == DeviceSpec::Cpu && (procs.is_none() || a.rank == placement.rank))
             .count()
-            .max(1);
+            .max(1)
+            * procs.unwrap_or(1).max(1);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         (placement.device == DeviceSpec::Cpu).then(|| (cores / on_cpu).max(1) as i32)
+    }
+
+    /// Processes the topology needs: data_parallel × ranks per pipeline.
+    pub fn world_size(&self) -> u32 {
+        self.data_parallel * self.pipeline_ranks
+    }
+
+    /// Checks the launcher's `WORLD_SIZE` against what the topology needs.
+    pub fn check_world(&self, world_size: i64) -> Result<(), TopologyError> {
+        if world_size == self.world_size() as i64 {
+            return Ok(());
+        }
+        Err(TopologyError {
+            origin: self.origin.clone(),
+            problems: vec![format!(
+                "WORLD_SIZE is {world_size} but topology {:?} needs {} processes (data_parallel {} × {} rank(s) per pipeline)",
+                self.name,
+                self.world_size(),
+                self.data_parallel,
+                self.pipeline_ranks
+            )],
+        })
     }
 
     /// Reads and validates a topology file for `cfg` on a machine with `cuda_devices` CUDA devices.
@@ -171,7 +218,12 @@ impl Topology {
             }])
         })?;
         let mut problems = Vec::new();
-        let placed = place(&file, cfg, cuda_devices, &mut problems);
+        let mut placed = place(&file, cfg, cuda_devices, &mut problems);
+        let pipeline_ranks = assign_ranks(&file, &mut placed, &mut problems);
+        let data_parallel = file.data_parallel.unwrap_or(1);
+        if data_parallel == 0 {
+            problems.push("data_parallel: expected at least 1 replica".into());
+        }
         if !problems.is_empty() {
             return Err(fail(problems));
         }
@@ -180,6 +232,8 @@ impl Topology {
             description: file.description,
             origin: origin.to_string(),
             actors: placed,
+            pipeline_ranks,
+            data_parallel,
         })
     }
 
@@ -298,9 +352,77 @@ fn place(
                 layers,
                 params: n,
                 param_bytes: n as u64 * dtype,
+                rank: 0,
             }
         })
         .collect()
+}
+
+/// Sets each placement's pipeline rank (named by the actor, or the pipeline order split evenly over
+/// `ranks`); returns the ranks one pipeline spans.
+fn assign_ranks(file: &TopologyFile, placed: &mut [Placement], problems: &mut Vec<String>) -> u32 {
+    if placed.len() != file.actors.len() {
+        return 1;
+    }
+    let named = file.actors.iter().filter(|a| a.rank.is_some()).count();
+    if named == 0 {
+        let n = file.ranks.unwrap_or(1);
+        if n == 0 || n as usize > placed.len() {
+            problems.push(format!(
+                "ranks: {n} ranks for {} actors; expected 1 to {} (each rank hosts at least one actor)",
+                placed.len(),
+                placed.len()
+            ));
+            return 1;
+        }
+        // Pipeline order, split into n contiguous runs of near-equal length.
+        let mut order: Vec<usize> = (0..placed.len()).collect();
+        let key = |p: &Placement| {
+            let c = match p.component {
+                Component::Vision => 0,
+                Component::Llm => 1,
+                Component::Diffusion => 2,
+            };
+            (c, p.layers.as_ref().map_or(0, |r| r.start))
+        };
+        order.sort_by_key(|&i| key(&placed[i]));
+        let (base, extra) = (placed.len() / n as usize, placed.len() % n as usize);
+        let mut at = 0;
+        for r in 0..n as usize {
+            let len = base + usize::from(r < extra);
+            for &i in &order[at..at + len] {
+                placed[i].rank = r as u32;
+            }
+            at += len;
+        }
+        return n;
+    }
+    if named != file.actors.len() {
+        let missing = file.actors.iter().position(|a| a.rank.is_none()).unwrap_or(0);
+        problems.push(format!(
+            "actor[{missing}].rank: missing; either every actor names its rank or none does (then `ranks` splits them)"
+        ));
+        return 1;
+    }
+    for (p, a) in placed.iter_mut().zip(&file.actors) {
+        p.rank = a.rank.unwrap_or(0);
+    }
+    let n = placed.iter().map(|p| p.rank).max().unwrap_or(0) + 1;
+    for r in 0..n {
+        if !placed.iter().any(|p| p.rank == r) {
+            problems.push(format!(
+                "rank {r} hosts no actor; ranks must be 0..{} with at least one actor each",
+                n - 1
+            ));
+        }
+    }
+    if let Some(k) = file.ranks.filter(|&k| k != n) {
+        problems.push(format!(
+            "ranks: {k}, but the actors name ranks 0..{}; remove `ranks` or make them agree",
+            n - 1
+        ));
+    }
+    n
 }
 
 /// Layer ranges of the LLM shards in file order: as written (checked), or split evenly when none is.
@@ -416,6 +538,7 @@ impl Topology {
     /// The placement table `deem topology check` prints.
     pub fn table(&self) -> String {
         let header = [
+            "rank",
             "actor",
             "component",
             "device",
@@ -423,11 +546,12 @@ impl Topology {
             "parameters",
             "param memory",
         ];
-        let mut rows: Vec<[String; 6]> = self
+        let mut rows: Vec<[String; 7]> = self
             .actors
             .iter()
             .map(|a| {
                 [
+                    a.rank.to_string(),
                     a.name.clone(),
                     a.component.to_string(),
                     a.device.to_string(),
@@ -442,6 +566,7 @@ impl Topology {
         let total: i64 = self.actors.iter().map(|a| a.params).sum();
         let bytes: u64 = self.actors.iter().map(|a| a.param_bytes).sum();
         rows.push([
+            "".into(),
             "total".into(),
             "".into(),
             "".into(),
@@ -459,7 +584,7 @@ impl Topology {
             let mut s = String::new();
             for (i, (c, w)) in cells.iter().zip(width).enumerate() {
                 // Numbers right-aligned, names left-aligned.
-                if i >= 4 {
+                if i >= 5 {
                     s.push_str(&format!("{c:>w$}  "));
                 } else {
                     s.push_str(&format!("{c:<w$}  "));
