@@ -291,6 +291,7 @@ fn monitoring_config_and_rules_pass_promtool() {
         data: None,
         init_from: None,
         pretrained: vec![],
+        stop_at: None,
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     deem_actors::cli::train::run_job(&job, &cfg, &metrics, &rt).unwrap();
@@ -349,6 +350,7 @@ fn training_exports_its_metrics() {
         data: None,
         init_from: None,
         pretrained: vec![],
+        stop_at: None,
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let reports = deem_actors::cli::train::run_job(&job, &cfg, &metrics, &rt).unwrap();

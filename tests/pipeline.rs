@@ -327,6 +327,7 @@ fn train(
         data: None,
         init_from: None,
         pretrained: vec![],
+        stop_at: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -325,6 +325,7 @@ fn init_from_a_mismatched_model_names_the_tensor() {
                 data: None,
                 init_from: Some(file.clone()),
                 pretrained: vec![],
+                stop_at: None,
             };
             let rt = tokio::runtime::Runtime::new().unwrap();
             let metrics = deem_actors::runtime::metrics::Metrics::new();

@@ -11,6 +11,7 @@ pub mod eval;
 pub mod experiment;
 pub mod forward;
 pub mod info;
+pub mod launch;
 pub mod pretrain;
 pub mod report;
 pub mod serve;
@@ -83,6 +84,38 @@ pub enum Command {
     /// Time deem on a reference checkpoint (deem's side of scripts/bench_reference.py).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Start N deem processes of one world on this node (torchrun's contract: RANK, WORLD_SIZE,
+    /// MASTER_ADDR …), prefix their logs with the rank, forward signals, and restart them all from the
+    /// latest checkpoint when one fails, e.g. `deem launch --nproc-per-node 2 -- train --topology
+    /// topologies/cpu-2proc.toml`.
+    Launch(LaunchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LaunchArgs {
+    /// Processes to start on this node.
+    #[arg(long, default_value_t = 1)]
+    pub nproc_per_node: u32,
+    /// Nodes in the world (start `deem launch` on each, with its --node-rank).
+    #[arg(long, default_value_t = 1)]
+    pub nnodes: u32,
+    /// This node's index (its ranks are node_rank × nproc_per_node + local rank).
+    #[arg(long, default_value_t = 0)]
+    pub node_rank: u32,
+    /// Address of node 0, where rank 0 serves the rendezvous store.
+    #[arg(long, env = "MASTER_ADDR", default_value = "127.0.0.1")]
+    pub master_addr: String,
+    #[arg(long, env = "MASTER_PORT", default_value_t = 29500)]
+    pub master_port: u16,
+    /// Times the whole world is restarted after a rank fails.
+    #[arg(long, default_value_t = 0)]
+    pub max_restarts: u32,
+    /// Seconds ranks get to stop after SIGTERM before they are killed.
+    #[arg(long, default_value_t = 10)]
+    pub grace_seconds: u64,
+    /// The deem command each rank runs (after `--`), e.g. `train --topology topologies/cpu-2proc.toml`.
+    #[arg(last = true)]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -443,6 +476,10 @@ pub struct TrainArgs {
     /// tensors all name parameters of the model, e.g. `deem pretrain encoder`'s `encoder.safetensors`.
     #[arg(long = "pretrained", value_name = "FILE")]
     pub pretrained: Vec<PathBuf>,
+    /// Stop after this many steps (a checkpoint is written) without changing the learning-rate
+    /// schedule of --steps; `--resume` continues, in this or any other process layout.
+    #[arg(long, value_name = "STEP")]
+    pub stop_at: Option<u64>,
     /// Launched as one process of a world (torchrun, `deem launch`, Slurm): seconds any wait on another
     /// rank (rendezvous, activations, gradients, all_reduce) may take before it fails naming the rank.
     #[arg(long, env = "DEEM_PEER_TIMEOUT", default_value_t = 300, value_name = "SECS")]
@@ -576,5 +613,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pretrain(c) => pretrain::run(c),
         Command::Experiment(c) => experiment::run(c),
         Command::Bench(c) => bench::run(c),
+        Command::Launch(a) => launch::run(a),
     }
 }

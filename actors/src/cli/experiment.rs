@@ -74,6 +74,7 @@ fn train(
         data: Some(data.to_path_buf()),
         init_from: init.map(Path::to_path_buf),
         pretrained: pretrained.to_vec(),
+        stop_at: None,
     };
     crate::cli::train::run_job(&job, cfg, &Metrics::new(), rt).map(|_| ())
 }

@@ -326,6 +326,7 @@ pub fn llm(
         data: Some(data.to_path_buf()),
         init_from: None,
         pretrained: vec![],
+        stop_at: None,
     };
     let reports = crate::cli::train::run_job(&job, cfg, metrics, rt)?;
     let (Some(first), Some(last)) = (reports.first(), reports.last()) else {

@@ -49,6 +49,9 @@ pub struct TrainJob {
     /// Pretrained components loaded over the initialisation, in order (each file's tensors must all
     /// name parameters of the model, with their shapes).
     pub pretrained: Vec<PathBuf>,
+    /// Stop (with a checkpoint) once this many steps are done, without changing the schedule the
+    /// run's `train.steps` sets; `--resume` continues it.
+    pub stop_at: Option<u64>,
 }
 
 /// Largest share of bad records a training dataset may have.
@@ -579,6 +582,9 @@ fn train_loop<'rt>(
         None => Box::new(SyntheticBatches::new(c, c.train.seed)),
     };
     let steps_path = job.run_dir.join("steps.jsonl");
+    if job.resume && leads(&job.mode) {
+        drop_steps_from(&steps_path, engine.cursor())?;
+    }
     let file: Box<dyn Write> = if leads(&job.mode) {
         Box::new(
             std::fs::OpenOptions::new()
@@ -627,7 +633,8 @@ fn train_loop<'rt>(
     let mut fault_fired =
         matches!(&job.mode, Mode::Distributed(_, d) if d.world.env.restart_count > 0);
     bar.set_position(engine.cursor());
-    while engine.cursor() < steps {
+    let end = job.stop_at.map_or(steps, |s| s.min(steps));
+    while engine.cursor() < end {
         let i = engine.cursor();
         let batch = data.batch(i)?;
         let kill = c
@@ -675,7 +682,7 @@ fn train_loop<'rt>(
         bar.inc(1);
         reports.push(r);
         let every = c.train.checkpoint_every;
-        if every > 0 && engine.cursor() % every == 0 && engine.cursor() < steps {
+        if every > 0 && engine.cursor() % every == 0 && engine.cursor() < end {
             let t = std::time::Instant::now();
             engine.save_checkpoint(&job.run_dir, c, topology_name)?;
             metrics
@@ -686,6 +693,28 @@ fn train_loop<'rt>(
     bar.finish();
     log.flush()?;
     Ok(reports)
+}
+
+/// Drops the lines of `steps.jsonl` for steps at or after `cursor` (a resumed run logs them again);
+/// event lines stay. A missing file is fine.
+fn drop_steps_from(path: &std::path::Path, cursor: u64) -> anyhow::Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64))
+                .is_none_or(|s| s < cursor)
+        })
+        .collect();
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, kept.iter().map(|l| format!("{l}\n")).collect::<String>())
+        .with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot replace", path.display()))?;
+    Ok(())
 }
 
 /// The runtime the training commands (train, experiment, pretrain llm) drive their actors from.
@@ -769,6 +798,7 @@ pub fn run(args: super::TrainArgs) -> anyhow::Result<()> {
         data: args.data.clone(),
         init_from: args.init_from.clone(),
         pretrained: args.pretrained.clone(),
+        stop_at: args.stop_at,
     };
     let runtime = training_runtime()?;
     let server = match metrics_addr {
