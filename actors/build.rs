@@ -34,11 +34,7 @@ fn main() {
         // site-packages/torch/lib → site-packages
         let site = lib.join("../..");
         let nvidia = site.join("nvidia");
-        for sub in [
-            "cu13/include",
-            "cu13/include/cccl",
-            "nccl/include",
-        ] {
+        for sub in ["cu13/include", "cu13/include/cccl", "nccl/include"] {
             build.include(nvidia.join(sub));
         }
         build.include(site.join("triton/backends/nvidia/include"));

@@ -49,7 +49,7 @@ fn train_sources_choose_the_data_mixture_and_bad_ones_are_named() {
     ));
     let cfg = load(&p, &[], &[]).unwrap().config;
     let metrics = deem_actors::runtime::metrics::Metrics::new();
-    let m = deem_actors::cli::train::dataset_batches(&cfg, &data, &metrics).unwrap();
+    let m = deem_actors::cli::train_data::dataset_batches(&cfg, &data, &metrics).unwrap();
     let got: Vec<(&str, usize, f64)> = m
         .sources
         .iter()
@@ -67,7 +67,7 @@ fn train_sources_choose_the_data_mixture_and_bad_ones_are_named() {
     // The error of building the batches of the recipe at `path`.
     let batches_err = |path: &Path| {
         let cfg = load(path, &[], &[]).unwrap().config;
-        deem_actors::cli::train::dataset_batches(&cfg, &data, &metrics)
+        deem_actors::cli::train_data::dataset_batches(&cfg, &data, &metrics)
             .err()
             .unwrap()
             .to_string()
@@ -85,7 +85,7 @@ fn train_sources_choose_the_data_mixture_and_bad_ones_are_named() {
         source("ann/questions.json", "llava", 1.0)
     ));
     let cfg = load(&apart, &[], &[]).unwrap().config;
-    let m = deem_actors::cli::train::dataset_batches(&cfg, &data, &metrics).unwrap();
+    let m = deem_actors::cli::train_data::dataset_batches(&cfg, &data, &metrics).unwrap();
     assert_eq!(m.sources[0].len(), 10);
     let lost = with(&source("ann/questions.json", "llava", 1.0));
     let err = batches_err(&lost);

@@ -75,10 +75,16 @@ fn send_recv_and_collectives_move_the_right_numbers() {
         let m = Tensor::ones([3, 5], (Kind::Float, tch::Device::Cpu)) * (w.rank() + 1);
         let n = Tensor::from_slice(&[1.0f32, 2.0]);
         let bytes = g
-            .all_reduce_buckets(&[a.shallow_clone(), m.shallow_clone(), n.shallow_clone()], 16)
+            .all_reduce_buckets(
+                &[a.shallow_clone(), m.shallow_clone(), n.shallow_clone()],
+                16,
+            )
             .unwrap();
         assert_eq!(bytes, 16 + 60 + 8);
-        assert_eq!(Vec::<f32>::try_from(&m.reshape([-1])).unwrap(), vec![6.0; 15]);
+        assert_eq!(
+            Vec::<f32>::try_from(&m.reshape([-1])).unwrap(),
+            vec![6.0; 15]
+        );
         assert_eq!(Vec::<f32>::try_from(&n).unwrap(), vec![3.0, 6.0]);
         let c = if w.rank() == 2 {
             Tensor::from_slice(&[42.0f32, 43.0])
@@ -141,7 +147,10 @@ fn framed_messages_carry_header_shapes_and_dtypes() {
             let ts = ts.unwrap();
             assert_eq!(ts[0].size(), vec![2, 3, 4]);
             assert_eq!(ts[1].kind(), Kind::Bool);
-            assert_eq!(Vec::<bool>::try_from(&ts[1]).unwrap(), vec![true, false, true]);
+            assert_eq!(
+                Vec::<bool>::try_from(&ts[1]).unwrap(),
+                vec![true, false, true]
+            );
             assert_eq!(ts[2].size(), vec![0, 5]);
             let (h2, none) = wire::recv(g, 0, 3, "vision→llm", tch::Device::Cpu).unwrap();
             assert_eq!((h2.seq, none.is_none()), (2, true));
@@ -171,8 +180,8 @@ fn a_frame_for_another_edge_or_garbage_is_refused() {
     let mut bad = frame.clone();
     bad[..4].copy_from_slice(&100_000u32.to_le_bytes());
     assert_eq!(
-        wire::decode(&bad).unwrap_err(),
-        "length 100000 runs past the 4096-byte frame"
+        wire::decode(&bad).unwrap_err().to_string(),
+        "message header: length 100000 runs past the 4096-byte frame"
     );
     let mut bad_kind = h.clone();
     bad_kind.tensors = Some(vec![wire::Meta {
@@ -180,11 +189,15 @@ fn a_frame_for_another_edge_or_garbage_is_refused() {
         kind: 99,
     }]);
     let frame = wire::encode(&bad_kind).unwrap();
-    assert_eq!(wire::decode(&frame).unwrap_err(), "unknown dtype code 99");
+    assert_eq!(
+        wire::decode(&frame).unwrap_err().to_string(),
+        "message header: unknown dtype code 99"
+    );
     let mut huge = h.clone();
     huge.trace = "x".repeat(5000);
     assert!(wire::encode(&huge)
         .unwrap_err()
+        .to_string()
         .ends_with("exceeds the 4096-byte frame"));
 
     // On the wire: a message on the wrong edge is an error naming both edges and the peer.
@@ -192,7 +205,15 @@ fn a_frame_for_another_edge_or_garbage_is_refused() {
         if w.rank() == 0 {
             let mut h = h.clone();
             h.edge = "llm→diffusion".into();
-            for p in wire::send(&w.group, 1, 1, h, Some(&[Tensor::ones([2], (Kind::Float, tch::Device::Cpu))])).unwrap() {
+            for p in wire::send(
+                &w.group,
+                1,
+                1,
+                h,
+                Some(&[Tensor::ones([2], (Kind::Float, tch::Device::Cpu))]),
+            )
+            .unwrap()
+            {
                 let _ = p.wait();
             }
             String::new()
@@ -228,7 +249,9 @@ fn a_rank_that_never_joins_is_named_within_the_timeout() {
         .expect("joined without a master");
     let msg = err.to_string();
     assert!(
-        msg.starts_with(&format!("rank 1: connecting to the store at 127.0.0.1:{port}: ")),
+        msg.starts_with(&format!(
+            "rank 1: connecting to the store at 127.0.0.1:{port}: "
+        )),
         "{msg}"
     );
 }
@@ -274,10 +297,20 @@ fn the_launch_contract_reads_torchrun_then_slurm() {
     .unwrap()
     .unwrap();
     assert_eq!(
-        (t.rank, t.world_size, t.local_rank, t.local_world_size, t.master_addr.as_str(), t.master_port),
+        (
+            t.rank,
+            t.world_size,
+            t.local_rank,
+            t.local_world_size,
+            t.master_addr.as_str(),
+            t.master_port
+        ),
         (3, 4, 1, 2, "node0", 29600)
     );
-    assert_eq!((t.restart_count, t.agent_store, t.source), (2, true, "torchrun"));
+    assert_eq!(
+        (t.restart_count, t.agent_store, t.source),
+        (2, true, "torchrun")
+    );
     let s = from(&[
         ("SLURM_PROCID", "5"),
         ("SLURM_NTASKS", "8"),
@@ -288,7 +321,14 @@ fn the_launch_contract_reads_torchrun_then_slurm() {
     .unwrap()
     .unwrap();
     assert_eq!(
-        (s.rank, s.world_size, s.local_rank, s.local_world_size, s.master_port, s.source),
+        (
+            s.rank,
+            s.world_size,
+            s.local_rank,
+            s.local_world_size,
+            s.master_port,
+            s.source
+        ),
         (5, 8, 1, 4, 29500, "slurm")
     );
     let err = |vars: &[(&str, &str)]| from(vars).unwrap_err().to_string();

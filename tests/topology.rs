@@ -203,7 +203,7 @@ fn malformed_topology_files_are_named() {
     );
     assert_eq!(
         topo_err(&four("cpu", None, None, "cpu").replacen("device = \"cpu\"", "device = \"cpu\"\nnode = 1", 1), 0),
-        "t.toml: actor[0].node: unknown field `node`, expected one of `name`, `component`, `device`, `layers`"
+        "t.toml: actor[0].node: unknown field `node`, expected one of `name`, `component`, `device`, `layers`, `rank`"
     );
     let err = topo_err("name = \n", 0);
     assert!(err.starts_with("t.toml: invalid TOML: "), "{err}");
@@ -256,7 +256,7 @@ fn placement_table_lists_every_actor_and_the_total() {
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines.len(), 2 + 4 + 1, "{table}");
     assert!(
-        lines[0].starts_with("actor") && lines[0].ends_with("param memory"),
+        lines[0].starts_with("rank  actor") && lines[0].ends_with("param memory"),
         "{table}"
     );
     assert!(
@@ -268,7 +268,7 @@ fn placement_table_lists_every_actor_and_the_total() {
         lines[3].contains("3.37 B") && lines[3].contains("6.28 GiB"),
         "{table}"
     );
-    assert!(lines[6].starts_with("total"), "{table}");
+    assert!(lines[6].trim_start().starts_with("total"), "{table}");
 }
 
 // ---------------------------------------------------------------- metrics endpoint
@@ -326,3 +326,74 @@ fn binary_plans_gpu_topologies_with_assumed_devices() {
 }
 
 // ---------------------------------------------------------------- deem forward
+
+// ---------------------------------------------------------------- ranks and data parallelism
+fn four_actors(extra: &str, ranks: [Option<u32>; 4]) -> String {
+    let mut t = format!("name = \"t\"\n{extra}\n");
+    for (i, (name, comp)) in [
+        ("vision", "vision"),
+        ("llm0", "llm"),
+        ("llm1", "llm"),
+        ("diffusion", "diffusion"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        t.push_str(&format!(
+            "[[actor]]\nname = \"{name}\"\ncomponent = \"{comp}\"\ndevice = \"cpu\"\n"
+        ));
+        if let Some(r) = ranks[i] {
+            t.push_str(&format!("rank = {r}\n"));
+        }
+    }
+    t
+}
+
+#[test]
+fn ranks_are_named_or_split_and_data_parallel_multiplies_the_world() {
+    let c = embedded_tiny().config;
+    let parse = |text: &str| Topology::parse(text, "t.toml", &c, 0);
+    // Named ranks.
+    let t = parse(&four_actors("", [Some(0), Some(0), Some(1), Some(1)])).unwrap();
+    let ranks: Vec<u32> = t.actors.iter().map(|a| a.rank).collect();
+    assert_eq!(
+        (ranks, t.pipeline_ranks, t.data_parallel, t.world_size()),
+        (vec![0, 0, 1, 1], 2, 1, 2)
+    );
+    // `ranks = 3` splits the pipeline order (vision, llm0, llm1, diffusion) into 2 + 1 + 1.
+    let t = parse(&four_actors("ranks = 3\ndata_parallel = 2", [None; 4])).unwrap();
+    let ranks: Vec<u32> = t.actors.iter().map(|a| a.rank).collect();
+    assert_eq!((ranks, t.world_size()), (vec![0, 0, 1, 2], 6));
+    assert!(t.check_world(6).is_ok());
+    assert_eq!(
+        t.check_world(4).unwrap_err().to_string(),
+        "t.toml: WORLD_SIZE is 4 but topology \"t\" needs 6 processes (data_parallel 2 × 3 rank(s) per pipeline)"
+    );
+    // No ranks at all: one process.
+    let t = parse(&four_actors("", [None; 4])).unwrap();
+    assert_eq!((t.pipeline_ranks, t.world_size()), (1, 1));
+    let err = |text: &str| parse(text).unwrap_err().to_string();
+    assert_eq!(
+        err(&four_actors("", [Some(0), None, Some(1), Some(1)])),
+        "t.toml: actor[1].rank: missing; either every actor names its rank or none does (then `ranks` splits them)"
+    );
+    assert_eq!(
+        err(&four_actors("", [Some(0), Some(0), Some(2), Some(2)])),
+        "t.toml: rank 1 hosts no actor; ranks must be 0..2 with at least one actor each"
+    );
+    assert_eq!(
+        err(&four_actors(
+            "ranks = 3",
+            [Some(0), Some(0), Some(1), Some(1)]
+        )),
+        "t.toml: ranks: 3, but the actors name ranks 0..1; remove `ranks` or make them agree"
+    );
+    assert_eq!(
+        err(&four_actors("ranks = 5", [None; 4])),
+        "t.toml: ranks: 5 ranks for 4 actors; expected 1 to 4 (each rank hosts at least one actor)"
+    );
+    assert_eq!(
+        err(&four_actors("data_parallel = 0", [None; 4])),
+        "t.toml: data_parallel: expected at least 1 replica"
+    );
+}

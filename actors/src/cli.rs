@@ -17,6 +17,7 @@ pub mod report;
 pub mod serve;
 pub mod topology;
 pub mod train;
+pub mod train_data;
 
 use std::path::PathBuf;
 
@@ -482,7 +483,12 @@ pub struct TrainArgs {
     pub stop_at: Option<u64>,
     /// Launched as one process of a world (torchrun, `deem launch`, Slurm): seconds any wait on another
     /// rank (rendezvous, activations, gradients, all_reduce) may take before it fails naming the rank.
-    #[arg(long, env = "DEEM_PEER_TIMEOUT", default_value_t = 300, value_name = "SECS")]
+    #[arg(
+        long,
+        env = "DEEM_PEER_TIMEOUT",
+        default_value_t = 300,
+        value_name = "SECS"
+    )]
     pub peer_timeout: u64,
     #[command(flatten)]
     pub config: ConfigArgs,

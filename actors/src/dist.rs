@@ -15,7 +15,11 @@ pub use world::{LaunchEnv, World};
 pub enum DistError {
     /// A c10d call failed (a C++ exception, a timeout, a peer gone).
     #[error("rank {rank}: {op}: {message}")]
-    C10d { rank: i64, op: String, message: String },
+    C10d {
+        rank: i64,
+        op: String,
+        message: String,
+    },
     /// A launch variable is missing or malformed.
     #[error("{var}={value:?}: {expected}")]
     Env {
@@ -40,6 +44,9 @@ pub enum DistError {
         other: i64,
         theirs: i64,
     },
+    /// A header that cannot be encoded or decoded.
+    #[error("message header: {problem}")]
+    Header { problem: String },
     /// A message frame that does not decode, or is not the one expected.
     #[error("rank {rank}: message from rank {peer} on {edge}: {problem}")]
     Frame {

@@ -81,7 +81,8 @@ fn spawn_all(args: &LaunchArgs, attempt: u32) -> anyhow::Result<Children> {
             Ok(c) => c,
             Err(e) => {
                 terminate(&children.pids, libc::SIGKILL);
-                return Err(e).with_context(|| format!("cannot start rank {rank} ({})", exe.display()));
+                return Err(e)
+                    .with_context(|| format!("cannot start rank {rank} ({})", exe.display()));
             }
         };
         if let Some(out) = child.stdout.take() {
@@ -152,7 +153,10 @@ async fn stop_all(c: &mut Children, sig: i32, grace: Duration) {
             }
             Ok(None) => break,
             Err(_) => {
-                tracing::warn!(ranks = c.running, "ranks did not stop within the grace period: killing them");
+                tracing::warn!(
+                    ranks = c.running,
+                    "ranks did not stop within the grace period: killing them"
+                );
                 terminate(&c.pids, libc::SIGKILL);
                 while c.running > 0 && c.exits.recv().await.is_some() {
                     c.running -= 1;

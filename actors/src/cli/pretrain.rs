@@ -19,7 +19,7 @@ use deem::train::sd::DecoderOptions;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cli::data::{read_checked, Format};
-use crate::cli::train::MAX_BAD_RATIO;
+use crate::cli::train_data::MAX_BAD_RATIO;
 use crate::runtime::metrics::Metrics;
 
 /// The image-caption pairs of `data/pairs.jsonl`: pixels [3, S, S] in [0, 1] at `size` and caption

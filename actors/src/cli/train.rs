@@ -9,12 +9,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use deem::config::{DataFormat, DataSource};
 use deem::data::batches::SyntheticBatches;
 use deem::models::deem::Batch;
 use deem::train::{StepReport, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::cli::train_data::{dataset_batches, Batches};
 use crate::pipeline::checkpoint;
 use crate::pipeline::distributed::DistPlan;
 use crate::pipeline::driver::StepTiming;
@@ -42,7 +42,7 @@ pub struct TrainJob {
     /// Continue from the run directory's latest checkpoint.
     pub resume: bool,
     /// Train on the datasets of this folder (as `deem data synth` writes it) instead of the built-in
-    /// batches: the recipe's `train.sources`, or the stage's own mix (see [`dataset_batches`]).
+    /// batches: the recipe's `train.sources`, or the stage's own mix (see [`crate::cli::train_data::dataset_batches`]).
     pub data: Option<PathBuf>,
     /// Start from this model (a previous stage's run directory or `model.safetensors`).
     pub init_from: Option<PathBuf>,
@@ -52,167 +52,6 @@ pub struct TrainJob {
     /// Stop (with a checkpoint) once this many steps are done, without changing the schedule the
     /// run's `train.steps` sets; `--resume` continues it.
     pub stop_at: Option<u64>,
-}
-
-/// Largest share of bad records a training dataset may have.
-pub const MAX_BAD_RATIO: f64 = 0.05;
-
-/// Where training batches come from: batch `i` is a function of the seed and `i` alone.
-pub trait Batches {
-    fn batch(&self, index: u64) -> anyhow::Result<Batch>;
-}
-
-impl Batches for SyntheticBatches {
-    fn batch(&self, index: u64) -> anyhow::Result<Batch> {
-        Ok(SyntheticBatches::batch(self, index))
-    }
-}
-
-impl Batches for deem::data::mixer::Mixer {
-    fn batch(&self, index: u64) -> anyhow::Result<Batch> {
-        deem::data::mixer::Mixer::batch(self, index).map_err(anyhow::Error::msg)
-    }
-}
-
-/// The stage's own mixture when the config names no `train.sources`: stage I `mmc4.jsonl` :
-/// `pairs.jsonl` = 2 : 1; stage II `llava.json` : `pairs.jsonl` = 2 : 1 (captions keep grounding the
-/// words for what the images show, as the paper's stage II mixes COCO captions into its instruction
-/// data), the pairs only when the folder has them; stage III `regions.json` : `llava.json` = 1 : 1 (the
-/// paper's stage III is region data; the image-level conversations keep their answers from being
-/// forgotten: at 2 : 1 the tiny model forgot them), the conversations only when the folder has them.
-fn stage_sources(c: &deem::config::DeemConfig, dir: &std::path::Path) -> Vec<DataSource> {
-    let source = |file: &str, format, weight| DataSource {
-        file: file.into(),
-        format,
-        weight,
-        images: None,
-    };
-    match c.train.stage {
-        deem::config::Stage::I => vec![
-            source("mmc4.jsonl", DataFormat::Mmc4, 2.0),
-            source("pairs.jsonl", DataFormat::Pairs, 1.0),
-        ],
-        deem::config::Stage::II => {
-            let mut v = vec![source("llava.json", DataFormat::Llava, 2.0)];
-            if dir.join("pairs.jsonl").exists() {
-                v.push(source("pairs.jsonl", DataFormat::Pairs, 1.0));
-            }
-            v
-        }
-        deem::config::Stage::III => {
-            let mut v = vec![source("regions.json", DataFormat::Regions, 1.0)];
-            if dir.join("llava.json").exists() {
-                v.push(source("llava.json", DataFormat::Llava, 1.0));
-            }
-            v
-        }
-    }
-}
-
-/// The training data of `dir`: `train.sources`, or the stage's own mixture; bad records logged and
-/// counted.
-pub fn dataset_batches(
-    c: &deem::config::DeemConfig,
-    dir: &std::path::Path,
-    metrics: &Metrics,
-) -> anyhow::Result<deem::data::mixer::Mixer> {
-    use crate::cli::data::{read_checked, Format};
-    use deem::data::readers;
-    let tok = deem::text::tokenizer::load_tokenizer(None, Some(dir), c)?;
-    let mut m = deem::data::mixer::Mixer::new(c, c.train.seed);
-    let sources = if c.train.sources.is_empty() {
-        stage_sources(c, dir)
-    } else {
-        c.train.sources.clone()
-    };
-    for (i, src) in sources.iter().enumerate() {
-        let p = dir.join(&src.file);
-        if !p.exists() {
-            let from = if c.train.sources.is_empty() {
-                String::new()
-            } else {
-                format!(" (train.sources[{i}].file)")
-            };
-            bail!("{}{from}: missing; --data needs the folder `deem data synth` writes (or files in its formats)", p.display());
-        }
-        // Each file is its own source, named by its file name.
-        let name = src.file.as_str();
-        let images = src.images.as_ref().map(|d| dir.join(d));
-        if let Some(d) = images.as_ref().filter(|d| !d.is_dir()) {
-            bail!(
-                "{} (train.sources[{i}].images): not a folder; expected the folder {}'s image paths are relative to",
-                d.display(),
-                src.file
-            );
-        }
-        let images = images.as_deref();
-        let err = anyhow::Error::msg;
-        match src.format {
-            DataFormat::Mmc4 => {
-                let (docs, _) = read_checked(
-                    &p,
-                    images,
-                    Format::Mmc4,
-                    MAX_BAD_RATIO,
-                    metrics,
-                    readers::read_mmc4,
-                )?;
-                m.add_documents(name, src.weight, &docs, &tok)
-                    .map_err(err)?;
-            }
-            DataFormat::Pairs | DataFormat::PairsTar => {
-                let (format, read): (_, fn(&std::path::Path, Option<&std::path::Path>) -> _) =
-                    if src.format == DataFormat::Pairs {
-                        (Format::Pairs, readers::read_pairs_jsonl)
-                    } else {
-                        (Format::PairsTar, readers::read_pairs_tar)
-                    };
-                let (pairs, _) = read_checked(&p, images, format, MAX_BAD_RATIO, metrics, read)?;
-                m.add_pairs(name, src.weight, &pairs, &tok).map_err(err)?;
-            }
-            DataFormat::Llava => {
-                let (convs, _) = read_checked(
-                    &p,
-                    images,
-                    Format::Llava,
-                    MAX_BAD_RATIO,
-                    metrics,
-                    readers::read_llava,
-                )?;
-                m.add_conversations(name, src.weight, &convs, &c.serve.system_prompt, &tok)
-                    .map_err(err)?;
-            }
-            DataFormat::Regions => {
-                let (regions, _) = read_checked(
-                    &p,
-                    images,
-                    Format::Regions,
-                    MAX_BAD_RATIO,
-                    metrics,
-                    readers::read_regions,
-                )?;
-                m.add_regions(name, src.weight, &regions, &c.serve.system_prompt, &tok)
-                    .map_err(err)?;
-            }
-        }
-    }
-    if sources.iter().any(|s| s.format == DataFormat::Regions) && !c.vision.mask_aware {
-        tracing::warn!(
-            "region data: every image of this run goes through the mask-aware extractor, but \
-             vision.mask_aware is off, so evaluation and serving will read whole images without it; \
-             set vision.mask_aware = true (as configs/tiny-stage3.toml does)"
-        );
-    }
-    if m.too_long > 0 {
-        tracing::warn!(
-            dropped = m.too_long,
-            "samples longer than train.context_length were dropped"
-        );
-    }
-    for s in &m.sources {
-        tracing::info!(source = %s.name, samples = s.len(), weight = s.weight, "training data");
-    }
-    Ok(m)
 }
 
 /// The weights of a model file or run directory (`--init-from`, `deem pretrain decoder --clip`).
@@ -421,7 +260,10 @@ impl<'rt> Engine<'rt> {
             Engine::Reference(t) => Ok(deem::train::cpu_weights(&t.vs)),
             Engine::Pipeline { trainer, rt } if trainer.is_distributed() => {
                 let _ = c;
-                Ok(rt.block_on(trainer.model_weights(run_dir))?.into_iter().collect())
+                Ok(rt
+                    .block_on(trainer.model_weights(run_dir))?
+                    .into_iter()
+                    .collect())
             }
             Engine::Pipeline { trainer, rt } => {
                 Ok(rt.block_on(trainer.weights())?.into_iter().collect())
@@ -476,6 +318,13 @@ fn record(
         }
         let (busy, idle): (f64, f64) = (t.busy_seconds.iter().sum(), t.idle_seconds.iter().sum());
         m.train_bubble_ratio.set(idle / (busy + idle).max(1e-12));
+        for (edge, traffic) in &t.p2p {
+            let l = crate::runtime::metrics::EdgeLabels { edge: edge.clone() };
+            m.dist.p2p_bytes.get_or_create(&l).inc_by(traffic.bytes);
+            m.dist.p2p_seconds.get_or_create(&l).inc_by(traffic.seconds);
+        }
+        m.dist.allreduce_bytes.inc_by(t.all_reduce.0);
+        m.dist.allreduce_seconds.inc_by(t.all_reduce.1);
         for (edge, (bytes, depth)) in t.edges {
             let l = crate::runtime::metrics::EdgeLabels { edge };
             m.pipeline_edge_bytes.get_or_create(&l).inc_by(bytes);
@@ -711,8 +560,11 @@ fn drop_steps_from(path: &std::path::Path, cursor: u64) -> anyhow::Result<()> {
         })
         .collect();
     let tmp = path.with_extension("jsonl.tmp");
-    std::fs::write(&tmp, kept.iter().map(|l| format!("{l}\n")).collect::<String>())
-        .with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::write(
+        &tmp,
+        kept.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .with_context(|| format!("{}: cannot write", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot replace", path.display()))?;
     Ok(())
 }
@@ -782,7 +634,10 @@ pub fn run(args: super::TrainArgs) -> anyhow::Result<()> {
                 }
                 // A world the launcher restarted continues from the latest checkpoint.
                 if env.restart_count > 0 && checkpoint::latest(&args.run_dir).is_ok() {
-                    tracing::info!(restart = env.restart_count, "restarted by the launcher: resuming");
+                    tracing::info!(
+                        restart = env.restart_count,
+                        "restarted by the launcher: resuming"
+                    );
                     resume = true;
                 }
                 Mode::Distributed(topo, plan)

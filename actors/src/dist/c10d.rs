@@ -111,7 +111,9 @@ fn call(rank: i64, op: &str, f: impl FnOnce(*mut *mut c_char) -> c_int) -> Resul
         "unknown error".to_string()
     } else {
         // SAFETY: the bridge hands back a NUL-terminated malloc'd string, freed here once.
-        let m = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+        let m = unsafe { CStr::from_ptr(err) }
+            .to_string_lossy()
+            .into_owned();
         unsafe { deem_c10d_free_error(err) };
         m
     };
@@ -147,12 +149,29 @@ unsafe impl Sync for Store {}
 impl Store {
     /// Connects to `host:port` (serving it when `server`), retrying until `timeout`; every later wait
     /// on the store also ends after `timeout`.
-    pub fn connect(host: &str, port: u16, server: bool, rank: i64, timeout: Duration) -> Result<Self> {
+    pub fn connect(
+        host: &str,
+        port: u16,
+        server: bool,
+        rank: i64,
+        timeout: Duration,
+    ) -> Result<Self> {
         let h = cstring(rank, "store connect", host)?;
         let mut ptr = std::ptr::null_mut();
-        call(rank, &format!("connecting to the store at {host}:{port}"), |err| unsafe {
-            deem_store_new(h.as_ptr(), port, server as c_int, millis(timeout), &mut ptr, err)
-        })?;
+        call(
+            rank,
+            &format!("connecting to the store at {host}:{port}"),
+            |err| unsafe {
+                deem_store_new(
+                    h.as_ptr(),
+                    port,
+                    server as c_int,
+                    millis(timeout),
+                    &mut ptr,
+                    err,
+                )
+            },
+        )?;
         Ok(Store { ptr, rank })
     }
 
@@ -253,19 +272,23 @@ impl Group {
         let host = cstring(r, "new group", addr.hostname)?;
         let iface = cstring(r, "new group", addr.iface.unwrap_or(""))?;
         let mut ptr = std::ptr::null_mut();
-        call(r, &format!("creating the Gloo group {}", spec.prefix), |err| unsafe {
-            deem_gloo_new(
-                store.ptr,
-                prefix.as_ptr(),
-                spec.rank as c_int,
-                spec.size as c_int,
-                host.as_ptr(),
-                iface.as_ptr(),
-                millis(spec.timeout),
-                &mut ptr,
-                err,
-            )
-        })?;
+        call(
+            r,
+            &format!("creating the Gloo group {}", spec.prefix),
+            |err| unsafe {
+                deem_gloo_new(
+                    store.ptr,
+                    prefix.as_ptr(),
+                    spec.rank as c_int,
+                    spec.size as c_int,
+                    host.as_ptr(),
+                    iface.as_ptr(),
+                    millis(spec.timeout),
+                    &mut ptr,
+                    err,
+                )
+            },
+        )?;
         Ok(Self::wrap(ptr, &spec, Backend::Gloo))
     }
 
@@ -274,17 +297,21 @@ impl Group {
         let r = spec.world_rank;
         let prefix = cstring(r, "new group", spec.prefix)?;
         let mut ptr = std::ptr::null_mut();
-        call(r, &format!("creating the NCCL group {}", spec.prefix), |err| unsafe {
-            deem_nccl_new(
-                store.ptr,
-                prefix.as_ptr(),
-                spec.rank as c_int,
-                spec.size as c_int,
-                millis(spec.timeout),
-                &mut ptr,
-                err,
-            )
-        })?;
+        call(
+            r,
+            &format!("creating the NCCL group {}", spec.prefix),
+            |err| unsafe {
+                deem_nccl_new(
+                    store.ptr,
+                    prefix.as_ptr(),
+                    spec.rank as c_int,
+                    spec.size as c_int,
+                    millis(spec.timeout),
+                    &mut ptr,
+                    err,
+                )
+            },
+        )?;
         Ok(Self::wrap(ptr, &spec, Backend::Nccl))
     }
 
@@ -308,7 +335,10 @@ impl Group {
             return Err(DistError::C10d {
                 rank: self.world_rank,
                 op: op.to_string(),
-                message: format!("peer rank {peer} is not another member of a group of {}", self.size),
+                message: format!(
+                    "peer rank {peer} is not another member of a group of {}",
+                    self.size
+                ),
             });
         }
         Ok(())
@@ -320,7 +350,14 @@ impl Group {
         let mut w = std::ptr::null_mut();
         let op = format!("send to rank {dst} (tag {tag})");
         call(self.world_rank, &op, |err| unsafe {
-            deem_isend(self.ptr, t.as_ptr() as *mut c_void, dst as c_int, tag, &mut w, err)
+            deem_isend(
+                self.ptr,
+                t.as_ptr() as *mut c_void,
+                dst as c_int,
+                tag,
+                &mut w,
+                err,
+            )
         })?;
         Ok(Pending::new(w, self.world_rank, op, self.timeout))
     }
@@ -331,7 +368,14 @@ impl Group {
         let mut w = std::ptr::null_mut();
         let op = format!("receive from rank {src} (tag {tag})");
         call(self.world_rank, &op, |err| unsafe {
-            deem_irecv(self.ptr, t.as_ptr() as *mut c_void, src as c_int, tag, &mut w, err)
+            deem_irecv(
+                self.ptr,
+                t.as_ptr() as *mut c_void,
+                src as c_int,
+                tag,
+                &mut w,
+                err,
+            )
         })?;
         Ok(Pending::new(w, self.world_rank, op, self.timeout))
     }
@@ -388,13 +432,19 @@ impl Group {
     /// Copies `root`'s `t` into every member's `t`.
     pub fn broadcast(&self, t: &Tensor, root: i64) -> Result<()> {
         self.peer_or_self("broadcast", root)?;
-        call(self.world_rank, &format!("broadcast from rank {root}"), |err| unsafe {
-            deem_broadcast(self.ptr, t.as_ptr() as *mut c_void, root as c_int, err)
-        })
+        call(
+            self.world_rank,
+            &format!("broadcast from rank {root}"),
+            |err| unsafe {
+                deem_broadcast(self.ptr, t.as_ptr() as *mut c_void, root as c_int, err)
+            },
+        )
     }
 
     pub fn barrier(&self) -> Result<()> {
-        call(self.world_rank, "barrier", |err| unsafe { deem_barrier(self.ptr, err) })
+        call(self.world_rank, "barrier", |err| unsafe {
+            deem_barrier(self.ptr, err)
+        })
     }
 
     fn peer_or_self(&self, op: &str, r: i64) -> Result<()> {

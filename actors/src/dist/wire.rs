@@ -59,14 +59,18 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard()
 }
 
+fn header_error(problem: String) -> DistError {
+    DistError::Header { problem }
+}
+
 /// Encodes `h` into a header frame.
-pub fn encode(h: &Header) -> std::result::Result<Vec<u8>, String> {
-    let body = bincode::encode_to_vec(h, config()).map_err(|e| e.to_string())?;
+pub fn encode(h: &Header) -> Result<Vec<u8>> {
+    let body = bincode::encode_to_vec(h, config()).map_err(|e| header_error(e.to_string()))?;
     if body.len() + 4 > HEADER_BYTES {
-        return Err(format!(
+        return Err(header_error(format!(
             "header of {} bytes exceeds the {HEADER_BYTES}-byte frame",
             body.len() + 4
-        ));
+        )));
     }
     let mut frame = vec![0u8; HEADER_BYTES];
     frame[..4].copy_from_slice(&(body.len() as u32).to_le_bytes());
@@ -75,28 +79,37 @@ pub fn encode(h: &Header) -> std::result::Result<Vec<u8>, String> {
 }
 
 /// Decodes a header frame.
-pub fn decode(frame: &[u8]) -> std::result::Result<Header, String> {
+pub fn decode(frame: &[u8]) -> Result<Header> {
     if frame.len() < 4 {
-        return Err(format!("a frame of {} bytes has no length", frame.len()));
+        return Err(header_error(format!(
+            "a frame of {} bytes has no length",
+            frame.len()
+        )));
     }
     let n = u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
     if n + 4 > frame.len() {
-        return Err(format!(
+        return Err(header_error(format!(
             "length {n} runs past the {}-byte frame",
             frame.len()
-        ));
+        )));
     }
-    let (h, used): (Header, usize) =
-        bincode::decode_from_slice(&frame[4..4 + n], config()).map_err(|e| e.to_string())?;
+    let (h, used): (Header, usize) = bincode::decode_from_slice(&frame[4..4 + n], config())
+        .map_err(|e| header_error(e.to_string()))?;
     if used != n {
-        return Err(format!("{} trailing bytes after the header", n - used));
+        return Err(header_error(format!(
+            "{} trailing bytes after the header",
+            n - used
+        )));
     }
     for m in h.tensors.iter().flatten() {
         if m.kind as usize >= KINDS.len() {
-            return Err(format!("unknown dtype code {}", m.kind));
+            return Err(header_error(format!("unknown dtype code {}", m.kind)));
         }
         if m.shape.iter().any(|&d| d < 0) {
-            return Err(format!("negative dimension in shape {:?}", m.shape));
+            return Err(header_error(format!(
+                "negative dimension in shape {:?}",
+                m.shape
+            )));
         }
     }
     Ok(h)
@@ -128,7 +141,8 @@ pub fn send(
     let mut payload = Vec::new();
     let mut metas = Vec::new();
     for t in tensors.into_iter().flatten() {
-        let kind = kind_code(t.kind()).ok_or_else(|| frame_err(format!("cannot send dtype {:?}", t.kind())))?;
+        let kind = kind_code(t.kind())
+            .ok_or_else(|| frame_err(format!("cannot send dtype {:?}", t.kind())))?;
         metas.push(Meta {
             shape: t.size(),
             kind,
@@ -136,7 +150,7 @@ pub fn send(
         payload.push(t.to_device(wire_device(g, t)).contiguous());
     }
     header.tensors = tensors.map(|_| metas);
-    let frame = encode(&header).map_err(frame_err)?;
+    let frame = encode(&header).map_err(|e| frame_err(e.to_string()))?;
     let frame = Tensor::from_slice(&frame);
     let mut pending = vec![g.isend(&frame, dst, tag)?];
     for t in &payload {
@@ -149,7 +163,13 @@ pub fn send(
 
 /// Receives a message from `src` under `tag`, expecting `edge`; tensors arrive on the CPU (Gloo) or
 /// `device` (NCCL).
-pub fn recv(g: &Group, src: i64, tag: i32, edge: &str, device: Device) -> Result<(Header, Option<Vec<Tensor>>)> {
+pub fn recv(
+    g: &Group,
+    src: i64,
+    tag: i32,
+    edge: &str,
+    device: Device,
+) -> Result<(Header, Option<Vec<Tensor>>)> {
     let frame = Tensor::zeros([HEADER_BYTES as i64], (Kind::Uint8, Device::Cpu));
     g.recv(&frame, src, tag)?;
     let bytes: Vec<u8> = Vec::<u8>::try_from(&frame).map_err(|e| DistError::Frame {
@@ -158,11 +178,14 @@ pub fn recv(g: &Group, src: i64, tag: i32, edge: &str, device: Device) -> Result
         edge: edge.into(),
         problem: e.to_string(),
     })?;
-    let h = decode(&bytes).map_err(|problem| DistError::Frame {
+    let h = decode(&bytes).map_err(|e| DistError::Frame {
         rank: g.world_rank,
         peer: src,
         edge: edge.into(),
-        problem,
+        problem: match e {
+            DistError::Header { problem } => problem,
+            other => other.to_string(),
+        },
     })?;
     if h.edge != edge {
         return Err(DistError::Frame {

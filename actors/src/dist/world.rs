@@ -69,18 +69,21 @@ impl LaunchEnv {
 
     /// The contract from `var` (torchrun's variables first, then Slurm's).
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
-        let (source, rank_var, world_var, local_var) = if var("RANK").is_some() || var("WORLD_SIZE").is_some() {
-            ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-        } else if var("SLURM_PROCID").is_some() {
-            ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
-        } else {
-            return Ok(None);
-        };
+        let (source, rank_var, world_var, local_var) =
+            if var("RANK").is_some() || var("WORLD_SIZE").is_some() {
+                ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+            } else if var("SLURM_PROCID").is_some() {
+                ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+            } else {
+                return Ok(None);
+            };
         let need = |name: &str| {
             var(name).ok_or_else(|| DistError::Env {
                 var: name.into(),
                 value: String::new(),
-                expected: format!("missing; a {source} launch sets {rank_var} and {world_var} together"),
+                expected: format!(
+                    "missing; a {source} launch sets {rank_var} and {world_var} together"
+                ),
             })
         };
         let rank = parse_num(rank_var, &need(rank_var)?, 0)?;
@@ -110,11 +113,16 @@ impl LaunchEnv {
         };
         let master_addr = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
         let master_port = match var("MASTER_PORT") {
-            Some(v) => v.trim().parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| DistError::Env {
-                var: "MASTER_PORT".into(),
-                value: v.clone(),
-                expected: "expected a TCP port (1-65535)".into(),
-            })?,
+            Some(v) => v
+                .trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| DistError::Env {
+                    var: "MASTER_PORT".into(),
+                    value: v.clone(),
+                    expected: "expected a TCP port (1-65535)".into(),
+                })?,
             None => DEFAULT_PORT,
         };
         let restart_count = match var("TORCHELASTIC_RESTART_COUNT") {
@@ -175,7 +183,11 @@ impl World {
         if !missing.is_empty() {
             return Err(DistError::NeverJoined {
                 rank,
-                missing: missing.iter().map(i64::to_string).collect::<Vec<_>>().join(", "),
+                missing: missing
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 world: env.world_size,
                 addr: format!("{}:{}", env.master_addr, env.master_port),
                 secs: timeout.as_secs(),
@@ -184,7 +196,11 @@ impl World {
         for r in 0..env.world_size {
             let v = store.get(&format!("{prefix}/join/{r}"))?;
             let text = String::from_utf8_lossy(&v);
-            let theirs: i64 = text.lines().next().and_then(|l| l.parse().ok()).unwrap_or(-1);
+            let theirs: i64 = text
+                .lines()
+                .next()
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(-1);
             if theirs != env.world_size {
                 return Err(DistError::WorldMismatch {
                     rank,
@@ -195,7 +211,11 @@ impl World {
             }
         }
         let iface = std::env::var("GLOO_SOCKET_IFNAME").ok();
-        let hostname = if env.loopback() { "127.0.0.1".to_string() } else { String::new() };
+        let hostname = if env.loopback() {
+            "127.0.0.1".to_string()
+        } else {
+            String::new()
+        };
         let group = Group::gloo(
             &store,
             GroupSpec {
@@ -238,7 +258,11 @@ impl World {
             return Ok(None);
         };
         let iface = std::env::var("GLOO_SOCKET_IFNAME").ok();
-        let hostname = if self.env.loopback() { "127.0.0.1".to_string() } else { String::new() };
+        let hostname = if self.env.loopback() {
+            "127.0.0.1".to_string()
+        } else {
+            String::new()
+        };
         Group::gloo(
             &self.store,
             GroupSpec {

@@ -58,12 +58,14 @@ impl DistPlan {
         }
         let rank = world.rank() as u32;
         let all: Vec<i64> = (0..world.size()).collect();
-        let p2p = world.subgroup("p2p", &all)?.map(Arc::new).ok_or_else(|| {
-            PipelineError::Topology {
-                origin: topo.origin.clone(),
-                problem: format!("rank {rank} is not in its own world"),
-            }
-        })?;
+        let p2p =
+            world
+                .subgroup("p2p", &all)?
+                .map(Arc::new)
+                .ok_or_else(|| PipelineError::Topology {
+                    origin: topo.origin.clone(),
+                    problem: format!("rank {rank} is not in its own world"),
+                })?;
         let mut replicas = None;
         if r > 1 {
             for pr in 0..p {

@@ -139,7 +139,9 @@ async fn spawn_stages(
     supervisor: &Supervisor,
     dist: Option<&DistPlan>,
 ) -> Result<Vec<Stage>> {
-    let m = dist.map_or(cfg.train.microbatches, |d| d.per_replica(cfg.train.microbatches)) as usize;
+    let m = dist.map_or(cfg.train.microbatches, |d| {
+        d.per_replica(cfg.train.microbatches)
+    }) as usize;
     let order = topo.pipeline_order();
     let p = order.len();
     if p < 3 {
@@ -155,11 +157,25 @@ async fn spawn_stages(
     let mut links: Vec<Links> = (0..p).map(|_| Links::default()).collect();
     for i in 0..p - 1 {
         for (from, to, kind) in [(i, i + 1, Edge::Fwd), (i + 1, i, Edge::Grad)] {
-            connect(&mut links, &local, dist, &names, &ranks, (from, to, kind, m));
+            connect(
+                &mut links,
+                &local,
+                dist,
+                &names,
+                &ranks,
+                (from, to, kind, m),
+            );
         }
     }
     for (from, to, kind) in [(0, p - 1, Edge::Csr), (p - 1, 0, Edge::CsrGrad)] {
-        connect(&mut links, &local, dist, &names, &ranks, (from, to, kind, m));
+        connect(
+            &mut links,
+            &local,
+            dist,
+            &names,
+            &ranks,
+            (from, to, kind, m),
+        );
     }
 
     let mut stages: Vec<Stage> = Vec::with_capacity(p);
@@ -209,7 +225,11 @@ async fn spawn_stages(
 }
 
 /// The inputs of `role` for each microbatch: token ids for shards, pixels for vision and diffusion.
-fn stage_data(role: &Role, mbs: &[Batch], ids_spans: &[(uuid::Uuid, tracing::Span)]) -> Vec<MbData> {
+fn stage_data(
+    role: &Role,
+    mbs: &[Batch],
+    ids_spans: &[(uuid::Uuid, tracing::Span)],
+) -> Vec<MbData> {
     mbs.iter()
         .zip(ids_spans)
         .map(|(mb, (id, span))| {
@@ -380,7 +400,10 @@ impl PipelineTrainer {
             .map(|i| {
                 let global = (plan.offset as usize + i) as u64;
                 let id = uuid::Uuid::from_u64_pair(step, global);
-                (id, tracing::debug_span!("microbatch", step, mb = global, %id))
+                (
+                    id,
+                    tracing::debug_span!("microbatch", step, mb = global, %id),
+                )
             })
             .collect();
         let mut calls = Vec::with_capacity(self.stages.len());
@@ -416,8 +439,12 @@ impl PipelineTrainer {
                 all_reduce.1 += secs;
             }
         }
-        let placed: Vec<(usize, &StepOut)> =
-            self.stages.iter().map(|s| s.index).zip(outs.iter()).collect();
+        let placed: Vec<(usize, &StepOut)> = self
+            .stages
+            .iter()
+            .map(|s| s.index)
+            .zip(outs.iter())
+            .collect();
         let g = gather(
             &placed,
             self.topo.actors.len(),
@@ -484,7 +511,11 @@ impl PipelineTrainer {
         let group = &d.world.group;
         let tmp = checkpoint::tmp_dir(run_dir, self.step);
         // A failure on rank 0 must not leave the others waiting at the barrier: they see it fail.
-        let begun = if rank0 { checkpoint::begin(run_dir, self.step).map(|_| ()) } else { Ok(()) };
+        let begun = if rank0 {
+            checkpoint::begin(run_dir, self.step).map(|_| ())
+        } else {
+            Ok(())
+        };
         group.barrier()?;
         begun?;
         if d.replica == 0 {

@@ -52,11 +52,20 @@ pub enum EdgeRx {
     Remote(Remote, Mutex<Traffic>),
 }
 
-fn wait_all(ps: Vec<Pending>) -> Result<(), String> {
+type Result<T, E = PipelineError> = std::result::Result<T, E>;
+
+fn wait_all(ps: Vec<Pending>) -> Result<()> {
     for p in ps {
-        p.wait().map_err(|e| e.to_string())?;
+        p.wait()?;
     }
     Ok(())
+}
+
+fn poisoned() -> PipelineError {
+    PipelineError::Stage {
+        stage: "edge".into(),
+        message: "a sender panicked while holding the edge".into(),
+    }
 }
 
 impl EdgeTx {
@@ -70,11 +79,9 @@ impl EdgeTx {
     }
 
     /// Sends `p`; a closed channel or a failed peer is an error message.
-    pub fn send(&self, p: Packet) -> Result<(), String> {
+    pub fn send(&self, p: Packet) -> Result<()> {
         match self {
-            EdgeTx::Local(tx) => tx
-                .send(p)
-                .map_err(|_| "the channel closed (a neighbour stopped)".to_string()),
+            EdgeTx::Local(tx) => tx.send(p).map_err(|_| PipelineError::ChannelClosed),
             EdgeTx::Remote(r) => {
                 let started = Instant::now();
                 let header = Header {
@@ -97,9 +104,8 @@ impl EdgeTx {
                     r.remote.tag,
                     header,
                     p.tensors.as_deref(),
-                )
-                .map_err(|e| e.to_string())?;
-                let mut guard = r.in_flight.lock().map_err(|_| "poisoned edge".to_string())?;
+                )?;
+                let mut guard = r.in_flight.lock().map_err(|_| poisoned())?;
                 guard.0.push_back(pending);
                 while guard.0.len() > r.capacity {
                     if let Some(oldest) = guard.0.pop_front() {
@@ -122,12 +128,12 @@ impl EdgeTx {
     }
 
     /// Waits for every remote send in flight (the end of a step); returns and resets the traffic.
-    pub fn flush(&self) -> Result<Option<Traffic>, String> {
+    pub fn flush(&self) -> Result<Option<Traffic>> {
         let EdgeTx::Remote(r) = self else {
             return Ok(None);
         };
         let started = Instant::now();
-        let mut guard = r.in_flight.lock().map_err(|_| "poisoned edge".to_string())?;
+        let mut guard = r.in_flight.lock().map_err(|_| poisoned())?;
         while let Some(ps) = guard.0.pop_front() {
             wait_all(ps)?;
         }
@@ -142,15 +148,12 @@ impl EdgeRx {
     }
 
     /// The next packet; the wait is bounded by the group's timeout for a remote edge.
-    pub fn recv(&self, device: tch::Device) -> Result<Packet, String> {
+    pub fn recv(&self, device: tch::Device) -> Result<Packet> {
         match self {
-            EdgeRx::Local(rx) => rx
-                .recv()
-                .map_err(|_| "the channel closed (a neighbour stopped)".to_string()),
+            EdgeRx::Local(rx) => rx.recv().map_err(|_| PipelineError::ChannelClosed),
             EdgeRx::Remote(r, traffic) => {
                 let started = Instant::now();
-                let (h, tensors) = wire::recv(&r.group, r.peer, r.tag, &r.edge, device)
-                    .map_err(|e| e.to_string())?;
+                let (h, tensors) = wire::recv(&r.group, r.peer, r.tag, &r.edge, device)?;
                 if let Ok(mut t) = traffic.lock() {
                     t.bytes += tensors
                         .iter()
@@ -225,23 +228,26 @@ pub struct Links {
 impl Links {
     /// Waits for every cross-process send in flight; returns what each cross-process end moved, by
     /// edge (`"<stage>: <edge> out|in"`).
-    pub(super) fn settle(&self, name: &str) -> Result<BTreeMap<String, Traffic>, PipelineError> {
+    pub(super) fn settle(&self, name: &str) -> Result<BTreeMap<String, Traffic>> {
         let mut out = BTreeMap::new();
         let txs = [
-            ("llm output", &self.fwd_out),
+            ("forward", &self.fwd_out),
             ("vision→diffusion", &self.csr_out),
             ("gradient out", &self.grad_out),
             ("csr gradient out", &self.csr_grad_out),
         ];
         for (edge, tx) in txs {
             if let Some(t) = tx.as_ref() {
-                if let Some(traffic) = t.flush().map_err(|e| PipelineError::stage(name, e))? {
+                if let Some(traffic) = t
+                    .flush()
+                    .map_err(|e| PipelineError::stage(name, format!("the {edge} edge: {e}")))?
+                {
                     out.insert(format!("{name}: {edge} out"), traffic);
                 }
             }
         }
         let rxs = [
-            ("input", &self.fwd_in),
+            ("forward", &self.fwd_in),
             ("csr input", &self.csr_in),
             ("gradient in", &self.grad_in),
             ("csr gradient in", &self.csr_grad_in),
@@ -254,4 +260,3 @@ impl Links {
         Ok(out)
     }
 }
-

@@ -11,6 +11,9 @@ pub enum PipelineError {
     /// A compute actor could not be called, or its supervisor refused a restart.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    /// A channel between two stages of this process closed.
+    #[error("the channel closed (a neighbour stopped)")]
+    ChannelClosed,
     /// A c10d call or the world failed (a peer gone, a timeout).
     #[error(transparent)]
     Dist(#[from] crate::dist::DistError),

@@ -324,8 +324,20 @@ impl StageWork {
                     .as_ref()
                     .ok_or_else(|| PipelineError::stage(name, "no pixels in the step's data"))?
                     .to_device(dev);
-                let csr_p = recv(name, &links.csr_in, (mb, id, dev), "vision→diffusion", &mut idle)?;
-                let nip_p = recv(name, &links.fwd_in, (mb, id, dev), "llm→diffusion", &mut idle)?;
+                let csr_p = recv(
+                    name,
+                    &links.csr_in,
+                    (mb, id, dev),
+                    "vision→diffusion",
+                    &mut idle,
+                )?;
+                let nip_p = recv(
+                    name,
+                    &links.fwd_in,
+                    (mb, id, dev),
+                    "llm→diffusion",
+                    &mut idle,
+                )?;
                 let zero = || Tensor::zeros([], (Kind::Float, dev));
                 let mut nip = zero();
                 if let Some(t) = &nip_p.tensors {
@@ -369,7 +381,14 @@ impl StageWork {
         // Gradients of what this stage sent downstream.
         let g_out = match &self.links.grad_in {
             Some(_) => {
-                recv(name, &self.links.grad_in, (mb, id, dev), "gradient in", &mut idle)?.tensors
+                recv(
+                    name,
+                    &self.links.grad_in,
+                    (mb, id, dev),
+                    "gradient in",
+                    &mut idle,
+                )?
+                .tensors
             }
             None => None,
         };
@@ -480,7 +499,8 @@ impl StageWork {
             .collect();
         let mask = Tensor::from_slice(&defined);
         group.all_reduce(&mask).map_err(fail)?;
-        let mask = Vec::<f32>::try_from(&mask).map_err(|e| PipelineError::stage(&self.name, e.to_string()))?;
+        let mask = Vec::<f32>::try_from(&mask)
+            .map_err(|e| PipelineError::stage(&self.name, e.to_string()))?;
         let missing: Vec<Tensor> = self
             .opt
             .params
@@ -501,17 +521,28 @@ impl StageWork {
             .collect();
         let on_cpu = grads.iter().all(|g| g.device() == tch::Device::Cpu);
         let bytes = if on_cpu {
-            group.all_reduce_buckets(&grads, bucket_bytes).map_err(fail)?
+            group
+                .all_reduce_buckets(&grads, bucket_bytes)
+                .map_err(fail)?
         } else {
             // Gloo reduces host tensors: stage through the CPU (NCCL groups reduce in place).
-            let host: Vec<Tensor> = grads.iter().map(|g| g.to_device(tch::Device::Cpu)).collect();
-            let n = group.all_reduce_buckets(&host, bucket_bytes).map_err(fail)?;
+            let host: Vec<Tensor> = grads
+                .iter()
+                .map(|g| g.to_device(tch::Device::Cpu))
+                .collect();
+            let n = group
+                .all_reduce_buckets(&host, bucket_bytes)
+                .map_err(fail)?;
             for (g, h) in grads.iter().zip(&host) {
                 g.shallow_clone().copy_(h);
             }
             n
         };
-        Ok((self.opt.grad_sq_norm(), bytes, started.elapsed().as_secs_f64()))
+        Ok((
+            self.opt.grad_sq_norm(),
+            bytes,
+            started.elapsed().as_secs_f64(),
+        ))
     }
 
     fn load(&mut self, weights: &BTreeMap<String, Tensor>) -> Result<()> {

@@ -184,6 +184,52 @@ impl ServeMetrics {
     }
 }
 
+/// The multi-process training metrics.
+#[derive(Debug)]
+pub struct DistMetrics {
+    /// Cross-process edges: bytes and seconds through c10d point-to-point, per edge end.
+    pub p2p_bytes: Family<EdgeLabels, Counter>,
+    pub p2p_seconds: Family<EdgeLabels, F64Counter>,
+    /// Gradient all_reduce over the data-parallel replicas.
+    pub allreduce_bytes: Counter,
+    pub allreduce_seconds: F64Counter,
+}
+
+impl DistMetrics {
+    fn register(r: &mut Registry) -> Self {
+        let p2p_bytes = Family::<EdgeLabels, Counter>::default();
+        r.register(
+            "deem_p2p_bytes",
+            "Bytes of activations and gradients through c10d point-to-point, per cross-process edge end",
+            p2p_bytes.clone(),
+        );
+        let p2p_seconds = Family::<EdgeLabels, F64Counter>::default();
+        r.register(
+            "deem_p2p_seconds",
+            "Seconds spent sending and receiving through c10d point-to-point (waiting for the peer included), per cross-process edge end",
+            p2p_seconds.clone(),
+        );
+        let allreduce_bytes = Counter::default();
+        r.register(
+            "deem_allreduce_bytes",
+            "Gradient bytes all-reduced over the data-parallel replicas",
+            allreduce_bytes.clone(),
+        );
+        let allreduce_seconds = F64Counter::default();
+        r.register(
+            "deem_allreduce_seconds",
+            "Seconds spent all-reducing gradients over the data-parallel replicas (waiting for the slowest included)",
+            allreduce_seconds.clone(),
+        );
+        DistMetrics {
+            p2p_bytes,
+            p2p_seconds,
+            allreduce_bytes,
+            allreduce_seconds,
+        }
+    }
+}
+
 type F64Gauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 type F64Counter = Counter<f64, std::sync::atomic::AtomicU64>;
 
@@ -210,12 +256,7 @@ pub struct Metrics {
     pub train_tokens: Counter,
     pub pipeline_edge_bytes: Family<EdgeLabels, Counter>,
     pub pipeline_edge_queue_depth: Family<EdgeLabels, Gauge>,
-    /// Cross-process edges: bytes and seconds through c10d point-to-point, per edge end.
-    pub p2p_bytes: Family<EdgeLabels, Counter>,
-    pub p2p_seconds: Family<EdgeLabels, F64Counter>,
-    /// Gradient all_reduce over the data-parallel replicas.
-    pub allreduce_bytes: Counter,
-    pub allreduce_seconds: F64Counter,
+    pub dist: DistMetrics,
     pub train_checkpoint_seconds: Histogram,
     pub serve: ServeMetrics,
     pub data_records: Family<FormatLabels, Counter>,
@@ -399,30 +440,7 @@ impl Metrics {
             "Deepest queue of each pipeline edge during the last step, in messages",
             pipeline_edge_queue_depth.clone(),
         );
-        let p2p_bytes = Family::<EdgeLabels, Counter>::default();
-        registry.register(
-            "deem_p2p_bytes",
-            "Bytes of activations and gradients through c10d point-to-point, per cross-process edge end",
-            p2p_bytes.clone(),
-        );
-        let p2p_seconds = Family::<EdgeLabels, F64Counter>::default();
-        registry.register(
-            "deem_p2p_seconds",
-            "Seconds spent sending and receiving through c10d point-to-point (waiting for the peer included), per cross-process edge end",
-            p2p_seconds.clone(),
-        );
-        let allreduce_bytes = Counter::default();
-        registry.register(
-            "deem_allreduce_bytes",
-            "Gradient bytes all-reduced over the data-parallel replicas",
-            allreduce_bytes.clone(),
-        );
-        let allreduce_seconds = F64Counter::default();
-        registry.register(
-            "deem_allreduce_seconds",
-            "Seconds spent all-reducing gradients over the data-parallel replicas (waiting for the slowest included)",
-            allreduce_seconds.clone(),
-        );
+        let dist = DistMetrics::register(&mut registry);
         let train_checkpoint_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 14));
         registry.register(
             "deem_train_checkpoint_seconds",
@@ -462,10 +480,7 @@ impl Metrics {
             train_tokens,
             pipeline_edge_bytes,
             pipeline_edge_queue_depth,
-            p2p_bytes,
-            p2p_seconds,
-            allreduce_bytes,
-            allreduce_seconds,
+            dist,
             train_checkpoint_seconds,
             serve,
             data_records,

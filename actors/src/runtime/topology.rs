@@ -151,7 +151,9 @@ impl Topology {
         let on_cpu = self
             .actors
             .iter()
-            .filter(|a| a.device == DeviceSpec::Cpu && (procs.is_none() || a.rank == placement.rank))
+            .filter(|a| {
+                a.device == DeviceSpec::Cpu && (procs.is_none() || a.rank == placement.rank)
+            })
             .count()
             .max(1)
             * procs.unwrap_or(1).max(1);
@@ -361,7 +363,7 @@ fn place(
 /// Sets each placement's pipeline rank (named by the actor, or the pipeline order split evenly over
 /// `ranks`); returns the ranks one pipeline spans.
 fn assign_ranks(file: &TopologyFile, placed: &mut [Placement], problems: &mut Vec<String>) -> u32 {
-    if placed.len() != file.actors.len() {
+    if placed.is_empty() || placed.len() != file.actors.len() {
         return 1;
     }
     let named = file.actors.iter().filter(|a| a.rank.is_some()).count();
@@ -398,7 +400,11 @@ fn assign_ranks(file: &TopologyFile, placed: &mut [Placement], problems: &mut Ve
         return n;
     }
     if named != file.actors.len() {
-        let missing = file.actors.iter().position(|a| a.rank.is_none()).unwrap_or(0);
+        let missing = file
+            .actors
+            .iter()
+            .position(|a| a.rank.is_none())
+            .unwrap_or(0);
         problems.push(format!(
             "actor[{missing}].rank: missing; either every actor names its rank or none does (then `ranks` splits them)"
         ));

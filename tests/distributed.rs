@@ -1,0 +1,367 @@
+//! Training across processes on Gloo over 127.0.0.1, through the real binary and launchers: two
+//! processes (vision + llm0 | llm1 + diffusion) equal one process bit for bit under GPipe and 1F1B;
+//! data parallel 2 × pipeline 2 equals one process on the same global batch; torchrun (from the
+//! project's .venv) runs the two-process case unchanged; a checkpoint written by four processes resumes
+//! in one; a killed rank is restarted by `deem launch` to the same final weights; a rank that never
+//! joins and a wrong WORLD_SIZE fail fast with errors naming them.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use deem::checkpoint::Checkpoint;
+use tch::Tensor;
+
+fn deem() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_deem"));
+    c.current_dir(common::root()).env("DEEM_LOG", "warn");
+    c
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn ok(out: Output, what: &str) -> Output {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `deem train` with `args` in one process.
+fn train_one(run: &Path, args: &[&str]) {
+    let out = deem()
+        .args(["train", "--quiet", "--run-dir"])
+        .arg(run)
+        .args(args)
+        .output()
+        .unwrap();
+    ok(out, "one-process training");
+}
+
+/// `deem launch --nproc-per-node n -- train …`.
+fn launch(n: u32, run: &Path, launcher: &[&str], args: &[&str]) -> Output {
+    deem()
+        .args([
+            "launch",
+            "--nproc-per-node",
+            &n.to_string(),
+            "--master-port",
+        ])
+        .arg(free_port().to_string())
+        .args(launcher)
+        .args([
+            "--",
+            "train",
+            "--quiet",
+            "--peer-timeout",
+            "60",
+            "--run-dir",
+        ])
+        .arg(run)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn model(run: &Path) -> BTreeMap<String, Tensor> {
+    let ck = Checkpoint::open(&run.join("model.safetensors")).unwrap();
+    let names: Vec<String> = ck.names().map(String::from).collect();
+    names
+        .into_iter()
+        .map(|n| {
+            let t = ck.tensor(&n).unwrap().unwrap();
+            (n, t)
+        })
+        .collect()
+}
+
+/// Per step: (step, total, ntp, nip, csr, grad_norm).
+fn steps(run: &Path) -> Vec<[f64; 6]> {
+    std::fs::read_to_string(run.join("steps.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("step").is_some())
+        .map(|v| {
+            ["step", "total", "ntp", "nip", "csr", "grad_norm"].map(|k| v[k].as_f64().unwrap())
+        })
+        .collect()
+}
+
+/// Largest parameter difference, and the names on one side only.
+fn model_diff(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) -> f64 {
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "the two models have different parameters"
+    );
+    a.iter()
+        .map(|(k, t)| common::max_diff(t, &b[k]))
+        .fold(0.0, f64::max)
+}
+
+fn scratch(name: &str) -> PathBuf {
+    common::scratch(&format!("dist-{name}"))
+}
+
+const TWO: &str = "topologies/cpu-2proc.toml";
+const FOUR: &str = "topologies/cpu-dp2.toml";
+
+#[test]
+fn two_processes_equal_one_process_bit_for_bit_under_gpipe_and_1f1b() {
+    for schedule in ["gpipe", "1f1b"] {
+        let d = scratch(&format!("two-{schedule}"));
+        let set = format!("train.schedule={schedule}");
+        let common = [
+            "--steps",
+            "5",
+            "--set",
+            &set,
+            "--set",
+            "train.microbatches=4",
+        ];
+        train_one(&d.join("one"), &common);
+        let mut args = vec!["--topology", TWO];
+        args.extend(common);
+        ok(
+            launch(2, &d.join("two"), &[], &args),
+            "two-process training",
+        );
+        // The single-process pipeline and the two processes compute the same float operations in the
+        // same order (the global norm is summed in pipeline order from exact slots): bit-identical.
+        assert_eq!(steps(&d.join("one")), steps(&d.join("two")), "{schedule}");
+        assert_eq!(
+            model_diff(&model(&d.join("one")), &model(&d.join("two"))),
+            0.0,
+            "{schedule}"
+        );
+        // And the reference trainer, to the float rounding tests/pipeline.rs states (1e-5).
+        train_one(
+            &d.join("ref"),
+            &[&["--single-process"][..], &common].concat(),
+        );
+        let diff = model_diff(&model(&d.join("ref")), &model(&d.join("two")));
+        assert!(diff < 1e-5, "{schedule}: {diff}");
+        for (r, t) in steps(&d.join("ref")).iter().zip(steps(&d.join("two"))) {
+            assert!((r[1] - t[1]).abs() < 1e-5 * r[1].abs(), "{r:?} vs {t:?}");
+        }
+    }
+}
+
+#[test]
+fn data_parallel_two_by_pipeline_two_equals_one_process_on_the_global_batch() {
+    let d = scratch("dp");
+    // 8 rows in 4 microbatches: each replica runs 2 of them on its half of every global batch.
+    let common = [
+        "--steps",
+        "5",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "train.microbatches=4",
+    ];
+    train_one(&d.join("one"), &common);
+    let mut args = vec!["--topology", FOUR];
+    args.extend(common);
+    ok(
+        launch(4, &d.join("four"), &[], &args),
+        "four-process training",
+    );
+    // The replicas' gradients are summed by all_reduce instead of accumulated microbatch after
+    // microbatch: another summation order, so float rounding (1e-6 relative on losses, 1e-5 on
+    // parameters after 5 AdamW steps) is the bound.
+    for (a, b) in steps(&d.join("one")).iter().zip(steps(&d.join("four"))) {
+        assert_eq!(a[0], b[0]);
+        for k in 1..6 {
+            assert!(
+                (a[k] - b[k]).abs() <= 1e-6 * a[k].abs().max(1.0),
+                "{a:?} vs {b:?}"
+            );
+        }
+    }
+    assert_eq!(steps(&d.join("four")).len(), 5);
+    let diff = model_diff(&model(&d.join("one")), &model(&d.join("four")));
+    assert!(diff < 1e-5, "{diff}");
+}
+
+#[test]
+fn torchrun_runs_the_two_process_case_unchanged() {
+    let torchrun = common::root().join(".venv/bin/torchrun");
+    assert!(
+        torchrun.exists(),
+        "scripts/setup.sh installs torch (and torchrun) into .venv"
+    );
+    let d = scratch("torchrun");
+    train_one(&d.join("one"), &["--steps", "3"]);
+    let out = Command::new(&torchrun)
+        .current_dir(common::root())
+        .env("DEEM_LOG", "warn")
+        .args(["--no-python", "--nproc-per-node", "2", "--master-port"])
+        .arg(free_port().to_string())
+        .arg(env!("CARGO_BIN_EXE_deem"))
+        .args([
+            "train",
+            "--quiet",
+            "--steps",
+            "3",
+            "--topology",
+            TWO,
+            "--run-dir",
+        ])
+        .arg(d.join("two"))
+        .output()
+        .unwrap();
+    ok(out, "torchrun");
+    assert_eq!(steps(&d.join("one")), steps(&d.join("two")));
+    assert_eq!(
+        model_diff(&model(&d.join("one")), &model(&d.join("two"))),
+        0.0
+    );
+}
+
+#[test]
+fn four_processes_checkpoint_and_one_process_resumes_to_six_straight_steps() {
+    let d = scratch("resume");
+    let run = d.join("run");
+    let out = launch(
+        4,
+        &run,
+        &[],
+        &["--topology", FOUR, "--steps", "6", "--stop-at", "3"],
+    );
+    ok(out, "four processes, three steps");
+    assert_eq!(steps(&run).len(), 3);
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("checkpoints/step-3/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["topology"], "cpu-dp2");
+    assert_eq!(
+        manifest["stages"],
+        serde_json::json!(["vision", "llm0", "llm1", "diffusion"])
+    );
+    train_one(&run, &["--steps", "6", "--resume"]);
+    train_one(&d.join("straight"), &["--steps", "6"]);
+    let (a, b) = (steps(&run), steps(&d.join("straight")));
+    assert_eq!(a.len(), 6);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x[1] - y[1]).abs() <= 1e-6 * y[1].abs(), "{x:?} vs {y:?}");
+    }
+    let diff = model_diff(&model(&run), &model(&d.join("straight")));
+    assert!(diff < 1e-5, "{diff}");
+}
+
+#[test]
+fn a_killed_rank_is_restarted_with_the_world_to_the_same_weights() {
+    let d = scratch("fault");
+    train_one(&d.join("straight"), &["--steps", "5"]);
+    let out = launch(
+        2,
+        &d.join("run"),
+        &["--max-restarts", "1"],
+        &[
+            "--topology",
+            TWO,
+            "--steps",
+            "5",
+            "--set",
+            "fault.kill_actor=llm1",
+            "--set",
+            "fault.at_step=3",
+            "--set",
+            "train.checkpoint_every=2",
+        ],
+    );
+    let out = ok(out, "training with a killed rank");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("rank 1 failed (exit code 1): restarting all 2 rank(s) (restart 1 of 1)")
+            || stderr
+                .contains("rank 0 failed (exit code 1): restarting all 2 rank(s) (restart 1 of 1)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("[rank 1] error: step 3 failed"), "{stderr}");
+    assert_eq!(steps(&d.join("run")), steps(&d.join("straight")));
+    assert_eq!(
+        model_diff(&model(&d.join("run")), &model(&d.join("straight"))),
+        0.0
+    );
+    // Without restarts the launcher gives up and says so.
+    let out = launch(
+        2,
+        &d.join("run2"),
+        &[],
+        &[
+            "--topology",
+            TWO,
+            "--steps",
+            "5",
+            "--set",
+            "fault.kill_actor=vision",
+            "--set",
+            "fault.at_step=1",
+        ],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not restarting: all 0 restart(s) allowed (--max-restarts) are used"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_rank_that_never_joins_or_a_wrong_world_size_fails_naming_them() {
+    let d = scratch("join");
+    let port = free_port().to_string();
+    let started = std::time::Instant::now();
+    let out = deem()
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", &port)
+        .args([
+            "train",
+            "--quiet",
+            "--peer-timeout",
+            "3",
+            "--topology",
+            TWO,
+            "--run-dir",
+        ])
+        .arg(d.join("a"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(started.elapsed().as_secs() < 30);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("error: rank 0: rank(s) 1 of WORLD_SIZE=2 never joined the rendezvous at 127.0.0.1:{port} within 3 s")),
+        "{stderr}"
+    );
+    let out = deem()
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "3")
+        .args(["train", "--quiet", "--topology", FOUR, "--run-dir"])
+        .arg(d.join("b"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("error: topologies/cpu-dp2.toml: WORLD_SIZE is 3 but topology \"cpu-dp2\" needs 4 processes (data_parallel 2 × 2 rank(s) per pipeline)"),
+        "{stderr}"
+    );
+}
