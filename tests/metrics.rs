@@ -267,6 +267,12 @@ fn monitoring_config_and_rules_pass_promtool() {
             shard: "llm0".into(),
         })
         .set(0);
+    // Likewise the cross-process edges (tests/distributed.rs exercises them).
+    let edge = deem_actors::runtime::metrics::EdgeLabels {
+        edge: "llm0: forward out".into(),
+    };
+    metrics.dist.p2p_bytes.get_or_create(&edge).inc_by(0);
+    metrics.dist.p2p_seconds.get_or_create(&edge).inc_by(0.0);
     // Likewise the actor failures (the supervision tests make them).
     metrics
         .actor_failures

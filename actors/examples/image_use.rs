@@ -13,7 +13,7 @@ fn main() -> anyhow::Result<()> {
     }
     let cfg: deem::config::DeemConfig = toml::from_str(&std::fs::read_to_string(&a[0])?)?;
     let (_vs, model) = deem_actors::cli::report::load_model(&cfg, Path::new(&a[1]))?;
-    let batches = deem_actors::cli::train::dataset_batches(
+    let batches = deem_actors::cli::train_data::dataset_batches(
         &cfg,
         Path::new(&a[2]),
         &deem_actors::runtime::metrics::Metrics::new(),

@@ -9,7 +9,7 @@ fn main() -> anyhow::Result<()> {
     let cfg: deem::config::DeemConfig = toml::from_str(&std::fs::read_to_string(&a[0])?)?;
     let dir = std::path::Path::new(&a[1]);
     let index: u64 = a.get(2).map_or(Ok(0), |x| x.parse())?;
-    let m = deem_actors::cli::train::dataset_batches(
+    let m = deem_actors::cli::train_data::dataset_batches(
         &cfg,
         dir,
         &deem_actors::runtime::metrics::Metrics::new(),
