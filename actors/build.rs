@@ -34,6 +34,9 @@ fn main() {
         // site-packages/torch/lib → site-packages
         let site = lib.join("../..");
         let nvidia = site.join("nvidia");
+        if !nvidia.join("cu13/include/nv/target").exists() {
+            panic!("--features nccl: CCCL's <nv/target> is missing from {}; run `bash scripts/setup.sh --nccl` (it installs nvidia-cuda-cccl)", nvidia.join("cu13/include").display());
+        }
         for sub in ["cu13/include", "cu13/include/cccl", "nccl/include"] {
             build.include(nvidia.join(sub));
         }

@@ -3,6 +3,7 @@
 # a project-local virtualenv (.venv) holding torch==2.13.0 from PyPI, the libtorch that tch 0.26 links, and
 # Debian's libgloo-dev (Gloo's headers, which the c10d bridge compiles against; the wheel ships none).
 # It skips every step whose result is already present. Python >= 3.9 with venv and pip is required.
+# --nccl also installs the CUDA C++ library headers (nvidia-cuda-cccl) that `--features nccl` compiles with.
 # --test also installs what the tests drive deem with: the official `openai` Python client (into .venv)
 # and headless Chromium + ChromeDriver (Debian packages, when apt-get is usable).
 set -euo pipefail
@@ -16,11 +17,13 @@ die() { echo "deem setup: error: $*" >&2; exit 1; }
 say() { echo "deem setup: $*" >&2; }
 
 WITH_TEST=0
+WITH_NCCL=0
 for arg in "$@"; do
     case "$arg" in
-        -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
         --test) WITH_TEST=1 ;;
-        *) die "unknown argument '$arg' (setup.sh takes only --test)" ;;
+        --nccl) WITH_NCCL=1 ;;
+        *) die "unknown argument '$arg' (setup.sh takes --test and --nccl)" ;;
     esac
 done
 
@@ -58,6 +61,17 @@ if [ ! -f /usr/include/gloo/config.h ]; then
     fi
 else
     say "libgloo-dev already installed"
+fi
+
+# The CUDA 13 headers of torch's own nvidia-* wheels lack CCCL's <nv/target>; its wheel matches torch's
+# CUDA (13.0).
+CCCL_VERSION="13.0.85"
+if [ "$WITH_NCCL" = 1 ]; then
+    if ! "$VENV/bin/python" -m pip show nvidia-cuda-cccl >/dev/null 2>&1; then
+        say "installing nvidia-cuda-cccl==$CCCL_VERSION (headers for --features nccl) into $VENV"
+        "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off -q "nvidia-cuda-cccl==$CCCL_VERSION" \
+            || die "pip could not install nvidia-cuda-cccl==$CCCL_VERSION (is PyPI reachable?)"
+    fi
 fi
 
 OPENAI_MIN="1.40"

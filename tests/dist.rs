@@ -6,8 +6,10 @@ mod common;
 
 use std::time::Duration;
 
+use deem_actors::dist::c10d::{self, GroupSpec};
 use deem_actors::dist::wire::{self, Header};
 use deem_actors::dist::{DistError, LaunchEnv, World};
+use deem_actors::dist::{Group, Store};
 use tch::{Kind, Tensor};
 
 fn free_port() -> u16 {
@@ -348,4 +350,30 @@ fn the_launch_contract_reads_torchrun_then_slurm() {
         err(&[("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_PORT", "99999")]),
         "MASTER_PORT=\"99999\": expected a TCP port (1-65535)"
     );
+}
+
+#[test]
+fn nccl_is_built_with_its_feature_and_fails_cleanly_where_it_cannot_run() {
+    assert_eq!(c10d::nccl_built(), cfg!(feature = "nccl"));
+    let port = free_port();
+    let store = Store::connect("127.0.0.1", port, true, 0, Duration::from_secs(10)).unwrap();
+    let spec = GroupSpec {
+        prefix: "nccl-check",
+        rank: 0,
+        size: 1,
+        world_rank: 0,
+        timeout: Duration::from_secs(10),
+    };
+    match Group::nccl(&store, spec) {
+        Err(e) if !c10d::nccl_built() => assert_eq!(
+            e.to_string(),
+            "rank 0: creating the NCCL group nccl-check: this deem was built without NCCL (cargo feature `nccl`)"
+        ),
+        // Built in: without a GPU the constructor refuses (an error, never a crash); with one it works.
+        Err(e) => assert!(
+            e.to_string().starts_with("rank 0: creating the NCCL group nccl-check: "),
+            "{e}"
+        ),
+        Ok(g) => assert!(c10d::nccl_built() && tch::Cuda::is_available() && g.size == 1),
+    }
 }

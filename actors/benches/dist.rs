@@ -95,7 +95,9 @@ fn tcp_pingpong(bytes: usize, reps: usize) -> f64 {
 }
 
 fn p2p() {
-    println!("1. point-to-point, Gloo over loopback ÷ a raw TCP socket (ping-pong, both directions)");
+    println!(
+        "1. point-to-point, Gloo over loopback ÷ a raw TCP socket (ping-pong, both directions)"
+    );
     println!("   size        c10d GB/s   raw GB/s   c10d ÷ raw");
     for (label, bytes, reps) in [
         ("64 KiB", 64 << 10, 200),
@@ -141,9 +143,14 @@ fn step_seconds(run: &Path) -> f64 {
 fn run(args: &[&str], launch: Option<u32>, run: &Path) -> f64 {
     let mut c = deem();
     if let Some(n) = launch {
-        c.args(["launch", "--nproc-per-node", &n.to_string(), "--master-port"])
-            .arg(free_port().to_string())
-            .arg("--");
+        c.args([
+            "launch",
+            "--nproc-per-node",
+            &n.to_string(),
+            "--master-port",
+        ])
+        .arg(free_port().to_string())
+        .arg("--");
     }
     let out = c
         .args(["train", "--quiet", "--steps", "6", "--run-dir"])
@@ -163,7 +170,12 @@ fn main() {
     p2p();
     let dir = std::env::temp_dir().join(format!("deem-bench-dist-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let set = ["--set", "train.batch_size=8", "--set", "train.microbatches=4"];
+    let set = [
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "train.microbatches=4",
+    ];
     let one = run(&set, None, &dir.join("one"));
     let two = run(
         &[&["--topology", "topologies/cpu-2proc.toml"][..], &set].concat(),
@@ -183,7 +195,10 @@ fn main() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../topologies/cpu.toml"),
     )
     .unwrap()
-    .replace("name = \"cpu\"", "name = \"cpu-dp2-whole\"\ndata_parallel = 2");
+    .replace(
+        "name = \"cpu\"",
+        "name = \"cpu-dp2-whole\"\ndata_parallel = 2",
+    );
     std::fs::write(&topo, text).unwrap();
     let dp = run(
         &[

@@ -36,6 +36,14 @@ pub fn info_text() -> String {
         tch::get_num_interop_threads()
     ));
     s.push_str(&format!(
+        "  c10d              TCPStore, Gloo; NCCL {}\n",
+        if crate::dist::c10d::nccl_built() {
+            "built in"
+        } else {
+            "not built (cargo feature `nccl`)"
+        }
+    ));
+    s.push_str(&format!(
         "  MKL / oneDNN / OpenMP  {} / {} / {}\n",
         yes(tch::utils::has_mkl()),
         yes(tch::utils::has_mkldnn()),
