@@ -436,6 +436,16 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer <key>` on /v1/*.
     #[arg(long, env = "DEEM_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Launched as one process of a world (torchrun, `deem launch`): seconds a peer may stay silent
+    /// (idle links carry heartbeats) before it counts as lost; rank 0 then fails the requests in
+    /// flight and turns /ready 503.
+    #[arg(
+        long,
+        env = "DEEM_PEER_TIMEOUT",
+        default_value_t = 60,
+        value_name = "SECS"
+    )]
+    pub peer_timeout: u64,
     #[command(flatten)]
     pub config: ConfigArgs,
 }

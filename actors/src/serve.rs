@@ -15,6 +15,7 @@ pub mod events;
 pub mod http;
 pub mod messages;
 pub mod openai;
+pub mod remote;
 pub mod scheduler;
 pub mod sse;
 pub mod validation;

@@ -8,7 +8,7 @@ use tch::{Kind, Tensor};
 use crate::rng::{Purpose, Stream};
 
 /// How one request samples.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SamplingParams {
     /// 0 = greedy.
     pub temperature: f64,

@@ -1,17 +1,63 @@
-//! `deem serve`: the streaming generation service on the topology's workers (see `serve/`).
+//! `deem serve`: the streaming generation service on the topology's workers (see `serve/`). Launched as
+//! a world (torchrun, `deem launch`), rank 0 runs the HTTP front end, admission, the scheduler and its
+//! own workers; every other rank runs the workers the topology places on it.
+
+use std::time::Duration;
+
+use anyhow::bail;
 
 use super::ServeArgs;
+use crate::runtime::topology::{Component, Topology};
+use crate::serve::remote::{Owners, ServeWorld};
+
+/// The world this process serves in, when a launcher started it (and the topology spans processes).
+fn join_world(args: &ServeArgs, topo: &Topology) -> anyhow::Result<Option<ServeWorld>> {
+    let Some(env) = crate::dist::LaunchEnv::from_env()? else {
+        return Ok(None);
+    };
+    if env.world_size == 1 && topo.world_size() == 1 {
+        return Ok(None);
+    }
+    if topo.data_parallel != 1 {
+        bail!(
+            "{}: data_parallel = {}: serving runs one pipeline; start one service per replica behind a load balancer",
+            topo.origin,
+            topo.data_parallel
+        );
+    }
+    topo.check_world(env.world_size)?;
+    let timeout = Duration::from_secs(args.peer_timeout.max(1));
+    let world = crate::dist::World::join(env, timeout)?;
+    let order = topo.pipeline_order();
+    let rank_of = |c| {
+        order
+            .iter()
+            .find(|a| a.component == c)
+            .map_or(0, |a| a.rank)
+    };
+    let owners = Owners {
+        vision: rank_of(Component::Vision),
+        shards: order
+            .iter()
+            .filter(|a| a.component == Component::Llm)
+            .map(|a| a.rank)
+            .collect(),
+        diffusion: rank_of(Component::Diffusion),
+    };
+    Ok(Some(ServeWorld {
+        rank: world.rank() as u32,
+        group: world.group.clone(),
+        owners,
+        heartbeat: (timeout / 4).min(Duration::from_secs(5)),
+    }))
+}
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = args.config.load()?;
     let topo = args
         .topology
         .load(&cfg, deem::device::cuda_device_count())?;
-    let tokenizer = deem::text::tokenizer::load_tokenizer(
-        args.tokenizer.as_deref(),
-        args.checkpoint.as_deref(),
-        &cfg.config,
-    )?;
+    let world = join_world(&args, &topo)?;
     let weights = match &args.checkpoint {
         Some(p) => crate::serve::engine::Weights::Checkpoint(p.clone()),
         None => {
@@ -19,19 +65,46 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             crate::serve::engine::Weights::Init
         }
     };
-    let metrics = crate::runtime::metrics::Metrics::new();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    if let Some(w) = world.clone().filter(|w| w.rank != 0) {
+        let metrics = crate::runtime::metrics::Metrics::new();
+        let rank = w.rank;
+        tracing::info!(rank, "serving the workers placed on this rank");
+        let end = runtime.block_on(async {
+            // A signal (the launcher passing on Ctrl-C) does not end this rank: rank 0 drains the
+            // requests in flight, which still need this rank, then stops the service.
+            tokio::spawn(async move {
+                loop {
+                    crate::serve::shutdown_signal().await;
+                    tracing::info!(rank, "signal: serving on until rank 0 stops the service");
+                }
+            });
+            crate::serve::engine::run_rank(&cfg.config, &topo, &weights, metrics, w).await
+        })?;
+        return match end {
+            Ok(()) => {
+                tracing::info!(rank, "rank 0 stopped the service");
+                Ok(())
+            }
+            Err(f) => bail!("rank {rank}: lost {}: {}", f.actor, f.error),
+        };
+    }
+    let tokenizer = deem::text::tokenizer::load_tokenizer(
+        args.tokenizer.as_deref(),
+        args.checkpoint.as_deref(),
+        &cfg.config,
+    )?;
+    let metrics = crate::runtime::metrics::Metrics::new();
     runtime.block_on(async {
-        let service = crate::serve::Service::start(
+        let service = crate::serve::Service::start_on(
             args.addr,
-            cfg.config.clone(),
-            &topo,
-            &weights,
+            (cfg.config.clone(), &topo, &weights),
             tokenizer,
             args.api_key.clone(),
             metrics,
+            world,
         )
         .await?;
         println!("deem serve: listening on http://{}", service.addr);

@@ -29,7 +29,7 @@ pub enum Policy {
 }
 
 /// One child's failure, as the supervisor heard it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Failure {
     pub actor: String,
     pub error: String,
@@ -179,6 +179,13 @@ impl Supervisor {
     }
 
     /// Every failure heard so far, oldest first.
+    /// Records a failure the supervisor could not see itself (a worker in another process, a lost
+    /// peer) exactly as one of its children's: logged, counted, kept, and told to the owner.
+    pub fn reporter(&self) -> Arc<dyn Fn(&Failure) + Send + Sync> {
+        let shared = self.shared.clone();
+        Arc::new(move |f: &Failure| shared.record(f.clone()))
+    }
+
     pub fn failures(&self) -> Vec<Failure> {
         self.shared
             .failures

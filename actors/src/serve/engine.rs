@@ -22,6 +22,7 @@ use super::admission::Admission;
 use super::error::{InferError, ServeError};
 use super::events::{Event, Events};
 use super::messages::{DiffusionJob, Inbox, ShardIn, ShardNext, VisionJob};
+use super::remote::{Bridge, Ends, ServeWorld};
 use super::scheduler::{GroupState, Scheduler};
 use super::validation::ValidRequest;
 use super::workers::{DiffusionWorker, ShardDetail, ShardWorker, VisionWorker};
@@ -70,6 +71,8 @@ pub enum EngineError {
     Runtime(#[from] RuntimeError),
     #[error("cannot start the scheduler thread: {0}")]
     Scheduler(std::io::Error),
+    #[error("cannot start the threads to the other ranks: {0}")]
+    Bridge(std::io::Error),
 }
 
 enum Source {
@@ -126,6 +129,29 @@ struct Wiring {
     diffusion: (Sender<DiffusionJob>, flume::Receiver<DiffusionJob>),
 }
 
+impl Wiring {
+    fn new(groups: usize) -> Self {
+        Wiring {
+            inbox: flume::unbounded(),
+            shards: (0..groups)
+                .map(|_| flume::bounded(groups * 2 + 4))
+                .collect(),
+            vision: flume::unbounded(),
+            diffusion: flume::unbounded(),
+        }
+    }
+
+    /// Clones of every end, for the threads to the other ranks.
+    fn ends(&self) -> Ends {
+        Ends {
+            inbox: self.inbox.clone(),
+            shards: self.shards.clone(),
+            vision: self.vision.clone(),
+            diffusion: self.diffusion.clone(),
+        }
+    }
+}
+
 /// The running workers.
 struct Workers {
     vision: Option<ComputeHandle<VisionWorker>>,
@@ -154,6 +180,8 @@ pub struct Engine {
     workers: Workers,
     supervisor: Option<Supervisor>,
     healthy: Arc<AtomicBool>,
+    /// The threads to the other ranks of a multi-process service.
+    bridge: Option<Bridge>,
 }
 
 /// The compute-actor spec of a placement, with the serving fault hook (`[fault]` naming this actor:
@@ -164,10 +192,11 @@ fn spec_of<W: Work>(
     p: &Placement,
     build: impl FnOnce() -> Result<W, BuildError> + Send + 'static,
 ) -> ComputeSpec<W> {
+    let procs = (topo.pipeline_ranks > 1).then_some(topo.pipeline_ranks as usize);
     ComputeSpec {
         name: p.name.clone(),
         device: p.device.to_string(),
-        threads: topo.cpu_threads(p),
+        threads: topo.cpu_threads_in(p, procs),
         build: Box::new(build),
         fault_at_job: cfg
             .fault
@@ -175,6 +204,30 @@ fn spec_of<W: Work>(
             .filter(|f| f.kill_actor == p.name)
             .map(|f| f.at_step),
     }
+}
+
+/// The vision, shard and diffusion placements of a serving topology, in pipeline order.
+fn roles(topo: &Topology) -> Result<(&Placement, Vec<&Placement>, &Placement), EngineError> {
+    let order = topo.pipeline_order();
+    let shards: Vec<&Placement> = order
+        .iter()
+        .copied()
+        .filter(|a| a.component == Component::Llm)
+        .collect();
+    let find = |c: Component| order.iter().copied().find(|a| a.component == c);
+    match (
+        find(Component::Vision),
+        find(Component::Diffusion),
+        shards.is_empty(),
+    ) {
+        (Some(v), Some(d), false) => Ok((v, shards, d)),
+        _ => Err(EngineError::Topology(topo.origin.clone())),
+    }
+}
+
+/// Whether this process hosts `p` (every placement without a world).
+fn hosts(world: Option<&ServeWorld>, p: &Placement) -> bool {
+    world.is_none_or(|w| p.rank == w.rank)
 }
 
 impl Engine {
@@ -187,30 +240,23 @@ impl Engine {
         tokenizer: Arc<DeemTokenizer>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, EngineError> {
-        let order = topo.pipeline_order();
-        let shards: Vec<&Placement> = order
-            .iter()
-            .copied()
-            .filter(|a| a.component == Component::Llm)
-            .collect();
-        let find = |c: Component| order.iter().copied().find(|a| a.component == c);
-        let (Some(vision), Some(diffusion), false) = (
-            find(Component::Vision),
-            find(Component::Diffusion),
-            shards.is_empty(),
-        ) else {
-            return Err(EngineError::Topology(topo.origin.clone()));
-        };
+        Self::start_on(cfg, topo, weights, tokenizer, metrics, None).await
+    }
+
+    /// [`Self::start`] as rank 0 of a multi-process service (`world`): the workers placed here, the
+    /// scheduler, and the threads to the other ranks.
+    pub async fn start_on(
+        cfg: &DeemConfig,
+        topo: &Topology,
+        weights: &Weights,
+        tokenizer: Arc<DeemTokenizer>,
+        metrics: Arc<Metrics>,
+        world: Option<ServeWorld>,
+    ) -> Result<Self, EngineError> {
+        let (vision, shards, diffusion) = roles(topo)?;
         let source: SharedSource = Arc::new(Mutex::new(open_source(cfg, weights)?));
         let groups = shards.len();
-        let wiring = Wiring {
-            inbox: flume::unbounded(),
-            shards: (0..groups)
-                .map(|_| flume::bounded(groups * 2 + 4))
-                .collect(),
-            vision: flume::unbounded(),
-            diffusion: flume::unbounded(),
-        };
+        let wiring = Wiring::new(groups);
         // The supervisor's hook: the scheduler fails every request in flight, admission refuses new
         // ones, `/ready` turns 503.
         let healthy = Arc::new(AtomicBool::new(true));
@@ -235,7 +281,7 @@ impl Engine {
         };
         let spawned = spawn_workers(
             cfg,
-            topo,
+            (topo, world.as_ref()),
             &source,
             &wiring,
             &metrics,
@@ -245,13 +291,25 @@ impl Engine {
         )
         .await;
         drop(source);
-        if let Err(e) = spawned {
-            // Close the inputs so the started workers' threads end, then stop them.
-            drop(wiring);
-            workers.stop().await;
-            supervisor.stop().await;
-            return Err(e);
-        }
+        let bridge = match (spawned, &world) {
+            (Err(e), _) => Err(e),
+            (Ok(()), None) => Ok(None),
+            // A lost rank, or a worker dead in another process, fails the service as a dead worker
+            // here does.
+            (Ok(()), Some(w)) => Bridge::start(w, wiring.ends(), supervisor.reporter())
+                .map(Some)
+                .map_err(EngineError::Bridge),
+        };
+        let bridge = match bridge {
+            Ok(b) => b,
+            Err(e) => {
+                // Close the inputs so the started workers' threads end, then stop them.
+                drop(wiring);
+                workers.stop().await;
+                supervisor.stop().await;
+                return Err(e);
+            }
+        };
         let (admission, queue) = Admission::new(
             cfg.serve.queue_capacity,
             healthy.clone(),
@@ -292,6 +350,7 @@ impl Engine {
             workers,
             supervisor: Some(supervisor),
             healthy,
+            bridge,
         })
     }
 
@@ -307,6 +366,14 @@ impl Engine {
         req: ValidRequest,
     ) -> Result<impl Stream<Item = Result<Event, InferError>> + Send + 'static, ServeError> {
         Ok(self.submit(req)?.into_stream())
+    }
+
+    /// The actors (or ranks) whose failure the supervisor recorded.
+    pub fn failed(&self) -> Vec<String> {
+        self.supervisor
+            .as_ref()
+            .map(|s| s.failures().into_iter().map(|f| f.actor).collect())
+            .unwrap_or_default()
     }
 
     /// True until a worker fails.
@@ -347,11 +414,84 @@ impl Engine {
         if let Some(t) = self.scheduler.take() {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
+        if let Some(b) = self.bridge.take() {
+            let _ = tokio::task::spawn_blocking(move || b.stop()).await;
+        }
         self.workers.stop().await;
         if let Some(s) = self.supervisor.take() {
             s.stop().await;
         }
     }
+}
+
+/// Runs the workers a rank other than 0 hosts in a multi-process service, until rank 0 stops the
+/// service (`Ok`) or a peer is lost (its failure). A worker that dies here is reported to rank 0, which
+/// fails the requests in flight.
+pub async fn run_rank(
+    cfg: &DeemConfig,
+    topo: &Topology,
+    weights: &Weights,
+    metrics: Arc<Metrics>,
+    world: ServeWorld,
+) -> Result<Result<(), Failure>, EngineError> {
+    let (vision, shards, diffusion) = roles(topo)?;
+    let source: SharedSource = Arc::new(Mutex::new(open_source(cfg, weights)?));
+    let wiring = Wiring::new(shards.len());
+    let on_failure = {
+        let inbox = wiring.inbox.0.clone();
+        Arc::new(move |f: &Failure| {
+            let _ = inbox.send(Inbox::WorkerFailed(f.clone()));
+        })
+    };
+    let supervisor = Supervisor::start(
+        "serving",
+        Policy::MarkFailed,
+        Some(on_failure),
+        Some(metrics.clone()),
+    )
+    .await?;
+    let mut workers = Workers {
+        vision: None,
+        shards: Vec::new(),
+        diffusion: None,
+    };
+    let spawned = spawn_workers(
+        cfg,
+        (topo, Some(&world)),
+        &source,
+        &wiring,
+        &metrics,
+        &supervisor,
+        &mut workers,
+        (vision, &shards, diffusion),
+    )
+    .await;
+    drop(source);
+    let rank = world.rank;
+    let bridge = spawned.and_then(|()| {
+        let lost: super::remote::OnLost = Arc::new(move |f: &Failure| {
+            tracing::error!(rank, peer = %f.actor, error = %f.error, "lost a peer of the service");
+        });
+        Bridge::start(&world, wiring.ends(), lost).map_err(EngineError::Bridge)
+    });
+    drop(wiring);
+    let end = match bridge {
+        Ok(b) => tokio::task::spawn_blocking(move || {
+            let end = b.wait_end();
+            b.stop();
+            end
+        })
+        .await
+        .unwrap_or(Ok(())),
+        Err(e) => {
+            workers.stop().await;
+            supervisor.stop().await;
+            return Err(e);
+        }
+    };
+    workers.stop().await;
+    supervisor.stop().await;
+    Ok(end)
 }
 
 /// A vision or diffusion status in the shards' shape (no sequences, no cache).
@@ -370,7 +510,7 @@ fn widen<D>(s: ComputeStatus<D>) -> WorkerStatus {
 #[allow(clippy::too_many_arguments)]
 async fn spawn_workers(
     cfg: &DeemConfig,
-    topo: &Topology,
+    (topo, world): (&Topology, Option<&ServeWorld>),
     source: &SharedSource,
     wiring: &Wiring,
     metrics: &Arc<Metrics>,
@@ -401,7 +541,9 @@ async fn spawn_workers(
             output,
         })
     });
-    workers.vision = Some(supervisor.spawn(spec).await.map_err(started(vision))?);
+    if hosts(world, vision) {
+        workers.vision = Some(supervisor.spawn(spec).await.map_err(started(vision))?);
+    }
     // Shards.
     for (i, p) in shards.iter().enumerate() {
         let (c, src, device) = (cfg.clone(), source.clone(), p.device.into());
@@ -433,9 +575,11 @@ async fn spawn_workers(
                 slots,
             })
         });
-        workers
-            .shards
-            .push(supervisor.spawn(spec).await.map_err(started(p))?);
+        if hosts(world, p) {
+            workers
+                .shards
+                .push(supervisor.spawn(spec).await.map_err(started(p))?);
+        }
     }
     // Diffusion.
     let (c, src, device) = (cfg.clone(), source.clone(), diffusion.device.into());
@@ -460,6 +604,8 @@ async fn spawn_workers(
             max_batch,
         })
     });
-    workers.diffusion = Some(supervisor.spawn(spec).await.map_err(started(diffusion))?);
+    if hosts(world, diffusion) {
+        workers.diffusion = Some(supervisor.spawn(spec).await.map_err(started(diffusion))?);
+    }
     Ok(())
 }

@@ -6,7 +6,7 @@
 use serde_json::{json, Value};
 
 /// Why a request failed while it ran (sent in its stream; the HTTP layer maps it).
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum InferError {
     /// A worker's computation failed for this request (a full KV pool, a context out of range, …).
     #[error("{actor}: {message}")]

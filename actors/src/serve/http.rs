@@ -148,11 +148,17 @@ async fn ready(State(st): State<AppState>) -> Response {
         return json_response(503, json!({"status": "shutting down"}));
     }
     let actors = st.engine.status().await;
-    let down: Vec<&str> = actors
+    let mut down: Vec<String> = actors
         .iter()
         .filter(|a| a.state != crate::runtime::ComputeState::Running)
-        .map(|a| a.name.as_str())
+        .map(|a| a.name.clone())
         .collect();
+    // Failures the supervisor heard of beyond this process's workers (a lost rank).
+    for f in st.engine.failed() {
+        if !down.contains(&f) {
+            down.push(f);
+        }
+    }
     if down.is_empty() && st.engine.is_healthy() {
         Json(json!({"status": "ready", "model": st.model, "actors": actors})).into_response()
     } else {
@@ -215,8 +221,29 @@ impl Service {
         api_key: Option<String>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ServiceError> {
+        let model = (cfg, topo, weights);
+        Self::start_on(addr, model, tokenizer, api_key, metrics, None).await
+    }
+
+    /// [`Self::start`] as rank 0 of a multi-process service (`world`).
+    pub async fn start_on(
+        addr: SocketAddr,
+        (cfg, topo, weights): (DeemConfig, &crate::runtime::topology::Topology, &Weights),
+        tokenizer: DeemTokenizer,
+        api_key: Option<String>,
+        metrics: Arc<Metrics>,
+        world: Option<crate::serve::remote::ServeWorld>,
+    ) -> Result<Self, ServiceError> {
         let tokenizer = Arc::new(tokenizer);
-        let engine = Engine::start(&cfg, topo, weights, tokenizer.clone(), metrics.clone()).await?;
+        let engine = Engine::start_on(
+            &cfg,
+            topo,
+            weights,
+            tokenizer.clone(),
+            metrics.clone(),
+            world,
+        )
+        .await?;
         let state = AppState {
             engine: Arc::new(engine),
             model: cfg.model.name.clone(),

@@ -1,19 +1,23 @@
 //! The messages between the scheduler and the generation workers, after text-generation-inference's
 //! router ⇄ shard protocol: decode ticks down the LLM shards (`ShardIn`), jobs for the vision and
 //! diffusion workers, and every result back in the scheduler's `Inbox` — a worker's failure included,
-//! from its supervisor.
+//! from its supervisor. Every message serializes (serde; tensors as slots of [`super::remote`]), so a
+//! worker can sit in another process.
 
 use std::sync::Arc;
 
 use deem::text::sampling::SamplingParams;
 use flume::Sender;
+use serde::{Deserialize, Serialize};
 use tch::Tensor;
 use uuid::Uuid;
 
 use crate::runtime::Failure;
 use crate::serve::error::InferError;
+use crate::serve::remote::slot;
 
 /// How the next token of a row is drawn (last shard).
+#[derive(Serialize, Deserialize)]
 pub struct SampleSpec {
     pub params: Arc<SamplingParams>,
     /// Ids in the context, for the repetition penalty.
@@ -28,6 +32,7 @@ pub struct SampleSpec {
 }
 
 /// One sequence's part of a decode tick.
+#[derive(Serialize, Deserialize)]
 pub struct RowMeta {
     pub seq: Uuid,
     /// Position of the row's first input (the sequence's cached length).
@@ -39,16 +44,19 @@ pub struct RowMeta {
 }
 
 /// What the first shard embeds for a row.
+#[derive(Serialize, Deserialize)]
 pub enum RowInput {
     /// Token ids, with the visual tokens [N, K, L] of the images whose placeholders they hold.
     Ids {
         ids: Vec<i64>,
+        #[serde(with = "slot::opt")]
         visual: Option<Tensor>,
     },
     /// Ready embeddings [T, L]: the visual tokens of an image the model just drew.
-    Embeds(Tensor),
+    Embeds(#[serde(with = "slot::one")] Tensor),
 }
 
+#[derive(Serialize, Deserialize)]
 pub enum ShardIn {
     Tick {
         group: usize,
@@ -68,23 +76,28 @@ pub enum ShardIn {
 }
 
 /// A tick's hidden states between shards: the single-token rows as one batch, the others one by one.
-#[derive(Default)]
+#[derive(Default, Serialize, Deserialize)]
 pub struct Hidden {
     /// Row indices of the batched rows, and their states [B, 1, L].
+    #[serde(with = "slot::batch")]
     pub batch: Option<(Vec<usize>, Tensor)>,
     /// The other rows' states [1, T, L], by row index.
+    #[serde(with = "slot::rows")]
     pub rows: Vec<(usize, Tensor)>,
 }
 
+#[derive(Serialize, Deserialize)]
 pub struct RowOut {
     pub seq: Uuid,
     pub token: Option<i64>,
     /// Beam rows: the most likely next ids with their log-probabilities, best first.
     pub top: Vec<(i64, f64)>,
+    #[serde(with = "slot::opt")]
     pub context: Option<Tensor>,
 }
 
 /// Results coming back to the scheduler.
+#[derive(Serialize, Deserialize)]
 pub enum Inbox {
     Tick {
         group: usize,
@@ -94,11 +107,13 @@ pub enum Inbox {
         seq: Uuid,
         generated: bool,
         /// Visual tokens [N, K, L] and CSR conditions [N, Q, C].
+        #[serde(with = "slot::pair")]
         out: Result<(Tensor, Tensor), InferError>,
     },
     Drawn {
         seq: Uuid,
         /// Pixels [3, H, W] in [0, 1] and their PNG.
+        #[serde(with = "slot::image")]
         out: Result<(Tensor, Vec<u8>), InferError>,
     },
     Scored {
@@ -109,19 +124,24 @@ pub enum Inbox {
     WorkerFailed(Failure),
 }
 
+#[derive(Serialize, Deserialize)]
 pub struct VisionJob {
     pub seq: Uuid,
     /// [N, 3, H, W] in [0, 1].
+    #[serde(with = "slot::one")]
     pub pixels: Tensor,
     /// Region input: [N, 1, H, W] in [0, 1] (see [`deem::models::deem::Batch::masks`]).
+    #[serde(with = "slot::opt")]
     pub masks: Option<Tensor>,
     pub generated: bool,
 }
 
+#[derive(Serialize, Deserialize)]
 pub enum DiffusionJob {
     Draw {
         seq: Uuid,
         /// NIP context [N, L], nearest position first.
+        #[serde(with = "slot::one")]
         context: Tensor,
         steps: i64,
         guidance: f64,
@@ -131,8 +151,11 @@ pub enum DiffusionJob {
     },
     Score {
         seq: Uuid,
+        #[serde(with = "slot::one")]
         cond: Tensor,
+        #[serde(with = "slot::one")]
         pixels: Tensor,
+        #[serde(with = "slot::opt")]
         masks: Option<Tensor>,
         timesteps: Vec<i64>,
     },

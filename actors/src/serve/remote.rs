@@ -1,0 +1,407 @@
+//! Serving across processes, after text-generation-inference's router ⇄ shard split over a transport:
+//! every process builds the same channels ([`super::messages`]), runs the workers its rank hosts, and
+//! for every other rank one forwarder thread (draining the channels that rank owns here and sending
+//! them over c10d) and one receiver thread (putting what arrives into this process's channels). Rank 0
+//! owns the scheduler's inbox, so results come home; the scheduler and the workers never know a peer
+//! is remote. Idle links carry heartbeats, so a dead or hung rank is noticed within the peer timeout:
+//! on rank 0 its loss fails every request in flight with an error event and turns `/ready` 503.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flume::{Receiver, Selector, Sender};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use super::messages::{DiffusionJob, Inbox, ShardIn, VisionJob};
+use crate::dist::wire::{self, Header};
+use crate::dist::{DistError, Group};
+use crate::runtime::Failure;
+
+/// Tensors inside serialized messages: each becomes an index into the message's tensor list
+/// (`#[serde(with = "slot::one")]` and friends), filled while encoding and read while decoding.
+pub mod slot {
+    use std::cell::RefCell;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use tch::Tensor;
+
+    use crate::serve::error::InferError;
+
+    thread_local! {
+        pub(super) static OUT: RefCell<Vec<Tensor>> = const { RefCell::new(Vec::new()) };
+        pub(super) static IN: RefCell<Vec<Option<Tensor>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    fn put(t: &Tensor) -> u32 {
+        OUT.with(|o| {
+            let mut o = o.borrow_mut();
+            o.push(t.shallow_clone());
+            (o.len() - 1) as u32
+        })
+    }
+
+    fn take<E: serde::de::Error>(i: u32) -> Result<Tensor, E> {
+        IN.with(|v| v.borrow_mut().get_mut(i as usize).and_then(Option::take))
+            .ok_or_else(|| E::custom(format!("tensor slot {i} is missing or used twice")))
+    }
+
+    pub mod one {
+        use super::*;
+        pub fn serialize<S: Serializer>(t: &Tensor, s: S) -> Result<S::Ok, S::Error> {
+            put(t).serialize(s)
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Tensor, D::Error> {
+            take(u32::deserialize(d)?)
+        }
+    }
+
+    pub mod opt {
+        use super::*;
+        pub fn serialize<S: Serializer>(t: &Option<Tensor>, s: S) -> Result<S::Ok, S::Error> {
+            t.as_ref().map(put).serialize(s)
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Tensor>, D::Error> {
+            Option::<u32>::deserialize(d)?.map(take).transpose()
+        }
+    }
+
+    pub mod batch {
+        use super::*;
+        type T = Option<(Vec<usize>, Tensor)>;
+        pub fn serialize<S: Serializer>(t: &T, s: S) -> Result<S::Ok, S::Error> {
+            t.as_ref().map(|(r, x)| (r, put(x))).serialize(s)
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
+            Option::<(Vec<usize>, u32)>::deserialize(d)?
+                .map(|(r, i)| take(i).map(|x| (r, x)))
+                .transpose()
+        }
+    }
+
+    pub mod rows {
+        use super::*;
+        type T = Vec<(usize, Tensor)>;
+        pub fn serialize<S: Serializer>(t: &T, s: S) -> Result<S::Ok, S::Error> {
+            t.iter()
+                .map(|(r, x)| (*r, put(x)))
+                .collect::<Vec<_>>()
+                .serialize(s)
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
+            Vec::<(usize, u32)>::deserialize(d)?
+                .into_iter()
+                .map(|(r, i)| take(i).map(|x| (r, x)))
+                .collect()
+        }
+    }
+
+    pub mod pair {
+        use super::*;
+        type T = Result<(Tensor, Tensor), InferError>;
+        pub fn serialize<S: Serializer>(t: &T, s: S) -> Result<S::Ok, S::Error> {
+            t.as_ref()
+                .map(|(a, b)| (put(a), put(b)))
+                .map_err(Clone::clone)
+                .serialize(s)
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
+            match Result::<(u32, u32), InferError>::deserialize(d)? {
+                Ok((a, b)) => Ok(Ok((take(a)?, take(b)?))),
+                Err(e) => Ok(Err(e)),
+            }
+        }
+    }
+
+    pub mod image {
+        use super::*;
+        type T = Result<(Tensor, Vec<u8>), InferError>;
+        pub fn serialize<S: Serializer>(t: &T, s: S) -> Result<S::Ok, S::Error> {
+            t.as_ref()
+                .map(|(a, png)| (put(a), png))
+                .map_err(Clone::clone)
+                .serialize(s)
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
+            match Result::<(u32, Vec<u8>), InferError>::deserialize(d)? {
+                Ok((a, png)) => Ok(Ok((take(a)?, png))),
+                Err(e) => Ok(Err(e)),
+            }
+        }
+    }
+
+    /// Unused slots after decoding are an error too (a message that names fewer tensors than it
+    /// carried).
+    pub(super) fn untaken() -> usize {
+        IN.with(|v| {
+            let left = v.borrow().iter().filter(|t| t.is_some()).count();
+            v.borrow_mut().clear();
+            left
+        })
+    }
+}
+
+/// Everything that crosses between two processes of a service.
+#[derive(Serialize, Deserialize)]
+pub enum Msg {
+    Vision(VisionJob),
+    /// Input of LLM shard `i` (pipeline order).
+    Shard(usize, ShardIn),
+    Diffusion(DiffusionJob),
+    Inbox(Inbox),
+    /// An idle link's sign of life.
+    Heartbeat,
+    /// The sender is shutting down cleanly.
+    Stop,
+}
+
+fn codec() -> impl bincode::config::Config {
+    bincode::config::standard()
+}
+
+fn bad(problem: String) -> DistError {
+    DistError::Header { problem }
+}
+
+/// The message's bytes and the tensors it carries.
+pub fn encode<T: Serialize>(msg: &T) -> Result<(Vec<u8>, Vec<Tensor>), DistError> {
+    slot::OUT.with(|o| o.borrow_mut().clear());
+    let body = bincode::serde::encode_to_vec(msg, codec()).map_err(|e| bad(e.to_string()));
+    let tensors = slot::OUT.with(|o| std::mem::take(&mut *o.borrow_mut()));
+    Ok((body?, tensors))
+}
+
+/// The message of `body`, its tensor slots filled from `tensors`.
+pub fn decode<T: DeserializeOwned>(body: &[u8], tensors: Vec<Tensor>) -> Result<T, DistError> {
+    slot::IN.with(|v| *v.borrow_mut() = tensors.into_iter().map(Some).collect());
+    let decoded =
+        bincode::serde::decode_from_slice::<T, _>(body, codec()).map_err(|e| bad(e.to_string()));
+    let left = slot::untaken();
+    let (msg, used) = decoded?;
+    if left > 0 {
+        return Err(bad(format!(
+            "{left} tensor(s) carried but not named by the message"
+        )));
+    }
+    if used != body.len() {
+        return Err(bad(format!(
+            "{} trailing bytes after the message",
+            body.len() - used
+        )));
+    }
+    Ok(msg)
+}
+
+/// Which rank hosts each worker (rank 0 hosts the scheduler and owns its inbox).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Owners {
+    pub vision: u32,
+    /// LLM shards in pipeline order.
+    pub shards: Vec<u32>,
+    pub diffusion: u32,
+}
+
+/// This process's place in a multi-process service.
+#[derive(Clone)]
+pub struct ServeWorld {
+    pub group: Arc<Group>,
+    pub rank: u32,
+    pub owners: Owners,
+    /// How often an idle link says it is alive (well below the group's timeout).
+    pub heartbeat: Duration,
+}
+
+/// One process's ends of every channel of the service (every process builds the same set).
+pub struct Ends {
+    pub inbox: (Sender<Inbox>, Receiver<Inbox>),
+    pub shards: Vec<(Sender<ShardIn>, Receiver<ShardIn>)>,
+    pub vision: (Sender<VisionJob>, Receiver<VisionJob>),
+    pub diffusion: (Sender<DiffusionJob>, Receiver<DiffusionJob>),
+}
+
+/// Told when a peer is lost or reports a dead worker.
+pub type OnLost = Arc<dyn Fn(&Failure) + Send + Sync>;
+
+fn tag(src: u32, dst: u32) -> i32 {
+    50_000 + (src as i32) * 1024 + dst as i32
+}
+
+fn send_msg(g: &Group, dst: u32, msg: &Msg) -> Result<(), DistError> {
+    let (body, mut tensors) = encode(msg)?;
+    tensors.insert(0, Tensor::from_slice(&body));
+    let header = Header {
+        edge: "serve".into(),
+        seq: 0,
+        id: [0; 16],
+        tensors: None,
+        index: vec![],
+        trace: String::new(),
+    };
+    for p in wire::send(
+        g,
+        dst as i64,
+        tag(g.rank as u32, dst),
+        header,
+        Some(&tensors),
+    )? {
+        p.wait()?;
+    }
+    Ok(())
+}
+
+fn recv_msg(g: &Group, src: u32) -> Result<Msg, DistError> {
+    let (_, tensors) = wire::recv(g, src as i64, tag(src, g.rank as u32), "serve", Device::Cpu)?;
+    let mut tensors = tensors.unwrap_or_default();
+    if tensors.is_empty() || tensors[0].kind() != Kind::Uint8 {
+        return Err(bad("a serve message without its body".into()));
+    }
+    let body = Vec::<u8>::try_from(&tensors.remove(0)).map_err(|e| bad(e.to_string()))?;
+    decode(&body, tensors)
+}
+
+/// The forwarders and receivers of one process.
+pub struct Bridge {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// A receiver's end: `Ok` when its peer stopped cleanly, the failure otherwise.
+    ended: Receiver<Result<(), Failure>>,
+}
+
+/// The next message for `dst`: one of the channels it owns here, or a heartbeat after `wait`.
+fn next_for(dst: u32, w: &ServeWorld, ends: &Ends, wait: Duration) -> Msg {
+    let o = &w.owners;
+    let mut sel = Selector::new();
+    if o.vision == dst {
+        sel = sel.recv(&ends.vision.1, |r| r.ok().map(Msg::Vision));
+    }
+    for (i, (_, rx)) in ends.shards.iter().enumerate() {
+        if o.shards[i] == dst {
+            sel = sel.recv(rx, move |r| r.ok().map(|m| Msg::Shard(i, m)));
+        }
+    }
+    if o.diffusion == dst {
+        sel = sel.recv(&ends.diffusion.1, |r| r.ok().map(Msg::Diffusion));
+    }
+    if dst == 0 {
+        sel = sel.recv(&ends.inbox.1, |r| r.ok().map(Msg::Inbox));
+    }
+    sel.wait_timeout(wait)
+        .ok()
+        .flatten()
+        .unwrap_or(Msg::Heartbeat)
+}
+
+fn forward(dst: u32, w: ServeWorld, ends: Arc<Ends>, stop: Arc<AtomicBool>, on_lost: OnLost) {
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            let _ = send_msg(&w.group, dst, &Msg::Stop);
+            return;
+        }
+        let msg = next_for(dst, &w, &ends, w.heartbeat);
+        if let Err(e) = send_msg(&w.group, dst, &msg) {
+            if !stop.load(Ordering::SeqCst) {
+                on_lost(&Failure {
+                    actor: format!("rank {dst}"),
+                    error: e.to_string(),
+                });
+            }
+            return;
+        }
+    }
+}
+
+fn receive(
+    src: u32,
+    w: ServeWorld,
+    ends: Arc<Ends>,
+    stop: Arc<AtomicBool>,
+    on_lost: OnLost,
+    ended: Sender<Result<(), Failure>>,
+) {
+    loop {
+        let delivered = match recv_msg(&w.group, src) {
+            Ok(Msg::Stop) => {
+                let _ = ended.send(Ok(()));
+                return;
+            }
+            Ok(Msg::Heartbeat) => true,
+            Ok(Msg::Vision(j)) => ends.vision.0.send(j).is_ok(),
+            Ok(Msg::Shard(i, m)) => ends.shards.get(i).is_some_and(|(tx, _)| tx.send(m).is_ok()),
+            Ok(Msg::Diffusion(j)) => ends.diffusion.0.send(j).is_ok(),
+            Ok(Msg::Inbox(Inbox::WorkerFailed(f))) => {
+                on_lost(&f);
+                true
+            }
+            Ok(Msg::Inbox(m)) => ends.inbox.0.send(m).is_ok(),
+            Err(e) => {
+                let f = Failure {
+                    actor: format!("rank {src}"),
+                    error: e.to_string(),
+                };
+                if !stop.load(Ordering::SeqCst) {
+                    tracing::error!(rank = src, error = %f.error, "lost a peer of the service");
+                    on_lost(&f);
+                }
+                let _ = ended.send(Err(f));
+                return;
+            }
+        };
+        if !delivered {
+            tracing::warn!(
+                rank = src,
+                "a message arrived for a channel that is closed here"
+            );
+        }
+    }
+}
+
+impl Bridge {
+    /// Starts a forwarder to and a receiver from every other rank.
+    pub fn start(w: &ServeWorld, ends: Ends, on_lost: OnLost) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ends = Arc::new(ends);
+        let (tx, ended) = flume::unbounded();
+        let mut threads = Vec::new();
+        for peer in (0..w.group.size as u32).filter(|&r| r != w.rank) {
+            let (w1, e1, s1, l1) = (w.clone(), ends.clone(), stop.clone(), on_lost.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("deem-serve-to-{peer}"))
+                    .spawn(move || forward(peer, w1, e1, s1, l1))?,
+            );
+            let (w2, e2, s2, l2, t2) = (
+                w.clone(),
+                ends.clone(),
+                stop.clone(),
+                on_lost.clone(),
+                tx.clone(),
+            );
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("deem-serve-from-{peer}"))
+                    .spawn(move || receive(peer, w2, e2, s2, l2, t2))?,
+            );
+        }
+        Ok(Bridge {
+            stop,
+            threads,
+            ended,
+        })
+    }
+
+    /// Blocks until a peer stops (`Ok`) or is lost.
+    pub fn wait_end(&self) -> Result<(), Failure> {
+        self.ended.recv().unwrap_or(Ok(()))
+    }
+
+    /// Tells every peer this process stops, and waits for its threads (each receiver ends when its
+    /// peer stops too, or is lost).
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
