@@ -207,3 +207,75 @@ async fn killing_rank_1_fails_the_stream_in_flight_and_turns_ready_503() {
         .unwrap();
     assert_eq!(refused.status(), 503);
 }
+
+#[test]
+fn worker_messages_round_trip_with_their_tensors_and_bad_bodies_are_refused() {
+    use deem_actors::serve::messages::{Hidden, RowInput, RowMeta, SampleSpec, ShardIn};
+    use deem_actors::serve::remote::{decode, encode, Msg};
+    use tch::{Kind, Tensor};
+    let x = Tensor::randn([2, 1, 8], (Kind::Float, tch::Device::Cpu));
+    let y = Tensor::randn([1, 3, 8], (Kind::Float, tch::Device::Cpu));
+    let seq = uuid::Uuid::from_u64_pair(1, 2);
+    let msg = Msg::Shard(
+        1,
+        ShardIn::Tick {
+            group: 3,
+            rows: vec![RowMeta {
+                seq,
+                start: 5,
+                sample: Some(SampleSpec {
+                    params: std::sync::Arc::new(deem::text::sampling::SamplingParams::default()),
+                    seen: vec![1, 2, 3],
+                    banned: vec![9],
+                    index: 4,
+                    beam: 0,
+                }),
+                context_from: Some(2),
+            }],
+            inputs: vec![RowInput::Ids {
+                ids: vec![7, 8],
+                visual: None,
+            }],
+            hidden: Hidden {
+                batch: Some((vec![0, 2], x.shallow_clone())),
+                rows: vec![(1, y.shallow_clone())],
+            },
+            error: None,
+        },
+    );
+    let (body, tensors) = encode(&msg).unwrap();
+    assert_eq!(tensors.len(), 2);
+    let back: Msg = decode(&body, tensors.iter().map(|t| t.copy()).collect()).unwrap();
+    let Msg::Shard(
+        1,
+        ShardIn::Tick {
+            group: 3,
+            rows,
+            hidden,
+            ..
+        },
+    ) = back
+    else {
+        panic!("another message came back");
+    };
+    assert_eq!((rows[0].seq, rows[0].start), (seq, 5));
+    assert_eq!(rows[0].sample.as_ref().unwrap().seen, vec![1, 2, 3]);
+    let (idx, bx) = hidden.batch.unwrap();
+    assert_eq!(idx, vec![0, 2]);
+    assert!(bx.equal(&x) && hidden.rows[0].1.equal(&y));
+    // Tensors missing, or left over, and garbage: errors, never a panic.
+    let err = |r: Result<Msg, _>| {
+        r.err()
+            .map(|e: deem_actors::dist::DistError| e.to_string())
+            .unwrap()
+    };
+    assert_eq!(
+        err(decode(&body, vec![x.copy()])),
+        "message header: tensor slot 1 is missing or used twice"
+    );
+    assert_eq!(
+        err(decode(&body, vec![x.copy(), y.copy(), y.copy()])),
+        "message header: 1 tensor(s) carried but not named by the message"
+    );
+    assert!(err(decode(&[250, 251, 252], vec![])).starts_with("message header: "));
+}

@@ -17,6 +17,7 @@ pub mod messages;
 pub mod openai;
 pub mod remote;
 pub mod scheduler;
+pub mod slot;
 pub mod sse;
 pub mod validation;
 pub mod workers;

@@ -1,7 +1,7 @@
 //! The messages between the scheduler and the generation workers, after text-generation-inference's
 //! router ⇄ shard protocol: decode ticks down the LLM shards (`ShardIn`), jobs for the vision and
 //! diffusion workers, and every result back in the scheduler's `Inbox` — a worker's failure included,
-//! from its supervisor. Every message serializes (serde; tensors as slots of [`super::remote`]), so a
+//! from its supervisor. Every message serializes (serde; tensors as slots, [`super::slot`]), so a
 //! worker can sit in another process.
 
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::runtime::Failure;
 use crate::serve::error::InferError;
-use crate::serve::remote::slot;
+use crate::serve::slot;
 
 /// How the next token of a row is drawn (last shard).
 #[derive(Serialize, Deserialize)]
