@@ -12,14 +12,6 @@ use deem_actors::dist::{DistError, LaunchEnv, World};
 use deem_actors::dist::{Group, Store};
 use tch::{Kind, Tensor};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn env(rank: i64, world: i64, port: u16) -> LaunchEnv {
     let vars = [
         ("RANK", rank.to_string()),
@@ -38,7 +30,7 @@ fn on_ranks<T: Send + 'static>(
     timeout: Duration,
     f: impl Fn(World) -> T + Send + Sync + Clone + 'static,
 ) -> Vec<T> {
-    let port = free_port();
+    let port = common::free_port();
     let handles: Vec<_> = (0..n)
         .map(|r| {
             let f = f.clone();
@@ -233,7 +225,7 @@ fn a_frame_for_another_edge_or_garbage_is_refused() {
 
 #[test]
 fn a_rank_that_never_joins_is_named_within_the_timeout() {
-    let port = free_port();
+    let port = common::free_port();
     let started = std::time::Instant::now();
     let err = match World::join(env(0, 3, port), Duration::from_secs(2)) {
         Err(e) => e,
@@ -245,7 +237,7 @@ fn a_rank_that_never_joins_is_named_within_the_timeout() {
         format!("rank 0: rank(s) 1, 2 of WORLD_SIZE=3 never joined the rendezvous at 127.0.0.1:{port} within 2 s (are all 3 processes started, with the same MASTER_ADDR and MASTER_PORT?)")
     );
     // A rank whose master never comes up fails too, naming the store address.
-    let port = free_port();
+    let port = common::free_port();
     let err = World::join(env(1, 2, port), Duration::from_secs(2))
         .err()
         .expect("joined without a master");
@@ -260,7 +252,7 @@ fn a_rank_that_never_joins_is_named_within_the_timeout() {
 
 #[test]
 fn ranks_started_with_different_world_sizes_are_refused() {
-    let port = free_port();
+    let port = common::free_port();
     let other = std::thread::spawn(move || {
         // Rank 1 thinks the world has 3 ranks.
         let _ = World::join(env(1, 3, port), Duration::from_secs(3));
@@ -355,7 +347,7 @@ fn the_launch_contract_reads_torchrun_then_slurm() {
 #[test]
 fn nccl_is_built_with_its_feature_and_fails_cleanly_where_it_cannot_run() {
     assert_eq!(c10d::nccl_built(), cfg!(feature = "nccl"));
-    let port = free_port();
+    let port = common::free_port();
     let store = Store::connect("127.0.0.1", port, true, 0, Duration::from_secs(10)).unwrap();
     let spec = GroupSpec {
         prefix: "nccl-check",

@@ -11,21 +11,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use deem::checkpoint::Checkpoint;
 use tch::Tensor;
 
 fn deem() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_deem"));
     c.current_dir(common::root()).env("DEEM_LOG", "warn");
     c
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn ok(out: Output, what: &str) -> Output {
@@ -59,7 +50,7 @@ fn launch(n: u32, run: &Path, launcher: &[&str], args: &[&str]) -> Output {
             &n.to_string(),
             "--master-port",
         ])
-        .arg(free_port().to_string())
+        .arg(common::free_port().to_string())
         .args(launcher)
         .args([
             "--",
@@ -76,15 +67,7 @@ fn launch(n: u32, run: &Path, launcher: &[&str], args: &[&str]) -> Output {
 }
 
 fn model(run: &Path) -> BTreeMap<String, Tensor> {
-    let ck = Checkpoint::open(&run.join("model.safetensors")).unwrap();
-    let names: Vec<String> = ck.names().map(String::from).collect();
-    names
-        .into_iter()
-        .map(|n| {
-            let t = ck.tensor(&n).unwrap().unwrap();
-            (n, t)
-        })
-        .collect()
+    common::read_all(&run.join("model.safetensors"))
 }
 
 /// Per step: (step, total, ntp, nip, csr, grad_norm).
@@ -209,7 +192,7 @@ fn torchrun_runs_the_two_process_case_unchanged() {
         .current_dir(common::root())
         .env("DEEM_LOG", "warn")
         .args(["--no-python", "--nproc-per-node", "2", "--master-port"])
-        .arg(free_port().to_string())
+        .arg(common::free_port().to_string())
         .arg(env!("CARGO_BIN_EXE_deem"))
         .args([
             "train",
@@ -325,7 +308,7 @@ fn a_killed_rank_is_restarted_with_the_world_to_the_same_weights() {
 #[test]
 fn a_rank_that_never_joins_or_a_wrong_world_size_fails_naming_them() {
     let d = scratch("join");
-    let port = free_port().to_string();
+    let port = common::free_port().to_string();
     let started = std::time::Instant::now();
     let out = deem()
         .env("RANK", "0")

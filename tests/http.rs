@@ -519,15 +519,6 @@ async fn a_dead_worker_fails_its_streams_and_turns_ready_503() {
         .unwrap();
 }
 
-/// A free TCP port on the loopback.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_playground_streams_in_headless_chromium() {
     // Chromium driven through ChromeDriver's WebDriver HTTP API (Debian: chromium, chromium-driver).
@@ -537,7 +528,7 @@ async fn the_playground_streams_in_headless_chromium() {
         "headless Chromium and ChromeDriver are needed (Debian: apt-get install chromium chromium-driver; `bash scripts/setup.sh --test` installs them)"
     );
     let s = service(cfg(), None).await;
-    let port = free_port();
+    let port = common::free_port();
     let mut chromedriver = std::process::Command::new(driver)
         .arg(format!("--port={port}"))
         .stdout(std::process::Stdio::null())

@@ -467,3 +467,20 @@ async fn a_real_prometheus_scrapes_a_running_training() {
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
 }
+
+#[test]
+fn a_rank_labels_every_sample_with_its_rank_and_node() {
+    let m = deem_actors::runtime::metrics::Metrics::for_rank(3, "node-a");
+    m.train_steps.inc();
+    m.dist.allreduce_bytes.inc_by(1024);
+    let text = deem_actors::runtime::metrics::to_classic_text(&m.encode());
+    let samples: Vec<&str> = text.lines().filter(|l| l.starts_with("deem_")).collect();
+    assert!(samples.len() >= 5, "{text}");
+    for s in &samples {
+        assert!(
+            s.contains("rank=\"3\"") && s.contains("node=\"node-a\""),
+            "{s}"
+        );
+    }
+    assert!(text.contains("deem_allreduce_bytes_total{"), "{text}");
+}

@@ -136,15 +136,7 @@ fn pretrain_encoder_on_fresh_scenes_draws_a_stream_apart_from_the_written_files(
             &metrics,
         )
         .unwrap();
-        let ck = deem::checkpoint::Checkpoint::open(&out.join("encoder.safetensors")).unwrap();
-        let names: Vec<String> = ck.names().map(String::from).collect();
-        names
-            .into_iter()
-            .map(|n| {
-                let t = ck.tensor(&n).unwrap().unwrap();
-                (n, t)
-            })
-            .collect::<std::collections::BTreeMap<_, _>>()
+        common::read_all(&out.join("encoder.safetensors"))
     };
     let a = run("a");
     assert!(a.keys().all(|n| deem::train::clip::is_image_tower(n)));

@@ -12,14 +12,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Kills the processes when the test ends, passed or not.
 struct Procs(Vec<Child>);
 
@@ -56,10 +48,10 @@ fn serve(http: u16, world: Option<(i64, u16)>) -> Child {
 
 /// Two ranks of one service; returns them and rank 0's HTTP port once /ready answers 200.
 async fn two_ranks(client: &reqwest::Client) -> (Procs, u16) {
-    let (http, master) = (free_port(), free_port());
+    let (http, master) = (common::free_port(), common::free_port());
     let procs = Procs(vec![
         serve(http, Some((0, master))),
-        serve(free_port(), Some((1, master))),
+        serve(common::free_port(), Some((1, master))),
     ]);
     wait_ready(client, http).await;
     (procs, http)
@@ -102,7 +94,7 @@ async fn greedy(client: &reqwest::Client, port: u16) -> Value {
 async fn two_ranks_stream_text_and_images_with_one_process_tokens() {
     let client = reqwest::Client::new();
     let (_ranks, http) = two_ranks(&client).await;
-    let one_port = free_port();
+    let one_port = common::free_port();
     let _one = Procs(vec![serve(one_port, None)]);
     wait_ready(&client, one_port).await;
     // Greedy: the same tokens (and log-probabilities) as one process.

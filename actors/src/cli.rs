@@ -436,6 +436,10 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer <key>` on /v1/*.
     #[arg(long, env = "DEEM_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Launched as a world: ranks other than 0 (whose /metrics is on --addr) serve /metrics and /health
+    /// on this address's port + their local rank.
+    #[arg(long, env = "DEEM_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Launched as one process of a world (torchrun, `deem launch`): seconds a peer may stay silent
     /// (idle links carry heartbeats) before it counts as lost; rank 0 then fails the requests in
     /// flight and turns /ready 503.

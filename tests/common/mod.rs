@@ -44,3 +44,25 @@ pub fn scratch(name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// A free TCP port on the loopback (bound, read, released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Every tensor of a safetensors file (or sharded checkpoint), by name.
+pub fn read_all(path: &Path) -> std::collections::BTreeMap<String, Tensor> {
+    let ck = Checkpoint::open(path).unwrap();
+    let names: Vec<String> = ck.names().map(String::from).collect();
+    names
+        .into_iter()
+        .map(|n| {
+            let t = ck.tensor(&n).unwrap().unwrap();
+            (n, t)
+        })
+        .collect()
+}

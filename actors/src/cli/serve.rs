@@ -11,7 +11,10 @@ use crate::runtime::topology::{Component, Topology};
 use crate::serve::remote::{Owners, ServeWorld};
 
 /// The world this process serves in, when a launcher started it (and the topology spans processes).
-fn join_world(args: &ServeArgs, topo: &Topology) -> anyhow::Result<Option<ServeWorld>> {
+fn join_world(
+    args: &ServeArgs,
+    topo: &Topology,
+) -> anyhow::Result<Option<(ServeWorld, crate::dist::LaunchEnv)>> {
     let Some(env) = crate::dist::LaunchEnv::from_env()? else {
         return Ok(None);
     };
@@ -27,7 +30,7 @@ fn join_world(args: &ServeArgs, topo: &Topology) -> anyhow::Result<Option<ServeW
     }
     topo.check_world(env.world_size)?;
     let timeout = Duration::from_secs(args.peer_timeout.max(1));
-    let world = crate::dist::World::join(env, timeout)?;
+    let world = crate::dist::World::join(env.clone(), timeout)?;
     let order = topo.pipeline_order();
     let rank_of = |c| {
         order
@@ -44,12 +47,15 @@ fn join_world(args: &ServeArgs, topo: &Topology) -> anyhow::Result<Option<ServeW
             .collect(),
         diffusion: rank_of(Component::Diffusion),
     };
-    Ok(Some(ServeWorld {
-        rank: world.rank() as u32,
-        group: world.group.clone(),
-        owners,
-        heartbeat: (timeout / 4).min(Duration::from_secs(5)),
-    }))
+    Ok(Some((
+        ServeWorld {
+            rank: world.rank() as u32,
+            group: world.group.clone(),
+            owners,
+            heartbeat: (timeout / 4).min(Duration::from_secs(5)),
+        },
+        env,
+    )))
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -57,7 +63,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let topo = args
         .topology
         .load(&cfg, deem::device::cuda_device_count())?;
-    let world = join_world(&args, &topo)?;
+    let joined = join_world(&args, &topo)?;
+    // Across processes every sample carries the rank and the node.
+    let metrics = match &joined {
+        Some((_, env)) => crate::runtime::metrics::Metrics::for_rank(env.rank, &env.node),
+        None => crate::runtime::metrics::Metrics::new(),
+    };
+    let world = joined.as_ref().map(|(w, _)| w.clone());
     let weights = match &args.checkpoint {
         Some(p) => crate::serve::engine::Weights::Checkpoint(p.clone()),
         None => {
@@ -69,8 +81,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     if let Some(w) = world.clone().filter(|w| w.rank != 0) {
-        let metrics = crate::runtime::metrics::Metrics::new();
         let rank = w.rank;
+        let local = joined.as_ref().map_or(0, |(_, env)| env.local_rank as u16);
+        let server = match args.metrics_addr {
+            Some(mut addr) => {
+                addr.set_port(addr.port() + local);
+                Some(runtime.block_on(crate::runtime::http::Server::start(
+                    addr,
+                    crate::runtime::http::router(metrics.clone()),
+                ))?)
+            }
+            None => None,
+        };
         tracing::info!(rank, "serving the workers placed on this rank");
         let end = runtime.block_on(async {
             // A signal (the launcher passing on Ctrl-C) does not end this rank: rank 0 drains the
@@ -83,6 +105,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             });
             crate::serve::engine::run_rank(&cfg.config, &topo, &weights, metrics, w).await
         })?;
+        if let Some(s) = server {
+            runtime.block_on(s.stop())?;
+        }
         return match end {
             Ok(()) => {
                 tracing::info!(rank, "rank 0 stopped the service");
@@ -96,7 +121,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.checkpoint.as_deref(),
         &cfg.config,
     )?;
-    let metrics = crate::runtime::metrics::Metrics::new();
     runtime.block_on(async {
         let service = crate::serve::Service::start_on(
             args.addr,

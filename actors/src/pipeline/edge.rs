@@ -54,6 +54,15 @@ pub enum EdgeRx {
 
 type Result<T, E = PipelineError> = std::result::Result<T, E>;
 
+/// Bytes of the tensors a packet carries.
+pub fn bytes_of(tensors: &Option<Vec<Tensor>>) -> u64 {
+    tensors
+        .iter()
+        .flatten()
+        .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+        .sum()
+}
+
 fn wait_all(ps: Vec<Pending>) -> Result<()> {
     for p in ps {
         p.wait()?;
@@ -92,12 +101,7 @@ impl EdgeTx {
                     index: p.index.clone(),
                     trace: format!("mb {} id {}", p.mb, p.id),
                 };
-                let bytes: u64 = p
-                    .tensors
-                    .iter()
-                    .flatten()
-                    .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
-                    .sum();
+                let bytes = bytes_of(&p.tensors);
                 let pending = wire::send(
                     &r.remote.group,
                     r.remote.peer,
@@ -155,11 +159,7 @@ impl EdgeRx {
                 let started = Instant::now();
                 let (h, tensors) = wire::recv(&r.group, r.peer, r.tag, &r.edge, device)?;
                 if let Ok(mut t) = traffic.lock() {
-                    t.bytes += tensors
-                        .iter()
-                        .flatten()
-                        .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
-                        .sum::<u64>();
+                    t.bytes += bytes_of(&tensors);
                     t.seconds += started.elapsed().as_secs_f64();
                 }
                 Ok(Packet {

@@ -160,12 +160,7 @@ fn send(
     idle: &mut Duration,
     edges: &mut BTreeMap<String, (u64, usize)>,
 ) -> Result<()> {
-    let bytes: u64 = p
-        .tensors
-        .iter()
-        .flatten()
-        .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
-        .sum();
+    let bytes = super::edge::bytes_of(&p.tensors);
     let tx = tx
         .as_ref()
         .ok_or_else(|| PipelineError::stage(name, format!("no {edge} channel")))?;

@@ -230,6 +230,50 @@ fn hosts(world: Option<&ServeWorld>, p: &Placement) -> bool {
     world.is_none_or(|w| p.rank == w.rank)
 }
 
+/// Starts, under a new serving supervisor told of every failure through `on_failure`, the workers this
+/// process hosts (all of them without a world). On failure nothing is left running.
+async fn start_workers(
+    cfg: &DeemConfig,
+    (topo, world): (&Topology, Option<&ServeWorld>),
+    weights: &Weights,
+    metrics: &Arc<Metrics>,
+    (wiring, on_failure): (Wiring, crate::runtime::supervisor::OnFailure),
+) -> Result<(Supervisor, Workers, Wiring), EngineError> {
+    let (vision, shards, diffusion) = roles(topo)?;
+    let source: SharedSource = Arc::new(Mutex::new(open_source(cfg, weights)?));
+    let supervisor = Supervisor::start(
+        "serving",
+        Policy::MarkFailed,
+        Some(on_failure),
+        Some(metrics.clone()),
+    )
+    .await?;
+    let mut workers = Workers {
+        vision: None,
+        shards: Vec::new(),
+        diffusion: None,
+    };
+    let spawned = spawn_workers(
+        cfg,
+        (topo, world),
+        &source,
+        &wiring,
+        metrics,
+        &supervisor,
+        &mut workers,
+        (vision, &shards, diffusion),
+    )
+    .await;
+    if let Err(e) = spawned {
+        // Close the inputs so the started workers' threads end, then stop them.
+        drop(wiring);
+        workers.stop().await;
+        supervisor.stop().await;
+        return Err(e);
+    }
+    Ok((supervisor, workers, wiring))
+}
+
 impl Engine {
     /// Spawns the workers of `topo` (building and loading each one's modules on its own thread) under
     /// a supervisor, then the scheduler.
@@ -253,9 +297,7 @@ impl Engine {
         metrics: Arc<Metrics>,
         world: Option<ServeWorld>,
     ) -> Result<Self, EngineError> {
-        let (vision, shards, diffusion) = roles(topo)?;
-        let source: SharedSource = Arc::new(Mutex::new(open_source(cfg, weights)?));
-        let groups = shards.len();
+        let groups = roles(topo)?.1.len();
         let wiring = Wiring::new(groups);
         // The supervisor's hook: the scheduler fails every request in flight, admission refuses new
         // ones, `/ready` turns 503.
@@ -267,48 +309,27 @@ impl Engine {
                 let _ = inbox.send(Inbox::WorkerFailed(f.clone()));
             })
         };
-        let supervisor = Supervisor::start(
-            "serving",
-            Policy::MarkFailed,
-            Some(on_failure),
-            Some(metrics.clone()),
-        )
-        .await?;
-        let mut workers = Workers {
-            vision: None,
-            shards: Vec::new(),
-            diffusion: None,
-        };
-        let spawned = spawn_workers(
+        let (supervisor, mut workers, wiring) = start_workers(
             cfg,
             (topo, world.as_ref()),
-            &source,
-            &wiring,
+            weights,
             &metrics,
-            &supervisor,
-            &mut workers,
-            (vision, &shards, diffusion),
+            (wiring, on_failure),
         )
-        .await;
-        drop(source);
-        let bridge = match (spawned, &world) {
-            (Err(e), _) => Err(e),
-            (Ok(()), None) => Ok(None),
-            // A lost rank, or a worker dead in another process, fails the service as a dead worker
-            // here does.
-            (Ok(()), Some(w)) => Bridge::start(w, wiring.ends(), supervisor.reporter())
-                .map(Some)
-                .map_err(EngineError::Bridge),
-        };
-        let bridge = match bridge {
-            Ok(b) => b,
-            Err(e) => {
-                // Close the inputs so the started workers' threads end, then stop them.
-                drop(wiring);
-                workers.stop().await;
-                supervisor.stop().await;
-                return Err(e);
-            }
+        .await?;
+        // A lost rank, or a worker dead in another process, fails the service as a dead worker here
+        // does.
+        let bridge = match &world {
+            None => None,
+            Some(w) => match Bridge::start(w, wiring.ends(), supervisor.reporter()) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    drop(wiring);
+                    workers.stop().await;
+                    supervisor.stop().await;
+                    return Err(EngineError::Bridge(e));
+                }
+            },
         };
         let (admission, queue) = Admission::new(
             cfg.serve.queue_capacity,
@@ -434,46 +455,26 @@ pub async fn run_rank(
     metrics: Arc<Metrics>,
     world: ServeWorld,
 ) -> Result<Result<(), Failure>, EngineError> {
-    let (vision, shards, diffusion) = roles(topo)?;
-    let source: SharedSource = Arc::new(Mutex::new(open_source(cfg, weights)?));
-    let wiring = Wiring::new(shards.len());
+    let wiring = Wiring::new(roles(topo)?.1.len());
     let on_failure = {
         let inbox = wiring.inbox.0.clone();
         Arc::new(move |f: &Failure| {
             let _ = inbox.send(Inbox::WorkerFailed(f.clone()));
         })
     };
-    let supervisor = Supervisor::start(
-        "serving",
-        Policy::MarkFailed,
-        Some(on_failure),
-        Some(metrics.clone()),
-    )
-    .await?;
-    let mut workers = Workers {
-        vision: None,
-        shards: Vec::new(),
-        diffusion: None,
-    };
-    let spawned = spawn_workers(
+    let (supervisor, mut workers, wiring) = start_workers(
         cfg,
         (topo, Some(&world)),
-        &source,
-        &wiring,
+        weights,
         &metrics,
-        &supervisor,
-        &mut workers,
-        (vision, &shards, diffusion),
+        (wiring, on_failure),
     )
-    .await;
-    drop(source);
+    .await?;
     let rank = world.rank;
-    let bridge = spawned.and_then(|()| {
-        let lost: super::remote::OnLost = Arc::new(move |f: &Failure| {
-            tracing::error!(rank, peer = %f.actor, error = %f.error, "lost a peer of the service");
-        });
-        Bridge::start(&world, wiring.ends(), lost).map_err(EngineError::Bridge)
+    let lost: super::remote::OnLost = Arc::new(move |f: &Failure| {
+        tracing::error!(rank, peer = %f.actor, error = %f.error, "lost a peer of the service");
     });
+    let bridge = Bridge::start(&world, wiring.ends(), lost).map_err(EngineError::Bridge);
     drop(wiring);
     let end = match bridge {
         Ok(b) => tokio::task::spawn_blocking(move || {
