@@ -4,7 +4,7 @@ mod common;
 
 #[path = "common/runtime.rs"]
 mod rt;
-use common::{root, scratch};
+use common::{free_port, root, scratch};
 use rt::*;
 
 use std::process::Command;

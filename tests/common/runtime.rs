@@ -103,13 +103,6 @@ pub fn read_steps(run_dir: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Kills the child when dropped, so a failed assertion leaves nothing running.
 pub struct Reaped(pub std::process::Child);
