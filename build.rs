@@ -7,6 +7,19 @@ fn main() {
         return;
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
+    // libtorch registers its CUDA backend only when libtorch_cuda.so is loaded, and nothing here calls
+    // it directly: keep it (and c10_cuda) linked. Machines without a GPU load them too.
+    if std::path::Path::new(&dir).join("libtorch_cuda.so").exists() {
+        for arg in [
+            "-Wl,--no-as-needed".to_string(),
+            format!("-L{dir}"),
+            "-ltorch_cuda".into(),
+            "-lc10_cuda".into(),
+            "-Wl,--as-needed".into(),
+        ] {
+            println!("cargo:rustc-link-arg={arg}");
+        }
+    }
     println!("cargo:rustc-env=DEEM_LIBTORCH_LIB={dir}");
     let version_py = std::path::Path::new(&dir).join("../version.py");
     let version = std::fs::read_to_string(&version_py).ok().and_then(|text| {

@@ -2,8 +2,22 @@
 //! executables find `libtorch*.so` at run time without `LD_LIBRARY_PATH` (see the root build.rs), and
 //! compiles the c10d bridge (`csrc/c10d_bridge.cpp`) against that libtorch's headers: Gloo always (its
 //! headers from Debian's `libgloo-dev`), NCCL with the `nccl` feature (CUDA and NCCL headers from the
-//! `nvidia-*` wheels torch installs beside itself).
+//! `nvidia-*` wheels torch installs beside itself), and links libtorch's CUDA libraries ([`link_cuda`]).
 use std::path::{Path, PathBuf};
+
+/// Links libtorch's CUDA libraries when the libtorch has them (the PyPI wheel always does), with
+/// `--no-as-needed`: nothing in deem calls them directly, so the linker would otherwise drop them, and
+/// libtorch registers its CUDA backend only when `libtorch_cuda.so` is loaded. Machines without a GPU
+/// load them too (the wheel's libraries are there); CUDA then reports no device.
+fn link_cuda(dir: &str) {
+    if Path::new(dir).join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+        println!("cargo:rustc-link-arg=-L{dir}");
+        println!("cargo:rustc-link-arg=-ltorch_cuda");
+        println!("cargo:rustc-link-arg=-lc10_cuda");
+        println!("cargo:rustc-link-arg=-Wl,--as-needed");
+    }
+}
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
@@ -12,6 +26,7 @@ fn main() {
         panic!("torch-sys did not publish DEP_TCH_LIBTORCH_LIB; run scripts/setup.sh and source scripts/env.sh");
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
+    link_cuda(&dir);
     let lib = PathBuf::from(&dir);
     let include = lib.join("../include");
     if !Path::new("/usr/include/gloo/config.h").exists() {
@@ -43,11 +58,6 @@ fn main() {
         build.include(site.join("triton/backends/nvidia/include"));
         build.define("USE_C10D_NCCL", None).define("USE_CUDA", None);
         build.define("DEEM_WITH_NCCL", None);
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-        println!("cargo:rustc-link-arg=-L{dir}");
-        println!("cargo:rustc-link-arg=-ltorch_cuda");
-        println!("cargo:rustc-link-arg=-lc10_cuda");
-        println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
     build.compile("deem_c10d");
 }

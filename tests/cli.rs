@@ -128,6 +128,34 @@ fn binary_info_reports_libtorch_and_devices() {
     assert!(out.contains("libtorch          2.13.0"), "{out}");
     assert!(out.contains("CUDA"), "{out}");
     assert!(out.contains("threads           intra-op"), "{out}");
+    assert!(
+        out.contains("c10d              TCPStore, Gloo; NCCL"),
+        "{out}"
+    );
+    // CUDA is linked (so a GPU machine sees its devices) and the binary still runs without one.
+    if !tch::Cuda::is_available() {
+        assert!(
+            out.contains("CUDA              not available (0 devices)"),
+            "{out}"
+        );
+    }
+}
+
+#[test]
+fn the_binary_links_libtorch_cuda_so_a_gpu_machine_sees_its_devices() {
+    // libtorch registers its CUDA backend only when libtorch_cuda.so is loaded; a binary that does not
+    // link it reports no CUDA even on a GPU machine. readelf reads what the binary will load.
+    let out = std::process::Command::new("readelf")
+        .args(["-d", env!("CARGO_BIN_EXE_deem")])
+        .output()
+        .expect("readelf (binutils) runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for lib in ["libtorch_cuda.so", "libc10_cuda.so", "libtorch_cpu.so"] {
+        assert!(
+            text.contains(&format!("Shared library: [{lib}]")),
+            "{lib} is not linked:\n{text}"
+        );
+    }
 }
 
 #[test]

@@ -103,7 +103,6 @@ pub fn read_steps(run_dir: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-
 /// Kills the child when dropped, so a failed assertion leaves nothing running.
 pub struct Reaped(pub std::process::Child);
 
