@@ -1,5 +1,8 @@
 //! Grouped-query attention, after transformers' `LlamaAttention` (SDPA): causal within documents,
-//! over a cache or a pool slot.
+//! over a cache or a pool slot. Every path runs libtorch's fused `scaled_dot_product_attention` (flash
+//! or memory-efficient kernels on a GPU, the fused kernel or the math path on the CPU), never a
+//! materialised [B, H, T, T] score tensor kept for backward; the explicit path survives only as the
+//! tests' reference.
 
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
@@ -68,15 +71,58 @@ impl Attention {
         let t = q.size()[2];
         let total = k.size()[2];
         debug_assert_eq!(total, past + t);
-        // Causal mask for T new queries after `past` cached positions: [T, total].
-        let mask =
-            Tensor::full([t, total], f64::NEG_INFINITY, (Kind::Float, q.device())).triu(past + 1);
-        self.attend_masked(q, k, v, &mask)
+        let out = if past == 0 {
+            self.sdpa(q, &k, &v, None, true)
+        } else if t == 1 {
+            // One new query reads every cached position.
+            self.sdpa(q, &k, &v, None, false)
+        } else {
+            // T new queries after `past` cached positions: [T, total], bottom-right aligned.
+            let mask = Tensor::full([t, total], f64::NEG_INFINITY, (Kind::Float, q.device()))
+                .triu(past + 1);
+            self.sdpa(q, &k, &v, Some(&mask), false)
+        };
+        self.merge_heads(out)
     }
 
     /// Attention of `q` [B, H, T, D] over `k`, `v` [B, KV, total, D] with the additive `mask`
     /// (broadcast to [B, H, T, total]), then `o_proj`.
     pub(crate) fn attend_masked(&self, q: &Tensor, k: Tensor, v: Tensor, mask: &Tensor) -> Tensor {
+        let out = self.sdpa(q, &k, &v, Some(mask), false);
+        self.merge_heads(out)
+    }
+
+    /// libtorch's fused attention of `q` [B, H, T, D] over `k`, `v` [B, KV, S, D]: the additive `mask`
+    /// (in the queries' dtype, as SDPA wants) or top-left `causal`; query head h reads KV head
+    /// h / (H / KV) (grouped-query attention, no repeated keys). Softmax accumulates in f32 inside the
+    /// kernel whatever the dtype.
+    fn sdpa(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool) -> Tensor {
+        let mask = mask.map(|m| m.to_kind(q.kind()));
+        Tensor::scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            mask.as_ref(),
+            0.0,
+            causal,
+            None,
+            self.heads != self.kv_heads,
+        )
+    }
+
+    /// [B, H, T, D] → [B, T, H·D], then `o_proj`.
+    fn merge_heads(&self, out: Tensor) -> Tensor {
+        let (b, _, t, _) = out.size4().expect("[B, H, T, D]");
+        let out = out
+            .transpose(1, 2)
+            .contiguous()
+            .view([b, t, self.heads * self.head_dim]);
+        self.o_proj.forward(&out)
+    }
+
+    /// The explicit path (scores materialised, keys repeated per group): the fused one's reference.
+    #[cfg(test)]
+    fn attend_explicit(&self, q: &Tensor, k: Tensor, v: Tensor, mask: &Tensor) -> Tensor {
         let (b, _, t, _) = q.size4().expect("[B, H, T, D]");
         let groups = self.heads / self.kv_heads;
         let (k, v) = if groups > 1 {
@@ -91,12 +137,11 @@ impl Attention {
             / (self.head_dim as f64).sqrt()
             + mask;
         let probs = scores.softmax(-1, Kind::Float).to_kind(q.kind());
-        let out =
-            probs
-                .matmul(&v)
-                .transpose(1, 2)
-                .contiguous()
-                .view([b, t, self.heads * self.head_dim]);
+        let out = probs
+            .matmul(&v)
+            .transpose(1, 2)
+            .contiguous()
+            .view([b, t, self.heads * self.head_dim]);
         self.o_proj.forward(&out)
     }
 
@@ -181,17 +226,10 @@ impl Attention {
             .1
             .narrow(2, 0, batch.longest)
             .index_select(0, &batch.slots);
-        // Grouped-query attention without repeating keys: the G query heads of a KV head share it.
-        let groups = self.heads / self.kv_heads;
-        let qg = q.reshape([b, self.kv_heads, groups, self.head_dim]);
-        let scores = qg.matmul(&kb.transpose(-2, -1)).to_kind(Kind::Float)
-            / (self.head_dim as f64).sqrt()
-            + &batch.mask;
-        let probs = scores.softmax(-1, Kind::Float).to_kind(q.kind());
-        let out = probs
-            .matmul(&vb) // [B, KV, G, D]
-            .reshape([b, 1, self.heads * self.head_dim]);
-        self.o_proj.forward(&out)
+        // [B, H, 1, D] over [B, KV, longest, D], the rows' unused tail masked.
+        let out = self.sdpa(&q, &kb, &vb, Some(&batch.mask), false);
+        debug_assert_eq!(out.size()[0], b);
+        self.merge_heads(out)
     }
 }
 
@@ -242,4 +280,82 @@ pub struct SlotBatch {
     pub(crate) positions: Tensor,
     pub(crate) longest: i64,
     pub(crate) mask: Tensor,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attention(heads: i64, kv_heads: i64) -> Attention {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let cfg = LlamaConfig {
+            vocab_size: 16,
+            num_new_tokens: 0,
+            hidden_size: 32,
+            intermediate_size: 64,
+            num_hidden_layers: 1,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim: 32 / heads,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            max_position_embeddings: 64,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            mlp_bias: false,
+        };
+        tch::manual_seed(3);
+        Attention::new(vs.root() / "attn", &cfg)
+    }
+
+    fn qkv(a: &Attention, b: i64, t: i64, s: i64) -> (Tensor, Tensor, Tensor) {
+        let f = (Kind::Float, tch::Device::Cpu);
+        (
+            Tensor::randn([b, a.heads, t, a.head_dim], f),
+            Tensor::randn([b, a.kv_heads, s, a.head_dim], f),
+            Tensor::randn([b, a.kv_heads, s, a.head_dim], f),
+        )
+    }
+
+    fn max_diff(x: &Tensor, y: &Tensor) -> f64 {
+        (x - y).abs().max().double_value(&[])
+    }
+
+    /// Fused ≡ explicit (≤ 1e-5 in f32: only the summation order inside the kernel differs).
+    #[test]
+    fn fused_attention_equals_the_explicit_path() {
+        for (heads, kv) in [(4, 4), (4, 2), (4, 1)] {
+            let a = attention(heads, kv);
+            // Causal, no cache.
+            let (q, k, v) = qkv(&a, 2, 7, 7);
+            let causal = Tensor::full([7, 7], f64::NEG_INFINITY, (Kind::Float, q.device())).triu(1);
+            let d = max_diff(
+                &a.attend(&q, k.shallow_clone(), v.shallow_clone(), 0),
+                &a.attend_explicit(&q, k, v, &causal),
+            );
+            assert!(d <= 1e-5, "causal, {heads}/{kv} heads: {d}");
+            // Several new queries after a cache, and one.
+            for t in [3, 1] {
+                let (q, k, v) = qkv(&a, 2, t, 9);
+                let past = 9 - t;
+                let mask = Tensor::full([t, 9], f64::NEG_INFINITY, (Kind::Float, q.device()))
+                    .triu(past + 1);
+                let d = max_diff(
+                    &a.attend(&q, k.shallow_clone(), v.shallow_clone(), past),
+                    &a.attend_explicit(&q, k, v, &mask),
+                );
+                assert!(d <= 1e-5, "cached, t = {t}, {heads}/{kv} heads: {d}");
+            }
+            // Packed documents: BOS = 1 starts each.
+            let ids = Tensor::from_slice(&[1i64, 5, 6, 1, 7, 8, 9, 4, 1, 5, 5, 1, 2, 3]).view([2, 7]);
+            let docs = Documents::from_ids(&ids, 1);
+            let (q, k, v) = qkv(&a, 2, 7, 7);
+            let d = max_diff(
+                &a.attend_masked(&q, k.shallow_clone(), v.shallow_clone(), &docs.mask),
+                &a.attend_explicit(&q, k, v, &docs.mask),
+            );
+            assert!(d <= 1e-5, "documents, {heads}/{kv} heads: {d}");
+        }
+    }
 }
