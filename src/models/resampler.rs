@@ -53,11 +53,11 @@ impl QfAttention {
         let qh = split(self.query.forward(x), q);
         let kh = split(self.key.forward(kv), n);
         let vh = split(self.value.forward(kv), n);
-        let scores = qh.matmul(&kh.transpose(-1, -2)) / (d as f64).sqrt();
-        let ctx = scores
-            .softmax(-1, scores.kind())
-            .matmul(&vh)
-            .transpose(1, 2)
+        // libtorch's fused attention (no mask: every query reads every visual token).
+        let ctx = Tensor::scaled_dot_product_attention::<Tensor>(
+            &qh, &kh, &vh, None, 0.0, false, None, false,
+        )
+        .transpose(1, 2)
             .contiguous()
             .view([b, q, h]);
         self.norm.forward(&(self.dense.forward(&ctx) + x))
