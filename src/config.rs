@@ -314,6 +314,11 @@ pub struct ServeConfig {
     pub csr_timesteps: Vec<i64>,
     /// Images whose CSR score is above this are flagged as likely out of distribution (none: no flag).
     pub ood_threshold: Option<f64>,
+    /// The most bytes each LLM shard's KV pool may take. The pool holds full-length sequences
+    /// (`llm.max_position_embeddings` positions each), so the service runs at most
+    /// min(`max_running`, budget ÷ one sequence's bytes) sequences at once; a budget below one
+    /// sequence is refused at start. None: `max_running` slots, whatever they take.
+    pub kv_cache_bytes: Option<u64>,
 }
 
 impl Default for ServeConfig {
@@ -335,6 +340,7 @@ impl Default for ServeConfig {
             csr_score: true,
             csr_timesteps: vec![300, 500, 700],
             ood_threshold: None,
+            kv_cache_bytes: None,
         }
     }
 }

@@ -603,3 +603,55 @@ async fn the_playground_streams_in_headless_chromium() {
     assert_eq!(m, 8.0, "the page's request generated its 8 tokens");
     s.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kv_budget_sets_the_sequence_slots_and_one_too_small_is_refused() {
+    use deem::models::llama::LlamaConfig;
+    use deem_actors::serve::engine::budgeted;
+    let mut c = cfg();
+    let topo = topology(&c);
+    // One full-length sequence on a 2-layer shard of the tiny model: keys and values, f32.
+    let l = LlamaConfig::from(&c.llm);
+    let layers = c.llm.num_hidden_layers / 2;
+    let seq =
+        (2 * layers * l.num_key_value_heads * l.head_dim * l.max_position_embeddings * 4) as u64;
+    c.serve.kv_cache_bytes = Some(3 * seq + 100);
+    assert_eq!(budgeted(&c, &topo).unwrap().serve.max_running, 3);
+    c.serve.kv_cache_bytes = Some(1 << 40);
+    assert_eq!(
+        budgeted(&c, &topo).unwrap().serve.max_running,
+        c.serve.max_running
+    );
+    c.serve.kv_cache_bytes = Some(seq - 1);
+    assert_eq!(
+        budgeted(&c, &topo).unwrap_err().to_string(),
+        format!(
+            "serve.kv_cache_bytes = {} cannot hold one full-length sequence on shard llm0: its {layers} layers × llm.max_position_embeddings = {} positions need {seq} bytes",
+            seq - 1,
+            l.max_position_embeddings
+        )
+    );
+    // A service under a two-sequence budget runs two slots: a third beam is refused up front.
+    c.serve.kv_cache_bytes = Some(2 * seq);
+    let s = service(c, None).await;
+    let client = reqwest::Client::new();
+    let (status, body) = post(
+        &client,
+        &s,
+        json!({"messages": [{"role": "user", "content": "hi"}], "num_beams": 3, "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(
+        error_message(&body),
+        "num_beams: expected an integer in 1..=2 (serve.max_running: every beam holds a sequence slot), found 3"
+    );
+    let (status, body) = post(
+        &client,
+        &s,
+        json!({"messages": [{"role": "user", "content": "hi"}], "num_beams": 2, "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    s.stop().await.unwrap();
+}

@@ -58,8 +58,8 @@ impl QfAttention {
             &qh, &kh, &vh, None, 0.0, false, None, false,
         )
         .transpose(1, 2)
-            .contiguous()
-            .view([b, q, h]);
+        .contiguous()
+        .view([b, q, h]);
         self.norm.forward(&(self.dense.forward(&ctx) + x))
     }
 }

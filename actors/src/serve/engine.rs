@@ -73,6 +73,56 @@ pub enum EngineError {
     Scheduler(std::io::Error),
     #[error("cannot start the threads to the other ranks: {0}")]
     Bridge(std::io::Error),
+    #[error("serve.kv_cache_bytes = {budget} cannot hold one full-length sequence on shard {shard}: its {layers} layers × llm.max_position_embeddings = {positions} positions need {need} bytes")]
+    KvBudget {
+        budget: u64,
+        shard: String,
+        layers: i64,
+        positions: i64,
+        need: u64,
+    },
+}
+
+/// `cfg` with `serve.max_running` lowered to what `serve.kv_cache_bytes` holds on the largest shard of
+/// `topo` (keys and values of every layer, full-length slots, f32 as the pool is kept); refuses a
+/// budget that cannot hold one sequence. Every process of a service computes the same.
+pub fn budgeted(cfg: &DeemConfig, topo: &Topology) -> Result<DeemConfig, EngineError> {
+    let mut out = cfg.clone();
+    let Some(budget) = cfg.serve.kv_cache_bytes else {
+        return Ok(out);
+    };
+    let l = LlamaConfig::from(&cfg.llm);
+    let per_layer = 2 * l.num_key_value_heads * l.head_dim * l.max_position_embeddings * 4;
+    for (_, shards, _) in [roles(topo)?] {
+        for p in shards {
+            let layers = p
+                .layers
+                .as_ref()
+                .map_or(l.num_hidden_layers, |r| r.end - r.start);
+            let need = (layers * per_layer) as u64;
+            let fit = (budget / need.max(1)) as usize;
+            if fit == 0 {
+                return Err(EngineError::KvBudget {
+                    budget,
+                    shard: p.name.clone(),
+                    layers,
+                    positions: l.max_position_embeddings,
+                    need,
+                });
+            }
+            out.serve.max_running = out.serve.max_running.min(fit);
+        }
+    }
+    if out.serve.max_running < cfg.serve.max_running {
+        tracing::info!(
+            slots = out.serve.max_running,
+            max_running = cfg.serve.max_running,
+            budget,
+            "serve.kv_cache_bytes holds fewer sequences than serve.max_running: running at most {}",
+            out.serve.max_running
+        );
+    }
+    Ok(out)
 }
 
 enum Source {
@@ -297,6 +347,7 @@ impl Engine {
         metrics: Arc<Metrics>,
         world: Option<ServeWorld>,
     ) -> Result<Self, EngineError> {
+        let cfg = &budgeted(cfg, topo)?;
         let groups = roles(topo)?.1.len();
         let wiring = Wiring::new(groups);
         // The supervisor's hook: the scheduler fails every request in flight, admission refuses new
@@ -455,6 +506,7 @@ pub async fn run_rank(
     metrics: Arc<Metrics>,
     world: ServeWorld,
 ) -> Result<Result<(), Failure>, EngineError> {
+    let cfg = &budgeted(cfg, topo)?;
     let wiring = Wiring::new(roles(topo)?.1.len());
     let on_failure = {
         let inbox = wiring.inbox.0.clone();

@@ -235,6 +235,8 @@ impl Service {
         world: Option<crate::serve::remote::ServeWorld>,
     ) -> Result<Self, ServiceError> {
         let tokenizer = Arc::new(tokenizer);
+        // Validation sees the sequence slots the KV budget leaves (serve.kv_cache_bytes).
+        let cfg = crate::serve::engine::budgeted(&cfg, topo)?;
         let engine = Engine::start_on(
             &cfg,
             topo,

@@ -96,7 +96,14 @@ impl Attention {
     /// (in the queries' dtype, as SDPA wants) or top-left `causal`; query head h reads KV head
     /// h / (H / KV) (grouped-query attention, no repeated keys). Softmax accumulates in f32 inside the
     /// kernel whatever the dtype.
-    fn sdpa(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, causal: bool) -> Tensor {
+    fn sdpa(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+        causal: bool,
+    ) -> Tensor {
         let mask = mask.map(|m| m.to_kind(q.kind()));
         Tensor::scaled_dot_product_attention(
             q,
@@ -137,11 +144,12 @@ impl Attention {
             / (self.head_dim as f64).sqrt()
             + mask;
         let probs = scores.softmax(-1, Kind::Float).to_kind(q.kind());
-        let out = probs
-            .matmul(&v)
-            .transpose(1, 2)
-            .contiguous()
-            .view([b, t, self.heads * self.head_dim]);
+        let out =
+            probs
+                .matmul(&v)
+                .transpose(1, 2)
+                .contiguous()
+                .view([b, t, self.heads * self.head_dim]);
         self.o_proj.forward(&out)
     }
 
@@ -348,7 +356,8 @@ mod tests {
                 assert!(d <= 1e-5, "cached, t = {t}, {heads}/{kv} heads: {d}");
             }
             // Packed documents: BOS = 1 starts each.
-            let ids = Tensor::from_slice(&[1i64, 5, 6, 1, 7, 8, 9, 4, 1, 5, 5, 1, 2, 3]).view([2, 7]);
+            let ids =
+                Tensor::from_slice(&[1i64, 5, 6, 1, 7, 8, 9, 4, 1, 5, 5, 1, 2, 3]).view([2, 7]);
             let docs = Documents::from_ids(&ids, 1);
             let (q, k, v) = qkv(&a, 2, 7, 7);
             let d = max_diff(
