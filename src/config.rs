@@ -454,6 +454,12 @@ pub struct TrainConfig {
     /// λ for the CSR loss (5).
     pub csr_loss_weight: f64,
     pub schedule: PipelineSchedule,
+    /// Activation recomputation in the pipelined trainer: `none` keeps every microbatch's activations
+    /// from its forward to its backward; `full` keeps only what each stage received and runs the
+    /// stage's forward again right before the backward (the same gradients, for one extra forward).
+    /// The single-process reference trainer always keeps its activations.
+    #[serde(default, skip_serializing_if = "Recompute::is_none")]
+    pub recompute: Recompute,
     /// Whether the original LM head trains with the LLM (stages II/III). DEEM freezes its pretrained head;
     /// a model trained from scratch needs it trainable.
     pub train_lm_head: bool,
@@ -527,6 +533,21 @@ pub enum Stage {
     I,
     II,
     III,
+}
+
+/// `train.recompute`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    #[default]
+    None,
+    Full,
+}
+
+impl Recompute {
+    pub fn is_none(&self) -> bool {
+        *self == Recompute::None
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -49,6 +49,8 @@ pub struct StepTiming {
     pub p2p: BTreeMap<String, super::edge::Traffic>,
     /// Gradient all_reduce over the replicas: bytes and seconds.
     pub all_reduce: (u64, f64),
+    /// Microbatch forwards run again before their backward, over this process's stages.
+    pub recomputed: usize,
 }
 
 pub struct PipelineTrainer {
@@ -472,6 +474,7 @@ impl PipelineTrainer {
             edges: outs.iter().flat_map(|o| o.edges.clone()).collect(),
             p2p: outs.iter().flat_map(|o| o.p2p.clone()).collect(),
             all_reduce,
+            recomputed: outs.iter().map(|o| o.recomputed).sum(),
         });
         Ok(StepReport {
             step,

@@ -8,13 +8,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use deem::config::DeemConfig;
-use deem::models::deem::{
-    embed_sequence, llm_forward, special_ids, DiffusionStage, SpecialIds, VisionStage,
-};
+use deem::config::{DeemConfig, Recompute};
+use deem::models::deem::{special_ids, DiffusionStage, SpecialIds, VisionStage};
 use deem::models::llama::{LlamaConfig, LlamaShard};
-use deem::models::losses::{nip_inputs, ntp_loss, LossWeights};
-use deem::rng::ints;
 use deem::train::{AdamW, Group};
 use flume::Receiver;
 use ractor::RpcReplyPort;
@@ -23,6 +19,7 @@ use tch::{nn, Kind, Tensor};
 use super::edge::{EdgeRx, EdgeTx, Traffic};
 pub use super::edge::{Links, Packet};
 use super::error::PipelineError;
+use super::forward::{compute, Ctx, Modules, Received};
 use super::schedule::Op;
 use crate::dist::Group as DistGroup;
 use crate::runtime::compute::{BuildError, NoDetail};
@@ -75,12 +72,8 @@ pub struct StepOut {
     pub edges: BTreeMap<String, (u64, usize)>,
     /// Per cross-process edge end: bytes and seconds through c10d.
     pub p2p: BTreeMap<String, Traffic>,
-}
-
-enum Modules {
-    Vision(Box<VisionStage>),
-    Llm(Box<LlamaShard>),
-    Diffusion(Box<DiffusionStage>),
+    /// Microbatches whose forward ran again before their backward (`train.recompute`).
+    pub recomputed: usize,
 }
 
 /// Activations kept from a microbatch's forward for its backward.
@@ -95,6 +88,8 @@ struct Saved {
     csr_output: Option<Tensor>,
     /// A local loss to add to the backward (NTP on the last shard, diffusion losses).
     loss: Option<Tensor>,
+    /// `train.recompute = "full"`: only what was received; the rest is recomputed before the backward.
+    received: Option<Received>,
 }
 
 /// A stage's work on its compute thread.
@@ -110,6 +105,8 @@ pub struct StageWork {
     saved: HashMap<u32, Saved>,
     idle: Duration,
     edges: BTreeMap<String, (u64, usize)>,
+    /// Recomputed forwards in the running step.
+    recomputations: usize,
 }
 
 fn leaf(t: &Tensor, device: tch::Device) -> Tensor {
@@ -210,6 +207,45 @@ impl StageWork {
             saved: HashMap::new(),
             idle: Duration::ZERO,
             edges: BTreeMap::new(),
+            recomputations: 0,
+        })
+    }
+
+    fn ctx(&self, step: u64, plan: MbPlan) -> Ctx<'_> {
+        Ctx {
+            name: &self.name,
+            cfg: &self.cfg,
+            ids: self.ids,
+            dev: self.device,
+            step,
+            plan,
+        }
+    }
+
+    /// Receives what microbatch `mb` needs from upstream (as leaves whose gradients go back).
+    fn receive(&self, mb: u32, id: uuid::Uuid, idle: &mut Duration) -> Result<Received> {
+        let (name, dev, links) = (self.name.as_str(), self.device, &self.links);
+        Ok(match &self.modules {
+            Modules::Vision(_) => Received::default(),
+            Modules::Llm(_) => {
+                let p = recv(name, &links.fwd_in, (mb, id, dev), "llm input", idle)?;
+                Received {
+                    input: p.tensors.as_ref().map(|t| leaf(&t[0], dev)),
+                    ..Default::default()
+                }
+            }
+            Modules::Diffusion(_) => {
+                let csr_p = recv(name, &links.csr_in, (mb, id, dev), "vision→diffusion", idle)?;
+                let nip_p = recv(name, &links.fwd_in, (mb, id, dev), "llm→diffusion", idle)?;
+                Received {
+                    input: nip_p.tensors.as_ref().map(|t| leaf(&t[0], dev)),
+                    nip: nip_p
+                        .tensors
+                        .as_ref()
+                        .map(|t| (t[1].to_device(dev), nip_p.index.clone())),
+                    csr_input: csr_p.tensors.as_ref().map(|t| leaf(&t[0], dev)),
+                }
+            }
         })
     }
 
@@ -221,157 +257,113 @@ impl StageWork {
         plan: MbPlan,
         out: &mut StepOut,
     ) -> Result<()> {
-        let w = LossWeights::of(&self.cfg);
-        let m = plan.total;
-        let key = (self.cfg.train.seed, step, (plan.offset + mb) as u64);
-        let dev = self.device;
-        let name = self.name.as_str();
-        let links = &self.links;
         let mut idle = Duration::ZERO;
         let id = data.id;
-        let mut saved = Saved {
-            id,
-            ..Default::default()
+        let rx = self.receive(mb, id, &mut idle)?;
+        let recompute = self.cfg.train.recompute == Recompute::Full;
+        let c = {
+            let ctx = self.ctx(step, plan);
+            let run = || compute(&self.modules, &ctx, mb, data, &rx);
+            // Recomputed before the backward: no graph (no activations) kept now.
+            if recompute {
+                tch::no_grad(run)?
+            } else {
+                run()?
+            }
         };
-        let mut sends: Vec<(&Option<EdgeTx>, Packet, &str)> = Vec::new();
-        match &self.modules {
-            Modules::Vision(v) => {
-                let pixels = data
-                    .pixels
-                    .as_ref()
-                    .ok_or_else(|| PipelineError::stage(name, "no pixels in the step's data"))?
-                    .to_device(dev);
-                let (vis, csr) = if pixels.size()[0] > 0 {
-                    let (vis, csr) = v.forward_regions(&pixels, data.masks.as_ref());
-                    (Some(vis), (w.csr > 0.0).then_some(csr))
-                } else {
-                    (None, None)
-                };
-                sends.push((
-                    &links.fwd_out,
-                    Packet::new(mb, id, vis.as_ref().map(|t| vec![t.detach()])),
-                    "vision→llm",
-                ));
-                sends.push((
-                    &links.csr_out,
-                    Packet::new(mb, id, csr.as_ref().map(|t| vec![t.detach()])),
-                    "vision→diffusion",
-                ));
-                saved.output = vis;
-                saved.csr_output = csr;
-            }
-            Modules::Llm(shard) => {
-                let ids = data
-                    .ids
-                    .as_ref()
-                    .ok_or_else(|| PipelineError::stage(name, "no token ids in the step's data"))?
-                    .to_device(dev);
-                let p = recv(name, &links.fwd_in, (mb, id, dev), "llm input", &mut idle)?;
-                let input = p.tensors.as_ref().map(|t| leaf(&t[0], dev));
-                let h_in = if shard.is_first() {
-                    embed_sequence(shard, &ids, input.as_ref(), self.ids)
-                        .map_err(|e| PipelineError::stage(name, e.to_string()))?
-                } else {
-                    input
-                        .as_ref()
-                        .ok_or_else(|| {
-                            PipelineError::stage(name, "a middle shard got no hidden states")
-                        })?
-                        .shallow_clone()
-                };
-                let h = llm_forward(shard, &h_in, &ids, &self.cfg);
-                let next = if shard.is_last() {
-                    let hidden = shard.norm(&h);
-                    let ntp = ntp_loss(
-                        &shard.logits(&hidden),
-                        &ids,
-                        data.loss_mask.as_ref(),
-                        self.ids,
-                    );
-                    out.ntp.push(ntp.double_value(&[]));
-                    saved.loss = Some(ntp / m as f64);
-                    // No image in the microbatch: nip_inputs finds no context and returns None.
-                    match (w.nip > 0.0)
-                        .then(|| nip_inputs(&hidden, &ids, self.ids))
-                        .flatten()
-                    {
-                        Some((ctx, mask, index)) => {
-                            saved.output = Some(ctx.shallow_clone());
-                            Packet {
-                                mb,
-                                id,
-                                tensors: Some(vec![ctx.detach(), mask]),
-                                index,
-                            }
-                        }
-                        None => Packet::new(mb, id, None),
-                    }
-                } else {
-                    saved.output = Some(h.shallow_clone());
-                    Packet::new(mb, id, Some(vec![h.detach()]))
-                };
-                sends.push((&links.fwd_out, next, "llm output"));
-                saved.input = input;
-            }
-            Modules::Diffusion(d) => {
-                let pixels = data
-                    .pixels
-                    .as_ref()
-                    .ok_or_else(|| PipelineError::stage(name, "no pixels in the step's data"))?
-                    .to_device(dev);
-                let csr_p = recv(
-                    name,
-                    &links.csr_in,
-                    (mb, id, dev),
-                    "vision→diffusion",
-                    &mut idle,
-                )?;
-                let nip_p = recv(
-                    name,
-                    &links.fwd_in,
-                    (mb, id, dev),
-                    "llm→diffusion",
-                    &mut idle,
-                )?;
-                let zero = || Tensor::zeros([], (Kind::Float, dev));
-                let mut nip = zero();
-                if let Some(t) = &nip_p.tensors {
-                    let ctx = leaf(&t[0], dev);
-                    let mask = t[1].to_device(dev);
-                    let sel = pixels.index_select(0, &ints(&nip_p.index).to_device(dev));
-                    nip = d.nip_loss(&ctx, &mask, &sel, key);
-                    saved.input = Some(ctx);
-                }
-                let mut csr = zero();
-                if let Some(t) = &csr_p.tensors {
-                    let cond = leaf(&t[0], dev);
-                    csr = d.csr_loss_regions(&cond, &pixels, data.masks.as_ref(), key);
-                    saved.csr_input = Some(cond);
-                }
-                out.nip.push(nip.double_value(&[]));
-                out.csr.push(csr.double_value(&[]));
-                // NTP is the last shard's; this stage adds its weighted diffusion terms.
-                saved.loss = Some(w.combine(zero(), nip, csr) / m as f64);
-            }
+        out.ntp.extend(c.ntp);
+        out.nip.extend(c.nip);
+        out.csr.extend(c.csr_loss);
+        let fwd_edge = match self.modules {
+            Modules::Vision(_) => "vision→llm",
+            _ => "llm output",
+        };
+        let name = self.name.as_str();
+        if let Some((tensors, index)) = c.fwd {
+            let p = Packet {
+                mb,
+                id,
+                tensors,
+                index,
+            };
+            send(
+                name,
+                &self.links.fwd_out,
+                p,
+                fwd_edge,
+                &mut idle,
+                &mut self.edges,
+            )?;
         }
-        for (tx, p, edge) in sends {
-            send(name, tx, p, edge, &mut idle, &mut self.edges)?;
+        if let Some(tensors) = c.csr {
+            let p = Packet::new(mb, id, tensors);
+            let edge = "vision→diffusion";
+            send(
+                name,
+                &self.links.csr_out,
+                p,
+                edge,
+                &mut idle,
+                &mut self.edges,
+            )?;
         }
+        let saved = if recompute {
+            Saved {
+                id,
+                received: Some(rx),
+                ..Default::default()
+            }
+        } else {
+            Saved {
+                id,
+                input: rx.input,
+                csr_input: rx.csr_input,
+                output: c.output,
+                csr_output: c.csr_output,
+                loss: c.loss,
+                received: None,
+            }
+        };
         self.idle += idle;
         self.saved.insert(mb, saved);
         Ok(())
     }
 
-    fn backward(&mut self, mb: u32) -> Result<()> {
-        let name = self.name.as_str();
-        let dev = self.device;
-        let mut idle = Duration::ZERO;
-        let saved = self.saved.remove(&mb).ok_or_else(|| {
+    /// A recomputed microbatch's activations, rebuilt with autograd from what it received.
+    fn recomputed(
+        &self,
+        mb: u32,
+        data: &MbData,
+        step: u64,
+        plan: MbPlan,
+        rx: Received,
+    ) -> Result<Saved> {
+        let c = compute(&self.modules, &self.ctx(step, plan), mb, data, &rx)?;
+        Ok(Saved {
+            id: data.id,
+            input: rx.input,
+            csr_input: rx.csr_input,
+            output: c.output,
+            csr_output: c.csr_output,
+            loss: c.loss,
+            received: None,
+        })
+    }
+
+    fn backward(&mut self, mb: u32, data: &MbData, step: u64, plan: MbPlan) -> Result<()> {
+        let mut saved = self.saved.remove(&mb).ok_or_else(|| {
             PipelineError::stage(
-                name,
+                &self.name,
                 format!("backward of microbatch {mb} before its forward"),
             )
         })?;
+        if let Some(rx) = saved.received.take() {
+            saved = self.recomputed(mb, data, step, plan, rx)?;
+            self.recomputations += 1;
+        }
+        let name = self.name.as_str();
+        let dev = self.device;
+        let mut idle = Duration::ZERO;
         let id = saved.id;
         // Gradients of what this stage sent downstream.
         let g_out = match &self.links.grad_in {
@@ -463,12 +455,14 @@ impl StageWork {
                     self.forward(mb, d, step, plan, &mut out)?
                 }
                 Op::Backward(mb) => {
-                    let _in_span = data[mb as usize].span.enter();
+                    let d = &data[mb as usize];
+                    let _in_span = d.span.enter();
                     tracing::trace!(stage = %self.name, mb, "backward");
-                    self.backward(mb)?
+                    self.backward(mb, d, step, plan)?
                 }
             }
         }
+        out.recomputed = std::mem::take(&mut self.recomputations);
         let waited = Instant::now();
         out.p2p = self.links.settle(&self.name)?;
         self.idle += waited.elapsed();

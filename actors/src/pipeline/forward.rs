@@ -1,0 +1,151 @@
+//! One stage's forward computation of one microbatch, apart from what it receives and sends, after
+//! Megatron-LM's activation recomputation: with `train.recompute = "full"` the stage runs it without
+//! autograd in the forward pass, keeps only what it received, and runs it again with autograd right
+//! before the backward, so the same float operations give the same gradients while the activations of
+//! only one microbatch are alive at a time.
+
+use deem::config::DeemConfig;
+use deem::models::deem::{embed_sequence, llm_forward, DiffusionStage, SpecialIds, VisionStage};
+use deem::models::llama::LlamaShard;
+use deem::models::losses::{nip_inputs, ntp_loss, LossWeights};
+use deem::rng::ints;
+use tch::{Kind, Tensor};
+
+use super::error::PipelineError;
+use super::stage::{MbData, MbPlan};
+
+type Result<T, E = PipelineError> = std::result::Result<T, E>;
+
+pub(super) enum Modules {
+    Vision(Box<VisionStage>),
+    Llm(Box<LlamaShard>),
+    Diffusion(Box<DiffusionStage>),
+}
+
+/// What a microbatch's forward received from upstream: leaves whose gradients go back.
+#[derive(Default)]
+pub(super) struct Received {
+    /// Shards: the visual tokens or the previous shard's hidden states. Diffusion: the NIP context.
+    pub input: Option<Tensor>,
+    /// Diffusion: the NIP context's mask and the images it draws.
+    pub nip: Option<(Tensor, Vec<i64>)>,
+    /// Diffusion: the CSR condition.
+    pub csr_input: Option<Tensor>,
+}
+
+/// What the forward produced.
+#[derive(Default)]
+pub(super) struct Computed {
+    /// Sent downstream, whose gradient comes back.
+    pub output: Option<Tensor>,
+    pub csr_output: Option<Tensor>,
+    /// A local loss to add to the backward (NTP on the last shard, the diffusion losses).
+    pub loss: Option<Tensor>,
+    /// The forward edge's message: detached tensors and the NIP image index.
+    pub fwd: Option<(Option<Vec<Tensor>>, Vec<i64>)>,
+    /// The CSR edge's message (vision).
+    pub csr: Option<Option<Vec<Tensor>>>,
+    /// Loss values for the step's report.
+    pub ntp: Option<f64>,
+    pub nip: Option<f64>,
+    pub csr_loss: Option<f64>,
+}
+
+/// What every microbatch of a step shares.
+pub(super) struct Ctx<'a> {
+    pub name: &'a str,
+    pub cfg: &'a DeemConfig,
+    pub ids: SpecialIds,
+    pub dev: tch::Device,
+    pub step: u64,
+    pub plan: MbPlan,
+}
+
+fn needed<'t>(t: &'t Option<Tensor>, name: &str, what: &str) -> Result<&'t Tensor> {
+    t.as_ref()
+        .ok_or_else(|| PipelineError::stage(name, format!("no {what} in the step's data")))
+}
+
+/// Microbatch `mb`'s forward on `modules` from `data` and what was received.
+pub(super) fn compute(
+    modules: &Modules,
+    c: &Ctx<'_>,
+    mb: u32,
+    data: &MbData,
+    rx: &Received,
+) -> Result<Computed> {
+    let w = LossWeights::of(c.cfg);
+    let m = c.plan.total as f64;
+    let mut out = Computed::default();
+    match modules {
+        Modules::Vision(v) => {
+            let pixels = needed(&data.pixels, c.name, "pixels")?.to_device(c.dev);
+            let (vis, csr) = if pixels.size()[0] > 0 {
+                let (vis, csr) = v.forward_regions(&pixels, data.masks.as_ref());
+                (Some(vis), (w.csr > 0.0).then_some(csr))
+            } else {
+                (None, None)
+            };
+            out.fwd = Some((vis.as_ref().map(|t| vec![t.detach()]), vec![]));
+            out.csr = Some(csr.as_ref().map(|t| vec![t.detach()]));
+            out.output = vis;
+            out.csr_output = csr;
+        }
+        Modules::Llm(shard) => {
+            let ids = needed(&data.ids, c.name, "token ids")?.to_device(c.dev);
+            let h_in = if shard.is_first() {
+                embed_sequence(shard, &ids, rx.input.as_ref(), c.ids)
+                    .map_err(|e| PipelineError::stage(c.name, e.to_string()))?
+            } else {
+                rx.input
+                    .as_ref()
+                    .ok_or_else(|| {
+                        PipelineError::stage(c.name, "a middle shard got no hidden states")
+                    })?
+                    .shallow_clone()
+            };
+            let h = llm_forward(shard, &h_in, &ids, c.cfg);
+            if shard.is_last() {
+                let hidden = shard.norm(&h);
+                let ntp = ntp_loss(&shard.logits(&hidden), &ids, data.loss_mask.as_ref(), c.ids);
+                out.ntp = Some(ntp.double_value(&[]));
+                out.loss = Some(ntp / m);
+                // No image in the microbatch: nip_inputs finds no context and returns None.
+                out.fwd = Some(
+                    match (w.nip > 0.0)
+                        .then(|| nip_inputs(&hidden, &ids, c.ids))
+                        .flatten()
+                    {
+                        Some((ctx, mask, index)) => {
+                            out.output = Some(ctx.shallow_clone());
+                            (Some(vec![ctx.detach(), mask]), index)
+                        }
+                        None => (None, vec![]),
+                    },
+                );
+            } else {
+                out.fwd = Some((Some(vec![h.detach()]), vec![]));
+                out.output = Some(h);
+            }
+        }
+        Modules::Diffusion(d) => {
+            let pixels = needed(&data.pixels, c.name, "pixels")?.to_device(c.dev);
+            let key = (c.cfg.train.seed, c.step, (c.plan.offset + mb) as u64);
+            let zero = || Tensor::zeros([], (Kind::Float, c.dev));
+            let mut nip = zero();
+            if let (Some(ctx), Some((mask, index))) = (&rx.input, &rx.nip) {
+                let sel = pixels.index_select(0, &ints(index).to_device(c.dev));
+                nip = d.nip_loss(ctx, mask, &sel, key);
+            }
+            let mut csr = zero();
+            if let Some(cond) = &rx.csr_input {
+                csr = d.csr_loss_regions(cond, &pixels, data.masks.as_ref(), key);
+            }
+            out.nip = Some(nip.double_value(&[]));
+            out.csr_loss = Some(csr.double_value(&[]));
+            // NTP is the last shard's; this stage adds its weighted diffusion terms.
+            out.loss = Some(w.combine(zero(), nip, csr) / m);
+        }
+    }
+    Ok(out)
+}
