@@ -9,7 +9,7 @@ pub mod distributed;
 pub mod driver;
 pub mod edge;
 pub mod error;
-mod forward;
+pub mod forward;
 pub mod schedule;
 pub mod stage;
 

@@ -12,9 +12,30 @@ use deem::rng::ints;
 use tch::{Kind, Tensor};
 
 use super::error::PipelineError;
-use super::stage::{MbData, MbPlan};
 
 type Result<T, E = PipelineError> = std::result::Result<T, E>;
+
+/// Where a replica's microbatches sit in the global batch.
+#[derive(Debug, Clone, Copy)]
+pub struct MbPlan {
+    /// Global index of this replica's first microbatch (the diffusion noise key uses global indices).
+    pub offset: u32,
+    /// Microbatches of the global batch, over every replica (each loss is divided by it).
+    pub total: u32,
+}
+
+/// The inputs of one microbatch a stage needs (ids for shards, pixels for vision and diffusion).
+pub struct MbData {
+    pub id: uuid::Uuid,
+    /// The driver's span for this microbatch; the stage works inside it.
+    pub span: tracing::Span,
+    pub ids: Option<Tensor>,
+    /// Shards: which ids are NTP targets ([`deem::models::deem::Batch::loss_mask`]).
+    pub loss_mask: Option<Tensor>,
+    pub pixels: Option<Tensor>,
+    /// Vision and diffusion: the images' region masks ([`deem::models::deem::Batch::masks`]).
+    pub masks: Option<Tensor>,
+}
 
 pub(super) enum Modules {
     Vision(Box<VisionStage>),

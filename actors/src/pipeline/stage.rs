@@ -19,7 +19,7 @@ use tch::{nn, Kind, Tensor};
 use super::edge::{EdgeRx, EdgeTx, Traffic};
 pub use super::edge::{Links, Packet};
 use super::error::PipelineError;
-use super::forward::{compute, Ctx, Modules, Received};
+use super::forward::{compute, Ctx, MbData, MbPlan, Modules, Received};
 use super::schedule::Op;
 use crate::dist::Group as DistGroup;
 use crate::runtime::compute::{BuildError, NoDetail};
@@ -33,28 +33,6 @@ pub enum Role {
     Vision,
     Llm { layers: std::ops::Range<i64> },
     Diffusion,
-}
-
-/// Where a replica's microbatches sit in the global batch.
-#[derive(Debug, Clone, Copy)]
-pub struct MbPlan {
-    /// Global index of this replica's first microbatch (the diffusion noise key uses global indices).
-    pub offset: u32,
-    /// Microbatches of the global batch, over every replica (each loss is divided by it).
-    pub total: u32,
-}
-
-/// The inputs of one microbatch a stage needs (ids for shards, pixels for vision and diffusion).
-pub struct MbData {
-    pub id: uuid::Uuid,
-    /// The driver's span for this microbatch; the stage works inside it.
-    pub span: tracing::Span,
-    pub ids: Option<Tensor>,
-    /// Shards: which ids are NTP targets ([`deem::models::deem::Batch::loss_mask`]).
-    pub loss_mask: Option<Tensor>,
-    pub pixels: Option<Tensor>,
-    /// Vision and diffusion: the images' region masks ([`deem::models::deem::Batch::masks`]).
-    pub masks: Option<Tensor>,
 }
 
 /// What a stage reports after a step's forwards and backwards.
