@@ -140,6 +140,8 @@ fn two_processes_equal_one_process_bit_for_bit_under_gpipe_and_1f1b() {
         for (r, t) in steps(&d.join("ref")).iter().zip(steps(&d.join("two"))) {
             assert!((r[1] - t[1]).abs() < 1e-5 * r[1].abs(), "{r:?} vs {t:?}");
         }
+        // Each run writes tens of MB of checkpoints: keep nothing of a passed test.
+        let _ = std::fs::remove_dir_all(&d);
     }
 }
 
@@ -177,6 +179,8 @@ fn data_parallel_two_by_pipeline_two_equals_one_process_on_the_global_batch() {
     assert_eq!(steps(&d.join("four")).len(), 5);
     let diff = model_diff(&model(&d.join("one")), &model(&d.join("four")));
     assert!(diff < 1e-5, "{diff}");
+    // Each run writes tens of MB of checkpoints: keep nothing of a passed test.
+    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
@@ -212,6 +216,8 @@ fn torchrun_runs_the_two_process_case_unchanged() {
         model_diff(&model(&d.join("one")), &model(&d.join("two"))),
         0.0
     );
+    // Each run writes tens of MB of checkpoints: keep nothing of a passed test.
+    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
@@ -244,6 +250,8 @@ fn four_processes_checkpoint_and_one_process_resumes_to_six_straight_steps() {
     }
     let diff = model_diff(&model(&run), &model(&d.join("straight")));
     assert!(diff < 1e-5, "{diff}");
+    // Each run writes tens of MB of checkpoints: keep nothing of a passed test.
+    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
@@ -303,6 +311,8 @@ fn a_killed_rank_is_restarted_with_the_world_to_the_same_weights() {
         stderr.contains("not restarting: all 0 restart(s) allowed (--max-restarts) are used"),
         "{stderr}"
     );
+    // Each run writes tens of MB of checkpoints: keep nothing of a passed test.
+    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
@@ -347,4 +357,6 @@ fn a_rank_that_never_joins_or_a_wrong_world_size_fails_naming_them() {
         stderr.contains("error: topologies/cpu-dp2.toml: WORLD_SIZE is 3 but topology \"cpu-dp2\" needs 4 processes (data_parallel 2 × 2 rank(s) per pipeline)"),
         "{stderr}"
     );
+    // Each run writes tens of MB of checkpoints: keep nothing of a passed test.
+    let _ = std::fs::remove_dir_all(&d);
 }
