@@ -20,7 +20,7 @@ DEEM="$ROOT/target/release/deem"
 PY="$ROOT/.venv/bin/python"
 OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
-export DEEM_LOG=warn
+export DEEM_LOG=warn PYTHONWARNINGS=ignore
 
 "$DEEM" info
 if [ "$DEVICE" != "cpu" ] && "$DEEM" info | grep -q "CUDA              not available"; then
