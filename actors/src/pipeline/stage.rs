@@ -70,6 +70,21 @@ struct Saved {
     received: Option<Received>,
 }
 
+impl Saved {
+    /// Everything a backward needs: what was received and what the forward computed from it.
+    fn kept(id: uuid::Uuid, rx: Received, c: super::forward::Computed) -> Self {
+        Saved {
+            id,
+            input: rx.input,
+            csr_input: rx.csr_input,
+            output: c.output,
+            csr_output: c.csr_output,
+            loss: c.loss,
+            received: None,
+        }
+    }
+}
+
 /// A stage's work on its compute thread.
 pub struct StageWork {
     name: String,
@@ -239,7 +254,7 @@ impl StageWork {
         let id = data.id;
         let rx = self.receive(mb, id, &mut idle)?;
         let recompute = self.cfg.train.recompute == Recompute::Full;
-        let c = {
+        let mut c = {
             let ctx = self.ctx(step, plan);
             let run = || compute(&self.modules, &ctx, mb, data, &rx);
             // Recomputed before the backward: no graph (no activations) kept now.
@@ -257,7 +272,7 @@ impl StageWork {
             _ => "llm output",
         };
         let name = self.name.as_str();
-        if let Some((tensors, index)) = c.fwd {
+        if let Some((tensors, index)) = c.fwd.take() {
             let p = Packet {
                 mb,
                 id,
@@ -273,7 +288,7 @@ impl StageWork {
                 &mut self.edges,
             )?;
         }
-        if let Some(tensors) = c.csr {
+        if let Some(tensors) = c.csr.take() {
             let p = Packet::new(mb, id, tensors);
             let edge = "vision→diffusion";
             send(
@@ -292,15 +307,7 @@ impl StageWork {
                 ..Default::default()
             }
         } else {
-            Saved {
-                id,
-                input: rx.input,
-                csr_input: rx.csr_input,
-                output: c.output,
-                csr_output: c.csr_output,
-                loss: c.loss,
-                received: None,
-            }
+            Saved::kept(id, rx, c)
         };
         self.idle += idle;
         self.saved.insert(mb, saved);
@@ -317,15 +324,7 @@ impl StageWork {
         rx: Received,
     ) -> Result<Saved> {
         let c = compute(&self.modules, &self.ctx(step, plan), mb, data, &rx)?;
-        Ok(Saved {
-            id: data.id,
-            input: rx.input,
-            csr_input: rx.csr_input,
-            output: c.output,
-            csr_output: c.csr_output,
-            loss: c.loss,
-            received: None,
-        })
+        Ok(Saved::kept(data.id, rx, c))
     }
 
     fn backward(&mut self, mb: u32, data: &MbData, step: u64, plan: MbPlan) -> Result<()> {
