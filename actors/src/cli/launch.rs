@@ -218,6 +218,22 @@ async fn launch(args: &LaunchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The launch contract this process was started under (`deem launch`, torchrun, Slurm), checked
+/// against the topology's world size; `None` without a launcher's variables, or for a world of one
+/// process running a one-process topology (then nothing spans processes).
+pub(crate) fn launched(
+    topo: &crate::runtime::topology::Topology,
+) -> anyhow::Result<Option<crate::dist::LaunchEnv>> {
+    let Some(env) = crate::dist::LaunchEnv::from_env()? else {
+        return Ok(None);
+    };
+    if env.world_size == 1 && topo.world_size() == 1 {
+        return Ok(None);
+    }
+    topo.check_world(env.world_size)?;
+    Ok(Some(env))
+}
+
 /// `deem launch`.
 pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
     if args.nproc_per_node == 0 || args.nnodes == 0 {

@@ -2,6 +2,7 @@
 //! a world (torchrun, `deem launch`), rank 0 runs the HTTP front end, admission, the scheduler and its
 //! own workers; every other rank runs the workers the topology places on it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::bail;
@@ -11,16 +12,10 @@ use crate::runtime::topology::{Component, Topology};
 use crate::serve::remote::{Owners, ServeWorld};
 
 /// The world this process serves in, when a launcher started it (and the topology spans processes).
-fn join_world(
-    args: &ServeArgs,
-    topo: &Topology,
-) -> anyhow::Result<Option<(ServeWorld, crate::dist::LaunchEnv)>> {
-    let Some(env) = crate::dist::LaunchEnv::from_env()? else {
+fn join_world(args: &ServeArgs, topo: &Topology) -> anyhow::Result<Option<ServeWorld>> {
+    let Some(env) = super::launch::launched(topo)? else {
         return Ok(None);
     };
-    if env.world_size == 1 && topo.world_size() == 1 {
-        return Ok(None);
-    }
     if topo.data_parallel != 1 {
         bail!(
             "{}: data_parallel = {}: serving runs one pipeline; start one service per replica behind a load balancer",
@@ -28,9 +23,8 @@ fn join_world(
             topo.data_parallel
         );
     }
-    topo.check_world(env.world_size)?;
     let timeout = Duration::from_secs(args.peer_timeout.max(1));
-    let world = crate::dist::World::join(env.clone(), timeout)?;
+    let world = crate::dist::World::join(env, timeout)?;
     let order = topo.pipeline_order();
     let rank_of = |c| {
         order
@@ -47,15 +41,11 @@ fn join_world(
             .collect(),
         diffusion: rank_of(Component::Diffusion),
     };
-    Ok(Some((
-        ServeWorld {
-            rank: world.rank() as u32,
-            group: world.group.clone(),
-            owners,
-            heartbeat: (timeout / 4).min(Duration::from_secs(5)),
-        },
-        env,
-    )))
+    Ok(Some(ServeWorld {
+        world: Arc::new(world),
+        owners,
+        heartbeat: (timeout / 4).min(Duration::from_secs(5)),
+    }))
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -63,13 +53,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let topo = args
         .topology
         .load(&cfg, deem::device::cuda_device_count())?;
-    let joined = join_world(&args, &topo)?;
+    let world = join_world(&args, &topo)?;
     // Across processes every sample carries the rank and the node.
-    let metrics = match &joined {
-        Some((_, env)) => crate::runtime::metrics::Metrics::for_rank(env.rank, &env.node),
+    let metrics = match &world {
+        Some(w) => crate::runtime::metrics::Metrics::for_rank(w.world.rank(), &w.world.env.node),
         None => crate::runtime::metrics::Metrics::new(),
     };
-    let world = joined.as_ref().map(|(w, _)| w.clone());
     let weights = match &args.checkpoint {
         Some(p) => crate::serve::engine::Weights::Checkpoint(p.clone()),
         None => {
@@ -80,9 +69,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    if let Some(w) = world.clone().filter(|w| w.rank != 0) {
-        let rank = w.rank;
-        let local = joined.as_ref().map_or(0, |(_, env)| env.local_rank as u16);
+    if let Some(w) = world.clone().filter(|w| w.rank() != 0) {
+        let rank = w.rank();
+        let local = w.world.env.local_rank as u16;
         let server = match args.metrics_addr {
             Some(mut addr) => {
                 addr.set_port(addr.port() + local);

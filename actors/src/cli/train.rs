@@ -251,20 +251,13 @@ impl<'rt> Engine<'rt> {
     }
 
     /// The whole model's parameters (across processes: those of the run's latest checkpoint).
-    fn weights(
-        &self,
-        run_dir: &std::path::Path,
-        c: &deem::config::DeemConfig,
-    ) -> anyhow::Result<Vec<(String, tch::Tensor)>> {
+    fn weights(&self, run_dir: &std::path::Path) -> anyhow::Result<Vec<(String, tch::Tensor)>> {
         match self {
             Engine::Reference(t) => Ok(deem::train::cpu_weights(&t.vs)),
-            Engine::Pipeline { trainer, rt } if trainer.is_distributed() => {
-                let _ = c;
-                Ok(rt
-                    .block_on(trainer.model_weights(run_dir))?
-                    .into_iter()
-                    .collect())
-            }
+            Engine::Pipeline { trainer, rt } if trainer.is_distributed() => Ok(rt
+                .block_on(trainer.model_weights(run_dir))?
+                .into_iter()
+                .collect()),
             Engine::Pipeline { trainer, rt } => {
                 Ok(rt.block_on(trainer.weights())?.into_iter().collect())
             }
@@ -376,7 +369,7 @@ pub fn run_job(
             // initialisation, which every stage loaded.
             let mut w: std::collections::BTreeMap<String, tch::Tensor> = match &job.mode {
                 Mode::Distributed(..) => deem::models::deem::initial_weights(c)?,
-                _ => engine.weights(&job.run_dir, c)?.into_iter().collect(),
+                _ => engine.weights(&job.run_dir)?.into_iter().collect(),
             };
             for file in &job.pretrained {
                 let n = overlay(&mut w, file)?;
@@ -398,7 +391,7 @@ pub fn run_job(
     let final_state = result.as_ref().ok().map(|_| {
         engine
             .save_checkpoint(&job.run_dir, c, &topology_name)
-            .and_then(|_| engine.weights(&job.run_dir, c))
+            .and_then(|_| engine.weights(&job.run_dir))
     });
     engine.stop();
     let reports = result?;
@@ -598,13 +591,9 @@ fn join_world(
     cfg: &LoadedConfig,
     topo: &Topology,
 ) -> anyhow::Result<Option<Arc<DistPlan>>> {
-    let Some(env) = crate::dist::LaunchEnv::from_env()? else {
+    let Some(env) = super::launch::launched(topo)? else {
         return Ok(None);
     };
-    if env.world_size == 1 && topo.world_size() == 1 {
-        return Ok(None);
-    }
-    topo.check_world(env.world_size)?;
     let timeout = std::time::Duration::from_secs(args.peer_timeout);
     tracing::info!(rank = env.rank, world = env.world_size, master = %format!("{}:{}", env.master_addr, env.master_port), source = env.source, "joining the world");
     let world = Arc::new(crate::dist::World::join(env, timeout)?);

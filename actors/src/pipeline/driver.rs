@@ -142,9 +142,7 @@ async fn spawn_stages(
     supervisor: &Supervisor,
     dist: Option<&DistPlan>,
 ) -> Result<Vec<Stage>> {
-    let m = dist.map_or(cfg.train.microbatches, |d| {
-        d.per_replica(cfg.train.microbatches)
-    }) as usize;
+    let m = here(cfg, dist) as usize;
     let order = topo.pipeline_order();
     let p = order.len();
     if p < 3 {
@@ -194,10 +192,7 @@ async fn spawn_stages(
             },
         };
         let args = StageArgs {
-            threads: match dist {
-                Some(d) => topo.cpu_threads_in(placement, Some(d.local_procs)),
-                None => topo.cpu_threads(placement),
-            },
+            threads: topo.cpu_threads_in(placement, dist.map(|d| d.local_procs)),
             name: placement.name.clone(),
             role: role.clone(),
             cfg: cfg.clone(),
@@ -225,6 +220,13 @@ async fn spawn_stages(
         }
     }
     Ok(stages)
+}
+
+/// Microbatches this process's replica runs per step (all of them without `dist`).
+fn here(cfg: &DeemConfig, dist: Option<&DistPlan>) -> u64 {
+    dist.map_or(cfg.train.microbatches, |d| {
+        d.per_replica(cfg.train.microbatches)
+    })
 }
 
 /// The inputs of `role` for each microbatch: token ids for shards, pixels for vision and diffusion.
@@ -324,13 +326,13 @@ impl PipelineTrainer {
                 return Err(e);
             }
         };
-        let m = match &dist {
-            Some(d) => d.per_replica(cfg.train.microbatches),
-            None => cfg.train.microbatches,
-        };
         Ok(PipelineTrainer {
             cfg: cfg.clone(),
-            schedule: schedule::build(cfg.train.schedule, topo.actors.len(), m as u32),
+            schedule: schedule::build(
+                cfg.train.schedule,
+                topo.actors.len(),
+                here(cfg, dist.as_deref()) as u32,
+            ),
             stages,
             topo: topo.clone(),
             supervisor,
@@ -385,10 +387,8 @@ impl PipelineTrainer {
     ) -> Result<StepReport> {
         let t = &self.cfg.train;
         let total = t.microbatches as u32;
-        let (per, replica) = match &self.dist {
-            Some(d) => (d.per_replica(t.microbatches) as u32, d.replica),
-            None => (total, 0),
-        };
+        let per = here(&self.cfg, self.dist.as_deref()) as u32;
+        let replica = self.dist.as_ref().map_or(0, |d| d.replica);
         let ids = special_ids(&self.cfg);
         // Every replica splits the global batch the same way and takes its own run of microbatches.
         let all = batch.split(total as i64, ids.soi)?;
@@ -502,17 +502,10 @@ impl PipelineTrainer {
         run_dir: &std::path::Path,
         topology: &str,
     ) -> Result<std::path::PathBuf> {
-        let Some(d) = &self.dist else {
-            let tmp = checkpoint::begin(run_dir, self.step)?;
-            for s in &self.stages {
-                s.handle.save(tmp.clone()).await?;
-            }
-            let stages = self.stages.iter().map(|s| s.name.clone()).collect();
-            let manifest = checkpoint::Manifest::new(&self.cfg, self.step, topology, stages);
-            return checkpoint::commit(run_dir, &tmp, &manifest);
-        };
-        let rank0 = d.world.rank() == 0;
-        let group = &d.world.group;
+        let d = self.dist.as_deref();
+        let rank0 = d.is_none_or(|d| d.world.rank() == 0);
+        // Across processes each phase waits for every rank; in one process there is nothing to wait for.
+        let barrier = || d.map_or(Ok(()), |d| d.world.group.barrier());
         let tmp = checkpoint::tmp_dir(run_dir, self.step);
         // A failure on rank 0 must not leave the others waiting at the barrier: they see it fail.
         let begun = if rank0 {
@@ -520,14 +513,15 @@ impl PipelineTrainer {
         } else {
             Ok(())
         };
-        group.barrier()?;
+        barrier()?;
         begun?;
-        if d.replica == 0 {
+        // The replicas hold the same parameters: the first one writes them.
+        if d.is_none_or(|d| d.replica == 0) {
             for s in &self.stages {
                 s.handle.save(tmp.clone()).await?;
             }
         }
-        group.barrier()?;
+        barrier()?;
         let done = if rank0 {
             let stages = self
                 .topo
@@ -540,7 +534,7 @@ impl PipelineTrainer {
         } else {
             Ok(checkpoint::checkpoints_dir(run_dir).join(format!("step-{}", self.step)))
         };
-        group.barrier()?;
+        barrier()?;
         done
     }
 

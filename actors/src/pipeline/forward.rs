@@ -66,10 +66,11 @@ pub(super) struct Computed {
     pub fwd: Option<(Option<Vec<Tensor>>, Vec<i64>)>,
     /// The CSR edge's message (vision).
     pub csr: Option<Option<Vec<Tensor>>>,
-    /// Loss values for the step's report.
-    pub ntp: Option<f64>,
-    pub nip: Option<f64>,
-    pub csr_loss: Option<f64>,
+    /// The unweighted losses for the step's report, read by the forward pass only (a recomputation
+    /// does not read them again: on a GPU each read waits for the device).
+    pub ntp: Option<Tensor>,
+    pub nip: Option<Tensor>,
+    pub csr_loss: Option<Tensor>,
 }
 
 /// What every microbatch of a step shares.
@@ -129,8 +130,8 @@ pub(super) fn compute(
             if shard.is_last() {
                 let hidden = shard.norm(&h);
                 let ntp = ntp_loss(&shard.logits(&hidden), &ids, data.loss_mask.as_ref(), c.ids);
-                out.ntp = Some(ntp.double_value(&[]));
-                out.loss = Some(ntp / m);
+                out.loss = Some(&ntp / m);
+                out.ntp = Some(ntp);
                 // No image in the microbatch: nip_inputs finds no context and returns None.
                 out.fwd = Some(
                     match (w.nip > 0.0)
@@ -162,10 +163,10 @@ pub(super) fn compute(
             if let Some(cond) = &rx.csr_input {
                 csr = d.csr_loss_regions(cond, &pixels, data.masks.as_ref(), key);
             }
-            out.nip = Some(nip.double_value(&[]));
-            out.csr_loss = Some(csr.double_value(&[]));
             // NTP is the last shard's; this stage adds its weighted diffusion terms.
-            out.loss = Some(w.combine(zero(), nip, csr) / m);
+            out.loss = Some(w.combine(zero(), nip.shallow_clone(), csr.shallow_clone()) / m);
+            out.nip = Some(nip);
+            out.csr_loss = Some(csr);
         }
     }
     Ok(out)

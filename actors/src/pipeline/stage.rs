@@ -264,9 +264,10 @@ impl StageWork {
                 run()?
             }
         };
-        out.ntp.extend(c.ntp);
-        out.nip.extend(c.nip);
-        out.csr.extend(c.csr_loss);
+        let value = |t: Option<Tensor>| t.map(|t| t.double_value(&[]));
+        out.ntp.extend(value(c.ntp.take()));
+        out.nip.extend(value(c.nip.take()));
+        out.csr.extend(value(c.csr_loss.take()));
         let fwd_edge = match self.modules {
             Modules::Vision(_) => "vision→llm",
             _ => "llm output",

@@ -238,11 +238,12 @@ pub struct Engine {
 /// its compute thread dies at that job — a tick for a shard, a batch of images otherwise).
 fn spec_of<W: Work>(
     cfg: &DeemConfig,
-    topo: &Topology,
+    (topo, world): (&Topology, Option<&ServeWorld>),
     p: &Placement,
     build: impl FnOnce() -> Result<W, BuildError> + Send + 'static,
 ) -> ComputeSpec<W> {
-    let procs = (topo.pipeline_ranks > 1).then_some(topo.pipeline_ranks as usize);
+    // Across processes only this rank's actors share the cores, with the node's other processes.
+    let procs = world.map(ServeWorld::local_procs);
     ComputeSpec {
         name: p.name.clone(),
         device: p.device.to_string(),
@@ -277,7 +278,7 @@ fn roles(topo: &Topology) -> Result<(&Placement, Vec<&Placement>, &Placement), E
 
 /// Whether this process hosts `p` (every placement without a world).
 fn hosts(world: Option<&ServeWorld>, p: &Placement) -> bool {
-    world.is_none_or(|w| p.rank == w.rank)
+    world.is_none_or(|w| p.rank == w.rank())
 }
 
 /// Starts, under a new serving supervisor told of every failure through `on_failure`, the workers this
@@ -522,7 +523,7 @@ pub async fn run_rank(
         (wiring, on_failure),
     )
     .await?;
-    let rank = world.rank;
+    let rank = world.rank();
     let lost: super::remote::OnLost = Arc::new(move |f: &Failure| {
         tracing::error!(rank, peer = %f.actor, error = %f.error, "lost a peer of the service");
     });
@@ -579,7 +580,7 @@ async fn spawn_workers(
     // Vision.
     let (c, src, device) = (cfg.clone(), source.clone(), vision.device.into());
     let (input, output) = (wiring.vision.1.clone(), wiring.inbox.0.clone());
-    let spec = spec_of(cfg, topo, vision, move || {
+    let spec = spec_of(cfg, (topo, world), vision, move || {
         let vs = nn::VarStore::new(device);
         let stage = deem::with_init_lock(None, || VisionStage::new(&vs.root(), &c));
         let spec = LoadSpec {
@@ -611,7 +612,7 @@ async fn spawn_workers(
             metrics.serve.clone(),
             cfg.serve.max_running as i64,
         );
-        let spec = spec_of(cfg, topo, p, move || {
+        let spec = spec_of(cfg, (topo, world), p, move || {
             let vs = nn::VarStore::new(device);
             let shard = deem::with_init_lock(None, || {
                 LlamaShard::new(&vs.root(), &LlamaConfig::from(&c.llm), layers)
@@ -642,7 +643,7 @@ async fn spawn_workers(
         metrics.serve.clone(),
     );
     let (name, max_batch) = (diffusion.name.clone(), cfg.serve.max_running.max(1));
-    let spec = spec_of(cfg, topo, diffusion, move || {
+    let spec = spec_of(cfg, (topo, world), diffusion, move || {
         let vs = nn::VarStore::new(device);
         let stage = deem::with_init_lock(None, || DiffusionStage::new(&vs.root(), &c));
         let spec = whole_model_spec("diffusion", &["nip_condition.", "unet.", "vae."]);

@@ -18,7 +18,7 @@ use tch::{Device, Kind, Tensor};
 use super::messages::{DiffusionJob, Inbox, ShardIn, VisionJob};
 use super::slot;
 use crate::dist::wire::{self, Header};
-use crate::dist::{DistError, Group};
+use crate::dist::{DistError, Group, World};
 use crate::runtime::Failure;
 
 /// Everything that crosses between two processes of a service.
@@ -88,11 +88,26 @@ pub struct Owners {
 /// This process's place in a multi-process service.
 #[derive(Clone)]
 pub struct ServeWorld {
-    pub group: Arc<Group>,
-    pub rank: u32,
+    /// The joined world (its store stays open while the service runs).
+    pub world: Arc<World>,
     pub owners: Owners,
     /// How often an idle link says it is alive (well below the group's timeout).
     pub heartbeat: Duration,
+}
+
+impl ServeWorld {
+    pub fn rank(&self) -> u32 {
+        self.world.rank() as u32
+    }
+
+    fn group(&self) -> &Group {
+        &self.world.group
+    }
+
+    /// Processes on this node (they share its cores).
+    pub fn local_procs(&self) -> usize {
+        self.world.env.local_world_size.max(1) as usize
+    }
 }
 
 /// One process's ends of every channel of the service (every process builds the same set).
@@ -178,11 +193,11 @@ fn next_for(dst: u32, w: &ServeWorld, ends: &Ends, wait: Duration) -> Msg {
 fn forward(dst: u32, w: ServeWorld, ends: Arc<Ends>, stop: Arc<AtomicBool>, on_lost: OnLost) {
     loop {
         if stop.load(Ordering::SeqCst) {
-            let _ = send_msg(&w.group, dst, &Msg::Stop);
+            let _ = send_msg(w.group(), dst, &Msg::Stop);
             return;
         }
         let msg = next_for(dst, &w, &ends, w.heartbeat);
-        if let Err(e) = send_msg(&w.group, dst, &msg) {
+        if let Err(e) = send_msg(w.group(), dst, &msg) {
             if !stop.load(Ordering::SeqCst) {
                 on_lost(&Failure {
                     actor: format!("rank {dst}"),
@@ -203,7 +218,7 @@ fn receive(
     ended: Sender<Result<(), Failure>>,
 ) {
     loop {
-        let delivered = match recv_msg(&w.group, src) {
+        let delivered = match recv_msg(w.group(), src) {
             Ok(Msg::Stop) => {
                 let _ = ended.send(Ok(()));
                 return;
@@ -246,7 +261,7 @@ impl Bridge {
         let ends = Arc::new(ends);
         let (tx, ended) = flume::unbounded();
         let mut threads = Vec::new();
-        for peer in (0..w.group.size as u32).filter(|&r| r != w.rank) {
+        for peer in (0..w.group().size as u32).filter(|&r| r != w.rank()) {
             let (w1, e1, s1, l1) = (w.clone(), ends.clone(), stop.clone(), on_lost.clone());
             threads.push(
                 std::thread::Builder::new()
