@@ -456,10 +456,19 @@ pub struct TrainConfig {
     pub schedule: PipelineSchedule,
     /// Activation recomputation in the pipelined trainer: `none` keeps every microbatch's activations
     /// from its forward to its backward; `full` keeps only what each stage received and runs the
-    /// stage's forward again right before the backward (the same gradients, for one extra forward).
-    /// The single-process reference trainer always keeps its activations.
+    /// stage's forward again right before the backward (the same gradients, for one extra forward);
+    /// `{ layers = N }` recomputes only the first N decoder layers of each LLM shard (their input is
+    /// kept, their inner activations are not), a middle ground between the two. The single-process
+    /// reference trainer always keeps its activations.
     #[serde(default, skip_serializing_if = "Recompute::is_none")]
     pub recompute: Recompute,
+    /// f16 only: the dynamic loss scale's starting value (`GradScaler`'s `init_scale`, 2^16). Steps
+    /// whose gradients overflow are skipped and halve it.
+    #[serde(
+        default = "default_loss_scale_init",
+        skip_serializing_if = "is_default_loss_scale_init"
+    )]
+    pub loss_scale_init: f64,
     /// Whether the original LM head trains with the LLM (stages II/III). DEEM freezes its pretrained head;
     /// a model trained from scratch needs it trainable.
     pub train_lm_head: bool,
@@ -535,6 +544,14 @@ pub enum Stage {
     III,
 }
 
+fn default_loss_scale_init() -> f64 {
+    65536.0
+}
+
+fn is_default_loss_scale_init(v: &f64) -> bool {
+    *v == default_loss_scale_init()
+}
+
 /// `train.recompute`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -542,11 +559,22 @@ pub enum Recompute {
     #[default]
     None,
     Full,
+    /// The first N decoder layers of every LLM shard.
+    Layers(u32),
 }
 
 impl Recompute {
     pub fn is_none(&self) -> bool {
         *self == Recompute::None
+    }
+
+    /// How many of a shard's `layers` decoder layers are recomputed layer by layer (0 under `none`,
+    /// and under `full`, which recomputes the whole stage instead).
+    pub fn layers_of(&self, layers: usize) -> usize {
+        match self {
+            Recompute::Layers(n) => (*n as usize).min(layers),
+            _ => 0,
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod cost;
 pub mod data;
 pub mod device;
 pub mod eval;
@@ -39,7 +40,9 @@ static INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Runs `build` (module construction, which draws initial weights from libtorch's global generator)
 /// while holding a process-wide lock, after seeding the generator when `seed` is given. Every module
 /// construction in deem goes through here, so a seeded initialisation is the same whatever other threads
-/// (other actors, other trainers) are building at the same time.
+/// (other actors, other trainers) are building at the same time. Within a seeded build each model part
+/// reseeds the generator for itself ([`init_part`]), so a pipeline stage that builds only its own parts
+/// draws exactly the values a whole-model build gives them.
 pub fn with_init_lock<T>(seed: Option<u64>, build: impl FnOnce() -> T) -> T {
     let _guard = INIT_LOCK
         .lock()
@@ -47,5 +50,28 @@ pub fn with_init_lock<T>(seed: Option<u64>, build: impl FnOnce() -> T) -> T {
     if let Some(s) = seed {
         tch::manual_seed(s as i64);
     }
-    build()
+    PART_SEED.with(|p| p.set(seed));
+    let out = build();
+    PART_SEED.with(|p| p.set(None));
+    out
+}
+
+thread_local! {
+    /// The seed of the seeded build running on this thread (under the init lock).
+    static PART_SEED: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Marks the start of an independently initialised model part (`visual`, `llm.layers.3`, …): in a
+/// seeded build the generator is reseeded from the build's seed and the part's name (FNV-1a), so the
+/// part's values do not depend on which other parts were built before it. Outside a seeded build it does
+/// nothing.
+pub fn init_part(part: &str) {
+    if let Some(seed) = PART_SEED.with(|p| p.get()) {
+        let mut h: u64 = 0xcbf29ce484222325 ^ seed;
+        for b in part.bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        tch::manual_seed((h >> 1) as i64);
+    }
 }

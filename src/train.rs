@@ -9,9 +9,12 @@ pub mod sd;
 pub mod trainer;
 
 pub use optimizer::{
-    group_of, is_base_llm, lr_factor, moment_keys, update_plan, AdamW, Group, Param, StepReport,
+    group_of, is_base_llm, lr_factor, master_key, moment_keys, update_plan, AdamW, Group,
+    LossScaler, Param, StepReport,
 };
-pub use trainer::{cpu_weights, load_shard, save_shard, set_variables, Trainer};
+pub use trainer::{
+    cpu_weights, load_shard, load_weights, save_shard, set_dtype, set_variables, Trainer,
+};
 
 /// The training layer's error: a trainer, an optimizer state or a pretraining run that cannot go on;
 /// lower layers' errors chain in.

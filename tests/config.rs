@@ -130,7 +130,7 @@ fn unknown_key_in_file_names_file_key_and_expected_keys() {
         format!(
             "{}: train.lrr: unknown field `lrr`, expected one of `stage`, `seed`, `steps`, `warmup_steps`, \
              `batch_size`, `microbatches`, `context_length`, `lr`, `encoder_lr`, `llm_lr`, `betas`, `eps`, \
-             `weight_decay`, `max_grad_norm`, `nip_loss_weight`, `csr_loss_weight`, `schedule`, `recompute`, `train_lm_head`, `train_llm_in_stage_one`, `loss_on_prompts`, `isolate_documents`, `checkpoint_every`, `max_restarts`, `sources`",
+             `weight_decay`, `max_grad_norm`, `nip_loss_weight`, `csr_loss_weight`, `schedule`, `recompute`, `loss_scale_init`, `train_lm_head`, `train_llm_in_stage_one`, `loss_on_prompts`, `isolate_documents`, `checkpoint_every`, `max_restarts`, `sources`",
             p.display()
         )
     );
@@ -318,3 +318,22 @@ fn binary_config_show_round_trips() {
 }
 
 // ---------------------------------------------------------------- monitoring files
+
+#[test]
+fn recompute_takes_none_full_or_a_layer_count() {
+    use deem::config::Recompute;
+    let dir = scratch("recompute");
+    let p = tiny_with(&dir, "seed = 0", "seed = 0");
+    for (set, want) in [
+        ("train.recompute=\"full\"", Recompute::Full),
+        ("train.recompute={ layers = 2 }", Recompute::Layers(2)),
+        ("train.recompute=\"none\"", Recompute::None),
+    ] {
+        assert_eq!(load(&p, &[], &[set]).unwrap().config.train.recompute, want, "{set}");
+    }
+    assert_eq!(Recompute::Layers(2).layers_of(4), 2);
+    assert_eq!(Recompute::Layers(9).layers_of(4), 4, "at most the shard's layers");
+    assert_eq!(Recompute::Full.layers_of(4), 0, "full recomputes whole stages instead");
+    let err = load(&p, &[], &["train.recompute=\"some\""]).unwrap_err().to_string();
+    assert!(err.contains("train.recompute"), "{err}");
+}

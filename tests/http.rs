@@ -617,6 +617,10 @@ async fn the_kv_budget_sets_the_sequence_slots_and_one_too_small_is_refused() {
         (2 * layers * l.num_key_value_heads * l.head_dim * l.max_position_embeddings * 4) as u64;
     c.serve.kv_cache_bytes = Some(3 * seq + 100);
     assert_eq!(budgeted(&c, &topo).unwrap().serve.max_running, 3);
+    // In bf16 the pool holds each position in half the bytes.
+    let mut half = c.clone();
+    half.model.dtype = deem::config::DType::Bf16;
+    assert_eq!(budgeted(&half, &topo).unwrap().serve.max_running, 6);
     c.serve.kv_cache_bytes = Some(1 << 40);
     assert_eq!(
         budgeted(&c, &topo).unwrap().serve.max_running,

@@ -128,20 +128,23 @@ async fn pipelined_training_equals_the_reference_trainer() {
     }
 }
 
-/// Activation recomputation (`train.recompute = "full"`) runs each stage's forward again, with autograd,
-/// right before its backward: the same float operations, so the same losses and weights bit for bit.
+/// Activation recomputation runs forwards again, with autograd, right before their backward: the whole
+/// stage (`train.recompute = "full"`) or the first decoder layers of each LLM shard
+/// (`{ layers = N }`). The same float operations, so the same losses and weights bit for bit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recomputing_activations_gives_bit_identical_training() {
-    for (stage, schedule) in [
-        (Stage::I, PipelineSchedule::Gpipe),
-        (Stage::II, PipelineSchedule::OneFOneB),
+    use deem::config::Recompute;
+    // Recomputations per step: 4 stages × 4 microbatches under `full`; the 2 LLM shards × 4
+    // microbatches per layer span.
+    for (stage, schedule, mode, per_step) in [
+        (Stage::I, PipelineSchedule::Gpipe, Recompute::Full, 16),
+        (Stage::II, PipelineSchedule::OneFOneB, Recompute::Full, 16),
+        (Stage::I, PipelineSchedule::OneFOneB, Recompute::Layers(1), 8),
     ] {
         let keep = cfg(schedule, stage);
         let mut again = keep.clone();
-        again.train.recompute = deem::config::Recompute::Full;
+        again.train.recompute = mode;
         let (a, b) = (pipelined(&keep, 3).await, pipelined(&again, 3).await);
-        // Every stage recomputed every microbatch (4 stages × 4 microbatches per step), and without
-        // recomputation none did.
         let count = |c: &DeemConfig| {
             let c = c.clone();
             async move {
@@ -154,17 +157,17 @@ async fn recomputing_activations_gives_bit_identical_training() {
                 n
             }
         };
-        assert_eq!((count(&keep).await, count(&again).await), (0, 16));
+        assert_eq!((count(&keep).await, count(&again).await), (0, per_step));
         for (x, y) in a.0.iter().zip(&b.0) {
             assert_eq!(
                 (x.total, x.ntp, x.nip, x.csr, x.grad_norm),
                 (y.total, y.ntp, y.nip, y.csr, y.grad_norm),
-                "{stage:?} {schedule:?}"
+                "{stage:?} {schedule:?} {mode:?}"
             );
         }
         assert_eq!(a.1.len(), b.1.len());
         for (k, v) in &a.1 {
-            assert!(v.equal(&b.1[k]), "{stage:?} {schedule:?}: {k} differs");
+            assert!(v.equal(&b.1[k]), "{stage:?} {schedule:?} {mode:?}: {k} differs");
         }
     }
 }

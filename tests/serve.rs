@@ -578,3 +578,28 @@ fn image_urls_decode_png_jpeg_webp_and_gif() {
         err
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_runs_in_the_model_dtype() {
+    // (The KV pool's share of the budget in bf16 is checked in http.rs.)
+    let mut c = cfg();
+    c.model.dtype = deem::config::DType::Bf16;
+    // Forces <|startofimage|> (the diffusion actor draws in bf16 too), then token 10 until max_tokens.
+    let body = json!({
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": png_data_url(48)}},
+            {"type": "text", "text": "draw it again"}
+        ]}],
+        "max_tokens": 6, "seed": 3, "max_images": 1,
+        "logit_bias": { (c.llm.vocab_size).to_string(): 100, "10": 50 },
+    });
+    let tok = Arc::new(load_tokenizer(None, None, &c).unwrap());
+    let engine = Engine::start(&c, &topology(&c), &Weights::Init, tok.clone(), Metrics::new())
+        .await
+        .unwrap();
+    let (text, images, finish) =
+        collect(engine.submit(request_of(&body, &c, &tok)).ok().unwrap()).await;
+    engine.shutdown().await;
+    assert_eq!((images, finish.as_str()), (1, "length"), "{text}");
+    assert!(!text.is_empty());
+}

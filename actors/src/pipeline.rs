@@ -10,6 +10,7 @@ pub mod driver;
 pub mod edge;
 pub mod error;
 pub mod forward;
+pub mod plan;
 pub mod schedule;
 pub mod stage;
 

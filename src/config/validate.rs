@@ -375,6 +375,7 @@ impl DeemConfig {
         c.positive_f("train.eps", t.eps);
         c.non_negative_f("train.weight_decay", t.weight_decay);
         c.positive_f("train.max_grad_norm", t.max_grad_norm);
+        c.positive_f("train.loss_scale_init", t.loss_scale_init);
         c.non_negative_f("train.nip_loss_weight", t.nip_loss_weight);
         c.non_negative_f("train.csr_loss_weight", t.csr_loss_weight);
         for (i, src) in t.sources.iter().enumerate() {

@@ -45,6 +45,17 @@ impl SyntheticBatches {
         1 + 3 + IMAGES_PER_ROW as i64 * (1 + self.cfg.resampler.num_query_tokens + 2) + 1
     }
 
+    /// The shape of one microbatch of these batches (every image has text before it: all are NIP
+    /// targets too).
+    pub fn shape(&self) -> crate::cost::Shape {
+        crate::cost::Shape {
+            rows: (self.cfg.train.batch_size / self.cfg.train.microbatches.max(1)) as i64,
+            tokens: self.row_len(),
+            images: IMAGES_PER_ROW as i64,
+            nip_images: IMAGES_PER_ROW as i64,
+        }
+    }
+
     /// Batch number `index` (the same index always gives the same batch).
     pub fn batch(&self, index: u64) -> Batch {
         let l = &self.cfg.llm;

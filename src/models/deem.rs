@@ -122,6 +122,7 @@ pub struct VisionStage {
 
 impl VisionStage {
     pub fn new(root: &nn::Path, cfg: &DeemConfig) -> Self {
+        crate::init_part("visual");
         VisionStage {
             encoder: VisionEncoder::new(&(root / "visual"), &cfg.vision),
             resampler: Resampler::new(
@@ -193,6 +194,7 @@ pub struct DiffusionStage {
 
 impl DiffusionStage {
     pub fn new(root: &nn::Path, cfg: &DeemConfig) -> Self {
+        crate::init_part("diffusion");
         let d = &cfg.diffusion;
         DiffusionStage {
             condition: NipCondition::new(
@@ -307,14 +309,46 @@ impl Deem {
     }
 }
 
+/// Which modules [`initial_weights_of`] builds: the whole model, or one actor's part of it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Part {
+    Whole,
+    Vision,
+    Llm(std::ops::Range<i64>),
+    Diffusion,
+}
+
 /// The whole model's initial weights for `cfg.train.seed` (CPU, reference key names, detached): what
-/// both trainers and every pipeline stage start from, and what `deem serve` runs without a checkpoint.
-/// Built under the init lock, so the draw is the same whatever other threads build meanwhile.
+/// both trainers start from, and what `deem serve` runs without a checkpoint. Built under the init
+/// lock, so the draw is the same whatever other threads build meanwhile.
 pub fn initial_weights(
     cfg: &DeemConfig,
 ) -> Result<std::collections::BTreeMap<String, Tensor>, ModelError> {
+    initial_weights_of(cfg, &Part::Whole)
+}
+
+/// The initial weights of `part` alone: each part draws from its own seed ([`crate::init_part`]), so
+/// they equal the same names' values in [`initial_weights`] while only that part is built (a pipeline
+/// stage never holds the whole model).
+pub fn initial_weights_of(
+    cfg: &DeemConfig,
+    part: &Part,
+) -> Result<std::collections::BTreeMap<String, Tensor>, ModelError> {
     let vs = nn::VarStore::new(tch::Device::Cpu);
-    crate::with_init_lock(Some(cfg.train.seed), || Deem::new(&vs.root(), cfg))?;
+    let root = vs.root();
+    crate::with_init_lock(Some(cfg.train.seed), || -> Result<(), ModelError> {
+        match part {
+            Part::Whole => drop(Deem::new(&root, cfg)?),
+            Part::Vision => drop(VisionStage::new(&root, cfg)),
+            Part::Llm(layers) => drop(LlamaShard::new(
+                &root,
+                &LlamaConfig::from(&cfg.llm),
+                layers.clone(),
+            )?),
+            Part::Diffusion => drop(DiffusionStage::new(&root, cfg)),
+        }
+        Ok(())
+    })?;
     Ok(vs
         .variables()
         .into_iter()
@@ -325,12 +359,22 @@ pub fn initial_weights(
 /// A training forward of `shard` over packed rows `ids` (hidden states `hidden`): documents isolated
 /// when `train.isolate_documents`, else one causal sequence per row.
 pub fn llm_forward(shard: &LlamaShard, hidden: &Tensor, ids: &Tensor, cfg: &DeemConfig) -> Tensor {
-    if cfg.train.isolate_documents {
-        let docs = crate::models::llama::Documents::from_ids(ids, cfg.llm.bos_token_id);
-        shard.forward_documents(hidden, &docs)
-    } else {
-        shard.forward_layers(hidden, 0, None)
-    }
+    llm_forward_span(shard, hidden, ids, cfg, 0..shard.layers.len())
+}
+
+/// [`llm_forward`] through the shard's layers `span` only.
+pub fn llm_forward_span(
+    shard: &LlamaShard,
+    hidden: &Tensor,
+    ids: &Tensor,
+    cfg: &DeemConfig,
+    span: std::ops::Range<usize>,
+) -> Tensor {
+    let docs = cfg
+        .train
+        .isolate_documents
+        .then(|| crate::models::llama::Documents::from_ids(ids, cfg.llm.bos_token_id));
+    shard.forward_span(hidden, span, docs.as_ref())
 }
 
 /// The special ids of a configuration (`<|startofimage|>` and `<|sniffer|>` follow the base vocabulary).

@@ -30,6 +30,7 @@ fn latent_masks(masks: &Tensor, latents: &Tensor) -> Tensor {
         .upsample_bilinear2d([h, w], false, None, None)
 }
 
+/// The diffusion loss, in fp32 whatever the model's dtype (the UNet answers in the latents' f32).
 fn mse(a: &Tensor, b: &Tensor) -> Tensor {
     (a - b).square().mean(Kind::Float)
 }
@@ -207,6 +208,7 @@ pub fn ntp_loss(
         masked = masked.logical_or(&m.narrow(1, 1, t - 1).to_device(ids.device()).logical_not());
     }
     let keep = masked.logical_not().to_kind(Kind::Float).reshape([-1]);
+    // Log-softmax over the vocabulary in fp32 whatever the model's dtype.
     let lp = logits
         .narrow(1, 0, t - 1)
         .reshape([-1, logits.size()[2]])

@@ -221,7 +221,9 @@ impl VisionEncoder {
     /// The trunk's stage maps and open_clip's image embedding `[B, embed_dim]` (timm head: global
     /// average pool → LayerNorm2d → flatten; open_clip: its projection head).
     fn trunk(&self, pixels: &Tensor) -> (Vec<Tensor>, Tensor) {
-        let mut x = self.stem_norm.forward(&self.stem_conv.forward(pixels));
+        // Pixels arrive in f32; the trunk computes in its weights' dtype (`model.dtype`).
+        let pixels = pixels.to_kind(self.stem_conv.ws.kind());
+        let mut x = self.stem_norm.forward(&self.stem_conv.forward(&pixels));
         let mut maps = Vec::with_capacity(self.stages.len());
         for stage in &self.stages {
             if let Some((norm, conv)) = &stage.downsample {

@@ -87,11 +87,42 @@ pub fn lr_factor(step: u64, warmup: u64, total: u64) -> f64 {
 #[derive(Debug)]
 pub struct Param {
     pub name: String,
+    /// The model's variable (in `model.dtype`).
     pub tensor: Tensor,
     pub group: Group,
     pub decay: bool,
+    /// AdamW moments, always fp32.
     pub exp_avg: Tensor,
     pub exp_avg_sq: Tensor,
+    /// Mixed precision (a variable held in bf16/f16): the fp32 master weight the optimizer updates and
+    /// the variable is rounded from after each step.
+    pub master: Option<Tensor>,
+    /// Mixed precision: the fp32 sum of the microbatches' gradients (each one unscaled), which the
+    /// replicas all-reduce and the optimizer reads; the variable's own low-precision gradient is
+    /// emptied into it after every microbatch's backward, so no sum is ever rounded to bf16/f16.
+    pub grad32: Option<Tensor>,
+}
+
+impl Param {
+    /// The gradient the optimizer reads: the fp32 accumulator in mixed precision, else the variable's.
+    pub fn grad(&self) -> Option<Tensor> {
+        match &self.master {
+            Some(_) => self.grad32.as_ref().map(Tensor::shallow_clone),
+            None => Some(self.tensor.grad()).filter(Tensor::defined),
+        }
+    }
+
+    /// Gives the parameter a zero gradient when it has none (so that every replica reduces the same
+    /// tensors).
+    pub fn ensure_grad(&mut self) {
+        if self.grad().is_some() {
+            return;
+        }
+        match &self.master {
+            Some(m) => self.grad32 = Some(m.zeros_like()),
+            None => (&self.tensor * 0.0).sum(Kind::Float).backward(),
+        }
+    }
 }
 
 /// AdamW (decoupled weight decay, bias-corrected moments: `torch.optim.AdamW`) over named parameters.
@@ -120,8 +151,10 @@ impl AdamW {
                     let tensor = tensor.set_requires_grad(true);
                     // No decay on vectors (norms, biases, the SoI vector), as is customary.
                     let decay = tensor.dim() >= 2;
-                    let exp_avg = tensor.zeros_like().set_requires_grad(false);
-                    let exp_avg_sq = tensor.zeros_like().set_requires_grad(false);
+                    let fp32 = || tensor.detach().to_kind(Kind::Float);
+                    let exp_avg = fp32().zeros_like();
+                    let exp_avg_sq = fp32().zeros_like();
+                    let master = (tensor.kind() != Kind::Float).then(|| fp32().copy());
                     params.push(Param {
                         name,
                         tensor,
@@ -129,6 +162,8 @@ impl AdamW {
                         decay,
                         exp_avg,
                         exp_avg_sq,
+                        master,
+                        grad32: None,
                     });
                 }
             }
@@ -142,13 +177,51 @@ impl AdamW {
         }
     }
 
-    /// Sum of squared gradient entries over the trainable parameters.
+    /// Mixed precision: moves each variable's gradient of the microbatch just back-propagated into its
+    /// fp32 accumulator, divided by the loss scale it was computed under, and empties the variable's.
+    /// Nothing to do for fp32 variables (their gradients accumulate in place).
+    pub fn accumulate(&mut self, loss_scale: f64) {
+        tch::no_grad(|| {
+            for p in self.params.iter_mut().filter(|p| p.master.is_some()) {
+                let mut g = p.tensor.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let g32 = g.to_kind(Kind::Float) / loss_scale;
+                p.grad32 = Some(match p.grad32.take() {
+                    Some(acc) => acc + g32,
+                    None => g32,
+                });
+                let _ = g.zero_();
+            }
+        });
+    }
+
+    /// Whether any parameter's (mixed-precision) gradient holds a loss scale: f32 gradients are never
+    /// scaled.
+    pub fn is_mixed(&self) -> bool {
+        self.params.iter().any(|p| p.master.is_some())
+    }
+
+    /// Sets the fp32 master weights from `weights` (global names; full precision when the source has
+    /// it, e.g. an fp32 initialisation or checkpoint loaded into a bf16 model).
+    pub fn set_masters(&mut self, weights: &BTreeMap<String, Tensor>) {
+        tch::no_grad(|| {
+            for p in &mut self.params {
+                if let (Some(m), Some(src)) = (&mut p.master, weights.get(&p.name)) {
+                    m.copy_(&src.to_kind(Kind::Float).to_device(m.device()));
+                }
+            }
+        });
+    }
+
+    /// Sum of squared gradient entries over the trainable parameters (not finite when a gradient
+    /// overflowed).
     pub fn grad_sq_norm(&self) -> f64 {
         tch::no_grad(|| {
             self.params
                 .iter()
-                .map(|p| p.tensor.grad())
-                .filter(|g| g.defined())
+                .filter_map(Param::grad)
                 .map(|g| {
                     g.to_kind(Kind::Double)
                         .square()
@@ -167,14 +240,16 @@ impl AdamW {
         let bc2 = 1.0 - b2.powi(self.steps as i32);
         tch::no_grad(|| {
             for p in &mut self.params {
-                let g = p.tensor.grad();
-                if !g.defined() {
+                let Some(g) = p.grad() else {
                     continue;
-                }
+                };
                 let g = if clip < 1.0 { g * clip } else { g };
                 let lr = lrs[&p.group];
+                // The update is computed on the fp32 master in mixed precision (the variable itself
+                // otherwise), then rounded into the variable.
+                let mut w = p.master.as_ref().unwrap_or(&p.tensor).shallow_clone();
                 if p.decay && self.weight_decay > 0.0 {
-                    let _ = p.tensor.g_mul_scalar_(1.0 - lr * self.weight_decay);
+                    let _ = w.g_mul_scalar_(1.0 - lr * self.weight_decay);
                 }
                 let _ = p.exp_avg.g_mul_scalar_(b1).g_add_(&(&g * (1.0 - b1)));
                 let _ = p
@@ -182,7 +257,10 @@ impl AdamW {
                     .g_mul_scalar_(b2)
                     .g_add_(&(g.square() * (1.0 - b2)));
                 let denom = (p.exp_avg_sq.sqrt() / bc2.sqrt()) + self.eps;
-                let _ = p.tensor.g_add_(&(&p.exp_avg / denom * (-lr / bc1)));
+                let _ = w.g_add_(&(&p.exp_avg / denom * (-lr / bc1)));
+                if p.master.is_some() {
+                    let _ = p.tensor.copy_(&w);
+                }
             }
         });
     }
@@ -193,6 +271,7 @@ impl AdamW {
             if g.defined() {
                 let _ = g.zero_();
             }
+            p.grad32 = None;
         }
     }
 }
@@ -209,6 +288,10 @@ pub struct StepReport {
     pub grad_norm: f64,
     /// The `train.lr` group's learning rate at this step.
     pub lr: f64,
+    /// The loss scale the step's backward ran under (1 unless f16).
+    pub loss_scale: f64,
+    /// f16: the gradients overflowed, the optimizer did not step.
+    pub skipped: bool,
 }
 
 /// What the optimizer step after a given set of gradients does: the global gradient norm, the clip
@@ -228,10 +311,76 @@ pub fn update_plan(
     (grad_norm, clip, lrs)
 }
 
+/// Checkpoint key of the fp32 master weight of parameter `name` (mixed precision).
+pub fn master_key(name: &str) -> String {
+    format!("optimizer.master.{name}")
+}
+
 /// Checkpoint keys of the AdamW moments of parameter `name`.
 pub fn moment_keys(name: &str) -> (String, String) {
     (
         format!("optimizer.exp_avg.{name}"),
         format!("optimizer.exp_avg_sq.{name}"),
     )
+}
+
+/// Dynamic loss scaling for f16 training, with `torch.cuda.amp.GradScaler`'s defaults: the losses are
+/// multiplied by `scale` (`train.loss_scale_init`, 2^16 by default) before the backward so that small gradients survive f16; a step
+/// whose gradients overflow is skipped and the scale halved; after 2000 steps in a row without overflow
+/// the scale doubles. bf16 has f32's exponent range and f32 needs no scaling: the scale stays 1.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LossScaler {
+    pub scale: f64,
+    /// Steps in a row without overflow.
+    pub good_steps: u64,
+    /// Steps skipped for overflow, over the run.
+    pub skipped: u64,
+    enabled: bool,
+}
+
+/// GradScaler's `growth_factor`, `backoff_factor` and `growth_interval`.
+const SCALE_GROWTH: f64 = 2.0;
+const SCALE_BACKOFF: f64 = 0.5;
+const SCALE_INTERVAL: u64 = 2000;
+
+impl LossScaler {
+    /// Optimizer steps taken after `steps` training steps (skipped ones do not count).
+    pub fn optimizer_steps(&self, steps: u64) -> u64 {
+        steps.saturating_sub(self.skipped)
+    }
+
+    /// The scaler of a run of `cfg`: scaling from `train.loss_scale_init` in f16, off otherwise.
+    pub fn of(cfg: &crate::config::DeemConfig) -> Self {
+        let enabled = cfg.model.dtype == crate::config::DType::F16;
+        LossScaler {
+            scale: if enabled {
+                cfg.train.loss_scale_init
+            } else {
+                1.0
+            },
+            good_steps: 0,
+            skipped: 0,
+            enabled,
+        }
+    }
+
+    /// Records a step's global gradient norm; returns whether the optimizer may apply it (false: an
+    /// f16 overflow, the step is skipped and the scale backs off).
+    pub fn update(&mut self, grad_norm: f64) -> bool {
+        if !self.enabled {
+            return true;
+        }
+        if !grad_norm.is_finite() {
+            self.scale *= SCALE_BACKOFF;
+            self.good_steps = 0;
+            self.skipped += 1;
+            return false;
+        }
+        self.good_steps += 1;
+        if self.good_steps == SCALE_INTERVAL {
+            self.scale *= SCALE_GROWTH;
+            self.good_steps = 0;
+        }
+        true
+    }
 }

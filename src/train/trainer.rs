@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use tch::{nn, Tensor};
 
-use super::optimizer::{moment_keys, update_plan, AdamW, Group, StepReport};
+use super::optimizer::{master_key, moment_keys, update_plan, AdamW, Group, LossScaler, StepReport};
 use crate::config::DeemConfig;
 use crate::models::deem::{Batch, Deem};
 use crate::models::ModelError;
@@ -19,19 +19,33 @@ pub struct Trainer {
     pub model: Deem,
     pub opt: AdamW,
     pub cfg: DeemConfig,
+    /// Training steps taken (a step skipped for an f16 overflow counts; the optimizer's own count does
+    /// not include it).
+    pub step: u64,
+    pub scaler: LossScaler,
 }
 
 impl Trainer {
-    /// Builds the model on `device` with weights initialised from `cfg.train.seed`.
+    /// Builds the model on `device` with weights initialised from `cfg.train.seed`, held in
+    /// `model.dtype` (trainable parameters with fp32 master weights set from the fp32 initialisation).
     pub fn new(cfg: &DeemConfig, device: tch::Device) -> Result<Self, ModelError> {
-        let vs = nn::VarStore::new(device);
+        let mut vs = nn::VarStore::new(device);
         let model = crate::with_init_lock(Some(cfg.train.seed), || Deem::new(&vs.root(), cfg))?;
-        let opt = AdamW::for_stage(&vs, &cfg.train);
+        let init: BTreeMap<String, Tensor> = vs
+            .variables()
+            .into_iter()
+            .map(|(k, v)| (k, v.detach().copy()))
+            .collect();
+        set_dtype(&mut vs, cfg.model.dtype);
+        let mut opt = AdamW::for_stage(&vs, &cfg.train);
+        opt.set_masters(&init);
         Ok(Trainer {
             vs,
             model,
             opt,
             cfg: cfg.clone(),
+            step: 0,
+            scaler: LossScaler::of(cfg),
         })
     }
 
@@ -39,19 +53,25 @@ impl Trainer {
     /// accumulate (each microbatch's loss weighted 1/m).
     pub fn step(&mut self, batch: &Batch) -> Result<StepReport, ModelError> {
         let t = &self.cfg.train;
-        let step = self.opt.steps;
+        let step = self.step;
         let m = t.microbatches as i64;
+        let scale = self.scaler.scale;
         let mut sums = [0f64; 4];
         for (i, mb) in batch.split(m, self.model.ids.soi)?.iter().enumerate() {
             let l = self.model.losses(mb, t.seed, step, i as u64)?;
-            (&l.total / m as f64).backward();
+            (&l.total / m as f64 * scale).backward();
+            self.opt.accumulate(scale);
             for (s, v) in sums.iter_mut().zip([&l.total, &l.ntp, &l.nip, &l.csr]) {
                 *s += v.double_value(&[]) / m as f64;
             }
         }
         let (grad_norm, clip, lrs) = update_plan(t, step, self.opt.grad_sq_norm());
-        self.opt.step(&lrs, clip);
+        let skipped = !self.scaler.update(grad_norm);
+        if !skipped {
+            self.opt.step(&lrs, clip);
+        }
         self.opt.zero_grad();
+        self.step += 1;
         Ok(StepReport {
             step,
             total: sums[0],
@@ -60,8 +80,32 @@ impl Trainer {
             csr: sums[3],
             grad_norm,
             lr: lrs[&Group::Other],
+            loss_scale: scale,
+            skipped,
         })
     }
+}
+
+/// Casts every floating variable of `vs` to `dtype` (the model's storage and compute precision).
+pub fn set_dtype(vs: &mut nn::VarStore, dtype: crate::config::DType) {
+    match dtype {
+        crate::config::DType::F32 => vs.float(),
+        crate::config::DType::Bf16 => vs.bfloat16(),
+        crate::config::DType::F16 => vs.half(),
+    }
+}
+
+/// Sets the variables of `vs` and the fp32 master weights of `opt` to `weights` ([`set_variables`]:
+/// every name and shape checked first): the variables get the values rounded to their dtype, the
+/// masters the values at full precision.
+pub fn load_weights(
+    vs: &nn::VarStore,
+    opt: &mut AdamW,
+    weights: &BTreeMap<String, Tensor>,
+) -> Result<(), TrainError> {
+    set_variables(vs, weights)?;
+    opt.set_masters(weights);
+    Ok(())
 }
 
 /// The variables of `vs` on the CPU under their names, in name order, detached (for writing out; on the CPU they share
@@ -108,7 +152,8 @@ pub fn set_variables(
     Ok(())
 }
 
-/// Writes the parameters of `vs` and the AdamW moments of `opt` to one safetensors file (atomically).
+/// Writes the parameters of `vs` (each in its own dtype), the AdamW moments of `opt` and, in mixed
+/// precision, its fp32 master weights to one safetensors file (atomically).
 pub fn save_shard(
     path: &std::path::Path,
     vs: &nn::VarStore,
@@ -119,12 +164,17 @@ pub fn save_shard(
         let (m, v) = moment_keys(&p.name);
         tensors.push((m, p.exp_avg.to_device(tch::Device::Cpu)));
         tensors.push((v, p.exp_avg_sq.to_device(tch::Device::Cpu)));
+        if let Some(w) = &p.master {
+            tensors.push((master_key(&p.name), w.to_device(tch::Device::Cpu)));
+        }
     }
     crate::checkpoint::save(path, &tensors)
 }
 
 /// Restores the parameters of `vs` and the moments of `opt` from a checkpoint holding them under their
-/// global names (written by [`save_shard`] from any topology), and the optimizer's step count. A
+/// global names (written by [`save_shard`] from any topology), and the optimizer's step count. Master
+/// weights come from the checkpoint's fp32 masters, or from its parameters when it has none (a
+/// checkpoint of an fp32 run resumed in bf16). A
 /// checkpoint written before region support lacks the mask-aware extractor: it keeps its initial values
 /// and zero moments.
 pub fn load_shard(
@@ -166,8 +216,16 @@ pub fn load_shard(
         for p in &mut opt.params {
             let (m, v) = moment_keys(&p.name);
             if let (Some(a), Some(b)) = (ck.tensor(&m)?, ck.tensor(&v)?) {
-                p.exp_avg.copy_(&a.to_device(p.exp_avg.device()));
-                p.exp_avg_sq.copy_(&b.to_device(p.exp_avg_sq.device()));
+                p.exp_avg.copy_(&a.to_kind(tch::Kind::Float).to_device(p.exp_avg.device()));
+                p.exp_avg_sq.copy_(&b.to_kind(tch::Kind::Float).to_device(p.exp_avg_sq.device()));
+            }
+            let Some(master) = &mut p.master else {
+                continue;
+            };
+            let key = master_key(&p.name);
+            let key = if ck.contains(&key) { key } else { p.name.clone() };
+            if let Some(w) = ck.tensor(&key)? {
+                master.copy_(&w.to_kind(tch::Kind::Float).to_device(master.device()));
             }
         }
         Ok(())

@@ -158,7 +158,7 @@ impl<'rt> Engine<'rt> {
             Engine::Pipeline { trainer, rt } => rt
                 .block_on(trainer.load_weights(w))
                 .map_err(|e| anyhow::anyhow!("--init-from: {e:#}")),
-            Engine::Reference(t) => deem::train::set_variables(&t.vs, w)
+            Engine::Reference(t) => deem::train::load_weights(&t.vs, &mut t.opt, w)
                 .map_err(|e| anyhow::anyhow!("--init-from: {e}")),
         }
     }
@@ -198,7 +198,7 @@ impl<'rt> Engine<'rt> {
     /// Optimizer steps completed = the index of the next batch.
     fn cursor(&self) -> u64 {
         match self {
-            Engine::Reference(t) => t.opt.steps,
+            Engine::Reference(t) => t.step,
             Engine::Pipeline { trainer, .. } => trainer.steps_done(),
         }
     }
@@ -214,10 +214,11 @@ impl<'rt> Engine<'rt> {
                 rt.block_on(trainer.save_checkpoint(run_dir, topology))?;
             }
             Engine::Reference(t) => {
-                let tmp = checkpoint::begin(run_dir, t.opt.steps)?;
+                let tmp = checkpoint::begin(run_dir, t.step)?;
                 deem::train::save_shard(&tmp.join("trainer.safetensors"), &t.vs, &t.opt)?;
                 let manifest =
-                    checkpoint::Manifest::new(c, t.opt.steps, topology, vec!["trainer".into()]);
+                    checkpoint::Manifest::new(c, t.step, topology, vec!["trainer".into()])
+                        .with_scaler(&t.scaler);
                 checkpoint::commit(run_dir, &tmp, &manifest)?;
             }
         }
@@ -234,7 +235,11 @@ impl<'rt> Engine<'rt> {
             Engine::Reference(t) => {
                 let (dir, manifest) = checkpoint::latest_of(run_dir, c)?;
                 let ck = deem::checkpoint::Checkpoint::open(&dir)?;
-                deem::train::load_shard(&ck, &t.vs, &mut t.opt, manifest.step)?;
+                deem::train::load_shard(&ck, &t.vs, &mut t.opt, manifest.optimizer_steps())?;
+                t.step = manifest.step;
+                t.scaler = manifest
+                    .scaler
+                    .unwrap_or_else(|| deem::train::LossScaler::of(c));
                 Ok(manifest.step)
             }
         }
@@ -297,6 +302,10 @@ fn record(
         .set(rows as f64 / seconds.max(1e-9));
     m.train_grad_norm.set(r.grad_norm);
     m.train_learning_rate.set(r.lr);
+    m.precision.loss_scale.set(r.loss_scale);
+    if r.skipped {
+        m.precision.skipped_steps.inc();
+    }
     if let Some((names, t)) = timing {
         for (i, name) in names.iter().enumerate() {
             let l = ActorLabels {

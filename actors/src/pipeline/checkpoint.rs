@@ -23,6 +23,9 @@ pub struct Manifest {
     pub config_hash: String,
     pub topology: String,
     pub stages: Vec<String>,
+    /// f16 training: the loss scaler's state (its skipped steps did not step the optimizer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaler: Option<deem::train::LossScaler>,
 }
 
 impl Manifest {
@@ -41,7 +44,21 @@ impl Manifest {
             config_hash: config_hash(cfg),
             topology: topology.to_string(),
             stages,
+            scaler: None,
         }
+    }
+
+    /// The manifest with the loss scaler's state (kept only when it scales, i.e. in f16).
+    pub fn with_scaler(mut self, scaler: &deem::train::LossScaler) -> Self {
+        self.scaler = (scaler.scale != 1.0 || scaler.skipped > 0).then(|| scaler.clone());
+        self
+    }
+
+    /// The optimizer steps taken by the checkpointed run (training steps less the skipped ones).
+    pub fn optimizer_steps(&self) -> u64 {
+        self.scaler
+            .as_ref()
+            .map_or(self.step, |s| s.optimizer_steps(self.step))
     }
 }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use deem::config::DeemConfig;
 use deem::models::deem::{special_ids, Batch};
 use deem::models::losses::LossWeights;
-use deem::train::{update_plan, Group, StepReport};
+use deem::train::{update_plan, Group, LossScaler, StepReport};
 use tch::Tensor;
 
 use super::checkpoint;
@@ -65,6 +65,8 @@ pub struct PipelineTrainer {
     pub last_timing: Option<StepTiming>,
     /// This process's place in a multi-process pipeline (`None`: every stage is here).
     dist: Option<Arc<DistPlan>>,
+    /// f16's dynamic loss scale (every rank updates it from the same global norm).
+    pub scaler: LossScaler,
 }
 
 /// Which end of an edge to set.
@@ -134,8 +136,8 @@ fn connect(
 }
 
 /// Spawns one stage actor per placement of `topo` that this process hosts (every placement without
-/// `dist`) under `supervisor`, wired along the DAG, and loads the reference initialisation into each.
-/// On failure no actor is left running.
+/// `dist`) under `supervisor`, wired along the DAG; each initialises its own part of the model (the
+/// reference initialisation's values). On failure no actor is left running.
 async fn spawn_stages(
     cfg: &DeemConfig,
     topo: &Topology,
@@ -212,13 +214,6 @@ async fn spawn_stages(
             }
         }
     }
-    let init = deem::models::deem::initial_weights(cfg)?;
-    for s in &stages {
-        if let Err(e) = s.handle.load(shallow(&init)).await {
-            stop_all(stages).await;
-            return Err(e);
-        }
-    }
     Ok(stages)
 }
 
@@ -279,7 +274,9 @@ async fn restore_all(
 ) -> Result<checkpoint::Manifest> {
     let (dir, manifest) = checkpoint::latest_of(run_dir, cfg)?;
     for s in stages {
-        s.handle.restore(dir.clone(), manifest.step).await?;
+        s.handle
+            .restore(dir.clone(), manifest.optimizer_steps())
+            .await?;
     }
     Ok(manifest)
 }
@@ -339,6 +336,7 @@ impl PipelineTrainer {
             step: 0,
             last_timing: None,
             dist,
+            scaler: LossScaler::of(cfg),
         })
     }
 
@@ -358,11 +356,14 @@ impl PipelineTrainer {
             .restart_all(failed, || async move {
                 stop_all(std::mem::take(stages)).await;
                 *stages = spawn_stages(cfg, topo, supervisor, None).await?;
-                Ok::<u64, PipelineError>(restore_all(stages, run_dir, cfg).await?.step)
+                Ok::<checkpoint::Manifest, PipelineError>(restore_all(stages, run_dir, cfg).await?)
             })
             .await?;
-        self.step = at;
-        Ok(at)
+        self.step = at.step;
+        self.scaler = at
+            .scaler
+            .unwrap_or_else(|| LossScaler::of(&self.cfg));
+        Ok(self.step)
     }
 
     /// Replaces every actor's parameters with `weights` (global names; each actor takes its own), e.g.
@@ -392,9 +393,11 @@ impl PipelineTrainer {
         let ids = special_ids(&self.cfg);
         // Every replica splits the global batch the same way and takes its own run of microbatches.
         let all = batch.split(total as i64, ids.soi)?;
+        let loss_scale = self.scaler.scale;
         let plan = MbPlan {
             offset: replica * per,
             total,
+            loss_scale,
         };
         let mbs = &all[plan.offset as usize..(plan.offset + per) as usize];
         let step = self.step;
@@ -457,8 +460,9 @@ impl PipelineTrainer {
         )?;
         let sq: f64 = g.sq_norms.iter().sum();
         let (grad_norm, clip, lrs) = update_plan(t, step, sq);
+        let skipped = !self.scaler.update(grad_norm);
         for s in &self.stages {
-            let lrs = lrs.clone();
+            let lrs = (!skipped).then(|| lrs.clone());
             s.handle.apply(lrs, clip).await?;
         }
         self.step += 1;
@@ -485,6 +489,8 @@ impl PipelineTrainer {
             csr: mean(&g.csr),
             grad_norm,
             lr: lrs[&Group::Other],
+            loss_scale,
+            skipped,
         })
     }
 
@@ -529,7 +535,8 @@ impl PipelineTrainer {
                 .iter()
                 .map(|a| a.name.clone())
                 .collect();
-            let manifest = checkpoint::Manifest::new(&self.cfg, self.step, topology, stages);
+            let manifest = checkpoint::Manifest::new(&self.cfg, self.step, topology, stages)
+                .with_scaler(&self.scaler);
             checkpoint::commit(run_dir, &tmp, &manifest)
         } else {
             Ok(checkpoint::checkpoints_dir(run_dir).join(format!("step-{}", self.step)))
@@ -553,6 +560,10 @@ impl PipelineTrainer {
     pub async fn resume(&mut self, run_dir: &std::path::Path) -> Result<checkpoint::Manifest> {
         let manifest = restore_all(&self.stages, run_dir, &self.cfg).await?;
         self.step = manifest.step;
+        self.scaler = manifest
+            .scaler
+            .clone()
+            .unwrap_or_else(|| LossScaler::of(&self.cfg));
         Ok(manifest)
     }
 

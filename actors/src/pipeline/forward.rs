@@ -5,7 +5,9 @@
 //! only one microbatch are alive at a time.
 
 use deem::config::DeemConfig;
-use deem::models::deem::{embed_sequence, llm_forward, DiffusionStage, SpecialIds, VisionStage};
+use deem::models::deem::{
+    embed_sequence, llm_forward, llm_forward_span, DiffusionStage, SpecialIds, VisionStage,
+};
 use deem::models::llama::LlamaShard;
 use deem::models::losses::{nip_inputs, ntp_loss, LossWeights};
 use deem::rng::ints;
@@ -22,6 +24,8 @@ pub struct MbPlan {
     pub offset: u32,
     /// Microbatches of the global batch, over every replica (each loss is divided by it).
     pub total: u32,
+    /// The loss scale of the step's backward (f16; 1 otherwise).
+    pub loss_scale: f64,
 }
 
 /// The inputs of one microbatch a stage needs (ids for shards, pixels for vision and diffusion).
@@ -71,6 +75,30 @@ pub(super) struct Computed {
     pub ntp: Option<Tensor>,
     pub nip: Option<Tensor>,
     pub csr_loss: Option<Tensor>,
+    /// `train.recompute = { layers = N }`: the shard's first layers ran without autograd.
+    pub segment: Option<Segment>,
+}
+
+/// The first `layers` decoder layers of a shard, run without autograd in the forward: their input is
+/// kept, and their output entered the rest of the shard as a leaf whose gradient the backward sends
+/// through the recomputed layers ([`Segment::backward`]).
+pub(super) struct Segment {
+    pub input: Tensor,
+    pub output: Tensor,
+    pub layers: usize,
+}
+
+impl Segment {
+    /// Runs the segment's layers again with autograd and back-propagates its output's gradient through
+    /// them (to their parameters and the shard's input): the gradients of an unsegmented backward.
+    pub fn backward(&self, shard: &LlamaShard, ids: &Tensor, cfg: &DeemConfig) {
+        let g = self.output.grad();
+        if !g.defined() {
+            return;
+        }
+        let again = llm_forward_span(shard, &self.input, ids, cfg, 0..self.layers);
+        (again * g).sum(Kind::Float).backward();
+    }
 }
 
 /// What every microbatch of a step shares.
@@ -86,6 +114,13 @@ pub(super) struct Ctx<'a> {
 fn needed<'t>(t: &'t Option<Tensor>, name: &str, what: &str) -> Result<&'t Tensor> {
     t.as_ref()
         .ok_or_else(|| PipelineError::stage(name, format!("no {what} in the step's data")))
+}
+
+/// Whether autograd records operations here (tch has no getter: an operation on a leaf that requires
+/// a gradient tells).
+fn grad_mode() -> bool {
+    (Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true) * 1.0)
+        .requires_grad()
 }
 
 /// Microbatch `mb`'s forward on `modules` from `data` and what was received.
@@ -126,7 +161,21 @@ pub(super) fn compute(
                     })?
                     .shallow_clone()
             };
-            let h = llm_forward(shard, &h_in, &ids, c.cfg);
+            let n = shard.range.end - shard.range.start;
+            let k = c.cfg.train.recompute.layers_of(n as usize);
+            let h = if k > 0 && grad_mode() {
+                let mid = tch::no_grad(|| llm_forward_span(shard, &h_in, &ids, c.cfg, 0..k));
+                let mid = mid.set_requires_grad(true);
+                let h = llm_forward_span(shard, &mid, &ids, c.cfg, k..n as usize);
+                out.segment = Some(Segment {
+                    input: h_in,
+                    output: mid,
+                    layers: k,
+                });
+                h
+            } else {
+                llm_forward(shard, &h_in, &ids, c.cfg)
+            };
             if shard.is_last() {
                 let hidden = shard.norm(&h);
                 let ntp = ntp_loss(&shard.logits(&hidden), &ids, data.loss_mask.as_ref(), c.ids);

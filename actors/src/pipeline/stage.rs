@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use deem::config::{DeemConfig, Recompute};
-use deem::models::deem::{special_ids, DiffusionStage, SpecialIds, VisionStage};
+use deem::models::deem::{
+    initial_weights_of, special_ids, DiffusionStage, Part, SpecialIds, VisionStage,
+};
 use deem::models::llama::{LlamaConfig, LlamaShard};
 use deem::train::{AdamW, Group};
 use flume::Receiver;
@@ -68,6 +70,8 @@ struct Saved {
     loss: Option<Tensor>,
     /// `train.recompute = "full"`: only what was received; the rest is recomputed before the backward.
     received: Option<Received>,
+    /// `train.recompute = { layers = N }`: the shard's layers to run again in the backward.
+    segment: Option<super::forward::Segment>,
 }
 
 impl Saved {
@@ -81,6 +85,7 @@ impl Saved {
             csr_output: c.csr_output,
             loss: c.loss,
             received: None,
+            segment: c.segment,
         }
     }
 }
@@ -172,11 +177,20 @@ impl StageWork {
         device: tch::Device,
         links: Links,
     ) -> Result<Self, BuildError> {
-        let vs = nn::VarStore::new(device);
+        let mut vs = nn::VarStore::new(device);
         let root = vs.root();
-        // Built under the init lock: the values are replaced by the reference initialisation, but drawing
-        // them must not disturb a seeded build on another thread.
-        let modules = deem::with_init_lock(None, || -> Result<Modules, BuildError> {
+        let part = match &role {
+            Role::Vision => Part::Vision,
+            Role::Llm { layers } => Part::Llm(layers.clone()),
+            Role::Diffusion => Part::Diffusion,
+        };
+        // The stage builds only its own modules. On the CPU they are drawn seeded in place (each part
+        // from its own seed: the values a whole-model build gives them); on an accelerator they are
+        // drawn unseeded and replaced by the CPU draw of this part alone, so every device starts from
+        // the same numbers.
+        let on_cpu = device == tch::Device::Cpu;
+        let seed = on_cpu.then_some(cfg.train.seed);
+        let modules = deem::with_init_lock(seed, || -> Result<Modules, BuildError> {
             Ok(match role {
                 Role::Vision => Modules::Vision(Box::new(VisionStage::new(&root, &cfg))),
                 Role::Llm { layers } => Modules::Llm(Box::new(LlamaShard::new(
@@ -187,7 +201,18 @@ impl StageWork {
                 Role::Diffusion => Modules::Diffusion(Box::new(DiffusionStage::new(&root, &cfg))),
             })
         })?;
-        let opt = AdamW::for_stage(&vs, &cfg.train);
+        drop(root);
+        let init = if on_cpu {
+            deem::train::cpu_weights(&vs)
+                .into_iter()
+                .map(|(k, v)| (k, v.copy()))
+                .collect()
+        } else {
+            initial_weights_of(&cfg, &part)?
+        };
+        deem::train::set_dtype(&mut vs, cfg.model.dtype);
+        let mut opt = AdamW::for_stage(&vs, &cfg.train);
+        deem::train::load_weights(&vs, &mut opt, &init)?;
         Ok(StageWork {
             name,
             ids: special_ids(&cfg),
@@ -373,7 +398,8 @@ impl StageWork {
         // (output · g).sum() has exactly the gradients that passing g into output's backward would.
         let mut terms: Vec<Tensor> = Vec::new();
         if let Some(l) = saved.loss.as_ref().filter(|l| l.requires_grad()) {
-            terms.push(l.shallow_clone());
+            // f16: the loss is scaled here; the gradients that come in already carry the scale.
+            terms.push(l * plan.loss_scale);
         }
         if let (Some(o), Some(g)) = (&saved.output, &g_out) {
             terms.push((o * g[0].to_device(dev)).sum(Kind::Float));
@@ -388,6 +414,13 @@ impl StageWork {
         {
             total.backward();
         }
+        if let (Some(seg), Modules::Llm(shard), Some(ids)) =
+            (&saved.segment, &self.modules, &data.ids)
+        {
+            seg.backward(shard, &ids.to_device(dev), &self.cfg);
+            self.recomputations += 1;
+        }
+        self.opt.accumulate(plan.loss_scale);
         if self.links.grad_out.is_some() {
             send(
                 name,
@@ -462,30 +495,19 @@ impl StageWork {
             .opt
             .params
             .iter()
-            .map(|p| f32::from(u8::from(p.tensor.grad().defined())))
+            .map(|p| f32::from(u8::from(p.grad().is_some())))
             .collect();
         let mask = Tensor::from_slice(&defined);
         group.all_reduce(&mask).map_err(fail)?;
         let mask = Vec::<f32>::try_from(&mask)
             .map_err(|e| PipelineError::stage(&self.name, e.to_string()))?;
-        let missing: Vec<Tensor> = self
-            .opt
-            .params
-            .iter()
-            .zip(&mask)
-            .filter(|(p, &any)| any > 0.0 && !p.tensor.grad().defined())
-            .map(|(p, _)| (&p.tensor * 0.0).sum(Kind::Float))
-            .collect();
-        if let Some(zero) = missing.into_iter().reduce(|a, b| a + b) {
-            zero.backward();
+        for (p, &any) in self.opt.params.iter_mut().zip(&mask) {
+            if any > 0.0 {
+                p.ensure_grad();
+            }
         }
-        let grads: Vec<Tensor> = self
-            .opt
-            .params
-            .iter()
-            .map(|p| p.tensor.grad())
-            .filter(Tensor::defined)
-            .collect();
+        // fp32 in mixed precision: the accumulators are reduced, not the bf16/f16 gradients.
+        let grads: Vec<Tensor> = self.opt.params.iter().filter_map(|p| p.grad()).collect();
         let on_cpu = grads.iter().all(|g| g.device() == tch::Device::Cpu);
         let bytes = if on_cpu {
             group
@@ -513,7 +535,7 @@ impl StageWork {
     }
 
     fn load(&mut self, weights: &BTreeMap<String, Tensor>) -> Result<()> {
-        deem::train::set_variables(&self.vs, weights)
+        deem::train::load_weights(&self.vs, &mut self.opt, weights)
             .map_err(|e| PipelineError::stage(&self.name, e.to_string()))
     }
 
@@ -543,8 +565,9 @@ pub enum StageMsg {
         bucket_bytes: usize,
         reply: RpcReplyPort<Result<(f64, u64, f64)>>,
     },
+    /// Step the optimizer (`lrs: None`: an f16 overflow skips the step) and clear the gradients.
     Apply {
-        lrs: BTreeMap<Group, f64>,
+        lrs: Option<BTreeMap<Group, f64>>,
         clip: f64,
         reply: RpcReplyPort<()>,
     },
@@ -609,7 +632,9 @@ impl StageWork {
                 let _ = reply.send(self.reduce(&group, bucket_bytes));
             }
             StageMsg::Apply { lrs, clip, reply } => {
-                self.opt.step(&lrs, clip);
+                if let Some(lrs) = lrs {
+                    self.opt.step(&lrs, clip);
+                }
                 self.opt.zero_grad();
                 let _ = reply.send(());
             }
@@ -720,7 +745,7 @@ impl StageHandle {
             .await?
     }
 
-    pub async fn apply(&self, lrs: BTreeMap<Group, f64>, clip: f64) -> Result<()> {
+    pub async fn apply(&self, lrs: Option<BTreeMap<Group, f64>>, clip: f64) -> Result<()> {
         Ok(self
             .actor
             .call(|reply| StageMsg::Apply { lrs, clip, reply })

@@ -230,6 +230,30 @@ impl DistMetrics {
     }
 }
 
+/// Mixed-precision training: f16's dynamic loss scale and the steps it skipped.
+#[derive(Debug, Clone, Default)]
+pub struct PrecisionMetrics {
+    pub loss_scale: F64Gauge,
+    pub skipped_steps: Counter,
+}
+
+impl PrecisionMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = PrecisionMetrics::default();
+        registry.register(
+            "deem_train_loss_scale",
+            "f16 dynamic loss scale the last step's backward ran under (1 in f32 and bf16); dimensionless",
+            m.loss_scale.clone(),
+        );
+        registry.register(
+            "deem_train_skipped_steps",
+            "Steps whose f16 gradients overflowed: the optimizer skipped them and the loss scale halved",
+            m.skipped_steps.clone(),
+        );
+        m
+    }
+}
+
 type F64Gauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 type F64Counter = Counter<f64, std::sync::atomic::AtomicU64>;
 
@@ -256,6 +280,7 @@ pub struct Metrics {
     pub train_tokens: Counter,
     pub pipeline_edge_bytes: Family<EdgeLabels, Counter>,
     pub pipeline_edge_queue_depth: Family<EdgeLabels, Gauge>,
+    pub precision: PrecisionMetrics,
     pub dist: DistMetrics,
     pub train_checkpoint_seconds: Histogram,
     pub serve: ServeMetrics,
@@ -441,6 +466,7 @@ impl Metrics {
             pipeline_edge_queue_depth.clone(),
         );
         let dist = DistMetrics::register(&mut registry);
+        let precision = PrecisionMetrics::register(&mut registry);
         let train_checkpoint_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 14));
         registry.register(
             "deem_train_checkpoint_seconds",
@@ -471,6 +497,7 @@ impl Metrics {
             train_samples_per_second,
             train_grad_norm,
             train_learning_rate,
+            precision,
             train_actor_busy_seconds,
             train_actor_idle_seconds,
             train_bubble_ratio,

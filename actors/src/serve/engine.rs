@@ -4,19 +4,18 @@
 //! requests into admission. A worker's death fails every request in flight with an error event, turns
 //! the engine unready (`/ready` 503) and refuses new requests until the service is restarted.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use deem::checkpoint::{Checkpoint, LoadSpec};
 use deem::config::DeemConfig;
-use deem::models::deem::{special_ids, DiffusionStage, VisionStage};
+use deem::models::deem::{special_ids, DiffusionStage, Part, VisionStage};
 use deem::models::llama::{LlamaConfig, LlamaShard};
 use deem::text::tokenizer::DeemTokenizer;
 use flume::Sender;
 use futures_util::Stream;
-use tch::{nn, Tensor};
+use tch::nn;
 
 use super::admission::Admission;
 use super::error::{InferError, ServeError};
@@ -92,7 +91,12 @@ pub fn budgeted(cfg: &DeemConfig, topo: &Topology) -> Result<DeemConfig, EngineE
         return Ok(out);
     };
     let l = LlamaConfig::from(&cfg.llm);
-    let per_layer = 2 * l.num_key_value_heads * l.head_dim * l.max_position_embeddings * 4;
+    // The pool is held in the model's dtype (the shard's weights').
+    let per_layer = 2
+        * l.num_key_value_heads
+        * l.head_dim
+        * l.max_position_embeddings
+        * cfg.model.dtype.size_bytes() as i64;
     for (_, shards, _) in [roles(topo)?] {
         for p in shards {
             let layers = p
@@ -127,7 +131,8 @@ pub fn budgeted(cfg: &DeemConfig, topo: &Topology) -> Result<DeemConfig, EngineE
 
 enum Source {
     Checkpoint(Checkpoint),
-    Init(BTreeMap<String, Tensor>),
+    /// The seeded initialisation: each actor draws its own part.
+    Init(Box<DeemConfig>),
 }
 
 /// The weights, read by one actor's build at a time.
@@ -135,7 +140,7 @@ type SharedSource = Arc<Mutex<Source>>;
 
 fn open_source(cfg: &DeemConfig, weights: &Weights) -> Result<Source, EngineError> {
     Ok(match weights {
-        Weights::Init => Source::Init(deem::models::deem::initial_weights(cfg)?),
+        Weights::Init => Source::Init(Box::new(cfg.clone())),
         Weights::Checkpoint(p) => {
             let file = if p.is_dir() && p.join("model.safetensors").exists() {
                 p.join("model.safetensors")
@@ -160,13 +165,21 @@ fn whole_model_spec(component: &str, namespace: &[&str]) -> LoadSpec {
 }
 
 /// Fills `vs` from the checkpoint or the initial weights (one actor at a time).
-fn load(vs: &nn::VarStore, source: &SharedSource, spec: &LoadSpec) -> Result<(), BuildError> {
+/// Loads an actor's modules (`part`) from the source.
+fn load(
+    vs: &nn::VarStore,
+    source: &SharedSource,
+    spec: &LoadSpec,
+    part: Part,
+) -> Result<(), BuildError> {
     let src = source
         .lock()
         .map_err(|_| "another actor panicked while loading the weights")?;
     match &*src {
         Source::Checkpoint(ck) => ck.load_into(vs, spec)?,
-        Source::Init(w) => deem::train::set_variables(vs, w)?,
+        Source::Init(cfg) => {
+            deem::train::set_variables(vs, &deem::models::deem::initial_weights_of(cfg, &part)?)?
+        }
     }
     Ok(())
 }
@@ -581,13 +594,14 @@ async fn spawn_workers(
     let (c, src, device) = (cfg.clone(), source.clone(), vision.device.into());
     let (input, output) = (wiring.vision.1.clone(), wiring.inbox.0.clone());
     let spec = spec_of(cfg, (topo, world), vision, move || {
-        let vs = nn::VarStore::new(device);
+        let mut vs = nn::VarStore::new(device);
         let stage = deem::with_init_lock(None, || VisionStage::new(&vs.root(), &c));
+        deem::train::set_dtype(&mut vs, c.model.dtype);
         let spec = LoadSpec {
             optional: deem::models::region::key_prefixes(),
             ..whole_model_spec("vision", &["visual.", "visual_tokenizer."])
         };
-        load(&vs, &src, &spec)?;
+        load(&vs, &src, &spec, Part::Vision)?;
         Ok(VisionWorker {
             stage,
             device,
@@ -613,11 +627,13 @@ async fn spawn_workers(
             cfg.serve.max_running as i64,
         );
         let spec = spec_of(cfg, (topo, world), p, move || {
-            let vs = nn::VarStore::new(device);
+            let mut vs = nn::VarStore::new(device);
             let shard = deem::with_init_lock(None, || {
                 LlamaShard::new(&vs.root(), &LlamaConfig::from(&c.llm), layers)
             })?;
-            load(&vs, &src, &shard.load_spec())?;
+            // Served in the model's dtype: the checkpoint's tensors are converted as they load.
+            deem::train::set_dtype(&mut vs, c.model.dtype);
+            load(&vs, &src, &shard.load_spec(), Part::Llm(shard.range.clone()))?;
             Ok(ShardWorker {
                 name,
                 shard,
@@ -644,10 +660,11 @@ async fn spawn_workers(
     );
     let (name, max_batch) = (diffusion.name.clone(), cfg.serve.max_running.max(1));
     let spec = spec_of(cfg, (topo, world), diffusion, move || {
-        let vs = nn::VarStore::new(device);
+        let mut vs = nn::VarStore::new(device);
         let stage = deem::with_init_lock(None, || DiffusionStage::new(&vs.root(), &c));
+        deem::train::set_dtype(&mut vs, c.model.dtype);
         let spec = whole_model_spec("diffusion", &["nip_condition.", "unet.", "vae."]);
-        load(&vs, &src, &spec)?;
+        load(&vs, &src, &spec, Part::Diffusion)?;
         Ok(DiffusionWorker {
             name,
             stage,

@@ -41,6 +41,8 @@ impl Ddpm {
         }
     }
 
+    /// The schedule's coefficients at `t`, from the fp32 table (the scheduler maths run on fp32 latents
+    /// whatever the model's dtype: the UNet casts at its input and output).
     fn coeffs(&self, t: &Tensor, kind: Kind) -> (Tensor, Tensor) {
         let table = Tensor::from_slice(&self.alphas_cumprod)
             .to_kind(Kind::Float)

@@ -160,13 +160,17 @@ impl UNet2DCondition {
         } else {
             timesteps.shallow_clone()
         };
-        let temb = timestep_embedding(&t, self.c0).to_kind(sample.kind());
+        // The caller's latents stay in its precision (the scheduler maths are fp32); the UNet computes
+        // in its weights' dtype and answers in the caller's.
+        let (out_kind, kind) = (sample.kind(), self.conv_in.ws.kind());
+        // The sinusoidal embedding is computed in fp32 (t up to 1000), then cast.
+        let temb = timestep_embedding(&t, self.c0).to_kind(kind);
         let temb = self
             .time_linear_2
             .forward(&self.time_linear_1.forward(&temb).silu());
-        let ctx = encoder_hidden_states;
+        let ctx = &encoder_hidden_states.to_kind(kind);
 
-        let mut h = self.conv_in.forward(sample);
+        let mut h = self.conv_in.forward(&sample.to_kind(kind));
         let mut skips = vec![h.shallow_clone()];
         for blk in &self.down {
             for (j, r) in blk.resnets.iter().enumerate() {
@@ -198,7 +202,9 @@ impl UNet2DCondition {
                 h = u.forward(&h, size);
             }
         }
-        self.conv_out.forward(&self.norm_out.forward(&h).silu())
+        self.conv_out
+            .forward(&self.norm_out.forward(&h).silu())
+            .to_kind(out_kind)
     }
 
     /// Checkpoint rules: a diffusers `unet/` folder names the weights at the root; a whole-pipeline or

@@ -147,8 +147,12 @@ impl AutoencoderKL {
     }
 
     /// Mean and log-variance of the latent distribution of images in [−1, 1].
+    /// Computed in the weights' dtype, answered in the input's.
     pub fn encode(&self, pixels: &Tensor) -> (Tensor, Tensor) {
-        let mut h = self.enc_conv_in.forward(pixels);
+        let out_kind = pixels.kind();
+        let mut h = self
+            .enc_conv_in
+            .forward(&pixels.to_kind(self.enc_conv_in.ws.kind()));
         for (res, down) in &self.enc_blocks {
             for r in res {
                 h = r.forward(&h, None);
@@ -163,16 +167,19 @@ impl AutoencoderKL {
                 .enc_conv_out
                 .forward(&self.enc_norm_out.forward(&h).silu()),
         );
-        let parts = moments.chunk(2, 1);
+        let parts = moments.to_kind(out_kind).chunk(2, 1);
         (parts[0].shallow_clone(), parts[1].clamp(-30.0, 20.0))
     }
 
-    /// Pixels in about [−1, 1] from (unscaled) latents.
+    /// Pixels in about [−1, 1] from (unscaled) latents; computed in the weights' dtype, answered in the
+    /// input's.
     pub fn decode(&self, latents: &Tensor) -> Tensor {
+        let out_kind = latents.kind();
+        let latents = latents.to_kind(self.post_quant_conv.ws.kind());
         let mut h = self.dec_mid.forward(
             &self
                 .dec_conv_in
-                .forward(&self.post_quant_conv.forward(latents)),
+                .forward(&self.post_quant_conv.forward(&latents)),
         );
         for (res, up) in &self.dec_blocks {
             for r in res {
@@ -184,6 +191,7 @@ impl AutoencoderKL {
         }
         self.dec_conv_out
             .forward(&self.dec_norm_out.forward(&h).silu())
+            .to_kind(out_kind)
     }
 
     pub fn load_spec() -> crate::checkpoint::LoadSpec {

@@ -143,6 +143,7 @@ impl Attention {
         let scores = q.matmul(&k.transpose(-2, -1)).to_kind(Kind::Float)
             / (self.head_dim as f64).sqrt()
             + mask;
+        // Scores and softmax in fp32 whatever the model's dtype.
         let probs = scores.softmax(-1, Kind::Float).to_kind(q.kind());
         let out =
             probs

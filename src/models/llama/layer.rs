@@ -25,6 +25,8 @@ impl RmsNorm {
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Tensor {
         let kind = x.kind();
+        // fp32 whatever the model's dtype (as transformers' LlamaRMSNorm): a bf16 mean of squares
+        // loses the small components.
         let h = x.to_kind(Kind::Float);
         let var = h.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
         let h = h * (var + self.eps).rsqrt();

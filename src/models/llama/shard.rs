@@ -61,16 +61,27 @@ impl LlamaShard {
             mean: 0.0,
             stdev: 0.02,
         };
-        let embed = (range.start == 0).then(|| Embedding {
-            base: (&model / "embed_tokens").var("weight", &[v, h], init),
-            new: (n > 0).then(|| (&model / "embed_tokens_new").var("weight", &[n, h], init)),
-            soi: model.zeros("soi_embedding", &[h]),
+        // Each part draws from its own seed (`crate::init_part`): any shard builds the values the whole
+        // model has.
+        let embed = (range.start == 0).then(|| {
+            crate::init_part("llm.embed");
+            Embedding {
+                base: (&model / "embed_tokens").var("weight", &[v, h], init),
+                new: (n > 0).then(|| (&model / "embed_tokens_new").var("weight", &[n, h], init)),
+                soi: model.zeros("soi_embedding", &[h]),
+            }
         });
         let layers = range
             .clone()
-            .map(|i| DecoderLayer::new(&model / "layers" / i, cfg))
+            .map(|i| {
+                crate::init_part(&format!("llm.layers.{i}"));
+                DecoderLayer::new(&model / "layers" / i, cfg)
+            })
             .collect();
         let last = range.end == cfg.num_hidden_layers;
+        if last {
+            crate::init_part("llm.head");
+        }
         let norm = last.then(|| RmsNorm::new(&model / "norm", h, cfg.rms_norm_eps));
         let lm_head = (last && !cfg.tie_word_embeddings)
             .then(|| (root / "lm_head").var("weight", &[v, h], init));
@@ -148,9 +159,24 @@ impl LlamaShard {
 
     /// Runs this shard's layers on packed training rows [B, T, C], each document isolated (no cache).
     pub fn forward_documents(&self, hidden: &Tensor, docs: &Documents) -> Tensor {
+        self.forward_span(hidden, 0..self.layers.len(), Some(docs))
+    }
+
+    /// Training forward of the shard's layers `span` (indices within the shard) from position 0: each
+    /// document of `docs` isolated, or one causal sequence per row without. The whole shard's forward
+    /// is the composition of its spans (per-layer activation recomputation runs them separately).
+    pub fn forward_span(
+        &self,
+        hidden: &Tensor,
+        span: Range<usize>,
+        docs: Option<&Documents>,
+    ) -> Tensor {
         let mut h = hidden.shallow_clone();
-        for layer in &self.layers {
-            h = layer.forward(&h, |a, x| a.forward_documents(x, &self.rope, docs));
+        for layer in &self.layers[span] {
+            h = match docs {
+                Some(d) => layer.forward(&h, |a, x| a.forward_documents(x, &self.rope, d)),
+                None => layer.forward(&h, |a, x| a.forward(x, &self.rope, 0, None)),
+            };
         }
         h
     }
