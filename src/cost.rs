@@ -52,8 +52,10 @@ fn llm_trains(cfg: &DeemConfig) -> bool {
 }
 
 /// One decoder layer: the projections and MLP at every token, causal attention (half of T² per row for
-/// scores and values each); kept: two RMSNorm inputs in fp32 and their outputs, Q, K, V, the attention
-/// output, the residual, and the SwiGLU MLP's gate, up, activation and product.
+/// scores and values each). Kept for the input gradients: the two RMSNorm inputs, Q, K, V and the
+/// attention output, the SwiGLU MLP's gate, up and activation; when the layer trains, also the
+/// projections' inputs (the normalised states, the attention output's copy, the MLP product); in a low
+/// precision, the RMSNorms' fp32 copies. Autograd keeps a linear's input only when its weight trains.
 pub fn llm_layer(cfg: &DeemConfig, s: Shape) -> PartCost {
     let l = &cfg.llm;
     let (h, i) = (l.hidden_size as f64, l.intermediate_size as f64);
@@ -62,10 +64,13 @@ pub fn llm_layer(cfg: &DeemConfig, s: Shape) -> PartCost {
     let params = crate::params::llm_layer(l) as f64;
     let fwd = 2.0 * n * params + 2.0 * s.rows as f64 * (s.tokens as f64).powi(2) * h;
     let d = bytes(cfg);
+    let trains = llm_trains(cfg);
+    let kept = 4.0 * h + 2.0 * kv + 3.0 * i + if trains { 3.0 * h + i } else { 0.0 };
+    let fp32_copies = if d < 4.0 { 2.0 * 4.0 * h } else { 0.0 };
     PartCost {
         forward_flops: fwd,
-        backward_flops: if llm_trains(cfg) { 2.0 * fwd } else { fwd },
-        activation_bytes: n * (d * (6.0 * h + 2.0 * kv + 4.0 * i) + 2.0 * 4.0 * h),
+        backward_flops: if trains { 2.0 * fwd } else { fwd },
+        activation_bytes: n * (d * kept + fp32_copies),
     }
 }
 
@@ -79,7 +84,7 @@ pub fn llm_embed(cfg: &DeemConfig, s: Shape) -> PartCost {
 }
 
 /// The last shard's extras: the final norm, the heads over the whole vocabulary and the NTP loss (the
-/// logits kept in the model's dtype and as fp32 log-probabilities).
+/// fp32 log-probabilities kept for its backward).
 pub fn llm_head(cfg: &DeemConfig, s: Shape) -> PartCost {
     let l = &cfg.llm;
     let (h, v) = (
@@ -92,7 +97,7 @@ pub fn llm_head(cfg: &DeemConfig, s: Shape) -> PartCost {
     PartCost {
         forward_flops: fwd,
         backward_flops: 2.0 * fwd,
-        activation_bytes: n * (h * (4.0 + d) + v * (d + 8.0)),
+        activation_bytes: n * (h * (4.0 + d) + v * 4.0),
     }
 }
 
@@ -137,7 +142,8 @@ pub fn vision(cfg: &DeemConfig, s: Shape) -> PartCost {
         .count() as f64;
     let layers = r.num_hidden_layers as f64;
     let resampler = 2.0 * m * e * e
-        + layers * (8.0 * q * hq * hq + 4.0 * q * q * hq + 4.0 * q * hq * r.intermediate_size as f64)
+        + layers
+            * (8.0 * q * hq * hq + 4.0 * q * q * hq + 4.0 * q * hq * r.intermediate_size as f64)
         + cross * (4.0 * q * hq * hq + 4.0 * m * e * hq + 4.0 * q * m * hq)
         + 2.0 * q * hq * (cfg.llm.hidden_size + cfg.diffusion.unet.cross_attention_dim) as f64;
     let resampler_act = 3.0 * m * e + layers * 16.0 * q * hq + cross * 4.0 * m * hq;
@@ -161,7 +167,8 @@ fn level(c: f64, n: f64, resnets: f64, attention: Option<(f64, f64)>) -> (f64, f
     let mut flops = resnets * 2.0 * 2.0 * 9.0 * c * c * n;
     let mut act = resnets * 6.0 * c * n;
     if let Some((ctx, cross)) = attention {
-        flops += 2.0 * n * 20.0 * c * c + 4.0 * n * n * c + 4.0 * n * ctx * c + 4.0 * ctx * cross * c;
+        flops +=
+            2.0 * n * 20.0 * c * c + 4.0 * n * n * c + 4.0 * n * ctx * c + 4.0 * ctx * cross * c;
         act += 20.0 * c * n;
     }
     (flops, act)
@@ -188,7 +195,10 @@ pub fn diffusion(cfg: &DeemConfig, s: Shape) -> PartCost {
     let lpb = u.layers_per_block as f64;
     for (i, &c) in u.block_out_channels.iter().enumerate() {
         let n = (latent / 2f64.powi(i as i32)).powi(2);
-        let attn = u.down_block_types.get(i).is_some_and(|t| t.contains("CrossAttn"));
+        let attn = u
+            .down_block_types
+            .get(i)
+            .is_some_and(|t| t.contains("CrossAttn"));
         let (f, a) = level(c as f64, n, lpb, attn.then_some((tokens, ctx)));
         // The up path runs one more block per level on concatenated skips (about 1.5 × the channels).
         let up = (lpb + 1.0) / lpb * 1.5;
@@ -213,7 +223,29 @@ pub fn diffusion(cfg: &DeemConfig, s: Shape) -> PartCost {
     PartCost {
         forward_flops: images * (vae + unet) + condition,
         backward_flops: images * unet + 2.0 * condition,
-        activation_bytes: images * unet_act * d
-            + s.rows as f64 * per_row_ctx * l * d * 2.0,
+        activation_bytes: images * unet_act * d + s.rows as f64 * per_row_ctx * l * d * 2.0,
     }
+}
+
+/// Model FLOPs of one training step of `cfg` (every part's forward and backward over the
+/// `train.microbatches` microbatches of shape `s`): the numerator of model FLOPs utilisation.
+pub fn step_flops(cfg: &DeemConfig, s: Shape) -> f64 {
+    let layers = cfg.llm.num_hidden_layers as f64;
+    let l = llm_layer(cfg, s);
+    let parts = [
+        vision(cfg, s),
+        llm_embed(cfg, s),
+        llm_head(cfg, s),
+        diffusion(cfg, s),
+        PartCost {
+            forward_flops: layers * l.forward_flops,
+            backward_flops: layers * l.backward_flops,
+            activation_bytes: 0.0,
+        },
+    ];
+    let per_mb: f64 = parts
+        .iter()
+        .map(|p| p.forward_flops + p.backward_flops)
+        .sum();
+    per_mb * cfg.train.microbatches as f64
 }

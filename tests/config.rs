@@ -329,11 +329,25 @@ fn recompute_takes_none_full_or_a_layer_count() {
         ("train.recompute={ layers = 2 }", Recompute::Layers(2)),
         ("train.recompute=\"none\"", Recompute::None),
     ] {
-        assert_eq!(load(&p, &[], &[set]).unwrap().config.train.recompute, want, "{set}");
+        assert_eq!(
+            load(&p, &[], &[set]).unwrap().config.train.recompute,
+            want,
+            "{set}"
+        );
     }
     assert_eq!(Recompute::Layers(2).layers_of(4), 2);
-    assert_eq!(Recompute::Layers(9).layers_of(4), 4, "at most the shard's layers");
-    assert_eq!(Recompute::Full.layers_of(4), 0, "full recomputes whole stages instead");
-    let err = load(&p, &[], &["train.recompute=\"some\""]).unwrap_err().to_string();
+    assert_eq!(
+        Recompute::Layers(9).layers_of(4),
+        4,
+        "at most the shard's layers"
+    );
+    assert_eq!(
+        Recompute::Full.layers_of(4),
+        0,
+        "full recomputes whole stages instead"
+    );
+    let err = load(&p, &[], &["train.recompute=\"some\""])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("train.recompute"), "{err}");
 }

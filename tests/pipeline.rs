@@ -139,7 +139,12 @@ async fn recomputing_activations_gives_bit_identical_training() {
     for (stage, schedule, mode, per_step) in [
         (Stage::I, PipelineSchedule::Gpipe, Recompute::Full, 16),
         (Stage::II, PipelineSchedule::OneFOneB, Recompute::Full, 16),
-        (Stage::I, PipelineSchedule::OneFOneB, Recompute::Layers(1), 8),
+        (
+            Stage::I,
+            PipelineSchedule::OneFOneB,
+            Recompute::Layers(1),
+            8,
+        ),
     ] {
         let keep = cfg(schedule, stage);
         let mut again = keep.clone();
@@ -167,7 +172,10 @@ async fn recomputing_activations_gives_bit_identical_training() {
         }
         assert_eq!(a.1.len(), b.1.len());
         for (k, v) in &a.1 {
-            assert!(v.equal(&b.1[k]), "{stage:?} {schedule:?} {mode:?}: {k} differs");
+            assert!(
+                v.equal(&b.1[k]),
+                "{stage:?} {schedule:?} {mode:?}: {k} differs"
+            );
         }
     }
 }

@@ -37,7 +37,9 @@ fn cfg(dtype: DType) -> DeemConfig {
 fn reference(c: &DeemConfig, steps: u64) -> (Vec<StepReport>, Trainer) {
     let mut t = Trainer::new(c, Device::Cpu).unwrap();
     let data = SyntheticBatches::new(c, 9);
-    let reports = (0..steps).map(|i| t.step(&data.batch(i)).unwrap()).collect();
+    let reports = (0..steps)
+        .map(|i| t.step(&data.batch(i)).unwrap())
+        .collect();
     (reports, t)
 }
 
@@ -54,7 +56,9 @@ fn kinds(w: impl Iterator<Item = Kind>) -> Vec<String> {
 fn bf16_and_f16_training_follow_f32_within_the_stated_bounds() {
     let steps = 20;
     let (f32_run, _) = reference(&cfg(DType::F32), steps);
-    assert!(f32_run.iter().all(|r| r.nip > 0.0 && r.csr > 0.0 && !r.skipped));
+    assert!(f32_run
+        .iter()
+        .all(|r| r.nip > 0.0 && r.csr > 0.0 && !r.skipped));
     for dtype in [DType::Bf16, DType::F16] {
         let mut c = cfg(dtype);
         c.train.loss_scale_init = 1024.0;
@@ -65,7 +69,11 @@ fn bf16_and_f16_training_follow_f32_within_the_stated_bounds() {
             .map(|(a, b)| rel(a.total, b.total))
             .fold(0.0, f64::max);
         eprintln!("{dtype}: worst step {worst:.4} (relative to f32)");
-        let tol = if dtype == DType::Bf16 { BF16_TOL } else { F16_TOL };
+        let tol = if dtype == DType::Bf16 {
+            BF16_TOL
+        } else {
+            F16_TOL
+        };
         assert!(worst <= tol, "{dtype}: {worst}");
         let scale = if dtype == DType::F16 { 1024.0 } else { 1.0 };
         assert!(run.iter().all(|r| !r.skipped && r.loss_scale == scale));
@@ -80,7 +88,11 @@ fn bf16_and_f16_training_follow_f32_within_the_stated_bounds() {
             let master = p.master.as_ref().expect("a master weight");
             assert_eq!(master.kind(), Kind::Float);
             // The variable is the master rounded to the dtype.
-            assert!(p.tensor.detach().equal(&master.to_kind(dtype.kind())), "{}", p.name);
+            assert!(
+                p.tensor.detach().equal(&master.to_kind(dtype.kind())),
+                "{}",
+                p.name
+            );
         }
     }
 }
@@ -94,11 +106,21 @@ fn an_f16_overflow_skips_the_step_and_halves_the_scale() {
     let data = SyntheticBatches::new(&c, 9);
     let mut skipped = 0;
     for i in 0..8 {
-        let before: Vec<Tensor> = t.opt.params.iter().map(|p| p.tensor.detach().copy()).collect();
+        let before: Vec<Tensor> = t
+            .opt
+            .params
+            .iter()
+            .map(|p| p.tensor.detach().copy())
+            .collect();
         let scale = t.scaler.scale;
         let r = t.step(&data.batch(i)).unwrap();
         assert_eq!(r.loss_scale, scale);
-        let same = t.opt.params.iter().zip(&before).all(|(p, b)| p.tensor.equal(b));
+        let same = t
+            .opt
+            .params
+            .iter()
+            .zip(&before)
+            .all(|(p, b)| p.tensor.equal(b));
         if r.skipped {
             skipped += 1;
             assert!(same, "step {i} was skipped but changed the weights");
@@ -112,7 +134,11 @@ fn an_f16_overflow_skips_the_step_and_halves_the_scale() {
     assert!(skipped >= 1, "2^16 overflows these gradients at the start");
     assert_eq!((t.scaler.skipped, t.opt.steps), (skipped, 8 - skipped));
     for p in &t.opt.params {
-        assert!(p.tensor.isfinite().all().int64_value(&[]) == 1, "{}", p.name);
+        assert!(
+            p.tensor.isfinite().all().int64_value(&[]) == 1,
+            "{}",
+            p.name
+        );
     }
 }
 
@@ -143,14 +169,21 @@ async fn pipelined_mixed_precision_equals_the_reference_trainer() {
         let mut worst = 0f64;
         for (a, b) in want.iter().zip(&got) {
             assert_eq!((a.skipped, a.loss_scale), (b.skipped, b.loss_scale));
-            for (u, v) in [(a.total, b.total), (a.ntp, b.ntp), (a.nip, b.nip), (a.csr, b.csr)] {
+            for (u, v) in [
+                (a.total, b.total),
+                (a.ntp, b.ntp),
+                (a.nip, b.nip),
+                (a.csr, b.csr),
+            ] {
                 worst = worst.max(rel(u, v));
             }
         }
         for (k, v) in t.vs.variables() {
             let w = &weights[&k];
             assert_eq!(w.kind(), dtype.kind(), "{k}");
-            let d = (v.to_kind(Kind::Float) - w.to_kind(Kind::Float)).abs().max();
+            let d = (v.to_kind(Kind::Float) - w.to_kind(Kind::Float))
+                .abs()
+                .max();
             worst = worst.max(d.double_value(&[]));
         }
         eprintln!("{dtype} {schedule:?}: pipelined vs reference, max Δ {worst:.3e}");
@@ -198,8 +231,7 @@ async fn an_f16_checkpoint_keeps_each_dtype_and_the_scaler_and_resumes_exactly()
     first.stop().await;
     assert!(scaler.skipped >= 1);
     let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(mid.join("manifest.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(mid.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["scaler"]["skipped"], scaler.skipped);
     assert_eq!(manifest["scaler"]["scale"], scaler.scale);
 

@@ -594,9 +594,15 @@ async fn serving_runs_in_the_model_dtype() {
         "logit_bias": { (c.llm.vocab_size).to_string(): 100, "10": 50 },
     });
     let tok = Arc::new(load_tokenizer(None, None, &c).unwrap());
-    let engine = Engine::start(&c, &topology(&c), &Weights::Init, tok.clone(), Metrics::new())
-        .await
-        .unwrap();
+    let engine = Engine::start(
+        &c,
+        &topology(&c),
+        &Weights::Init,
+        tok.clone(),
+        Metrics::new(),
+    )
+    .await
+    .unwrap();
     let (text, images, finish) =
         collect(engine.submit(request_of(&body, &c, &tok)).ok().unwrap()).await;
     engine.shutdown().await;

@@ -16,6 +16,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #ifdef DEEM_WITH_NCCL
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
@@ -74,6 +75,28 @@ int deem_c10d_nccl_built() {
 #ifdef DEEM_WITH_NCCL
   return 1;
 #else
+  return 0;
+#endif
+}
+
+// PyTorch's CUDA caching allocator on `device`: bytes held by live tensors and bytes reserved from
+// the driver (torch.cuda.memory_allocated / memory_reserved). 0 in builds without CUDA headers (the
+// GPU build is the `nccl` feature) or when the device has no allocator state.
+int deem_cuda_allocator_stats(int device, uint64_t* allocated, uint64_t* reserved) {
+#ifdef DEEM_WITH_NCCL
+  try {
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device);
+    const auto aggregate = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    *allocated = static_cast<uint64_t>(stats.allocated_bytes[aggregate].current);
+    *reserved = static_cast<uint64_t>(stats.reserved_bytes[aggregate].current);
+    return 1;
+  } catch (...) {
+    return 0;
+  }
+#else
+  (void)device;
+  (void)allocated;
+  (void)reserved;
   return 0;
 #endif
 }

@@ -12,6 +12,7 @@ pub mod experiment;
 pub mod forward;
 pub mod info;
 pub mod launch;
+pub mod plan;
 pub mod pretrain;
 pub mod report;
 pub mod serve;
@@ -90,6 +91,9 @@ pub enum Command {
     /// latest checkpoint when one fails, e.g. `deem launch --nproc-per-node 2 -- train --topology
     /// topologies/cpu-2proc.toml`.
     Launch(LaunchArgs),
+    /// Predict memory per actor (parameters, gradients, optimizer state, activations at the schedule's
+    /// peak) and the step time of training a config on a topology; refuse a placement that does not fit.
+    Plan(PlanArgs),
 }
 
 #[derive(Debug, Args)]
@@ -417,6 +421,55 @@ pub enum BenchCommand {
         #[arg(long)]
         threads: Option<i32>,
     },
+    /// Each part's cost per training microbatch on a device (forward and backward seconds, activation
+    /// bytes, the optimizer step), measured with the stages' own code on the configuration's microbatch
+    /// of the synthetic batches: the cost file `deem plan --costs` reads.
+    Layers {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[arg(long, default_value = "cpu")]
+        device: deem::DeviceSpec,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        #[arg(long)]
+        threads: Option<i32>,
+        /// Where to write the cost file (JSON).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// `deem plan`: memory per actor and the step time of a training run, before it starts.
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub topology: TopologyArgs,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Plan as if this machine had N CUDA devices.
+    #[arg(long, value_name = "N")]
+    pub assume_cuda_devices: Option<usize>,
+    /// Per-microbatch costs measured by `deem bench layers` (default: estimated from FLOPs).
+    #[arg(long)]
+    pub costs: Option<PathBuf>,
+    /// Without --costs: sustained TFLOP/s per device for the estimate (the default, 400, is 40% of an
+    /// H100's dense bf16 peak).
+    #[arg(long, default_value_t = 400.0)]
+    pub tflops: f64,
+    /// Without --costs: tokens per row and images per row of the training data.
+    #[arg(long)]
+    pub tokens: Option<i64>,
+    #[arg(long, default_value_t = 1)]
+    pub images: i64,
+    /// Without --costs: the shape of the built-in synthetic batches (`deem train` without --data).
+    #[arg(long, conflicts_with_all = ["tokens", "images"])]
+    pub synthetic: bool,
+    /// Memory of each CUDA device in GiB (default: what the device reports; unchecked when unknown).
+    #[arg(long)]
+    pub device_memory_gib: Option<f64>,
+    /// Move LLM layers between the shards to even their predicted times, and print that placement.
+    #[arg(long)]
+    pub balance: bool,
 }
 
 #[derive(Debug, Args)]
@@ -460,6 +513,9 @@ pub struct TrainArgs {
     /// the topology.
     #[arg(long)]
     pub single_process: bool,
+    /// Start even when `deem plan` predicts that a CUDA device cannot hold its actors.
+    #[arg(long)]
+    pub skip_memory_check: bool,
     #[command(flatten)]
     pub topology: TopologyArgs,
     /// Directory for steps.jsonl (one JSON line per step) and model.safetensors.
@@ -634,5 +690,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Experiment(c) => experiment::run(c),
         Command::Bench(c) => bench::run(c),
         Command::Launch(a) => launch::run(a),
+        Command::Plan(a) => plan::run(a),
     }
 }

@@ -5,6 +5,7 @@
 //! from `serve/` or `cli/`.
 
 pub mod checkpoint;
+pub mod costs;
 pub mod distributed;
 pub mod driver;
 pub mod edge;

@@ -259,7 +259,7 @@ impl AdamW {
                 let denom = (p.exp_avg_sq.sqrt() / bc2.sqrt()) + self.eps;
                 let _ = w.g_add_(&(&p.exp_avg / denom * (-lr / bc1)));
                 if p.master.is_some() {
-                    let _ = p.tensor.copy_(&w);
+                    p.tensor.copy_(&w);
                 }
             }
         });

@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 
 use tch::{nn, Tensor};
 
-use super::optimizer::{master_key, moment_keys, update_plan, AdamW, Group, LossScaler, StepReport};
+use super::optimizer::{
+    master_key, moment_keys, update_plan, AdamW, Group, LossScaler, StepReport,
+};
 use crate::config::DeemConfig;
 use crate::models::deem::{Batch, Deem};
 use crate::models::ModelError;
@@ -216,14 +218,20 @@ pub fn load_shard(
         for p in &mut opt.params {
             let (m, v) = moment_keys(&p.name);
             if let (Some(a), Some(b)) = (ck.tensor(&m)?, ck.tensor(&v)?) {
-                p.exp_avg.copy_(&a.to_kind(tch::Kind::Float).to_device(p.exp_avg.device()));
-                p.exp_avg_sq.copy_(&b.to_kind(tch::Kind::Float).to_device(p.exp_avg_sq.device()));
+                p.exp_avg
+                    .copy_(&a.to_kind(tch::Kind::Float).to_device(p.exp_avg.device()));
+                p.exp_avg_sq
+                    .copy_(&b.to_kind(tch::Kind::Float).to_device(p.exp_avg_sq.device()));
             }
             let Some(master) = &mut p.master else {
                 continue;
             };
             let key = master_key(&p.name);
-            let key = if ck.contains(&key) { key } else { p.name.clone() };
+            let key = if ck.contains(&key) {
+                key
+            } else {
+                p.name.clone()
+            };
             if let Some(w) = ck.tensor(&key)? {
                 master.copy_(&w.to_kind(tch::Kind::Float).to_device(master.device()));
             }

@@ -117,9 +117,9 @@ pub fn unet(
 /// `deem bench decode | unet`.
 pub fn run(b: super::BenchCommand) -> anyhow::Result<()> {
     let threads = match &b {
-        super::BenchCommand::Decode { threads, .. } | super::BenchCommand::Unet { threads, .. } => {
-            *threads
-        }
+        super::BenchCommand::Decode { threads, .. }
+        | super::BenchCommand::Unet { threads, .. }
+        | super::BenchCommand::Layers { threads, .. } => *threads,
     };
     if let Some(n) = threads {
         tch::set_num_threads(n);
@@ -139,6 +139,18 @@ pub fn run(b: super::BenchCommand) -> anyhow::Result<()> {
             repeats,
             ..
         } => unet(&checkpoint, steps, context_tokens, repeats)?,
+        super::BenchCommand::Layers {
+            config,
+            device,
+            repeats,
+            out,
+            ..
+        } => {
+            let cfg = config.load()?;
+            let costs = crate::pipeline::costs::measure(&cfg.config, device.into(), repeats)?;
+            costs.save(&out)?;
+            serde_json::to_value(&costs)?
+        }
     };
     println!("{out}");
     Ok(())

@@ -69,6 +69,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // The CUDA devices' allocator gauges, every 5 s.
+    let (m, devices) = (metrics.clone(), topo.devices());
+    runtime.spawn(async move {
+        loop {
+            m.precision.sample_devices(&devices);
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        }
+    });
     if let Some(w) = world.clone().filter(|w| w.rank() != 0) {
         let rank = w.rank();
         let local = w.world.env.local_rank as u16;

@@ -428,6 +428,10 @@ fn train_loop<'rt>(
     topology_name: &str,
 ) -> anyhow::Result<Vec<StepReport>> {
     let c = &cfg.config;
+    let devices = match &job.mode {
+        Mode::SingleProcess(d) => vec![*d],
+        Mode::Pipeline(t) | Mode::Distributed(t, _) => t.devices(),
+    };
     let data: Box<dyn Batches> = match &job.data {
         Some(dir) => Box::new(dataset_batches(c, dir, metrics)?),
         None => Box::new(SyntheticBatches::new(c, c.train.seed)),
@@ -514,7 +518,9 @@ fn train_loop<'rt>(
         };
         let secs = started.elapsed().as_secs_f64();
         let samples_per_second = c.train.batch_size as f64 / secs.max(1e-9);
+        let tokens_per_second = batch.input_ids.numel() as f64 / secs.max(1e-9);
         record(metrics, &r, secs, &batch, engine.timing());
+        metrics.precision.sample_devices(&devices);
         if !r.total.is_finite() {
             tracing::warn!(step = r.step, "the loss is not finite");
         }
@@ -523,7 +529,8 @@ fn train_loop<'rt>(
             "{}",
             serde_json::json!({"step": r.step, "total": r.total, "ntp": r.ntp, "nip": r.nip, "csr": r.csr,
                                "grad_norm": r.grad_norm, "lr": r.lr, "seconds": secs,
-                               "samples_per_second": samples_per_second})
+                               "samples_per_second": samples_per_second,
+                               "tokens_per_second": tokens_per_second})
         )?;
         log.flush()?;
         bar.set_message(format!(
@@ -609,6 +616,32 @@ fn join_world(
     Ok(Some(Arc::new(DistPlan::new(world, topo, &cfg.config)?)))
 }
 
+/// Refuses, before any actor starts, a placement whose CUDA devices cannot hold what the planner
+/// predicts for them (`deem plan`'s estimate, full-length rows of one image). Devices whose memory is
+/// unknown (the CPU) are not checked.
+fn fits(
+    c: &deem::config::DeemConfig,
+    topo: &crate::runtime::topology::Topology,
+) -> anyhow::Result<()> {
+    if !topo
+        .devices()
+        .iter()
+        .any(|d| matches!(d, deem::DeviceSpec::Cuda(_)))
+    {
+        return Ok(());
+    }
+    let shape = deem::cost::Shape {
+        rows: (c.train.batch_size / c.train.microbatches.max(1)) as i64,
+        tokens: c.llm.max_position_embeddings,
+        images: 1,
+        nip_images: 1,
+    };
+    let costs = crate::pipeline::plan::Costs::estimate(c, shape, 400.0, 2e12);
+    let p = crate::pipeline::plan::plan(c, topo, &costs);
+    crate::pipeline::plan::check_fits(&p, &|d| super::plan::capacity(d, None))
+        .context("checked before starting (--skip-memory-check to start anyway)")
+}
+
 /// `deem train`.
 pub fn run(args: super::TrainArgs) -> anyhow::Result<()> {
     let cfg = args.config.load()?;
@@ -621,6 +654,9 @@ pub fn run(args: super::TrainArgs) -> anyhow::Result<()> {
         let topo = args
             .topology
             .load(&cfg, deem::device::cuda_device_count())?;
+        if !args.skip_memory_check {
+            fits(&cfg.config, &topo)?;
+        }
         match join_world(&args, &cfg, &topo)? {
             None => Mode::Pipeline(topo),
             Some(plan) => {

@@ -15,6 +15,7 @@ type Result<T, E = DistError> = std::result::Result<T, E>;
 extern "C" {
     fn deem_c10d_free_error(err: *mut c_char);
     fn deem_c10d_nccl_built() -> c_int;
+    fn deem_cuda_allocator_stats(device: c_int, allocated: *mut u64, reserved: *mut u64) -> c_int;
     fn deem_store_new(
         host: *const c_char,
         port: u16,
@@ -99,6 +100,57 @@ extern "C" {
 pub fn nccl_built() -> bool {
     // SAFETY: a constant query without arguments.
     unsafe { deem_c10d_nccl_built() != 0 }
+}
+
+/// PyTorch's CUDA caching allocator on device `index`: (bytes allocated to live tensors, bytes reserved
+/// from the driver). `None` in a build without the GPU feature (`nccl`) or for a device it does not
+/// know.
+pub fn cuda_allocator(index: usize) -> Option<(u64, u64)> {
+    if index >= tch::Cuda::device_count().max(0) as usize {
+        return None;
+    }
+    let (mut allocated, mut reserved) = (0u64, 0u64);
+    // SAFETY: the bridge writes two integers through valid pointers and catches every exception.
+    let ok = unsafe { deem_cuda_allocator_stats(index as c_int, &mut allocated, &mut reserved) };
+    (ok != 0).then_some((allocated, reserved))
+}
+
+/// (free, total) bytes of CUDA device `index`, from the CUDA runtime libtorch loaded
+/// (`cudaMemGetInfo`); `None` without that device. The calling thread's current device is restored.
+pub fn cuda_memory(index: usize) -> Option<(u64, u64)> {
+    if index >= tch::Cuda::device_count().max(0) as usize {
+        return None;
+    }
+    type GetDevice = unsafe extern "C" fn(*mut c_int) -> c_int;
+    type SetDevice = unsafe extern "C" fn(c_int) -> c_int;
+    type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> c_int;
+    let find = |name: &CStr| {
+        // SAFETY: dlsym with RTLD_DEFAULT looks a name up in the libraries already loaded.
+        let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+        (!p.is_null()).then_some(p)
+    };
+    let (get, set, info) = (
+        find(c"cudaGetDevice")?,
+        find(c"cudaSetDevice")?,
+        find(c"cudaMemGetInfo")?,
+    );
+    // SAFETY: the symbols are the CUDA runtime's functions of these signatures; every pointer passed
+    // is valid; each call returns an error code instead of failing.
+    unsafe {
+        let (get, set, info): (GetDevice, SetDevice, MemGetInfo) = (
+            std::mem::transmute::<*mut c_void, GetDevice>(get),
+            std::mem::transmute::<*mut c_void, SetDevice>(set),
+            std::mem::transmute::<*mut c_void, MemGetInfo>(info),
+        );
+        let mut prev: c_int = 0;
+        if get(&mut prev) != 0 || set(index as c_int) != 0 {
+            return None;
+        }
+        let (mut free, mut total) = (0usize, 0usize);
+        let ok = info(&mut free, &mut total) == 0;
+        set(prev);
+        ok.then_some((free as u64, total as u64))
+    }
 }
 
 /// Runs one bridge call; a failure becomes `DistError::C10d` naming `rank` and `op`.

@@ -356,13 +356,11 @@ impl PipelineTrainer {
             .restart_all(failed, || async move {
                 stop_all(std::mem::take(stages)).await;
                 *stages = spawn_stages(cfg, topo, supervisor, None).await?;
-                Ok::<checkpoint::Manifest, PipelineError>(restore_all(stages, run_dir, cfg).await?)
+                restore_all(stages, run_dir, cfg).await
             })
             .await?;
         self.step = at.step;
-        self.scaler = at
-            .scaler
-            .unwrap_or_else(|| LossScaler::of(&self.cfg));
+        self.scaler = at.scaler.unwrap_or_else(|| LossScaler::of(&self.cfg));
         Ok(self.step)
     }
 

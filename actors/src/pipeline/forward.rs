@@ -220,3 +220,35 @@ pub(super) fn compute(
     }
     Ok(out)
 }
+
+/// One microbatch's backward through a stage: its local loss (scaled by `loss_scale`; the gradients
+/// that come in already carry the scale) plus each output against the gradient that came back for it:
+/// (output · g).sum() has exactly the gradients that passing g into output's backward would.
+pub(super) fn backward_of(
+    loss: Option<&Tensor>,
+    loss_scale: f64,
+    outputs: [(Option<&Tensor>, Option<&Tensor>); 2],
+) {
+    let mut terms: Vec<Tensor> = Vec::new();
+    if let Some(l) = loss.filter(|l| l.requires_grad()) {
+        terms.push(l * loss_scale);
+    }
+    for (o, g) in outputs {
+        if let (Some(o), Some(g)) = (o, g) {
+            terms.push((o * g).sum(Kind::Float));
+        }
+    }
+    if let Some(total) = terms
+        .into_iter()
+        .reduce(|a, b| a + b)
+        .filter(|t| t.requires_grad())
+    {
+        total.backward();
+    }
+}
+
+/// A received tensor as a leaf on `device` whose gradient goes back to its sender.
+pub(super) fn leaf(t: &Tensor, device: tch::Device) -> Tensor {
+    // A tensor crossing devices is moved by the receiver.
+    t.to_device(device).detach().set_requires_grad(true)
+}

@@ -83,10 +83,7 @@ impl Costs {
             images: shape.images,
             nip_images: shape.nip_images,
             vision: piece(deem::cost::vision(cfg, shape), vision_params(cfg).0),
-            llm_embed: piece(
-                deem::cost::llm_embed(cfg, shape),
-                embed_t - layer_trainable,
-            ),
+            llm_embed: piece(deem::cost::llm_embed(cfg, shape), embed_t - layer_trainable),
             llm_layer: piece(deem::cost::llm_layer(cfg, shape), layer_trainable),
             llm_head: piece(deem::cost::llm_head(cfg, shape), head_t - layer_trainable),
             diffusion: piece(deem::cost::diffusion(cfg, shape), diffusion_params(cfg).0),
@@ -96,7 +93,10 @@ impl Costs {
     pub fn load(path: &Path) -> Result<Self, PipelineError> {
         let text = std::fs::read_to_string(path).map_err(PipelineError::io(path))?;
         serde_json::from_str(&text).map_err(|e| {
-            PipelineError::checkpoint(path, format!("not a deem cost file (deem bench layers): {e}"))
+            PipelineError::checkpoint(
+                path,
+                format!("not a deem cost file (deem bench layers): {e}"),
+            )
         })
     }
 
@@ -117,7 +117,11 @@ fn vision_params(cfg: &DeemConfig) -> (f64, f64) {
     let v = &cfg.vision;
     let l = &cfg.llm;
     let all = params::vision(v)
-        + params::resampler(&cfg.resampler, l.hidden_size, cfg.diffusion.unet.cross_attention_dim)
+        + params::resampler(
+            &cfg.resampler,
+            l.hidden_size,
+            cfg.diffusion.unet.cross_attention_dim,
+        )
         + params::mask_extractor(v);
     let adapters: i64 = v
         .dims
@@ -199,7 +203,8 @@ pub struct ActorPlan {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     pub actors: Vec<ActorPlan>,
-    /// The schedule's timeline (forwards and backwards over the actors) and the optimizer steps.
+    /// The schedule's timeline (forwards and backwards over the actors, or the busiest device's summed
+    /// work when actors share a device) and the optimizer steps.
     pub step_s: f64,
     pub timeline_s: f64,
     pub costs_source: String,
@@ -271,9 +276,10 @@ pub fn plan(cfg: &DeemConfig, topo: &Topology, costs: &Costs) -> Plan {
             let (trainable, all) = match a.component {
                 Component::Vision => vision_params(cfg),
                 Component::Diffusion => diffusion_params(cfg),
-                Component::Llm => {
-                    shard_params(cfg, a.layers.clone().unwrap_or(0..cfg.llm.num_hidden_layers))
-                }
+                Component::Llm => shard_params(
+                    cfg,
+                    a.layers.clone().unwrap_or(0..cfg.llm.num_hidden_layers),
+                ),
             };
             let p = pieces(cfg, a, costs);
             let act = p.activation_bytes * scale;
@@ -316,7 +322,23 @@ pub fn plan(cfg: &DeemConfig, topo: &Topology, costs: &Costs) -> Plan {
             }
         })
         .collect();
-    let timeline = timeline(&actors, &sched);
+    // Actors sharing a device share its compute: a GPU runs one at a time; the CPU's cores are split
+    // between its actors (`Topology::cpu_threads`), so as many run side by side as the cores allow. The
+    // device needs at least its actors' summed work over those lanes.
+    let mut per_device: std::collections::BTreeMap<&str, (f64, usize)> = Default::default();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (a, placed) in actors.iter().zip(&order) {
+        let e = per_device.entry(a.device.as_str()).or_default();
+        e.0 += m as f64 * (a.forward_s + a.backward_s);
+        e.1 = topo
+            .cpu_threads(placed)
+            .map_or(1, |t| (cores / t.max(1) as usize).max(1));
+    }
+    let busiest = per_device
+        .values()
+        .map(|(work, lanes)| work / *lanes as f64)
+        .fold(0.0, f64::max);
+    let timeline = timeline(&actors, &sched).max(busiest);
     let optimizer: f64 = actors.iter().map(|a| a.optimizer_s).sum();
     Plan {
         actors,
@@ -331,9 +353,7 @@ pub fn plan(cfg: &DeemConfig, topo: &Topology, costs: &Costs) -> Plan {
 /// for the gradient from downstream (vision: also diffusion's).
 pub fn timeline(actors: &[ActorPlan], sched: &[Vec<Op>]) -> f64 {
     let p = actors.len();
-    let m = sched
-        .first()
-        .map_or(0, |ops| ops.len() / 2);
+    let m = sched.first().map_or(0, |ops| ops.len() / 2);
     let mut fwd_done = vec![vec![f64::NAN; m]; p];
     let mut bwd_done = vec![vec![f64::NAN; m]; p];
     let mut next = vec![0usize; p];

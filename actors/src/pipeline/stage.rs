@@ -16,12 +16,12 @@ use deem::models::llama::{LlamaConfig, LlamaShard};
 use deem::train::{AdamW, Group};
 use flume::Receiver;
 use ractor::RpcReplyPort;
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Tensor};
 
 use super::edge::{EdgeRx, EdgeTx, Traffic};
 pub use super::edge::{Links, Packet};
 use super::error::PipelineError;
-use super::forward::{compute, Ctx, MbData, MbPlan, Modules, Received};
+use super::forward::{backward_of, compute, leaf, Ctx, MbData, MbPlan, Modules, Received};
 use super::schedule::Op;
 use crate::dist::Group as DistGroup;
 use crate::runtime::compute::{BuildError, NoDetail};
@@ -107,11 +107,6 @@ pub struct StageWork {
     recomputations: usize,
 }
 
-fn leaf(t: &Tensor, device: tch::Device) -> Tensor {
-    // A tensor crossing devices is moved by the receiver.
-    t.to_device(device).detach().set_requires_grad(true)
-}
-
 fn grad_of(t: &Option<Tensor>) -> Option<Vec<Tensor>> {
     t.as_ref().map(|x| {
         let g = x.grad();
@@ -169,6 +164,51 @@ fn send(
     Ok(())
 }
 
+/// A stage's modules, VarStore (in `model.dtype`) and optimizer (fp32 masters set from the fp32
+/// initialisation). The stage builds only its own modules. On the CPU they are drawn seeded in place
+/// (each part from its own seed: the values a whole-model build gives them); on an accelerator they are
+/// drawn unseeded and replaced by the CPU draw of this part alone, so every device starts from the same
+/// numbers.
+pub(super) fn build(
+    role: &Role,
+    cfg: &DeemConfig,
+    device: tch::Device,
+) -> Result<(nn::VarStore, Modules, AdamW), BuildError> {
+    let mut vs = nn::VarStore::new(device);
+    let root = vs.root();
+    let part = match role {
+        Role::Vision => Part::Vision,
+        Role::Llm { layers } => Part::Llm(layers.clone()),
+        Role::Diffusion => Part::Diffusion,
+    };
+    let on_cpu = device == tch::Device::Cpu;
+    let seed = on_cpu.then_some(cfg.train.seed);
+    let modules = deem::with_init_lock(seed, || -> Result<Modules, BuildError> {
+        Ok(match role {
+            Role::Vision => Modules::Vision(Box::new(VisionStage::new(&root, cfg))),
+            Role::Llm { layers } => Modules::Llm(Box::new(LlamaShard::new(
+                &root,
+                &LlamaConfig::from(&cfg.llm),
+                layers.clone(),
+            )?)),
+            Role::Diffusion => Modules::Diffusion(Box::new(DiffusionStage::new(&root, cfg))),
+        })
+    })?;
+    drop(root);
+    let init = if on_cpu {
+        deem::train::cpu_weights(&vs)
+            .into_iter()
+            .map(|(k, v)| (k, v.copy()))
+            .collect()
+    } else {
+        initial_weights_of(cfg, &part)?
+    };
+    deem::train::set_dtype(&mut vs, cfg.model.dtype);
+    let mut opt = AdamW::for_stage(&vs, &cfg.train);
+    deem::train::load_weights(&vs, &mut opt, &init)?;
+    Ok((vs, modules, opt))
+}
+
 impl StageWork {
     fn new(
         name: String,
@@ -177,42 +217,7 @@ impl StageWork {
         device: tch::Device,
         links: Links,
     ) -> Result<Self, BuildError> {
-        let mut vs = nn::VarStore::new(device);
-        let root = vs.root();
-        let part = match &role {
-            Role::Vision => Part::Vision,
-            Role::Llm { layers } => Part::Llm(layers.clone()),
-            Role::Diffusion => Part::Diffusion,
-        };
-        // The stage builds only its own modules. On the CPU they are drawn seeded in place (each part
-        // from its own seed: the values a whole-model build gives them); on an accelerator they are
-        // drawn unseeded and replaced by the CPU draw of this part alone, so every device starts from
-        // the same numbers.
-        let on_cpu = device == tch::Device::Cpu;
-        let seed = on_cpu.then_some(cfg.train.seed);
-        let modules = deem::with_init_lock(seed, || -> Result<Modules, BuildError> {
-            Ok(match role {
-                Role::Vision => Modules::Vision(Box::new(VisionStage::new(&root, &cfg))),
-                Role::Llm { layers } => Modules::Llm(Box::new(LlamaShard::new(
-                    &root,
-                    &LlamaConfig::from(&cfg.llm),
-                    layers,
-                )?)),
-                Role::Diffusion => Modules::Diffusion(Box::new(DiffusionStage::new(&root, &cfg))),
-            })
-        })?;
-        drop(root);
-        let init = if on_cpu {
-            deem::train::cpu_weights(&vs)
-                .into_iter()
-                .map(|(k, v)| (k, v.copy()))
-                .collect()
-        } else {
-            initial_weights_of(&cfg, &part)?
-        };
-        deem::train::set_dtype(&mut vs, cfg.model.dtype);
-        let mut opt = AdamW::for_stage(&vs, &cfg.train);
-        deem::train::load_weights(&vs, &mut opt, &init)?;
+        let (vs, modules, opt) = build(&role, &cfg, device)?;
         Ok(StageWork {
             name,
             ids: special_ids(&cfg),
@@ -395,25 +400,16 @@ impl StageWork {
             }
             None => None,
         };
-        // (output · g).sum() has exactly the gradients that passing g into output's backward would.
-        let mut terms: Vec<Tensor> = Vec::new();
-        if let Some(l) = saved.loss.as_ref().filter(|l| l.requires_grad()) {
-            // f16: the loss is scaled here; the gradients that come in already carry the scale.
-            terms.push(l * plan.loss_scale);
-        }
-        if let (Some(o), Some(g)) = (&saved.output, &g_out) {
-            terms.push((o * g[0].to_device(dev)).sum(Kind::Float));
-        }
-        if let (Some(o), Some(g)) = (&saved.csr_output, &g_csr) {
-            terms.push((o * g[0].to_device(dev)).sum(Kind::Float));
-        }
-        if let Some(total) = terms
-            .into_iter()
-            .reduce(|a, b| a + b)
-            .filter(|t| t.requires_grad())
-        {
-            total.backward();
-        }
+        let g_out = g_out.as_ref().map(|g| g[0].to_device(dev));
+        let g_csr = g_csr.as_ref().map(|g| g[0].to_device(dev));
+        backward_of(
+            saved.loss.as_ref(),
+            plan.loss_scale,
+            [
+                (saved.output.as_ref(), g_out.as_ref()),
+                (saved.csr_output.as_ref(), g_csr.as_ref()),
+            ],
+        );
         if let (Some(seg), Modules::Llm(shard), Some(ids)) =
             (&saved.segment, &self.modules, &data.ids)
         {

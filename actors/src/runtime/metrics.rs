@@ -230,16 +230,55 @@ impl DistMetrics {
     }
 }
 
-/// Mixed-precision training: f16's dynamic loss scale and the steps it skipped.
+/// Mixed-precision training (f16's dynamic loss scale and the steps it skipped) and the memory of the
+/// CUDA devices in use.
 #[derive(Debug, Clone, Default)]
 pub struct PrecisionMetrics {
     pub loss_scale: F64Gauge,
     pub skipped_steps: Counter,
+    pub device_allocated: Family<DeviceLabels, Gauge>,
+    pub device_reserved: Family<DeviceLabels, Gauge>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeviceLabels {
+    pub device: String,
 }
 
 impl PrecisionMetrics {
+    /// Samples PyTorch's caching allocator on each CUDA device of `devices` (CPU devices have no such
+    /// allocator: their memory is the process's, `process_resident_memory_bytes`).
+    pub fn sample_devices(&self, devices: &[deem::DeviceSpec]) {
+        for d in devices {
+            let tch::Device::Cuda(i) = tch::Device::from(*d) else {
+                continue;
+            };
+            if let Some((allocated, reserved)) = crate::dist::c10d::cuda_allocator(i) {
+                let labels = DeviceLabels {
+                    device: d.to_string(),
+                };
+                self.device_allocated
+                    .get_or_create(&labels)
+                    .set(allocated as i64);
+                self.device_reserved
+                    .get_or_create(&labels)
+                    .set(reserved as i64);
+            }
+        }
+    }
+
     fn register(registry: &mut Registry) -> Self {
         let m = PrecisionMetrics::default();
+        registry.register(
+            "deem_device_memory_allocated_bytes",
+            "Bytes of live tensors on each CUDA device (PyTorch's caching allocator; GPU builds)",
+            m.device_allocated.clone(),
+        );
+        registry.register(
+            "deem_device_memory_reserved_bytes",
+            "Bytes PyTorch's caching allocator holds from each CUDA device's driver (GPU builds)",
+            m.device_reserved.clone(),
+        );
         registry.register(
             "deem_train_loss_scale",
             "f16 dynamic loss scale the last step's backward ran under (1 in f32 and bf16); dimensionless",

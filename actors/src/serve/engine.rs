@@ -633,7 +633,12 @@ async fn spawn_workers(
             })?;
             // Served in the model's dtype: the checkpoint's tensors are converted as they load.
             deem::train::set_dtype(&mut vs, c.model.dtype);
-            load(&vs, &src, &shard.load_spec(), Part::Llm(shard.range.clone()))?;
+            load(
+                &vs,
+                &src,
+                &shard.load_spec(),
+                Part::Llm(shard.range.clone()),
+            )?;
             Ok(ShardWorker {
                 name,
                 shard,
