@@ -319,6 +319,10 @@ pub struct ServeConfig {
     /// min(`max_running`, budget ÷ one sequence's bytes) sequences at once; a budget below one
     /// sequence is refused at start. None: `max_running` slots, whatever they take.
     pub kv_cache_bytes: Option<u64>,
+    /// Instead of `kv_cache_bytes`: this fraction (0, 1] of each shard's device memory (a CUDA
+    /// device's total, the machine's for the CPU) less the shard's weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache_fraction: Option<f64>,
 }
 
 impl Default for ServeConfig {
@@ -341,6 +345,7 @@ impl Default for ServeConfig {
             csr_timesteps: vec![300, 500, 700],
             ood_threshold: None,
             kv_cache_bytes: None,
+            kv_cache_fraction: None,
         }
     }
 }

@@ -659,3 +659,59 @@ async fn the_kv_budget_sets_the_sequence_slots_and_one_too_small_is_refused() {
     assert_eq!(status, 200, "{body}");
     s.stop().await.unwrap();
 }
+
+#[test]
+fn a_kv_fraction_of_the_devices_memory_sets_the_slots_and_is_validated() {
+    use deem::models::llama::LlamaConfig;
+    use deem_actors::serve::engine::budgeted;
+    let mut c = cfg();
+    let topo = topology(&c);
+    let l = LlamaConfig::from(&c.llm);
+    let layers = c.llm.num_hidden_layers / 2;
+    let seq =
+        (2 * layers * l.num_key_value_heads * l.head_dim * l.max_position_embeddings * 4) as u64;
+    let total: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .unwrap()
+        * 1024;
+    // A fraction of the machine's memory worth 3.5 sequences on the largest shard (plus its weights).
+    let weights = topo
+        .actors
+        .iter()
+        .filter(|a| a.layers.is_some())
+        .map(|a| a.param_bytes)
+        .max()
+        .unwrap();
+    c.serve.max_running = 64;
+    c.serve.kv_cache_fraction = Some((3.5 * seq as f64 + weights as f64) / total as f64);
+    assert_eq!(budgeted(&c, &topo).unwrap().serve.max_running, 3);
+    // Too small a fraction: refused, saying how the budget came about.
+    c.serve.kv_cache_fraction = Some(1e-12);
+    let err = budgeted(&c, &topo).unwrap_err().to_string();
+    assert!(
+        err.starts_with("serve.kv_cache_fraction = 0.000000000001 of cpu's ")
+            && err.contains(" cannot hold one full-length sequence on shard llm0"),
+        "{err}"
+    );
+    c.serve.kv_cache_fraction = Some(1.5);
+    c.serve.kv_cache_bytes = Some(1);
+    let issues: Vec<String> = c
+        .validate()
+        .into_iter()
+        .map(|i| format!("{}: {}", i.key, i.message))
+        .collect();
+    assert_eq!(
+        issues,
+        vec![
+            "serve.kv_cache_fraction: expected a fraction in (0, 1], found 1.5".to_string(),
+            "serve.kv_cache_fraction: expected either serve.kv_cache_bytes or serve.kv_cache_fraction, found both".to_string(),
+        ]
+    );
+}

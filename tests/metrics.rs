@@ -273,6 +273,20 @@ fn monitoring_config_and_rules_pass_promtool() {
     };
     metrics.dist.p2p_bytes.get_or_create(&edge).inc_by(0);
     metrics.dist.p2p_seconds.get_or_create(&edge).inc_by(0.0);
+    // Likewise the CUDA devices' allocator gauges (a GPU build on a GPU samples them).
+    let device = deem_actors::runtime::metrics::DeviceLabels {
+        device: "cuda:0".into(),
+    };
+    metrics
+        .precision
+        .device_allocated
+        .get_or_create(&device)
+        .set(0);
+    metrics
+        .precision
+        .device_reserved
+        .get_or_create(&device)
+        .set(0);
     // Likewise the actor failures (the supervision tests make them).
     metrics
         .actor_failures

@@ -216,9 +216,9 @@ fn bench_layers_feeds_deem_plan_and_a_placement_that_does_not_fit_is_refused() {
     assert!(out.contains("costs: measured on"), "{out}");
 
     // DEEM-7B's stage I at 8 microbatches on eight 80 GiB GPUs: the LLM shards cannot hold their
-    // activations; refused naming each device, what it needs and what it has.
-    let (ok, out, err) = deem(
-        &[
+    // activations; refused naming each device, what it needs and what it has. 64 microbatches fit.
+    let plan_7b = |extra: &[&str]| {
+        let mut args = vec![
             "plan",
             "--config",
             "configs/deem-7b.toml",
@@ -228,32 +228,18 @@ fn bench_layers_feeds_deem_plan_and_a_placement_that_does_not_fit_is_refused() {
             "8",
             "--device-memory-gib",
             "80",
-        ],
-        &[],
-    );
+        ];
+        args.extend_from_slice(extra);
+        deem(&args, &[])
+    };
+    let (ok, out, err) = plan_7b(&[]);
     assert!(!ok, "{out}");
     assert!(
         err.contains("the placement does not fit: cuda:1 (llm0) needs ")
             && err.contains(" but has 80.00 GiB"),
         "{err}"
     );
-    // 64 microbatches fit.
-    let (ok, out, err) = deem(
-        &[
-            "plan",
-            "--config",
-            "configs/deem-7b.toml",
-            "--topology",
-            "topologies/gpu-8.toml",
-            "--assume-cuda-devices",
-            "8",
-            "--device-memory-gib",
-            "80",
-            "--set",
-            "train.microbatches=64",
-        ],
-        &[],
-    );
+    let (ok, out, err) = plan_7b(&["--set", "train.microbatches=64"]);
     assert!(ok, "{err}");
     assert!(out.contains("ok: the placement fits"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);

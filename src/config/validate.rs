@@ -417,6 +417,19 @@ impl DeemConfig {
             },
         );
         c.positive_f("serve.request_timeout_s", s.request_timeout_s);
+        if let Some(f) = s.kv_cache_fraction {
+            c.check(f > 0.0 && f <= 1.0, "serve.kv_cache_fraction", || {
+                format!("expected a fraction in (0, 1], found {f}")
+            });
+            c.check(
+                s.kv_cache_bytes.is_none(),
+                "serve.kv_cache_fraction",
+                || {
+                    "expected either serve.kv_cache_bytes or serve.kv_cache_fraction, found both"
+                        .into()
+                },
+            );
+        }
         c.positive("serve.ddim_steps", s.ddim_steps);
         c.check(
             s.guidance_scale >= 1.0 && s.guidance_scale.is_finite(),

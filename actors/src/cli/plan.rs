@@ -7,7 +7,7 @@ use anyhow::bail;
 
 use super::PlanArgs;
 use crate::pipeline::plan::{self, Costs, Plan};
-use crate::runtime::topology::{human_bytes, Topology};
+use crate::runtime::topology::{human_bytes, text_table, Topology};
 
 fn ms(s: f64) -> String {
     if s >= 1.0 {
@@ -42,11 +42,11 @@ pub fn render(p: &Plan, topo: &Topology) -> String {
         "fwd/mb",
         "bwd/mb",
     ];
-    let rows: Vec<[String; 12]> = p
+    let rows: Vec<Vec<String>> = p
         .actors
         .iter()
         .map(|a| {
-            [
+            vec![
                 a.name.clone(),
                 a.device.clone(),
                 a.layers
@@ -69,28 +69,7 @@ pub fn render(p: &Plan, topo: &Topology) -> String {
             ]
         })
         .collect();
-    let mut width = header.map(str::len);
-    for r in &rows {
-        for (w, c) in width.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let line = |cells: &[String]| {
-        let mut s = String::new();
-        for (i, (c, w)) in cells.iter().zip(width).enumerate() {
-            if i >= 3 {
-                s.push_str(&format!("{c:>w$}  "));
-            } else {
-                s.push_str(&format!("{c:<w$}  "));
-            }
-        }
-        s.trim_end().to_string() + "\n"
-    };
-    let mut out = line(&header.map(String::from));
-    out.push_str(&line(&width.map(|w| "-".repeat(w))));
-    for r in &rows {
-        out.push_str(&line(r));
-    }
+    let mut out = text_table(&header, &rows, 3);
     out.push_str(&format!(
         "\nstep: {} predicted ({} forwards and backwards over the schedule + {} optimizer steps)\n",
         ms(p.step_s),

@@ -20,6 +20,9 @@ pub enum PipelineError {
     /// The topology cannot be run as a pipeline.
     #[error("topology {origin}: {problem}")]
     Topology { origin: String, problem: String },
+    /// The planner predicts that devices cannot hold their actors: one line per device.
+    #[error("the placement does not fit: {}; deem plan prints the breakdown (add devices or shards, more microbatches, or train.recompute)", .0.join("; "))]
+    DoesNotFit(Vec<String>),
     /// A stage's actor did not start (its modules could not be built, …).
     #[error("cannot start actor {actor}: {source}")]
     Start {

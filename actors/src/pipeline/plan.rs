@@ -495,12 +495,6 @@ pub fn check_fits(
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(PipelineError::Topology {
-            origin: "the plan".into(),
-            problem: format!(
-                "the placement does not fit: {} (deem plan prints the breakdown; add devices, shards or train.recompute)",
-                problems.join("; ")
-            ),
-        })
+        Err(PipelineError::DoesNotFit(problems))
     }
 }

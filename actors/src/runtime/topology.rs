@@ -580,29 +580,37 @@ impl Topology {
             human_count(total),
             human_bytes(bytes),
         ]);
-        let mut width = header.map(str::len);
-        for r in &rows {
-            for (w, c) in width.iter_mut().zip(r) {
-                *w = (*w).max(c.chars().count());
-            }
-        }
-        let line = |cells: &[String]| {
-            let mut s = String::new();
-            for (i, (c, w)) in cells.iter().zip(width).enumerate() {
-                // Numbers right-aligned, names left-aligned.
-                if i >= 5 {
-                    s.push_str(&format!("{c:>w$}  "));
-                } else {
-                    s.push_str(&format!("{c:<w$}  "));
-                }
-            }
-            s.trim_end().to_string() + "\n"
-        };
-        let mut out = line(&header.map(String::from));
-        out.push_str(&line(&width.map(|w| "-".repeat(w))));
-        for r in &rows {
-            out.push_str(&line(r));
-        }
-        out
+        let rows: Vec<Vec<String>> = rows.into_iter().map(Vec::from).collect();
+        text_table(&header, &rows, 5)
     }
+}
+
+/// A plain-text table: the header, a rule, the rows; columns from `numeric_from` on right-aligned
+/// (numbers), the others left-aligned (names).
+pub fn text_table(header: &[&str], rows: &[Vec<String>], numeric_from: usize) -> String {
+    let mut width: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut s = String::new();
+        for (i, (c, &w)) in cells.iter().zip(&width).enumerate() {
+            if i >= numeric_from {
+                s.push_str(&format!("{c:>w$}  "));
+            } else {
+                s.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(&header.iter().map(|h| h.to_string()).collect::<Vec<_>>());
+    out.push_str(&line(
+        &width.iter().map(|&w| "-".repeat(w)).collect::<Vec<_>>(),
+    ));
+    for r in rows {
+        out.push_str(&line(r));
+    }
+    out
 }

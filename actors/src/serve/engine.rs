@@ -72,9 +72,10 @@ pub enum EngineError {
     Scheduler(std::io::Error),
     #[error("cannot start the threads to the other ranks: {0}")]
     Bridge(std::io::Error),
-    #[error("serve.kv_cache_bytes = {budget} cannot hold one full-length sequence on shard {shard}: its {layers} layers × llm.max_position_embeddings = {positions} positions need {need} bytes")]
+    #[error("{budget} cannot hold one full-length sequence on shard {shard}: its {layers} layers × llm.max_position_embeddings = {positions} positions need {need} bytes")]
     KvBudget {
-        budget: u64,
+        /// `serve.kv_cache_bytes = N`, or how `serve.kv_cache_fraction` came to its bytes.
+        budget: String,
         shard: String,
         layers: i64,
         positions: i64,
@@ -82,14 +83,51 @@ pub enum EngineError {
     },
 }
 
-/// `cfg` with `serve.max_running` lowered to what `serve.kv_cache_bytes` holds on the largest shard of
-/// `topo` (keys and values of every layer, full-length slots, f32 as the pool is kept); refuses a
-/// budget that cannot hold one sequence. Every process of a service computes the same.
+/// The memory of a device in bytes: a CUDA device's total, the machine's (`MemTotal`) for the CPU.
+fn device_memory(device: &deem::DeviceSpec) -> Option<u64> {
+    match tch::Device::from(*device) {
+        tch::Device::Cuda(i) => crate::dist::c10d::cuda_memory(i).map(|(_, total)| total),
+        _ => std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+            let kb: u64 = m
+                .lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()?;
+            Some(kb * 1024)
+        }),
+    }
+}
+
+/// A shard's KV budget: `serve.kv_cache_bytes`, or `serve.kv_cache_fraction` of its device's memory
+/// less its weights; with how it was reached, for messages. `None`: no budget.
+fn shard_budget(cfg: &DeemConfig, p: &Placement) -> Option<(u64, String)> {
+    if let Some(b) = cfg.serve.kv_cache_bytes {
+        return Some((b, format!("serve.kv_cache_bytes = {b}")));
+    }
+    let f = cfg.serve.kv_cache_fraction?;
+    let Some(total) = device_memory(&p.device) else {
+        tracing::warn!(shard = %p.name, device = %p.device, "serve.kv_cache_fraction: the device's memory is unknown; no budget");
+        return None;
+    };
+    let b = ((total as f64 * f) as u64).saturating_sub(p.param_bytes);
+    Some((
+        b,
+        format!(
+            "serve.kv_cache_fraction = {f} of {}'s {total} bytes less the shard's {} bytes of weights = {b}",
+            p.device, p.param_bytes
+        ),
+    ))
+}
+
+/// `cfg` with `serve.max_running` lowered to what each shard's KV budget holds (`serve.kv_cache_bytes`
+/// or `serve.kv_cache_fraction`; keys and values of every layer, full-length slots, in the model's
+/// dtype); refuses a budget that cannot hold one sequence. Every process of a service computes the same
+/// (with a fraction, as long as the ranks' devices are alike).
 pub fn budgeted(cfg: &DeemConfig, topo: &Topology) -> Result<DeemConfig, EngineError> {
     let mut out = cfg.clone();
-    let Some(budget) = cfg.serve.kv_cache_bytes else {
-        return Ok(out);
-    };
     let l = LlamaConfig::from(&cfg.llm);
     // The pool is held in the model's dtype (the shard's weights').
     let per_layer = 2
@@ -99,6 +137,9 @@ pub fn budgeted(cfg: &DeemConfig, topo: &Topology) -> Result<DeemConfig, EngineE
         * cfg.model.dtype.size_bytes() as i64;
     for (_, shards, _) in [roles(topo)?] {
         for p in shards {
+            let Some((budget, origin)) = shard_budget(cfg, p) else {
+                continue;
+            };
             let layers = p
                 .layers
                 .as_ref()
@@ -107,7 +148,7 @@ pub fn budgeted(cfg: &DeemConfig, topo: &Topology) -> Result<DeemConfig, EngineE
             let fit = (budget / need.max(1)) as usize;
             if fit == 0 {
                 return Err(EngineError::KvBudget {
-                    budget,
+                    budget: origin,
                     shard: p.name.clone(),
                     layers,
                     positions: l.max_position_embeddings,
@@ -121,8 +162,7 @@ pub fn budgeted(cfg: &DeemConfig, topo: &Topology) -> Result<DeemConfig, EngineE
         tracing::info!(
             slots = out.serve.max_running,
             max_running = cfg.serve.max_running,
-            budget,
-            "serve.kv_cache_bytes holds fewer sequences than serve.max_running: running at most {}",
+            "the KV budget holds fewer sequences than serve.max_running: running at most {}",
             out.serve.max_running
         );
     }
