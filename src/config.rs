@@ -27,9 +27,54 @@ pub struct DeemConfig {
     /// The generation service (`deem serve`); every key has a default.
     #[serde(default)]
     pub serve: ServeConfig,
+    /// How dataset records are filtered as they are read; every key has a default (the paper's).
+    #[serde(default, skip_serializing_if = "DataConfig::is_default")]
+    pub data: DataConfig,
     /// Fault injection for rehearsing recovery (absent in normal runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<FaultConfig>,
+}
+
+/// `[data]`: filtering rules per dataset format.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    #[serde(default)]
+    pub mmc4: Mmc4Rules,
+}
+
+impl DataConfig {
+    pub fn is_default(&self) -> bool {
+        *self == DataConfig::default()
+    }
+}
+
+/// `[data.mmc4]`: the paper's rules for MMC4 documents (Appendix, data processing), applied as they
+/// are read and counted in the data report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Mmc4Rules {
+    /// Images whose CLIP similarity to their matched sentence (`matched_sim`) is below this are
+    /// dropped (images without a score are kept).
+    pub min_similarity: f64,
+    /// At most this many images per document: the first ones, in the file's order.
+    pub max_images: usize,
+    /// Documents left without an image are dropped.
+    pub drop_without_images: bool,
+    /// This share of the one-image documents is dropped, each by a draw seeded with `train.seed` and
+    /// the document's line.
+    pub drop_one_image_share: f64,
+}
+
+impl Default for Mmc4Rules {
+    fn default() -> Self {
+        Mmc4Rules {
+            min_similarity: 0.24,
+            max_images: 6,
+            drop_without_images: true,
+            drop_one_image_share: 0.5,
+        }
+    }
 }
 
 /// Makes an actor's compute thread fail (panic) once, so its supervisor's policy can be rehearsed:

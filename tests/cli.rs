@@ -598,3 +598,45 @@ fn binary_experiment_keeps_finished_runs_adds_seeds_and_refuses_another_recipe()
     );
     assert_eq!(json(&out.join("csr.json")), second);
 }
+
+#[test]
+fn data_check_reports_what_the_mmc4_rules_dropped() {
+    let dir = scratch("mmc4-check");
+    image::RgbImage::new(8, 8).save(dir.join("a.png")).unwrap();
+    let doc = |sims: &[f64]| {
+        let info: Vec<String> = sims
+            .iter()
+            .map(|s| {
+                format!(r#"{{"image_name": "a.png", "matched_text_index": 0, "matched_sim": {s}}}"#)
+            })
+            .collect();
+        format!(
+            r#"{{"text_list": ["a"], "image_info": [{}]}}"#,
+            info.join(", ")
+        )
+    };
+    let lines = [doc(&[0.3, 0.2]), doc(&[]), doc(&[0.5; 7])];
+    let file = dir.join("mmc4.jsonl");
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let (ok, out, err) = deem(
+        &[
+            "data",
+            "check",
+            "--format",
+            "mmc4",
+            file.to_str().unwrap(),
+            "--set",
+            "data.mmc4.drop_one_image_share=0.0",
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(
+        out,
+        format!(
+            "{}: 2 mmc4 records, 0 bad; dropped by the rules: 1 documents without images, 1 images below data.mmc4.min_similarity, 1 images past data.mmc4.max_images\n",
+            file.display()
+        )
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

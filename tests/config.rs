@@ -143,7 +143,7 @@ fn unknown_section_from_cli_names_the_flag() {
     assert_eq!(
         load_err(&p, &[], &["trian.lr=1"]),
         "--set trian.lr: trian: unknown field `trian`, expected one of `model`, `vision`, `resampler`, `llm`, \
-         `diffusion`, `train`, `serve`, `fault`"
+         `diffusion`, `train`, `serve`, `data`, `fault`"
     );
 }
 

@@ -160,7 +160,7 @@ fn every_reader_round_trips_what_synth_writes() {
         );
     }
 
-    let docs = readers::read_mmc4(&dir.join("mmc4.jsonl"), None).unwrap();
+    let docs = readers::read_mmc4(&dir.join("mmc4.jsonl"), None, &Default::default(), 0).unwrap();
     assert!(docs.bad.is_empty(), "{:?}", docs.bad);
     assert_eq!(docs.records.len(), o.documents);
     for d in &docs.records {
@@ -609,4 +609,82 @@ fn shape_twins_differ_only_in_shape() {
         assert_eq!(two[1].caption, s.shape_twin().caption());
         assert_eq!(two[1].image, s.shape_twin().render());
     }
+}
+
+/// An MMC4 file of `docs` (each a list of image similarities, `None` for no score) with 8×8 PNGs.
+fn mmc4_fixture(dir: &std::path::Path, docs: &[Vec<Option<f64>>]) -> std::path::PathBuf {
+    image::RgbImage::from_pixel(8, 8, image::Rgb([200, 10, 10]))
+        .save(dir.join("a.png"))
+        .unwrap();
+    let mut text = String::new();
+    for (i, sims) in docs.iter().enumerate() {
+        let info: Vec<serde_json::Value> = sims
+            .iter()
+            .map(|s| {
+                let mut v = serde_json::json!({"image_name": "a.png", "matched_text_index": 0});
+                if let Some(s) = s {
+                    v["matched_sim"] = serde_json::json!(s);
+                }
+                v
+            })
+            .collect();
+        let line =
+            serde_json::json!({"text_list": [format!("document {i}"), "more"], "image_info": info});
+        text.push_str(&format!("{line}\n"));
+    }
+    let path = dir.join("mmc4.jsonl");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn mmc4_rules_drop_dissimilar_images_extra_images_imageless_and_half_the_one_image_documents() {
+    let dir = common::scratch("mmc4-rules");
+    let mut docs: Vec<Vec<Option<f64>>> = vec![
+        vec![Some(0.30), Some(0.23)], // one image left: enters the one-image draw
+        vec![],                       // no image
+        vec![Some(0.24), Some(0.25)], // the bound itself is kept
+        vec![Some(0.5); 8],           // 6 kept, 2 past the limit
+        vec![Some(0.1)],              // its only image dissimilar: left without images
+        vec![None, None],             // no score: kept
+    ];
+    docs.extend((0..40).map(|_| vec![Some(0.3)]));
+    let path = mmc4_fixture(&dir, &docs);
+    let rules = deem::config::Mmc4Rules::default();
+    let r = readers::read_mmc4(&path, None, &rules, 7).unwrap();
+    assert!(r.bad.is_empty(), "{:?}", r.bad);
+    let f = |k: &str| r.filtered.get(k).copied().unwrap_or(0);
+    assert_eq!(f(readers::MMC4_LOW_SIMILARITY), 2);
+    assert_eq!(f(readers::MMC4_PAST_MAX), 2);
+    assert_eq!(f(readers::MMC4_NO_IMAGE), 2);
+    // 41 one-image documents (the first and the 40), about half drawn out.
+    let drawn = f(readers::MMC4_ONE_IMAGE);
+    assert!(
+        (10..=31).contains(&drawn),
+        "{drawn} of 41 one-image documents drawn out"
+    );
+    assert_eq!(r.records.len(), 46 - 2 - drawn);
+    let mut counts: Vec<usize> = r.records.iter().map(|d| d.images.len()).collect();
+    counts.sort();
+    assert_eq!(counts[counts.len() - 3..], [2, 2, 6]);
+    assert!(counts.iter().all(|&n| (1..=6).contains(&n)));
+    // The draw is keyed by the seed and the line: the same seed keeps the same documents.
+    let names = |r: &readers::ReadReport<readers::Document>| -> Vec<String> {
+        r.records.iter().map(|d| d.texts[0].clone()).collect()
+    };
+    let again = readers::read_mmc4(&path, None, &rules, 7).unwrap();
+    assert_eq!(names(&again), names(&r));
+    let other = readers::read_mmc4(&path, None, &rules, 8).unwrap();
+    assert_ne!(names(&other), names(&r));
+    // Every rule can be relaxed.
+    let keep_all = deem::config::Mmc4Rules {
+        min_similarity: 0.0,
+        max_images: 8,
+        drop_without_images: false,
+        drop_one_image_share: 0.0,
+    };
+    let all = readers::read_mmc4(&path, None, &keep_all, 7).unwrap();
+    assert_eq!(all.records.len(), 46);
+    assert!(all.filtered.is_empty(), "{:?}", all.filtered);
+    let _ = std::fs::remove_dir_all(&dir);
 }

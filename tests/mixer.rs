@@ -35,7 +35,7 @@ fn mixer(dir: &Path) -> deem::data::mixer::Mixer {
     let c = mixer_cfg();
     let tok = tiny_tokenizer();
     let mut m = deem::data::mixer::Mixer::new(&c, 5);
-    let docs = readers::read_mmc4(&dir.join("mmc4.jsonl"), None)
+    let docs = readers::read_mmc4(&dir.join("mmc4.jsonl"), None, &Default::default(), 0)
         .unwrap()
         .records;
     m.add_documents("mmc4", 2.0, &docs, &tok).unwrap();

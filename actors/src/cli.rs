@@ -357,6 +357,9 @@ pub enum DataCommand {
         /// Largest share of bad records accepted (0 to 1).
         #[arg(long, default_value_t = 0.05)]
         max_bad_ratio: f64,
+        /// The configuration whose `[data]` rules (and `train.seed`) apply.
+        #[command(flatten)]
+        config: ConfigArgs,
     },
     /// Write `robustvqa.json` for a synthesized folder's evaluation splits, hard negatives mined by the
     /// baseline classifier (nearest class prototype).

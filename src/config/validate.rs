@@ -417,6 +417,23 @@ impl DeemConfig {
             },
         );
         c.positive_f("serve.request_timeout_s", s.request_timeout_s);
+        let m = &self.data.mmc4;
+        c.positive("data.mmc4.max_images", m.max_images as i64);
+        c.check(
+            (0.0..=1.0).contains(&m.drop_one_image_share),
+            "data.mmc4.drop_one_image_share",
+            || {
+                format!(
+                    "expected a share in [0, 1], found {}",
+                    m.drop_one_image_share
+                )
+            },
+        );
+        c.check(
+            m.min_similarity.is_finite(),
+            "data.mmc4.min_similarity",
+            || format!("expected a number, found {}", m.min_similarity),
+        );
         if let Some(f) = s.kv_cache_fraction {
             c.check(f > 0.0 && f <= 1.0, "serve.kv_cache_fraction", || {
                 format!("expected a fraction in (0, 1], found {f}")

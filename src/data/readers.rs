@@ -28,6 +28,7 @@ use serde::Deserialize;
 
 use crate::data::world;
 use crate::data::DataError;
+use crate::rng::{Purpose, Stream};
 
 /// A skipped record.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,6 +43,8 @@ pub struct BadRecord {
 pub struct ReadReport<T> {
     pub records: Vec<T>,
     pub bad: Vec<BadRecord>,
+    /// What the format's rules dropped from good records, by rule (`data.mmc4.*`).
+    pub filtered: BTreeMap<&'static str, usize>,
 }
 
 impl<T> ReadReport<T> {
@@ -49,6 +52,13 @@ impl<T> ReadReport<T> {
         ReadReport {
             records: Vec::new(),
             bad: Vec::new(),
+            filtered: Default::default(),
+        }
+    }
+
+    fn filter(&mut self, rule: &'static str, n: usize) {
+        if n > 0 {
+            *self.filtered.entry(rule).or_default() += n;
         }
     }
 
@@ -293,14 +303,28 @@ struct Mmc4Line {
 struct Mmc4Image {
     image_name: String,
     matched_text_index: usize,
+    /// CLIP similarity of the image to its matched sentence.
     #[serde(default)]
-    #[allow(dead_code)]
     matched_sim: Option<f64>,
 }
 
+/// What each MMC4 rule dropped, as [`ReadReport::filtered`] names it.
+pub const MMC4_LOW_SIMILARITY: &str = "images below data.mmc4.min_similarity";
+pub const MMC4_PAST_MAX: &str = "images past data.mmc4.max_images";
+pub const MMC4_NO_IMAGE: &str = "documents without images";
+pub const MMC4_ONE_IMAGE: &str = "one-image documents drawn out (data.mmc4.drop_one_image_share)";
+
 /// MMC4-style interleaved documents from JSONL; `image_name` is relative to `images` (default: the
-/// file's folder).
-pub fn read_mmc4(path: &Path, images: Option<&Path>) -> Result<ReadReport<Document>, DataError> {
+/// file's folder). The paper's rules apply as each line is read, before any image is decoded: images
+/// below `rules.min_similarity` are dropped, then all past the first `rules.max_images`; a document
+/// left without images is dropped, and a one-image document with probability
+/// `rules.drop_one_image_share` (a draw keyed by `seed` and the line). Each is counted in the report.
+pub fn read_mmc4(
+    path: &Path,
+    images: Option<&Path>,
+    rules: &crate::config::Mmc4Rules,
+    seed: u64,
+) -> Result<ReadReport<Document>, DataError> {
     let base = image_root(path, images);
     let mut r = ReadReport::new();
     'lines: for (n, line) in jsonl_lines(path)? {
@@ -312,19 +336,45 @@ pub fn read_mmc4(path: &Path, images: Option<&Path>) -> Result<ReadReport<Docume
                 continue;
             }
         };
-        let mut images = Vec::new();
-        for info in &d.image_info {
-            if info.matched_text_index >= d.text_list.len() {
-                r.skip(
-                    at,
-                    format!(
-                        "matched_text_index {} is past the {} sentences",
-                        info.matched_text_index,
-                        d.text_list.len()
-                    ),
-                );
-                continue 'lines;
+        if let Some(info) = d
+            .image_info
+            .iter()
+            .find(|i| i.matched_text_index >= d.text_list.len())
+        {
+            r.skip(
+                at,
+                format!(
+                    "matched_text_index {} is past the {} sentences",
+                    info.matched_text_index,
+                    d.text_list.len()
+                ),
+            );
+            continue;
+        }
+        let similar: Vec<&Mmc4Image> = d
+            .image_info
+            .iter()
+            .filter(|i| i.matched_sim.is_none_or(|s| s >= rules.min_similarity))
+            .collect();
+        r.filter(MMC4_LOW_SIMILARITY, d.image_info.len() - similar.len());
+        r.filter(
+            MMC4_PAST_MAX,
+            similar.len().saturating_sub(rules.max_images),
+        );
+        let kept = &similar[..similar.len().min(rules.max_images)];
+        if kept.is_empty() && rules.drop_without_images {
+            r.filter(MMC4_NO_IMAGE, 1);
+            continue;
+        }
+        if kept.len() == 1 {
+            let draw = Stream::new(seed, n as u64, 0x6d6d_6334, Purpose::Data).uniform();
+            if draw < rules.drop_one_image_share {
+                r.filter(MMC4_ONE_IMAGE, 1);
+                continue;
             }
+        }
+        let mut images = Vec::new();
+        for info in kept {
             match load_image(&base, &info.image_name) {
                 Ok(i) => images.push((i, info.matched_text_index)),
                 Err(e) => {

@@ -58,19 +58,39 @@ pub fn read_checked<T>(
     format: Format,
     max: f64,
     metrics: &Metrics,
-    read: fn(&Path, Option<&Path>) -> Result<ReadReport<T>, deem::data::DataError>,
+    read: impl Fn(&Path, Option<&Path>) -> Result<ReadReport<T>, deem::data::DataError>,
 ) -> anyhow::Result<(Vec<T>, usize)> {
+    let (records, bad, _) = read_filtered(file, images, format, max, metrics, read)?;
+    Ok((records, bad))
+}
+
+/// The records kept, the count of bad ones, and what the format's rules dropped (by rule).
+pub type Filtered<T> = (Vec<T>, usize, Vec<(&'static str, usize)>);
+
+/// [`read_checked`], with what the format's rules dropped (by rule), which is logged.
+pub fn read_filtered<T>(
+    file: &Path,
+    images: Option<&Path>,
+    format: Format,
+    max: f64,
+    metrics: &Metrics,
+    read: impl Fn(&Path, Option<&Path>) -> Result<ReadReport<T>, deem::data::DataError>,
+) -> anyhow::Result<Filtered<T>> {
     let r = read(file, images).map_err(anyhow::Error::msg)?;
     let (_, bad) = account(&r, format, metrics);
     r.check(file, max).map_err(anyhow::Error::msg)?;
-    Ok((r.records, bad))
+    for (rule, n) in &r.filtered {
+        tracing::info!(file = %file.display(), dropped = n, "{rule}");
+    }
+    let filtered = r.filtered.into_iter().collect();
+    Ok((r.records, bad, filtered))
 }
 
 fn check(
     format: Format,
-    file: &Path,
-    images: Option<&Path>,
+    (file, images): (&Path, Option<&Path>),
     max: f64,
+    c: &deem::config::DeemConfig,
     metrics: &Metrics,
 ) -> anyhow::Result<String> {
     if !(0.0..=1.0).contains(&max) {
@@ -82,6 +102,7 @@ fn check(
     fn count<T>(r: (Vec<T>, usize)) -> (usize, usize) {
         (r.0.len(), r.1)
     }
+    let mut dropped = Vec::new();
     let (kept, bad) = match format {
         Format::Pairs => count(read_checked(
             file,
@@ -99,14 +120,14 @@ fn check(
             metrics,
             readers::read_pairs_tar,
         )?),
-        Format::Mmc4 => count(read_checked(
-            file,
-            images,
-            format,
-            max,
-            metrics,
-            readers::read_mmc4,
-        )?),
+        Format::Mmc4 => {
+            let (docs, bad, filtered) =
+                read_filtered(file, images, format, max, metrics, |p, i| {
+                    readers::read_mmc4(p, i, &c.data.mmc4, c.train.seed)
+                })?;
+            dropped = filtered;
+            (docs.len(), bad)
+        }
         Format::Llava => count(read_checked(
             file,
             images,
@@ -124,8 +145,17 @@ fn check(
             readers::read_regions,
         )?),
     };
+    let rules: Vec<String> = dropped
+        .iter()
+        .map(|(rule, n)| format!("{n} {rule}"))
+        .collect();
+    let rules = if rules.is_empty() {
+        String::new()
+    } else {
+        format!("; dropped by the rules: {}", rules.join(", "))
+    };
     Ok(format!(
-        "{}: {kept} {} records, {bad} bad\n",
+        "{}: {kept} {} records, {bad} bad{rules}\n",
         file.display(),
         format.name()
     ))
@@ -181,7 +211,14 @@ pub fn render(cmd: DataCommand, metrics: &Metrics) -> anyhow::Result<String> {
             file,
             images,
             max_bad_ratio,
-        } => check(format, &file, images.as_deref(), max_bad_ratio, metrics),
+            config,
+        } => check(
+            format,
+            (&file, images.as_deref()),
+            max_bad_ratio,
+            &config.load()?.config,
+            metrics,
+        ),
         DataCommand::Robustvqa {
             data,
             only_misclassified,

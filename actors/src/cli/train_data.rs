@@ -105,14 +105,10 @@ pub fn dataset_batches(
         let err = anyhow::Error::msg;
         match src.format {
             DataFormat::Mmc4 => {
-                let (docs, _) = read_checked(
-                    &p,
-                    images,
-                    Format::Mmc4,
-                    MAX_BAD_RATIO,
-                    metrics,
-                    readers::read_mmc4,
-                )?;
+                let (docs, _) =
+                    read_checked(&p, images, Format::Mmc4, MAX_BAD_RATIO, metrics, |p, i| {
+                        readers::read_mmc4(p, i, &c.data.mmc4, c.train.seed)
+                    })?;
                 m.add_documents(name, src.weight, &docs, &tok)
                     .map_err(err)?;
             }

@@ -323,22 +323,16 @@ pub fn plan(cfg: &DeemConfig, topo: &Topology, costs: &Costs) -> Plan {
         })
         .collect();
     // Actors sharing a device share its compute: a GPU runs one at a time; the CPU's cores are split
-    // between its actors (`Topology::cpu_threads`), so as many run side by side as the cores allow. The
-    // device needs at least its actors' summed work over those lanes.
-    let mut per_device: std::collections::BTreeMap<&str, (f64, usize)> = Default::default();
+    // between its actors (`Topology::cpu_threads`), so as many run side by side as the cores allow.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    for (a, placed) in actors.iter().zip(&order) {
-        let e = per_device.entry(a.device.as_str()).or_default();
-        e.0 += m as f64 * (a.forward_s + a.backward_s);
-        e.1 = topo
-            .cpu_threads(placed)
-            .map_or(1, |t| (cores / t.max(1) as usize).max(1));
-    }
-    let busiest = per_device
-        .values()
-        .map(|(work, lanes)| work / *lanes as f64)
-        .fold(0.0, f64::max);
-    let timeline = timeline(&actors, &sched).max(busiest);
+    let lanes: Vec<usize> = order
+        .iter()
+        .map(|placed| {
+            topo.cpu_threads(placed)
+                .map_or(1, |t| (cores / t.max(1) as usize).max(1))
+        })
+        .collect();
+    let timeline = timeline_on(&actors, &sched, &lanes);
     let optimizer: f64 = actors.iter().map(|a| a.optimizer_s).sum();
     Plan {
         actors,
@@ -348,63 +342,84 @@ pub fn plan(cfg: &DeemConfig, topo: &Topology, costs: &Costs) -> Plan {
     }
 }
 
+/// The makespan of one step's forwards and backwards, one device per actor: see [`timeline_on`].
+pub fn timeline(actors: &[ActorPlan], sched: &[Vec<Op>]) -> f64 {
+    timeline_on(actors, sched, &vec![1; actors.len()])
+}
+
 /// The makespan of one step's forwards and backwards: each actor runs its ops in order; a forward waits
 /// for its microbatch's forward upstream (diffusion: also the vision actor's, the CSR edge), a backward
-/// for the gradient from downstream (vision: also diffusion's).
-pub fn timeline(actors: &[ActorPlan], sched: &[Vec<Op>]) -> f64 {
+/// for the gradient from downstream (vision: also diffusion's). Actors on one device share its
+/// `lanes[i]` lanes (at most that many of them compute at once); the op that can start first goes
+/// first.
+pub fn timeline_on(actors: &[ActorPlan], sched: &[Vec<Op>], lanes: &[usize]) -> f64 {
     let p = actors.len();
     let m = sched.first().map_or(0, |ops| ops.len() / 2);
     let mut fwd_done = vec![vec![f64::NAN; m]; p];
     let mut bwd_done = vec![vec![f64::NAN; m]; p];
     let mut next = vec![0usize; p];
     let mut free = vec![0f64; p];
-    let mut progressed = true;
-    while progressed {
-        progressed = false;
-        for i in 0..p {
-            while let Some(op) = sched[i].get(next[i]) {
-                let deps: Vec<f64> = match *op {
-                    Op::Forward(mb) => {
-                        let mb = mb as usize;
-                        let mut d = Vec::new();
-                        if i > 0 {
-                            d.push(fwd_done[i - 1][mb]);
-                        }
-                        if i == p - 1 && p > 1 {
-                            d.push(fwd_done[0][mb]);
-                        }
-                        d
-                    }
-                    Op::Backward(mb) => {
-                        let mb = mb as usize;
-                        let mut d = vec![fwd_done[i][mb]];
-                        if i + 1 < p {
-                            d.push(bwd_done[i + 1][mb]);
-                        }
-                        if i == 0 && p > 1 {
-                            d.push(bwd_done[p - 1][mb]);
-                        }
-                        d
-                    }
-                };
-                if deps.iter().any(|t| t.is_nan()) {
-                    break;
+    // Each device's lanes: when each next becomes free.
+    let mut device_lanes: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    for (a, &l) in actors.iter().zip(lanes) {
+        device_lanes
+            .entry(a.device.as_str())
+            .or_insert_with(|| vec![0.0; l.max(1)]);
+    }
+    // When actor i's next op could start (its inputs there and the actor idle), if it can.
+    let ready = |i: usize, next: &[usize], free: &[f64], fd: &[Vec<f64>], bd: &[Vec<f64>]| {
+        let op = sched[i].get(next[i])?;
+        let deps: Vec<f64> = match *op {
+            Op::Forward(mb) => {
+                let mb = mb as usize;
+                let mut d = Vec::new();
+                if i > 0 {
+                    d.push(fd[i - 1][mb]);
                 }
-                let start = deps.into_iter().fold(free[i], f64::max);
-                match *op {
-                    Op::Forward(mb) => {
-                        free[i] = start + actors[i].forward_s;
-                        fwd_done[i][mb as usize] = free[i];
-                    }
-                    Op::Backward(mb) => {
-                        free[i] = start + actors[i].backward_s;
-                        bwd_done[i][mb as usize] = free[i];
-                    }
+                if i == p - 1 && p > 1 {
+                    d.push(fd[0][mb]);
                 }
-                next[i] += 1;
-                progressed = true;
+                d
             }
+            Op::Backward(mb) => {
+                let mb = mb as usize;
+                let mut d = vec![fd[i][mb]];
+                if i + 1 < p {
+                    d.push(bd[i + 1][mb]);
+                }
+                if i == 0 && p > 1 {
+                    d.push(bd[p - 1][mb]);
+                }
+                d
+            }
+        };
+        if deps.iter().any(|t| t.is_nan()) {
+            return None;
         }
+        Some(deps.into_iter().fold(free[i], f64::max))
+    };
+    loop {
+        let candidate = (0..p)
+            .filter_map(|i| ready(i, &next, &free, &fwd_done, &bwd_done).map(|t| (t, i)))
+            .min_by(|a, b| a.0.total_cmp(&b.0));
+        let Some((at, i)) = candidate else {
+            break;
+        };
+        let slots = device_lanes
+            .get_mut(actors[i].device.as_str())
+            .expect("every device has lanes");
+        let lane = (0..slots.len())
+            .min_by(|&a, &b| slots[a].total_cmp(&slots[b]))
+            .unwrap_or(0);
+        let start = at.max(slots[lane]);
+        let (done, table) = match sched[i][next[i]] {
+            Op::Forward(mb) => (start + actors[i].forward_s, (&mut fwd_done, mb)),
+            Op::Backward(mb) => (start + actors[i].backward_s, (&mut bwd_done, mb)),
+        };
+        table.0[i][table.1 as usize] = done;
+        slots[lane] = done;
+        free[i] = done;
+        next[i] += 1;
     }
     free.into_iter().fold(0.0, f64::max)
 }
