@@ -368,6 +368,10 @@ pub struct ServeConfig {
     /// device's total, the machine's for the CPU) less the shard's weights.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_cache_fraction: Option<f64>,
+    /// The sampling loop of drawn images (a request's `scheduler` overrides it): `ddim`, `ddpm` (the
+    /// reference's ancestral sampling) or `dpmsolver++`; `ddim_steps` sets the steps of any.
+    #[serde(default, skip_serializing_if = "SamplerKind::is_ddim")]
+    pub scheduler: SamplerKind,
 }
 
 impl Default for ServeConfig {
@@ -391,6 +395,7 @@ impl Default for ServeConfig {
             ood_threshold: None,
             kv_cache_bytes: None,
             kv_cache_fraction: None,
+            scheduler: SamplerKind::Ddim,
         }
     }
 }
@@ -592,6 +597,27 @@ pub enum Stage {
     I,
     II,
     III,
+}
+
+/// A sampling loop for drawing images (`serve.scheduler`, a request's `scheduler`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SamplerKind {
+    /// DDIM, η = 0.
+    #[default]
+    #[serde(rename = "ddim")]
+    Ddim,
+    /// DDPM ancestral sampling (the reference draws with 250 steps).
+    #[serde(rename = "ddpm")]
+    Ddpm,
+    /// DPM-Solver++ (2M).
+    #[serde(rename = "dpmsolver++")]
+    DpmSolver,
+}
+
+impl SamplerKind {
+    pub fn is_ddim(&self) -> bool {
+        *self == SamplerKind::Ddim
+    }
 }
 
 fn default_loss_scale_init() -> f64 {

@@ -395,6 +395,30 @@ fn binary_forward_runs_the_diffusion_components() {
         &["--steps", "10", "--guidance", "3"],
     );
     assert!(max_abs_diff(&rename(&guided, "ddim_cfg"), &exp, &["ddim_cfg"]) < 1e-4);
+    // The other samplers (DDPM reads its per-step noise from the inputs, stacked).
+    let samplers = unet.join("samplers.safetensors");
+    let sam = deem::checkpoint::Checkpoint::open(&samplers).unwrap();
+    let noise: Vec<tch::Tensor> = (0..10)
+        .map(|i| sam.tensor(&format!("ddpm_noise_{i}")).unwrap().unwrap())
+        .collect();
+    deem::checkpoint::save(
+        &sample_in,
+        &[
+            ("noise".into(), get("sample")),
+            ("encoder_hidden_states".into(), get("encoder_hidden_states")),
+            ("uncond_hidden_states".into(), get("uncond_hidden_states")),
+            ("step_noise".into(), tch::Tensor::stack(&noise, 0)),
+        ],
+    )
+    .unwrap();
+    for (scheduler, name) in [("ddpm", "ddpm_cfg"), ("dpmsolver++", "dpm_cfg")] {
+        let args = ["--steps", "10", "--guidance", "3", "--scheduler", scheduler];
+        let out = forward("sample", &unet, &sample_in, &args);
+        assert!(
+            max_abs_diff(&rename(&out, name), &samplers, &[name]) < 1e-4,
+            "{scheduler}"
+        );
+    }
 
     let vae = fixture("vae");
     let enc = forward("vae-encode", &vae, &vae.join("inputs.safetensors"), &[]);

@@ -120,6 +120,10 @@ async fn invalid_requests_get_422_naming_the_field() {
             "num_beams: expected an integer in 1..=32 (serve.max_running: every beam holds a sequence slot), found 0",
         ),
         (
+            json!({"messages": [{"role": "user", "content": "hi"}], "scheduler": "euler"}),
+            "scheduler: expected one of \"ddim\", \"ddpm\", \"dpmsolver++\", found \"euler\"",
+        ),
+        (
             json!({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999": 1}}),
             "logit_bias.99999: expected a token id in [0, 1030)",
         ),
@@ -191,7 +195,7 @@ async fn invalid_requests_get_422_naming_the_field() {
         .await
         .unwrap();
     assert!(
-        m.contains("deem_serve_requests_total{status=\"invalid\"} 15"),
+        m.contains("deem_serve_requests_total{status=\"invalid\"} 16"),
         "{m}"
     );
     s.stop().await.unwrap();

@@ -579,6 +579,51 @@ fn image_urls_decode_png_jpeg_webp_and_gif() {
     );
 }
 
+/// Each image sampler draws through the diffusion actor: the request's `scheduler` picks it, and the
+/// same request with the same seed draws the same image again (DDPM's step noise comes from the
+/// request's seeded stream), while the samplers differ from each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_picks_its_image_sampler() {
+    let c = cfg();
+    let tok = Arc::new(load_tokenizer(None, None, &c).unwrap());
+    let engine = Engine::start(
+        &c,
+        &topology(&c),
+        &Weights::Init,
+        tok.clone(),
+        Metrics::new(),
+    )
+    .await
+    .unwrap();
+    let mut images = Vec::new();
+    for scheduler in ["ddim", "ddpm", "dpmsolver++", "ddpm"] {
+        let body = json!({
+            "messages": [{"role": "user", "content": "draw"}],
+            "max_tokens": 3, "seed": 5, "max_images": 1, "ddim_steps": 4, "scheduler": scheduler,
+            "logit_bias": { (c.llm.vocab_size).to_string(): 100 },
+        });
+        let rx = engine.submit(request_of(&body, &c, &tok)).ok().unwrap();
+        let mut png = None;
+        while let Ok(ev) = rx.recv_async().await {
+            match ev {
+                Ok(Event::Image(p)) => png = Some(p),
+                Ok(Event::Done { .. }) => break,
+                Ok(_) => {}
+                Err(e) => panic!("{scheduler}: {e}"),
+            }
+        }
+        images.push(png.unwrap_or_else(|| panic!("{scheduler}: no image")));
+    }
+    engine.shutdown().await;
+    assert_eq!(
+        images[1], images[3],
+        "ddpm with the same seed draws the same image"
+    );
+    assert_ne!(images[0], images[1]);
+    assert_ne!(images[1], images[2]);
+    assert_ne!(images[0], images[2]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serving_runs_in_the_model_dtype() {
     // (The KV pool's share of the budget in bf16 is checked in http.rs.)

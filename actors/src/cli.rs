@@ -587,9 +587,13 @@ pub struct ForwardArgs {
     /// Device to run on: `cpu` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// `sample`: DDIM steps.
+    /// `sample`: the sampler's steps.
     #[arg(long, default_value_t = 30)]
     pub steps: i64,
+    /// `sample`: the sampling loop, `ddim`, `ddpm` (needs `step_noise` [steps, B, C, H, W] in the
+    /// inputs: the noise each step adds) or `dpmsolver++`.
+    #[arg(long, default_value = "ddim", value_parser = parse_sampler)]
+    pub scheduler: deem::config::SamplerKind,
     /// `sample`: classifier-free guidance scale (1 = none; above 1 needs `uncond_hidden_states`).
     #[arg(long, default_value_t = 1.0)]
     pub guidance: f64,
@@ -674,6 +678,11 @@ impl TopologyArgs {
             ),
         }
     }
+}
+
+fn parse_sampler(s: &str) -> Result<deem::config::SamplerKind, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| format!("expected one of ddim, ddpm, dpmsolver++, found {s}"))
 }
 
 /// Runs a parsed command line; the binary is a thin wrapper around this.

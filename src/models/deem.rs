@@ -223,17 +223,25 @@ impl DiffusionStage {
         ])
     }
 
+    /// The noise DDPM adds at sampling step `step` of image `image` of a response (its own stream, apart
+    /// from the initial latents').
+    pub fn step_noise(&self, seed: u64, image: u64, step: usize) -> Tensor {
+        Stream::new(seed, image, step as u64 + 1, Purpose::ImageNoise).normal(&[
+            self.latent_channels,
+            self.latent_side,
+            self.latent_side,
+        ])
+    }
+
     /// Draws images from NIP contexts (`ctx` [B, N, L], `mask` [B, N]) starting at `noise`
-    /// [B, C, h, w]: DDIM with `steps` steps and classifier-free guidance against the learned null
-    /// condition (one doubled batch), decoded by the VAE. Returns pixels [B, 3, H, W] in [0, 1].
-    /// `on_step` is called after every denoising step.
+    /// [B, C, h, w]: the `sampler` loop of `steps` steps (DDPM adds `step_noise(i)` at step i) with
+    /// classifier-free guidance against the learned null condition (one doubled batch), decoded by the
+    /// VAE. Returns pixels [B, 3, H, W] in [0, 1]. `on_step` is called after every denoising step.
     pub fn draw(
         &self,
-        ctx: &Tensor,
-        mask: &Tensor,
-        noise: &Tensor,
-        steps: i64,
-        guidance: f64,
+        (ctx, mask, noise): (&Tensor, &Tensor, &Tensor),
+        (sampler, steps, guidance): (crate::config::SamplerKind, i64, f64),
+        step_noise: impl FnMut(usize) -> Tensor,
         on_step: impl FnMut(),
     ) -> Tensor {
         tch::no_grad(|| {
@@ -244,26 +252,30 @@ impl DiffusionStage {
             } else {
                 cond
             };
-            self.sample_pixels(noise, steps, guidance, &context, on_step)
+            let s = crate::models::diffusion::Sampler::new(sampler, &self.scheduler, steps);
+            self.sample_pixels(&s, (noise, guidance, &context), step_noise, on_step)
         })
     }
 
-    /// DDIM from `noise` with the UNet on `context` (doubled `[uncond; cond]` when `guidance` > 1),
-    /// then the VAE: pixels in [0, 1]. `on_step` runs after every UNet call.
+    /// The loop of `sampler` from `noise` with the UNet on `context` (doubled `[uncond; cond]` when
+    /// `guidance` > 1), then the VAE: pixels in [0, 1]. `on_step` runs after every UNet call.
     fn sample_pixels(
         &self,
-        noise: &Tensor,
-        steps: i64,
-        guidance: f64,
-        context: &Tensor,
+        sampler: &crate::models::diffusion::Sampler,
+        (noise, guidance, context): (&Tensor, f64, &Tensor),
+        step_noise: impl FnMut(usize) -> Tensor,
         mut on_step: impl FnMut(),
     ) -> Tensor {
-        let ddim = crate::models::diffusion::Ddim::new(&self.scheduler, steps);
-        let latents = ddim.sample(noise, guidance, |x, t| {
-            let out = self.unet.forward(x, t, context);
-            on_step();
-            out
-        });
+        let latents = sampler.sample(
+            noise,
+            guidance,
+            |x, t| {
+                let out = self.unet.forward(x, t, context);
+                on_step();
+                out
+            },
+            step_noise,
+        );
         let pixels = self.vae.decode(&(latents / self.vae.scaling_factor));
         ((pixels + 1.0) / 2.0).clamp(0.0, 1.0)
     }
@@ -279,9 +291,14 @@ impl DiffusionStage {
                     .collect::<Vec<_>>(),
                 0,
             )
-            .to_device(cond.device())
-            .to_kind(cond.kind());
-            self.sample_pixels(&noise, steps, 1.0, cond, || {})
+            .to_device(cond.device());
+            let ddim = crate::models::diffusion::Sampler::new(
+                crate::config::SamplerKind::Ddim,
+                &self.scheduler,
+                steps,
+            );
+            let none = |_| Tensor::zeros([0], (Kind::Float, tch::Device::Cpu));
+            self.sample_pixels(&ddim, (&noise, 1.0, cond), none, || {})
         })
     }
 }

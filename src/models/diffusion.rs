@@ -4,10 +4,12 @@
 pub mod attention;
 pub mod condition;
 pub mod resnet;
+pub mod samplers;
 pub mod scheduler;
 pub mod unet;
 pub mod vae;
 
+pub use samplers::{DdpmSampler, DpmSolver, Sampler};
 pub use scheduler::{Ddim, Ddpm};
 pub use unet::UNet2DCondition;
 pub use vae::AutoencoderKL;

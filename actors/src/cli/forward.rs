@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use deem::checkpoint::{self, Checkpoint};
-use deem::models::diffusion::{self, AutoencoderKL, Ddim, UNet2DCondition};
+use deem::config::SamplerKind;
+use deem::models::diffusion::{self, AutoencoderKL, Sampler, UNet2DCondition};
 use deem::models::llama::{LlamaConfig, LlamaShard};
 use deem::models::resampler::Resampler;
 use deem::models::vision::VisionEncoder;
@@ -43,7 +44,8 @@ pub struct ForwardJob {
     pub inputs: PathBuf,
     pub output: PathBuf,
     pub device: DeviceSpec,
-    /// DDIM steps and guidance scale for `sample`.
+    /// The sampler, its steps and the guidance scale for `sample`.
+    pub scheduler: deem::config::SamplerKind,
     pub steps: i64,
     pub guidance: f64,
 }
@@ -238,32 +240,51 @@ pub fn compute(job: &ForwardJob, cfg: &LoadedConfig) -> anyhow::Result<Vec<(Stri
             let px = tch::no_grad(|| vae.decode(&lat.to_kind(Kind::Float).to_device(device)));
             vec![("pixel_values".to_string(), px)]
         }
-        Component::Sample => {
-            let unet = load_unet(job, &ck, &vs)?;
-            let f = |n: &str, what: &str| {
-                input(&inputs, n, &job.inputs, what)
-                    .map(|t| t.to_kind(Kind::Float).to_device(device))
-            };
-            let noise = f("noise", "float [B, C, H, W]")?;
-            let ctx = f("encoder_hidden_states", "float [B, M, cross_attention_dim]")?;
-            let ddim = Ddim::new(&cfg.config.diffusion.scheduler, job.steps);
-            let latents = if job.guidance > 1.0 {
-                let uncond = f(
-                    "uncond_hidden_states",
-                    "float [B, M, C], needed for --guidance above 1",
-                )?;
-                let both = Tensor::cat(&[&uncond, &ctx], 0);
-                tch::no_grad(|| ddim.sample(&noise, job.guidance, |x, t| unet.forward(x, t, &both)))
-            } else {
-                tch::no_grad(|| ddim.sample(&noise, 1.0, |x, t| unet.forward(x, t, &ctx)))
-            };
-            vec![("latents".to_string(), latents)]
-        }
+        Component::Sample => sample(job, cfg, (&ck, &vs), &inputs, device)?,
     };
     Ok(out
         .into_iter()
         .map(|(n, t)| (n, t.to_device(tch::Device::Cpu).contiguous()))
         .collect())
+}
+
+/// `deem forward sample`: the `--scheduler` loop of `--steps` steps from `noise` with the UNet.
+fn sample(
+    job: &ForwardJob,
+    cfg: &LoadedConfig,
+    (ck, vs): (&Checkpoint, &nn::VarStore),
+    inputs: &Checkpoint,
+    device: tch::Device,
+) -> anyhow::Result<Vec<(String, Tensor)>> {
+    let unet = load_unet(job, ck, vs)?;
+    let f = |n: &str, what: &str| {
+        input(inputs, n, &job.inputs, what).map(|t| t.to_kind(Kind::Float).to_device(device))
+    };
+    let noise = f("noise", "float [B, C, H, W]")?;
+    let ctx = f("encoder_hidden_states", "float [B, M, cross_attention_dim]")?;
+    let sampler = Sampler::new(job.scheduler, &cfg.config.diffusion.scheduler, job.steps);
+    let step_noise = match job.scheduler {
+        SamplerKind::Ddpm => Some(f(
+            "step_noise",
+            "float [steps, B, C, H, W], needed for --scheduler ddpm",
+        )?),
+        _ => None,
+    };
+    let z = |i: usize| match &step_noise {
+        Some(n) => n.get(i as i64),
+        None => Tensor::zeros([0], (Kind::Float, device)),
+    };
+    let latents = if job.guidance > 1.0 {
+        let uncond = f(
+            "uncond_hidden_states",
+            "float [B, M, C], needed for --guidance above 1",
+        )?;
+        let both = Tensor::cat(&[&uncond, &ctx], 0);
+        tch::no_grad(|| sampler.sample(&noise, job.guidance, |x, t| unet.forward(x, t, &both), z))
+    } else {
+        tch::no_grad(|| sampler.sample(&noise, 1.0, |x, t| unet.forward(x, t, &ctx), z))
+    };
+    Ok(vec![("latents".to_string(), latents)])
 }
 
 /// Runs the job and writes the outputs (atomically).
@@ -286,6 +307,7 @@ pub fn run(args: super::ForwardArgs) -> anyhow::Result<()> {
         inputs: args.inputs,
         output: args.output,
         device,
+        scheduler: args.scheduler,
         steps: args.steps,
         guidance: args.guidance,
     };

@@ -144,6 +144,7 @@ pub enum DiffusionJob {
         #[serde(with = "slot::one")]
         context: Tensor,
         steps: i64,
+        sampler: deem::config::SamplerKind,
         guidance: f64,
         seed: u64,
         /// The image's index in its response (keys the initial noise).

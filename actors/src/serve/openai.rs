@@ -2,7 +2,8 @@
 //! names the field path), and the pieces of response and chunk bodies.
 //!
 //! Extensions (documented in the README):
-//! - request: `top_k`, `repetition_penalty`, `ddim_steps`, `guidance_scale`, `max_images`, `csr_score`,
+//! - request: `top_k`, `repetition_penalty`, `scheduler`, `ddim_steps`, `guidance_scale`, `max_images`,
+//!   `csr_score`,
 //!   `num_beams` (beam search: deterministic, text only, the text sent whole when the search ends);
 //!   region input: an image part's `image_url.mask`, a data URL of a PNG/JPEG the image's size whose
 //!   bright pixels (luma > 127) mark the region (the paper's referring prompt shows the image whole,
@@ -54,6 +55,9 @@ pub struct ChatRequest {
     pub user: Option<String>,
     #[serde(default)]
     pub ddim_steps: Option<i64>,
+    /// The sampling loop of drawn images: `ddim`, `ddpm` or `dpmsolver++` (default `serve.scheduler`).
+    #[serde(default)]
+    pub scheduler: Option<String>,
     #[serde(default)]
     pub guidance_scale: Option<f64>,
     #[serde(default)]

@@ -548,6 +548,7 @@ impl Scheduler {
                 seq: r.seq,
                 context: ctx,
                 steps: s.req.ddim_steps,
+                sampler: s.req.scheduler,
                 guidance: s.req.guidance,
                 seed: s.req.params.seed,
                 image: s.images_drawn as u64 - 1,

@@ -29,7 +29,9 @@ pub struct ValidRequest {
     pub params: std::sync::Arc<SamplingParams>,
     pub max_tokens: usize,
     pub stop: Vec<String>,
+    /// The steps of the image sampler (the request's `ddim_steps`, whichever the scheduler).
     pub ddim_steps: i64,
+    pub scheduler: deem::config::SamplerKind,
     pub guidance: f64,
     pub max_images: usize,
     /// 1: draw each token by `params`; more: beam search of that width (deterministic, no images,
@@ -46,6 +48,7 @@ struct ValidParameters {
     max_tokens: usize,
     stop: Vec<String>,
     ddim_steps: i64,
+    scheduler: deem::config::SamplerKind,
     guidance: f64,
     max_images: usize,
     num_beams: usize,
@@ -163,6 +166,7 @@ pub fn validate(
         max_tokens: p.max_tokens,
         stop: p.stop,
         ddim_steps: p.ddim_steps,
+        scheduler: p.scheduler,
         guidance: p.guidance,
         max_images: p.max_images,
         num_beams: p.num_beams,
@@ -259,6 +263,19 @@ fn validate_parameters(
             ))
         }
     };
+    use deem::config::SamplerKind;
+    let scheduler = match r.scheduler.as_deref() {
+        None => s.scheduler,
+        Some("ddim") => SamplerKind::Ddim,
+        Some("ddpm") => SamplerKind::Ddpm,
+        Some("dpmsolver++") => SamplerKind::DpmSolver,
+        Some(other) => {
+            return Err(ServeError::invalid(
+                "scheduler",
+                format!("expected one of \"ddim\", \"ddpm\", \"dpmsolver++\", found \"{other}\""),
+            ))
+        }
+    };
     let guidance =
         range_f(r.guidance_scale, "guidance_scale", 1.0, 50.0, false)?.unwrap_or(s.guidance_scale);
     let max_images = match r.max_images {
@@ -299,6 +316,7 @@ fn validate_parameters(
         max_tokens,
         stop,
         ddim_steps,
+        scheduler,
         guidance,
         max_images,
         num_beams,

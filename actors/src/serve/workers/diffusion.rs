@@ -49,7 +49,7 @@ impl Work for DiffusionWorker {
                     Err(_) => break,
                 }
             }
-            let mut draws: Vec<((i64, u64), Draw)> = Vec::new();
+            let mut draws: Vec<((i64, deem::config::SamplerKind, u64), Draw)> = Vec::new();
             for job in jobs {
                 match job {
                     DiffusionJob::Score {
@@ -77,11 +77,12 @@ impl Work for DiffusionWorker {
                         seq,
                         context,
                         steps,
+                        sampler,
                         guidance,
                         seed,
                         image,
                     } => draws.push((
-                        (steps, guidance.to_bits()),
+                        (steps, sampler, guidance.to_bits()),
                         Draw {
                             seq,
                             context,
@@ -97,14 +98,19 @@ impl Work for DiffusionWorker {
                     draws.into_iter().partition(|(k, _)| *k == key);
                 draws = rest;
                 let batch: Vec<Draw> = batch.into_iter().map(|(_, d)| d).collect();
-                self.draw(key.0, f64::from_bits(key.1), batch);
+                self.draw((key.0, key.1), f64::from_bits(key.2), batch);
             }
         }
     }
 }
 
 impl DiffusionWorker {
-    fn draw(&self, steps: i64, guidance: f64, batch: Vec<Draw>) {
+    fn draw(
+        &self,
+        (steps, sampler): (i64, deem::config::SamplerKind),
+        guidance: f64,
+        batch: Vec<Draw>,
+    ) {
         let dev = self.device;
         let maxlen = batch.iter().map(|d| d.context.size()[0]).max().unwrap_or(1);
         let ctx: Vec<Tensor> = batch
@@ -133,12 +139,22 @@ impl DiffusionWorker {
             .collect();
         let mut last = Instant::now();
         let hist = &self.metrics.diffusion_step_seconds;
+        // DDPM's per-step noise, each image's from its own stream.
+        let step_noise = |i: usize| {
+            let rows: Vec<Tensor> = batch
+                .iter()
+                .map(|d| self.stage.step_noise(d.seed, d.image, i))
+                .collect();
+            Tensor::stack(&rows, 0).to_device(dev)
+        };
         let pixels = self.stage.draw(
-            &Tensor::stack(&ctx, 0),
-            &Tensor::stack(&mask, 0),
-            &Tensor::stack(&noise, 0),
-            steps,
-            guidance,
+            (
+                &Tensor::stack(&ctx, 0),
+                &Tensor::stack(&mask, 0),
+                &Tensor::stack(&noise, 0),
+            ),
+            (sampler, steps, guidance),
+            step_noise,
             || {
                 hist.observe(last.elapsed().as_secs_f64());
                 last = Instant::now();
