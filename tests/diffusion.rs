@@ -5,7 +5,7 @@ use common::{fixture, max_diff, read};
 
 use deem::checkpoint::Checkpoint;
 use deem::config::{BetaSchedule, PredictionType, SchedulerConfig};
-use deem::models::diffusion::{self, AutoencoderKL, Ddim, Ddpm, UNet2DCondition};
+use deem::models::diffusion::{self, AutoencoderKL, Ddpm, UNet2DCondition};
 use tch::{nn, Device, Tensor};
 
 /// fp32 parity bound against diffusers.
@@ -69,17 +69,19 @@ fn ddim_ten_steps_match_diffusers_with_and_without_guidance() {
     let u = unet(&vs);
     let inp = fixture("unet/inputs.safetensors");
     let exp = fixture("unet/expected.safetensors");
-    let ddim = Ddim::new(&sd_scheduler(), 10);
+    let ddim =
+        deem::models::diffusion::Sampler::new(deem::config::SamplerKind::Ddim, &sd_scheduler(), 10);
     let want_t: Vec<i64> = Vec::try_from(read(&exp, "ddim_timesteps")).unwrap();
-    assert_eq!(ddim.timesteps, want_t);
+    assert_eq!(ddim.timesteps(), want_t.as_slice());
+    let none = |_| Tensor::zeros([0], (tch::Kind::Float, Device::Cpu));
     let (noise, ctx, uncond) = (
         read(&inp, "sample"),
         read(&inp, "encoder_hidden_states"),
         read(&inp, "uncond_hidden_states"),
     );
-    let plain = tch::no_grad(|| ddim.sample(&noise, 1.0, |x, t| u.forward(x, t, &ctx)));
+    let plain = tch::no_grad(|| ddim.sample(&noise, 1.0, |x, t| u.forward(x, t, &ctx), none));
     let doubled = Tensor::cat(&[&uncond, &ctx], 0);
-    let guided = tch::no_grad(|| ddim.sample(&noise, 3.0, |x, t| u.forward(x, t, &doubled)));
+    let guided = tch::no_grad(|| ddim.sample(&noise, 3.0, |x, t| u.forward(x, t, &doubled), none));
     let d1 = max_diff(&plain, &read(&exp, "ddim"));
     let d2 = max_diff(&guided, &read(&exp, "ddim_cfg"));
     eprintln!("ddim 10 steps: {d1:.3e}, with guidance 3: {d2:.3e}");

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use deem::checkpoint::Checkpoint;
-use deem::models::diffusion::{self, Ddim, UNet2DCondition};
+use deem::models::diffusion::{self, Sampler, UNet2DCondition};
 use deem::models::llama::{LlamaConfig, LlamaShard};
 use serde_json::json;
 use tch::{nn, Kind, Tensor};
@@ -90,7 +90,8 @@ pub fn unet(
         beta_schedule: deem::config::BetaSchedule::ScaledLinear,
         prediction_type: deem::config::PredictionType::Epsilon,
     };
-    let ddim = Ddim::new(&sched, steps);
+    let ddim = Sampler::new(deem::config::SamplerKind::Ddim, &sched, steps);
+    let none = |_| Tensor::zeros([0], (Kind::Float, tch::Device::Cpu));
     let mut s = deem::rng::Stream::new(0, 0, 0, deem::rng::Purpose::ImageNoise);
     let noise = s.normal(&[1, cfg.in_channels, side, side]);
     let ctx = s.normal(&[1, context_tokens, cfg.cross_attention_dim]);
@@ -98,7 +99,7 @@ pub fn unet(
     let mut checksum = 0.0;
     for _ in 0..repeats.max(1) {
         let started = Instant::now();
-        let out = tch::no_grad(|| ddim.sample(&noise, 1.0, |x, t| model.forward(x, t, &ctx)));
+        let out = tch::no_grad(|| ddim.sample(&noise, 1.0, |x, t| model.forward(x, t, &ctx), none));
         best = best.min(started.elapsed().as_secs_f64());
         checksum = out
             .to_kind(Kind::Double)

@@ -6,17 +6,8 @@
 
 use tch::Tensor;
 
-use super::scheduler::{Ddim, Ddpm};
+use super::scheduler::{split, Ddim, Ddpm};
 use crate::config::{PredictionType, SamplerKind, SchedulerConfig};
-
-/// The x₀ prediction and the noise prediction at a timestep of ᾱ = `a` from a model output.
-fn split(p: PredictionType, out: &Tensor, x: &Tensor, a: f64) -> (Tensor, Tensor) {
-    let (sa, sb) = (a.sqrt(), (1.0 - a).sqrt());
-    match p {
-        PredictionType::Epsilon => ((x - out * sb) / sa, out.shallow_clone()),
-        PredictionType::VPrediction => (x * sa - out * sb, out * sa + x * sb),
-    }
-}
 
 /// DDPM ancestral sampling: "leading" timesteps with `steps_offset = 1` (as DDIM), ᾱ_prev = 1 before
 /// the first timestep, and `√σ²_t · z` added at every step with the caller's noise `z`.

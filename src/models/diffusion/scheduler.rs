@@ -1,5 +1,5 @@
 //! Noise schedules (diffusers `schedulers/scheduling_ddpm.py` for training, `scheduling_ddim.py` for
-//! sampling) and the classifier-free-guided sampling loop.
+//! sampling); the guided loop over any of the samplers is `samplers::Sampler`.
 
 use tch::{Kind, Tensor};
 
@@ -118,35 +118,16 @@ impl Ddim {
         } else {
             acp[0]
         };
-        let (sa, sb) = (a_t.sqrt(), (1.0 - a_t).sqrt());
-        let (x0, eps) = match self.ddpm.prediction_type {
-            PredictionType::Epsilon => ((x - model_out * sb) / sa, model_out.shallow_clone()),
-            PredictionType::VPrediction => (x * sa - model_out * sb, model_out * sa + x * sb),
-        };
+        let (x0, eps) = split(self.ddpm.prediction_type, model_out, x, a_t);
         x0 * a_prev.sqrt() + eps * (1.0 - a_prev).sqrt()
     }
+}
 
-    /// Runs the whole loop from `noise` with `model(latents, t) → prediction`. With a guidance scale
-    /// above 1 the model is called on a doubled batch `[uncond; cond]` (so the caller gives the doubled
-    /// context) and the two halves are combined as `u + g·(c − u)`.
-    pub fn sample(
-        &self,
-        noise: &Tensor,
-        guidance: f64,
-        mut model: impl FnMut(&Tensor, &Tensor) -> Tensor,
-    ) -> Tensor {
-        let mut x = noise.shallow_clone();
-        for &t in &self.timesteps {
-            let tt = Tensor::from(t).to_device(x.device());
-            let out = if guidance > 1.0 {
-                let both = model(&Tensor::cat(&[&x, &x], 0), &tt);
-                let halves = both.chunk(2, 0);
-                &halves[0] + (&halves[1] - &halves[0]) * guidance
-            } else {
-                model(&x, &tt)
-            };
-            x = self.step(&out, t, &x);
-        }
-        x
+/// The x₀ prediction and the noise prediction from a model output at a timestep of ᾱ = `a`.
+pub(crate) fn split(p: PredictionType, out: &Tensor, x: &Tensor, a: f64) -> (Tensor, Tensor) {
+    let (sa, sb) = (a.sqrt(), (1.0 - a).sqrt());
+    match p {
+        PredictionType::Epsilon => ((x - out * sb) / sa, out.shallow_clone()),
+        PredictionType::VPrediction => (x * sa - out * sb, out * sa + x * sb),
     }
 }
