@@ -187,6 +187,17 @@ fn a_frame_for_another_edge_or_garbage_is_refused() {
         wire::decode(&frame).unwrap_err().to_string(),
         "message header: unknown dtype code 99"
     );
+    // A length claimed inside the body (a string, a list) larger than the frame is an error, not an
+    // allocation of that size: bincode's varint 253 is followed by a u64.
+    for claim in [u64::MAX, 1 << 40, 5000] {
+        let mut body = vec![253u8];
+        body.extend_from_slice(&claim.to_le_bytes());
+        let mut frame = vec![0u8; wire::HEADER_BYTES];
+        frame[..4].copy_from_slice(&(body.len() as u32).to_le_bytes());
+        frame[4..4 + body.len()].copy_from_slice(&body);
+        let err = wire::decode(&frame).unwrap_err().to_string();
+        assert!(err.starts_with("message header: "), "{claim}: {err}");
+    }
     let mut huge = h.clone();
     huge.trace = "x".repeat(5000);
     assert!(wire::encode(&huge)

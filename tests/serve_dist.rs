@@ -270,4 +270,13 @@ fn worker_messages_round_trip_with_their_tensors_and_bad_bodies_are_refused() {
         "message header: 1 tensor(s) carried but not named by the message"
     );
     assert!(err(decode(&[250, 251, 252], vec![])).starts_with("message header: "));
+    // A message whose body claims a huge list (after its variant tag) fails, without allocating it.
+    for tag in 0u8..4 {
+        let mut huge = vec![tag, 253];
+        huge.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(
+            err(decode(&huge, vec![])).starts_with("message header: "),
+            "{tag}"
+        );
+    }
 }

@@ -55,8 +55,10 @@ fn kind_code(k: Kind) -> Option<u8> {
     KINDS.iter().position(|x| *x == k).map(|i| i as u8)
 }
 
+/// bincode's standard encoding, limited to the frame: a length claimed inside a garbage or hostile
+/// header (a string, a list) fails to decode instead of allocating that much.
 fn config() -> impl bincode::config::Config {
-    bincode::config::standard()
+    bincode::config::standard().with_limit::<HEADER_BYTES>()
 }
 
 fn header_error(problem: String) -> DistError {

@@ -35,8 +35,12 @@ pub enum Msg {
     Stop,
 }
 
+/// The most bytes a message body (without its tensors) may claim: a length inside a garbage body fails
+/// to decode instead of allocating more (drawn PNGs, the largest bodies, are far smaller).
+pub const MAX_BODY_BYTES: usize = 64 << 20;
+
 fn codec() -> impl bincode::config::Config {
-    bincode::config::standard()
+    bincode::config::standard().with_limit::<MAX_BODY_BYTES>()
 }
 
 fn bad(problem: String) -> DistError {
