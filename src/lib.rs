@@ -67,11 +67,7 @@ thread_local! {
 /// nothing.
 pub fn init_part(part: &str) {
     if let Some(seed) = PART_SEED.with(|p| p.get()) {
-        let mut h: u64 = 0xcbf29ce484222325 ^ seed;
-        for b in part.bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x100000001b3);
-        }
+        let h = rng::fnv1a_update(rng::FNV1A_START ^ seed, part.as_bytes());
         tch::manual_seed((h >> 1) as i64);
     }
 }

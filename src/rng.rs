@@ -1,6 +1,7 @@
 //! Deterministic random draws independent of libtorch's global generator, threads and devices: a
 //! SplitMix64 stream per `(seed, step, microbatch, purpose)`, so a pipelined run on several actors draws
-//! exactly the noise, timesteps and null-condition choices the single-process trainer drew.
+//! exactly the noise, timesteps and null-condition choices the single-process trainer drew; and FNV-1a,
+//! the stable hash deem keys seeds and identifies configurations and files with.
 
 use tch::{Kind, Tensor};
 
@@ -81,6 +82,19 @@ impl Stream {
 /// Int64 tensor of `values`.
 pub fn ints(values: &[i64]) -> Tensor {
     Tensor::from_slice(values).to_kind(Kind::Int64)
+}
+
+/// FNV-1a 64's offset basis: the hash of nothing.
+pub const FNV1A_START: u64 = 0xcbf29ce484222325;
+
+/// FNV-1a 64 of `bytes` continued from hash `h` (stable across builds and machines, unlike
+/// `DefaultHasher`): configuration and file hashes, and the seeds of model parts.
+pub fn fnv1a_update(mut h: u64, bytes: &[u8]) -> u64 {
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
 }
 
 #[cfg(test)]

@@ -608,17 +608,21 @@ async fn the_playground_streams_in_headless_chromium() {
     s.stop().await.unwrap();
 }
 
+/// One full-length sequence on a 2-layer shard of the tiny model, keys and values in f32: (its
+/// layers, its bytes).
+fn one_sequence(c: &deem::config::DeemConfig) -> (i64, u64) {
+    let l = deem::models::llama::LlamaConfig::from(&c.llm);
+    let layers = c.llm.num_hidden_layers / 2;
+    let seq = 2 * layers * l.num_key_value_heads * l.head_dim * l.max_position_embeddings * 4;
+    (layers, seq as u64)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kv_budget_sets_the_sequence_slots_and_one_too_small_is_refused() {
-    use deem::models::llama::LlamaConfig;
     use deem_actors::serve::engine::budgeted;
     let mut c = cfg();
     let topo = topology(&c);
-    // One full-length sequence on a 2-layer shard of the tiny model: keys and values, f32.
-    let l = LlamaConfig::from(&c.llm);
-    let layers = c.llm.num_hidden_layers / 2;
-    let seq =
-        (2 * layers * l.num_key_value_heads * l.head_dim * l.max_position_embeddings * 4) as u64;
+    let (layers, seq) = one_sequence(&c);
     c.serve.kv_cache_bytes = Some(3 * seq + 100);
     assert_eq!(budgeted(&c, &topo).unwrap().serve.max_running, 3);
     // In bf16 the pool holds each position in half the bytes.
@@ -636,7 +640,7 @@ async fn the_kv_budget_sets_the_sequence_slots_and_one_too_small_is_refused() {
         format!(
             "serve.kv_cache_bytes = {} cannot hold one full-length sequence on shard llm0: its {layers} layers × llm.max_position_embeddings = {} positions need {seq} bytes",
             seq - 1,
-            l.max_position_embeddings
+            c.llm.max_position_embeddings
         )
     );
     // A service under a two-sequence budget runs two slots: a third beam is refused up front.
@@ -666,14 +670,10 @@ async fn the_kv_budget_sets_the_sequence_slots_and_one_too_small_is_refused() {
 
 #[test]
 fn a_kv_fraction_of_the_devices_memory_sets_the_slots_and_is_validated() {
-    use deem::models::llama::LlamaConfig;
     use deem_actors::serve::engine::budgeted;
     let mut c = cfg();
     let topo = topology(&c);
-    let l = LlamaConfig::from(&c.llm);
-    let layers = c.llm.num_hidden_layers / 2;
-    let seq =
-        (2 * layers * l.num_key_value_heads * l.head_dim * l.max_position_embeddings * 4) as u64;
+    let (_, seq) = one_sequence(&c);
     let total: u64 = std::fs::read_to_string("/proc/meminfo")
         .unwrap()
         .lines()

@@ -2,15 +2,21 @@
 //! diffusion, vision → diffusion) with GPipe and 1F1B equals the single-process reference trainer —
 //! same seed, data and microbatch split → the same per-step losses and parameters.
 
+mod common;
+#[path = "common/runtime.rs"]
+mod rt;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use common::read_all;
 use deem::config::{DeemConfig, PipelineSchedule, Stage};
 use deem::data::batches::SyntheticBatches;
 use deem::models::deem::Batch;
 use deem::train::Trainer;
 use deem_actors::pipeline::PipelineTrainer;
 use deem_actors::runtime::topology::Topology;
+use rt::{cpu_topology, run_steps};
 use tch::{Device, Tensor};
 
 /// Pieces computed on separate actors are summed in a different order than in one graph (gradient
@@ -25,11 +31,6 @@ fn cfg(schedule: PipelineSchedule, stage: Stage) -> DeemConfig {
     c.train.microbatches = 4;
     c.train.warmup_steps = 0;
     c
-}
-
-fn topology(c: &DeemConfig) -> Topology {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    Topology::load(&root.join("topologies/cpu.toml"), c, 0).unwrap()
 }
 
 fn reference(
@@ -67,7 +68,7 @@ async fn pipelined_on(
     steps: u64,
     batch: impl Fn(u64) -> Batch,
 ) -> (Vec<deem::train::StepReport>, BTreeMap<String, Tensor>) {
-    let mut p = PipelineTrainer::start(c, &topology(c)).await.unwrap();
+    let mut p = PipelineTrainer::start(c, &cpu_topology(c)).await.unwrap();
     let mut reports = Vec::new();
     for i in 0..steps {
         reports.push(p.step(&batch(i)).await.unwrap());
@@ -153,7 +154,7 @@ async fn recomputing_activations_gives_bit_identical_training() {
         let count = |c: &DeemConfig| {
             let c = c.clone();
             async move {
-                let mut p = PipelineTrainer::start(&c, &topology(&c)).await.unwrap();
+                let mut p = PipelineTrainer::start(&c, &cpu_topology(&c)).await.unwrap();
                 p.step(&SyntheticBatches::new(&c, 9).batch(0))
                     .await
                     .unwrap();
@@ -209,28 +210,13 @@ async fn pipelined_region_training_equals_the_reference_trainer() {
     }
 }
 
-fn all_tensors(dir: &Path) -> BTreeMap<String, Tensor> {
-    let ck = deem::checkpoint::Checkpoint::open(dir).unwrap();
-    ck.names()
-        .map(|n| (n.to_string(), ck.tensor(n).unwrap().unwrap()))
-        .collect()
-}
-
-async fn run_steps(p: &mut PipelineTrainer, c: &DeemConfig, n: u64) {
-    let data = SyntheticBatches::new(c, 9);
-    for _ in 0..n {
-        let cursor = p.steps_done();
-        p.step(&data.batch(cursor)).await.unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resuming_from_a_checkpoint_equals_training_straight_through_even_on_another_topology() {
     let c = cfg(PipelineSchedule::OneFOneB, Stage::I);
     let root = std::env::temp_dir().join(format!("deem-resume-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
 
-    let mut straight = PipelineTrainer::start(&c, &topology(&c)).await.unwrap();
+    let mut straight = PipelineTrainer::start(&c, &cpu_topology(&c)).await.unwrap();
     run_steps(&mut straight, &c, 6).await;
     let want = straight
         .save_checkpoint(&root.join("straight"), "cpu")
@@ -238,7 +224,7 @@ async fn resuming_from_a_checkpoint_equals_training_straight_through_even_on_ano
         .unwrap();
     straight.stop().await;
 
-    let mut first = PipelineTrainer::start(&c, &topology(&c)).await.unwrap();
+    let mut first = PipelineTrainer::start(&c, &cpu_topology(&c)).await.unwrap();
     run_steps(&mut first, &c, 3).await;
     first
         .save_checkpoint(&root.join("resumed"), "cpu")
@@ -295,7 +281,7 @@ async fn resuming_from_a_checkpoint_equals_training_straight_through_even_on_ano
         .unwrap();
     second.stop().await;
 
-    let (a, b) = (all_tensors(&want), all_tensors(&got));
+    let (a, b) = (read_all(&want), read_all(&got));
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     assert!(
         a.keys().any(|k| k.starts_with("optimizer.exp_avg_sq.")),
@@ -314,7 +300,7 @@ async fn resuming_with_another_config_or_without_a_checkpoint_is_refused() {
     let c = cfg(PipelineSchedule::Gpipe, Stage::I);
     let root = std::env::temp_dir().join(format!("deem-resume-bad-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
-    let mut p = PipelineTrainer::start(&c, &topology(&c)).await.unwrap();
+    let mut p = PipelineTrainer::start(&c, &cpu_topology(&c)).await.unwrap();
     let err = p.resume(&root).await.unwrap_err().to_string();
     assert_eq!(
         err,
@@ -327,7 +313,7 @@ async fn resuming_with_another_config_or_without_a_checkpoint_is_refused() {
     p.stop().await;
     let mut other = c.clone();
     other.train.lr = 0.5;
-    let mut q = PipelineTrainer::start(&other, &topology(&other))
+    let mut q = PipelineTrainer::start(&other, &cpu_topology(&other))
         .await
         .unwrap();
     let err = q.resume(&root).await.unwrap_err().to_string();
@@ -373,7 +359,7 @@ fn train(
     let job = deem_actors::cli::train::TrainJob {
         run_dir: dir.to_path_buf(),
         steps: Some(steps),
-        mode: deem_actors::cli::train::Mode::Pipeline(topology(c)),
+        mode: deem_actors::cli::train::Mode::Pipeline(cpu_topology(c)),
         progress: false,
         resume: false,
         data: None,
@@ -426,8 +412,8 @@ fn a_killed_actor_restarts_from_the_checkpoint_and_the_run_ends_as_if_nothing_ha
         assert!((a.total - b.total).abs() <= TOL, "{a:?} vs {b:?}");
     }
     let (a, b) = (
-        all_tensors(&root.join("clean/model.safetensors")),
-        all_tensors(&root.join("faulty/model.safetensors")),
+        read_all(&root.join("clean/model.safetensors")),
+        read_all(&root.join("faulty/model.safetensors")),
     );
     let worst = a
         .iter()

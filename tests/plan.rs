@@ -20,16 +20,6 @@ fn tiny() -> DeemConfig {
     toml::from_str(include_str!("../configs/tiny.toml")).unwrap()
 }
 
-fn cpu_topology(c: &DeemConfig) -> Topology {
-    Topology::parse(
-        deem_actors::runtime::topology::EMBEDDED_CPU,
-        "cpu.toml",
-        c,
-        0,
-    )
-    .unwrap()
-}
-
 fn costs(layer: Piece, head: Piece) -> Costs {
     Costs {
         source: "test".into(),

@@ -2,14 +2,16 @@
 //! the low precision, fp32 master weights, moments and gradient sums, f16 with dynamic loss scaling.
 //! Checked against f32 training of the same tiny DEEM, and pipelined against the reference trainer.
 
-use std::collections::BTreeMap;
-use std::path::Path;
+mod common;
+#[path = "common/runtime.rs"]
+mod rt;
 
+use common::read_all;
 use deem::config::{DType, DeemConfig, PipelineSchedule, Stage};
 use deem::data::batches::SyntheticBatches;
 use deem::train::{StepReport, Trainer};
 use deem_actors::pipeline::PipelineTrainer;
-use deem_actors::runtime::topology::Topology;
+use rt::{cpu_topology, run_steps};
 use tch::{Device, Kind, Tensor};
 
 /// bf16 keeps 8 significant bits (relative rounding 2^-9 per operation). Over 20 steps of tiny DEEM
@@ -142,11 +144,6 @@ fn an_f16_overflow_skips_the_step_and_halves_the_scale() {
     }
 }
 
-fn topology(c: &DeemConfig) -> Topology {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    Topology::load(&root.join("topologies/cpu.toml"), c, 0).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_mixed_precision_equals_the_reference_trainer() {
     for (dtype, schedule) in [
@@ -158,7 +155,7 @@ async fn pipelined_mixed_precision_equals_the_reference_trainer() {
         c.train.microbatches = 4;
         let steps = 4;
         let (want, t) = reference(&c, steps);
-        let mut p = PipelineTrainer::start(&c, &topology(&c)).await.unwrap();
+        let mut p = PipelineTrainer::start(&c, &cpu_topology(&c)).await.unwrap();
         let data = SyntheticBatches::new(&c, 9);
         let mut got = Vec::new();
         for i in 0..steps {
@@ -191,21 +188,6 @@ async fn pipelined_mixed_precision_equals_the_reference_trainer() {
     }
 }
 
-async fn run(p: &mut PipelineTrainer, c: &DeemConfig, n: u64) {
-    let data = SyntheticBatches::new(c, 9);
-    for _ in 0..n {
-        let b = data.batch(p.steps_done());
-        p.step(&b).await.unwrap();
-    }
-}
-
-fn checkpoint_tensors(dir: &Path) -> BTreeMap<String, Tensor> {
-    let ck = deem::checkpoint::Checkpoint::open(dir).unwrap();
-    ck.names()
-        .map(|n| (n.to_string(), ck.tensor(n).unwrap().unwrap()))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_f16_checkpoint_keeps_each_dtype_and_the_scaler_and_resumes_exactly() {
     // The default scale: the checkpoint must carry the skipped steps and the backed-off scale.
@@ -213,16 +195,16 @@ async fn an_f16_checkpoint_keeps_each_dtype_and_the_scaler_and_resumes_exactly()
     let root = std::env::temp_dir().join(format!("deem-test-precision-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
 
-    let mut straight = PipelineTrainer::start(&c, &topology(&c)).await.unwrap();
-    run(&mut straight, &c, 4).await;
+    let mut straight = PipelineTrainer::start(&c, &cpu_topology(&c)).await.unwrap();
+    run_steps(&mut straight, &c, 4).await;
     let want = straight
         .save_checkpoint(&root.join("straight"), "cpu")
         .await
         .unwrap();
     straight.stop().await;
 
-    let mut first = PipelineTrainer::start(&c, &topology(&c)).await.unwrap();
-    run(&mut first, &c, 2).await;
+    let mut first = PipelineTrainer::start(&c, &cpu_topology(&c)).await.unwrap();
+    run_steps(&mut first, &c, 2).await;
     let mid = first
         .save_checkpoint(&root.join("resumed"), "cpu")
         .await
@@ -235,17 +217,17 @@ async fn an_f16_checkpoint_keeps_each_dtype_and_the_scaler_and_resumes_exactly()
     assert_eq!(manifest["scaler"]["skipped"], scaler.skipped);
     assert_eq!(manifest["scaler"]["scale"], scaler.scale);
 
-    let mut second = PipelineTrainer::start(&c, &topology(&c)).await.unwrap();
+    let mut second = PipelineTrainer::start(&c, &cpu_topology(&c)).await.unwrap();
     second.resume(&root.join("resumed")).await.unwrap();
     assert_eq!(second.scaler, scaler);
-    run(&mut second, &c, 2).await;
+    run_steps(&mut second, &c, 2).await;
     let got = second
         .save_checkpoint(&root.join("resumed"), "cpu")
         .await
         .unwrap();
     second.stop().await;
 
-    let (a, b) = (checkpoint_tensors(&want), checkpoint_tensors(&got));
+    let (a, b) = (read_all(&want), read_all(&got));
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     // Parameters in f16; masters and moments in fp32.
     for (k, v) in &a {

@@ -602,17 +602,11 @@ async fn a_request_picks_its_image_sampler() {
             "max_tokens": 3, "seed": 5, "max_images": 1, "ddim_steps": 4, "scheduler": scheduler,
             "logit_bias": { (c.llm.vocab_size).to_string(): 100 },
         });
-        let rx = engine.submit(request_of(&body, &c, &tok)).ok().unwrap();
-        let mut png = None;
-        while let Ok(ev) = rx.recv_async().await {
-            match ev {
-                Ok(Event::Image(p)) => png = Some(p),
-                Ok(Event::Done { .. }) => break,
-                Ok(_) => {}
-                Err(e) => panic!("{scheduler}: {e}"),
-            }
-        }
-        images.push(png.unwrap_or_else(|| panic!("{scheduler}: no image")));
+        let (_, drawn, _) =
+            collect_images(engine.submit(request_of(&body, &c, &tok)).ok().unwrap()).await;
+        let [png] = <[Vec<u8>; 1]>::try_from(drawn)
+            .unwrap_or_else(|d| panic!("{scheduler}: {} images, one expected", d.len()));
+        images.push(png);
     }
     engine.shutdown().await;
     assert_eq!(

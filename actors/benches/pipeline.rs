@@ -8,9 +8,13 @@
 //!    time; the bubble formula's ideal for one device per stage is printed beside it.
 //! 3. Activation hop latency and throughput between two compute threads over a bounded flume channel.
 
+mod common;
+
 use std::time::Instant;
 
-use deem::config::{DeemConfig, PipelineSchedule, Stage};
+use common::tiny;
+
+use deem::config::{DeemConfig, PipelineSchedule};
 use deem::data::batches::SyntheticBatches;
 use deem::train::Trainer;
 use deem_actors::pipeline::schedule::bubble_fraction;
@@ -20,16 +24,6 @@ use tch::{Device, Kind, Tensor};
 
 const WARMUP: u64 = 1;
 const STEPS: u64 = 4;
-
-fn cfg(schedule: PipelineSchedule, m: u64) -> DeemConfig {
-    let mut c: DeemConfig = toml::from_str(include_str!("../../configs/tiny.toml")).unwrap();
-    c.train.stage = Stage::I;
-    c.train.schedule = schedule;
-    c.train.batch_size = 8;
-    c.train.microbatches = m;
-    c.train.warmup_steps = 0;
-    c
-}
 
 fn reference_seconds(c: &DeemConfig) -> f64 {
     // The reference uses every core (a pipeline run may have lowered this thread's setting).
@@ -109,7 +103,7 @@ fn main() {
 
     println!("\n1. runtime overhead: pipelined (4 actors, all on cpu) / single-process reference, same work");
     for schedule in [PipelineSchedule::Gpipe, PipelineSchedule::OneFOneB] {
-        let c = cfg(schedule, 4);
+        let c = tiny(schedule, 4);
         let reference = reference_seconds(&c);
         let (piped, _, _) = pipelined_seconds(&rt, &c);
         println!(
@@ -123,7 +117,7 @@ fn main() {
     println!("\n2. pipeline efficiency: measured step time / ideal from measured per-stage busy time (p = 4 stages)");
     for schedule in [PipelineSchedule::Gpipe, PipelineSchedule::OneFOneB] {
         for m in [1u64, 4, 8] {
-            let c = cfg(schedule, m);
+            let c = tiny(schedule, m);
             let (piped, busy_sum, busy_max) = pipelined_seconds(&rt, &c);
             // One device per stage: the slowest stage's per-microbatch work, stretched by the bubble.
             let per_device_ideal = busy_max / (1.0 - bubble_fraction(4, m as u32));

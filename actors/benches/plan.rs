@@ -12,24 +12,18 @@
 //! The goal is within 20% (0.8–1.2). Every allocation of 4 KiB or more is its own mapping here
 //! (`exact_resident_accounting`), so resident memory follows the live tensors.
 
+mod common;
+
 use std::time::Instant;
 
-use deem::config::{DeemConfig, PipelineSchedule, Stage};
+use common::tiny;
+
+use deem::config::{DeemConfig, PipelineSchedule};
 use deem::data::batches::SyntheticBatches;
 use deem_actors::pipeline::costs::{exact_resident_accounting, measure, resident_bytes};
 use deem_actors::pipeline::plan;
 use deem_actors::pipeline::PipelineTrainer;
 use deem_actors::runtime::topology::Topology;
-
-fn cfg(schedule: PipelineSchedule, m: u64) -> DeemConfig {
-    let mut c: DeemConfig = toml::from_str(include_str!("../../configs/tiny.toml")).unwrap();
-    c.train.stage = Stage::I;
-    c.train.schedule = schedule;
-    c.train.batch_size = 8;
-    c.train.microbatches = m;
-    c.train.warmup_steps = 0;
-    c
-}
 
 fn peak_resident() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -83,7 +77,7 @@ fn main() {
     );
     for schedule in [PipelineSchedule::Gpipe, PipelineSchedule::OneFOneB] {
         for m in [1u64, 4, 8] {
-            let c = cfg(schedule, m);
+            let c = tiny(schedule, m);
             let topo = Topology::parse(
                 deem_actors::runtime::topology::EMBEDDED_CPU,
                 "cpu.toml",

@@ -197,12 +197,6 @@ impl AdamW {
         });
     }
 
-    /// Whether any parameter's (mixed-precision) gradient holds a loss scale: f32 gradients are never
-    /// scaled.
-    pub fn is_mixed(&self) -> bool {
-        self.params.iter().any(|p| p.master.is_some())
-    }
-
     /// Sets the fp32 master weights from `weights` (global names; full precision when the source has
     /// it, e.g. an fp32 initialisation or checkpoint loaded into a bf16 model).
     pub fn set_masters(&mut self, weights: &BTreeMap<String, Tensor>) {

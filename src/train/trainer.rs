@@ -33,14 +33,7 @@ impl Trainer {
     pub fn new(cfg: &DeemConfig, device: tch::Device) -> Result<Self, ModelError> {
         let mut vs = nn::VarStore::new(device);
         let model = crate::with_init_lock(Some(cfg.train.seed), || Deem::new(&vs.root(), cfg))?;
-        let init: BTreeMap<String, Tensor> = vs
-            .variables()
-            .into_iter()
-            .map(|(k, v)| (k, v.detach().copy()))
-            .collect();
-        set_dtype(&mut vs, cfg.model.dtype);
-        let mut opt = AdamW::for_stage(&vs, &cfg.train);
-        opt.set_masters(&init);
+        let opt = optimizer_in_dtype(&mut vs, cfg);
         Ok(Trainer {
             vs,
             model,
@@ -86,6 +79,25 @@ impl Trainer {
             skipped,
         })
     }
+}
+
+/// Casts `vs`, built in fp32, to `model.dtype` and makes its optimizer under the stage rules. In mixed
+/// precision the trainable variables' fp32 values are kept first, as their masters.
+pub fn optimizer_in_dtype(vs: &mut nn::VarStore, cfg: &DeemConfig) -> AdamW {
+    let masters: Option<BTreeMap<String, Tensor>> = (cfg.model.dtype != crate::config::DType::F32)
+        .then(|| {
+            vs.variables()
+                .into_iter()
+                .filter(|(k, _)| super::optimizer::group_of(&cfg.train, k).is_some())
+                .map(|(k, v)| (k, v.detach().copy()))
+                .collect()
+        });
+    set_dtype(vs, cfg.model.dtype);
+    let mut opt = AdamW::for_stage(vs, &cfg.train);
+    if let Some(m) = masters {
+        opt.set_masters(&m);
+    }
+    opt
 }
 
 /// Casts every floating variable of `vs` to `dtype` (the model's storage and compute precision).

@@ -112,3 +112,22 @@ impl Drop for Reaped {
         let _ = self.0.wait();
     }
 }
+
+/// `topologies/cpu.toml` for `c`: every actor on the CPU, the LLM in two shards.
+pub fn cpu_topology(c: &deem::config::DeemConfig) -> deem_actors::runtime::topology::Topology {
+    deem_actors::runtime::topology::Topology::load(&root().join("topologies/cpu.toml"), c, 0)
+        .unwrap()
+}
+
+/// `n` more steps of `p` on the synthetic batches (seed 9) from its data cursor.
+pub async fn run_steps(
+    p: &mut deem_actors::pipeline::PipelineTrainer,
+    c: &deem::config::DeemConfig,
+    n: u64,
+) {
+    let data = deem::data::batches::SyntheticBatches::new(c, 9);
+    for _ in 0..n {
+        let b = data.batch(p.steps_done());
+        p.step(&b).await.unwrap();
+    }
+}

@@ -60,11 +60,19 @@ pub fn png_data_url(side: u32) -> String {
 
 /// The whole response of one request as (text, images, finish reason).
 pub async fn collect(rx: deem_actors::serve::events::Events) -> (String, usize, String) {
-    let (mut text, mut images) = (String::new(), 0);
+    let (text, images, finish) = collect_images(rx).await;
+    (text, images.len(), finish)
+}
+
+/// [`collect`], with the drawn images' PNG bytes.
+pub async fn collect_images(
+    rx: deem_actors::serve::events::Events,
+) -> (String, Vec<Vec<u8>>, String) {
+    let (mut text, mut images) = (String::new(), Vec::new());
     while let Ok(ev) = rx.recv_async().await {
         match ev.unwrap_or_else(|message| panic!("generation failed: {message}")) {
             Event::Text(t) => text.push_str(&t),
-            Event::Image(_) => images += 1,
+            Event::Image(png) => images.push(png),
             Event::Csr(_) => {}
             Event::Done { finish_reason, .. } => return (text, images, finish_reason.into()),
         }

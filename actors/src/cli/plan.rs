@@ -91,12 +91,33 @@ pub fn render(p: &Plan, topo: &Topology) -> String {
     out
 }
 
-/// The memory of a device named like `cuda:0`, from `--device-memory-gib` or the device itself.
+/// Microbatches of `tokens`-long rows with `images` images each (all drawn by NIP too), as many rows as
+/// the configuration's microbatch.
+pub fn rows_of(c: &deem::config::DeemConfig, tokens: i64, images: i64) -> deem::cost::Shape {
+    deem::cost::Shape {
+        rows: (c.train.batch_size / c.train.microbatches.max(1)) as i64,
+        tokens,
+        images,
+        nip_images: images,
+    }
+}
+
+/// `deem::cost`'s estimate at `tflops` TFLOP/s; the optimizer state streams at about 2 TB/s (a GPU's
+/// HBM).
+pub fn estimate(c: &deem::config::DeemConfig, shape: deem::cost::Shape, tflops: f64) -> Costs {
+    Costs::estimate(c, shape, tflops, 2e12)
+}
+
+/// The memory of a device named like `cuda:0`, from `--device-memory-gib` or the device itself;
+/// `None` for the CPU (not checked).
 pub fn capacity(device: &str, override_gib: Option<f64>) -> Option<u64> {
-    let index: usize = device.strip_prefix("cuda:")?.parse().ok()?;
+    let d: deem::DeviceSpec = device.parse().ok()?;
+    if !matches!(d, deem::DeviceSpec::Cuda(_)) {
+        return None;
+    }
     match override_gib {
         Some(g) => Some((g * (1u64 << 30) as f64) as u64),
-        None => crate::dist::c10d::cuda_memory(index).map(|(_, total)| total),
+        None => crate::runtime::topology::device_memory(&d),
     }
 }
 
@@ -116,15 +137,13 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
             let shape = if a.synthetic {
                 deem::data::batches::SyntheticBatches::new(c, 0).shape()
             } else {
-                deem::cost::Shape {
-                    rows: (c.train.batch_size / c.train.microbatches.max(1)) as i64,
-                    tokens: a.tokens.unwrap_or(c.llm.max_position_embeddings),
-                    images: a.images,
-                    nip_images: a.images,
-                }
+                rows_of(
+                    c,
+                    a.tokens.unwrap_or(c.llm.max_position_embeddings),
+                    a.images,
+                )
             };
-            // Optimizer state streams at about 2 TB/s on a GPU's HBM.
-            Costs::estimate(c, shape, a.tflops, 2e12)
+            estimate(c, shape, a.tflops)
         }
     };
     if a.balance {

@@ -630,13 +630,9 @@ fn fits(
     {
         return Ok(());
     }
-    let shape = deem::cost::Shape {
-        rows: (c.train.batch_size / c.train.microbatches.max(1)) as i64,
-        tokens: c.llm.max_position_embeddings,
-        images: 1,
-        nip_images: 1,
-    };
-    let costs = crate::pipeline::plan::Costs::estimate(c, shape, 400.0, 2e12);
+    let shape = super::plan::rows_of(c, c.llm.max_position_embeddings, 1);
+    // The time is not used: any throughput does.
+    let costs = super::plan::estimate(c, shape, 400.0);
     let p = crate::pipeline::plan::plan(c, topo, &costs);
     crate::pipeline::plan::check_fits(&p, &|d| super::plan::capacity(d, None))
         .context("checked before starting (--skip-memory-check to start anyway)")

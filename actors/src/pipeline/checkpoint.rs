@@ -6,6 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
+use deem::rng::{fnv1a_update, FNV1A_START};
+
 use super::error::PipelineError;
 
 type Result<T, E = PipelineError> = std::result::Result<T, E>;
@@ -85,16 +87,6 @@ pub fn fnv1a_file(path: &Path) -> std::io::Result<String> {
         }
         h = fnv1a_update(h, &buf[..n]);
     }
-}
-
-const FNV1A_START: u64 = 0xcbf29ce484222325;
-
-fn fnv1a_update(mut h: u64, bytes: &[u8]) -> u64 {
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h
 }
 
 pub fn checkpoints_dir(run_dir: &Path) -> PathBuf {

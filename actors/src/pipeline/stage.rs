@@ -195,17 +195,10 @@ pub(super) fn build(
         })
     })?;
     drop(root);
-    let init = if on_cpu {
-        deem::train::cpu_weights(&vs)
-            .into_iter()
-            .map(|(k, v)| (k, v.copy()))
-            .collect()
-    } else {
-        initial_weights_of(cfg, &part)?
-    };
-    deem::train::set_dtype(&mut vs, cfg.model.dtype);
-    let mut opt = AdamW::for_stage(&vs, &cfg.train);
-    deem::train::load_weights(&vs, &mut opt, &init)?;
+    if !on_cpu {
+        deem::train::set_variables(&vs, &initial_weights_of(cfg, &part)?)?;
+    }
+    let opt = deem::train::optimizer_in_dtype(&mut vs, cfg);
     Ok((vs, modules, opt))
 }
 

@@ -614,3 +614,21 @@ pub fn text_table(header: &[&str], rows: &[Vec<String>], numeric_from: usize) ->
     }
     out
 }
+
+/// The memory of a device in bytes: a CUDA device's total, the machine's (`MemTotal`) for the CPU.
+pub fn device_memory(device: &DeviceSpec) -> Option<u64> {
+    match tch::Device::from(*device) {
+        tch::Device::Cuda(i) => crate::dist::c10d::cuda_memory(i).map(|(_, total)| total),
+        _ => std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+            let kb: u64 = m
+                .lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()?;
+            Some(kb * 1024)
+        }),
+    }
+}

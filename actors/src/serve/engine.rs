@@ -83,24 +83,6 @@ pub enum EngineError {
     },
 }
 
-/// The memory of a device in bytes: a CUDA device's total, the machine's (`MemTotal`) for the CPU.
-fn device_memory(device: &deem::DeviceSpec) -> Option<u64> {
-    match tch::Device::from(*device) {
-        tch::Device::Cuda(i) => crate::dist::c10d::cuda_memory(i).map(|(_, total)| total),
-        _ => std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-            let kb: u64 = m
-                .lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))?
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()
-                .ok()?;
-            Some(kb * 1024)
-        }),
-    }
-}
-
 /// A shard's KV budget: `serve.kv_cache_bytes`, or `serve.kv_cache_fraction` of its device's memory
 /// less its weights; with how it was reached, for messages. `None`: no budget.
 fn shard_budget(cfg: &DeemConfig, p: &Placement) -> Option<(u64, String)> {
@@ -108,7 +90,7 @@ fn shard_budget(cfg: &DeemConfig, p: &Placement) -> Option<(u64, String)> {
         return Some((b, format!("serve.kv_cache_bytes = {b}")));
     }
     let f = cfg.serve.kv_cache_fraction?;
-    let Some(total) = device_memory(&p.device) else {
+    let Some(total) = crate::runtime::topology::device_memory(&p.device) else {
         tracing::warn!(shard = %p.name, device = %p.device, "serve.kv_cache_fraction: the device's memory is unknown; no budget");
         return None;
     };
