@@ -47,6 +47,9 @@ pub enum CheckpointError {
     },
     #[error("{0}")]
     Mismatch(MismatchReport),
+    /// A path whose role (LLM, image tower, UNet, VAE, resampler, deem model) cannot be recognised.
+    #[error("{path}: {detail}")]
+    Unrecognised { path: PathBuf, detail: String },
 }
 
 /// Every key problem of one load, listed together.

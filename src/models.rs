@@ -7,6 +7,7 @@ pub mod deem;
 pub mod diffusion;
 pub mod llama;
 pub mod losses;
+pub mod pretrained;
 pub mod region;
 pub mod resampler;
 pub mod vision;

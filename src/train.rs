@@ -13,8 +13,7 @@ pub use optimizer::{
     LossScaler, Param, StepReport,
 };
 pub use trainer::{
-    cpu_weights, load_shard, load_weights, optimizer_in_dtype, save_shard, set_dtype,
-    set_variables, Trainer,
+    cpu_weights, load_shard, optimizer_in_dtype, save_shard, set_dtype, set_variables, Trainer,
 };
 
 /// The training layer's error: a trainer, an optimizer state or a pretraining run that cannot go on;

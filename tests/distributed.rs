@@ -3,7 +3,8 @@
 //! data parallel 2 × pipeline 2 equals one process on the same global batch; torchrun (from the
 //! project's .venv) runs the two-process case unchanged; a checkpoint written by four processes resumes
 //! in one; a killed rank is restarted by `deem launch` to the same final weights; a rank that never
-//! joins and a wrong WORLD_SIZE fail fast with errors naming them.
+//! joins and a wrong WORLD_SIZE fail fast with errors naming them; `--pretrained` library checkpoints
+//! load per stage on each rank as in one process, and a file one rank refuses stops every rank.
 
 mod common;
 
@@ -143,6 +144,63 @@ fn two_processes_equal_one_process_bit_for_bit_under_gpipe_and_1f1b() {
         // Each run writes tens of MB of checkpoints: keep nothing of a passed test.
         let _ = std::fs::remove_dir_all(&d);
     }
+}
+
+#[test]
+fn two_processes_load_library_checkpoints_per_stage_as_one_process_does() {
+    let d = scratch("pretrained");
+    let fixtures = common::root().join("tests/fixtures/pretrained");
+    let arg = |p: &str| fixtures.join(p).display().to_string();
+    let (vicuna, sd, clip) = (arg("vicuna"), arg("sd"), arg("open_clip_model.safetensors"));
+    let config = arg("deem.toml");
+    let common = [
+        "--config",
+        &config,
+        "--steps",
+        "2",
+        "--set",
+        "train.train_llm_in_stage_one=true",
+        "--pretrained",
+        &vicuna,
+        "--pretrained",
+        &sd,
+        "--pretrained",
+        &clip,
+    ];
+    train_one(&d.join("one"), &common);
+    let two = [&["--topology", TWO][..], &common].concat();
+    ok(launch(2, &d.join("two"), &[], &two), "two-process training");
+    assert_eq!(steps(&d.join("one")), steps(&d.join("two")));
+    assert_eq!(
+        model_diff(&model(&d.join("one")), &model(&d.join("two"))),
+        0.0
+    );
+    // A file only rank 1's last shard refuses (the final norm's shape): rank 0 learns it from the
+    // world and stops too, before any checkpoint is written.
+    let bad = d.join("norm.safetensors");
+    let t = Tensor::ones([3], tch::kind::FLOAT_CPU);
+    deem::checkpoint::save(&bad, &[("model.norm.weight".into(), t)]).unwrap();
+    let bad_arg = bad.display().to_string();
+    let args = [
+        &["--topology", TWO, "--config", &config][..],
+        &["--pretrained", &bad_arg],
+    ]
+    .concat();
+    let out = launch(2, &d.join("bad"), &[], &args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "--pretrained: llm1: {bad_arg}: the checkpoint does not fit the llm shard [2, 4) (HF LLaMA) module:"
+        )) && stderr.contains("wrong shape: model.norm.weight is [3] in the file, the module expects [32]"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("1 other rank(s) refused the weights"),
+        "{stderr}"
+    );
+    assert!(!d.join("bad/checkpoints/latest").exists());
+    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]

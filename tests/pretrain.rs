@@ -70,19 +70,17 @@ fn pretrain_llm_writes_the_llama_under_hf_names_for_pretrained() {
     }
     want.sort();
     assert_eq!(names, want);
-    // `deem train --pretrained` takes it: every tensor replaces the trained run's own.
-    let mut w = deem_actors::cli::train::read_weights(&out.join("llm-run")).unwrap();
-    let trained = w["model.layers.0.mlp.up_proj.weight"].copy();
-    w.insert(
-        "model.layers.0.mlp.up_proj.weight".into(),
-        trained.zeros_like(),
-    );
-    assert_eq!(
-        deem_actors::cli::train::overlay(&mut w, &file).unwrap(),
-        want.len()
-    );
-    assert!(w["model.layers.0.mlp.up_proj.weight"].equal(&trained));
-
+    // The one loader takes it as an HF LLaMA: every tensor fills the model's own.
+    let pre =
+        deem::models::pretrained::Pretrained::open(std::slice::from_ref(&file), None).unwrap();
+    assert_eq!(pre.sources[0].role, deem::models::pretrained::Role::Llm);
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    deem::models::deem::Deem::new(&vs.root(), &cfg.config).unwrap();
+    let spec = deem::models::pretrained::part_spec(&cfg.config, &deem::models::deem::Part::Whole);
+    let filled = pre.load_into(&vs, &spec, false, |_, _| {}).unwrap();
+    assert_eq!(filled.by_source[0], want);
+    let up = "model.layers.0.mlp.up_proj.weight";
+    assert!(vs.variables()[up].equal(&ck.tensor(up).unwrap().unwrap()));
     // A recipe without text sources is refused before anything trains.
     let tiny = load(&root().join("configs/tiny.toml"), &[], &[]).unwrap();
     let err = deem_actors::cli::pretrain::llm(
@@ -190,79 +188,6 @@ fn pretrain_encoder_on_fresh_scenes_draws_a_stream_apart_from_the_written_files(
     assert!(!dir.join("bad").exists());
 }
 
-// ---------------------------------------------------------------- topologies
-#[test]
-fn pretrained_files_overlay_the_initialisation_and_bad_ones_are_named() {
-    use std::collections::BTreeMap;
-    use tch::Tensor;
-    let dir = scratch("pretrained-overlay");
-    let mut w: BTreeMap<String, Tensor> = [
-        (
-            "visual.trunk.stem.0.weight".to_string(),
-            Tensor::zeros([2, 3], tch::kind::FLOAT_CPU),
-        ),
-        (
-            "model.norm.weight".to_string(),
-            Tensor::ones([4], tch::kind::FLOAT_CPU),
-        ),
-    ]
-    .into_iter()
-    .collect();
-    let good = dir.join("good.safetensors");
-    let stem = Tensor::arange(6, tch::kind::FLOAT_CPU).view([2, 3]);
-    deem::checkpoint::save(&good, &[("visual.trunk.stem.0.weight".into(), stem.copy())]).unwrap();
-    assert_eq!(deem_actors::cli::train::overlay(&mut w, &good).unwrap(), 1);
-    assert_eq!(w["visual.trunk.stem.0.weight"], stem);
-    assert_eq!(
-        w["model.norm.weight"],
-        Tensor::ones([4], tch::kind::FLOAT_CPU),
-        "the rest is kept"
-    );
-
-    // A file with one good and one unknown tensor is refused whole.
-    let unknown = dir.join("unknown.safetensors");
-    deem::checkpoint::save(
-        &unknown,
-        &[
-            (
-                "model.norm.weight".into(),
-                Tensor::zeros([4], tch::kind::FLOAT_CPU),
-            ),
-            ("text.proj.weight".into(), stem.copy()),
-        ],
-    )
-    .unwrap();
-    let err = deem_actors::cli::train::overlay(&mut w, &unknown).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        format!(
-            "--pretrained {}: `text.proj.weight` is not a parameter of the model (is the file for another configuration?)",
-            unknown.display()
-        )
-    );
-    let shape = dir.join("shape.safetensors");
-    deem::checkpoint::save(
-        &shape,
-        &[(
-            "model.norm.weight".into(),
-            Tensor::ones([5], tch::kind::FLOAT_CPU),
-        )],
-    )
-    .unwrap();
-    let err = deem_actors::cli::train::overlay(&mut w, &shape).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        format!(
-            "--pretrained {}: `model.norm.weight` is [5], the model expects [4]",
-            shape.display()
-        )
-    );
-    assert_eq!(
-        w["model.norm.weight"],
-        Tensor::ones([4], tch::kind::FLOAT_CPU)
-    );
-}
-
 /// `--init-from` a model of another shape, or one that lacks a parameter, is refused naming the tensor,
 /// by the reference trainer and by the actors alike (before, an actor copying a misshapen tensor
 /// panicked), and before any step runs.
@@ -289,9 +214,11 @@ fn init_from_a_mismatched_model_names_the_tensor() {
     let cases = [
         (
             misshapen,
-            format!("`model.norm.weight` is [5], the model expects [{hidden}]"),
+            format!(
+                "wrong shape: model.norm.weight is [5] in the file, the module expects [{hidden}]"
+            ),
         ),
-        (missing, "the model has no `model.norm.weight`".to_string()),
+        (missing, "missing keys (1): model.norm.weight".to_string()),
     ];
     for (k, (w, expected)) in cases.into_iter().enumerate() {
         let file = dir.join(format!("model-{k}.safetensors"));
@@ -341,24 +268,30 @@ fn init_from_a_mismatched_model_names_the_tensor() {
 
 #[test]
 fn shipped_pretrained_components_load_into_the_tiny_model() {
+    use deem::models::pretrained::{part_spec, Pretrained, Role};
     let c = preset("tiny.toml").config;
-    let mut w = deem::models::deem::initial_weights(&c).unwrap();
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    deem::models::deem::Deem::new(&vs.root(), &c).unwrap();
+    let spec = part_spec(&c, &deem::models::deem::Part::Whole);
     let dir = root().join("assets/tiny-pretrained");
-    let mut counts = Vec::new();
-    for f in ["encoder", "encoder-scenes", "decoder", "llm"] {
-        let file = dir.join(format!("{f}.safetensors"));
-        counts.push(deem_actors::cli::train::overlay(&mut w, &file).unwrap());
+    let mut filled = Vec::new();
+    for (f, role) in [
+        ("encoder", Role::OpenClip),
+        ("encoder-scenes", Role::OpenClip),
+        ("decoder", Role::Deem),
+        ("llm", Role::Llm),
+    ] {
+        let pre = Pretrained::open(&[dir.join(format!("{f}.safetensors"))], Some(&c)).unwrap();
+        assert_eq!(pre.sources[0].role, role, "{f}");
+        filled.push(
+            pre.load_into(&vs, &spec, false, |_, _| {})
+                .unwrap()
+                .by_source[0]
+                .clone(),
+        );
     }
     // The two encoders are the same image tower (open_clip names), trained on other data.
-    assert_eq!(counts[0], counts[1]);
-    assert!(counts.iter().all(|&n| n > 0), "{counts:?}");
-    let a = deem::checkpoint::Checkpoint::open(&dir.join("encoder.safetensors")).unwrap();
-    let b = deem::checkpoint::Checkpoint::open(&dir.join("encoder-scenes.safetensors")).unwrap();
-    let names = |ck: &deem::checkpoint::Checkpoint| {
-        let mut v: Vec<String> = ck.names().map(String::from).collect();
-        v.sort();
-        v
-    };
-    assert_eq!(names(&a), names(&b));
-    assert!(names(&a).iter().all(|n| n.starts_with("visual.")));
+    assert_eq!(filled[0], filled[1]);
+    assert!(filled[0].iter().all(|n| n.starts_with("visual.")));
+    assert!(filled.iter().all(|f| !f.is_empty()));
 }

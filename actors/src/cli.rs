@@ -546,9 +546,12 @@ pub struct TrainArgs {
     /// Start from a previous stage's model (run directory or model.safetensors).
     #[arg(long)]
     pub init_from: Option<PathBuf>,
-    /// Load pretrained components over the initialisation (repeatable): a safetensors file whose
-    /// tensors all name parameters of the model, e.g. `deem pretrain encoder`'s `encoder.safetensors`.
-    #[arg(long = "pretrained", value_name = "FILE")]
+    /// Load pretrained components over the initialisation (repeatable): an HF LLaMA folder or file
+    /// (sharded, bf16/f16/f32), a diffusers pipeline folder or its `unet/` / `vae/`, an open_clip
+    /// checkpoint (its text tower is skipped), a Q-Former, or a deem model or part of one (e.g. `deem
+    /// pretrain encoder`'s `encoder.safetensors`). Each path's role is recognised from its config or
+    /// names; DEEM's own modules keep their initialisation; the log lists what each filled.
+    #[arg(long = "pretrained", value_name = "PATH")]
     pub pretrained: Vec<PathBuf>,
     /// Stop after this many steps (a checkpoint is written) without changing the learning-rate
     /// schedule of --steps; `--resume` continues, in this or any other process layout.

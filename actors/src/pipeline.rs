@@ -11,6 +11,7 @@ pub mod driver;
 pub mod edge;
 pub mod error;
 pub mod forward;
+pub mod modules;
 pub mod plan;
 pub mod schedule;
 pub mod stage;

@@ -18,4 +18,4 @@ pub use attention::{Documents, SlotBatch};
 pub use cache::{KvCache, KvPool};
 pub use config::{HfLlamaConfig, LlamaConfig, LlamaError};
 pub use layer::RmsNorm;
-pub use shard::LlamaShard;
+pub use shard::{load_spec_of, LlamaShard};

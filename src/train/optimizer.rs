@@ -209,6 +209,21 @@ impl AdamW {
         });
     }
 
+    /// Sets the fp32 master of parameter `name` (if it has one) from `src`: a value loaded from a file
+    /// keeps its full precision in the master even when the variable holds it rounded.
+    pub fn set_master(&mut self, name: &str, src: &Tensor) {
+        tch::no_grad(|| {
+            if let Some(m) = self
+                .params
+                .iter_mut()
+                .find(|p| p.name == name)
+                .and_then(|p| p.master.as_mut())
+            {
+                m.copy_(&src.to_kind(Kind::Float).to_device(m.device()));
+            }
+        });
+    }
+
     /// Sum of squared gradient entries over the trainable parameters (not finite when a gradient
     /// overflowed).
     pub fn grad_sq_norm(&self) -> f64 {

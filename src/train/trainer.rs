@@ -109,19 +109,6 @@ pub fn set_dtype(vs: &mut nn::VarStore, dtype: crate::config::DType) {
     }
 }
 
-/// Sets the variables of `vs` and the fp32 master weights of `opt` to `weights` ([`set_variables`]:
-/// every name and shape checked first): the variables get the values rounded to their dtype, the
-/// masters the values at full precision.
-pub fn load_weights(
-    vs: &nn::VarStore,
-    opt: &mut AdamW,
-    weights: &BTreeMap<String, Tensor>,
-) -> Result<(), TrainError> {
-    set_variables(vs, weights)?;
-    opt.set_masters(weights);
-    Ok(())
-}
-
 /// The variables of `vs` on the CPU under their names, in name order, detached (for writing out; on the CPU they share
 /// storage with the live parameters).
 pub fn cpu_weights(vs: &nn::VarStore) -> Vec<(String, Tensor)> {

@@ -18,6 +18,7 @@ use deem::checkpoint::{self, Checkpoint};
 use deem::config::SamplerKind;
 use deem::models::diffusion::{self, AutoencoderKL, Sampler, UNet2DCondition};
 use deem::models::llama::{LlamaConfig, LlamaShard};
+use deem::models::pretrained::Pretrained;
 use deem::models::resampler::Resampler;
 use deem::models::vision::VisionEncoder;
 use deem::DeviceSpec;
@@ -98,23 +99,27 @@ fn config_json(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
-fn load_unet(
-    job: &ForwardJob,
-    ck: &Checkpoint,
-    vs: &nn::VarStore,
-) -> anyhow::Result<UNet2DCondition> {
+/// Fills the component's variables through the one loader (the checkpoint's role recognised, its
+/// names mapped), every variable but `spec.optional`'s from the file.
+fn fill(job: &ForwardJob, vs: &nn::VarStore, spec: &checkpoint::LoadSpec) -> anyhow::Result<()> {
+    let pre = Pretrained::open(std::slice::from_ref(&job.checkpoint), None)?;
+    pre.load_into(vs, spec, true, |_, _| {})?;
+    Ok(())
+}
+
+fn load_unet(job: &ForwardJob, vs: &nn::VarStore) -> anyhow::Result<UNet2DCondition> {
     let cfg = diffusion::unet_config_from_diffusers(&config_json(&job.checkpoint)?)
         .map_err(anyhow::Error::msg)?;
     let unet = UNet2DCondition::new(&(vs.root() / "unet"), &cfg);
-    ck.load_into(vs, &UNet2DCondition::load_spec())?;
+    fill(job, vs, &UNet2DCondition::load_spec())?;
     Ok(unet)
 }
 
-fn load_vae(job: &ForwardJob, ck: &Checkpoint, vs: &nn::VarStore) -> anyhow::Result<AutoencoderKL> {
+fn load_vae(job: &ForwardJob, vs: &nn::VarStore) -> anyhow::Result<AutoencoderKL> {
     let cfg = diffusion::vae_config_from_diffusers(&config_json(&job.checkpoint)?)
         .map_err(anyhow::Error::msg)?;
     let vae = AutoencoderKL::new(&(vs.root() / "vae"), &cfg);
-    ck.load_into(vs, &AutoencoderKL::load_spec())?;
+    fill(job, vs, &AutoencoderKL::load_spec())?;
     Ok(vae)
 }
 
@@ -129,7 +134,7 @@ pub fn compute(job: &ForwardJob, cfg: &LoadedConfig) -> anyhow::Result<Vec<(Stri
             let llama_cfg =
                 LlamaConfig::from_hf_file(&config_json(&job.checkpoint)?, new_token_rows(&ck))?;
             let model = LlamaShard::new(&vs.root(), &llama_cfg, 0..llama_cfg.num_hidden_layers)?;
-            ck.load_into(&vs, &model.load_spec())?;
+            fill(job, &vs, &model.load_spec())?;
             let ids = input(&inputs, "input_ids", &job.inputs, "int64 [B, T]")?;
             check_rank(&ids, "input_ids", &job.inputs, 2, "[B, T]")?;
             let limit = llama_cfg.vocab_size + llama_cfg.num_new_tokens;
@@ -148,7 +153,7 @@ pub fn compute(job: &ForwardJob, cfg: &LoadedConfig) -> anyhow::Result<Vec<(Stri
         Component::Vision => {
             let v = &cfg.config.vision;
             let enc = VisionEncoder::new(&(vs.root() / "visual"), v);
-            ck.load_into(&vs, &VisionEncoder::load_spec())?;
+            fill(job, &vs, &VisionEncoder::load_spec())?;
             let px = input(&inputs, "pixel_values", &job.inputs, "float [B, 3, S, S]")?;
             check_rank(
                 &px,
@@ -183,7 +188,7 @@ pub fn compute(job: &ForwardJob, cfg: &LoadedConfig) -> anyhow::Result<Vec<(Stri
                 c.llm.hidden_size,
                 c.diffusion.unet.cross_attention_dim,
             );
-            ck.load_into(&vs, &Resampler::load_spec())?;
+            fill(job, &vs, &Resampler::load_spec())?;
             let t = input(&inputs, "image_tokens", &job.inputs, "float [B, N, C]")?;
             check_rank(&t, "image_tokens", &job.inputs, 3, "[B, N, C]")?;
             let (n, width) = (t.size()[1], t.size()[2]);
@@ -203,7 +208,7 @@ pub fn compute(job: &ForwardJob, cfg: &LoadedConfig) -> anyhow::Result<Vec<(Stri
             ]
         }
         Component::Unet => {
-            let unet = load_unet(job, &ck, &vs)?;
+            let unet = load_unet(job, &vs)?;
             let f = |n: &str, what: &str| {
                 input(&inputs, n, &job.inputs, what).map(|t| t.to_device(device))
             };
@@ -217,7 +222,7 @@ pub fn compute(job: &ForwardJob, cfg: &LoadedConfig) -> anyhow::Result<Vec<(Stri
             vec![("noise_pred".to_string(), pred)]
         }
         Component::VaeEncode => {
-            let vae = load_vae(job, &ck, &vs)?;
+            let vae = load_vae(job, &vs)?;
             let px = input(
                 &inputs,
                 "pixel_values",
@@ -229,7 +234,7 @@ pub fn compute(job: &ForwardJob, cfg: &LoadedConfig) -> anyhow::Result<Vec<(Stri
             vec![("latent_mean".to_string(), mean)]
         }
         Component::VaeDecode => {
-            let vae = load_vae(job, &ck, &vs)?;
+            let vae = load_vae(job, &vs)?;
             let lat = input(
                 &inputs,
                 "latents",
@@ -240,7 +245,7 @@ pub fn compute(job: &ForwardJob, cfg: &LoadedConfig) -> anyhow::Result<Vec<(Stri
             let px = tch::no_grad(|| vae.decode(&lat.to_kind(Kind::Float).to_device(device)));
             vec![("pixel_values".to_string(), px)]
         }
-        Component::Sample => sample(job, cfg, (&ck, &vs), &inputs, device)?,
+        Component::Sample => sample(job, cfg, &vs, &inputs, device)?,
     };
     Ok(out
         .into_iter()
@@ -252,11 +257,11 @@ pub fn compute(job: &ForwardJob, cfg: &LoadedConfig) -> anyhow::Result<Vec<(Stri
 fn sample(
     job: &ForwardJob,
     cfg: &LoadedConfig,
-    (ck, vs): (&Checkpoint, &nn::VarStore),
+    vs: &nn::VarStore,
     inputs: &Checkpoint,
     device: tch::Device,
 ) -> anyhow::Result<Vec<(String, Tensor)>> {
-    let unet = load_unet(job, ck, vs)?;
+    let unet = load_unet(job, vs)?;
     let f = |n: &str, what: &str| {
         input(inputs, n, &job.inputs, what).map(|t| t.to_kind(Kind::Float).to_device(device))
     };

@@ -8,9 +8,10 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use deem::data::batches::SyntheticBatches;
-use deem::models::deem::Batch;
+use deem::models::deem::{Batch, Part};
+use deem::models::pretrained::{part_spec, summarise, Filled, Pretrained};
 use deem::train::{StepReport, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -46,8 +47,8 @@ pub struct TrainJob {
     pub data: Option<PathBuf>,
     /// Start from this model (a previous stage's run directory or `model.safetensors`).
     pub init_from: Option<PathBuf>,
-    /// Pretrained components loaded over the initialisation, in order (each file's tensors must all
-    /// name parameters of the model, with their shapes).
+    /// Pretrained components loaded over the initialisation, in order, through the one loader
+    /// (`deem::models::pretrained`: roles recognised, names mapped, names and shapes checked).
     pub pretrained: Vec<PathBuf>,
     /// Stop (with a checkpoint) once this many steps are done, without changing the schedule the
     /// run's `train.steps` sets; `--resume` continues it.
@@ -73,41 +74,55 @@ pub fn read_weights(
     Ok(out)
 }
 
-/// Replaces the tensors of `w` that `file` holds; every tensor of the file must name one of `w` with
-/// the same shape. Returns how many it replaced.
-pub fn overlay(
-    w: &mut std::collections::BTreeMap<String, tch::Tensor>,
-    file: &std::path::Path,
-) -> anyhow::Result<usize> {
-    let ck = deem::checkpoint::Checkpoint::open(file)
-        .with_context(|| format!("--pretrained {}", file.display()))?;
-    let names: Vec<String> = ck.names().map(String::from).collect();
-    if names.is_empty() {
-        bail!("--pretrained {}: the file holds no tensors", file.display());
+/// Opens `paths` with the one loader (roles recognised, names mapped) for `flag` (`--pretrained`).
+fn open_pretrained(
+    paths: &[PathBuf],
+    c: &deem::config::DeemConfig,
+    flag: &str,
+) -> anyhow::Result<Arc<Pretrained>> {
+    let pre = Pretrained::open(paths, Some(c)).map_err(|e| anyhow::anyhow!("{flag} {e}"))?;
+    for note in &pre.notes {
+        tracing::info!("{flag} {note}");
     }
-    // Every tensor is checked before any is replaced: a bad file leaves `w` as it was.
-    let mut loaded = Vec::with_capacity(names.len());
-    for name in &names {
-        let Some(t) = ck.tensor(name)? else { continue };
-        let Some(dst) = w.get(name) else {
-            bail!(
-                "--pretrained {}: `{name}` is not a parameter of the model (is the file for another configuration?)",
-                file.display()
-            );
-        };
-        if t.size() != dst.size() {
-            bail!(
-                "--pretrained {}: `{name}` is {:?}, the model expects {:?}",
-                file.display(),
-                t.size(),
-                dst.size()
-            );
-        }
-        loaded.push((name.clone(), t));
+    for s in &pre.sources {
+        let skipped: Vec<String> = s
+            .skipped
+            .iter()
+            .map(|(why, keys)| format!("{why}: {} tensors", keys.len()))
+            .collect();
+        tracing::info!(
+            role = s.role.describe(),
+            skipped = %skipped.join("; "),
+            "{flag} {}",
+            s.path.display()
+        );
     }
-    let n = loaded.len();
-    w.extend(loaded);
-    Ok(n)
+    Ok(Arc::new(pre))
+}
+
+/// Logs which parameters each source filled and which kept their initialisation.
+fn log_filled(pre: &Pretrained, filled: &[Filled], flag: &str) {
+    for (i, s) in pre.sources.iter().enumerate() {
+        let names: Vec<String> = filled
+            .iter()
+            .flat_map(|f| f.by_source[i].iter().cloned())
+            .collect();
+        tracing::info!(
+            tensors = names.len(),
+            "{flag} {} ({}) filled {}",
+            s.path.display(),
+            s.role.describe(),
+            summarise(&names)
+        );
+    }
+    let kept: Vec<String> = filled.iter().flat_map(|f| f.kept.iter().cloned()).collect();
+    if !kept.is_empty() {
+        tracing::info!(
+            tensors = kept.len(),
+            "{flag}: kept their initialisation: {}",
+            summarise(&kept)
+        );
+    }
 }
 
 enum Engine<'rt> {
@@ -149,17 +164,25 @@ impl<'rt> Engine<'rt> {
         })
     }
 
-    /// Replaces the model's parameters (not the optimizer state) with `w`.
-    fn init_from(
+    /// Loads `pre` into the model's parameters and their fp32 masters (not the optimizer moments);
+    /// with `complete` every parameter needs a value. Returns what each stage filled.
+    fn load(
         &mut self,
-        w: &std::collections::BTreeMap<String, tch::Tensor>,
-    ) -> anyhow::Result<()> {
+        c: &deem::config::DeemConfig,
+        pre: &Arc<Pretrained>,
+        complete: bool,
+    ) -> anyhow::Result<Vec<Filled>> {
         match self {
-            Engine::Pipeline { trainer, rt } => rt
-                .block_on(trainer.load_weights(w))
-                .map_err(|e| anyhow::anyhow!("--init-from: {e:#}")),
-            Engine::Reference(t) => deem::train::load_weights(&t.vs, &mut t.opt, w)
-                .map_err(|e| anyhow::anyhow!("--init-from: {e}")),
+            Engine::Pipeline { trainer, rt } => {
+                Ok(rt.block_on(trainer.load_pretrained(pre, complete))?)
+            }
+            Engine::Reference(t) => {
+                let spec = part_spec(c, &Part::Whole);
+                let opt = &mut t.opt;
+                let filled =
+                    pre.load_into(&t.vs, &spec, complete, |n, src| opt.set_master(n, src))?;
+                Ok(vec![filled])
+            }
         }
     }
 
@@ -373,24 +396,20 @@ pub fn run_job(
             checkpoint::checkpoints_dir(&job.run_dir).display()
         );
     } else {
-        if !job.pretrained.is_empty() {
-            // Across processes no rank holds the whole model: start from the reference
-            // initialisation, which every stage loaded.
-            let mut w: std::collections::BTreeMap<String, tch::Tensor> = match &job.mode {
-                Mode::Distributed(..) => deem::models::deem::initial_weights(c)?,
-                _ => engine.weights(&job.run_dir)?.into_iter().collect(),
-            };
-            for file in &job.pretrained {
-                let n = overlay(&mut w, file)?;
-                tracing::info!(tensors = n, "loaded pretrained {}", file.display());
+        // Each stage takes its own tensors from the files: no process holds the whole model.
+        let starts = [
+            ("--pretrained", job.pretrained.clone(), false),
+            ("--init-from", job.init_from.iter().cloned().collect(), true),
+        ];
+        for (flag, paths, complete) in starts {
+            if paths.is_empty() {
+                continue;
             }
-            engine.init_from(&w)?;
-        }
-        if let Some(from) = &job.init_from {
-            engine.init_from(
-                &read_weights(from).with_context(|| format!("--init-from {}", from.display()))?,
-            )?;
-            tracing::info!("initialised from {}", from.display());
+            let pre = open_pretrained(&paths, c, flag)?;
+            let filled = engine
+                .load(c, &pre, complete)
+                .map_err(|e| anyhow::anyhow!("{flag}: {e:#}"))?;
+            log_filled(&pre, &filled, flag);
         }
         // A restart needs a checkpoint to return to, even before the first periodic one.
         engine.save_checkpoint(&job.run_dir, c, &topology_name)?;

@@ -18,8 +18,8 @@ use tch::Tensor;
 
 use super::error::PipelineError;
 use super::forward::{backward_of, compute, leaf, Computed, Ctx, MbData, MbPlan, Received};
+use super::modules::{build, Role};
 use super::plan::{Costs, Piece};
-use super::stage::{build, Role};
 
 type Result<T, E = PipelineError> = std::result::Result<T, E>;
 

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use deem::config::DeemConfig;
 use deem::models::deem::{special_ids, Batch};
 use deem::models::losses::LossWeights;
+use deem::models::pretrained::{Filled, Pretrained};
 use deem::train::{update_plan, Group, LossScaler, StepReport};
 use tch::Tensor;
 
@@ -22,8 +23,9 @@ use super::distributed::{gather, DistPlan, BUCKET_BYTES};
 use super::edge::{EdgeRx, EdgeTx, Remote};
 use super::error::PipelineError;
 use super::forward::{MbData, MbPlan};
+use super::modules::Role;
 use super::schedule::{self, Op};
-use super::stage::{Links, Role, StageArgs, StageHandle, StepOut};
+use super::stage::{Links, StageArgs, StageHandle, StepOut};
 use crate::runtime::metrics::Metrics;
 use crate::runtime::topology::{Component, Topology};
 use crate::runtime::{Policy, Supervisor};
@@ -259,12 +261,6 @@ fn stage_data(
         .collect()
 }
 
-fn shallow(w: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
-    w.iter()
-        .map(|(k, v)| (k.clone(), v.shallow_clone()))
-        .collect()
-}
-
 /// Restores every stage from the latest checkpoint of `run_dir` (written by any topology, with the
 /// configuration `cfg`); returns its manifest.
 async fn restore_all(
@@ -364,13 +360,43 @@ impl PipelineTrainer {
         Ok(self.step)
     }
 
-    /// Replaces every actor's parameters with `weights` (global names; each actor takes its own), e.g.
-    /// a previous stage's model for `deem train --init-from`.
-    pub async fn load_weights(&self, weights: &BTreeMap<String, Tensor>) -> Result<()> {
+    /// Loads pretrained weights into every actor (each takes its own part, from the files straight to
+    /// its device; the optimizer's fp32 masters take the files' values). Every actor checks its part
+    /// first and, across processes, every rank learns whether any refused, so nothing is loaded
+    /// anywhere unless everything fits. With `complete`, every parameter needs a value. Returns what
+    /// each of this process's stages filled.
+    pub async fn load_pretrained(
+        &self,
+        pretrained: &Arc<Pretrained>,
+        complete: bool,
+    ) -> Result<Vec<Filled>> {
+        let mut checked = Ok(());
         for s in &self.stages {
-            s.handle.load(shallow(weights)).await?;
+            if let Err(e) = s.handle.load(pretrained.clone(), complete, false).await {
+                checked = Err(e);
+                break;
+            }
         }
-        Ok(())
+        if let Some(d) = self.dist.as_deref() {
+            let refused = Tensor::from_slice(&[f32::from(checked.is_err())]);
+            d.world.group.all_reduce(&refused)?;
+            std::mem::replace(&mut checked, Ok(()))?;
+            let n = refused.double_value(&[0]);
+            if n > 0.0 {
+                return Err(PipelineError::Checkpoint {
+                    path: pretrained.describe().into(),
+                    message: format!(
+                        "{n} other rank(s) refused the weights (their logs name the file and tensor)"
+                    ),
+                });
+            }
+        }
+        checked?;
+        let mut filled = Vec::new();
+        for s in &self.stages {
+            filled.push(s.handle.load(pretrained.clone(), complete, true).await?);
+        }
+        Ok(filled)
     }
 
     /// One optimizer step over `batch` (split into `train.microbatches` microbatches).

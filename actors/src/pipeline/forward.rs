@@ -5,15 +5,14 @@
 //! only one microbatch are alive at a time.
 
 use deem::config::DeemConfig;
-use deem::models::deem::{
-    embed_sequence, llm_forward, llm_forward_span, DiffusionStage, SpecialIds, VisionStage,
-};
+use deem::models::deem::{embed_sequence, llm_forward, llm_forward_span, SpecialIds};
 use deem::models::llama::LlamaShard;
 use deem::models::losses::{nip_inputs, ntp_loss, LossWeights};
 use deem::rng::ints;
 use tch::{Kind, Tensor};
 
 use super::error::PipelineError;
+use super::modules::Modules;
 
 type Result<T, E = PipelineError> = std::result::Result<T, E>;
 
@@ -39,12 +38,6 @@ pub struct MbData {
     pub pixels: Option<Tensor>,
     /// Vision and diffusion: the images' region masks ([`deem::models::deem::Batch::masks`]).
     pub masks: Option<Tensor>,
-}
-
-pub(super) enum Modules {
-    Vision(Box<VisionStage>),
-    Llm(Box<LlamaShard>),
-    Diffusion(Box<DiffusionStage>),
 }
 
 /// What a microbatch's forward received from upstream: leaves whose gradients go back.

@@ -6,13 +6,12 @@
 //! each message tagged with its microbatch.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deem::config::{DeemConfig, Recompute};
-use deem::models::deem::{
-    initial_weights_of, special_ids, DiffusionStage, Part, SpecialIds, VisionStage,
-};
-use deem::models::llama::{LlamaConfig, LlamaShard};
+use deem::models::deem::{special_ids, Part, SpecialIds};
+use deem::models::pretrained::{part_spec, Filled, Pretrained};
 use deem::train::{AdamW, Group};
 use flume::Receiver;
 use ractor::RpcReplyPort;
@@ -21,21 +20,15 @@ use tch::{nn, Tensor};
 use super::edge::{EdgeRx, EdgeTx, Traffic};
 pub use super::edge::{Links, Packet};
 use super::error::PipelineError;
-use super::forward::{backward_of, compute, leaf, Ctx, MbData, MbPlan, Modules, Received};
+use super::forward::{backward_of, compute, leaf, Ctx, MbData, MbPlan, Received};
+pub use super::modules::Role;
+use super::modules::{build, part_of, Modules};
 use super::schedule::Op;
 use crate::dist::Group as DistGroup;
 use crate::runtime::compute::{BuildError, NoDetail};
 use crate::runtime::{ComputeCtx, ComputeHandle, ComputeSpec, Supervisor, Work};
 
 type Result<T, E = PipelineError> = std::result::Result<T, E>;
-
-/// What a stage computes.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Role {
-    Vision,
-    Llm { layers: std::ops::Range<i64> },
-    Diffusion,
-}
 
 /// What a stage reports after a step's forwards and backwards.
 #[derive(Debug, Clone, Default)]
@@ -97,6 +90,8 @@ pub struct StageWork {
     ids: SpecialIds,
     device: tch::Device,
     vs: nn::VarStore,
+    /// The part of the model the stage holds.
+    part: Part,
     modules: Modules,
     opt: AdamW,
     links: Links,
@@ -164,44 +159,6 @@ fn send(
     Ok(())
 }
 
-/// A stage's modules, VarStore (in `model.dtype`) and optimizer (fp32 masters set from the fp32
-/// initialisation). The stage builds only its own modules. On the CPU they are drawn seeded in place
-/// (each part from its own seed: the values a whole-model build gives them); on an accelerator they are
-/// drawn unseeded and replaced by the CPU draw of this part alone, so every device starts from the same
-/// numbers.
-pub(super) fn build(
-    role: &Role,
-    cfg: &DeemConfig,
-    device: tch::Device,
-) -> Result<(nn::VarStore, Modules, AdamW), BuildError> {
-    let mut vs = nn::VarStore::new(device);
-    let root = vs.root();
-    let part = match role {
-        Role::Vision => Part::Vision,
-        Role::Llm { layers } => Part::Llm(layers.clone()),
-        Role::Diffusion => Part::Diffusion,
-    };
-    let on_cpu = device == tch::Device::Cpu;
-    let seed = on_cpu.then_some(cfg.train.seed);
-    let modules = deem::with_init_lock(seed, || -> Result<Modules, BuildError> {
-        Ok(match role {
-            Role::Vision => Modules::Vision(Box::new(VisionStage::new(&root, cfg))),
-            Role::Llm { layers } => Modules::Llm(Box::new(LlamaShard::new(
-                &root,
-                &LlamaConfig::from(&cfg.llm),
-                layers.clone(),
-            )?)),
-            Role::Diffusion => Modules::Diffusion(Box::new(DiffusionStage::new(&root, cfg))),
-        })
-    })?;
-    drop(root);
-    if !on_cpu {
-        deem::train::set_variables(&vs, &initial_weights_of(cfg, &part)?)?;
-    }
-    let opt = deem::train::optimizer_in_dtype(&mut vs, cfg);
-    Ok((vs, modules, opt))
-}
-
 impl StageWork {
     fn new(
         name: String,
@@ -212,6 +169,7 @@ impl StageWork {
     ) -> Result<Self, BuildError> {
         let (vs, modules, opt) = build(&role, &cfg, device)?;
         Ok(StageWork {
+            part: part_of(&role),
             name,
             ids: special_ids(&cfg),
             cfg,
@@ -523,9 +481,19 @@ impl StageWork {
         ))
     }
 
-    fn load(&mut self, weights: &BTreeMap<String, Tensor>) -> Result<()> {
-        deem::train::load_weights(&self.vs, &mut self.opt, weights)
-            .map_err(|e| PipelineError::stage(&self.name, e.to_string()))
+    /// Checks (`apply: false`) or loads this stage's part of `pre`; see [`Pretrained::load_into`].
+    fn load(&mut self, pre: &Pretrained, complete: bool, apply: bool) -> Result<Filled> {
+        let spec = part_spec(&self.cfg, &self.part);
+        let r = if apply {
+            let opt = &mut self.opt;
+            pre.load_into(&self.vs, &spec, complete, |name, src| {
+                opt.set_master(name, src)
+            })
+        } else {
+            pre.check(&self.vs, &spec, complete)
+                .map(|_| Filled::default())
+        };
+        r.map_err(|e| PipelineError::stage(&self.name, e.to_string()))
     }
 
     /// A snapshot: copies, so later optimizer steps do not change it.
@@ -560,9 +528,12 @@ pub enum StageMsg {
         clip: f64,
         reply: RpcReplyPort<()>,
     },
+    /// Check (`apply: false`) or load the stage's part of pretrained weights.
     Load {
-        weights: BTreeMap<String, Tensor>,
-        reply: RpcReplyPort<Result<()>>,
+        pretrained: Arc<Pretrained>,
+        complete: bool,
+        apply: bool,
+        reply: RpcReplyPort<Result<Filled>>,
     },
     Weights {
         reply: RpcReplyPort<Vec<(String, Tensor)>>,
@@ -627,8 +598,13 @@ impl StageWork {
                 self.opt.zero_grad();
                 let _ = reply.send(());
             }
-            StageMsg::Load { weights, reply } => {
-                let _ = reply.send(self.load(&weights));
+            StageMsg::Load {
+                pretrained,
+                complete,
+                apply,
+                reply,
+            } => {
+                let _ = reply.send(self.load(&pretrained, complete, apply));
             }
             StageMsg::Weights { reply } => {
                 let _ = reply.send(self.weights());
@@ -741,9 +717,19 @@ impl StageHandle {
             .await?)
     }
 
-    pub async fn load(&self, weights: BTreeMap<String, Tensor>) -> Result<()> {
+    pub async fn load(
+        &self,
+        pretrained: Arc<Pretrained>,
+        complete: bool,
+        apply: bool,
+    ) -> Result<Filled> {
         self.actor
-            .call(|reply| StageMsg::Load { weights, reply })
+            .call(|reply| StageMsg::Load {
+                pretrained,
+                complete,
+                apply,
+                reply,
+            })
             .await?
     }
 

@@ -6,12 +6,12 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use deem::checkpoint::{Checkpoint, LoadSpec};
 use deem::config::DeemConfig;
 use deem::models::deem::{special_ids, DiffusionStage, Part, VisionStage};
 use deem::models::llama::{LlamaConfig, LlamaShard};
+use deem::models::pretrained::{part_spec, Pretrained};
 use deem::text::tokenizer::DeemTokenizer;
 use flume::Sender;
 use futures_util::Stream;
@@ -152,54 +152,42 @@ pub fn budgeted(cfg: &DeemConfig, topo: &Topology) -> Result<DeemConfig, EngineE
 }
 
 enum Source {
-    Checkpoint(Checkpoint),
+    /// A deem model through the one loader (each actor takes its own part, checked first).
+    Checkpoint(Pretrained),
     /// The seeded initialisation: each actor draws its own part.
-    Init(Box<DeemConfig>),
+    Init,
 }
 
-/// The weights, read by one actor's build at a time.
-type SharedSource = Arc<Mutex<Source>>;
+/// The weights, read by each actor's build.
+type SharedSource = Arc<Source>;
 
 fn open_source(cfg: &DeemConfig, weights: &Weights) -> Result<Source, EngineError> {
     Ok(match weights {
-        Weights::Init => Source::Init(Box::new(cfg.clone())),
-        Weights::Checkpoint(p) => {
-            let file = if p.is_dir() && p.join("model.safetensors").exists() {
-                p.join("model.safetensors")
-            } else {
-                p.clone()
-            };
-            let ck = Checkpoint::open(&file).map_err(|source| EngineError::Checkpoint {
-                path: p.clone(),
-                source: Box::new(source),
-            })?;
-            Source::Checkpoint(ck)
-        }
+        Weights::Init => Source::Init,
+        Weights::Checkpoint(p) => Source::Checkpoint(
+            Pretrained::open(std::slice::from_ref(p), Some(cfg)).map_err(|source| {
+                EngineError::Checkpoint {
+                    path: p.clone(),
+                    source: Box::new(source),
+                }
+            })?,
+        ),
     })
 }
 
-fn whole_model_spec(component: &str, namespace: &[&str]) -> LoadSpec {
-    LoadSpec {
-        component: component.to_string(),
-        namespace: namespace.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
-}
-
-/// Fills `vs` from the checkpoint or the initial weights (one actor at a time).
-/// Loads an actor's modules (`part`) from the source.
+/// Loads an actor's modules (`part`) from the source: every parameter of the part from the
+/// checkpoint (names and shapes checked before any is copied), or the part's initialisation.
 fn load(
     vs: &nn::VarStore,
     source: &SharedSource,
-    spec: &LoadSpec,
+    cfg: &DeemConfig,
     part: Part,
 ) -> Result<(), BuildError> {
-    let src = source
-        .lock()
-        .map_err(|_| "another actor panicked while loading the weights")?;
-    match &*src {
-        Source::Checkpoint(ck) => ck.load_into(vs, spec)?,
-        Source::Init(cfg) => {
+    match &**source {
+        Source::Checkpoint(pre) => {
+            drop(pre.load_into(vs, &part_spec(cfg, &part), true, |_, _| {})?)
+        }
+        Source::Init => {
             deem::train::set_variables(vs, &deem::models::deem::initial_weights_of(cfg, &part)?)?
         }
     }
@@ -326,7 +314,7 @@ async fn start_workers(
     (wiring, on_failure): (Wiring, crate::runtime::supervisor::OnFailure),
 ) -> Result<(Supervisor, Workers, Wiring), EngineError> {
     let (vision, shards, diffusion) = roles(topo)?;
-    let source: SharedSource = Arc::new(Mutex::new(open_source(cfg, weights)?));
+    let source: SharedSource = Arc::new(open_source(cfg, weights)?);
     let supervisor = Supervisor::start(
         "serving",
         Policy::MarkFailed,
@@ -619,11 +607,7 @@ async fn spawn_workers(
         let mut vs = nn::VarStore::new(device);
         let stage = deem::with_init_lock(None, || VisionStage::new(&vs.root(), &c));
         deem::train::set_dtype(&mut vs, c.model.dtype);
-        let spec = LoadSpec {
-            optional: deem::models::region::key_prefixes(),
-            ..whole_model_spec("vision", &["visual.", "visual_tokenizer."])
-        };
-        load(&vs, &src, &spec, Part::Vision)?;
+        load(&vs, &src, &c, Part::Vision)?;
         Ok(VisionWorker {
             stage,
             device,
@@ -655,12 +639,7 @@ async fn spawn_workers(
             })?;
             // Served in the model's dtype: the checkpoint's tensors are converted as they load.
             deem::train::set_dtype(&mut vs, c.model.dtype);
-            load(
-                &vs,
-                &src,
-                &shard.load_spec(),
-                Part::Llm(shard.range.clone()),
-            )?;
+            load(&vs, &src, &c, Part::Llm(shard.range.clone()))?;
             Ok(ShardWorker {
                 name,
                 shard,
@@ -690,8 +669,7 @@ async fn spawn_workers(
         let mut vs = nn::VarStore::new(device);
         let stage = deem::with_init_lock(None, || DiffusionStage::new(&vs.root(), &c));
         deem::train::set_dtype(&mut vs, c.model.dtype);
-        let spec = whole_model_spec("diffusion", &["nip_condition.", "unet.", "vae."]);
-        load(&vs, &src, &spec, Part::Diffusion)?;
+        load(&vs, &src, &c, Part::Diffusion)?;
         Ok(DiffusionWorker {
             name,
             stage,

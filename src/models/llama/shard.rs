@@ -286,49 +286,55 @@ impl LlamaShard {
         self.logits(&self.norm(&h))
     }
 
-    /// Checkpoint loading rules for this shard: other shards' layers and HF buffers are skipped, DEEM's
-    /// additions may be absent from a plain HF checkpoint, and DEEM whole-model names map onto HF names.
+    /// Checkpoint loading rules for this shard ([`load_spec_of`] for its layers).
     pub fn load_spec(&self) -> crate::checkpoint::LoadSpec {
-        let mut ignore = Vec::new();
-        for p in MODEL_PREFIXES {
-            ignore.extend(
-                (0..self.cfg.num_hidden_layers)
-                    .filter(|i| !self.range.contains(i))
-                    .map(|i| format!("{p}layers.{i}.")),
-            );
-            ignore.push(format!("{p}rotary_emb."));
-            if !self.is_first() {
-                ignore.extend([format!("{p}embed_tokens"), format!("{p}soi_embedding")]);
-            }
-            if !self.is_last() {
-                ignore.push(format!("{p}norm."));
-            }
+        load_spec_of(self.cfg.num_hidden_layers, self.range.clone())
+    }
+}
+
+/// Checkpoint loading rules for the shard of layers `range` out of `num_layers`: other shards' layers and HF buffers are skipped, DEEM's
+/// additions may be absent from a plain HF checkpoint, and DEEM whole-model names map onto HF names.
+pub fn load_spec_of(num_layers: i64, range: std::ops::Range<i64>) -> crate::checkpoint::LoadSpec {
+    let (is_first, is_last) = (range.start == 0, range.end == num_layers);
+    let mut ignore = Vec::new();
+    for p in MODEL_PREFIXES {
+        ignore.extend(
+            (0..num_layers)
+                .filter(|i| !range.contains(i))
+                .map(|i| format!("{p}layers.{i}.")),
+        );
+        ignore.push(format!("{p}rotary_emb."));
+        if !is_first {
+            ignore.extend([format!("{p}embed_tokens"), format!("{p}soi_embedding")]);
         }
-        if !self.is_last() {
-            ignore.extend(HEAD_PREFIXES.map(String::from));
+        if !is_last {
+            ignore.push(format!("{p}norm."));
         }
-        crate::checkpoint::LoadSpec {
-            component: format!("llm shard [{}, {})", self.range.start, self.range.end),
-            prefix_map: MODEL_PREFIXES[1..]
-                .iter()
-                .map(|p| ("model.".to_string(), p.to_string()))
-                .chain(
-                    HEAD_PREFIXES[1..]
-                        .iter()
-                        .map(|p| ("lm_head".to_string(), p.to_string())),
-                )
-                .collect(),
-            namespace: MODEL_PREFIXES
-                .iter()
-                .chain(&HEAD_PREFIXES)
-                .map(|p| p.to_string())
-                .collect(),
-            ignore,
-            optional: vec![
-                "model.embed_tokens_new.".into(),
-                "lm_head_new.".into(),
-                "model.soi_embedding".into(),
-            ],
-        }
+    }
+    if !is_last {
+        ignore.extend(HEAD_PREFIXES.map(String::from));
+    }
+    crate::checkpoint::LoadSpec {
+        component: format!("llm shard [{}, {})", range.start, range.end),
+        prefix_map: MODEL_PREFIXES[1..]
+            .iter()
+            .map(|p| ("model.".to_string(), p.to_string()))
+            .chain(
+                HEAD_PREFIXES[1..]
+                    .iter()
+                    .map(|p| ("lm_head".to_string(), p.to_string())),
+            )
+            .collect(),
+        namespace: MODEL_PREFIXES
+            .iter()
+            .chain(&HEAD_PREFIXES)
+            .map(|p| p.to_string())
+            .collect(),
+        ignore,
+        optional: vec![
+            "model.embed_tokens_new.".into(),
+            "lm_head_new.".into(),
+            "model.soi_embedding".into(),
+        ],
     }
 }
