@@ -76,7 +76,7 @@ test:
 	$(ENV) cargo test --workspace $(CARGO_TEST_FLAGS)
 
 bench: setup
-	$(ENV) cargo bench -p deem-actors --bench pipeline --bench serve --bench dist --bench plan
+	$(ENV) cargo bench -p deem-actors --bench pipeline --bench serve --bench dist --bench plan --bench data
 
 # deem vs transformers `generate` and a diffusers DDIM loop on the same weights (needs transformers and
 # diffusers in .venv: .venv/bin/pip install transformers diffusers).

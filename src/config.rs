@@ -548,6 +548,14 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// How often a failed step may restart the actors from the last checkpoint before the run stops.
     pub max_restarts: u32,
+    /// Background threads that read, decode and preprocess the training batches of `deem train --data`
+    /// (0: the trainer's own thread). Batches are the same whatever the number.
+    #[serde(default = "default_data_workers")]
+    pub data_workers: usize,
+    /// Batches the data workers may have ready ahead of the trainer (the bounded queue's length; its
+    /// memory is about this many batches of pixels).
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
     /// The training data mixture, files relative to `deem train --data DIR`. Empty (the default): the
     /// stage's own mixture (stage I `mmc4.jsonl` : `pairs.jsonl` = 2 : 1; stages II and III
     /// `llava.json` : `pairs.jsonl` = 2 : 1, the pairs when present).
@@ -590,6 +598,14 @@ pub enum DataFormat {
 
 fn default_true() -> bool {
     true
+}
+
+fn default_data_workers() -> usize {
+    2
+}
+
+fn default_prefetch() -> usize {
+    4
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,6 +5,7 @@
 pub mod batches;
 pub mod mixer;
 pub mod readers;
+pub mod stream;
 pub mod synth;
 pub mod world;
 

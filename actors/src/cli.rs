@@ -13,6 +13,7 @@ pub mod forward;
 pub mod info;
 pub mod launch;
 pub mod plan;
+pub mod prefetch;
 pub mod pretrain;
 pub mod report;
 pub mod serve;

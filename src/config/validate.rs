@@ -354,6 +354,7 @@ impl DeemConfig {
             )
         });
         c.positive("train.context_length", t.context_length);
+        c.positive("train.prefetch", t.prefetch as i64);
         c.check(
             t.context_length <= l.max_position_embeddings,
             "train.context_length",

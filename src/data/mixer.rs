@@ -18,10 +18,14 @@
 //!   `k` depends only on (seed, k): the sampler is stateless, so a run resumed at step `k` (the step in
 //!   its checkpoint manifest is the data cursor) continues with exactly the batches it would have seen.
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
 use tch::{Kind, Tensor};
 
 use crate::config::DeemConfig;
 use crate::data::readers::{Conversation, Document, Pair, Region};
+use crate::data::stream::{DataStats, Image, Record, RecordSource};
 use crate::data::DataError;
 use crate::models::deem::Batch;
 use crate::rng::{Purpose, Stream};
@@ -33,16 +37,30 @@ pub const MAX_IMAGES_PER_DOCUMENT: usize = 6;
 /// The paper's referring prompt (Fig. 8c): the image, this text, then the image with the region's mask.
 pub const REFERRING_PROMPT: &str = "Provide a short description for this <ref>region1</ref>";
 
-/// An image of a sample: its pixels in the mixer's store and, for region input, its mask.
+mod segments;
+use segments::{text, Template};
+
+/// Where an image's pixels are: the mixer's store (records read in memory), or the batch's list of
+/// images still to decode (streamed records).
+#[derive(Clone, Copy)]
+enum Px {
+    Store(usize),
+    Pending(usize),
+}
+
+/// An image of a sample: its pixels and, for region input, its mask.
 #[derive(Clone, Copy)]
 struct ImageRef {
-    pixels: usize,
+    pixels: Px,
     mask: Option<usize>,
 }
 
 impl ImageRef {
     fn whole(pixels: usize) -> Self {
-        ImageRef { pixels, mask: None }
+        ImageRef {
+            pixels: Px::Store(pixels),
+            mask: None,
+        }
     }
 }
 
@@ -62,30 +80,63 @@ struct Sample {
     len: usize,
 }
 
+/// A source's samples: tokenised in memory, or streamed from disk as batches draw them.
+enum Samples {
+    Prepared(Vec<Sample>),
+    Streamed {
+        records: Arc<dyn RecordSource>,
+        tok: Arc<DeemTokenizer>,
+        /// The system prompt of conversations.
+        system: String,
+    },
+}
+
 /// One data source of the mix.
 pub struct Source {
     pub name: String,
     pub weight: f64,
-    samples: Vec<Sample>,
+    samples: Samples,
 }
 
 impl Source {
     pub fn len(&self) -> usize {
-        self.samples.len()
+        match &self.samples {
+            Samples::Prepared(v) => v.len(),
+            Samples::Streamed { records, .. } => records.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.samples.is_empty()
+        self.len() == 0
     }
 }
+
+/// A drawn sample: one of the store's, or one read for this batch (its images in the batch's list).
+enum Drawn<'a> {
+    Prepared(&'a Sample),
+    Streamed(Sample),
+}
+
+impl Drawn<'_> {
+    fn sample(&self) -> &Sample {
+        match self {
+            Drawn::Prepared(s) => s,
+            Drawn::Streamed(s) => s,
+        }
+    }
+}
+
+/// Consecutive drawn records a batch may find unreadable or too long before it gives up.
+const MAX_REDRAWS: usize = 1000;
 
 /// Packs samples from weighted sources into training batches.
 pub struct Mixer {
     pub sources: Vec<Source>,
-    /// Pixels [3, S, S] in [0, 1] of every image the samples use.
-    images: Vec<Tensor>,
+    /// Pixels [3, S, S] in [0, 1] of every image the samples held in memory use (as plain values: the
+    /// mixer is shared by the data workers' threads, which tensors cannot be).
+    images: Vec<Vec<f32>>,
     /// Region masks [1, S, S] in [0, 1] the samples use.
-    masks: Vec<Tensor>,
+    masks: Vec<Vec<f32>>,
     /// Region data was added: batches carry masks.
     regions: bool,
     seed: u64,
@@ -102,6 +153,8 @@ pub struct Mixer {
     size: i64,
     /// Samples dropped because they are longer than the context.
     pub too_long: usize,
+    /// What streamed sources read and decoded.
+    pub stats: Arc<DataStats>,
 }
 
 impl Mixer {
@@ -124,42 +177,54 @@ impl Mixer {
             sniffer: l.vocab_size + 1,
             size: cfg.diffusion.image_size,
             too_long: 0,
+            stats: Arc::new(DataStats::default()),
         }
+    }
+
+    fn template(&self) -> Template {
+        Template {
+            eos: self.eos,
+            loss_on_prompts: self.loss_on_prompts,
+        }
+    }
+
+    /// A source streamed from disk: each record is read, tokenised and its images decoded when a
+    /// batch draws it (records longer than the context, or unreadable, are drawn again and counted in
+    /// [`Self::stats`]).
+    pub fn add_stream(
+        &mut self,
+        name: &str,
+        weight: f64,
+        records: Arc<dyn RecordSource>,
+        tok: Arc<DeemTokenizer>,
+        system: &str,
+    ) {
+        self.sources.push(Source {
+            name: name.to_string(),
+            weight,
+            samples: Samples::Streamed {
+                records,
+                tok,
+                system: system.to_string(),
+            },
+        });
     }
 
     fn image(&mut self, img: &image::RgbImage) -> ImageRef {
-        self.images
-            .push(crate::models::vision::unit_pixels(img, self.size as u32));
+        let px = crate::models::vision::unit_pixels(img, self.size as u32);
+        self.images.push(values(&px));
         ImageRef::whole(self.images.len() - 1)
     }
 
-    /// Which ids of a prompt are NTP targets: `Some(0)` all (`train.loss_on_prompts`), else none.
-    fn prompt_targets(&self) -> Option<usize> {
-        if self.loss_on_prompts {
-            Some(0)
-        } else {
-            Some(usize::MAX)
-        }
-    }
-
-    /// A fixed-place prompt segment (no targets unless `train.loss_on_prompts`).
-    fn prompt(&self, text: Vec<i64>, images: Vec<ImageRef>) -> Segment {
-        Segment {
-            text,
-            images,
-            movable: false,
-            targets_from: self.prompt_targets(),
-        }
+    /// A stored image or mask as a `[channels, S, S]` tensor.
+    fn stored(&self, v: &[f32], channels: i64) -> Tensor {
+        Tensor::from_slice(v).view([channels, self.size, self.size])
     }
 
     fn finish(&mut self, name: &str, weight: f64, samples: Vec<Vec<Segment>>) {
-        let k = self.k;
         let mut kept = Vec::new();
         for segments in samples {
-            let len = 2 + segments
-                .iter()
-                .map(|s| s.text.len() + s.images.len() * (1 + k))
-                .sum::<usize>();
+            let len = self.sample_len(&segments);
             if len > self.context {
                 self.too_long += 1;
             } else {
@@ -169,14 +234,8 @@ impl Mixer {
         self.sources.push(Source {
             name: name.to_string(),
             weight,
-            samples: kept,
+            samples: Samples::Prepared(kept),
         });
-    }
-
-    fn text(tok: &DeemTokenizer, s: &str) -> Result<Vec<i64>, DataError> {
-        tok.encode(s, false)
-            .map(|v| v.into_iter().map(i64::from).collect())
-            .map_err(DataError::from)
     }
 
     /// Image-text pairs: the image before or after its caption.
@@ -187,15 +246,11 @@ impl Mixer {
         pairs: &[Pair],
         tok: &DeemTokenizer,
     ) -> Result<(), DataError> {
+        let t = self.template();
         let mut samples = Vec::new();
         for p in pairs {
             let image = self.image(&p.image);
-            samples.push(vec![Segment {
-                text: Self::text(tok, &format!(" {}", p.caption))?,
-                images: vec![image],
-                movable: true,
-                targets_from: None,
-            }]);
+            samples.push(t.pair(tok, &p.caption, image)?);
         }
         self.finish(name, weight, samples);
         Ok(())
@@ -209,26 +264,10 @@ impl Mixer {
         docs: &[Document],
         tok: &DeemTokenizer,
     ) -> Result<(), DataError> {
+        let t = self.template();
         let mut samples = Vec::new();
         for d in docs {
-            let mut segs = Vec::new();
-            let mut used = 0;
-            for (i, t) in d.texts.iter().enumerate() {
-                let mut images = Vec::new();
-                for (img, at) in &d.images {
-                    if *at == i && used < MAX_IMAGES_PER_DOCUMENT {
-                        images.push(self.image(img));
-                        used += 1;
-                    }
-                }
-                segs.push(Segment {
-                    text: Self::text(tok, &format!(" {t}"))?,
-                    images,
-                    movable: true,
-                    targets_from: None,
-                });
-            }
-            samples.push(segs);
+            samples.push(t.document(tok, &d.texts, &d.images, |img| self.image(img))?);
         }
         self.finish(name, weight, samples);
         Ok(())
@@ -246,34 +285,11 @@ impl Mixer {
         system: &str,
         tok: &DeemTokenizer,
     ) -> Result<(), DataError> {
+        let t = self.template();
         let mut samples = Vec::new();
         for c in convs {
-            let mut segs = vec![self.prompt(Self::text(tok, system)?, vec![])];
-            for (i, (q, a)) in c.turns.iter().enumerate() {
-                let q = q.replace("<image>", "").trim().to_string();
-                let image = if i == 0 {
-                    c.image.as_ref().map(|img| self.image(img))
-                } else {
-                    None
-                };
-                segs.push(self.prompt(Self::text(tok, " USER:")?, vec![]));
-                // " {q} ASSISTANT:" is context; " {a}</s>" the target (the last reply's EOS is the
-                // sample's own, appended by `emit`).
-                let mut qt = Self::text(tok, &format!(" {q}"))?;
-                qt.extend(Self::text(tok, " ASSISTANT:")?);
-                let from = qt.len();
-                qt.extend(Self::text(tok, &format!(" {a}"))?);
-                if i + 1 < c.turns.len() {
-                    qt.push(self.eos);
-                }
-                segs.push(Segment {
-                    text: qt,
-                    images: image.into_iter().collect(),
-                    movable: false,
-                    targets_from: Some(if self.loss_on_prompts { 0 } else { from }),
-                });
-            }
-            samples.push(segs);
+            let image = c.image.as_ref().map(|img| self.image(img));
+            samples.push(t.conversation(tok, system, image, &c.turns)?);
         }
         self.finish(name, weight, samples);
         Ok(())
@@ -291,6 +307,7 @@ impl Mixer {
         tok: &DeemTokenizer,
     ) -> Result<(), DataError> {
         self.regions = true;
+        let t = self.template();
         let mut samples = Vec::new();
         for r in regions {
             let (w, h) = r.image.dimensions();
@@ -302,21 +319,18 @@ impl Mixer {
                     )
                 })?;
             let whole = self.image(&r.image);
-            self.masks.push(mask);
+            self.masks.push(values(&mask));
             let region = ImageRef {
                 pixels: whole.pixels,
                 mask: Some(self.masks.len() - 1),
             };
-            let mut reply = Self::text(tok, " ASSISTANT:")?;
+            let mut reply = text(tok, " ASSISTANT:")?;
             let from = reply.len();
-            reply.extend(Self::text(tok, &format!(" {}", r.caption))?);
+            reply.extend(text(tok, &format!(" {}", r.caption))?);
             samples.push(vec![
-                self.prompt(Self::text(tok, system)?, vec![]),
-                self.prompt(Self::text(tok, " USER:")?, vec![]),
-                self.prompt(
-                    Self::text(tok, &format!(" {REFERRING_PROMPT}"))?,
-                    vec![whole],
-                ),
+                t.prompt(text(tok, system)?, vec![]),
+                t.prompt(text(tok, " USER:")?, vec![]),
+                t.prompt(text(tok, &format!(" {REFERRING_PROMPT}"))?, vec![whole]),
                 Segment {
                     text: reply,
                     images: vec![region],
@@ -372,11 +386,139 @@ impl Mixer {
 
     /// Batch number `index`: `train.batch_size` rows of `train.context_length` ids.
     pub fn batch(&self, index: u64) -> Result<Batch, DataError> {
-        self.batch_with_counts(index).map(|(b, _)| b)
+        self.batch_rows(index, 0..self.rows).map(|(b, _)| b)
     }
 
     /// [`Mixer::batch`] and how many samples each source gave it.
     pub fn batch_with_counts(&self, index: u64) -> Result<(Batch, Vec<usize>), DataError> {
+        self.batch_rows(index, 0..self.rows)
+    }
+
+    fn sample_len(&self, segments: &[Segment]) -> usize {
+        2 + segments
+            .iter()
+            .map(|s| s.text.len() + s.images.len() * (1 + self.k))
+            .sum::<usize>()
+    }
+
+    /// Reads streamed record `i` of source `si` for a batch: its segments, its images appended to
+    /// `pending`. `None`: unreadable or longer than the context (counted), to be drawn again.
+    fn read(
+        &self,
+        si: usize,
+        i: usize,
+        pending: &mut Vec<Image>,
+    ) -> Result<Option<Sample>, DataError> {
+        let Samples::Streamed {
+            records,
+            tok,
+            system,
+        } = &self.sources[si].samples
+        else {
+            return Ok(None);
+        };
+        let record = match records.record(i, &self.stats) {
+            Ok(r) => r,
+            Err(e) => {
+                self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+                self.stats.note(e);
+                return Ok(None);
+            }
+        };
+        let t = self.template();
+        let mut place = |img: &Image| {
+            pending.push(img.clone());
+            ImageRef {
+                pixels: Px::Pending(pending.len() - 1),
+                mask: None,
+            }
+        };
+        let segments = match &record {
+            Record::Pair { image, caption } => {
+                let r = place(image);
+                t.pair(tok, caption, r)?
+            }
+            Record::Document { texts, images } => t.document(tok, texts, images, place)?,
+            Record::Conversation { image, turns } => {
+                let r = image.as_ref().map(&mut place);
+                t.conversation(tok, system, r, turns)?
+            }
+        };
+        let len = self.sample_len(&segments);
+        if len > self.context {
+            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+            return Ok(None);
+        }
+        Ok(Some(Sample { segments, len }))
+    }
+
+    /// Draws the next sample of a batch: a source by the mix weights (`total`: their sum), a sample
+    /// uniformly; a streamed record that cannot be used is drawn again.
+    fn draw<'a>(
+        &'a self,
+        s: &mut Stream,
+        total: f64,
+        pending: &mut Vec<Image>,
+    ) -> Result<(usize, Drawn<'a>), DataError> {
+        for _ in 0..MAX_REDRAWS {
+            let mut u = s.uniform() * total;
+            let si = self
+                .sources
+                .iter()
+                .enumerate()
+                .filter(|(_, x)| !x.is_empty())
+                .find(|(_, x)| {
+                    u -= x.weight;
+                    u < 0.0
+                })
+                .or_else(|| {
+                    self.sources
+                        .iter()
+                        .enumerate()
+                        .rev()
+                        .find(|(_, x)| !x.is_empty())
+                })
+                .expect("a non-empty source")
+                .0;
+            let n = self.sources[si].len() as u64;
+            let i = s.below(1, n)[0] as usize;
+            match &self.sources[si].samples {
+                Samples::Prepared(v) => return Ok((si, Drawn::Prepared(&v[i]))),
+                Samples::Streamed { .. } => {
+                    if let Some(sample) = self.read(si, i, pending)? {
+                        return Ok((si, Drawn::Streamed(sample)));
+                    }
+                }
+            }
+        }
+        Err(DataError::from(format!(
+            "{MAX_REDRAWS} records drawn in a row were unreadable or longer than train.context_length; last problem: {}",
+            self.stats.take_problem().unwrap_or_else(|| "too long".into())
+        )))
+    }
+
+    /// An image to decode for a batch, as pixels [3, S, S] in [0, 1]; one that fails (it passed the
+    /// check when its file was opened) is counted and given zeros, so the batch stays the same on
+    /// every rank.
+    fn decode(&self, img: &Image) -> Tensor {
+        match img.decode(&self.stats) {
+            Ok(im) => crate::models::vision::unit_pixels(&im, self.size as u32),
+            Err(e) => {
+                self.stats.bad_images.fetch_add(1, Ordering::Relaxed);
+                self.stats.note(e);
+                Tensor::zeros([3, self.size, self.size], (Kind::Float, tch::Device::Cpu))
+            }
+        }
+    }
+
+    /// Batch `index` of which this process uses rows `rows` (its data-parallel share): every row's
+    /// tokens are the global batch's, but only the images of rows in `rows` are read and decoded
+    /// (the others' pixels are zeros). With how many samples each source gave.
+    pub fn batch_rows(
+        &self,
+        index: u64,
+        rows: std::ops::Range<usize>,
+    ) -> Result<(Batch, Vec<usize>), DataError> {
         let mut counts = vec![0usize; self.sources.len()];
         let total: f64 = self
             .sources
@@ -391,74 +533,61 @@ impl Mixer {
         }
         let mut ids = Vec::with_capacity(self.rows * self.context);
         let mut mask = Vec::with_capacity(self.rows * self.context);
-        let mut order = Vec::new();
+        let (mut order, mut pending, mut row_ends) = (Vec::new(), Vec::new(), Vec::new());
         // One stream per batch; rows fill in order. A drawn sample that does not fit closes the row
         // and opens the next one, so what is packed follows the mix weights (dropping it instead would
         // favour short samples).
         let mut s = Stream::new(self.seed, index, 0, Purpose::Data);
-        let mut carried: Option<(usize, usize)> = None;
+        let mut carried: Option<(usize, Drawn)> = None;
         for _ in 0..self.rows {
             let mut row = Vec::with_capacity(self.context);
             let mut row_mask = Vec::with_capacity(self.context);
             loop {
-                let (si, i) = match carried.take() {
+                let (si, drawn) = match carried.take() {
                     Some(x) => x,
-                    None => {
-                        let mut u = s.uniform() * total;
-                        let si = self
-                            .sources
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, x)| !x.is_empty())
-                            .find(|(_, x)| {
-                                u -= x.weight;
-                                u < 0.0
-                            })
-                            .or_else(|| {
-                                self.sources
-                                    .iter()
-                                    .enumerate()
-                                    .rev()
-                                    .find(|(_, x)| !x.is_empty())
-                            })
-                            .expect("a non-empty source")
-                            .0;
-                        let n = self.sources[si].samples.len() as u64;
-                        (si, s.below(1, n)[0] as usize)
-                    }
+                    None => self.draw(&mut s, total, &mut pending)?,
                 };
-                let sample = &self.sources[si].samples[i];
-                if row.len() + sample.len > self.context {
-                    carried = Some((si, i));
+                if row.len() + drawn.sample().len > self.context {
+                    carried = Some((si, drawn));
                     break;
                 }
                 counts[si] += 1;
-                self.emit(sample, &mut s, &mut row, &mut row_mask, &mut order);
+                self.emit(drawn.sample(), &mut s, &mut row, &mut row_mask, &mut order);
             }
             row.resize(self.context, self.pad);
             row_mask.resize(self.context, false);
             ids.extend(row);
             mask.extend(row_mask);
+            row_ends.push(order.len());
         }
-        let pixels = if order.is_empty() {
+        let row_of = |o: usize| row_ends.iter().position(|&end| o < end).unwrap_or(0);
+        let all: Vec<Tensor> = order
+            .iter()
+            .enumerate()
+            .map(|(o, r)| match r.pixels {
+                Px::Store(i) => self.stored(&self.images[i], 3),
+                Px::Pending(j) if rows.contains(&row_of(o)) => self.decode(&pending[j]),
+                Px::Pending(_) => {
+                    Tensor::zeros([3, self.size, self.size], (Kind::Float, tch::Device::Cpu))
+                }
+            })
+            .collect();
+        let pixels = if all.is_empty() {
             Tensor::zeros(
                 [0, 3, self.size, self.size],
                 (Kind::Float, tch::Device::Cpu),
             )
         } else {
-            Tensor::stack(
-                &order
-                    .iter()
-                    .map(|r| &self.images[r.pixels])
-                    .collect::<Vec<_>>(),
-                0,
-            )
+            Tensor::stack(&all, 0)
         };
         let masks = self.regions.then(|| {
             let whole = crate::models::region::whole_image_masks(1, self.size).squeeze_dim(0);
-            let all: Vec<&Tensor> = order
+            let all: Vec<Tensor> = order
                 .iter()
-                .map(|r| r.mask.map_or(&whole, |m| &self.masks[m]))
+                .map(|r| {
+                    r.mask
+                        .map_or_else(|| whole.shallow_clone(), |m| self.stored(&self.masks[m], 1))
+                })
                 .collect();
             if all.is_empty() {
                 Tensor::zeros(
@@ -480,4 +609,9 @@ impl Mixer {
             counts,
         ))
     }
+}
+
+/// A float tensor's values, row-major.
+fn values(t: &Tensor) -> Vec<f32> {
+    Vec::<f32>::try_from(t.to_kind(Kind::Float).flatten(0, -1)).unwrap_or_default()
 }

@@ -48,7 +48,7 @@ pub struct ReadReport<T> {
 }
 
 impl<T> ReadReport<T> {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         ReadReport {
             records: Vec::new(),
             bad: Vec::new(),
@@ -56,13 +56,13 @@ impl<T> ReadReport<T> {
         }
     }
 
-    fn filter(&mut self, rule: &'static str, n: usize) {
+    pub(crate) fn filter(&mut self, rule: &'static str, n: usize) {
         if n > 0 {
             *self.filtered.entry(rule).or_default() += n;
         }
     }
 
-    fn skip(&mut self, at: String, reason: impl std::fmt::Display) {
+    pub(crate) fn skip(&mut self, at: String, reason: impl std::fmt::Display) {
         let reason = reason.to_string();
         self.bad.push(BadRecord { at, reason });
     }
@@ -116,8 +116,8 @@ pub struct Document {
 
 /// One instruction conversation: the image (if any) and (human, assistant) turns.
 #[derive(Debug, Clone)]
-pub struct Conversation {
-    pub image: Option<RgbImage>,
+pub struct Conversation<I = RgbImage> {
+    pub image: Option<I>,
     pub turns: Vec<(String, String)>,
 }
 
@@ -140,7 +140,7 @@ fn load_image(base: &Path, rel: &str) -> Result<RgbImage, DataError> {
 }
 
 /// The folder a file's image paths are relative to: `images` when given, else the file's own folder.
-fn image_root(path: &Path, images: Option<&Path>) -> PathBuf {
+pub(crate) fn image_root(path: &Path, images: Option<&Path>) -> PathBuf {
     images.map_or_else(
         || {
             path.parent()
@@ -165,9 +165,9 @@ fn jsonl_lines(path: &Path) -> Result<Vec<(usize, String)>, DataError> {
 }
 
 #[derive(Deserialize)]
-struct PairLine {
-    image: String,
-    caption: String,
+pub(crate) struct PairLine {
+    pub image: String,
+    pub caption: String,
 }
 
 /// Image-text pairs from JSONL; image paths are relative to `images` (default: the file's folder).
@@ -190,33 +190,42 @@ pub fn read_pairs_jsonl(path: &Path, images: Option<&Path>) -> Result<ReadReport
     Ok(r)
 }
 
-/// Image-text pairs from a webdataset-style tar shard (as img2dataset writes them): members
-/// `<key>.png|jpg|jpeg|webp` and the caption in `<key>.txt`, or else in the `"caption"` of `<key>.json`. As
-/// in webdataset, the key is the member's path up to the first dot of its file name, the extension
-/// (lower-cased) the rest, so `x.seg.png` is not `x`'s image.
-pub fn read_pairs_tar(path: &Path, _images: Option<&Path>) -> Result<ReadReport<Pair>, DataError> {
-    #[derive(Default)]
-    struct Sample {
-        image: Option<Vec<u8>>,
-        txt: Option<String>,
-        json: Option<Vec<u8>>,
-    }
+/// A file member of a tar shard: its name and where its data lies.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub name: String,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// The members of one webdataset sample.
+#[derive(Debug, Default)]
+pub(crate) struct TarParts {
+    pub image: Option<Member>,
+    pub txt: Option<Member>,
+    pub json: Option<Member>,
+}
+
+/// Indexes a tar shard's file members by webdataset key, reading headers only (the data is skipped).
+/// Members past an unreadable one cannot be found: it is reported, and the index stops there.
+pub(crate) fn tar_index(
+    path: &Path,
+) -> Result<(BTreeMap<String, TarParts>, Vec<BadRecord>), DataError> {
     let f = std::fs::File::open(path)
         .map_err(|e| DataError::from(format!("{}: {e}", path.display())))?;
     let mut archive = tar::Archive::new(f);
-    let mut parts: BTreeMap<String, Sample> = BTreeMap::new();
     let entries = archive
-        .entries()
+        .entries_with_seek()
         .map_err(|e| DataError::from(format!("{}: not a tar file: {e}", path.display())))?;
-    let mut r = ReadReport::new();
+    let (mut parts, mut bad): (BTreeMap<String, TarParts>, _) = (BTreeMap::new(), Vec::new());
     for entry in entries {
-        let mut entry = match entry {
+        let entry = match entry {
             Ok(e) => e,
             Err(e) => {
-                r.skip(
-                    format!("{}", path.display()),
-                    format!("unreadable member: {e}"),
-                );
+                bad.push(BadRecord {
+                    at: format!("{}", path.display()),
+                    reason: format!("unreadable member: {e}"),
+                });
                 break;
             }
         };
@@ -230,55 +239,84 @@ pub fn read_pairs_tar(path: &Path, _images: Option<&Path>) -> Result<ReadReport<
         let Some((key, ext)) = webdataset_key(&name) else {
             continue;
         };
-        let mut buf = Vec::new();
-        if let Err(e) = std::io::Read::read_to_end(&mut entry, &mut buf) {
-            r.skip(
-                format!("{}:{name}", path.display()),
-                format!("unreadable member: {e}"),
-            );
-            continue;
-        }
+        let member = Member {
+            name,
+            offset: entry.raw_file_position(),
+            len: entry.size(),
+        };
         let slot = parts.entry(key).or_default();
         match ext.as_str() {
-            "png" | "jpg" | "jpeg" | "webp" => slot.image = Some(buf),
-            "txt" => slot.txt = Some(String::from_utf8_lossy(&buf).trim().to_string()),
-            "json" => slot.json = Some(buf),
+            "png" | "jpg" | "jpeg" | "webp" => slot.image = Some(member),
+            "txt" => slot.txt = Some(member),
+            "json" => slot.json = Some(member),
             _ => {}
         }
     }
-    for (key, sample) in parts {
-        let at = format!("{}:{key}", path.display());
-        let caption = match (sample.txt, &sample.json) {
-            (Some(t), _) => Ok(t),
-            (None, Some(json)) => serde_json::from_slice::<serde_json::Value>(json)
+    Ok((parts, bad))
+}
+
+/// The data of a tar member.
+pub fn read_member(shard: &Path, m: &Member) -> Result<Vec<u8>, DataError> {
+    use std::io::{Read, Seek};
+    let err = |e: std::io::Error| DataError::from(format!("{}:{}: {e}", shard.display(), m.name));
+    let mut f = std::fs::File::open(shard).map_err(err)?;
+    f.seek(std::io::SeekFrom::Start(m.offset)).map_err(err)?;
+    let mut buf = vec![0; m.len as usize];
+    f.read_exact(&mut buf).map_err(err)?;
+    Ok(buf)
+}
+
+/// A webdataset sample's caption: its `.txt`, else the `"caption"` of its `.json`. `Err`: the sample is
+/// bad (the reason), including a sample without an image member.
+pub(crate) fn tar_caption(shard: &Path, key: &str, p: &TarParts) -> Result<String, DataError> {
+    if p.image.is_none() {
+        // Metadata without an image (img2dataset keeps the .json of failed downloads).
+        return Err(DataError::from(if p.json.is_some() {
+            "no image member (.png/.jpg/.webp); only its .json"
+        } else {
+            "no image member (.png/.jpg/.webp)"
+        }));
+    }
+    match (&p.txt, &p.json) {
+        (Some(t), _) => Ok(String::from_utf8_lossy(&read_member(shard, t)?)
+            .trim()
+            .to_string()),
+        (None, Some(json)) => {
+            serde_json::from_slice::<serde_json::Value>(&read_member(shard, json)?)
                 .map_err(|e| DataError::from(format!("{key}.json: bad JSON: {e}")))
                 .and_then(|v| match v.get("caption") {
                     Some(serde_json::Value::String(c)) => Ok(c.trim().to_string()),
                     _ => Err(DataError::from(format!(
                         "{key}.json has no \"caption\" string and there is no {key}.txt"
                     ))),
-                }),
-            (None, None) => Err(DataError::from(
-                "no caption member (.txt, or .json with \"caption\")",
-            )),
-        };
-        match (sample.image, caption) {
-            (None, _) => {
-                // Metadata without an image (img2dataset keeps the .json of failed downloads).
-                if sample.json.is_none() {
-                    r.skip(at, "no image member (.png/.jpg/.webp)");
-                } else {
-                    r.skip(at, "no image member (.png/.jpg/.webp); only its .json");
-                }
-            }
-            (Some(_), Err(e)) => r.skip(at, e),
-            (Some(bytes), Ok(caption)) => match image::load_from_memory(&bytes) {
-                Ok(i) => r.records.push(Pair {
-                    image: i.to_rgb8(),
-                    caption,
-                }),
-                Err(e) => r.skip(at, format!("cannot decode the image: {e}")),
-            },
+                })
+        }
+        (None, None) => Err(DataError::from(
+            "no caption member (.txt, or .json with \"caption\")",
+        )),
+    }
+}
+
+/// Image-text pairs from a webdataset-style tar shard (as img2dataset writes them): members
+/// `<key>.png|jpg|jpeg|webp` and the caption in `<key>.txt`, or else in the `"caption"` of `<key>.json`. As
+/// in webdataset, the key is the member's path up to the first dot of its file name, the extension
+/// (lower-cased) the rest, so `x.seg.png` is not `x`'s image.
+pub fn read_pairs_tar(path: &Path, _images: Option<&Path>) -> Result<ReadReport<Pair>, DataError> {
+    let (parts, bad) = tar_index(path)?;
+    let mut r = ReadReport::new();
+    r.bad = bad;
+    for (key, p) in parts {
+        let at = format!("{}:{key}", path.display());
+        let image = tar_caption(path, &key, &p).and_then(|caption| {
+            let m = p.image.as_ref().expect("tar_caption checked the image");
+            let bytes = read_member(path, m)?;
+            image::load_from_memory(&bytes)
+                .map(|i| (i.to_rgb8(), caption))
+                .map_err(|e| DataError::from(format!("cannot decode the image: {e}")))
+        });
+        match image {
+            Ok((image, caption)) => r.records.push(Pair { image, caption }),
+            Err(e) => r.skip(at, e),
         }
     }
     Ok(r)
@@ -286,7 +324,7 @@ pub fn read_pairs_tar(path: &Path, _images: Option<&Path>) -> Result<ReadReport<
 
 /// webdataset's split of a member name into its sample key (the path up to the first dot of the file
 /// name) and extension (the rest, lower-cased); `None` for names without an extension.
-fn webdataset_key(name: &str) -> Option<(String, String)> {
+pub(crate) fn webdataset_key(name: &str) -> Option<(String, String)> {
     let file_start = name.rfind('/').map_or(0, |i| i + 1);
     let dot = name[file_start..].find('.')? + file_start;
     let ext = &name[dot + 1..];
@@ -294,15 +332,15 @@ fn webdataset_key(name: &str) -> Option<(String, String)> {
 }
 
 #[derive(Deserialize)]
-struct Mmc4Line {
-    text_list: Vec<String>,
-    image_info: Vec<Mmc4Image>,
+pub(crate) struct Mmc4Line {
+    pub text_list: Vec<String>,
+    pub image_info: Vec<Mmc4Image>,
 }
 
 #[derive(Deserialize)]
-struct Mmc4Image {
-    image_name: String,
-    matched_text_index: usize,
+pub(crate) struct Mmc4Image {
+    pub image_name: String,
+    pub matched_text_index: usize,
     /// CLIP similarity of the image to its matched sentence.
     #[serde(default)]
     matched_sim: Option<f64>,
@@ -313,6 +351,56 @@ pub const MMC4_LOW_SIMILARITY: &str = "images below data.mmc4.min_similarity";
 pub const MMC4_PAST_MAX: &str = "images past data.mmc4.max_images";
 pub const MMC4_NO_IMAGE: &str = "documents without images";
 pub const MMC4_ONE_IMAGE: &str = "one-image documents drawn out (data.mmc4.drop_one_image_share)";
+
+/// The images of MMC4 line `n` (`at` in messages) that the paper's rules keep, or `None` when the
+/// document is dropped (counted in `r.filtered`) or bad (in `r.bad`).
+pub(crate) fn mmc4_keep<'a, T>(
+    d: &'a Mmc4Line,
+    n: usize,
+    at: String,
+    rules: &crate::config::Mmc4Rules,
+    seed: u64,
+    r: &mut ReadReport<T>,
+) -> Option<Vec<&'a Mmc4Image>> {
+    if let Some(info) = d
+        .image_info
+        .iter()
+        .find(|i| i.matched_text_index >= d.text_list.len())
+    {
+        r.skip(
+            at,
+            format!(
+                "matched_text_index {} is past the {} sentences",
+                info.matched_text_index,
+                d.text_list.len()
+            ),
+        );
+        return None;
+    }
+    let similar: Vec<&Mmc4Image> = d
+        .image_info
+        .iter()
+        .filter(|i| i.matched_sim.is_none_or(|s| s >= rules.min_similarity))
+        .collect();
+    r.filter(MMC4_LOW_SIMILARITY, d.image_info.len() - similar.len());
+    r.filter(
+        MMC4_PAST_MAX,
+        similar.len().saturating_sub(rules.max_images),
+    );
+    let kept = &similar[..similar.len().min(rules.max_images)];
+    if kept.is_empty() && rules.drop_without_images {
+        r.filter(MMC4_NO_IMAGE, 1);
+        return None;
+    }
+    if kept.len() == 1 {
+        let draw = Stream::new(seed, n as u64, 0x6d6d_6334, Purpose::Data).uniform();
+        if draw < rules.drop_one_image_share {
+            r.filter(MMC4_ONE_IMAGE, 1);
+            return None;
+        }
+    }
+    Some(kept.to_vec())
+}
 
 /// MMC4-style interleaved documents from JSONL; `image_name` is relative to `images` (default: the
 /// file's folder). The paper's rules apply as each line is read, before any image is decoded: images
@@ -336,43 +424,9 @@ pub fn read_mmc4(
                 continue;
             }
         };
-        if let Some(info) = d
-            .image_info
-            .iter()
-            .find(|i| i.matched_text_index >= d.text_list.len())
-        {
-            r.skip(
-                at,
-                format!(
-                    "matched_text_index {} is past the {} sentences",
-                    info.matched_text_index,
-                    d.text_list.len()
-                ),
-            );
+        let Some(kept) = mmc4_keep(&d, n, at.clone(), rules, seed, &mut r) else {
             continue;
-        }
-        let similar: Vec<&Mmc4Image> = d
-            .image_info
-            .iter()
-            .filter(|i| i.matched_sim.is_none_or(|s| s >= rules.min_similarity))
-            .collect();
-        r.filter(MMC4_LOW_SIMILARITY, d.image_info.len() - similar.len());
-        r.filter(
-            MMC4_PAST_MAX,
-            similar.len().saturating_sub(rules.max_images),
-        );
-        let kept = &similar[..similar.len().min(rules.max_images)];
-        if kept.is_empty() && rules.drop_without_images {
-            r.filter(MMC4_NO_IMAGE, 1);
-            continue;
-        }
-        if kept.len() == 1 {
-            let draw = Stream::new(seed, n as u64, 0x6d6d_6334, Purpose::Data).uniform();
-            if draw < rules.drop_one_image_share {
-                r.filter(MMC4_ONE_IMAGE, 1);
-                continue;
-            }
-        }
+        };
         let mut images = Vec::new();
         for info in kept {
             match load_image(&base, &info.image_name) {
@@ -411,6 +465,15 @@ pub fn read_llava(
     images: Option<&Path>,
 ) -> Result<ReadReport<Conversation>, DataError> {
     let base = image_root(path, images);
+    read_llava_with(path, |rel| load_image(&base, rel))
+}
+
+/// [`read_llava`] with each entry's image given by `load` (its path in the record): decoded, or a
+/// handle for streaming.
+pub fn read_llava_with<I>(
+    path: &Path,
+    load: impl Fn(&str) -> Result<I, DataError>,
+) -> Result<ReadReport<Conversation<I>>, DataError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| DataError::from(format!("{}: {e}", path.display())))?;
     let entries: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
@@ -444,7 +507,7 @@ pub fn read_llava(
         }
         let image = match &e.image {
             None => None,
-            Some(rel) => match load_image(&base, rel) {
+            Some(rel) => match load(rel) {
                 Ok(i) => Some(i),
                 Err(err) => {
                     r.skip(at, err);

@@ -77,6 +77,18 @@ pub fn read_filtered<T>(
     read: impl Fn(&Path, Option<&Path>) -> Result<ReadReport<T>, deem::data::DataError>,
 ) -> anyhow::Result<Filtered<T>> {
     let r = read(file, images).map_err(anyhow::Error::msg)?;
+    check_report(file, format, max, metrics, r)
+}
+
+/// Logs and counts a reader's report on `file` as `format` (its bad records, what its rules dropped),
+/// and fails when more than `max` of its records are bad.
+pub fn check_report<T>(
+    file: &Path,
+    format: Format,
+    max: f64,
+    metrics: &Metrics,
+    r: ReadReport<T>,
+) -> anyhow::Result<Filtered<T>> {
     let (_, bad) = account(&r, format, metrics);
     r.check(file, max).map_err(anyhow::Error::msg)?;
     for (rule, n) in &r.filtered {

@@ -15,6 +15,7 @@ use deem::models::pretrained::{part_spec, summarise, Filled, Pretrained};
 use deem::train::{StepReport, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::cli::prefetch::Feed;
 use crate::cli::train_data::{dataset_batches, Batches};
 use crate::pipeline::checkpoint;
 use crate::pipeline::distributed::DistPlan;
@@ -432,6 +433,21 @@ pub fn run_job(
     Ok(reports)
 }
 
+/// The rows of each global batch this process trains on: its replica's microbatches in data
+/// parallelism, else all of them.
+fn own_rows(job: &TrainJob, c: &deem::config::DeemConfig) -> std::ops::Range<usize> {
+    let rows = c.train.batch_size as usize;
+    match &job.mode {
+        Mode::Distributed(_, d) if d.data_parallel > 1 => {
+            let per_mb = rows / c.train.microbatches as usize;
+            let per = d.per_replica(c.train.microbatches) as usize;
+            let first = d.replica as usize * per * per_mb;
+            first..first + per * per_mb
+        }
+        _ => 0..rows,
+    }
+}
+
 /// Whether this process writes the run's files (`steps.jsonl`, `model.safetensors`): every process but
 /// the ranks above 0 of a world.
 fn leads(mode: &Mode) -> bool {
@@ -451,10 +467,11 @@ fn train_loop<'rt>(
         Mode::SingleProcess(d) => vec![*d],
         Mode::Pipeline(t) | Mode::Distributed(t, _) => t.devices(),
     };
-    let data: Box<dyn Batches> = match &job.data {
-        Some(dir) => Box::new(dataset_batches(c, dir, metrics)?),
-        None => Box::new(SyntheticBatches::new(c, c.train.seed)),
+    let data: Arc<dyn Batches> = match &job.data {
+        Some(dir) => Arc::new(dataset_batches(c, dir, metrics)?),
+        None => Arc::new(SyntheticBatches::new(c, c.train.seed)),
     };
+    let mut feed = Feed::new(data, own_rows(job, c), c);
     let steps_path = job.run_dir.join("steps.jsonl");
     if job.resume && leads(&job.mode) {
         drop_steps_from(&steps_path, engine.cursor())?;
@@ -510,7 +527,7 @@ fn train_loop<'rt>(
     let end = job.stop_at.map_or(steps, |s| s.min(steps));
     while engine.cursor() < end {
         let i = engine.cursor();
-        let batch = data.batch(i)?;
+        let batch = feed.take(i, metrics)?;
         let kill = c
             .fault
             .as_ref()

@@ -3,9 +3,12 @@
 //! records logged and counted. Batch `i` is a function of the seed and `i` alone, so every process of a
 //! world reads the same global batch and takes its own share.
 
+use std::sync::Arc;
+
 use anyhow::bail;
 use deem::config::{DataFormat, DataSource};
 use deem::data::batches::SyntheticBatches;
+use deem::data::stream::{self, DataStats, RecordSource};
 use deem::models::deem::Batch;
 
 use crate::runtime::metrics::Metrics;
@@ -14,8 +17,18 @@ use crate::runtime::metrics::Metrics;
 pub const MAX_BAD_RATIO: f64 = 0.05;
 
 /// Where training batches come from: batch `i` is a function of the seed and `i` alone.
-pub trait Batches {
+pub trait Batches: Send + Sync {
     fn batch(&self, index: u64) -> anyhow::Result<Batch>;
+    /// Batch `i` of which the caller uses rows `rows` (its data-parallel share): sources that decode
+    /// images lazily decode only those rows' images.
+    fn batch_rows(&self, index: u64, rows: std::ops::Range<usize>) -> anyhow::Result<Batch> {
+        let _ = rows;
+        self.batch(index)
+    }
+    /// What the source read and decoded, when it streams from disk.
+    fn stats(&self) -> Option<Arc<DataStats>> {
+        None
+    }
 }
 
 impl Batches for SyntheticBatches {
@@ -27,6 +40,16 @@ impl Batches for SyntheticBatches {
 impl Batches for deem::data::mixer::Mixer {
     fn batch(&self, index: u64) -> anyhow::Result<Batch> {
         deem::data::mixer::Mixer::batch(self, index).map_err(anyhow::Error::msg)
+    }
+
+    fn batch_rows(&self, index: u64, rows: std::ops::Range<usize>) -> anyhow::Result<Batch> {
+        deem::data::mixer::Mixer::batch_rows(self, index, rows)
+            .map(|(b, _)| b)
+            .map_err(anyhow::Error::msg)
+    }
+
+    fn stats(&self) -> Option<Arc<DataStats>> {
+        Some(self.stats.clone())
     }
 }
 
@@ -66,15 +89,17 @@ fn stage_sources(c: &deem::config::DeemConfig, dir: &std::path::Path) -> Vec<Dat
 }
 
 /// The training data of `dir`: `train.sources`, or the stage's own mixture; bad records logged and
-/// counted.
+/// counted. MMC4 shards, pairs (JSONL and tar shards) and LLaVA conversations stream: their records are
+/// indexed and checked now, read and their images decoded when a batch draws them; region data is read
+/// whole (its masks are decoded here).
 pub fn dataset_batches(
     c: &deem::config::DeemConfig,
     dir: &std::path::Path,
     metrics: &Metrics,
 ) -> anyhow::Result<deem::data::mixer::Mixer> {
-    use crate::cli::data::{read_checked, Format};
+    use crate::cli::data::{check_report, read_checked, Format};
     use deem::data::readers;
-    let tok = deem::text::tokenizer::load_tokenizer(None, Some(dir), c)?;
+    let tok = Arc::new(deem::text::tokenizer::load_tokenizer(None, Some(dir), c)?);
     let mut m = deem::data::mixer::Mixer::new(c, c.train.seed);
     let sources = if c.train.sources.is_empty() {
         stage_sources(c, dir)
@@ -103,38 +128,39 @@ pub fn dataset_batches(
         }
         let images = images.as_deref();
         let err = anyhow::Error::msg;
-        match src.format {
+        let streamed: Option<Arc<dyn RecordSource>> = match src.format {
             DataFormat::Mmc4 => {
-                let (docs, _) =
-                    read_checked(&p, images, Format::Mmc4, MAX_BAD_RATIO, metrics, |p, i| {
-                        readers::read_mmc4(p, i, &c.data.mmc4, c.train.seed)
-                    })?;
-                m.add_documents(name, src.weight, &docs, &tok)
-                    .map_err(err)?;
+                let (docs, r) =
+                    stream::open_mmc4(&p, images, &c.data.mmc4, c.train.seed).map_err(err)?;
+                check_report(&p, Format::Mmc4, MAX_BAD_RATIO, metrics, r)?;
+                Some(Arc::new(docs))
             }
-            DataFormat::Pairs | DataFormat::PairsTar => {
-                let (format, read): (_, fn(&std::path::Path, Option<&std::path::Path>) -> _) =
-                    if src.format == DataFormat::Pairs {
-                        (Format::Pairs, readers::read_pairs_jsonl)
-                    } else {
-                        (Format::PairsTar, readers::read_pairs_tar)
-                    };
-                let (pairs, _) = read_checked(&p, images, format, MAX_BAD_RATIO, metrics, read)?;
-                m.add_pairs(name, src.weight, &pairs, &tok).map_err(err)?;
+            DataFormat::Pairs => {
+                let (pairs, r) = stream::open_pairs_jsonl(&p, images).map_err(err)?;
+                check_report(&p, Format::Pairs, MAX_BAD_RATIO, metrics, r)?;
+                Some(Arc::new(pairs))
+            }
+            DataFormat::PairsTar => {
+                let (pairs, r) = stream::open_pairs_tar(&p).map_err(err)?;
+                check_report(&p, Format::PairsTar, MAX_BAD_RATIO, metrics, r)?;
+                Some(Arc::new(pairs))
             }
             DataFormat::Llava => {
-                let (convs, _) = read_checked(
-                    &p,
-                    images,
-                    Format::Llava,
-                    MAX_BAD_RATIO,
-                    metrics,
-                    readers::read_llava,
-                )?;
-                m.add_conversations(name, src.weight, &convs, &c.serve.system_prompt, &tok)
-                    .map_err(err)?;
+                let (convs, r) = stream::open_llava(&p, images).map_err(err)?;
+                check_report(&p, Format::Llava, MAX_BAD_RATIO, metrics, r)?;
+                Some(Arc::new(convs))
             }
-            DataFormat::Regions => {
+            DataFormat::Regions => None,
+        };
+        match streamed {
+            Some(records) => m.add_stream(
+                name,
+                src.weight,
+                records,
+                tok.clone(),
+                &c.serve.system_prompt,
+            ),
+            None => {
                 let (regions, _) = read_checked(
                     &p,
                     images,

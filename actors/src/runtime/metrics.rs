@@ -293,6 +293,79 @@ impl PrecisionMetrics {
     }
 }
 
+/// Streaming training data: what the data workers read and decoded, and how long the trainer waited.
+#[derive(Debug, Default)]
+pub struct DataMetrics {
+    pub samples_read: Counter,
+    pub bytes_read: Counter,
+    pub decode_seconds: F64Counter,
+    pub bad_images: Counter,
+    pub skipped_records: Counter,
+    pub queue_depth: Gauge,
+    pub wait_seconds: F64Counter,
+}
+
+impl DataMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = DataMetrics::default();
+        registry.register(
+            "deem_data_samples_read",
+            "Dataset records the data workers read from disk for training batches",
+            m.samples_read.clone(),
+        );
+        registry.register(
+            "deem_data_read_bytes",
+            "Bytes of records and images the data workers read",
+            m.bytes_read.clone(),
+        );
+        registry.register(
+            "deem_data_decode_seconds",
+            "Time the data workers spent reading and decoding images, summed over workers",
+            m.decode_seconds.clone(),
+        );
+        registry.register(
+            "deem_data_bad_images",
+            "Images that failed to decode when a batch needed them (trained as zeros, named in the log)",
+            m.bad_images.clone(),
+        );
+        registry.register(
+            "deem_data_skipped_records",
+            "Drawn records that were unreadable or longer than train.context_length (drawn again)",
+            m.skipped_records.clone(),
+        );
+        registry.register(
+            "deem_data_prefetch_queue_depth_batches",
+            "Batches ready ahead of the trainer when it took its last one",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "deem_data_wait_seconds",
+            "Time the trainer waited for its next batch",
+            m.wait_seconds.clone(),
+        );
+        m
+    }
+
+    /// Adds what `stats` counted since `last` (updated).
+    pub fn sync(&self, stats: &deem::data::stream::DataStats, last: &mut [u64; 5]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = [
+            stats.samples.load(Relaxed),
+            stats.bytes.load(Relaxed),
+            stats.decode_nanos.load(Relaxed),
+            stats.bad_images.load(Relaxed),
+            stats.skipped.load(Relaxed),
+        ];
+        let d: Vec<u64> = now.iter().zip(*last).map(|(n, l)| n - l).collect();
+        self.samples_read.inc_by(d[0]);
+        self.bytes_read.inc_by(d[1]);
+        self.decode_seconds.inc_by(d[2] as f64 * 1e-9);
+        self.bad_images.inc_by(d[3]);
+        self.skipped_records.inc_by(d[4]);
+        *last = now;
+    }
+}
+
 type F64Gauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 type F64Counter = Counter<f64, std::sync::atomic::AtomicU64>;
 
@@ -320,6 +393,7 @@ pub struct Metrics {
     pub pipeline_edge_bytes: Family<EdgeLabels, Counter>,
     pub pipeline_edge_queue_depth: Family<EdgeLabels, Gauge>,
     pub precision: PrecisionMetrics,
+    pub data: DataMetrics,
     pub dist: DistMetrics,
     pub train_checkpoint_seconds: Histogram,
     pub serve: ServeMetrics,
@@ -506,6 +580,7 @@ impl Metrics {
         );
         let dist = DistMetrics::register(&mut registry);
         let precision = PrecisionMetrics::register(&mut registry);
+        let data = DataMetrics::register(&mut registry);
         let train_checkpoint_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 14));
         registry.register(
             "deem_train_checkpoint_seconds",
@@ -537,6 +612,7 @@ impl Metrics {
             train_grad_norm,
             train_learning_rate,
             precision,
+            data,
             train_actor_busy_seconds,
             train_actor_idle_seconds,
             train_bubble_ratio,
