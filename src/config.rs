@@ -574,7 +574,8 @@ pub struct DataSource {
     pub weight: f64,
     /// Folder the records' image paths are relative to, relative to the data folder (or absolute);
     /// absent: the file's own folder. For layouts that keep images apart (LLaVA's image folder, COCO's
-    /// `train2014/`, downloaded MMC4 images); tar shards carry their images and ignore it.
+    /// `train2014/`, downloaded MMC4 images). MMC4, pairs and LLaVA files may name a tar shard instead,
+    /// whose members are the images under those paths; pair tar shards carry their images and ignore it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub images: Option<String>,
 }

@@ -101,7 +101,7 @@ fn train_sources_choose_the_data_mixture_and_bad_ones_are_named() {
     assert_eq!(
         err,
         format!(
-            "{} (train.sources[0].images): not a folder; expected the folder ann/questions.json's image paths are relative to",
+            "{} (train.sources[0].images): not a folder or a tar shard; expected where ann/questions.json's image paths point",
             data.join("pictures").display()
         )
     );

@@ -107,6 +107,65 @@ fn streamed_sources_give_the_in_memory_readers_batches() {
     assert!(read > 0);
 }
 
+/// MMC4 documents whose images sit in a tar shard (under the names the documents give) stream the
+/// same batches as with the images in a folder; a name the shard lacks is a bad record.
+#[test]
+fn mmc4_images_in_a_tar_shard_give_the_folders_batches() {
+    let c = cfg();
+    let dir = world("stream-mmc4-tar");
+    let file = dir.join("mmc4.jsonl");
+    let mut names = std::collections::BTreeSet::new();
+    for line in std::fs::read_to_string(&file).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        for i in v["image_info"].as_array().unwrap() {
+            names.insert(i["image_name"].as_str().unwrap().to_string());
+        }
+    }
+    let shard = dir.join("mmc4-images.tar");
+    let mut b = tar::Builder::new(std::fs::File::create(&shard).unwrap());
+    for n in names.iter().skip(1) {
+        b.append_path_with_name(dir.join(n), n).unwrap();
+    }
+    b.finish().unwrap();
+    let tok = tokenizer(&c, &dir);
+    let mix = |images: Option<&Path>| {
+        let (docs, r) = stream::open_mmc4(&file, images, &c.data.mmc4, c.train.seed).unwrap();
+        let mut m = Mixer::new(&c, 5);
+        m.add_stream("mmc4", 1.0, Arc::new(docs), tok.clone(), "");
+        (m, r)
+    };
+    let (folder, rf) = mix(None);
+    let (tarred, rt) = mix(Some(&shard));
+    // The one image left out of the shard makes its document bad, named by its line.
+    assert!(rf.bad.is_empty());
+    assert_eq!(rt.bad.len(), 1, "{:?}", rt.bad);
+    let first = names.iter().next().unwrap();
+    assert_eq!(
+        rt.bad[0].reason,
+        format!("missing image {}:{first}", shard.display())
+    );
+    // Without that document, the tar shard's batches are the folder's on the same documents.
+    let kept: Vec<String> = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.contains(first.as_str()))
+        .map(String::from)
+        .collect();
+    let pruned = dir.join("mmc4-pruned.jsonl");
+    std::fs::write(&pruned, kept.join("\n") + "\n").unwrap();
+    let (docs, _) = stream::open_mmc4(&pruned, Some(&dir), &c.data.mmc4, c.train.seed).unwrap();
+    let mut on_disk = Mixer::new(&c, 5);
+    on_disk.add_stream("mmc4", 1.0, Arc::new(docs), tok.clone(), "");
+    assert_eq!(on_disk.sources[0].len(), tarred.sources[0].len());
+    assert_eq!(folder.sources[0].len(), tarred.sources[0].len() + 1);
+    for k in 0..4 {
+        assert!(
+            same(&on_disk.batch(k).unwrap(), &tarred.batch(k).unwrap()),
+            "batch {k}"
+        );
+    }
+}
+
 #[test]
 fn a_rank_decodes_only_its_rows_and_the_ranks_make_the_global_batch() {
     let c = cfg();

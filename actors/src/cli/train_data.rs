@@ -119,10 +119,16 @@ pub fn dataset_batches(
         // Each file is its own source, named by its file name.
         let name = src.file.as_str();
         let images = src.images.as_ref().map(|d| dir.join(d));
-        if let Some(d) = images.as_ref().filter(|d| !d.is_dir()) {
+        // A folder, or for the streamed formats a tar shard holding the images under those paths.
+        let tar_ok = src.format != DataFormat::Regions;
+        if let Some(d) = images
+            .as_ref()
+            .filter(|d| !d.is_dir() && !(tar_ok && d.is_file()))
+        {
             bail!(
-                "{} (train.sources[{i}].images): not a folder; expected the folder {}'s image paths are relative to",
+                "{} (train.sources[{i}].images): not a folder{}; expected where {}'s image paths point",
                 d.display(),
+                if tar_ok { " or a tar shard" } else { "" },
                 src.file
             );
         }
