@@ -123,7 +123,7 @@ pub fn dataset_batches(
         let tar_ok = src.format != DataFormat::Regions;
         if let Some(d) = images
             .as_ref()
-            .filter(|d| !d.is_dir() && !(tar_ok && d.is_file()))
+            .filter(|d| !(d.is_dir() || tar_ok && d.is_file()))
         {
             bail!(
                 "{} (train.sources[{i}].images): not a folder{}; expected where {}'s image paths point",
