@@ -340,11 +340,7 @@ fn img2dataset_style_shards_are_read_as_webdataset_keys_them() {
     let f = dir.join("shard.tar");
     let mut b = tar::Builder::new(std::fs::File::create(&f).unwrap());
     for (name, data) in &members {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, name, data.as_slice()).unwrap();
+        synth::append_member(&mut b, name, data).unwrap();
     }
     b.finish().unwrap();
     drop(b);

@@ -259,11 +259,7 @@ fn shard(path: &Path, n: usize) {
             (format!("{i:06}.png"), png),
             (format!("{i:06}.txt"), caption.into_bytes()),
         ] {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_cksum();
-            b.append_data(&mut h, name, data.as_slice()).unwrap();
+            deem::data::synth::append_member(&mut b, &name, &data).unwrap();
         }
     }
     b.finish().unwrap();

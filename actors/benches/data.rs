@@ -48,11 +48,7 @@ fn shard(path: &Path, n: usize) {
                 format!("a photo number {i}").into_bytes(),
             ),
         ] {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_cksum();
-            b.append_data(&mut h, name, data.as_slice()).unwrap();
+            deem::data::synth::append_member(&mut b, &name, &data).unwrap();
         }
     }
     b.finish().unwrap();

@@ -346,6 +346,19 @@ struct Synth<'a> {
     rng: crate::rng::Stream,
 }
 
+/// Appends a file member `name` holding `data` to a tar shard (as webdataset's writers do).
+pub fn append_member<W: std::io::Write>(
+    tb: &mut tar::Builder<W>,
+    name: &str,
+    data: &[u8],
+) -> std::io::Result<()> {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    tb.append_data(&mut h, name, data)
+}
+
 impl Synth<'_> {
     /// Pairs: JSONL and a webdataset tar shard with the same records.
     fn pairs(&mut self) -> Result<(), DataError> {
@@ -369,11 +382,7 @@ impl Synth<'_> {
                     (format!("{key}.png"), png),
                     (format!("{key}.txt"), cap.into_bytes()),
                 ] {
-                    let mut h = tar::Header::new_gnu();
-                    h.set_size(data.len() as u64);
-                    h.set_mode(0o644);
-                    h.set_cksum();
-                    tb.append_data(&mut h, &name, data.as_slice())
+                    append_member(&mut tb, &name, &data)
                         .map_err(|e| DataError::from(format!("{}: {e}", tar_tmp.display())))?;
                 }
             }
