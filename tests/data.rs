@@ -418,6 +418,29 @@ fn bad_records_are_skipped_counted_and_bounded() {
         r.bad[2].reason
     );
     assert!(r.check(&f, 0.5).is_ok());
+    // A record may not point outside the images folder (read whole or streamed alike).
+    let outside = dir.join("outside.jsonl");
+    std::fs::write(
+        &outside,
+        "{\"image\": \"../escape.png\", \"caption\": \"x\"}\n{\"image\": \"/etc/hostname\", \"caption\": \"x\"}\n",
+    )
+    .unwrap();
+    let want = [
+        format!(
+            "image path \"../escape.png\" leaves the images folder {} (absolute, or with `..`)",
+            dir.display()
+        ),
+        format!(
+            "image path \"/etc/hostname\" leaves the images folder {} (absolute, or with `..`)",
+            dir.display()
+        ),
+    ];
+    let eager = readers::read_pairs_jsonl(&outside, None).unwrap();
+    let (_, streamed) = deem::data::stream::open_pairs_jsonl(&outside, None).unwrap();
+    for bad in [&eager.bad, &streamed.bad] {
+        let reasons: Vec<&str> = bad.iter().map(|b| b.reason.as_str()).collect();
+        assert_eq!(reasons, want);
+    }
     let err = r.check(&f, 0.2).unwrap_err().to_string();
     assert!(
         err.starts_with(&format!(

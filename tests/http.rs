@@ -211,8 +211,11 @@ async fn auth_readiness_csr_scores_and_graceful_shutdown() {
     let r = post_as(&client, &s, None, &body).await;
     assert_eq!(r.status().as_u16(), 401);
     assert_eq!(r.headers()["www-authenticate"], "Bearer");
-    let r = post_as(&client, &s, Some("wrong"), &body).await;
-    assert_eq!(r.status().as_u16(), 401);
+    // Compared whole (in constant time): a prefix or an extension of the key is not the key.
+    for wrong in ["wrong", "sekri", "sekritt", ""] {
+        let r = post_as(&client, &s, Some(wrong), &body).await;
+        assert_eq!(r.status().as_u16(), 401, "{wrong:?}");
+    }
     let r = post_as(&client, &s, Some("sekrit"), &body).await;
     assert_eq!(r.status().as_u16(), 200);
     let v: Value = r.json().await.unwrap();

@@ -129,8 +129,24 @@ pub struct Region {
     pub caption: String,
 }
 
+/// `rel` under the images root `base`: a record's image path may not leave it (an absolute path, or
+/// a `..` component), so a dataset cannot make deem read files elsewhere.
+pub fn inside(base: &Path, rel: &str) -> Result<PathBuf, DataError> {
+    use std::path::Component;
+    let escapes = Path::new(rel)
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir));
+    if escapes || rel.is_empty() {
+        return Err(DataError::from(format!(
+            "image path {rel:?} leaves the images folder {} (absolute, or with `..`)",
+            base.display()
+        )));
+    }
+    Ok(base.join(rel))
+}
+
 fn load_image(base: &Path, rel: &str) -> Result<RgbImage, DataError> {
-    let p = base.join(rel);
+    let p = inside(base, rel)?;
     if !p.exists() {
         return Err(DataError::from(format!("missing image {}", p.display())));
     }

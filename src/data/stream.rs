@@ -13,8 +13,8 @@ use std::sync::Arc;
 use image::RgbImage;
 
 use crate::data::readers::{
-    image_root, mmc4_keep, read_member, tar_caption, tar_index, Conversation, Member, Mmc4Line,
-    PairLine, ReadReport,
+    image_root, inside, mmc4_keep, read_member, tar_caption, tar_index, Conversation, Member,
+    Mmc4Line, PairLine, ReadReport,
 };
 use crate::data::DataError;
 
@@ -185,7 +185,7 @@ impl ImageBase {
     fn image(&self, rel: &str) -> Result<Image, DataError> {
         match self {
             ImageBase::Folder(base) => {
-                let p = base.join(rel);
+                let p = inside(base, rel)?;
                 if p.is_file() {
                     Ok(Image::File(p))
                 } else {

@@ -122,7 +122,8 @@ pub fn request(
     tok: &DeemTokenizer,
     d: &Decoding,
 ) -> anyhow::Result<ValidRequest> {
-    chat_request(Some(&base.join(&q.image)), &q.text, cfg, tok, d)
+    let image = deem::data::readers::inside(base, &q.image).map_err(anyhow::Error::msg)?;
+    chat_request(Some(&image), &q.text, cfg, tok, d)
 }
 
 /// The engine request of one user turn with `content` parts, decoded as `d` says (through the API's

@@ -72,7 +72,19 @@ fn authorized(st: &AppState, headers: &HeaderMap) -> bool {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|given| given.trim() == key)
+        .is_some_and(|given| same_key(given.trim().as_bytes(), key.as_bytes()))
+}
+
+/// Whether two keys are equal, in a time that depends on their lengths only (not on where they first
+/// differ), so response times do not reveal the key a byte at a time.
+fn same_key(given: &[u8], key: &[u8]) -> bool {
+    let mut diff = given.len() ^ key.len();
+    for i in 0..given.len().max(key.len()) {
+        let a = given.get(i).copied().unwrap_or(0);
+        let b = key.get(i).copied().unwrap_or(0);
+        diff |= usize::from(a ^ b);
+    }
+    diff == 0
 }
 
 /// Parse and validate off the async workers (images are decoded here).
