@@ -4,7 +4,7 @@ SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 CARGO_TEST_FLAGS ?=
 
-.PHONY: setup build data pretrained run stage3 experiment test bench bench-reference serve fmt clippy
+.PHONY: setup build data pretrained run stage3 experiment test fuzz bench bench-reference serve fmt clippy
 
 setup:
 	@bash scripts/setup.sh
@@ -74,6 +74,13 @@ experiment: data
 test:
 	@bash scripts/setup.sh --test
 	$(ENV) cargo test --workspace $(CARGO_TEST_FLAGS)
+
+# Property-based fuzzing of every parser that takes outside input (tests/fuzz.rs): FUZZ_CASES cases in
+# all (split over the targets), from FUZZ_SEED; `make test` runs the same targets at proptest's default.
+FUZZ_CASES ?= 100000
+FUZZ_SEED ?= 1
+fuzz: setup
+	PROPTEST_CASES=$$(( $(FUZZ_CASES) / 9 )) PROPTEST_RNG_SEED=$(FUZZ_SEED) $(ENV) cargo test -p deem-actors --release --test fuzz
 
 bench: setup
 	$(ENV) cargo bench -p deem-actors --bench pipeline --bench serve --bench dist --bench plan --bench data

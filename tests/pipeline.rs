@@ -346,6 +346,20 @@ fn train(
     Vec<deem::train::StepReport>,
     std::sync::Arc<deem_actors::runtime::metrics::Metrics>,
 ) {
+    train_with(c, dir, steps, false, None)
+}
+
+/// [`train`], resuming the run directory's latest checkpoint and/or stopping after `stop_at` steps.
+fn train_with(
+    c: &DeemConfig,
+    dir: &Path,
+    steps: u64,
+    resume: bool,
+    stop_at: Option<u64>,
+) -> (
+    Vec<deem::train::StepReport>,
+    std::sync::Arc<deem_actors::runtime::metrics::Metrics>,
+) {
     let loaded = deem_actors::settings::load(&deem_actors::settings::Layers {
         base: deem_actors::settings::BaseFile::Embedded {
             name: "test",
@@ -361,11 +375,11 @@ fn train(
         steps: Some(steps),
         mode: deem_actors::cli::train::Mode::Pipeline(cpu_topology(c)),
         progress: false,
-        resume: false,
+        resume,
         data: None,
         init_from: None,
         pretrained: vec![],
-        stop_at: None,
+        stop_at,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -423,6 +437,39 @@ fn a_killed_actor_restarts_from_the_checkpoint_and_the_run_ends_as_if_nothing_ha
         "fault + restart: max |Δ| of final parameters vs the uninterrupted run = {worst:.3e}"
     );
     assert!(worst <= TOL);
+}
+
+/// A process killed after a step's row was written but before that step's checkpoint (made here by
+/// removing the newer checkpoint and pointing `latest` back at the older one), then resumed: the run
+/// ends with the straight run's weights bit for bit and `steps.jsonl` holds each step exactly once.
+#[test]
+fn a_resume_after_a_kill_keeps_one_row_per_step_and_the_straight_weights() {
+    let root = std::env::temp_dir().join(format!("deem-kill-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let mut c = cfg(PipelineSchedule::OneFOneB, Stage::I);
+    c.train.checkpoint_every = 4;
+    train(&c, &root.join("straight"), 6);
+    let run = root.join("killed");
+    train_with(&c, &run, 6, false, Some(5));
+    let ckpts = run.join("checkpoints");
+    std::fs::remove_dir_all(ckpts.join("step-5")).unwrap();
+    std::fs::write(ckpts.join("latest"), "step-4\n").unwrap();
+    let rows = |dir: &Path| -> Vec<u64> {
+        std::fs::read_to_string(dir.join("steps.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
+            .collect()
+    };
+    assert_eq!(rows(&run).len(), 5, "the killed run wrote 5 rows");
+    train_with(&c, &run, 6, true, None);
+    assert_eq!(rows(&run), rows(&root.join("straight")));
+    let (a, b) = (
+        read_all(&root.join("straight/model.safetensors")),
+        read_all(&run.join("model.safetensors")),
+    );
+    assert!(a.iter().all(|(k, v)| v.equal(&b[k])), "weights differ");
+    let _ = std::fs::remove_dir_all(&root);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

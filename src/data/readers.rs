@@ -546,11 +546,13 @@ pub fn read_regions(path: &Path, images: Option<&Path>) -> Result<ReadReport<Reg
     let mut files: BTreeMap<i64, (String, u32, u32)> = BTreeMap::new();
     for im in v["images"].as_array().into_iter().flatten() {
         if let (Some(id), Some(f)) = (im["id"].as_i64(), im["file_name"].as_str()) {
-            let (w, h) = (
-                im["width"].as_u64().unwrap_or(0),
-                im["height"].as_u64().unwrap_or(0),
-            );
-            files.insert(id, (f.to_string(), w as u32, h as u32));
+            // A size beyond u32 reads as u32::MAX: refused by the mask size check, not wrapped.
+            let side = |k: &str| {
+                im[k]
+                    .as_u64()
+                    .map_or(0, |v| u32::try_from(v).unwrap_or(u32::MAX))
+            };
+            files.insert(id, (f.to_string(), side("width"), side("height")));
         }
     }
     let mut r = ReadReport::new();
@@ -639,8 +641,9 @@ fn decode_segmentation(seg: &serde_json::Value, w: u32, h: u32) -> Result<Vec<bo
         };
         return world::rle_decode(&counts, w, h);
     }
+    world::check_mask_size(w, h)?;
     if let Some(polys) = seg.as_array() {
-        let mut m = vec![false; (w * h) as usize];
+        let mut m = vec![false; w as usize * h as usize];
         for p in polys {
             let pts: Vec<f64> = p
                 .as_array()

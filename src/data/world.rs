@@ -454,8 +454,24 @@ pub fn rle_to_string(counts: &[u32]) -> String {
     s
 }
 
+/// The most pixels a region mask may have (8192 × 8192): a file declaring a larger image is refused
+/// before any mask is allocated.
+pub const MAX_MASK_PIXELS: u64 = 1 << 26;
+
+/// An error unless a `w × h` mask is within [`MAX_MASK_PIXELS`].
+pub fn check_mask_size(w: u32, h: u32) -> Result<(), DataError> {
+    let n = w as u64 * h as u64;
+    if n > MAX_MASK_PIXELS {
+        return Err(DataError::from(format!(
+            "a {w}×{h} mask has {n} pixels, above the {MAX_MASK_PIXELS} deem allows (8192 × 8192)"
+        )));
+    }
+    Ok(())
+}
+
 /// The row-major mask of COCO uncompressed RLE counts.
 pub fn rle_decode(counts: &[u32], w: u32, h: u32) -> Result<Vec<bool>, DataError> {
+    check_mask_size(w, h)?;
     let total: u64 = counts.iter().map(|&c| c as u64).sum();
     if total != (w as u64) * (h as u64) {
         return Err(DataError::from(format!(
@@ -463,7 +479,7 @@ pub fn rle_decode(counts: &[u32], w: u32, h: u32) -> Result<Vec<bool>, DataError
             w as u64 * h as u64
         )));
     }
-    let mut m = vec![false; (w * h) as usize];
+    let mut m = vec![false; w as usize * h as usize];
     let mut i = 0u64;
     let mut v = false;
     for &c in counts {
@@ -480,7 +496,7 @@ pub fn rle_decode(counts: &[u32], w: u32, h: u32) -> Result<Vec<bool>, DataError
 /// The row-major mask of a polygon (COCO `[x1, y1, x2, y2, …]`), by pixel-centre even-odd test.
 pub fn polygon_mask(poly: &[f64], w: u32, h: u32) -> Vec<bool> {
     let pts: Vec<(f64, f64)> = poly.chunks_exact(2).map(|p| (p[0], p[1])).collect();
-    let mut m = vec![false; (w * h) as usize];
+    let mut m = vec![false; w as usize * h as usize];
     for y in 0..h {
         for x in 0..w {
             let (px, py) = (x as f64 + 0.5, y as f64 + 0.5);
