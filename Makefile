@@ -4,7 +4,7 @@ SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 CARGO_TEST_FLAGS ?=
 
-.PHONY: setup build data pretrained run stage3 experiment test fuzz bench bench-reference serve fmt clippy
+.PHONY: setup build data pretrained run stage3 experiment test fuzz soak bench bench-reference serve fmt clippy
 
 setup:
 	@bash scripts/setup.sh
@@ -81,6 +81,12 @@ FUZZ_CASES ?= 100000
 FUZZ_SEED ?= 1
 fuzz: setup
 	PROPTEST_CASES=$$(( $(FUZZ_CASES) / 9 )) PROPTEST_RNG_SEED=$(FUZZ_SEED) $(ENV) cargo test -p deem-actors --release --test fuzz
+
+# The service under steady mixed load (valid and invalid requests) for SOAK_MINUTES; reports resident
+# memory growth after the warm-up and writes docs/soak.csv and docs/soak.png.
+SOAK_MINUTES ?= 3
+soak: setup
+	SOAK_MINUTES=$(SOAK_MINUTES) $(ENV) cargo bench -p deem-actors --bench soak
 
 bench: setup
 	$(ENV) cargo bench -p deem-actors --bench pipeline --bench serve --bench dist --bench plan --bench data

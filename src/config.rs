@@ -343,6 +343,10 @@ pub struct ServeConfig {
     pub request_timeout_s: f64,
     /// Largest request body, in bytes (413 beyond it).
     pub max_body_bytes: usize,
+    /// Requests one API key (or, without keys, all callers together) may have in flight at once; more
+    /// are answered 429. None: no limit beyond `queue_capacity`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_streams_per_key: Option<usize>,
     /// Largest side of an input image, in pixels, and most images per request.
     pub max_image_side: u32,
     pub max_images_per_request: usize,
@@ -384,6 +388,7 @@ impl Default for ServeConfig {
             max_tokens_limit: 1024,
             request_timeout_s: 300.0,
             max_body_bytes: 16 << 20,
+            max_streams_per_key: None,
             max_image_side: 4096,
             max_images_per_request: 6,
             max_images_per_response: 2,

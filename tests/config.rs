@@ -130,7 +130,7 @@ fn unknown_key_in_file_names_file_key_and_expected_keys() {
         format!(
             "{}: train.lrr: unknown field `lrr`, expected one of `stage`, `seed`, `steps`, `warmup_steps`, \
              `batch_size`, `microbatches`, `context_length`, `lr`, `encoder_lr`, `llm_lr`, `betas`, `eps`, \
-             `weight_decay`, `max_grad_norm`, `nip_loss_weight`, `csr_loss_weight`, `schedule`, `recompute`, `loss_scale_init`, `train_lm_head`, `train_llm_in_stage_one`, `loss_on_prompts`, `isolate_documents`, `checkpoint_every`, `max_restarts`, `sources`",
+             `weight_decay`, `max_grad_norm`, `nip_loss_weight`, `csr_loss_weight`, `schedule`, `recompute`, `loss_scale_init`, `train_lm_head`, `train_llm_in_stage_one`, `loss_on_prompts`, `isolate_documents`, `checkpoint_every`, `max_restarts`, `data_workers`, `prefetch`, `sources`",
             p.display()
         )
     );

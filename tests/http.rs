@@ -433,6 +433,45 @@ async fn stream_error(client: &reqwest::Client, s: &Service, body: &Value) -> (V
     (err, text)
 }
 
+/// `serve.max_streams_per_key = 1`: while a key's stream runs, its next request is answered 429 (with
+/// Retry-After); once the client drops the stream, the key's place is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_holds_at_most_its_streams_in_flight() {
+    let mut c = cfg();
+    c.serve.max_streams_per_key = Some(1);
+    let s = service(c, Some("k")).await;
+    let client = reqwest::Client::new();
+    let long = json!({"messages": [{"role": "user", "content": "talk"}], "max_tokens": 1000,
+                      "stream": true, "logit_bias": {"2": -100}});
+    let first = post_as(&client, &s, Some("k"), &long).await;
+    assert_eq!(first.status().as_u16(), 200);
+    let short = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    let second = post_as(&client, &s, Some("k"), &short).await;
+    assert_eq!(second.status().as_u16(), 429);
+    assert_eq!(second.headers()["retry-after"], "1");
+    let v: Value = second.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "rate_limit_error");
+    assert_eq!(
+        error_message(&v),
+        "this API key already has 1 requests in flight (serve.max_streams_per_key); retry when one ends"
+    );
+    drop(first);
+    let started = Instant::now();
+    loop {
+        let r = post_as(&client, &s, Some("k"), &short).await;
+        if r.status().as_u16() == 200 {
+            break;
+        }
+        assert_eq!(r.status().as_u16(), 429);
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the dropped stream's place was never given back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_ends_the_request_with_504_or_an_sse_error() {
     let mut c = cfg();

@@ -404,6 +404,10 @@ impl DeemConfig {
             ("serve.max_tokens_limit", s.max_tokens_limit),
             ("serve.max_body_bytes", s.max_body_bytes),
             ("serve.max_image_side", s.max_image_side as usize),
+            (
+                "serve.max_streams_per_key",
+                s.max_streams_per_key.unwrap_or(1),
+            ),
         ] {
             c.positive(key, v as i64);
         }

@@ -65,6 +65,9 @@ pub enum ServeError {
     /// The admission queue is full (`serve.queue_capacity`).
     #[error("the admission queue is full ({capacity} waiting, serve.queue_capacity); retry later")]
     QueueFull { capacity: usize },
+    /// The caller's key already has `serve.max_streams_per_key` requests in flight.
+    #[error("this API key already has {limit} requests in flight (serve.max_streams_per_key); retry when one ends")]
+    KeyBusy { limit: usize },
     #[error("the server is shutting down")]
     ShuttingDown,
     /// A worker failed and the service is not ready.
@@ -90,7 +93,7 @@ impl ServeError {
             ServeError::NotJson(_) => 400,
             ServeError::UnknownModel { .. } => 404,
             ServeError::Unauthorized => 401,
-            ServeError::QueueFull { .. } => 429,
+            ServeError::QueueFull { .. } | ServeError::KeyBusy { .. } => 429,
             ServeError::ShuttingDown | ServeError::Unavailable(_) => 503,
             ServeError::Internal(_) => 500,
         }
@@ -103,7 +106,7 @@ impl ServeError {
             | ServeError::NotJson(_)
             | ServeError::UnknownModel { .. } => "invalid_request_error",
             ServeError::Unauthorized => "authentication_error",
-            ServeError::QueueFull { .. } => "rate_limit_error",
+            ServeError::QueueFull { .. } | ServeError::KeyBusy { .. } => "rate_limit_error",
             ServeError::ShuttingDown | ServeError::Unavailable(_) | ServeError::Internal(_) => {
                 "server_error"
             }

@@ -4,9 +4,10 @@
 //! admission → the engine's event stream → SSE or one body. Every refusal maps to a status and a stable
 //! `error_type` ([`ServeError`]).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
@@ -37,6 +38,60 @@ pub struct AppState {
     /// False while shutting down.
     pub ready: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
+    /// Requests in flight per API key (`serve.max_streams_per_key`).
+    pub in_flight: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// One request's place in its key's count of requests in flight; given back when dropped (a stream
+/// dropped when it ends or its client goes).
+struct KeySlot {
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+    key: String,
+}
+
+impl KeySlot {
+    /// A place for `key`, or `KeyBusy` when it holds `limit` already (no limit: always).
+    fn take(st: &AppState, key: &str) -> Result<Option<Self>, ServeError> {
+        let Some(limit) = st.cfg.serve.max_streams_per_key else {
+            return Ok(None);
+        };
+        let mut counts = st
+            .in_flight
+            .lock()
+            .map_err(|_| ServeError::Internal("the per-key counts were poisoned".into()))?;
+        let n = counts.entry(key.to_string()).or_default();
+        if *n >= limit {
+            return Err(ServeError::KeyBusy { limit });
+        }
+        *n += 1;
+        Ok(Some(KeySlot {
+            counts: st.in_flight.clone(),
+            key: key.to_string(),
+        }))
+    }
+}
+
+impl Drop for KeySlot {
+    fn drop(&mut self) {
+        if let Ok(mut counts) = self.counts.lock() {
+            if let Some(n) = counts.get_mut(&self.key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    counts.remove(&self.key);
+                }
+            }
+        }
+    }
+}
+
+/// The caller's key as the per-key limit counts it: the bearer token, or "" without one.
+fn caller(headers: &HeaderMap) -> String {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|k| k.trim().to_string())
+        .unwrap_or_default()
 }
 
 fn count(m: &Metrics, status: &str) {
@@ -55,7 +110,7 @@ fn error_response(e: &ServeError) -> Response {
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        ServeError::QueueFull { .. } => {
+        ServeError::QueueFull { .. } | ServeError::KeyBusy { .. } => {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
@@ -118,6 +173,13 @@ async fn chat(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Re
             return error_response(&e);
         }
     };
+    let slot = match KeySlot::take(&st, &caller(&headers)) {
+        Ok(slot) => slot,
+        Err(e) => {
+            count(&st.metrics, "rejected");
+            return error_response(&e);
+        }
+    };
     let events = match st.engine.generate(req) {
         Ok(events) => events,
         Err(e) => {
@@ -132,6 +194,11 @@ async fn chat(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Re
         model: st.model.clone(),
         created: openai::now_unix(),
     };
+    // The slot lives as long as the events: until the stream ends or its client goes.
+    let events = futures_util::StreamExt::map(events, move |e| {
+        let _held = &slot;
+        e
+    });
     if stream {
         stream_response(head, include_usage, events)
     } else {
@@ -266,6 +333,7 @@ impl Service {
             api_key,
             ready: Arc::new(AtomicBool::new(true)),
             metrics,
+            in_flight: Arc::default(),
         };
         let bind = |source| ServiceError::Bind { addr, source };
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(bind)?;
