@@ -282,3 +282,30 @@ fn valid_safetensors() -> &'static Vec<u8> {
         std::fs::read(p).unwrap()
     })
 }
+
+/// A safetensors header whose length, or a tensor's offsets, claim more than the file holds is
+/// refused naming the file, before any tensor is read.
+#[test]
+fn safetensors_claims_past_the_file_are_refused() {
+    let good = valid_safetensors();
+    let mut long = good.clone();
+    long[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    let n = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(good[8..8 + n].to_vec()).unwrap();
+    let offsets = header.replacen("\"data_offsets\":[0,", "\"data_offsets\":[0,4", 1);
+    assert_ne!(offsets, header);
+    let mut past = (offsets.len() as u64).to_le_bytes().to_vec();
+    past.extend(offsets.as_bytes());
+    past.extend(&good[8 + n..]);
+    for (name, bytes) in [("long.safetensors", long), ("past.safetensors", past)] {
+        let p = file(name, &bytes);
+        let err = deem::checkpoint::Checkpoint::open(&p)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.starts_with(&format!("{}: not a valid safetensors file", p.display())),
+            "{err}"
+        );
+    }
+}

@@ -71,7 +71,7 @@ impl Prefetcher {
         }
     }
 
-    fn start(&self, at: u64) -> Running {
+    fn start(&self, at: u64) -> anyhow::Result<Running> {
         let (tickets, ticket_rx) = crossbeam_channel::bounded::<u64>(self.depth);
         let (results_tx, results) = crossbeam_channel::unbounded::<Built>();
         let threads = (0..self.workers)
@@ -92,9 +92,9 @@ impl Prefetcher {
                             }
                         }
                     })
-                    .expect("spawning a data worker thread")
+                    .map_err(|e| anyhow::anyhow!("cannot start data worker {w}: {e}"))
             })
-            .collect();
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let mut r = Running {
             next: at,
             issued: at,
@@ -106,7 +106,7 @@ impl Prefetcher {
         for _ in 0..self.depth {
             issue(&mut r);
         }
-        r
+        Ok(r)
     }
 
     /// Batch `index`: from the workers (waiting for it if it is not ready), or built here without
@@ -126,7 +126,7 @@ impl Prefetcher {
             if let Some(r) = self.running.take() {
                 r.stop();
             }
-            self.running = Some(self.start(index));
+            self.running = Some(self.start(index)?);
         }
         let r = self.running.as_mut().expect("started above");
         let batch = loop {

@@ -36,7 +36,7 @@ pub fn read_run(name: &str, dir: &Path) -> anyhow::Result<Run> {
 }
 
 /// Registers DejaVu Sans (Debian's fonts-dejavu-core) for plot text; without it plots have no text.
-fn fonts() -> bool {
+pub fn fonts() -> bool {
     static ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ONCE.get_or_init(|| {
         for p in [
