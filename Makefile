@@ -4,7 +4,7 @@ SHELL := /bin/bash
 ENV := source scripts/env.sh &&
 CARGO_TEST_FLAGS ?=
 
-.PHONY: setup build data pretrained run stage3 experiment test fuzz soak bench bench-reference serve fmt clippy
+.PHONY: setup build data pretrained run stage3 experiment test fuzz chaos soak bench bench-reference serve fmt clippy
 
 setup:
 	@bash scripts/setup.sh
@@ -81,6 +81,12 @@ FUZZ_CASES ?= 100000
 FUZZ_SEED ?= 1
 fuzz: setup
 	PROPTEST_CASES=$$(( $(FUZZ_CASES) / 9 )) PROPTEST_RNG_SEED=$(FUZZ_SEED) $(ENV) cargo test -p deem-actors --release --test fuzz
+
+# deem train killed (SIGKILL) at CHAOS_SEEDS random moments and resumed: same weights, one row per step
+# (`make test` runs 3).
+CHAOS_SEEDS ?= 10
+chaos: setup
+	CHAOS_SEEDS=$(CHAOS_SEEDS) $(ENV) cargo test -p deem-actors --test chaos -- --nocapture
 
 # The service under steady mixed load (valid and invalid requests) for SOAK_MINUTES; reports resident
 # memory growth after the warm-up and writes docs/soak.csv and docs/soak.png.

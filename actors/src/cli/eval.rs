@@ -122,8 +122,9 @@ pub fn request(
     tok: &DeemTokenizer,
     d: &Decoding,
 ) -> anyhow::Result<ValidRequest> {
-    let image = deem::data::readers::inside(base, &q.image).map_err(anyhow::Error::msg)?;
-    chat_request(Some(&image), &q.text, cfg, tok, d)
+    // Evaluation files name their images as `deem data pope | robustvqa` write them: relative to the
+    // file, or absolute (the operator's own files, unlike training records).
+    chat_request(Some(&base.join(&q.image)), &q.text, cfg, tok, d)
 }
 
 /// The engine request of one user turn with `content` parts, decoded as `d` says (through the API's

@@ -91,12 +91,16 @@ fn open_pretrained(
             .iter()
             .map(|(why, keys)| format!("{why}: {} tensors", keys.len()))
             .collect();
-        tracing::info!(
-            role = s.role.describe(),
-            skipped = %skipped.join("; "),
-            "{flag} {}",
-            s.path.display()
-        );
+        if skipped.is_empty() {
+            tracing::info!(role = s.role.describe(), "{flag} {}", s.path.display());
+        } else {
+            tracing::info!(
+                role = s.role.describe(),
+                skipped = %skipped.join("; "),
+                "{flag} {}",
+                s.path.display()
+            );
+        }
     }
     Ok(Arc::new(pre))
 }
