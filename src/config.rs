@@ -88,6 +88,11 @@ pub struct FaultConfig {
     /// Training: the optimizer step (0-based) at which it fails. Serving: the actor's job (0-based;
     /// a decode tick for an LLM shard, a batch of images for vision and diffusion).
     pub at_step: u64,
+    /// Training: the stage's forward or backward op of that step (0-based, in its schedule's order)
+    /// at which it dies, after the ops before it ran; none: before the step's first op. Serving has
+    /// no ops within a job and refuses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_op: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

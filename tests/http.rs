@@ -505,6 +505,7 @@ async fn a_dead_worker_fails_its_streams_and_turns_ready_503() {
     c.fault = Some(deem::config::FaultConfig {
         kill_actor: "llm1".into(),
         at_step: 3,
+        at_op: None,
     });
     let s = service(c, None).await;
     let client = reqwest::Client::builder()

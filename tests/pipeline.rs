@@ -401,6 +401,7 @@ fn a_killed_actor_restarts_from_the_checkpoint_and_the_run_ends_as_if_nothing_ha
     c.fault = Some(deem::config::FaultConfig {
         kill_actor: "diffusion".into(),
         at_step: 3,
+        at_op: None,
     });
     let (faulty, metrics) = train(&c, &root.join("faulty"), 6);
     let text = deem_actors::runtime::metrics::to_classic_text(&metrics.encode());
@@ -437,6 +438,63 @@ fn a_killed_actor_restarts_from_the_checkpoint_and_the_run_ends_as_if_nothing_ha
         "fault + restart: max |Δ| of final parameters vs the uninterrupted run = {worst:.3e}"
     );
     assert!(worst <= TOL);
+}
+
+/// Chaos: an actor killed at a random step and op (forward or backward of a microbatch) of its
+/// schedule, `CHAOS_SEEDS` times (default 3; `make chaos` 10): the supervisor restarts the actors from
+/// the latest checkpoint and every run ends as the uninterrupted one.
+#[test]
+fn an_actor_killed_at_a_random_step_and_op_restarts_to_the_same_run() {
+    let root = std::env::temp_dir().join(format!("deem-chaos-op-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let mut c = cfg(PipelineSchedule::OneFOneB, Stage::I);
+    c.train.checkpoint_every = 2;
+    c.train.max_restarts = 1;
+    let (clean, _) = train(&c, &root.join("clean"), 5);
+    let clean_w = read_all(&root.join("clean/model.safetensors"));
+    let seeds: u64 = std::env::var("CHAOS_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let actors = ["vision", "llm0", "llm1", "diffusion"];
+    let ops = 2 * c.train.microbatches as usize;
+    for seed in 0..seeds {
+        let mut s = deem::rng::Stream::new(seed, 0, 0, deem::rng::Purpose::Data);
+        let draw = |s: &mut deem::rng::Stream, n: u64| s.below(1, n)[0] as u64;
+        let (actor, step, op) = (
+            actors[draw(&mut s, 4) as usize],
+            1 + draw(&mut s, 4),
+            draw(&mut s, ops as u64) as usize,
+        );
+        let mut faulty = c.clone();
+        faulty.fault = Some(deem::config::FaultConfig {
+            kill_actor: actor.into(),
+            at_step: step,
+            at_op: Some(op),
+        });
+        let dir = root.join(format!("seed-{seed}"));
+        let (reports, metrics) = train(&faulty, &dir, 5);
+        let text = deem_actors::runtime::metrics::to_classic_text(&metrics.encode());
+        assert!(
+            text.contains("deem_train_restarts_total 1\n"),
+            "seed {seed}: {actor} at step {step}, op {op}"
+        );
+        assert_eq!(reports.len(), clean.len());
+        for (a, b) in clean.iter().zip(&reports) {
+            assert!(
+                (a.total - b.total).abs() <= TOL,
+                "seed {seed}: {a:?} vs {b:?}"
+            );
+        }
+        let w = read_all(&dir.join("model.safetensors"));
+        let worst = clean_w
+            .iter()
+            .map(|(k, v)| (v - &w[k]).abs().max().double_value(&[]))
+            .fold(0.0, f64::max);
+        eprintln!("seed {seed}: {actor} killed at step {step}, op {op}: max |Δ| of the final weights {worst:.1e}");
+        assert!(worst <= TOL, "seed {seed}: {worst}");
+    }
+    let _ = std::fs::remove_dir_all(&root);
 }
 
 /// A process killed after a step's row was written but before that step's checkpoint (made here by

@@ -50,6 +50,11 @@ fn join_world(args: &ServeArgs, topo: &Topology) -> anyhow::Result<Option<ServeW
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = args.config.load()?;
+    if cfg.config.fault.as_ref().is_some_and(|f| f.at_op.is_some()) {
+        anyhow::bail!(
+            "fault.at_op: a training fault (the op of a step); a serving actor dies at a job, fault.at_step"
+        );
+    }
     let topo = args
         .topology
         .load(&cfg, deem::device::cuda_device_count())?;

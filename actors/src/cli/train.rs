@@ -191,7 +191,7 @@ impl<'rt> Engine<'rt> {
         }
     }
 
-    fn step(&mut self, batch: &Batch, kill: Option<&str>) -> anyhow::Result<StepReport> {
+    fn step(&mut self, batch: &Batch, kill: Option<(&str, usize)>) -> anyhow::Result<StepReport> {
         match self {
             Engine::Reference(t) => Ok(t.step(batch)?),
             Engine::Pipeline { trainer, rt } => {
@@ -536,10 +536,10 @@ fn train_loop<'rt>(
             .fault
             .as_ref()
             .filter(|f| !fault_fired && f.at_step == i)
-            .map(|f| f.kill_actor.clone());
+            .map(|f| (f.kill_actor.clone(), f.at_op.unwrap_or(0)));
         fault_fired |= kill.is_some();
         let started = std::time::Instant::now();
-        let r = match engine.step(&batch, kill.as_deref()) {
+        let r = match engine.step(&batch, kill.as_ref().map(|(a, op)| (a.as_str(), *op))) {
             Ok(r) => r,
             Err(e) => match engine.restart(&job.run_dir, format!("{e:#}")) {
                 Some(at) => {

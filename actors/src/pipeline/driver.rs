@@ -404,11 +404,11 @@ impl PipelineTrainer {
         self.step_with_fault(batch, None).await
     }
 
-    /// [`Self::step`], making the actor named `kill` fail (fault injection).
+    /// [`Self::step`], making the actor `kill.0` fail at its op `kill.1` of the step (fault injection).
     pub async fn step_with_fault(
         &mut self,
         batch: &Batch,
-        kill: Option<&str>,
+        kill: Option<(&str, usize)>,
     ) -> Result<StepReport> {
         let t = &self.cfg.train;
         let total = t.microbatches as u32;
@@ -440,7 +440,7 @@ impl PipelineTrainer {
         for s in &self.stages {
             let data = stage_data(&s.role, mbs, &ids_spans);
             let (handle, ops) = (s.handle.clone(), self.schedule[s.index].clone());
-            let fail = kill == Some(s.name.as_str());
+            let fail = kill.filter(|(a, _)| *a == s.name).map(|(_, op)| op);
             calls.push(tokio::spawn(async move {
                 handle.step(step, data, ops, plan, fail).await
             }));

@@ -399,12 +399,16 @@ impl StageWork {
         data: Vec<MbData>,
         ops: Vec<Op>,
         plan: MbPlan,
+        fail: Option<(usize, &ComputeCtx<NoDetail>)>,
     ) -> Result<StepOut> {
         let started = Instant::now();
         self.idle = Duration::ZERO;
         self.edges.clear();
         let mut out = StepOut::default();
-        for op in ops {
+        for (i, op) in ops.into_iter().enumerate() {
+            if let Some((at, ctx)) = fail.filter(|(at, _)| *at == i) {
+                ctx.fail(&format!("step {step}, op {at}"));
+            }
             match op {
                 Op::Forward(mb) => {
                     let d = &data[mb as usize];
@@ -512,8 +516,8 @@ pub enum StageMsg {
         data: Vec<MbData>,
         ops: Vec<Op>,
         plan: MbPlan,
-        /// Fault injection: the compute thread panics instead of running the step.
-        fail: bool,
+        /// Fault injection: the compute thread panics at this op of the step (0: before any).
+        fail: Option<usize>,
         reply: RpcReplyPort<Result<StepOut>>,
     },
     /// All-reduce the step's gradients over the stage's replicas: (squared norm, bytes, seconds).
@@ -573,11 +577,11 @@ impl StageWork {
                 fail,
                 reply,
             } => {
-                if fail {
+                if fail == Some(0) {
                     ctx.fail(&format!("step {step}"));
                 }
                 ctx.job();
-                let result = self.run_step(step, data, ops, plan);
+                let result = self.run_step(step, data, ops, plan, fail.map(|op| (op, ctx)));
                 if result.is_err() {
                     // Close this stage's channels so its neighbours fail instead of waiting forever.
                     self.links = Links::default();
@@ -674,14 +678,14 @@ impl StageHandle {
         Ok(StageHandle { name, actor })
     }
 
-    /// Runs the step's ops; with `fail` the compute thread panics instead (fault injection).
+    /// Runs the step's ops; with `fail` the compute thread panics at that op (fault injection).
     pub async fn step(
         &self,
         step: u64,
         data: Vec<MbData>,
         ops: Vec<Op>,
         plan: MbPlan,
-        fail: bool,
+        fail: Option<usize>,
     ) -> Result<StepOut> {
         self.actor
             .call(|reply| StageMsg::Step {
