@@ -14,22 +14,12 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use deem::config::DeemConfig;
+use deem_actors::pipeline::costs::resident_bytes;
 use deem_actors::runtime::metrics::Metrics;
 use deem_actors::runtime::topology::{Topology, EMBEDDED_CPU};
 use deem_actors::serve::{Service, Weights};
 use plotters::prelude::*;
 use serde_json::json;
-
-fn resident_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
 
 fn png_url(w: u32, h: u32) -> String {
     let img = image::RgbImage::from_pixel(w, h, image::Rgb([200, 40, 40]));
