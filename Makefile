@@ -80,20 +80,20 @@ test:
 FUZZ_CASES ?= 100000
 FUZZ_SEED ?= 1
 fuzz: setup
-	PROPTEST_CASES=$$(( $(FUZZ_CASES) / 9 )) PROPTEST_RNG_SEED=$(FUZZ_SEED) $(ENV) cargo test -p deem-actors --release --test fuzz
+	$(ENV) PROPTEST_CASES=$$(( $(FUZZ_CASES) / 9 )) PROPTEST_RNG_SEED=$(FUZZ_SEED) cargo test -p deem-actors --release --test fuzz
 
 # CHAOS_SEEDS random faults each (`make test` runs 3): deem train killed (SIGKILL) and resumed, same
 # weights and one row per step; an actor killed at a random step and op, restarted to the same run.
 CHAOS_SEEDS ?= 10
 chaos: setup
-	CHAOS_SEEDS=$(CHAOS_SEEDS) $(ENV) cargo test -p deem-actors --test chaos -- --nocapture
-	CHAOS_SEEDS=$(CHAOS_SEEDS) $(ENV) cargo test -p deem-actors --test pipeline an_actor_killed -- --nocapture
+	$(ENV) CHAOS_SEEDS=$(CHAOS_SEEDS) cargo test -p deem-actors --test chaos -- --nocapture
+	$(ENV) CHAOS_SEEDS=$(CHAOS_SEEDS) cargo test -p deem-actors --test pipeline an_actor_killed -- --nocapture
 
 # The service under steady mixed load (valid and invalid requests) for SOAK_MINUTES; reports resident
 # memory growth after the warm-up and writes docs/soak.csv and docs/soak.png.
 SOAK_MINUTES ?= 3
 soak: setup
-	SOAK_MINUTES=$(SOAK_MINUTES) $(ENV) cargo bench -p deem-actors --bench soak
+	$(ENV) SOAK_MINUTES=$(SOAK_MINUTES) cargo bench -p deem-actors --bench soak
 
 bench: setup
 	$(ENV) cargo bench -p deem-actors --bench pipeline --bench serve --bench dist --bench plan --bench data
