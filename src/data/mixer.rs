@@ -17,6 +17,9 @@
 //! - Sources are drawn by their mix weights (MMC4 : pairs = 2 : 1 by default), samples uniformly. Batch
 //!   `k` depends only on (seed, k): the sampler is stateless, so a run resumed at step `k` (the step in
 //!   its checkpoint manifest is the data cursor) continues with exactly the batches it would have seen.
+//! - Sources are held in memory (tokenised when added) or streamed (`add_stream`: a record is read,
+//!   tokenised and its images decoded when a batch draws it); the same records give the same batches
+//!   either way.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -74,7 +77,7 @@ struct Segment {
     targets_from: Option<usize>,
 }
 
-/// A tokenised sample; `images` index the mixer's image store.
+/// A tokenised sample; its segments' images point into the mixer's store or the batch's list.
 struct Sample {
     segments: Vec<Segment>,
     len: usize,
