@@ -266,6 +266,8 @@ fn shard(path: &Path, n: usize) {
 }
 
 /// Peak resident memory of `deem train` on a shard of `n` images (the kernel's `ru_maxrss`).
+// The child is reaped by `wait4`, which std's `Child` cannot see.
+#[allow(clippy::zombie_processes)]
 fn peak_rss(dir: &Path, n: usize) -> u64 {
     let data = dir.join(format!("data-{n}"));
     std::fs::create_dir_all(&data).unwrap();
