@@ -97,7 +97,8 @@ fn layers(
 
 proptest! {
     #![proptest_config(ProptestConfig { failure_persistence: Some(Box::new(
-        proptest::test_runner::FileFailurePersistence::Direct("tests/proptest-regressions/fuzz.txt"))),
+        proptest::test_runner::FileFailurePersistence::Direct(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/proptest-regressions/fuzz.txt")))),
         ..ProptestConfig::default() })]
 
     #[test]
