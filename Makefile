@@ -83,10 +83,13 @@ fuzz: setup
 	$(ENV) PROPTEST_CASES=$$(( $(FUZZ_CASES) / 9 )) PROPTEST_RNG_SEED=$(FUZZ_SEED) cargo test -p deem-actors --release --test fuzz
 
 # CHAOS_SEEDS random faults each (`make test` runs 3): deem train killed (SIGKILL) and resumed, same
-# weights and one row per step; an actor killed at a random step and op, restarted to the same run.
+# weights and one row per step; an actor killed at a random step and op, restarted to the same run; a
+# serving worker killed under CHAOS_STREAMS concurrent streams, rebuilt in place (recovery printed).
 CHAOS_SEEDS ?= 10
+CHAOS_STREAMS ?= 200
 chaos: setup
 	$(ENV) CHAOS_SEEDS=$(CHAOS_SEEDS) cargo test -p deem-actors --test chaos -- --nocapture
+	$(ENV) CHAOS_SEEDS=$(CHAOS_SEEDS) CHAOS_STREAMS=$(CHAOS_STREAMS) cargo test -p deem-actors --test serve_chaos -- --nocapture
 	$(ENV) CHAOS_SEEDS=$(CHAOS_SEEDS) cargo test -p deem-actors --test pipeline an_actor_killed -- --nocapture
 
 # The service under steady mixed load (valid and invalid requests) for SOAK_MINUTES; reports resident

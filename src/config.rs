@@ -381,6 +381,11 @@ pub struct ServeConfig {
     /// reference's ancestral sampling) or `dpmsolver++`; `ddim_steps` sets the steps of any.
     #[serde(default, skip_serializing_if = "SamplerKind::is_ddim")]
     pub scheduler: SamplerKind,
+    /// A worker whose compute thread dies is rebuilt in place (its weights reloaded) at most this
+    /// many times within `restart_window_s`; past that it stays failed and the service unready until
+    /// it is restarted from outside. 0: never rebuilt.
+    pub max_restarts: u32,
+    pub restart_window_s: f64,
 }
 
 impl Default for ServeConfig {
@@ -406,6 +411,8 @@ impl Default for ServeConfig {
             kv_cache_bytes: None,
             kv_cache_fraction: None,
             scheduler: SamplerKind::Ddim,
+            max_restarts: 3,
+            restart_window_s: 600.0,
         }
     }
 }

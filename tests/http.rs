@@ -298,25 +298,6 @@ async fn auth_readiness_csr_scores_and_graceful_shutdown() {
     stop.await.unwrap().unwrap();
 }
 
-async fn metric(client: &reqwest::Client, s: &Service, name: &str) -> f64 {
-    let text = client
-        .get(url(s, "/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| {
-            l.starts_with(name)
-                && (l.as_bytes().get(name.len()) == Some(&b' ')
-                    || l.as_bytes().get(name.len()) == Some(&b'{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 async fn wait_until(
     client: &reqwest::Client,
     s: &Service,
@@ -495,13 +476,15 @@ async fn a_timeout_ends_the_request_with_504_or_an_sse_error() {
     s.stop().await.unwrap();
 }
 
-/// A serving worker's compute thread dies mid-stream (the `[fault]` hook: the last LLM shard panics at
-/// its fourth tick): its supervisor marks it failed, the stream in flight gets an error event and
-/// `[DONE]`, `/ready` turns 503 naming the worker, a new request gets 503, the failure is counted, and
-/// the service still shuts down — each step bounded in time, so nothing can hang.
+/// With restarts off (`serve.max_restarts = 0`), a serving worker's compute thread dies mid-stream (the
+/// `[fault]` hook: the last LLM shard panics at its fourth tick): its supervisor marks it failed, the
+/// stream in flight gets an error event and `[DONE]`, `/ready` turns 503 naming the worker, a new
+/// request gets 503, the failure is counted, and the service still shuts down — each step bounded in
+/// time, so nothing can hang. (`tests/serve_chaos.rs` has the default: the worker rebuilt in place.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_worker_fails_its_streams_and_turns_ready_503() {
+async fn with_restarts_off_a_dead_worker_fails_its_streams_and_turns_ready_503() {
     let mut c = cfg();
+    c.serve.max_restarts = 0;
     c.fault = Some(deem::config::FaultConfig {
         kill_actor: "llm1".into(),
         at_step: 3,

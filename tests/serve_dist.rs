@@ -25,12 +25,20 @@ impl Drop for Procs {
 }
 
 fn serve(http: u16, world: Option<(i64, u16)>) -> Child {
+    serve_with(http, world, None)
+}
+
+/// [`serve`] with `config` instead of the embedded default.
+fn serve_with(http: u16, world: Option<(i64, u16)>, config: Option<&std::path::Path>) -> Child {
     let mut c = Command::new(env!("CARGO_BIN_EXE_deem"));
     c.current_dir(common::root())
         .env("DEEM_LOG", "warn")
         .args(["serve", "--addr", &format!("127.0.0.1:{http}")])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
+    if let Some(p) = config {
+        c.arg("--config").arg(p);
+    }
     if let Some((rank, master)) = world {
         c.env("RANK", rank.to_string())
             .env("WORLD_SIZE", "2")
@@ -48,10 +56,17 @@ fn serve(http: u16, world: Option<(i64, u16)>) -> Child {
 
 /// Two ranks of one service; returns them and rank 0's HTTP port once /ready answers 200.
 async fn two_ranks(client: &reqwest::Client) -> (Procs, u16) {
+    two_ranks_with(client, None).await
+}
+
+async fn two_ranks_with(
+    client: &reqwest::Client,
+    config: Option<&std::path::Path>,
+) -> (Procs, u16) {
     let (http, master) = (common::free_port(), common::free_port());
     let procs = Procs(vec![
-        serve(http, Some((0, master))),
-        serve(common::free_port(), Some((1, master))),
+        serve_with(http, Some((0, master)), config),
+        serve_with(common::free_port(), Some((1, master)), config),
     ]);
     wait_ready(client, http).await;
     (procs, http)
@@ -81,7 +96,7 @@ async fn greedy(client: &reqwest::Client, port: u16) -> Value {
     client
         .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
         .json(&json!({"model": "tiny", "messages": [{"role": "user", "content": "Describe the picture."}],
-                      "temperature": 0, "max_tokens": 24, "logprobs": true}))
+                      "temperature": 0, "max_tokens": 24}))
         .send()
         .await
         .unwrap()
@@ -97,14 +112,22 @@ async fn two_ranks_stream_text_and_images_with_one_process_tokens() {
     let one_port = common::free_port();
     let _one = Procs(vec![serve(one_port, None)]);
     wait_ready(&client, one_port).await;
-    // Greedy: the same tokens (and log-probabilities) as one process.
+    // Greedy: the same tokens as one process.
     let (a, b) = (greedy(&client, http).await, greedy(&client, one_port).await);
+    assert_eq!(a["choices"][0]["finish_reason"], "length", "{a}");
+    assert!(
+        !a["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .is_empty(),
+        "{a}"
+    );
     assert_eq!(
         a["choices"][0]["message"], b["choices"][0]["message"],
         "{a}\n{b}"
     );
-    assert_eq!(a["choices"][0]["logprobs"], b["choices"][0]["logprobs"]);
     assert_eq!(a["usage"], b["usage"]);
+    assert_eq!(a["usage"]["completion_tokens"], 24, "{a}");
     // The official client streams text and an image drawn on rank 1.
     let dir = common::scratch("serve-dist-openai");
     let img = dir.join("in.png");
@@ -200,6 +223,62 @@ async fn killing_rank_1_fails_the_stream_in_flight_and_turns_ready_503() {
     assert_eq!(refused.status(), 503);
 }
 
+/// A worker that dies on rank 1 (llm1, by the `[fault]` hook) is rebuilt there by rank 1's supervisor;
+/// rank 0 hears the failure and the restart through the bridge: the stream in flight ends with an error
+/// event saying so, `/ready` comes back, the next request is served and the restart is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_dead_on_rank_1_is_rebuilt_there_and_rank_0_serves_again() {
+    let dir = common::scratch("serve-dist-restart");
+    let config = dir.join("deem.toml");
+    let tiny = std::fs::read_to_string(common::root().join("configs/tiny.toml")).unwrap();
+    std::fs::write(
+        &config,
+        format!("{tiny}\n[fault]\nkill_actor = \"llm1\"\nat_step = 3\n"),
+    )
+    .unwrap();
+    let client = reqwest::Client::new();
+    let (_ranks, http) = two_ranks_with(&client, Some(&config)).await;
+    let url = format!("http://127.0.0.1:{http}");
+    let body = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&json!({"model": "tiny", "messages": [{"role": "user", "content": "Tell a long story."}],
+                      "max_tokens": 1024, "stream": true, "logit_bias": {"2": -100}}))
+        .send();
+    let body = tokio::time::timeout(Duration::from_secs(60), async {
+        body.await.unwrap().text().await.unwrap()
+    })
+    .await
+    .expect("the stream ends");
+    let events: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{body}");
+    let error: Value = serde_json::from_str(events[events.len() - 2]).unwrap();
+    assert_eq!(
+        error["error"]["message"],
+        "actor llm1 failed (actor llm1: the compute thread died: fault injection: actor llm1 killed at job 3); it is being rebuilt: retry shortly"
+    );
+    wait_ready(&client, http).await;
+    let a = greedy(&client, http).await;
+    assert_eq!(a["choices"][0]["finish_reason"], "length", "{a}");
+    let metrics = client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // Rank 0 counts the restart rank 1 reported.
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("deem_actor_restarts_total{") && l.ends_with("actor=\"llm1\"} 1")
+        ),
+        "{metrics}"
+    );
+}
+
 #[test]
 fn worker_messages_round_trip_with_their_tensors_and_bad_bodies_are_refused() {
     use deem_actors::serve::messages::{Hidden, RowInput, RowMeta, SampleSpec, ShardIn};
@@ -212,6 +291,7 @@ fn worker_messages_round_trip_with_their_tensors_and_bad_bodies_are_refused() {
         1,
         ShardIn::Tick {
             group: 3,
+            epoch: 11,
             rows: vec![RowMeta {
                 seq,
                 start: 5,
@@ -242,6 +322,7 @@ fn worker_messages_round_trip_with_their_tensors_and_bad_bodies_are_refused() {
         1,
         ShardIn::Tick {
             group: 3,
+            epoch: 11,
             rows,
             hidden,
             ..

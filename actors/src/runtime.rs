@@ -14,4 +14,4 @@ pub mod topology;
 
 pub use compute::{ComputeCtx, ComputeHandle, ComputeSpec, ComputeState, ComputeStatus, Work};
 pub use error::RuntimeError;
-pub use supervisor::{Failure, Policy, Supervisor};
+pub use supervisor::{Failure, OnReport, Policy, Report, Restartable, Restarted, Supervisor};

@@ -422,6 +422,7 @@ impl DeemConfig {
             },
         );
         c.positive_f("serve.request_timeout_s", s.request_timeout_s);
+        c.positive_f("serve.restart_window_s", s.restart_window_s);
         let m = &self.data.mmc4;
         c.positive("data.mmc4.max_images", m.max_images as i64);
         c.check(

@@ -96,3 +96,23 @@ pub fn request_of(
     )
     .unwrap()
 }
+
+/// The sum of a metric's samples (all its label sets, or the one named) in the service's `/metrics`.
+pub async fn metric(client: &reqwest::Client, s: &Service, name: &str) -> f64 {
+    let text = client
+        .get(url(s, "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && (l.as_bytes().get(name.len()) == Some(&b' ')
+                    || l.as_bytes().get(name.len()) == Some(&b'{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

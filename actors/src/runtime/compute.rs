@@ -301,6 +301,10 @@ impl<W: Work> ComputeHandle<W> {
         }
     }
 
+    pub(super) fn id(&self) -> ractor::ActorId {
+        self.actor.get_id()
+    }
+
     /// Sends a message to the compute thread.
     pub fn send(&self, msg: W::Msg) -> Result<(), RuntimeError> {
         self.actor
@@ -360,7 +364,7 @@ mod tests {
     use ractor::RpcReplyPort;
 
     use super::{ComputeCtx, ComputeSpec, ComputeState, NoDetail, Work};
-    use crate::runtime::{Failure, Policy, RuntimeError, Supervisor};
+    use crate::runtime::{Failure, Policy, Report, RuntimeError, Supervisor};
 
     /// Echoes numbers; panics on a negative one.
     struct Echo;
@@ -432,7 +436,11 @@ mod tests {
         let heard: Arc<Mutex<Vec<Failure>>> = Arc::default();
         let hook = {
             let heard = heard.clone();
-            Arc::new(move |f: &Failure| heard.lock().unwrap().push(f.clone()))
+            Arc::new(move |r: &Report| {
+                if let Report::Failed(f) = r {
+                    heard.lock().unwrap().push(f.clone())
+                }
+            })
         };
         let sup = Supervisor::start("test", Policy::MarkFailed, Some(hook), None)
             .await

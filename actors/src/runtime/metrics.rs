@@ -388,6 +388,9 @@ pub struct Metrics {
     /// Compute threads that died, per actor (training stages and serving workers), as their supervisor
     /// heard it.
     pub actor_failures: Family<ActorLabels, Counter>,
+    /// Serving workers rebuilt in place after a failure, and how long each took to run again.
+    pub actor_restarts: Family<ActorLabels, Counter>,
+    pub actor_recovery_seconds: Histogram,
     pub train_samples: Counter,
     pub train_tokens: Counter,
     pub pipeline_edge_bytes: Family<EdgeLabels, Counter>,
@@ -548,12 +551,7 @@ impl Metrics {
             "Times the actors were restarted from the last checkpoint after a failed step",
             train_restarts.clone(),
         );
-        let actor_failures = Family::<ActorLabels, Counter>::default();
-        registry.register(
-            "deem_actor_failures",
-            "Compute threads that died, per actor, as their supervisor heard it",
-            actor_failures.clone(),
-        );
+        let (actor_failures, actor_restarts, actor_recovery_seconds) = actor_metrics(&mut registry);
         let train_samples = Counter::default();
         registry.register(
             "deem_train_samples",
@@ -618,6 +616,8 @@ impl Metrics {
             train_bubble_ratio,
             train_restarts,
             actor_failures,
+            actor_restarts,
+            actor_recovery_seconds,
             train_samples,
             train_tokens,
             pipeline_edge_bytes,
@@ -752,4 +752,34 @@ impl prometheus_client::collector::Collector for ProcessCollector {
         }
         Ok(())
     }
+}
+
+/// The supervisors' metrics: compute threads that died, the ones rebuilt in place, and how long each
+/// rebuild took.
+fn actor_metrics(
+    registry: &mut Registry,
+) -> (
+    Family<ActorLabels, Counter>,
+    Family<ActorLabels, Counter>,
+    Histogram,
+) {
+    let actor_failures = Family::<ActorLabels, Counter>::default();
+    registry.register(
+        "deem_actor_failures",
+        "Compute threads that died, per actor, as their supervisor heard it",
+        actor_failures.clone(),
+    );
+    let actor_restarts = Family::<ActorLabels, Counter>::default();
+    registry.register(
+        "deem_actor_restarts",
+        "Failed actors rebuilt in place by their supervisor, per actor",
+        actor_restarts.clone(),
+    );
+    let actor_recovery_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 19));
+    registry.register(
+        "deem_actor_recovery_seconds",
+        "Time from an actor's failure to its rebuilt incarnation running",
+        actor_recovery_seconds.clone(),
+    );
+    (actor_failures, actor_restarts, actor_recovery_seconds)
 }

@@ -1,8 +1,10 @@
 //! The generation engine, after text-generation-inference's launcher + router: it opens the weights,
 //! spawns one compute actor per topology entry (vision, the LLM shards in pipeline order, diffusion)
-//! under a supervisor whose policy marks a dead worker failed, starts the scheduler thread, and puts
-//! requests into admission. A worker's death fails every request in flight with an error event, turns
-//! the engine unready (`/ready` 503) and refuses new requests until the service is restarted.
+//! under a supervisor that rebuilds a dead worker in place, starts the scheduler thread, and puts
+//! requests into admission. A worker's death fails every request in flight with an error event and
+//! turns `/ready` 503 while its supervisor rebuilds it (new requests wait in the queue meanwhile);
+//! once `serve.max_restarts` rebuilds within `serve.restart_window_s` are spent, or with restarts off,
+//! the worker stays failed and new requests get 503 until the service is restarted from outside.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,7 +31,8 @@ use crate::runtime::compute::BuildError;
 use crate::runtime::metrics::Metrics;
 use crate::runtime::topology::{Component, Placement, Topology};
 use crate::runtime::{
-    ComputeHandle, ComputeSpec, ComputeStatus, Failure, Policy, RuntimeError, Supervisor, Work,
+    ComputeSpec, ComputeStatus, OnReport, Policy, Report, Restartable, RuntimeError, Supervisor,
+    Work,
 };
 
 /// Where the weights come from.
@@ -227,9 +230,9 @@ impl Wiring {
 
 /// The running workers.
 struct Workers {
-    vision: Option<ComputeHandle<VisionWorker>>,
-    shards: Vec<ComputeHandle<ShardWorker>>,
-    diffusion: Option<ComputeHandle<DiffusionWorker>>,
+    vision: Option<Restartable<VisionWorker>>,
+    shards: Vec<Restartable<ShardWorker>>,
+    diffusion: Option<Restartable<DiffusionWorker>>,
 }
 
 impl Workers {
@@ -252,31 +255,51 @@ pub struct Engine {
     scheduler: Option<std::thread::JoinHandle<()>>,
     workers: Workers,
     supervisor: Option<Supervisor>,
+    /// False once a worker has failed for good (admission then answers 503).
     healthy: Arc<AtomicBool>,
     /// The threads to the other ranks of a multi-process service.
     bridge: Option<Bridge>,
 }
 
-/// The compute-actor spec of a placement, with the serving fault hook (`[fault]` naming this actor:
-/// its compute thread dies at that job — a tick for a shard, a batch of images otherwise).
-fn spec_of<W: Work>(
+/// The compute-actor spec of each incarnation of a placement's worker: a fresh `build` every time,
+/// and the serving fault hook (`[fault]` naming this actor: its first incarnation's compute thread
+/// dies at that job — a tick for a shard, a batch of images otherwise).
+fn specs_of<W: Work>(
     cfg: &DeemConfig,
     (topo, world): (&Topology, Option<&ServeWorld>),
     p: &Placement,
-    build: impl FnOnce() -> Result<W, BuildError> + Send + 'static,
-) -> ComputeSpec<W> {
+    build: impl Fn() -> Result<W, BuildError> + Send + Sync + 'static,
+) -> impl Fn(u32) -> ComputeSpec<W> + Send + Sync + 'static {
     // Across processes only this rank's actors share the cores, with the node's other processes.
     let procs = world.map(ServeWorld::local_procs);
-    ComputeSpec {
-        name: p.name.clone(),
-        device: p.device.to_string(),
-        threads: topo.cpu_threads_in(p, procs),
-        build: Box::new(build),
-        fault_at_job: cfg
-            .fault
-            .as_ref()
-            .filter(|f| f.kill_actor == p.name)
-            .map(|f| f.at_step),
+    let (name, device) = (p.name.clone(), p.device.to_string());
+    let threads = topo.cpu_threads_in(p, procs);
+    let fault = cfg
+        .fault
+        .as_ref()
+        .filter(|f| f.kill_actor == p.name)
+        .map(|f| f.at_step);
+    let build = Arc::new(build);
+    move |incarnation| {
+        let build = build.clone();
+        ComputeSpec {
+            name: name.clone(),
+            device: device.clone(),
+            threads,
+            build: Box::new(move || build()),
+            fault_at_job: fault.filter(|_| incarnation == 0),
+        }
+    }
+}
+
+/// The serving supervisor's policy: `serve.max_restarts` rebuilds within `serve.restart_window_s`.
+fn policy(cfg: &DeemConfig) -> Policy {
+    match cfg.serve.max_restarts {
+        0 => Policy::MarkFailed,
+        max_restarts => Policy::RestartOne {
+            max_restarts,
+            window: std::time::Duration::from_secs_f64(cfg.serve.restart_window_s),
+        },
     }
 }
 
@@ -311,14 +334,14 @@ async fn start_workers(
     (topo, world): (&Topology, Option<&ServeWorld>),
     weights: &Weights,
     metrics: &Arc<Metrics>,
-    (wiring, on_failure): (Wiring, crate::runtime::supervisor::OnFailure),
+    (wiring, on_report): (Wiring, OnReport),
 ) -> Result<(Supervisor, Workers, Wiring), EngineError> {
     let (vision, shards, diffusion) = roles(topo)?;
     let source: SharedSource = Arc::new(open_source(cfg, weights)?);
     let supervisor = Supervisor::start(
         "serving",
-        Policy::MarkFailed,
-        Some(on_failure),
+        policy(cfg),
+        Some(on_report),
         Some(metrics.clone()),
     )
     .await?;
@@ -374,14 +397,21 @@ impl Engine {
         let cfg = &budgeted(cfg, topo)?;
         let groups = roles(topo)?.1.len();
         let wiring = Wiring::new(groups);
-        // The supervisor's hook: the scheduler fails every request in flight, admission refuses new
-        // ones, `/ready` turns 503.
+        // The supervisor's hook: the scheduler fails every request in flight and holds the queue
+        // while the worker is rebuilt; a worker failed for good makes admission refuse new requests.
         let healthy = Arc::new(AtomicBool::new(true));
-        let on_failure = {
+        let on_report: OnReport = {
             let (inbox, healthy) = (wiring.inbox.0.clone(), healthy.clone());
-            Arc::new(move |f: &Failure| {
-                healthy.store(false, Ordering::SeqCst);
-                let _ = inbox.send(Inbox::WorkerFailed(f.clone()));
+            Arc::new(move |r: &Report| match r {
+                Report::Failed(f) => {
+                    if !f.restarting {
+                        healthy.store(false, Ordering::SeqCst);
+                    }
+                    let _ = inbox.send(Inbox::WorkerFailed(f.clone()));
+                }
+                Report::Restarted(r) => {
+                    let _ = inbox.send(Inbox::WorkerRestarted(r.clone()));
+                }
             })
         };
         let (supervisor, mut workers, wiring) = start_workers(
@@ -389,7 +419,7 @@ impl Engine {
             (topo, world.as_ref()),
             weights,
             &metrics,
-            (wiring, on_failure),
+            (wiring, on_report),
         )
         .await?;
         // A lost rank, or a worker dead in another process, fails the service as a dead worker here
@@ -435,6 +465,8 @@ impl Engine {
             owner: Default::default(),
             parked: None,
             failed: None,
+            down: Vec::new(),
+            epoch: 0,
         };
         let scheduler = std::thread::Builder::new()
             .name("deem-serve-scheduler".into())
@@ -464,26 +496,33 @@ impl Engine {
         Ok(self.submit(req)?.into_stream())
     }
 
-    /// The actors (or ranks) whose failure the supervisor recorded.
+    /// The actors (or ranks) that failed and are not running again (being rebuilt, or failed for
+    /// good).
     pub fn failed(&self) -> Vec<String> {
         self.supervisor
             .as_ref()
-            .map(|s| s.failures().into_iter().map(|f| f.actor).collect())
+            .map(Supervisor::down)
             .unwrap_or_default()
     }
 
-    /// True until a worker fails.
+    /// True while every worker runs: false while one is being rebuilt, and for good once one failed
+    /// past its restarts.
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::SeqCst)
+        self.healthy.load(Ordering::SeqCst) && self.failed().is_empty()
     }
 
+    /// Why admission refuses: the latest failure of a worker that is still down.
     fn unready_reason(&self) -> String {
-        let failures = self
-            .supervisor
-            .as_ref()
-            .map(Supervisor::failures)
-            .unwrap_or_default();
-        match failures.first() {
+        let Some(sup) = &self.supervisor else {
+            return "a worker failed".into();
+        };
+        let down = sup.down();
+        match sup
+            .failures()
+            .into_iter()
+            .rev()
+            .find(|f| down.contains(&f.actor))
+        {
             Some(f) => format!("actor {} failed: {}", f.actor, f.error),
             None => "a worker failed".into(),
         }
@@ -529,13 +568,17 @@ pub async fn run_rank(
     weights: &Weights,
     metrics: Arc<Metrics>,
     world: ServeWorld,
-) -> Result<Result<(), Failure>, EngineError> {
+) -> Result<Result<(), crate::runtime::Failure>, EngineError> {
     let cfg = &budgeted(cfg, topo)?;
     let wiring = Wiring::new(roles(topo)?.1.len());
-    let on_failure = {
+    // Failures and restarts of the workers here go to rank 0's scheduler, through the bridge.
+    let on_report: OnReport = {
         let inbox = wiring.inbox.0.clone();
-        Arc::new(move |f: &Failure| {
-            let _ = inbox.send(Inbox::WorkerFailed(f.clone()));
+        Arc::new(move |r: &Report| {
+            let _ = inbox.send(match r {
+                Report::Failed(f) => Inbox::WorkerFailed(f.clone()),
+                Report::Restarted(r) => Inbox::WorkerRestarted(r.clone()),
+            });
         })
     };
     let (supervisor, mut workers, wiring) = start_workers(
@@ -543,12 +586,14 @@ pub async fn run_rank(
         (topo, Some(&world)),
         weights,
         &metrics,
-        (wiring, on_failure),
+        (wiring, on_report),
     )
     .await?;
     let rank = world.rank();
-    let lost: super::remote::OnLost = Arc::new(move |f: &Failure| {
-        tracing::error!(rank, peer = %f.actor, error = %f.error, "lost a peer of the service");
+    let lost: OnReport = Arc::new(move |r: &Report| {
+        if let Report::Failed(f) = r {
+            tracing::error!(rank, peer = %f.actor, error = %f.error, "lost a peer of the service");
+        }
     });
     let bridge = Bridge::start(&world, wiring.ends(), lost).map_err(EngineError::Bridge);
     drop(wiring);
@@ -603,7 +648,7 @@ async fn spawn_workers(
     // Vision.
     let (c, src, device) = (cfg.clone(), source.clone(), vision.device.into());
     let (input, output) = (wiring.vision.1.clone(), wiring.inbox.0.clone());
-    let spec = spec_of(cfg, (topo, world), vision, move || {
+    let specs = specs_of(cfg, (topo, world), vision, move || {
         let mut vs = nn::VarStore::new(device);
         let stage = deem::with_init_lock(None, || VisionStage::new(&vs.root(), &c));
         deem::train::set_dtype(&mut vs, c.model.dtype);
@@ -611,12 +656,13 @@ async fn spawn_workers(
         Ok(VisionWorker {
             stage,
             device,
-            input,
-            output,
+            input: input.clone(),
+            output: output.clone(),
         })
     });
     if hosts(world, vision) {
-        workers.vision = Some(supervisor.spawn(spec).await.map_err(started(vision))?);
+        let w = supervisor.spawn_restartable(specs).await;
+        workers.vision = Some(w.map_err(started(vision))?);
     }
     // Shards.
     for (i, p) in shards.iter().enumerate() {
@@ -632,29 +678,28 @@ async fn spawn_workers(
             metrics.serve.clone(),
             cfg.serve.max_running as i64,
         );
-        let spec = spec_of(cfg, (topo, world), p, move || {
+        let specs = specs_of(cfg, (topo, world), p, move || {
             let mut vs = nn::VarStore::new(device);
             let shard = deem::with_init_lock(None, || {
-                LlamaShard::new(&vs.root(), &LlamaConfig::from(&c.llm), layers)
+                LlamaShard::new(&vs.root(), &LlamaConfig::from(&c.llm), layers.clone())
             })?;
             // Served in the model's dtype: the checkpoint's tensors are converted as they load.
             deem::train::set_dtype(&mut vs, c.model.dtype);
             load(&vs, &src, &c, Part::Llm(shard.range.clone()))?;
             Ok(ShardWorker {
-                name,
+                name: name.clone(),
                 shard,
                 ids,
                 device,
-                input,
-                next,
-                metrics: m,
+                input: input.clone(),
+                next: next.clone(),
+                metrics: m.clone(),
                 slots,
             })
         });
         if hosts(world, p) {
-            workers
-                .shards
-                .push(supervisor.spawn(spec).await.map_err(started(p))?);
+            let w = supervisor.spawn_restartable(specs).await;
+            workers.shards.push(w.map_err(started(p))?);
         }
     }
     // Diffusion.
@@ -665,23 +710,24 @@ async fn spawn_workers(
         metrics.serve.clone(),
     );
     let (name, max_batch) = (diffusion.name.clone(), cfg.serve.max_running.max(1));
-    let spec = spec_of(cfg, (topo, world), diffusion, move || {
+    let specs = specs_of(cfg, (topo, world), diffusion, move || {
         let mut vs = nn::VarStore::new(device);
         let stage = deem::with_init_lock(None, || DiffusionStage::new(&vs.root(), &c));
         deem::train::set_dtype(&mut vs, c.model.dtype);
         load(&vs, &src, &c, Part::Diffusion)?;
         Ok(DiffusionWorker {
-            name,
+            name: name.clone(),
             stage,
             device,
-            input,
-            output,
-            metrics: m,
+            input: input.clone(),
+            output: output.clone(),
+            metrics: m.clone(),
             max_batch,
         })
     });
     if hosts(world, diffusion) {
-        workers.diffusion = Some(supervisor.spawn(spec).await.map_err(started(diffusion))?);
+        let w = supervisor.spawn_restartable(specs).await;
+        workers.diffusion = Some(w.map_err(started(diffusion))?);
     }
     Ok(())
 }

@@ -12,8 +12,14 @@ pub enum InferError {
     #[error("{actor}: {message}")]
     Worker { actor: String, message: String },
     /// A worker's compute thread died; its supervisor failed every request in flight.
-    #[error("actor {actor} failed ({error}); the service is not ready until it is restarted")]
-    WorkerDied { actor: String, error: String },
+    #[error("actor {actor} failed ({error}); {}", if *restarting { "it is being rebuilt: retry shortly" } else { "the service is not ready until it is restarted" })]
+    WorkerDied {
+        actor: String,
+        error: String,
+        /// Its supervisor is rebuilding it (a retry soon will be served).
+        #[serde(default)]
+        restarting: bool,
+    },
     /// The request ran past `serve.request_timeout_s`.
     #[error("the request ran past its timeout of {seconds} s")]
     Timeout { seconds: f64 },

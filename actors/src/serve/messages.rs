@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 use uuid::Uuid;
 
-use crate::runtime::Failure;
+use crate::runtime::{Failure, Restarted};
 use crate::serve::error::InferError;
 use crate::serve::slot;
 
@@ -60,6 +60,8 @@ pub enum RowInput {
 pub enum ShardIn {
     Tick {
         group: usize,
+        /// The scheduler's epoch when it sent the tick (a worker failure starts a new one).
+        epoch: u64,
         rows: Vec<RowMeta>,
         /// First shard only.
         inputs: Vec<RowInput>,
@@ -101,6 +103,7 @@ pub struct RowOut {
 pub enum Inbox {
     Tick {
         group: usize,
+        epoch: u64,
         out: Result<Vec<RowOut>, InferError>,
     },
     Encoded {
@@ -122,6 +125,8 @@ pub enum Inbox {
     },
     /// A worker's compute thread died (from its supervisor): every request in flight fails.
     WorkerFailed(Failure),
+    /// The supervisor rebuilt a failed worker in place: admission resumes once none is down.
+    WorkerRestarted(Restarted),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -162,6 +167,7 @@ pub enum DiffusionJob {
     },
 }
 
+#[derive(Clone)]
 pub enum ShardNext {
     Shard(Sender<ShardIn>),
     Scheduler(Sender<Inbox>),

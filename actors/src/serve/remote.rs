@@ -19,7 +19,7 @@ use super::messages::{DiffusionJob, Inbox, ShardIn, VisionJob};
 use super::slot;
 use crate::dist::wire::{self, Header};
 use crate::dist::{DistError, Group, World};
-use crate::runtime::Failure;
+use crate::runtime::{Failure, OnReport, Report};
 
 /// Everything that crosses between two processes of a service.
 #[derive(Serialize, Deserialize)]
@@ -122,8 +122,8 @@ pub struct Ends {
     pub diffusion: (Sender<DiffusionJob>, Receiver<DiffusionJob>),
 }
 
-/// Told when a peer is lost or reports a dead worker.
-pub type OnLost = Arc<dyn Fn(&Failure) + Send + Sync>;
+/// Told when a peer is lost, or reports a worker of its own failed or rebuilt.
+pub type OnLost = OnReport;
 
 fn tag(src: u32, dst: u32) -> i32 {
     50_000 + (src as i32) * 1024 + dst as i32
@@ -203,10 +203,11 @@ fn forward(dst: u32, w: ServeWorld, ends: Arc<Ends>, stop: Arc<AtomicBool>, on_l
         let msg = next_for(dst, &w, &ends, w.heartbeat);
         if let Err(e) = send_msg(w.group(), dst, &msg) {
             if !stop.load(Ordering::SeqCst) {
-                on_lost(&Failure {
+                on_lost(&Report::Failed(Failure {
                     actor: format!("rank {dst}"),
                     error: e.to_string(),
-                });
+                    restarting: false,
+                }));
             }
             return;
         }
@@ -232,7 +233,11 @@ fn receive(
             Ok(Msg::Shard(i, m)) => ends.shards.get(i).is_some_and(|(tx, _)| tx.send(m).is_ok()),
             Ok(Msg::Diffusion(j)) => ends.diffusion.0.send(j).is_ok(),
             Ok(Msg::Inbox(Inbox::WorkerFailed(f))) => {
-                on_lost(&f);
+                on_lost(&Report::Failed(f));
+                true
+            }
+            Ok(Msg::Inbox(Inbox::WorkerRestarted(r))) => {
+                on_lost(&Report::Restarted(r));
                 true
             }
             Ok(Msg::Inbox(m)) => ends.inbox.0.send(m).is_ok(),
@@ -240,10 +245,11 @@ fn receive(
                 let f = Failure {
                     actor: format!("rank {src}"),
                     error: e.to_string(),
+                    restarting: false,
                 };
                 if !stop.load(Ordering::SeqCst) {
                     tracing::error!(rank = src, error = %f.error, "lost a peer of the service");
-                    on_lost(&f);
+                    on_lost(&Report::Failed(f.clone()));
                 }
                 let _ = ended.send(Err(f));
                 return;

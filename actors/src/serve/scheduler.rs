@@ -115,8 +115,12 @@ pub(super) struct Scheduler {
     pub(super) owner: HashMap<Uuid, Uuid>,
     /// A request taken from the queue that waits for enough free KV slots.
     pub(super) parked: Option<Queued>,
-    /// The worker failure that made the service unready: every later request fails with it.
+    /// The worker failure that made the service unready for good: every later request fails with it.
     pub(super) failed: Option<Failure>,
+    /// Workers the supervisor is rebuilding: requests wait in the queue until none is left.
+    pub(super) down: Vec<String>,
+    /// Bumped by every worker failure; a tick of an earlier epoch is ignored when it comes back.
+    pub(super) epoch: u64,
 }
 
 pub(super) fn count(m: &ServeMetrics, s: &str) {
@@ -131,11 +135,13 @@ impl Scheduler {
     pub(super) fn run(mut self) {
         let mut closed = false;
         loop {
-            // Admit between ticks, while KV slots are free.
-            if let Some(r) = self.parked.take() {
-                self.offer(r);
+            // Admit between ticks, while KV slots are free and no worker is being rebuilt.
+            if !self.paused() {
+                if let Some(r) = self.parked.take() {
+                    self.offer(r);
+                }
             }
-            while !closed && self.parked.is_none() && self.free_slots() > 0 {
+            while !closed && !self.paused() && self.parked.is_none() && self.free_slots() > 0 {
                 match self.queue.rx.try_recv() {
                     Ok(r) => self.offer(r),
                     Err(flume::TryRecvError::Empty) => break,
@@ -147,7 +153,8 @@ impl Scheduler {
             if closed && self.seqs.is_empty() && self.parked.is_none() {
                 break;
             }
-            let can_admit = !closed && self.parked.is_none() && self.free_slots() > 0;
+            let can_admit =
+                !closed && !self.paused() && self.parked.is_none() && self.free_slots() > 0;
             let wait = Duration::from_millis(if self.seqs.is_empty() { 200 } else { 20 });
             let got = if can_admit {
                 flume::Selector::new()
@@ -178,6 +185,11 @@ impl Scheduler {
         self.flush_frees();
     }
 
+    /// A worker is being rebuilt (and none failed for good): queued requests wait.
+    fn paused(&self) -> bool {
+        !self.down.is_empty() && self.failed.is_none()
+    }
+
     /// KV slots no running sequence may claim.
     fn free_slots(&self) -> usize {
         let used: usize = self.seqs.values().map(Seq::slots).sum();
@@ -204,6 +216,7 @@ impl Scheduler {
             let _ = events.send(Err(InferError::WorkerDied {
                 actor: f.actor.clone(),
                 error: f.error.clone(),
+                restarting: false,
             }));
             count(&self.metrics, "error");
             return;
@@ -334,6 +347,7 @@ impl Scheduler {
                 .shard0
                 .send(ShardIn::Tick {
                     group: g,
+                    epoch: self.epoch,
                     rows,
                     inputs,
                     hidden: Hidden::default(),
@@ -417,7 +431,14 @@ impl Scheduler {
     fn handle(&mut self, m: Inbox) {
         match m {
             Inbox::WorkerFailed(f) => self.worker_failed(f),
-            Inbox::Tick { group, out } => {
+            Inbox::WorkerRestarted(r) => {
+                self.down.retain(|a| *a != r.actor);
+                tracing::info!(actor = %r.actor, recovery_s = r.recovery_s, waiting = self.down.len(),
+                    "worker back; admission resumes once no worker is down");
+            }
+            // Sent before a worker failed: its sequences have been failed already.
+            Inbox::Tick { epoch, .. } if epoch != self.epoch => {}
+            Inbox::Tick { group, out, .. } => {
                 self.groups[group].in_flight = false;
                 match out {
                     Ok(rows) => {
@@ -690,16 +711,34 @@ impl Scheduler {
         self.drop_seq(id, outcome);
     }
 
-    /// A worker died: every sequence in flight (and a request parked for slots) fails, and so does
-    /// every request admitted from now on.
+    /// A worker died: every sequence in flight fails (its caches, images or pipeline place are gone),
+    /// and a new epoch begins, so ticks still on their way are ignored. While the supervisor rebuilds
+    /// the worker, queued requests wait; a worker failed for good fails the parked request and every
+    /// one admitted from now on.
     fn worker_failed(&mut self, f: Failure) {
         let error = InferError::WorkerDied {
             actor: f.actor.clone(),
             error: f.error.clone(),
+            restarting: f.restarting,
         };
+        // One message frees them all: the first shard may be the dead one, its input bounded.
         let ids: Vec<Uuid> = self.seqs.keys().copied().collect();
         for id in ids {
-            self.fail(id, error.clone());
+            if let Some(s) = self.seqs.get(&id) {
+                let _ = s.events.send(Err(error.clone()));
+            }
+            self.remove_seq(id, "error");
+        }
+        self.flush_frees();
+        self.epoch += 1;
+        for g in &mut self.groups {
+            g.in_flight = false;
+        }
+        if f.restarting {
+            if !self.down.contains(&f.actor) {
+                self.down.push(f.actor.clone());
+            }
+            return;
         }
         self.failed = Some(f);
         if let Some(q) = self.parked.take() {
@@ -709,6 +748,12 @@ impl Scheduler {
 
     /// Removes a sequence and frees its caches on every shard.
     pub(super) fn drop_seq(&mut self, id: Uuid, outcome: &str) {
+        self.remove_seq(id, outcome);
+        self.flush_frees();
+    }
+
+    /// [`Self::drop_seq`], its caches' frees left for the next [`Self::flush_frees`].
+    fn remove_seq(&mut self, id: Uuid, outcome: &str) {
         if let Some(s) = self.seqs.remove(&id) {
             self.groups[s.group].members -= 1;
             count(&self.metrics, outcome);
@@ -719,7 +764,6 @@ impl Scheduler {
                     self.to_free.push(*c);
                 }
             }
-            self.flush_frees();
         }
         self.metrics
             .num_requests_running

@@ -104,6 +104,7 @@ impl ShardWorker {
                 }
                 ShardIn::Tick {
                     group,
+                    epoch,
                     rows,
                     inputs,
                     hidden,
@@ -122,6 +123,7 @@ impl ShardWorker {
                             };
                             let _ = tx.send(ShardIn::Tick {
                                 group,
+                                epoch,
                                 rows,
                                 inputs: vec![],
                                 hidden,
@@ -131,7 +133,7 @@ impl ShardWorker {
                         ShardNext::Scheduler(tx) => {
                             let out = result
                                 .and_then(|h| tch::no_grad(|| self.finish(&mut st, &rows, h)));
-                            let _ = tx.send(Inbox::Tick { group, out });
+                            let _ = tx.send(Inbox::Tick { group, epoch, out });
                         }
                     }
                 }
