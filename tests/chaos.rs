@@ -1,7 +1,10 @@
 //! Chaos: `deem train` killed with SIGKILL at random moments — while stepping, while writing a checkpoint
 //! (one is written every step) — then resumed with `--resume`: the latest checkpoint always loads, the
 //! run ends with the uninterrupted run's weights bit for bit, and `steps.jsonl` holds exactly one row per
-//! step. `CHAOS_SEEDS` kills (default 3; `make chaos` runs 10), each at a time drawn from its seed.
+//! step. `CHAOS_SEEDS` kills (default 3; `make chaos` runs 10), each at a time drawn from its seed. A
+//! checkpoint write the filesystem refuses (a file-size limit: EFBIG; a full tmpfs: ENOSPC) ends the run
+//! with an error naming the checkpoint and the cause, leaves no partial files, keeps the previous
+//! checkpoint the latest, and a resume from it ends as the straight run.
 
 mod common;
 
@@ -22,6 +25,11 @@ fn config(dir: &Path) -> PathBuf {
 }
 
 fn train(config: &Path, run: &Path, resume: bool) -> Child {
+    command(config, run, resume).spawn().unwrap()
+}
+
+/// `deem train` of the chaos run: single-process, 8 steps, a checkpoint every step.
+fn command(config: &Path, run: &Path, resume: bool) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_deem"));
     c.current_dir(common::root())
         .env("DEEM_LOG", "warn")
@@ -41,7 +49,7 @@ fn train(config: &Path, run: &Path, resume: bool) -> Child {
     if resume {
         c.arg("--resume");
     }
-    c.spawn().unwrap()
+    c
 }
 
 fn finish(mut child: Child, what: &str) {
@@ -105,5 +113,171 @@ fn a_run_killed_at_random_moments_resumes_to_the_same_weights_and_one_row_per_st
         }
         eprintln!("seed {seed}: killed after {killed_at} rows at {frac:.2} of the run, resumed at {resumed:?}: same weights");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The straight run's weights and rows equal the run's.
+fn same_run(run: &Path, straight: &Path) {
+    assert_eq!(rows(run), rows(straight));
+    let (want, got) = (
+        common::read_all(&straight.join("model.safetensors")),
+        common::read_all(&run.join("model.safetensors")),
+    );
+    assert_eq!(got.len(), want.len());
+    for (k, v) in &want {
+        assert!(v.equal(&got[k]), "{k} differs");
+    }
+}
+
+/// What the failed run left: its error, no partial checkpoint, `latest` at `step`.
+fn refused_write(run: &Path, out: &std::process::Output, step: u64, cause: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the run went on: {err}");
+    let ck = run.join("checkpoints");
+    let want = format!(
+        "writing checkpoint step-{} into {} failed: ",
+        step + 1,
+        ck.display()
+    );
+    assert!(err.contains(&want), "{err}");
+    assert!(err.contains(cause), "{err}");
+    assert!(
+        err.contains(&format!(
+            "its partial files were removed and the latest checkpoint is still step-{step}"
+        )),
+        "{err}"
+    );
+    assert!(!ck.join(format!("step-{}.tmp", step + 1)).exists());
+    assert!(!ck.join(format!("step-{}", step + 1)).exists());
+    eprintln!(
+        "{}",
+        err.lines().rfind(|l| l.contains("failed")).unwrap_or("")
+    );
+    let (_, m) = deem_actors::pipeline::checkpoint::latest(run).unwrap();
+    assert_eq!(m.step, step);
+}
+
+/// An injected write error: the resumed part of the run gets a file-size limit (RLIMIT_FSIZE, with
+/// SIGXFSZ ignored) below a checkpoint's model file, so writing step-3 fails with EFBIG.
+#[test]
+fn a_checkpoint_write_the_filesystem_refuses_keeps_the_previous_one() {
+    use std::os::unix::process::CommandExt as _;
+    let dir = common::scratch("chaos-write");
+    let config = config(&dir);
+    let straight = dir.join("straight");
+    finish(train(&config, &straight, false), "the straight run");
+    let run = dir.join("run");
+    let mut first = command(&config, &run, false);
+    first.args(["--stop-at", "2"]);
+    finish(first.spawn().unwrap(), "steps 1-2");
+    let largest = std::fs::read_dir(run.join("checkpoints/step-2"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .max()
+        .unwrap();
+    let limit = largest / 2;
+    let mut limited = command(&config, &run, true);
+    // SAFETY: only async-signal-safe calls (signal, setrlimit) between fork and exec.
+    unsafe {
+        limited.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let r = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = limited.output().unwrap();
+    refused_write(&run, &out, 2, "File too large");
+    finish(
+        train(&config, &run, true),
+        "resuming after the refused write",
+    );
+    same_run(&run, &straight);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A full disk: the run writes into a small tmpfs (mounted in a private mount namespace with
+/// `unshare`; skipped where the machine does not allow one) that holds the first checkpoints but not
+/// all eight; the write that finds it full fails with ENOSPC.
+#[test]
+fn a_full_disk_while_writing_a_checkpoint_keeps_the_previous_one() {
+    let dir = common::scratch("chaos-full");
+    let config = config(&dir);
+    let probe = Command::new("unshare")
+        .args(["-rm", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs -o size=64k tmpfs {0} && umount {0}",
+            dir.display()
+        ))
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("unshare/mount of a tmpfs is not allowed here: skipping (the RLIMIT_FSIZE test covers a refused write)");
+        return;
+    }
+    let straight = dir.join("straight");
+    finish(train(&config, &straight, false), "the straight run");
+    let one: u64 = std::fs::read_dir(straight.join("checkpoints/step-8"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    // Room for three and a half checkpoints (every one is kept), the rows and the log.
+    let size = one * 7 / 2 + (64 << 10);
+    let (mnt, kept) = (dir.join("mnt"), dir.join("kept"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    let cmd = command(&config, &mnt.join("run"), false);
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let args: Vec<String> = cmd
+        .get_args()
+        .map(|a| format!("'{}'", a.to_string_lossy()))
+        .collect();
+    // Inside the namespace: mount, train (it fails), keep what it left, report its status.
+    let script = format!(
+        "mount -t tmpfs -o size={size} tmpfs {mnt} && ( cd {root} && DEEM_LOG=warn '{program}' {args} ); echo \"exit=$?\" >&2; cp -r {mnt}/run {kept}",
+        mnt = mnt.display(),
+        root = common::root().display(),
+        args = args.join(" "),
+        kept = kept.display(),
+    );
+    let out = Command::new("unshare")
+        .args(["-rm", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !err.contains("exit=0"),
+        "the run did not fill the disk: {err}"
+    );
+    // The run directory is `kept` now; the error names the mounted one.
+    let step = deem_actors::pipeline::checkpoint::latest(&kept)
+        .unwrap()
+        .1
+        .step;
+    assert!((1..8).contains(&step), "{step}: {err}");
+    let ck = mnt.join("run/checkpoints");
+    let want = format!(
+        "writing checkpoint step-{} into {} failed: ",
+        step + 1,
+        ck.display()
+    );
+    assert!(err.contains(&want), "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    eprintln!(
+        "{}",
+        err.lines().rfind(|l| l.contains("failed")).unwrap_or("")
+    );
+    assert!(
+        err.contains(&format!("the latest checkpoint is still step-{step}")),
+        "{err}"
+    );
+    assert!(!kept
+        .join(format!("checkpoints/step-{}.tmp", step + 1))
+        .exists());
+    finish(train(&config, &kept, true), "resuming after the full disk");
+    same_run(&kept, &straight);
     let _ = std::fs::remove_dir_all(&dir);
 }

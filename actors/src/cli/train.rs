@@ -242,12 +242,16 @@ impl<'rt> Engine<'rt> {
                 rt.block_on(trainer.save_checkpoint(run_dir, topology))?;
             }
             Engine::Reference(t) => {
-                let tmp = checkpoint::begin(run_dir, t.step)?;
-                deem::train::save_shard(&tmp.join("trainer.safetensors"), &t.vs, &t.opt)?;
-                let manifest =
-                    checkpoint::Manifest::new(c, t.step, topology, vec!["trainer".into()])
-                        .with_scaler(&t.scaler);
-                checkpoint::commit(run_dir, &tmp, &manifest)?;
+                let write = || -> anyhow::Result<()> {
+                    let tmp = checkpoint::begin(run_dir, t.step)?;
+                    deem::train::save_shard(&tmp.join("trainer.safetensors"), &t.vs, &t.opt)?;
+                    let manifest =
+                        checkpoint::Manifest::new(c, t.step, topology, vec!["trainer".into()])
+                            .with_scaler(&t.scaler);
+                    checkpoint::commit(run_dir, &tmp, &manifest)?;
+                    Ok(())
+                };
+                write().map_err(|e| checkpoint::abandon(run_dir, t.step, format!("{e:#}")))?;
             }
         }
         Ok(())

@@ -123,21 +123,69 @@ pub fn begin(run_dir: &Path, step: u64) -> Result<PathBuf> {
     Ok(tmp)
 }
 
-/// Writes the manifest into `tmp`, renames it to `step-N` and points `latest` at it.
+/// Writes the manifest into `tmp`, flushes every file of it to the disk, renames it to `step-N` and
+/// points `latest` at it (each rename flushed too): after a crash or power loss `latest` names a
+/// complete checkpoint, and a full disk shows here as an error (some filesystems report it only when
+/// the data is flushed).
 pub fn commit(run_dir: &Path, tmp: &Path, manifest: &Manifest) -> Result<PathBuf> {
     let path = tmp.join("manifest.json");
     let text = serde_json::to_string_pretty(manifest)
         .map_err(|e| PipelineError::checkpoint(&path, e.to_string()))?;
-    std::fs::write(&path, text).map_err(PipelineError::io(&path))?;
+    write_synced(&path, text.as_bytes())?;
+    for entry in std::fs::read_dir(tmp).map_err(PipelineError::io(tmp))? {
+        let file = entry.map_err(PipelineError::io(tmp))?.path();
+        sync(&file)?;
+    }
+    sync(tmp)?;
     let dir = checkpoints_dir(run_dir);
     let done = dir.join(format!("step-{}", manifest.step));
     let _ = std::fs::remove_dir_all(&done);
     std::fs::rename(tmp, &done).map_err(PipelineError::io(tmp))?;
+    sync(&dir)?;
     let latest_tmp = dir.join("latest.tmp");
-    std::fs::write(&latest_tmp, format!("step-{}\n", manifest.step))
-        .map_err(PipelineError::io(&latest_tmp))?;
+    write_synced(&latest_tmp, format!("step-{}\n", manifest.step).as_bytes())?;
     std::fs::rename(&latest_tmp, dir.join("latest")).map_err(PipelineError::io(&latest_tmp))?;
+    sync(&dir)?;
     Ok(done)
+}
+
+/// Flushes a file, or a directory's entries, to the disk.
+fn sync(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(PipelineError::io(path))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    std::fs::File::create(path)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        })
+        .map_err(PipelineError::io(path))
+}
+
+/// The error of a checkpoint write that failed with `error`: its partial `step-N.tmp` is removed
+/// first, and the error says which checkpoint is still the latest.
+pub fn abandon(run_dir: &Path, step: u64, error: impl std::fmt::Display) -> PipelineError {
+    let tmp = tmp_dir(run_dir, step);
+    if let Err(e) = std::fs::remove_dir_all(&tmp) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %tmp.display(), "cannot remove the partial checkpoint: {e}");
+        }
+    }
+    let dir = checkpoints_dir(run_dir);
+    let kept = match std::fs::read_to_string(dir.join("latest")) {
+        Ok(name) => format!("the latest checkpoint is still {}", name.trim()),
+        Err(_) => "there is no earlier checkpoint".into(),
+    };
+    PipelineError::CheckpointWrite {
+        step,
+        dir,
+        message: error.to_string(),
+        kept,
+    }
 }
 
 /// The latest complete checkpoint of a run directory and its manifest.

@@ -377,21 +377,12 @@ impl PipelineTrainer {
                 break;
             }
         }
-        if let Some(d) = self.dist.as_deref() {
-            let refused = Tensor::from_slice(&[f32::from(checked.is_err())]);
-            d.world.group.all_reduce(&refused)?;
-            std::mem::replace(&mut checked, Ok(()))?;
-            let n = refused.double_value(&[0]);
-            if n > 0.0 {
-                return Err(PipelineError::Checkpoint {
-                    path: pretrained.describe().into(),
-                    message: format!(
-                        "{n} other rank(s) refused the weights (their logs name the file and tensor)"
-                    ),
-                });
-            }
-        }
-        checked?;
+        self.agree(checked, |n| PipelineError::Checkpoint {
+            path: pretrained.describe().into(),
+            message: format!(
+                "{n} other rank(s) refused the weights (their logs name the file and tensor)"
+            ),
+        })?;
         let mut filled = Vec::new();
         for s in &self.stages {
             filled.push(s.handle.load(pretrained.clone(), complete, true).await?);
@@ -534,39 +525,67 @@ impl PipelineTrainer {
     ) -> Result<std::path::PathBuf> {
         let d = self.dist.as_deref();
         let rank0 = d.is_none_or(|d| d.world.rank() == 0);
-        // Across processes each phase waits for every rank; in one process there is nothing to wait for.
-        let barrier = || d.map_or(Ok(()), |d| d.world.group.barrier());
         let tmp = checkpoint::tmp_dir(run_dir, self.step);
-        // A failure on rank 0 must not leave the others waiting at the barrier: they see it fail.
-        let begun = if rank0 {
-            checkpoint::begin(run_dir, self.step).map(|_| ())
-        } else {
-            Ok(())
+        // Each phase ends with every rank learning whether any failed it, so none waits for a rank
+        // that gave up; a failed write removes its partial files on every rank.
+        let others = |n: f64| {
+            PipelineError::checkpoint(
+                &tmp,
+                format!("{n} other rank(s) failed to write their part (their logs say why)"),
+            )
         };
-        barrier()?;
-        begun?;
-        // The replicas hold the same parameters: the first one writes them.
-        if d.is_none_or(|d| d.replica == 0) {
-            for s in &self.stages {
-                s.handle.save(tmp.clone()).await?;
+        let written = async {
+            let begun = if rank0 {
+                checkpoint::begin(run_dir, self.step).map(|_| ())
+            } else {
+                Ok(())
+            };
+            self.agree(begun, others)?;
+            // The replicas hold the same parameters: the first one writes them.
+            let mut saved = Ok(());
+            if d.is_none_or(|d| d.replica == 0) {
+                for s in &self.stages {
+                    saved = s.handle.save(tmp.clone()).await;
+                    if saved.is_err() {
+                        break;
+                    }
+                }
             }
-        }
-        barrier()?;
-        let done = if rank0 {
-            let stages = self
-                .topo
-                .pipeline_order()
-                .iter()
-                .map(|a| a.name.clone())
-                .collect();
-            let manifest = checkpoint::Manifest::new(&self.cfg, self.step, topology, stages)
-                .with_scaler(&self.scaler);
-            checkpoint::commit(run_dir, &tmp, &manifest)
-        } else {
-            Ok(checkpoint::checkpoints_dir(run_dir).join(format!("step-{}", self.step)))
+            self.agree(saved, others)?;
+            let done = if rank0 {
+                let stages = self
+                    .topo
+                    .pipeline_order()
+                    .iter()
+                    .map(|a| a.name.clone())
+                    .collect();
+                let manifest = checkpoint::Manifest::new(&self.cfg, self.step, topology, stages)
+                    .with_scaler(&self.scaler);
+                checkpoint::commit(run_dir, &tmp, &manifest)
+            } else {
+                Ok(checkpoint::checkpoints_dir(run_dir).join(format!("step-{}", self.step)))
+            };
+            self.agree(done, others)
         };
-        barrier()?;
-        done
+        written
+            .await
+            .map_err(|e| checkpoint::abandon(run_dir, self.step, e))
+    }
+
+    /// Across processes, every rank learns whether any rank's `mine` failed (one all_reduce, which
+    /// is also a barrier): a rank's own error comes back as it is, a rank that succeeded gets
+    /// `others(n)` for the n ranks that failed. In one process, `mine` as it is.
+    fn agree<T>(&self, mine: Result<T>, others: impl FnOnce(f64) -> PipelineError) -> Result<T> {
+        let Some(d) = self.dist.as_deref() else {
+            return mine;
+        };
+        let failed = Tensor::from_slice(&[f32::from(mine.is_err())]);
+        d.world.group.all_reduce(&failed)?;
+        let n = failed.double_value(&[0]);
+        match mine {
+            Ok(_) if n > 0.0 => Err(others(n)),
+            mine => mine,
+        }
     }
 
     /// The whole model's parameters: every stage's, or across processes those of the latest

@@ -49,6 +49,15 @@ pub enum PipelineError {
         #[source]
         source: std::io::Error,
     },
+    /// Writing a checkpoint failed (a full disk, an I/O error, another rank's failure): nothing of it
+    /// was kept, and `kept` says which checkpoint is still the latest.
+    #[error("writing checkpoint step-{step} into {} failed: {message}; its partial files were removed and {kept}", dir.display())]
+    CheckpointWrite {
+        step: u64,
+        dir: PathBuf,
+        message: String,
+        kept: String,
+    },
     /// Reading or writing a checkpoint file.
     #[error("{}: {source}", path.display())]
     Io {
