@@ -2,7 +2,8 @@
 //! processes (vision + llm0 | llm1 + diffusion) equal one process bit for bit under GPipe and 1F1B;
 //! data parallel 2 × pipeline 2 equals one process on the same global batch; torchrun (from the
 //! project's .venv) runs the two-process case unchanged; a checkpoint written by four processes resumes
-//! in one; a killed rank is restarted by `deem launch` to the same final weights; a rank that never
+//! in one; a killed rank, and a rank stopped with SIGSTOP (the other times out naming it), are restarted
+//! by `deem launch` to the same final weights; a rank that never
 //! joins and a wrong WORLD_SIZE fail fast with errors naming them; `--pretrained` library checkpoints
 //! load per stage on each rank as in one process, and a file one rank refuses stops every rank.
 
@@ -44,27 +45,31 @@ fn train_one(run: &Path, args: &[&str]) {
 
 /// `deem launch --nproc-per-node n -- train …`.
 fn launch(n: u32, run: &Path, launcher: &[&str], args: &[&str]) -> Output {
-    deem()
-        .args([
-            "launch",
-            "--nproc-per-node",
-            &n.to_string(),
-            "--master-port",
-        ])
-        .arg(common::free_port().to_string())
-        .args(launcher)
-        .args([
-            "--",
-            "train",
-            "--quiet",
-            "--peer-timeout",
-            "60",
-            "--run-dir",
-        ])
-        .arg(run)
-        .args(args)
-        .output()
-        .unwrap()
+    launch_with(n, run, launcher, args, 60).output().unwrap()
+}
+
+/// [`launch`]'s command, each wait on another rank bounded by `peer_timeout` seconds.
+fn launch_with(n: u32, run: &Path, launcher: &[&str], args: &[&str], peer_timeout: u32) -> Command {
+    let mut c = deem();
+    c.args([
+        "launch",
+        "--nproc-per-node",
+        &n.to_string(),
+        "--master-port",
+    ])
+    .arg(common::free_port().to_string())
+    .args(launcher)
+    .args([
+        "--",
+        "train",
+        "--quiet",
+        "--peer-timeout",
+        &peer_timeout.to_string(),
+        "--run-dir",
+    ])
+    .arg(run)
+    .args(args);
+    c
 }
 
 fn model(run: &Path) -> BTreeMap<String, Tensor> {
@@ -370,6 +375,76 @@ fn a_killed_rank_is_restarted_with_the_world_to_the_same_weights() {
         "{stderr}"
     );
     // Each run writes tens of MB of checkpoints: keep nothing of a passed test.
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// The pid of the launcher's child started as `rank`.
+fn rank_pid(launcher: u32, rank: u32) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.find_map(|e| {
+        let dir = e.ok()?.path();
+        let pid: i32 = dir.file_name()?.to_str()?.parse().ok()?;
+        let status = std::fs::read_to_string(dir.join("status")).ok()?;
+        let ppid: u32 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))?
+            .trim()
+            .parse()
+            .ok()?;
+        let env = std::fs::read(dir.join("environ")).ok()?;
+        let wanted = format!("RANK={rank}");
+        (ppid == launcher && env.split(|b| *b == 0).any(|v| v == wanted.as_bytes())).then_some(pid)
+    })
+}
+
+/// A rank that stops answering (SIGSTOP after two steps): rank 0 times out on it within
+/// `--peer-timeout` naming it, `deem launch` ends the world (the stopped rank too) and restarts it
+/// from the latest checkpoint, and the run ends with the straight run's weights.
+#[test]
+fn a_stopped_rank_is_named_by_the_timeout_and_the_world_restarts_to_the_same_weights() {
+    let d = scratch("sigstop");
+    train_one(&d.join("straight"), &["--steps", "8"]);
+    let run = d.join("run");
+    let args = [
+        "--topology",
+        TWO,
+        "--steps",
+        "8",
+        "--set",
+        "train.checkpoint_every=2",
+    ];
+    let launcher = launch_with(2, &run, &["--max-restarts", "1"], &args, 5)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(run.join("steps.jsonl")).map_or(0, |t| t.lines().count()) < 2 {
+        assert!(started.elapsed().as_secs() < 120, "two steps never ran");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = rank_pid(launcher.id(), 1).expect("rank 1's process");
+    // SAFETY: kill has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let stopped = std::time::Instant::now();
+    let out = ok(
+        launcher.wait_with_output().unwrap(),
+        "training with a stopped rank",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("rank 0 failed (exit code 1): restarting all 2 rank(s) (restart 1 of 1)"),
+        "{stderr}"
+    );
+    let named = stderr
+        .lines()
+        .find(|l| l.starts_with("[rank 0] error: ") && l.contains("rank(s) 1 stopped answering"))
+        .unwrap_or_else(|| panic!("rank 0's error does not name rank 1: {stderr}"));
+    eprintln!(
+        "{named}\n(the run ended {:.1} s after the stop)",
+        stopped.elapsed().as_secs_f64()
+    );
+    assert_eq!(steps(&run), steps(&d.join("straight")));
+    assert_eq!(model_diff(&model(&run), &model(&d.join("straight"))), 0.0);
     let _ = std::fs::remove_dir_all(&d);
 }
 

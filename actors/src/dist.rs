@@ -4,6 +4,7 @@
 //! across processes ([`wire`]). It is the bottom layer: it imports nothing else of this crate.
 
 pub mod c10d;
+pub mod liveness;
 pub mod wire;
 pub mod world;
 

@@ -142,6 +142,8 @@ async fn supervise(c: &mut Children) -> anyhow::Result<Outcome> {
 /// Ends every rank still running: `sig`, then SIGKILL after `grace`; waits for them and their logs.
 async fn stop_all(c: &mut Children, sig: i32, grace: Duration) {
     terminate(&c.pids, sig);
+    // A rank stopped (SIGSTOP) holds the signal until it runs again.
+    terminate(&c.pids, libc::SIGCONT);
     let deadline = tokio::time::Instant::now() + grace;
     while c.running > 0 {
         match tokio::time::timeout_at(deadline, c.exits.recv()).await {

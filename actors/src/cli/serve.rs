@@ -96,6 +96,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             None => None,
         };
         tracing::info!(rank, "serving the workers placed on this rank");
+        let world = w.world.clone();
         let end = runtime.block_on(async {
             // A signal (the launcher passing on Ctrl-C) does not end this rank: rank 0 drains the
             // requests in flight, which still need this rank, then stops the service.
@@ -113,6 +114,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         return match end {
             Ok(()) => {
                 tracing::info!(rank, "rank 0 stopped the service");
+                world.finish();
                 Ok(())
             }
             Err(f) => bail!("rank {rank}: lost {}: {}", f.actor, f.error),
@@ -123,6 +125,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.checkpoint.as_deref(),
         &cfg.config,
     )?;
+    let dist = world.as_ref().map(|w| w.world.clone());
     runtime.block_on(async {
         let service = crate::serve::Service::start_on(
             args.addr,
@@ -138,5 +141,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("shutting down: draining in-flight requests");
         service.stop().await
     })?;
+    if let Some(w) = dist {
+        w.finish();
+    }
     Ok(())
 }

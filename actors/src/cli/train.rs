@@ -431,6 +431,9 @@ pub fn run_job(
             .and_then(|_| engine.weights(&job.run_dir))
     });
     engine.stop();
+    if let (Mode::Distributed(_, d), Some(Ok(_))) = (&job.mode, &final_state) {
+        d.world.finish();
+    }
     let reports = result?;
     if let Some(w) = final_state {
         let w = w?;

@@ -293,6 +293,26 @@ pub struct Group {
     pub world_rank: i64,
     pub backend: Backend,
     timeout: Duration,
+    explain: Option<Explain>,
+}
+
+/// Says what a failed group operation's error should add, when it knows (the ranks that stopped
+/// answering: see `super::liveness`).
+pub type Explain = std::sync::Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// `r`, its c10d error extended by `explain`'s account.
+fn explained<T>(r: Result<T>, explain: Option<&Explain>) -> Result<T> {
+    match (r, explain) {
+        (Err(DistError::C10d { rank, op, message }), Some(f)) => Err(DistError::C10d {
+            rank,
+            op,
+            message: match f() {
+                Some(why) => format!("{message}; {why}"),
+                None => message,
+            },
+        }),
+        (r, _) => r,
+    }
 }
 
 // SAFETY: c10d backends are built to be called from several threads; deem runs a group's collectives
@@ -375,7 +395,14 @@ impl Group {
             world_rank: spec.world_rank,
             backend,
             timeout: spec.timeout,
+            explain: None,
         }
+    }
+
+    /// The group, its failed operations' errors extended by `explain`.
+    pub fn with_explain(mut self, explain: Explain) -> Self {
+        self.explain = Some(explain);
+        self
     }
 
     pub fn timeout(&self) -> Duration {
@@ -411,7 +438,12 @@ impl Group {
                 err,
             )
         })?;
-        Ok(Pending::new(w, self.world_rank, op, self.timeout))
+        Ok(Pending::new(
+            w,
+            (self.world_rank, op),
+            self.timeout,
+            self.explain.clone(),
+        ))
     }
 
     /// Starts receiving into `t` (contiguous, the sender's shape and dtype) from `src` under `tag`.
@@ -429,7 +461,12 @@ impl Group {
                 err,
             )
         })?;
-        Ok(Pending::new(w, self.world_rank, op, self.timeout))
+        Ok(Pending::new(
+            w,
+            (self.world_rank, op),
+            self.timeout,
+            self.explain.clone(),
+        ))
     }
 
     pub fn send(&self, t: &Tensor, dst: i64, tag: i32) -> Result<()> {
@@ -442,9 +479,10 @@ impl Group {
 
     /// Sums `t` (contiguous) elementwise over the group, in place.
     pub fn all_reduce(&self, t: &Tensor) -> Result<()> {
-        call(self.world_rank, "all_reduce", |err| unsafe {
+        let r = call(self.world_rank, "all_reduce", |err| unsafe {
             deem_all_reduce(self.ptr, t.as_ptr() as *mut c_void, err)
-        })
+        });
+        explained(r, self.explain.as_ref())
     }
 
     /// Sums every tensor of `ts` over the group, in place, flattened into buckets of at most
@@ -484,19 +522,21 @@ impl Group {
     /// Copies `root`'s `t` into every member's `t`.
     pub fn broadcast(&self, t: &Tensor, root: i64) -> Result<()> {
         self.peer_or_self("broadcast", root)?;
-        call(
+        let r = call(
             self.world_rank,
             &format!("broadcast from rank {root}"),
             |err| unsafe {
                 deem_broadcast(self.ptr, t.as_ptr() as *mut c_void, root as c_int, err)
             },
-        )
+        );
+        explained(r, self.explain.as_ref())
     }
 
     pub fn barrier(&self) -> Result<()> {
-        call(self.world_rank, "barrier", |err| unsafe {
+        let r = call(self.world_rank, "barrier", |err| unsafe {
             deem_barrier(self.ptr, err)
-        })
+        });
+        explained(r, self.explain.as_ref())
     }
 
     fn peer_or_self(&self, op: &str, r: i64) -> Result<()> {
@@ -521,27 +561,35 @@ pub struct Pending {
     rank: i64,
     op: String,
     timeout: Duration,
+    explain: Option<Explain>,
 }
 
 // SAFETY: a c10d Work may be waited on from any thread.
 unsafe impl Send for Pending {}
 
 impl Pending {
-    fn new(ptr: *mut c_void, rank: i64, op: String, timeout: Duration) -> Self {
+    fn new(
+        ptr: *mut c_void,
+        (rank, op): (i64, String),
+        timeout: Duration,
+        explain: Option<Explain>,
+    ) -> Self {
         Pending {
             ptr,
             rank,
             op,
             timeout,
+            explain,
         }
     }
 
     /// Waits up to the group's timeout; a timeout or a lost peer is an error naming the operation.
     pub fn wait(self) -> Result<()> {
         let timeout = self.timeout;
-        call(self.rank, &self.op, |err| unsafe {
+        let r = call(self.rank, &self.op, |err| unsafe {
             deem_work_wait(self.ptr, millis(timeout), err)
-        })
+        });
+        explained(r, self.explain.as_ref())
     }
 }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::c10d::{GlooAddr, Group, GroupSpec, Store};
+use super::liveness::Liveness;
 use super::DistError;
 
 type Result<T, E = DistError> = std::result::Result<T, E>;
@@ -156,6 +157,8 @@ pub struct World {
     /// Prefix of this attempt's keys in the store.
     prefix: String,
     timeout: Duration,
+    /// This rank's heartbeat; names the ranks that stopped answering when an operation fails.
+    liveness: Arc<Liveness>,
 }
 
 impl World {
@@ -210,6 +213,12 @@ impl World {
                 });
             }
         }
+        let liveness = Liveness::start(
+            (&env.master_addr, env.master_port),
+            (rank, env.world_size),
+            &prefix,
+            timeout,
+        )?;
         let iface = std::env::var("GLOO_SOCKET_IFNAME").ok();
         let hostname = if env.loopback() {
             "127.0.0.1".to_string()
@@ -233,14 +242,20 @@ impl World {
         Ok(World {
             env,
             store: Arc::new(store),
-            group: Arc::new(group),
+            group: Arc::new(group.with_explain(liveness.explain())),
             prefix,
             timeout,
+            liveness,
         })
     }
 
     pub fn rank(&self) -> i64 {
         self.env.rank
+    }
+
+    /// Ends this rank's part in a world that finished cleanly (see [`Liveness::finish`]).
+    pub fn finish(&self) {
+        self.liveness.finish(self.timeout);
     }
 
     pub fn size(&self) -> i64 {
@@ -277,6 +292,6 @@ impl World {
                 iface: iface.as_deref(),
             },
         )
-        .map(Some)
+        .map(|g| Some(g.with_explain(self.liveness.explain())))
     }
 }
