@@ -3,6 +3,7 @@
 //! training sequences, and the built-in batch source the tests train on.
 
 pub mod batches;
+pub mod decode;
 pub mod mixer;
 pub mod readers;
 pub mod stream;

@@ -3,8 +3,9 @@
 //! (pairs JSONL and tar shards, MMC4, LLaVA, COCO regions and their RLE strings, POPE and RobustVQA
 //! files), chat request bodies with their data URLs, and the multi-process wire header. Inputs are valid
 //! files with splices of arbitrary text or bytes, or arbitrary bytes outright. The property: no panic
-//! (a panic fails the case), and an error that says where (checked on the messages that must name a
-//! field or a file). Cases per target: `PROPTEST_CASES` (`make fuzz` runs 100 000 in all); failures
+//! (a panic fails the case), an error that says where (checked on the messages that must name a field
+//! or a file), and no more Rust heap at once than a bound derived from the input's size (measured per
+//! thread by a counting allocator; libtorch's own allocations are outside it). Cases per target: `PROPTEST_CASES` (`make fuzz` runs 100 000 in all); failures
 //! proptest finds are kept in `tests/proptest-regressions/fuzz.txt` and replayed first by every run.
 
 mod common;
@@ -13,10 +14,88 @@ mod rt;
 #[path = "common/synth.rs"]
 mod synth_helpers;
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use proptest::prelude::*;
+
+/// The system allocator, counting each thread's live heap bytes and their peak.
+struct Counting;
+
+thread_local! {
+    static LIVE: Cell<isize> = const { Cell::new(0) };
+    static PEAK: Cell<isize> = const { Cell::new(0) };
+}
+
+fn note(delta: isize) {
+    let _ = LIVE.try_with(|l| {
+        let now = l.get() + delta;
+        l.set(now);
+        let _ = PEAK.try_with(|p| p.set(p.get().max(now)));
+    });
+}
+
+// SAFETY: every call goes to the system allocator unchanged; the counters only read sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            note(l.size() as isize);
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(l) };
+        if !p.is_null() {
+            note(l.size() as isize);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) };
+        note(-(l.size() as isize));
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        let q = unsafe { System.realloc(p, l, new) };
+        if !q.is_null() {
+            note(new as isize - l.size() as isize);
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+/// Runs `f` (a parser given `input` bytes) and fails the case if the heap it held at once went past
+/// `per_byte × input + fixed` bytes. `fixed` covers what any input costs (a parsed config, the
+/// tokenizer's work, the synthetic world's images the dataset readers decode).
+fn bounded<T>(
+    input: usize,
+    (per_byte, fixed): (usize, usize),
+    f: impl FnOnce() -> T,
+) -> (T, Result<(), String>) {
+    let start = LIVE.with(Cell::get);
+    PEAK.with(|p| p.set(start));
+    let out = f();
+    let peak = (PEAK.with(Cell::get) - start).max(0) as usize;
+    let bound = per_byte * input + fixed;
+    let verdict = if peak <= bound {
+        Ok(())
+    } else {
+        Err(format!(
+            "held {peak} bytes at once for a {input}-byte input (bound {bound})"
+        ))
+    };
+    (out, verdict)
+}
+
+/// Bounds of the targets: text formats hold a few times their input; image formats what their
+/// pixels need (refused past `deem::data::decode::MAX_EXPANSION` decoded bytes per file byte).
+const TEXT: (usize, usize) = (32, 1 << 20);
+const IMAGES: (usize, usize) = (3 * deem::data::decode::MAX_EXPANSION as usize, 4 << 20);
 
 /// `text` with `cut` bytes from `at` (as a fraction) replaced by `with`, on character boundaries.
 fn splice(text: &str, at: f64, cut: usize, with: &str) -> String {
@@ -105,25 +184,34 @@ proptest! {
     fn config_files_variables_and_set_values(at in 0.0..1.0f64, cut in 0usize..40, with in piece(),
             key in "[a-z_.]{1,30}", value in piece()) {
         let text = splice(deem_actors::settings::EMBEDDED_TINY, at, cut, &with);
-        if let Err(e) = deem_actors::settings::load(&layers(&text, vec![], vec![])) {
-            prop_assert!(!e.to_string().is_empty());
-        }
-        let base = deem_actors::settings::EMBEDDED_TINY;
-        let env = vec![(format!("DEEM_{}", key.to_uppercase().replace('.', "__")), value.clone())];
-        let _ = deem_actors::settings::load(&layers(base, env, vec![]));
-        let set = vec![format!("{key}={value}")];
-        if let Err(e) = deem_actors::settings::load(&layers(base, vec![], set)) {
-            prop_assert!(!e.to_string().is_empty());
-        }
+        let (r, held) = bounded(text.len() + key.len() + value.len(), TEXT, || {
+            if let Err(e) = deem_actors::settings::load(&layers(&text, vec![], vec![])) {
+                prop_assert!(!e.to_string().is_empty());
+            }
+            let base = deem_actors::settings::EMBEDDED_TINY;
+            let env = vec![(format!("DEEM_{}", key.to_uppercase().replace('.', "__")), value.clone())];
+            let _ = deem_actors::settings::load(&layers(base, env, vec![]));
+            let set = vec![format!("{key}={value}")];
+            if let Err(e) = deem_actors::settings::load(&layers(base, vec![], set)) {
+                prop_assert!(!e.to_string().is_empty());
+            }
+            Ok(())
+        });
+        r?;
+        prop_assert!(held.is_ok(), "{:?}", held);
     }
 
     #[test]
     fn topology_files(at in 0.0..1.0f64, cut in 0usize..40, with in piece(), cuda in 0usize..3) {
         let cfg = rt::embedded_tiny().config;
         let text = splice(deem_actors::runtime::topology::EMBEDDED_CPU, at, cut, &with);
-        if let Err(e) = deem_actors::runtime::topology::Topology::parse(&text, "fuzzed.toml", &cfg, cuda) {
+        let (parsed, held) = bounded(text.len(), TEXT, || {
+            deem_actors::runtime::topology::Topology::parse(&text, "fuzzed.toml", &cfg, cuda).map(drop)
+        });
+        if let Err(e) = parsed {
             prop_assert!(e.to_string().contains("fuzzed.toml"), "{e}");
         }
+        prop_assert!(held.is_ok(), "{:?}", held);
     }
 
     #[test]
@@ -137,14 +225,19 @@ proptest! {
             _ => splice_bytes(good, at, cut, &with),
         };
         let p = file("weights.safetensors", &bytes);
-        match deem::checkpoint::Checkpoint::open(&p) {
-            Ok(ck) => {
-                for n in ck.names().map(String::from).collect::<Vec<_>>() {
-                    let _ = ck.tensor(&n);
+        let (r, held) = bounded(bytes.len(), TEXT, || {
+            match deem::checkpoint::Checkpoint::open(&p) {
+                Ok(ck) => {
+                    for n in ck.names().map(String::from).collect::<Vec<_>>() {
+                        let _ = ck.tensor(&n);
+                    }
                 }
+                Err(e) => prop_assert!(e.to_string().contains(&p.display().to_string()), "{e}"),
             }
-            Err(e) => prop_assert!(e.to_string().contains(&p.display().to_string()), "{e}"),
-        }
+            Ok(())
+        });
+        r?;
+        prop_assert!(held.is_ok(), "{:?}", held);
     }
 
     #[test]
@@ -159,37 +252,47 @@ proptest! {
         std::fs::write(&p, &spliced).unwrap();
         let shown = p.display().to_string();
         let named = |e: &deem::data::DataError| e.to_string().contains(&shown);
-        match format {
-            0 => {
-                if let Ok(r) = deem::data::readers::read_pairs_jsonl(&p, None) {
-                    prop_assert!(r.bad.iter().all(|b| b.at.contains(&shown)));
+        let (r, held) = bounded(spliced.len(), IMAGES, || {
+            match format {
+                0 => {
+                    if let Ok(r) = deem::data::readers::read_pairs_jsonl(&p, None) {
+                        prop_assert!(r.bad.iter().all(|b| b.at.contains(&shown)));
+                    }
+                    if let Err(e) = deem::data::stream::open_pairs_jsonl(&p, None) { prop_assert!(named(&e), "{e}") }
                 }
-                if let Err(e) = deem::data::stream::open_pairs_jsonl(&p, None) { prop_assert!(named(&e), "{e}") }
-            }
-            1 => {
-                let _ = deem::data::readers::read_mmc4(&p, None, &cfg.data.mmc4, 0);
-                if let Ok((docs, _)) = deem::data::stream::open_mmc4(&p, None, &cfg.data.mmc4, 0) {
-                    use deem::data::stream::RecordSource;
-                    let stats = deem::data::stream::DataStats::default();
-                    for i in 0..docs.len() { let _ = docs.record(i, &stats); }
+                1 => {
+                    let _ = deem::data::readers::read_mmc4(&p, None, &cfg.data.mmc4, 0);
+                    if let Ok((docs, _)) = deem::data::stream::open_mmc4(&p, None, &cfg.data.mmc4, 0) {
+                        use deem::data::stream::RecordSource;
+                        let stats = deem::data::stream::DataStats::default();
+                        for i in 0..docs.len() { let _ = docs.record(i, &stats); }
+                    }
+                }
+                2 => {
+                    if let Err(e) = deem::data::readers::read_llava(&p, None) { prop_assert!(named(&e), "{e}") }
+                    let _ = deem::data::stream::open_llava(&p, None);
+                }
+                _ => {
+                    if let Err(e) = deem::data::readers::read_regions(&p, None) { prop_assert!(named(&e), "{e}") }
                 }
             }
-            2 => {
-                if let Err(e) = deem::data::readers::read_llava(&p, None) { prop_assert!(named(&e), "{e}") }
-                let _ = deem::data::stream::open_llava(&p, None);
-            }
-            _ => {
-                if let Err(e) = deem::data::readers::read_regions(&p, None) { prop_assert!(named(&e), "{e}") }
-            }
-        }
+            Ok(())
+        });
         let _ = std::fs::remove_file(&p);
+        r?;
+        prop_assert!(held.is_ok(), "{:?}", held);
     }
 
     #[test]
     fn rle_strings_and_counts(s in ".{0,40}", counts in proptest::collection::vec(any::<u32>(), 0..6),
             w in 0u32..70000, h in 0u32..70000, parts in 1u64..4) {
-        let _ = deem::data::world::rle_from_string(&s);
-        let _ = deem::data::world::rle_decode(&counts, w, h);
+        // A mask is what its declared size needs (at most `MAX_MASK_PIXELS`), whatever the counts.
+        let mask = (w as usize * h as usize).min(deem::data::world::MAX_MASK_PIXELS as usize);
+        let (_, held) = bounded(s.len() + 4 * counts.len(), (64, mask + (64 << 10)), || {
+            let _ = deem::data::world::rle_from_string(&s);
+            let _ = deem::data::world::rle_decode(&counts, w, h);
+        });
+        prop_assert!(held.is_ok(), "{:?}", held);
         // Counts that do sum to a huge declared size: refused before the mask is allocated.
         let total = w as u64 * h as u64;
         let each = total / parts;
@@ -205,17 +308,21 @@ proptest! {
     fn webdataset_shards(at in 0.0..1.0f64, cut in 0usize..600,
             with in proptest::collection::vec(any::<u8>(), 0..32)) {
         let good = std::fs::read(world().join("pairs-000000.tar")).unwrap();
-        let p = file("shard.tar", &splice_bytes(&good, at, cut, &with));
-        let _ = deem::data::readers::read_pairs_tar(&p, None);
-        if let Ok((pairs, _)) = deem::data::stream::open_pairs_tar(&p) {
-            use deem::data::stream::RecordSource;
-            let stats = deem::data::stream::DataStats::default();
-            for i in 0..pairs.len() {
-                if let Ok(deem::data::stream::Record::Pair { image, .. }) = pairs.record(i, &stats) {
-                    let _ = image.decode(&stats);
+        let bytes = splice_bytes(&good, at, cut, &with);
+        let p = file("shard.tar", &bytes);
+        let (_, held) = bounded(bytes.len(), IMAGES, || {
+            let _ = deem::data::readers::read_pairs_tar(&p, None);
+            if let Ok((pairs, _)) = deem::data::stream::open_pairs_tar(&p) {
+                use deem::data::stream::RecordSource;
+                let stats = deem::data::stream::DataStats::default();
+                for i in 0..pairs.len() {
+                    if let Ok(deem::data::stream::Record::Pair { image, .. }) = pairs.record(i, &stats) {
+                        let _ = image.decode(&stats);
+                    }
                 }
             }
-        }
+        });
+        prop_assert!(held.is_ok(), "{:?}", held);
     }
 
     #[test]
@@ -224,14 +331,17 @@ proptest! {
         let vqa = "{\"id\": {\"image\": \"a.png\", \"question\": \"What is the main object?\", \"answer\": \"dog\", \"options\": [\"dog\", \"cat\"]}}";
         let text = splice([pope, vqa][which], at, cut, &with);
         let p = file("eval.json", text.as_bytes());
-        let r = if which == 0 {
-            deem::eval::read_pope(&p).map(drop)
-        } else {
-            deem::eval::read_robustvqa(&p).map(drop)
-        };
+        let (r, held) = bounded(text.len(), TEXT, || {
+            if which == 0 {
+                deem::eval::read_pope(&p).map(drop)
+            } else {
+                deem::eval::read_robustvqa(&p).map(drop)
+            }
+        });
         if let Err(e) = r {
             prop_assert!(e.to_string().contains(&p.display().to_string()), "{e}");
         }
+        prop_assert!(held.is_ok(), "{:?}", held);
     }
 
     #[test]
@@ -243,17 +353,23 @@ proptest! {
              {{\"type\": \"image_url\", \"image_url\": {{\"url\": \"{url}\"}}}}]}}], \"max_tokens\": 4, \"stream\": true}}"
         );
         for b in [splice(&body, at, cut, &with).into_bytes(), raw] {
-            if let Ok(r) = deem_actors::serve::openai::parse(&b) {
-                let _ = deem_actors::serve::validation::validate(r, cfg, tok, "tiny");
-            }
+            let (_, held) = bounded(b.len(), IMAGES, || {
+                if let Ok(r) = deem_actors::serve::openai::parse(&b) {
+                    let _ = deem_actors::serve::validation::validate(r, cfg, tok, "tiny");
+                }
+            });
+            prop_assert!(held.is_ok(), "{:?}", held);
         }
     }
 
     #[test]
     fn wire_headers(raw in proptest::collection::vec(any::<u8>(), 0..64), len in any::<u32>()) {
-        let _ = deem_actors::dist::wire::decode(&raw);
         let framed = [&len.to_le_bytes()[..], &raw].concat();
-        let _ = deem_actors::dist::wire::decode(&framed);
+        let (_, held) = bounded(framed.len(), (64, 64 << 10), || {
+            let _ = deem_actors::dist::wire::decode(&raw);
+            let _ = deem_actors::dist::wire::decode(&framed);
+        });
+        prop_assert!(held.is_ok(), "{:?}", held);
     }
 }
 
@@ -309,4 +425,33 @@ fn safetensors_claims_past_the_file_are_refused() {
             "{err}"
         );
     }
+}
+
+/// A request image whose header declares far more pixels than its bytes could hold (a 4000 × 4000 PNG
+/// cut to 300 bytes) is refused naming both sizes, before any pixel buffer is allocated for it.
+#[test]
+fn an_image_declaring_more_pixels_than_its_file_holds_is_refused_before_decoding() {
+    use base64::Engine as _;
+    let mut png = Vec::new();
+    image::RgbImage::new(4000, 4000)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let cut = &png[..300];
+    let url = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(cut)
+    );
+    let body = serde_json::json!({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": url}}]}]})
+    .to_string();
+    let (cfg, tok) = serving();
+    let (refused, held) = bounded(body.len(), (64, 1 << 20), || {
+        let r = deem_actors::serve::openai::parse(body.as_bytes()).unwrap();
+        deem_actors::serve::validation::validate(r, cfg, tok, "tiny").err()
+    });
+    assert_eq!(
+        refused.unwrap().to_string(),
+        "messages[0].content[1].image_url.url: the image declares 4000×4000 pixels but its file holds only 300 bytes: no PNG, JPEG, WebP or GIF compresses so far"
+    );
+    held.unwrap();
 }

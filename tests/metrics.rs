@@ -287,13 +287,12 @@ fn monitoring_config_and_rules_pass_promtool() {
         .device_reserved
         .get_or_create(&device)
         .set(0);
-    // Likewise the actor failures (the supervision tests make them).
-    metrics
-        .actor_failures
-        .get_or_create(&deem_actors::runtime::metrics::ActorLabels {
-            actor: "vision".into(),
-        })
-        .inc_by(0);
+    // Likewise the actor failures and restarts (the supervision tests make them).
+    let vision = deem_actors::runtime::metrics::ActorLabels {
+        actor: "vision".into(),
+    };
+    metrics.actor_failures.get_or_create(&vision).inc_by(0);
+    metrics.actor_restarts.get_or_create(&vision).inc_by(0);
     let cfg = embedded_tiny();
     let topo = Topology::parse(
         deem_actors::runtime::topology::EMBEDDED_CPU,

@@ -150,8 +150,9 @@ fn load_image(base: &Path, rel: &str) -> Result<RgbImage, DataError> {
     if !p.exists() {
         return Err(DataError::from(format!("missing image {}", p.display())));
     }
-    image::open(&p)
-        .map(|i| i.to_rgb8())
+    let bytes = std::fs::read(&p)
+        .map_err(|e| DataError::from(format!("cannot read image {}: {e}", p.display())))?;
+    super::decode::decode_rgb(&bytes)
         .map_err(|e| DataError::from(format!("cannot decode image {}: {e}", p.display())))
 }
 
@@ -326,9 +327,7 @@ pub fn read_pairs_tar(path: &Path, _images: Option<&Path>) -> Result<ReadReport<
         let image = tar_caption(path, &key, &p).and_then(|caption| {
             let m = p.image.as_ref().expect("tar_caption checked the image");
             let bytes = read_member(path, m)?;
-            image::load_from_memory(&bytes)
-                .map(|i| (i.to_rgb8(), caption))
-                .map_err(|e| DataError::from(format!("cannot decode the image: {e}")))
+            super::decode::decode_rgb(&bytes).map(|i| (i, caption))
         });
         match image {
             Ok((image, caption)) => r.records.push(Pair { image, caption }),

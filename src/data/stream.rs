@@ -47,8 +47,7 @@ impl Image {
             ),
         };
         stats.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        let img = image::load_from_memory(&bytes)
-            .map(|i| i.to_rgb8())
+        let img = super::decode::decode_rgb(&bytes)
             .map_err(|e| DataError::from(format!("cannot decode image {name}: {e}")));
         stats
             .decode_nanos

@@ -85,15 +85,8 @@ pub fn decode_image(url: &str, field: &str, max_side: u32) -> Result<image::RgbI
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(data.trim())
         .map_err(|e| ServeError::invalid(field, format!("invalid base64: {e}")))?;
-    let reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
-        .with_guessed_format()
-        .map_err(|e| ServeError::invalid(field, format!("cannot read the image: {e}")))?;
-    let (w, h) = reader.into_dimensions().map_err(|e| {
-        ServeError::invalid(
-            field,
-            format!("cannot decode the image (PNG, JPEG, WebP or GIF expected): {e}"),
-        )
-    })?;
+    let (w, h) = deem::data::decode::dimensions(&bytes)
+        .map_err(|e| ServeError::invalid(field, e.to_string()))?;
     if w.max(h) > max_side || w == 0 || h == 0 {
         return Err(ServeError::invalid(
             field,
@@ -102,13 +95,7 @@ pub fn decode_image(url: &str, field: &str, max_side: u32) -> Result<image::RgbI
             ),
         ));
     }
-    let img = image::load_from_memory(&bytes).map_err(|e| {
-        ServeError::invalid(
-            field,
-            format!("cannot decode the image (PNG, JPEG, WebP or GIF expected): {e}"),
-        )
-    })?;
-    Ok(img.to_rgb8())
+    deem::data::decode::decode_rgb(&bytes).map_err(|e| ServeError::invalid(field, e.to_string()))
 }
 
 fn range_f(
