@@ -186,14 +186,7 @@ async fn invalid_requests_get_422_naming_the_field() {
     .await;
     assert_eq!(status, 413);
     // The metric counts them.
-    let m = client
-        .get(url(&s, "/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(&client, &url(&s, "")).await;
     assert!(
         m.contains("deem_serve_requests_total{status=\"invalid\"} 16"),
         "{m}"

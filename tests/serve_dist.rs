@@ -262,14 +262,7 @@ async fn a_worker_dead_on_rank_1_is_rebuilt_there_and_rank_0_serves_again() {
     wait_ready(&client, http).await;
     let a = greedy(&client, http).await;
     assert_eq!(a["choices"][0]["finish_reason"], "length", "{a}");
-    let metrics = client
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = serving::metrics_text(&client, &url).await;
     // Rank 0 counts the restart rank 1 reported.
     assert!(
         metrics.lines().any(

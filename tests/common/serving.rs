@@ -99,14 +99,7 @@ pub fn request_of(
 
 /// The sum of a metric's samples (all its label sets, or the one named) in the service's `/metrics`.
 pub async fn metric(client: &reqwest::Client, s: &Service, name: &str) -> f64 {
-    let text = client
-        .get(url(s, "/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(client, &url(s, "")).await;
     text.lines()
         .filter(|l| {
             l.starts_with(name)
@@ -115,4 +108,16 @@ pub async fn metric(client: &reqwest::Client, s: &Service, name: &str) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The `/metrics` page of the service at `base` (`http://host:port`).
+pub async fn metrics_text(client: &reqwest::Client, base: &str) -> String {
+    client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }

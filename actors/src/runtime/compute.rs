@@ -357,7 +357,7 @@ impl<W: Work> ComputeHandle<W> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
@@ -366,8 +366,8 @@ mod tests {
     use super::{ComputeCtx, ComputeSpec, ComputeState, NoDetail, Work};
     use crate::runtime::{Failure, Policy, Report, RuntimeError, Supervisor};
 
-    /// Echoes numbers; panics on a negative one.
-    struct Echo;
+    /// Doubles numbers; panics on a negative one (the supervisor's tests use it too).
+    pub(crate) struct Echo;
 
     impl Work for Echo {
         type Msg = (i64, RpcReplyPort<i64>);

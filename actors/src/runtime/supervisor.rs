@@ -519,23 +519,8 @@ mod tests {
     use std::time::Duration;
 
     use super::{Policy, Report, Supervisor};
-    use crate::runtime::compute::{ComputeCtx, ComputeSpec, ComputeState, NoDetail, Work};
-
-    /// Doubles numbers; panics on a negative one.
-    struct Doubler;
-
-    impl Work for Doubler {
-        type Msg = (i64, ractor::RpcReplyPort<i64>);
-        type Detail = NoDetail;
-
-        fn run(self, inbox: flume::Receiver<Self::Msg>, ctx: ComputeCtx<NoDetail>) {
-            while let Ok((x, reply)) = inbox.recv() {
-                ctx.job();
-                assert!(x >= 0, "boom: {x}");
-                let _ = reply.send(x * 2);
-            }
-        }
-    }
+    use crate::runtime::compute::tests::Echo;
+    use crate::runtime::compute::{ComputeSpec, ComputeState};
 
     async fn until(what: &str, mut f: impl FnMut() -> bool) {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -577,14 +562,14 @@ mod tests {
                         if n >= fail_from {
                             return Err("no weights for llm.layers.0".into());
                         }
-                        Ok(Doubler)
+                        Ok(Echo)
                     }),
                     fault_at_job: None,
                 }
             }
         };
         let a = sup.spawn_restartable(make("llm0", u32::MAX)).await.unwrap();
-        let call = |h: &super::Restartable<Doubler>, x: i64| {
+        let call = |h: &super::Restartable<Echo>, x: i64| {
             let h = h.current().unwrap();
             async move { h.call(|r| (x, r)).await }
         };
