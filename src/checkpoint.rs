@@ -336,14 +336,13 @@ impl Checkpoint {
     }
 }
 
-/// How a module's variable names map onto checkpoint keys, and which checkpoint keys it may ignore.
+/// Which checkpoint keys belong to a module (its variables' own names), which it may ignore, and which
+/// of its variables may be absent. Other checkpoints' names are mapped onto the module's by
+/// [`crate::models::pretrained`].
 #[derive(Debug, Clone, Default)]
 pub struct LoadSpec {
     /// Names the component in messages (`llm shard [0, 16)`).
     pub component: String,
-    /// `(module prefix, checkpoint prefix)` pairs tried in order: a variable `a.b` with a pair
-    /// `("a.", "x.a.")` is looked up as `x.a.b`. The identity is always tried last.
-    pub prefix_map: Vec<(String, String)>,
     /// Checkpoint key prefixes that belong to this component: keys under them that no variable takes are
     /// "unexpected". Keys elsewhere belong to other components and are skipped.
     pub namespace: Vec<String>,
@@ -356,19 +355,6 @@ pub struct LoadSpec {
 }
 
 impl LoadSpec {
-    fn candidates(&self, var: &str) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .prefix_map
-            .iter()
-            .filter_map(|(m, c)| {
-                var.strip_prefix(m.as_str())
-                    .map(|rest| format!("{c}{rest}"))
-            })
-            .collect();
-        out.push(var.to_string());
-        out
-    }
-
     fn starts_with_any(list: &[String], key: &str) -> bool {
         list.iter().any(|p| key.starts_with(p.as_str()))
     }
@@ -390,18 +376,16 @@ impl Checkpoint {
         names.sort();
         for var in names {
             let want = vars[var].size();
-            match spec.candidates(var).into_iter().find(|k| self.contains(k)) {
-                Some(key) => {
-                    let got = self.shape(&key).unwrap_or_default();
-                    if got != want {
-                        report.wrong_shape.push((key.clone(), want, got));
-                    } else {
-                        plan.push((var.clone(), key.clone()));
-                    }
-                    taken.insert(key);
+            if self.contains(var) {
+                let got = self.shape(var).unwrap_or_default();
+                if got != want {
+                    report.wrong_shape.push((var.clone(), want, got));
+                } else {
+                    plan.push((var.clone(), var.clone()));
                 }
-                None if LoadSpec::starts_with_any(&spec.optional, var) => {}
-                None => report.missing.push(var.clone()),
+                taken.insert(var.clone());
+            } else if !LoadSpec::starts_with_any(&spec.optional, var) {
+                report.missing.push(var.clone());
             }
         }
         report.unexpected = self

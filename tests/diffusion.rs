@@ -3,9 +3,9 @@
 mod common;
 use common::{fixture, max_diff, read};
 
-use deem::checkpoint::Checkpoint;
 use deem::config::{BetaSchedule, PredictionType, SchedulerConfig};
 use deem::models::diffusion::{self, AutoencoderKL, Ddpm, UNet2DCondition};
+use deem::models::pretrained::Pretrained;
 use tch::{nn, Device, Tensor};
 
 /// fp32 parity bound against diffusers.
@@ -24,9 +24,9 @@ pub fn sd_scheduler() -> SchedulerConfig {
 fn unet(vs: &nn::VarStore) -> UNet2DCondition {
     let cfg = diffusion::unet_config_from_diffusers(&fixture("unet/config.json")).unwrap();
     let u = UNet2DCondition::new(&(vs.root() / "unet"), &cfg);
-    Checkpoint::open(&fixture("unet"))
+    Pretrained::open(&[fixture("unet")], None)
         .unwrap()
-        .load_into(vs, &UNet2DCondition::load_spec())
+        .load_into(vs, &UNet2DCondition::load_spec(), true, |_, _| {})
         .unwrap();
     u
 }
@@ -93,9 +93,9 @@ fn vae_encode_mean_and_decode_match_diffusers() {
     let cfg = diffusion::vae_config_from_diffusers(&fixture("vae/config.json")).unwrap();
     let vs = nn::VarStore::new(Device::Cpu);
     let vae = AutoencoderKL::new(&(vs.root() / "vae"), &cfg);
-    Checkpoint::open(&fixture("vae"))
+    Pretrained::open(&[fixture("vae")], None)
         .unwrap()
-        .load_into(&vs, &AutoencoderKL::load_spec())
+        .load_into(&vs, &AutoencoderKL::load_spec(), true, |_, _| {})
         .unwrap();
     let inp = fixture("vae/inputs.safetensors");
     let exp = fixture("vae/expected.safetensors");

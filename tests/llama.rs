@@ -291,8 +291,9 @@ fn rewrite(name: &str, rename: impl Fn(&str) -> Option<String>, kind: Kind) -> P
     out
 }
 
+/// DEEM's whole-model names (`mm_decoder.…`) load through the one loader, which maps them onto HF's.
 #[test]
-fn deem_whole_model_names_load_through_the_prefix_map() {
+fn deem_whole_model_names_load_through_the_one_loader() {
     let path = rewrite(
         "deem-prefix",
         |n| {
@@ -304,7 +305,12 @@ fn deem_whole_model_names_load_through_the_prefix_map() {
         Kind::Float,
     );
     let cfg = config(&fixture("llama_gqa"), 0);
-    let (_vs, m) = shard(&cfg, 0..4, &path);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let m = LlamaShard::new(&vs.root(), &cfg, 0..4).unwrap();
+    deem::models::pretrained::Pretrained::open(&[path], None)
+        .unwrap()
+        .load_into(&vs, &m.load_spec(), true, |_, _| {})
+        .unwrap();
     let ids = read(&fixture("llama_gqa/inputs.safetensors"), "input_ids");
     let logits = tch::no_grad(|| m.forward_ids(&ids, 0, None));
     assert!(

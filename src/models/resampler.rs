@@ -220,15 +220,12 @@ impl Resampler {
         }
     }
 
-    /// Checkpoint rules: DEEM checkpoints hold it under `visual_tokenizer.`; a plain HF `Blip2QFormerModel`
-    /// file has the Q-Former at the root and a BLIP-2 one under `qformer.`.
+    /// Checkpoint rules over DEEM's names (`visual_tokenizer.qformer.…`; a plain HF `Blip2QFormerModel`
+    /// file's root names and a BLIP-2 one's `qformer.` are mapped onto them by
+    /// [`crate::models::pretrained`]).
     pub fn load_spec() -> crate::checkpoint::LoadSpec {
         crate::checkpoint::LoadSpec {
             component: "resampler".into(),
-            prefix_map: vec![
-                ("visual_tokenizer.qformer.".into(), "qformer.".into()),
-                ("visual_tokenizer.qformer.".into(), "".into()),
-            ],
             namespace: vec!["visual_tokenizer.".into()],
             // The encoder and the mask-aware extractor live under the same prefix in DEEM checkpoints.
             ignore: [

@@ -261,14 +261,13 @@ impl VisionEncoder {
         VisionOutput { tokens, multiscale }
     }
 
-    /// Checkpoint rules: open_clip files name the trunk `visual.trunk.…`; a DEEM whole-model checkpoint
-    /// nests the encoder under `visual_tokenizer.encoder.`. open_clip's text tower and logit scale are not
-    /// the encoder's and are skipped.
+    /// Checkpoint rules over open_clip's names (`visual.trunk.…`, the module's own; a DEEM whole-model
+    /// checkpoint's `visual_tokenizer.encoder.` is mapped onto them by [`crate::models::pretrained`]).
+    /// open_clip's text tower and logit scale are not the encoder's and are skipped.
     pub fn load_spec() -> crate::checkpoint::LoadSpec {
         crate::checkpoint::LoadSpec {
             component: "vision encoder".into(),
-            prefix_map: vec![("visual.".into(), "visual_tokenizer.encoder.".into())],
-            namespace: vec!["visual.".into(), "visual_tokenizer.encoder.".into()],
+            namespace: vec!["visual.".into()],
             ignore: vec![],
             // A plain open_clip checkpoint has no DEEM adapters: they start from their initialisation.
             optional: vec!["visual.adapter_".into()],

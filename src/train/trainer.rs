@@ -186,7 +186,6 @@ pub fn load_shard(
 ) -> Result<(), crate::checkpoint::CheckpointError> {
     let spec = crate::checkpoint::LoadSpec {
         component: "training state".into(),
-        prefix_map: vec![],
         namespace: vec![],
         ignore: vec![],
         optional: crate::models::region::key_prefixes(),

@@ -82,7 +82,12 @@ pub fn unet(
     let side = raw["sample_size"].as_i64().unwrap_or(16);
     let vs = nn::VarStore::new(tch::Device::Cpu);
     let model = UNet2DCondition::new(&(vs.root() / "unet"), &cfg);
-    Checkpoint::open(dir)?.load_into(&vs, &UNet2DCondition::load_spec())?;
+    deem::models::pretrained::Pretrained::open(&[dir.to_path_buf()], None)?.load_into(
+        &vs,
+        &UNet2DCondition::load_spec(),
+        true,
+        |_, _| {},
+    )?;
     let sched = deem::config::SchedulerConfig {
         num_train_timesteps: 1000,
         beta_start: 0.00085,

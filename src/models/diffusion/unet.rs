@@ -207,25 +207,12 @@ impl UNet2DCondition {
             .to_kind(out_kind)
     }
 
-    /// Checkpoint rules: a diffusers `unet/` folder names the weights at the root; a whole-pipeline or
-    /// DEEM checkpoint nests them under `unet.` / `image_decoder.unet.`.
+    /// Checkpoint rules over the module's names (`unet.…`; a diffusers `unet/` folder's root names and
+    /// DEEM's `image_decoder.unet.` are mapped onto them by [`crate::models::pretrained`]).
     pub fn load_spec() -> crate::checkpoint::LoadSpec {
         crate::checkpoint::LoadSpec {
             component: "unet".into(),
-            prefix_map: vec![
-                ("unet.".into(), "".into()),
-                ("unet.".into(), "image_decoder.unet.".into()),
-            ],
-            namespace: vec![
-                "unet.".into(),
-                "conv_in.".into(),
-                "time_embedding.".into(),
-                "down_blocks.".into(),
-                "mid_block.".into(),
-                "up_blocks.".into(),
-                "conv_norm_out.".into(),
-                "conv_out.".into(),
-            ],
+            namespace: vec!["unet.".into()],
             ignore: vec![],
             optional: vec![],
         }

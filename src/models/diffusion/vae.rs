@@ -194,20 +194,12 @@ impl AutoencoderKL {
             .to_kind(out_kind)
     }
 
+    /// Checkpoint rules over the module's names (`vae.…`; a diffusers `vae/` folder's root names and
+    /// DEEM's `image_decoder.vae.` are mapped onto them by [`crate::models::pretrained`]).
     pub fn load_spec() -> crate::checkpoint::LoadSpec {
         crate::checkpoint::LoadSpec {
             component: "vae".into(),
-            prefix_map: vec![
-                ("vae.".into(), "".into()),
-                ("vae.".into(), "image_decoder.vae.".into()),
-            ],
-            namespace: vec![
-                "vae.".into(),
-                "encoder.".into(),
-                "decoder.".into(),
-                "quant_conv.".into(),
-                "post_quant_conv.".into(),
-            ],
+            namespace: vec!["vae.".into()],
             ignore: vec![],
             optional: vec![],
         }

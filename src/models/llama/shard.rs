@@ -20,12 +20,6 @@ pub(crate) struct Embedding {
     pub(crate) soi: Tensor,
 }
 
-/// Where a checkpoint may keep the decoder: plain HF names, a multimodal wrapper's `language_model.`,
-/// and DEEM's whole-model `mm_decoder.`; the HF name is the module's own.
-pub(crate) const MODEL_PREFIXES: [&str; 3] = ["model.", "language_model.model.", "mm_decoder."];
-pub(crate) const HEAD_PREFIXES: [&str; 3] =
-    ["lm_head", "language_model.lm_head", "mm_decoder.lm_head"];
-
 /// LLaMA layers `[start, end)`, with the embedding if `start == 0` and norm + heads if `end == layers`.
 #[derive(Debug)]
 pub struct LlamaShard {
@@ -292,44 +286,26 @@ impl LlamaShard {
     }
 }
 
-/// Checkpoint loading rules for the shard of layers `range` out of `num_layers`: other shards' layers and HF buffers are skipped, DEEM's
-/// additions may be absent from a plain HF checkpoint, and DEEM whole-model names map onto HF names.
+/// Checkpoint loading rules for the shard of layers `range` out of `num_layers`, over HF names (the
+/// module's own; other checkpoints' names are mapped onto them by [`crate::models::pretrained`]): other
+/// shards' layers and HF buffers are skipped, and DEEM's additions may be absent from a plain HF
+/// checkpoint.
 pub fn load_spec_of(num_layers: i64, range: std::ops::Range<i64>) -> crate::checkpoint::LoadSpec {
     let (is_first, is_last) = (range.start == 0, range.end == num_layers);
-    let mut ignore = Vec::new();
-    for p in MODEL_PREFIXES {
-        ignore.extend(
-            (0..num_layers)
-                .filter(|i| !range.contains(i))
-                .map(|i| format!("{p}layers.{i}.")),
-        );
-        ignore.push(format!("{p}rotary_emb."));
-        if !is_first {
-            ignore.extend([format!("{p}embed_tokens"), format!("{p}soi_embedding")]);
-        }
-        if !is_last {
-            ignore.push(format!("{p}norm."));
-        }
+    let mut ignore: Vec<String> = (0..num_layers)
+        .filter(|i| !range.contains(i))
+        .map(|i| format!("model.layers.{i}."))
+        .collect();
+    ignore.push("model.rotary_emb.".into());
+    if !is_first {
+        ignore.extend(["model.embed_tokens".into(), "model.soi_embedding".into()]);
     }
     if !is_last {
-        ignore.extend(HEAD_PREFIXES.map(String::from));
+        ignore.extend(["model.norm.".into(), "lm_head".into()]);
     }
     crate::checkpoint::LoadSpec {
         component: format!("llm shard [{}, {})", range.start, range.end),
-        prefix_map: MODEL_PREFIXES[1..]
-            .iter()
-            .map(|p| ("model.".to_string(), p.to_string()))
-            .chain(
-                HEAD_PREFIXES[1..]
-                    .iter()
-                    .map(|p| ("lm_head".to_string(), p.to_string())),
-            )
-            .collect(),
-        namespace: MODEL_PREFIXES
-            .iter()
-            .chain(&HEAD_PREFIXES)
-            .map(|p| p.to_string())
-            .collect(),
+        namespace: vec!["model.".into(), "lm_head".into()],
         ignore,
         optional: vec![
             "model.embed_tokens_new.".into(),
