@@ -216,15 +216,19 @@ proptest! {
 
     #[test]
     fn safetensors_files(at in 0.0..1.0f64, cut in 0usize..64,
-            with in proptest::collection::vec(any::<u8>(), 0..16), head in 0usize..3) {
+            with in proptest::collection::vec(any::<u8>(), 0..16), head in 0usize..5) {
         let good = valid_safetensors();
         let bytes = match head {
             // The header's length field, the JSON header, or anywhere.
             0 => splice_bytes(good, at * 8.0 / good.len() as f64, cut.min(8), &with),
             1 => splice_bytes(good, (8.0 + at * 120.0) / good.len() as f64, cut, &with),
-            _ => splice_bytes(good, at, cut, &with),
+            2 => splice_bytes(good, at, cut, &with),
+            // The pickle detection: torch.save's zip or legacy stream signs, then anything.
+            3 => [&b"PK\x03\x04"[..], &with].concat(),
+            _ => [&[0x80u8, 2][..], &with].concat(),
         };
-        let p = file("weights.safetensors", &bytes);
+        let name = if head == 3 { "pytorch_model.bin" } else { "weights.safetensors" };
+        let p = file(name, &bytes);
         let (r, held) = bounded(bytes.len(), TEXT, || {
             match deem::checkpoint::Checkpoint::open(&p) {
                 Ok(ck) => {
