@@ -417,6 +417,31 @@ pub(crate) fn mmc4_keep<'a, T>(
     Some(kept.to_vec())
 }
 
+/// MMC4 line `n` (`at` in messages) parsed and filtered by the paper's rules ([`mmc4_keep`]): its
+/// sentences and the kept images' `(image_name, matched_text_index)`, or `None` when the line is bad
+/// JSON or the document is dropped (either counted in `r`).
+pub(crate) fn mmc4_document<T>(
+    line: &str,
+    n: usize,
+    at: &str,
+    rules: &crate::config::Mmc4Rules,
+    seed: u64,
+    r: &mut ReadReport<T>,
+) -> Option<(Vec<String>, Vec<(String, usize)>)> {
+    let d: Mmc4Line = match serde_json::from_str(line) {
+        Ok(d) => d,
+        Err(e) => {
+            r.skip(at.to_string(), format!("bad JSON: {e}"));
+            return None;
+        }
+    };
+    let kept = mmc4_keep(&d, n, at.to_string(), rules, seed, r)?
+        .into_iter()
+        .map(|i| (i.image_name.clone(), i.matched_text_index))
+        .collect();
+    Some((d.text_list, kept))
+}
+
 /// MMC4-style interleaved documents from JSONL; `image_name` is relative to `images` (default: the
 /// file's folder). The paper's rules apply as each line is read, before any image is decoded: images
 /// below `rules.min_similarity` are dropped, then all past the first `rules.max_images`; a document
@@ -432,30 +457,20 @@ pub fn read_mmc4(
     let mut r = ReadReport::new();
     'lines: for (n, line) in jsonl_lines(path)? {
         let at = format!("{}:{n}", path.display());
-        let d: Mmc4Line = match serde_json::from_str(&line) {
-            Ok(d) => d,
-            Err(e) => {
-                r.skip(at, format!("bad JSON: {e}"));
-                continue;
-            }
-        };
-        let Some(kept) = mmc4_keep(&d, n, at.clone(), rules, seed, &mut r) else {
+        let Some((texts, kept)) = mmc4_document(&line, n, &at, rules, seed, &mut r) else {
             continue;
         };
         let mut images = Vec::new();
-        for info in kept {
-            match load_image(&base, &info.image_name) {
-                Ok(i) => images.push((i, info.matched_text_index)),
+        for (name, sentence) in kept {
+            match load_image(&base, &name) {
+                Ok(i) => images.push((i, sentence)),
                 Err(e) => {
                     r.skip(at, e);
                     continue 'lines;
                 }
             }
         }
-        r.records.push(Document {
-            texts: d.text_list,
-            images,
-        });
+        r.records.push(Document { texts, images });
     }
     Ok(r)
 }

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use image::RgbImage;
 
 use crate::data::readers::{
-    image_root, inside, mmc4_keep, read_member, tar_caption, tar_index, Conversation, Member,
-    Mmc4Line, PairLine, ReadReport,
+    image_root, inside, mmc4_document, read_member, tar_caption, tar_index, Conversation, Member,
+    PairLine, ReadReport,
 };
 use crate::data::DataError;
 
@@ -320,19 +320,12 @@ pub fn open_mmc4(
     let mut lines = Vec::new();
     for (offset, n, line) in line_index(path)? {
         let at = format!("{}:{n}", path.display());
-        let d: Mmc4Line = match serde_json::from_str(&line) {
-            Ok(d) => d,
-            Err(e) => {
-                r.skip(at, format!("bad JSON: {e}"));
-                continue;
-            }
-        };
-        let Some(kept) = mmc4_keep(&d, n, at.clone(), rules, seed, &mut r) else {
+        let Some((_, kept)) = mmc4_document(&line, n, &at, rules, seed, &mut r) else {
             continue;
         };
         match kept
             .iter()
-            .try_for_each(|i| base.image(&i.image_name).map(drop))
+            .try_for_each(|(name, _)| base.image(name).map(drop))
         {
             Ok(()) => {
                 lines.push((offset, n));
@@ -361,19 +354,18 @@ impl RecordSource for Mmc4Docs {
         let (offset, n) = self.lines[i];
         let at = format!("{}:{n}", self.path.display());
         let line = read_line_at(&self.path, offset, n, stats)?;
-        let d: Mmc4Line = serde_json::from_str(&line)
-            .map_err(|e| DataError::from(format!("{at}: bad JSON: {e}")))?;
         let mut scratch: ReadReport<()> = ReadReport::new();
-        let kept = mmc4_keep(&d, n, at.clone(), &self.rules, self.seed, &mut scratch)
-            .ok_or_else(|| DataError::from(format!("{at}: changed since it was opened")))?;
+        let (texts, kept) = mmc4_document(&line, n, &at, &self.rules, self.seed, &mut scratch)
+            .ok_or_else(|| {
+                let why = scratch.bad.first().map(|b| format!(" ({})", b.reason));
+                let why = why.unwrap_or_default();
+                DataError::from(format!("{at}: changed since it was opened{why}"))
+            })?;
         let images = kept
-            .iter()
-            .map(|i| Ok((self.base.image(&i.image_name)?, i.matched_text_index)))
+            .into_iter()
+            .map(|(name, sentence)| Ok((self.base.image(&name)?, sentence)))
             .collect::<Result<Vec<_>, DataError>>()?;
-        Ok(Record::Document {
-            texts: d.text_list,
-            images,
-        })
+        Ok(Record::Document { texts, images })
     }
 }
 
