@@ -417,9 +417,11 @@ pub(crate) fn mmc4_keep<'a, T>(
     Some(kept.to_vec())
 }
 
-/// MMC4 line `n` (`at` in messages) parsed and filtered by the paper's rules ([`mmc4_keep`]): its
-/// sentences and the kept images' `(image_name, matched_text_index)`, or `None` when the line is bad
-/// JSON or the document is dropped (either counted in `r`).
+/// An MMC4 document's sentences and its kept images' `(image_name, matched_text_index)`.
+pub(crate) type Mmc4Kept = (Vec<String>, Vec<(String, usize)>);
+
+/// MMC4 line `n` (`at` in messages) parsed and filtered by the paper's rules ([`mmc4_keep`]), or `None`
+/// when the line is bad JSON or the document is dropped (either counted in `r`).
 pub(crate) fn mmc4_document<T>(
     line: &str,
     n: usize,
@@ -427,7 +429,7 @@ pub(crate) fn mmc4_document<T>(
     rules: &crate::config::Mmc4Rules,
     seed: u64,
     r: &mut ReadReport<T>,
-) -> Option<(Vec<String>, Vec<(String, usize)>)> {
+) -> Option<Mmc4Kept> {
     let d: Mmc4Line = match serde_json::from_str(line) {
         Ok(d) => d,
         Err(e) => {
