@@ -454,9 +454,9 @@ pub fn rle_to_string(counts: &[u32]) -> String {
     s
 }
 
-/// The most pixels a region mask may have (8192 × 8192): a file declaring a larger image is refused
-/// before any mask is allocated.
-pub const MAX_MASK_PIXELS: u64 = 1 << 26;
+/// The most pixels a region mask may have, an image's own bound (8192 × 8192): a file declaring a
+/// larger image is refused before any mask is allocated.
+pub const MAX_MASK_PIXELS: u64 = super::decode::MAX_IMAGE_PIXELS;
 
 /// An error unless a `w × h` mask is within [`MAX_MASK_PIXELS`].
 pub fn check_mask_size(w: u32, h: u32) -> Result<(), DataError> {

@@ -257,6 +257,24 @@ impl Store {
         Ok(found != 0)
     }
 
+    /// Waits until every one of `keys` is set, checking every 20 ms for at most `timeout`; returns the
+    /// indices of those still missing then (none: all are set).
+    pub fn wait_for(&self, keys: &[String], timeout: Duration) -> Result<Vec<usize>> {
+        let started = std::time::Instant::now();
+        loop {
+            let mut missing = Vec::new();
+            for (i, k) in keys.iter().enumerate() {
+                if !self.check(k)? {
+                    missing.push(i);
+                }
+            }
+            if missing.is_empty() || started.elapsed() >= timeout {
+                return Ok(missing);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Adds `delta` to the counter `key`; returns the new value.
     pub fn add(&self, key: &str, delta: i64) -> Result<i64> {
         let k = cstring(self.rank, "store add", key)?;

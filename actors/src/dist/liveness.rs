@@ -123,18 +123,11 @@ impl Liveness {
         if self.rank != 0 {
             return;
         }
-        let started = std::time::Instant::now();
-        while started.elapsed() < timeout {
-            let done = (0..self.size).all(|r| {
-                self.reader
-                    .check(&format!("{}/done/{r}", self.prefix))
-                    .unwrap_or(true)
-            });
-            if done {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let keys: Vec<String> = (0..self.size)
+            .map(|r| format!("{}/done/{r}", self.prefix))
+            .collect();
+        // A store that stops answering ends the wait as well.
+        let _ = self.reader.wait_for(&keys, timeout);
     }
 }
 

@@ -6,7 +6,7 @@
 //! (`TORCHELASTIC_RESTART_COUNT`), so a restarted world never reads its predecessor's.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::c10d::{GlooAddr, Group, GroupSpec, Store};
 use super::liveness::Liveness;
@@ -170,25 +170,16 @@ impl World {
         let prefix = format!("deem/attempt_{}", env.restart_count);
         let me = format!("{}\n{}", env.world_size, env.node);
         store.set(&format!("{prefix}/join/{rank}"), me.as_bytes())?;
-        let started = Instant::now();
-        let missing = loop {
-            let mut missing = Vec::new();
-            for r in 0..env.world_size {
-                if !store.check(&format!("{prefix}/join/{r}"))? {
-                    missing.push(r);
-                }
-            }
-            if missing.is_empty() || started.elapsed() >= timeout {
-                break missing;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let keys: Vec<String> = (0..env.world_size)
+            .map(|r| format!("{prefix}/join/{r}"))
+            .collect();
+        let missing = store.wait_for(&keys, timeout)?;
         if !missing.is_empty() {
             return Err(DistError::NeverJoined {
                 rank,
                 missing: missing
                     .iter()
-                    .map(i64::to_string)
+                    .map(usize::to_string)
                     .collect::<Vec<_>>()
                     .join(", "),
                 world: env.world_size,

@@ -84,14 +84,13 @@ impl Drop for KeySlot {
     }
 }
 
-/// The caller's key as the per-key limit counts it: the bearer token, or "" without one.
-fn caller(headers: &HeaderMap) -> String {
+/// The bearer token of a request, if it has one.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|k| k.trim().to_string())
-        .unwrap_or_default()
+        .map(str::trim)
 }
 
 fn count(m: &Metrics, status: &str) {
@@ -123,11 +122,7 @@ fn authorized(st: &AppState, headers: &HeaderMap) -> bool {
     let Some(key) = &st.api_key else {
         return true;
     };
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|given| same_key(given.trim().as_bytes(), key.as_bytes()))
+    bearer(headers).is_some_and(|given| same_key(given.as_bytes(), key.as_bytes()))
 }
 
 /// Whether two keys are equal, in a time that depends on their lengths only (not on where they first
@@ -173,7 +168,8 @@ async fn chat(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Re
             return error_response(&e);
         }
     };
-    let slot = match KeySlot::take(&st, &caller(&headers)) {
+    // The per-key limit counts callers by their token; without one, all of them together.
+    let slot = match KeySlot::take(&st, bearer(&headers).unwrap_or("")) {
         Ok(slot) => slot,
         Err(e) => {
             count(&st.metrics, "rejected");

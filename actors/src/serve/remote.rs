@@ -122,9 +122,6 @@ pub struct Ends {
     pub diffusion: (Sender<DiffusionJob>, Receiver<DiffusionJob>),
 }
 
-/// Told when a peer is lost, or reports a worker of its own failed or rebuilt.
-pub type OnLost = OnReport;
-
 fn tag(src: u32, dst: u32) -> i32 {
     50_000 + (src as i32) * 1024 + dst as i32
 }
@@ -194,7 +191,7 @@ fn next_for(dst: u32, w: &ServeWorld, ends: &Ends, wait: Duration) -> Msg {
         .unwrap_or(Msg::Heartbeat)
 }
 
-fn forward(dst: u32, w: ServeWorld, ends: Arc<Ends>, stop: Arc<AtomicBool>, on_lost: OnLost) {
+fn forward(dst: u32, w: ServeWorld, ends: Arc<Ends>, stop: Arc<AtomicBool>, on_lost: OnReport) {
     loop {
         if stop.load(Ordering::SeqCst) {
             let _ = send_msg(w.group(), dst, &Msg::Stop);
@@ -219,7 +216,7 @@ fn receive(
     w: ServeWorld,
     ends: Arc<Ends>,
     stop: Arc<AtomicBool>,
-    on_lost: OnLost,
+    on_lost: OnReport,
     ended: Sender<Result<(), Failure>>,
 ) {
     loop {
@@ -265,8 +262,8 @@ fn receive(
 }
 
 impl Bridge {
-    /// Starts a forwarder to and a receiver from every other rank.
-    pub fn start(w: &ServeWorld, ends: Ends, on_lost: OnLost) -> std::io::Result<Self> {
+    /// Starts a forwarder to and a receiver from every other rank; `on_lost` hears a peer lost, and a peer's own workers failed or rebuilt.
+    pub fn start(w: &ServeWorld, ends: Ends, on_lost: OnReport) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let ends = Arc::new(ends);
         let (tx, ended) = flume::unbounded();
